@@ -1,0 +1,1 @@
+"""Starling agent."""

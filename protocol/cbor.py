@@ -1,0 +1,104 @@
+"""Deterministic CBOR (RFC 8949 section 4.2.1) on top of cbor2.
+
+Signatures cover encoded bytes, so every party must produce the very same
+bytes for the same value. cbor2's `canonical=True` gives preferred (shortest)
+integers, floats and lengths, but sorts map keys length-first (the old RFC
+7049 rule). RFC 8949 sorts keys by the bytewise order of their encodings; the
+two differ only for maps that mix key types. So containers are assembled
+here, with keys sorted bytewise, and cbor2 encodes every scalar.
+
+`loads` is strict: no indefinite lengths, no duplicate keys, bounded depth
+and size, no trailing bytes, and (by default) the input must re-encode to
+itself, which rejects every non-deterministic encoding of a value.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import cbor2
+
+from .errors import LimitExceeded, MalformedCBOR, NonCanonicalCBOR
+
+MAX_DEPTH = 32
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+
+
+def _head(major: int, length: int) -> bytes:
+    """The initial bytes of a data item of `major` type with argument `length`."""
+    mt = major << 5
+    if length < 24:
+        return bytes([mt | length])
+    if length < 0x100:
+        return bytes([mt | 24, length])
+    if length < 0x10000:
+        return bytes([mt | 25]) + length.to_bytes(2, "big")
+    if length < 0x100000000:
+        return bytes([mt | 26]) + length.to_bytes(4, "big")
+    return bytes([mt | 27]) + length.to_bytes(8, "big")
+
+
+def _encode(obj: Any, depth: int) -> bytes:
+    if depth > MAX_DEPTH:
+        raise LimitExceeded(f"nesting deeper than {MAX_DEPTH}")
+    if isinstance(obj, dict):
+        items = sorted(
+            ((_encode(k, depth + 1), _encode(v, depth + 1)) for k, v in obj.items()),
+            key=lambda kv: kv[0],
+        )
+        for (a, _), (b, _) in zip(items, items[1:]):
+            if a == b:
+                raise ValueError("map has two keys with the same encoding")
+        return _head(5, len(items)) + b"".join(k + v for k, v in items)
+    if isinstance(obj, (list, tuple)):
+        return _head(4, len(obj)) + b"".join(_encode(x, depth + 1) for x in obj)
+    if isinstance(obj, cbor2.CBORTag):
+        return _head(6, obj.tag) + _encode(obj.value, depth + 1)
+    if isinstance(obj, bytearray | memoryview):
+        obj = bytes(obj)
+    return cbor2.dumps(obj, canonical=True)
+
+
+def dumps(obj: Any) -> bytes:
+    """Encode `obj` in RFC 8949 core deterministic encoding."""
+    return _encode(obj, 0)
+
+
+def loads(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, canonical: bool = True) -> Any:
+    """Decode one CBOR data item, strictly.
+
+    Raises `LimitExceeded` for oversize input, `MalformedCBOR` for anything
+    that is not exactly one well-formed item, and `NonCanonicalCBOR` when
+    `canonical` is set and the bytes are not the deterministic encoding.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MalformedCBOR(f"expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise LimitExceeded(f"{len(data)} bytes is over the limit of {max_bytes}")
+    if not data:
+        raise MalformedCBOR("empty input")
+    stream = io.BytesIO(data)
+    try:
+        decoder = cbor2.CBORDecoder(
+            stream,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            max_depth=MAX_DEPTH,
+        )
+        value = decoder.decode()
+    except RecursionError as exc:
+        raise MalformedCBOR("nesting too deep") from exc
+    except Exception as exc:  # cbor2 raises many types for bad input
+        raise MalformedCBOR(str(exc) or type(exc).__name__) from exc
+    if stream.tell() != len(data):
+        raise MalformedCBOR(f"{len(data) - stream.tell()} trailing bytes after the item")
+    if canonical:
+        try:
+            again = dumps(value)
+        except Exception as exc:
+            raise NonCanonicalCBOR(f"value cannot be re-encoded: {exc}") from exc
+        if again != data:
+            raise NonCanonicalCBOR("bytes are not the deterministic encoding of their value")
+    return value

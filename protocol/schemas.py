@@ -1,0 +1,248 @@
+"""The bodies of Starling's messages, with explicit limits.
+
+Each message type has a frozen dataclass with `to_body()` (what goes in the
+signed envelope body) and `from_body()` (which checks every field and raises
+a `ProtocolError` subclass). Payloads too big to sign byte by byte (model
+weights, update deltas) are envelope attachments, encoded by
+`encode_update` / `encode_model` and decoded with limits by their
+counterparts.
+
+    task     gateway -> device  what to do in a round, on which model, with which config
+    reply    device  -> gateway the signed result: digest of the update payload + example count
+    receipt  gateway -> device  accepted or rejected (with the reason) for one reply
+    model    gateway -> all     a global model, content-addressed by its digest
+    enroll   device  -> gateway a request to join, signed with the device key
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import cbor
+from .digest import DIGEST_BYTES
+from .errors import LimitExceeded, NonFiniteValues, SchemaError
+from .tensors import DEFAULT_LIMITS, TensorLimits, decode_tensors, encode_tensors
+
+MAX_TEXT = 256
+MAX_METRICS = 16
+MAX_EXAMPLES = 10_000_000
+MAX_UPDATE_BYTES = 2 * 1024 * 1024
+MAX_MODEL_BYTES = 4 * 1024 * 1024
+TASK_KINDS = ("train", "evaluate")
+
+
+def _check_fields(doc: dict[str, Any], required: set[str], optional: frozenset[str] = frozenset()) -> None:
+    missing = required - set(doc)
+    unknown = set(doc) - required - optional
+    if missing:
+        raise SchemaError(f"missing field(s) {sorted(missing)}")
+    if unknown:
+        raise SchemaError(f"unknown field(s) {sorted(unknown)}")
+
+
+def _int(doc: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    value = doc[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SchemaError(f"{key} must be an integer")
+    if not lo <= value <= hi:
+        raise LimitExceeded(f"{key}={value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _float(doc: dict[str, Any], key: str, lo: float, hi: float) -> float:
+    value = doc[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SchemaError(f"{key} must be a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise NonFiniteValues(f"{key} is not finite")
+    if not lo <= value <= hi:
+        raise LimitExceeded(f"{key}={value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _text(doc: dict[str, Any], key: str, max_len: int = MAX_TEXT) -> str:
+    value = doc[key]
+    if not isinstance(value, str):
+        raise SchemaError(f"{key} must be text")
+    if len(value) > max_len:
+        raise LimitExceeded(f"{key} is longer than {max_len} characters")
+    return value
+
+
+def _digest(doc: dict[str, Any], key: str) -> bytes:
+    value = doc[key]
+    if not isinstance(value, bytes) or len(value) != DIGEST_BYTES:
+        raise SchemaError(f"{key} must be a {DIGEST_BYTES}-byte digest")
+    return value
+
+
+def _metrics(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise SchemaError("metrics must be a map")
+    if len(value) > MAX_METRICS:
+        raise LimitExceeded(f"more than {MAX_METRICS} metrics")
+    out = {}
+    for key in value:
+        if not isinstance(key, str) or not 0 < len(key) <= 64:
+            raise SchemaError("metric names must be text of 1 to 64 characters")
+        out[key] = _float(value, key, -1e30, 1e30)
+    return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the gateway asks of a device for one round."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    deadline: float = 0.0  # unix seconds; 0 means none
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": float(self.lr), "deadline": float(self.deadline)}
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> TrainConfig:
+        if not isinstance(doc, dict):
+            raise SchemaError("config must be a map")
+        _check_fields(doc, {"epochs", "batch_size", "lr", "deadline"})
+        return cls(
+            epochs=_int(doc, "epochs", 0, 100),
+            batch_size=_int(doc, "batch_size", 1, 4096),
+            lr=_float(doc, "lr", 0.0, 10.0),
+            deadline=_float(doc, "deadline", 0.0, 1e11),
+        )
+
+
+@dataclass(frozen=True)
+class Task:
+    """A gateway's instruction to one device; ctx.base names the model by digest."""
+
+    kind: str  # "train" or "evaluate"
+    device: str  # the id of the device this task is for
+    config: TrainConfig = field(default_factory=TrainConfig)
+    codec: str = "i8"  # how the device must encode its update
+
+    def to_body(self) -> dict[str, Any]:
+        return {"kind": self.kind, "device": self.device, "config": self.config.to_wire(), "codec": self.codec}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Task:
+        _check_fields(body, {"kind", "device", "config", "codec"})
+        kind = _text(body, "kind")
+        if kind not in TASK_KINDS:
+            raise SchemaError(f"task kind {kind!r} is not one of {TASK_KINDS}")
+        codec = _text(body, "codec")
+        if codec not in ("f32", "f16", "i8"):
+            raise SchemaError(f"unknown codec {codec!r}")
+        return cls(kind, _text(body, "device", 64), TrainConfig.from_wire(body["config"]), codec)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A device's signed result. The update payload is the attachment; `digest` is its SHA-256."""
+
+    digest: bytes
+    examples: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {"digest": self.digest, "examples": self.examples}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Reply:
+        _check_fields(body, {"digest", "examples"})
+        return cls(_digest(body, "digest"), _int(body, "examples", 0, MAX_EXAMPLES))
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The gateway's answer to one reply: accepted, or rejected with a reason."""
+
+    device: str
+    reply: bytes  # digest of the reply's update payload (b"" when it could not be read)
+    accepted: bool
+    reason: str = ""
+
+    def to_body(self) -> dict[str, Any]:
+        return {"device": self.device, "reply": self.reply, "accepted": self.accepted, "reason": self.reason}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Receipt:
+        _check_fields(body, {"device", "reply", "accepted", "reason"})
+        if not isinstance(body["accepted"], bool):
+            raise SchemaError("accepted must be a boolean")
+        reply = body["reply"]
+        if not isinstance(reply, bytes) or len(reply) not in (0, DIGEST_BYTES):
+            raise SchemaError("reply must be empty or a digest")
+        return cls(_text(body, "device", 64), reply, body["accepted"], _text(body, "reason", 64))
+
+
+@dataclass(frozen=True)
+class ModelRelease:
+    """A global model: `digest` (SHA-256 of the attachment) is its content address."""
+
+    digest: bytes
+    version: int
+    architecture: str  # sha256 hex of the .tflite the weights belong to
+
+    def to_body(self) -> dict[str, Any]:
+        return {"digest": self.digest, "version": self.version, "architecture": self.architecture}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ModelRelease:
+        _check_fields(body, {"digest", "version", "architecture"})
+        return cls(_digest(body, "digest"), _int(body, "version", 0, 2**31 - 1), _text(body, "architecture", 64))
+
+
+@dataclass(frozen=True)
+class EnrollRequest:
+    """A device asks to join a gateway; the signature proves it holds its key."""
+
+    name: str
+    time: float  # unix seconds when the request was made
+
+    def to_body(self) -> dict[str, Any]:
+        return {"name": self.name, "time": float(self.time)}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> EnrollRequest:
+        _check_fields(body, {"name", "time"})
+        return cls(_text(body, "name", 64), _float(body, "time", 0.0, 1e11))
+
+
+# --- attachments ---------------------------------------------------------------------
+
+
+def encode_update(delta: dict[str, np.ndarray], metrics: dict[str, float], codec: str = "i8") -> bytes:
+    """The reply attachment: the weight delta in `codec` and the device's metrics."""
+    return cbor.dumps({"tensors": encode_tensors(delta, codec), "metrics": {k: float(v) for k, v in metrics.items()}})
+
+
+def decode_update(
+    data: bytes, limits: TensorLimits = DEFAULT_LIMITS
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Decode a reply attachment into (delta arrays, metrics), with limits."""
+    doc = cbor.loads(data, max_bytes=MAX_UPDATE_BYTES)
+    if not isinstance(doc, dict):
+        raise SchemaError("an update must be a map")
+    _check_fields(doc, {"tensors", "metrics"})
+    return decode_tensors(doc["tensors"], limits), _metrics(doc["metrics"])
+
+
+def encode_model(weights: dict[str, np.ndarray]) -> bytes:
+    """The model attachment: full float32 weights."""
+    return cbor.dumps({"tensors": encode_tensors(weights, "f32")})
+
+
+def decode_model(data: bytes, limits: TensorLimits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
+    """Decode a model attachment into name -> float32 arrays, with limits."""
+    doc = cbor.loads(data, max_bytes=MAX_MODEL_BYTES)
+    if not isinstance(doc, dict):
+        raise SchemaError("a model must be a map")
+    _check_fields(doc, {"tensors"})
+    return decode_tensors(doc["tensors"], limits)
