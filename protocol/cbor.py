@@ -10,6 +10,13 @@ here, with keys sorted bytewise, and cbor2 encodes every scalar.
 `loads` is strict: no indefinite lengths, no duplicate keys, bounded depth
 and size, no trailing bytes, and (by default) the input must re-encode to
 itself, which rejects every non-deterministic encoding of a value.
+
+Before cbor2 sees the bytes, a linear scan of the item headers refuses what
+would let a few bytes cost a gateway minutes: tags other than the basic
+RFC 8949 ones (value sharing and string references expand exponentially
+when re-encoded; rationals, decimal fractions and sets cost quadratic time
+or invite hash flooding), map keys that are arrays, maps or tags (engineered
+hash collisions), and lengths longer than the remaining input.
 """
 
 from __future__ import annotations
@@ -23,6 +30,13 @@ from .errors import LimitExceeded, MalformedCBOR, NonCanonicalCBOR
 
 MAX_DEPTH = 32
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+
+# Tags `loads` accepts: date/times (0, 1), bignums (2, 3, which `dumps` itself
+# writes for integers beyond 64 bits), and tags cbor2 leaves as inert
+# `CBORTag`s (21-24 expected conversions / embedded CBOR, 32-34 URI, base64).
+_ALLOWED_TAGS = frozenset({0, 1, 2, 3, 21, 22, 23, 24, 32, 33, 34})
+# Major types a map key may have: unsigned / negative integer, byte / text string, simple / float.
+_KEY_MAJORS = frozenset({0, 1, 2, 3, 7})
 
 
 def _head(major: int, length: int) -> bytes:
@@ -60,6 +74,58 @@ def _encode(obj: Any, depth: int) -> bytes:
     return cbor2.dumps(obj, canonical=True)
 
 
+def _scan(data: bytes) -> None:
+    """Walk the item headers of `data` (no recursion, linear time) and refuse what `loads` must not decode."""
+    end = len(data)
+    pos = 0
+    # Each frame: [items still to read, whether the container is a map].
+    frames: list[list[Any]] = [[1, False]]
+    while frames:
+        frame = frames[-1]
+        if frame[0] == 0:
+            frames.pop()
+            continue
+        is_key = frame[1] and frame[0] % 2 == 0
+        frame[0] -= 1
+        if pos >= end:
+            raise MalformedCBOR("truncated input")
+        initial = data[pos]
+        pos += 1
+        major, info = initial >> 5, initial & 0x1F
+        if info < 24:
+            arg = info
+        elif info < 28:
+            size = 1 << (info - 24)
+            if pos + size > end:
+                raise MalformedCBOR("truncated input")
+            arg = int.from_bytes(data[pos : pos + size], "big")
+            pos += size
+        elif info == 31:
+            raise MalformedCBOR("indefinite-length items and breaks are not allowed")
+        else:
+            raise MalformedCBOR(f"reserved additional information {info}")
+        if is_key and major not in _KEY_MAJORS:
+            raise MalformedCBOR("map keys must be integers, strings or simple values")
+        if major in (2, 3):
+            if arg > end - pos:
+                raise MalformedCBOR("truncated input")
+            pos += arg
+        elif major == 4:
+            if arg > end - pos:
+                raise MalformedCBOR("truncated input")
+            frames.append([arg, False])
+        elif major == 5:
+            if 2 * arg > end - pos:
+                raise MalformedCBOR("truncated input")
+            frames.append([2 * arg, True])
+        elif major == 6:
+            if arg not in _ALLOWED_TAGS:
+                raise MalformedCBOR(f"tag {arg} is not allowed")
+            frames.append([1, False])
+    if pos != end:
+        raise MalformedCBOR(f"{end - pos} trailing bytes after the item")
+
+
 def dumps(obj: Any) -> bytes:
     """Encode `obj` in RFC 8949 core deterministic encoding."""
     return _encode(obj, 0)
@@ -69,8 +135,9 @@ def loads(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, canonical: bool = 
     """Decode one CBOR data item, strictly.
 
     Raises `LimitExceeded` for oversize input, `MalformedCBOR` for anything
-    that is not exactly one well-formed item, and `NonCanonicalCBOR` when
-    `canonical` is set and the bytes are not the deterministic encoding.
+    that is not exactly one well-formed item (or uses a tag or a map key type
+    that `_scan` refuses), and `NonCanonicalCBOR` when `canonical` is set and
+    the bytes are not the deterministic encoding.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedCBOR(f"expected bytes, got {type(data).__name__}")
@@ -79,6 +146,7 @@ def loads(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, canonical: bool = 
         raise LimitExceeded(f"{len(data)} bytes is over the limit of {max_bytes}")
     if not data:
         raise MalformedCBOR("empty input")
+    _scan(data)
     stream = io.BytesIO(data)
     try:
         decoder = cbor2.CBORDecoder(

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import cbor
 from .digest import DIGEST_BYTES, sha256
-from .errors import DigestMismatch, LimitExceeded, SchemaError
+from .errors import DigestMismatch, LimitExceeded, SchemaError, _brief
 from .keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, identity_id, verify
 
 VERSION = 1
@@ -133,18 +133,20 @@ def decode(data: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
         raise SchemaError("an envelope must be a map")
     keys = set(doc)
     if not {"v", "type", "ctx", "body", "sig"} <= keys <= {"v", "type", "ctx", "body", "sig", "att"}:
-        raise SchemaError(f"envelope fields are {sorted(map(str, keys))}")
-    if doc["v"] != VERSION:
-        raise SchemaError(f"envelope version {doc['v']!r} is not {VERSION}")
-    if doc["type"] not in TYPES:
-        raise SchemaError(f"unknown message type {doc['type']!r}")
+        raise SchemaError(f"envelope fields are {sorted(map(_brief, keys))}")
+    # type() is not int: true and 1.0 compare equal to 1 but encode differently,
+    # and the signature covers VERSION, so they would verify under another encoding.
+    if type(doc["v"]) is not int or doc["v"] != VERSION:
+        raise SchemaError(f"envelope version {_brief(doc['v'])} is not {VERSION}")
+    if not isinstance(doc["type"], str) or doc["type"] not in TYPES:
+        raise SchemaError(f"unknown message type {_brief(doc['type'])}")
     if not isinstance(doc["body"], dict) or not all(isinstance(k, str) for k in doc["body"]):
         raise SchemaError("body must be a map with text keys")
     sig = doc["sig"]
     if not isinstance(sig, bytes) or len(sig) != SIGNATURE_BYTES:
         raise SchemaError("sig must be 64 bytes")
     attachment = doc.get("att")
-    if attachment is not None:
+    if "att" in doc:  # present means a byte string: "att": null is not "no attachment"
         if not isinstance(attachment, bytes):
             raise SchemaError("att must be a byte string")
         if not isinstance(doc["body"].get("digest"), bytes):

@@ -68,3 +68,15 @@ class KeyFileError(ProtocolError):
     """A key file is missing, malformed, or readable by others."""
 
     reason = "key_file"
+
+
+def _brief(value: object, limit: int = 40) -> str:
+    """A short repr of an untrusted value for an error message.
+
+    Never raises (a huge int's repr does) and never copies megabytes into a log line.
+    """
+    try:
+        text = repr(value)
+    except Exception:  # e.g. ValueError: int too large to convert to str
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -19,7 +19,7 @@ import nacl.exceptions
 import nacl.signing
 
 from .atomic import write_atomic
-from .errors import BadSignature, KeyFileError
+from .errors import BadSignature, KeyFileError, _brief
 
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
@@ -97,7 +97,7 @@ class Identity:
         path = Path(path)
         try:
             mode = path.stat().st_mode
-            raw = path.read_text()
+            raw = path.read_bytes()
         except OSError as exc:
             raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from exc
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -105,11 +105,12 @@ class Identity:
                 f"key file {path} has mode {stat.S_IMODE(mode):o}; it must be 600 (chmod 600 {path})"
             )
         try:
-            doc = json.loads(raw)
+            doc = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError is a ValueError
             if doc.get("type") != KEY_FILE_TYPE:
-                raise ValueError(f"type is {doc.get('type')!r}, expected {KEY_FILE_TYPE!r}")
+                raise ValueError(f"type is {_brief(doc.get('type'))}, expected {KEY_FILE_TYPE!r}")
             identity = cls.from_seed(bytes.fromhex(doc["seed"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # RecursionError: JSON nested thousands deep.
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise KeyFileError(f"key file {path} is malformed: {exc}") from exc
         if "public_key" in doc and doc["public_key"] != identity.public_key.hex():
             raise KeyFileError(f"key file {path}: public key does not match the seed")

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import cbor
 from .digest import DIGEST_BYTES
-from .errors import LimitExceeded, NonFiniteValues, SchemaError
+from .errors import LimitExceeded, NonFiniteValues, SchemaError, _brief
 from .tensors import DEFAULT_LIMITS, TensorLimits, decode_tensors, encode_tensors
 
 MAX_TEXT = 256
@@ -36,12 +36,14 @@ TASK_KINDS = ("train", "evaluate")
 
 
 def _check_fields(doc: dict[str, Any], required: set[str], optional: frozenset[str] = frozenset()) -> None:
+    if not isinstance(doc, dict):
+        raise SchemaError(f"expected a map, got {type(doc).__name__}")
     missing = required - set(doc)
     unknown = set(doc) - required - optional
     if missing:
         raise SchemaError(f"missing field(s) {sorted(missing)}")
-    if unknown:
-        raise SchemaError(f"unknown field(s) {sorted(unknown)}")
+    if unknown:  # keys of any CBOR type: sort their short reprs, not the keys
+        raise SchemaError(f"unknown field(s) {sorted(map(_brief, unknown))}")
 
 
 def _int(doc: dict[str, Any], key: str, lo: int, hi: int) -> int:
@@ -49,7 +51,7 @@ def _int(doc: dict[str, Any], key: str, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise SchemaError(f"{key} must be an integer")
     if not lo <= value <= hi:
-        raise LimitExceeded(f"{key}={value} is outside [{lo}, {hi}]")
+        raise LimitExceeded(f"{key}={_brief(value)} is outside [{lo}, {hi}]")
     return value
 
 
@@ -57,7 +59,10 @@ def _float(doc: dict[str, Any], key: str, lo: float, hi: float) -> float:
     value = doc[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SchemaError(f"{key} must be a number")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError as exc:  # an integer (bignum) beyond the float range
+        raise LimitExceeded(f"{key} is outside [{lo}, {hi}]") from exc
     if not math.isfinite(value):
         raise NonFiniteValues(f"{key} is not finite")
     if not lo <= value <= hi:

@@ -7,7 +7,13 @@ never a list of floats (about 100x cheaper to encode and decode).
 
 int8 is symmetric: q = round(x / scale) clipped to [-127, 127], with
 scale = max|x| / 127, so zero stays exactly zero and the error per element
-is at most scale / 2.
+is at most scale / 2 (plus the float32 rounding of the result). Quantizing
+and dequantizing are done in float64 with the scale exactly as sent: in
+float32 a scale below the normal range loses its precision or becomes 0, and
+127 * scale can round up past the largest float32 to infinity.
+
+f16 holds magnitudes up to 65504; encoding a larger value is refused rather
+than sent as an infinity that every decoder rejects.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadTensor, LimitExceeded, NonFiniteValues, SchemaError
+from .errors import BadTensor, LimitExceeded, NonFiniteValues, SchemaError, _brief
 
 CODECS = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i8": np.dtype("i1")}
 NAME_MAX = 64
@@ -49,11 +55,15 @@ def encode_tensor(name: str, array: np.ndarray, codec: str = "f32") -> dict[str,
     if codec == "i8":
         peak = float(np.max(np.abs(values))) if values.size else 0.0
         scale = peak / 127.0 if peak > 0 else 1.0
-        quantized = np.clip(np.rint(values / scale), -127, 127).astype(CODECS["i8"])
+        quantized = np.clip(np.rint(values.astype(np.float64) / scale), -127, 127).astype(CODECS["i8"])
         doc["scale"] = scale
         doc["data"] = quantized.tobytes()
     else:
-        doc["data"] = values.astype(CODECS[codec]).tobytes()
+        with np.errstate(over="ignore"):
+            converted = values.astype(CODECS[codec])
+        if not np.all(np.isfinite(converted)):
+            raise NonFiniteValues(f"tensor {name!r} has values outside the {codec} range")
+        doc["data"] = converted.tobytes()
     return doc
 
 
@@ -63,16 +73,20 @@ def decode_tensor(doc: Any, limits: TensorLimits = DEFAULT_LIMITS) -> tuple[str,
         raise SchemaError("a tensor must be a map")
     expected = {"name", "codec", "shape", "data"} | ({"scale"} if doc.get("codec") == "i8" else set())
     if set(doc) != expected:
-        raise SchemaError(f"tensor fields are {sorted(doc)}, expected {sorted(expected)}")
+        raise SchemaError(f"tensor fields are {sorted(map(_brief, doc))}, expected {sorted(expected)}")
     name, codec, shape, data = doc["name"], doc["codec"], doc["shape"], doc["data"]
     if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX:
         raise SchemaError("tensor name must be a string of 1 to 64 characters")
-    if codec not in CODECS:
-        raise BadTensor(f"unknown codec {codec!r}")
+    if not isinstance(codec, str) or codec not in CODECS:
+        raise BadTensor(f"unknown codec {_brief(codec)}")
     if not isinstance(shape, list) or len(shape) > limits.max_rank:
         raise LimitExceeded(f"tensor {name!r}: shape must be a list of at most {limits.max_rank} dims")
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadTensor(f"tensor {name!r}: dimensions must be non-negative integers")
+    # Each dimension on its own too: with a zero dimension the product stays 0
+    # however large the others are, and numpy cannot build such a shape.
+    if any(d > limits.max_elements for d in shape):
+        raise LimitExceeded(f"tensor {name!r}: a dimension is over {limits.max_elements}")
     count = math.prod(shape)
     if count > limits.max_elements:
         raise LimitExceeded(f"tensor {name!r}: {count} elements, limit {limits.max_elements}")
@@ -86,7 +100,8 @@ def decode_tensor(doc: Any, limits: TensorLimits = DEFAULT_LIMITS) -> tuple[str,
         scale = doc["scale"]
         if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
             raise BadTensor(f"tensor {name!r}: int8 scale must be a finite positive float")
-        out = values.astype(np.float32) * np.float32(scale)
+        with np.errstate(over="ignore"):  # a huge scale gives inf, refused just below
+            out = (values.astype(np.float64) * scale).astype(np.float32)
     else:
         out = values.astype(np.float32)
     if not np.all(np.isfinite(out)):

@@ -1,0 +1,286 @@
+"""The agent's MQTT loop: enroll, take signed tasks, answer with signed replies.
+
+Threads: paho's network thread only parses and queues; one worker thread
+does the slow things (fetching and checking models, training, signing); the
+caller's thread re-sends unacknowledged replies until `stop` is set.
+
+Trust: every task, model and receipt must be signed by the gateway key named
+in the config and bound to this gateway and this device; a model must hash to
+the digest the task names and must not be older than one already trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from protocol import envelope, schemas, topics
+from protocol.errors import ProtocolError
+from protocol.keys import Identity
+from protocol.logs import event
+
+from . import learner
+from .config import AgentConfig
+from .samples import LocalData
+from .state import StateStore
+
+log = logging.getLogger("starling.agent")
+
+MODEL_WAIT_S = 30.0
+
+
+@dataclass
+class Counters:
+    tasks: int = 0
+    replies_sent: int = 0
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    refused_tasks: dict[str, int] = field(default_factory=dict)
+
+
+class Agent:
+    """One device: `Agent(config, identity, model, data).run(stop_event)`."""
+
+    def __init__(
+        self, config: AgentConfig, identity: Identity, model, data: LocalData, architecture: str = "", seed: int = 0
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.model = model
+        self.data = data
+        self.rng = np.random.default_rng(seed)
+        self.store = StateStore(config.state_dir)
+        self.state = self.store.load()
+        self.counters = Counters()
+        self.architecture = architecture
+        self.weight_shapes = {name: w.shape for name, w in model.get_weights().items()}
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._models: dict[bytes, dict[str, np.ndarray]] = {}
+        self._model_arrived = threading.Condition()
+        self._raw_models: dict[bytes, bytes] = {}
+        self._connected = threading.Event()
+        gw = config.gateway_id
+        self.t_task = topics.task(gw, identity.id)
+        self.t_receipt = topics.receipt(gw, identity.id)
+        self.t_reply = topics.reply(gw, identity.id)
+        self.t_online = topics.online(gw, identity.id)
+        self.client = self._make_client()
+
+    # --- MQTT plumbing -------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"dev-{self.identity.id}",
+            clean_session=False,  # a persistent session keeps QoS 1 tasks while we are away
+            protocol=mqtt.MQTTv311,
+        )
+        client.will_set(self.t_online, b"0", qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.max_queued_messages_set(1000)
+        return client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            event(log, "mqtt.refused", logging.WARNING, reason=str(reason_code))
+            return
+        client.subscribe([(self.t_task, 1), (self.t_receipt, 1)])
+        client.publish(self.t_online, b"1", qos=1, retain=True)
+        self._connected.set()
+        event(log, "mqtt.connected", broker=f"{self.config.broker_host}:{self.config.broker_port}")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        event(log, "mqtt.disconnected", logging.WARNING, reason=str(reason_code))
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        # Never do real work on paho's thread: queue it.
+        if msg.topic.startswith(topics.model(self.config.gateway_id, "")):
+            with self._model_arrived:
+                self._raw_models[bytes.fromhex(topics.device_of(msg.topic))] = msg.payload
+                self._model_arrived.notify_all()
+        else:
+            self._inbox.put((msg.topic, msg.payload))
+
+    # --- checks ----------------------------------------------------------------------
+
+    def _open_from_gateway(self, payload: bytes, expected_type: str) -> envelope.Envelope:
+        env = envelope.decode(payload)
+        if env.type != expected_type:
+            raise ProtocolError(f"expected {expected_type}, got {env.type}")
+        if env.ctx.sender != self.config.gateway_public_key:
+            raise _Refused("not_from_gateway")
+        if env.ctx.gateway != self.config.gateway_id:
+            raise _Refused("wrong_gateway")
+        env.verify()
+        return env
+
+    def _fetch_model(self, digest: bytes) -> dict[str, np.ndarray]:
+        """The weights with content address `digest`, from cache or the retained release."""
+        if digest in self._models:
+            return self._models[digest]
+        topic = topics.model(self.config.gateway_id, digest.hex())
+        self.client.subscribe(topic, qos=1)
+        deadline = time.monotonic() + MODEL_WAIT_S
+        try:
+            with self._model_arrived:
+                while digest not in self._raw_models:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise _Refused("model_unavailable")
+                    self._model_arrived.wait(left)
+                raw = self._raw_models.pop(digest)
+        finally:
+            self.client.unsubscribe(topic)
+        env = self._open_from_gateway(raw, "model")
+        release = schemas.ModelRelease.from_body(env.body)
+        if release.digest != digest or env.attachment is None:
+            raise _Refused("model_digest_mismatch")
+        if self.architecture and release.architecture != self.architecture:
+            raise _Refused("model_architecture_mismatch")
+        if release.version < self.state.trusted_version:
+            raise _Refused("model_rollback")
+        weights = schemas.decode_model(env.attachment)
+        expected = self.weight_shapes
+        if {k: v.shape for k, v in weights.items()} != expected:
+            raise _Refused("model_shape_mismatch")
+        if release.version > self.state.trusted_version:
+            self.state.trusted_version = release.version
+            self.store.save(self.state)
+        self._models = {digest: weights}  # keep only the newest: memory is scarce
+        return weights
+
+    # --- handlers --------------------------------------------------------------------
+
+    def _handle_task(self, payload: bytes) -> None:
+        self.counters.tasks += 1
+        env = self._open_from_gateway(payload, "task")
+        task = schemas.Task.from_body(env.body)
+        if task.device != self.identity.id:
+            raise _Refused("not_for_this_device")
+        if task.config.deadline and time.time() > task.config.deadline:
+            raise _Refused("deadline_passed")
+        base = self._fetch_model(env.ctx.base)
+        started = time.monotonic()
+        if task.kind == "train":
+            outcome = learner.train(self.model, base, self.data, task, self.rng)
+        else:
+            outcome = learner.evaluate(self.model, base, self.data)
+        ctx = envelope.Context(self.identity.public_key, env.ctx.gateway, env.ctx.round, env.ctx.task, env.ctx.base)
+        reply = schemas.Reply(b"", outcome.examples)
+        wire = envelope.seal(self.identity, "reply", ctx, {"examples": reply.examples}, outcome.attachment)
+        key = f"{env.ctx.round:06d}-{env.ctx.task}"
+        self.store.put_pending(key, wire)  # on disk before it leaves the device
+        self.client.publish(self.t_reply, wire, qos=1)
+        self.counters.replies_sent += 1
+        event(
+            log, "reply.sent", round=env.ctx.round, task=env.ctx.task, kind=task.kind,
+            examples=outcome.examples, bytes=len(wire), seconds=round(time.monotonic() - started, 2),
+            **{k: round(v, 4) for k, v in outcome.metrics.items()},
+        )
+
+    def _handle_receipt(self, payload: bytes) -> None:
+        env = self._open_from_gateway(payload, "receipt")
+        receipt = schemas.Receipt.from_body(env.body)
+        if receipt.device != self.identity.id:
+            raise _Refused("not_for_this_device")
+        if env.ctx.task == "enroll":
+            if receipt.accepted and not self.state.enrolled:
+                self.state.enrolled = True
+                self.store.save(self.state)
+                event(log, "enroll.accepted", gateway=env.ctx.gateway)
+            elif not receipt.accepted:
+                event(log, "enroll.refused", logging.WARNING, reason=receipt.reason)
+            return
+        key = f"{env.ctx.round:06d}-{env.ctx.task}"
+        pending = self.store.pending().get(key)
+        if pending is None:
+            return  # a receipt for a reply already settled: nothing to do
+        if receipt.reply and receipt.reply != envelope.decode(pending).body.get("digest"):
+            return  # a receipt for some other reply with this key
+        self.store.drop_pending(key)
+        if receipt.accepted:
+            self.counters.accepted += 1
+            event(log, "receipt.accepted", round=env.ctx.round, task=env.ctx.task)
+        else:
+            self.counters.rejected[receipt.reason] = self.counters.rejected.get(receipt.reason, 0) + 1
+            event(log, "receipt.rejected", logging.WARNING, round=env.ctx.round, task=env.ctx.task, reason=receipt.reason)
+
+    def _worker(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                topic, payload = self._inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            kind = "task" if topic == self.t_task else "receipt"
+            try:
+                if kind == "task":
+                    self._handle_task(payload)
+                else:
+                    self._handle_receipt(payload)
+            except (ProtocolError, _Refused) as exc:
+                reason = exc.reason
+                self.counters.refused_tasks[reason] = self.counters.refused_tasks.get(reason, 0) + 1
+                event(log, f"{kind}.refused", logging.WARNING, reason=reason, detail=str(exc))
+            except Exception:  # an agent must outlive any single bad message
+                log.exception("%s.failed unexpected error", kind)
+
+    def _send_enroll(self) -> None:
+        ctx = envelope.Context(self.identity.public_key, self.config.gateway_id, 0, "enroll", b"")
+        body = schemas.EnrollRequest(self.config.name, time.time()).to_body()
+        wire = envelope.seal(self.identity, "enroll", ctx, body)
+        self.client.publish(topics.enroll(self.config.gateway_id, self.identity.id), wire, qos=1)
+        event(log, "enroll.sent", device=self.identity.id, name=self.config.name)
+
+    def _resend_pending(self) -> None:
+        for key, wire in self.store.pending().items():
+            self.client.publish(self.t_reply, wire, qos=1)
+            event(log, "reply.resent", key=key)
+
+    # --- lifetime --------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Run until `stop` is set; then say goodbye on the online topic and disconnect."""
+        event(log, "agent.start", device=self.identity.id, name=self.config.name,
+              train_windows=len(self.data.x_train), test_windows=len(self.data.x_test))
+        self.client.connect_async(self.config.broker_host, self.config.broker_port, keepalive=30)
+        self.client.loop_start()
+        worker = threading.Thread(target=self._worker, args=(stop,), name="agent-worker", daemon=True)
+        worker.start()
+        next_enroll = next_resend = time.monotonic()
+        try:
+            while not stop.wait(0.5):
+                if not self._connected.is_set():
+                    continue
+                now = time.monotonic()
+                if not self.state.enrolled and now >= next_enroll:
+                    self._send_enroll()
+                    next_enroll = now + self.config.enroll_retry_s
+                if now >= next_resend:  # the first pass resumes what a power cut left behind
+                    self._resend_pending()
+                    next_resend = now + self.config.resend_s
+        finally:
+            worker.join(timeout=30)
+            if self._connected.is_set():
+                self.client.publish(self.t_online, b"0", qos=1, retain=True).wait_for_publish(timeout=2)
+            self.client.disconnect()
+            self.client.loop_stop()
+            event(log, "agent.stop", tasks=self.counters.tasks, replies=self.counters.replies_sent,
+                  accepted=self.counters.accepted)
+
+
+class _Refused(Exception):
+    """A well-formed message this device will not act on, with a short reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

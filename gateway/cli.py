@@ -1,0 +1,52 @@
+"""`starling-gateway`: the gateway service's command line.
+
+    starling-gateway init --config FILE    make the gateway key; print its id and public key
+    starling-gateway run --config FILE     run the configured rounds, then exit (SIGTERM stops early)
+    starling-gateway check --config FILE   validate the config (strategy and all) and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+from protocol import logs
+from protocol.errors import KeyFileError
+from protocol.keys import load_or_create
+
+from .config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="starling-gateway", description="Starling gateway: Flower strategies over MQTT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("init", "create the gateway key and print its id"), ("run", "run the rounds"),
+                       ("check", "validate the config and exit")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="gateway TOML config file")
+        p.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logs.setup("gateway", args.log_level)
+    try:
+        config = load_config(args.config)
+        identity = load_or_create(config.key)
+    except (ConfigError, KeyFileError) as exc:
+        print(f"starling-gateway: {exc}", file=sys.stderr)
+        return 2
+    if args.command in ("init", "check"):
+        print(json.dumps({"id": identity.id, "public_key": identity.public_key.hex(), "config": "ok"}))
+        return 0
+    from .service import Gateway
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    result = Gateway(config).run(stop)
+    return 0 if result["state"] == "done" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

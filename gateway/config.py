@@ -1,0 +1,168 @@
+"""The gateway's config file (TOML), checked at start-up, before any round runs.
+
+    [gateway]
+    name = "gw-harbour"
+    key = "gateway.key"                  # Ed25519 key, mode 0600
+    state_dir = "state"                  # ledger.db, result.json
+
+    [broker]
+    host = "127.0.0.1"
+    port = 1883
+
+    [model]
+    manifest = ""                         # default: the shipped imu_cnn manifest
+
+    [strategy]
+    name = "FedAvg"                       # a class in flwr.serverapp.strategy
+    params = { min_available_nodes = 5 }  # its constructor arguments
+
+    [rounds]
+    num_rounds = 5
+    deadline_s = 60.0                     # a round closes when all replied or this passed
+    epochs = 2
+    batch_size = 32
+    lr = 0.05
+    min_devices = 5                       # wait for this many enrolled, online devices
+    wait_devices_s = 120.0                # ... at most this long
+
+    [enrollment]
+    policy = "open"                       # "open" (emulator only) or "allowlist"
+    allowlist = []                        # device public keys (hex) for "allowlist"
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+POLICIES = ("open", "allowlist")
+
+
+class ConfigError(ValueError):
+    """The config is unusable; the message names the field and the reason."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    name: str
+    key: Path
+    state_dir: Path
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    manifest: Path | None = None
+    strategy: str = "FedAvg"
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    num_rounds: int = 5
+    deadline_s: float = 60.0
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    min_devices: int = 2
+    wait_devices_s: float = 120.0
+    policy: str = "open"
+    allowlist: tuple[bytes, ...] = ()
+
+    def make_strategy(self):
+        """Instantiate the configured Flower strategy; a bad name or parameter is a ConfigError."""
+        return make_strategy(self.strategy, self.strategy_params)
+
+
+def make_strategy(name: str, params: dict[str, Any]):
+    from flwr.serverapp import strategy as flwr_strategies
+    from flwr.serverapp.strategy import Strategy
+
+    cls = getattr(flwr_strategies, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
+        known = sorted(n for n in dir(flwr_strategies) if inspect.isclass(getattr(flwr_strategies, n)))
+        raise ConfigError(f"strategy.name: {name!r} is not a Flower strategy; known: {', '.join(known)}")
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ConfigError(f"strategy.params: {name} takes no parameter(s) {unknown}")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"strategy.params: {name} refused them: {exc}") from exc
+
+
+def _get(doc: dict[str, Any], section: str, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    table = doc.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}] must be a table")
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{section}.{key} is required")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"{section}.{key} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _positive(name: str, value: float) -> float:
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConfig:
+    def path(section: str, key: str, default: Any = ...) -> Path | None:
+        value = _get(doc, section, key, str, default)
+        return None if value in (None, "") else (base_dir / os.path.expanduser(value)).resolve()
+
+    policy = _get(doc, "enrollment", "policy", str, "open")
+    if policy not in POLICIES:
+        raise ConfigError(f"enrollment.policy must be one of {POLICIES}, got {policy!r}")
+    allowlist = []
+    for item in _get(doc, "enrollment", "allowlist", list, []):
+        try:
+            key = bytes.fromhex(item)
+            assert len(key) == 32
+        except (ValueError, TypeError, AssertionError):
+            raise ConfigError(f"enrollment.allowlist: {item!r} is not a 64-hex-character public key") from None
+        allowlist.append(key)
+    port = _get(doc, "broker", "port", int, 1883)
+    if not 0 < port < 65536:
+        raise ConfigError(f"broker.port {port} is not a TCP port")
+    config = GatewayConfig(
+        name=_get(doc, "gateway", "name", str),
+        key=path("gateway", "key"),
+        state_dir=path("gateway", "state_dir"),
+        broker_host=_get(doc, "broker", "host", str, "127.0.0.1"),
+        broker_port=port,
+        manifest=path("model", "manifest", ""),
+        strategy=_get(doc, "strategy", "name", str, "FedAvg"),
+        strategy_params=dict(_get(doc, "strategy", "params", dict, {})),
+        num_rounds=int(_positive("rounds.num_rounds", _get(doc, "rounds", "num_rounds", int, 5))),
+        deadline_s=_positive("rounds.deadline_s", _get(doc, "rounds", "deadline_s", float, 60.0)),
+        epochs=int(_positive("rounds.epochs", _get(doc, "rounds", "epochs", int, 1))),
+        batch_size=int(_positive("rounds.batch_size", _get(doc, "rounds", "batch_size", int, 32))),
+        lr=_positive("rounds.lr", _get(doc, "rounds", "lr", float, 0.05)),
+        min_devices=int(_positive("rounds.min_devices", _get(doc, "rounds", "min_devices", int, 2))),
+        wait_devices_s=_positive("rounds.wait_devices_s", _get(doc, "rounds", "wait_devices_s", float, 120.0)),
+        policy=policy,
+        allowlist=tuple(allowlist),
+    )
+    config.make_strategy()  # fail now, not mid-run
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return parse_config(doc, path.parent)

@@ -1,0 +1,135 @@
+"""Checking a device's reply before anything else touches it.
+
+`ReplyChecker.check` runs the checks cheapest first, so garbage and strangers
+cost almost nothing and only enrolled devices cost a signature check:
+
+    malformed / non_canonical / schema   the bytes are not a reply envelope
+    topic_mismatch                        signed by a key other than the topic's device
+    wrong_gateway                         bound to another gateway
+    unknown_device                        the sender is not enrolled here
+    bad_signature / digest_mismatch       the signature or attachment does not verify
+    replay                                this device's reply to this task was already accepted
+    stale_round / not_selected            no open task for this device and task id
+    wrong_round / wrong_base              bound to another round or base model
+    late                                  arrived after the round's deadline
+    limits / bad_tensor / non_finite      the update is oversize, inconsistent or not finite
+    wrong_shape / wrong_metrics           the update does not fit the model or the task
+
+Every outcome is a value, never an exception: a gateway must outlive any input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol import envelope, schemas, topics
+from protocol.errors import ProtocolError, SchemaError
+
+TRAIN_METRICS = frozenset({"train_loss", "steps"})
+EVALUATE_METRICS = frozenset({"loss", "accuracy"})
+
+
+@dataclass
+class OpenTask:
+    """A task the gateway sent and awaits a reply for."""
+
+    message_id: str
+    device_id: str
+    device_key: bytes
+    kind: str  # "train" or "evaluate"
+    round: int
+    task: str
+    base: bytes
+    base_weights: dict[str, np.ndarray]
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Accepted:
+    task: OpenTask
+    envelope: envelope.Envelope
+    delta: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    examples: int
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+    device_id: str  # "" when not even the topic names a device
+    detail: str
+    envelope: envelope.Envelope | None = None
+
+
+class ReplyChecker:
+    """Decides accept or reject for one reply; holds no MQTT and no strategy."""
+
+    def __init__(self, gateway_id: str, is_enrolled: Callable[[bytes], bool]) -> None:
+        self.gateway_id = gateway_id
+        self.is_enrolled = is_enrolled
+        self.open: dict[tuple[str, str], OpenTask] = {}  # (device id, task id) -> task
+        self.accepted: set[tuple[str, str]] = set()
+        self.closed: set[tuple[str, str]] = set()  # tasks whose round closed without a reply
+        self.current_round = 0
+
+    def check(self, topic: str, payload: bytes, now: float | None = None) -> Accepted | Rejected:
+        now = time.time() if now is None else now
+        topic_device = topics.device_of(topic)
+        try:
+            env = envelope.decode(payload)
+        except ProtocolError as exc:
+            return Rejected(exc.reason, topic_device, exc.detail)
+        if env.type != "reply":
+            return Rejected("schema", topic_device, f"a {env.type!r} message on a reply topic", env)
+        device = env.ctx.sender_id
+        if device != topic_device:
+            return Rejected("topic_mismatch", topic_device, f"signed by {device}", env)
+        if env.ctx.gateway != self.gateway_id:
+            return Rejected("wrong_gateway", device, f"bound to gateway {env.ctx.gateway}", env)
+        if not self.is_enrolled(env.ctx.sender):
+            return Rejected("unknown_device", device, "sender is not enrolled", env)
+        try:
+            reply = schemas.Reply.from_body(env.body)
+            if env.attachment is None:
+                raise SchemaError("a reply must carry its update as an attachment")
+            env.verify()
+        except ProtocolError as exc:
+            return Rejected(exc.reason, device, exc.detail, env)
+        key = (device, env.ctx.task)
+        if key in self.accepted:
+            return Rejected("replay", device, f"task {env.ctx.task} already answered", env)
+        task = self.open.get(key)
+        if task is None:
+            if key in self.closed:
+                return Rejected("late", device, f"task {env.ctx.task} closed before this reply", env)
+            if env.ctx.round < self.current_round:
+                return Rejected("stale_round", device, f"round {env.ctx.round} is over", env)
+            return Rejected("not_selected", device, f"no open task {env.ctx.task} for this device", env)
+        if env.ctx.round != task.round:
+            return Rejected("wrong_round", device, f"round {env.ctx.round}, task is round {task.round}", env)
+        if env.ctx.base != task.base:
+            return Rejected("wrong_base", device, "built on another model", env)
+        if now > task.deadline:
+            return Rejected("late", device, f"{now - task.deadline:.1f} s after the deadline", env)
+        try:
+            delta, metrics = schemas.decode_update(env.attachment)
+        except ProtocolError as exc:
+            return Rejected(exc.reason, device, exc.detail, env)
+        if task.kind == "train":
+            shapes = {k: v.shape for k, v in task.base_weights.items()}
+            if {k: v.shape for k, v in delta.items()} != shapes:
+                return Rejected("wrong_shape", device, "delta does not match the model's weights", env)
+            if set(metrics) != TRAIN_METRICS or reply.examples < 1:
+                return Rejected("wrong_metrics", device, f"train metrics {sorted(metrics)}", env)
+        else:
+            if delta or set(metrics) != EVALUATE_METRICS or reply.examples < 1:
+                return Rejected("wrong_metrics", device, f"evaluate metrics {sorted(metrics)}", env)
+            if not 0.0 <= metrics["accuracy"] <= 1.0 or metrics["loss"] < 0:
+                return Rejected("wrong_metrics", device, "accuracy or loss out of range", env)
+        del self.open[key]
+        self.accepted.add(key)
+        return Accepted(task, env, delta, metrics, reply.examples)

@@ -1,0 +1,117 @@
+"""An MQTT broker for the emulator and the tests, on a free loopback port.
+
+Mosquitto when it is installed (the real thing, as in the city); otherwise an
+embedded Python broker (amqtt), so a laptop without Mosquitto still runs the
+demo. The Mosquitto config raises the queue limits that otherwise drop
+messages silently (`max_queued_messages 1000`, `max_inflight_messages 20`)
+and, because it has a `listener` line, needs `allow_anonymous true`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MOSQUITTO_CONF = """\
+# Written by the Starling emulator: loopback only, anonymous, generous queues.
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence false
+max_queued_messages 100000
+max_queued_bytes 0
+max_inflight_messages 0
+message_size_limit 0
+log_dest file {log}
+log_type error
+log_type warning
+log_type notice
+connection_messages true
+"""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_mosquitto() -> str | None:
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class Broker:
+    """`with Broker(workdir) as broker:` starts a broker; `broker.port` is where it listens."""
+
+    def __init__(self, workdir: Path, kind: str = "auto", port: int | None = None) -> None:
+        if kind not in ("auto", "mosquitto", "embedded"):
+            raise ValueError(f"broker kind must be auto, mosquitto or embedded, not {kind!r}")
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        exe = find_mosquitto()
+        if kind == "mosquitto" and exe is None:
+            raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
+        self.kind = "mosquitto" if kind != "embedded" and exe else "embedded"
+        self._exe = exe
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.workdir / "broker.log"
+        if self.kind == "mosquitto":
+            conf = self.workdir / "mosquitto.conf"
+            conf.write_text(MOSQUITTO_CONF.format(port=self.port, log=log))
+            cmd = [self._exe, "-c", str(conf)]
+        else:
+            cmd = [sys.executable, "-m", "hw.embedded_broker", "--port", str(self.port)]
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_child_env())
+        self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 15.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.kind} broker exited with {self.process.returncode}; see {self.workdir / 'broker.log'}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"{self.kind} broker did not listen on port {self.port} within {timeout} s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> Broker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _child_env() -> dict[str, str]:
+    """Environment for child processes: the project importable, BLAS on one thread."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
