@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import threading
@@ -40,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"id": identity.id, "public_key": identity.public_key.hex(), "config": "ok"}))
         return 0
     from .service import Gateway
+
+    # Flower logs through its own coloured console handler; route it through ours instead.
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.handlers.clear()
+    flwr_log.propagate = True
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -45,7 +45,7 @@ def _value(value: Any) -> str:
     return text
 
 
-def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log one event with key=value fields."""
+def event(logger: logging.Logger, what: str, level: int = logging.INFO, /, **fields: Any) -> None:
+    """Log one event `what` with key=value fields."""
     if logger.isEnabledFor(level):
-        logger.log(level, "%s %s", name, " ".join(f"{k}={_value(v)}" for k, v in fields.items()))
+        logger.log(level, "%s %s", what, " ".join(f"{k}={_value(v)}" for k, v in fields.items()))

@@ -1,0 +1,1 @@
+"""Hardware-in-the-loop emulator: datasets, device and link profiles, faults, scenarios."""
