@@ -1,0 +1,208 @@
+"""The agent against a real broker, driven by a test peer that speaks the real protocol.
+
+The peer plays the gateway's part by hand (sign a model release, a task, a
+receipt) so each test can also play it wrong: a forged signature, an old
+model, a missing receipt.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.config import AgentConfig
+from agent.samples import LocalData
+from agent.service import Agent
+from agent.state import AgentState, StateStore
+from firmware_models.runtime import TrainableModel
+from hw.broker import Broker
+from protocol import envelope, schemas, topics
+from protocol.keys import Identity
+
+GATEWAY = Identity.from_seed(b"G" * 32)
+ROGUE = Identity.from_seed(b"R" * 32)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    with Broker(tmp_path_factory.mktemp("broker")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TrainableModel.from_package()
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 128, 6)).astype(np.float32)
+    y = rng.integers(0, 7, size=64).astype(np.int32)
+    return LocalData(x, y, x[:16], y[:16])
+
+
+class Peer:
+    """A hand-driven gateway: sees what the device publishes, publishes what the test says."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.inbox: queue.Queue = queue.Queue()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="peer")
+        self.client.on_message = lambda _c, _u, m: self.inbox.put((m.topic, m.payload))
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        self.client.subscribe([(topics.reply(GATEWAY.id, "+"), 1), (topics.enroll(GATEWAY.id, "+"), 1)])
+        time.sleep(0.2)
+
+    def next(self, kind: str, timeout: float = 20.0) -> envelope.Envelope:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                topic, payload = self.inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if f"/{kind}/" in topic:
+                return envelope.decode(payload)
+        raise AssertionError(f"no {kind} message within {timeout} s")
+
+    def nothing(self, kind: str, wait: float = 2.0) -> None:
+        with pytest.raises(AssertionError):
+            self.next(kind, wait)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+    def release(self, weights, version: int, publish: bool = True) -> bytes | tuple[bytes, bytes]:
+        """Sign a model release; publish it retained under its digest (or return it with the digest)."""
+        ctx = envelope.Context(GATEWAY.public_key, GATEWAY.id, version, "model", b"")
+        wire = envelope.seal(GATEWAY, "model", ctx, {"version": version, "architecture": ""}, schemas.encode_model(weights))
+        digest = envelope.decode(wire).body["digest"]
+        if not publish:
+            return wire, digest
+        self.publish(topics.model(GATEWAY.id, digest.hex()), wire, retain=True)
+        return digest
+
+    def task(self, device: Identity, base: bytes, round_: int = 1, kind: str = "train", signer: Identity = GATEWAY,
+             sender: Identity | None = None) -> None:
+        cfg = schemas.TrainConfig(epochs=1, batch_size=32, lr=0.1, deadline=time.time() + 60)
+        body = schemas.Task(kind, device.id, cfg, "i8").to_body()
+        ctx = envelope.Context((sender or signer).public_key, GATEWAY.id, round_, f"{kind}-{round_}", base)
+        sig = signer.sign(envelope.signed_bytes("task", ctx, body))
+        from protocol import cbor
+
+        wire = cbor.dumps({"v": 1, "type": "task", "ctx": ctx.to_wire(), "body": body, "sig": sig})
+        self.publish(topics.task(GATEWAY.id, device.id), wire)
+
+    def receipt(self, device: Identity, reply: envelope.Envelope, accepted: bool = True, task: str | None = None) -> None:
+        ctx = envelope.Context(GATEWAY.public_key, GATEWAY.id, reply.ctx.round if reply else 0,
+                               task or reply.ctx.task, reply.ctx.base if reply else b"")
+        body = schemas.Receipt(device.id, reply.body["digest"] if reply else b"", accepted, "").to_body()
+        self.publish(topics.receipt(GATEWAY.id, device.id), envelope.seal(GATEWAY, "receipt", ctx, body))
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def peer(broker):
+    p = Peer(broker)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def start_agent(broker, model, data, tmp_path):
+    running = []
+
+    def start(device: Identity, state: AgentState | None = None) -> Agent:
+        config = AgentConfig(name="test-device", key=tmp_path / "device.key", state_dir=tmp_path / f"state-{device.id}",
+                             gateway_id=GATEWAY.id, gateway_public_key=GATEWAY.public_key, broker_host=broker.host,
+                             broker_port=broker.port, replay=tmp_path / "unused.npz", resend_s=0.5, enroll_retry_s=0.5)
+        if state is not None:
+            StateStore(config.state_dir).save(state)
+        agent = Agent(config, device, model, data)
+        stop = threading.Event()
+        thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+        thread.start()
+        running.append((stop, thread))
+        return agent
+
+    yield start
+    for stop, thread in running:
+        stop.set()
+        thread.join(20)
+
+
+def enrolled(peer: Peer, device: Identity) -> None:
+    request = peer.next("enroll")
+    assert request.ctx.sender == device.public_key
+    request.verify()
+    peer.receipt(device, None, task="enroll")
+
+
+def test_a_device_enrolls_trains_and_resends_its_reply_until_a_receipt_comes(peer, start_agent, model):
+    device = Identity.generate()
+    agent = start_agent(device)
+    enrolled(peer, device)
+    digest = peer.release(model.get_weights(), version=1)
+    peer.task(device, digest)
+    reply = peer.next("reply")
+    reply.verify()
+    assert reply.ctx.sender == device.public_key and reply.ctx.base == digest and reply.ctx.round == 1
+    delta, metrics = schemas.decode_update(reply.attachment)
+    assert set(delta) == set(model.weight_names) and any(np.abs(v).max() > 0 for v in delta.values())
+    again = peer.next("reply", timeout=5)  # no receipt yet: the same signed bytes come back
+    assert again.sig == reply.sig
+    assert len(agent.store.pending()) == 1
+    peer.receipt(device, reply)
+    deadline = time.monotonic() + 10
+    while agent.store.pending() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.store.pending() == {}
+
+
+def test_a_task_signed_by_another_key_is_refused(peer, start_agent, model):
+    device = Identity.generate()
+    agent = start_agent(device)
+    enrolled(peer, device)
+    digest = peer.release(model.get_weights(), version=1)
+    peer.task(device, digest, signer=ROGUE)  # claims to be the rogue: not our gateway
+    peer.task(device, digest, signer=ROGUE, sender=GATEWAY, round_=2)  # claims to be the gateway: bad signature
+    peer.nothing("reply")
+    assert agent.counters.refused_tasks == {"not_from_gateway": 1, "bad_signature": 1}
+
+
+def test_a_model_older_than_one_already_trusted_is_refused(peer, start_agent, model):
+    device = Identity.generate()
+    agent = start_agent(device, AgentState(enrolled=True, trusted_version=5))
+    digest = peer.release(model.get_weights(), version=4)
+    peer.task(device, digest)
+    peer.nothing("reply")
+    assert agent.counters.refused_tasks == {"model_rollback": 1}
+
+
+def test_a_model_that_does_not_hash_to_the_tasks_digest_is_refused(peer, start_agent, model):
+    device = Identity.generate()
+    agent = start_agent(device, AgentState(enrolled=True, trusted_version=0))
+    wire_a, _ = peer.release(model.get_weights(), version=1, publish=False)
+    _, digest_b = peer.release({k: v + 1 for k, v in model.get_weights().items()}, version=1, publish=False)
+    # A broker (untrusted) serves model A under the address of model B.
+    peer.publish(topics.model(GATEWAY.id, digest_b.hex()), wire_a, retain=True)
+    peer.task(device, digest_b)
+    peer.nothing("reply")
+    assert agent.counters.refused_tasks == {"model_digest_mismatch": 1}
+
+
+def test_a_reply_left_on_disk_by_a_power_cut_is_sent_at_start(peer, start_agent, tmp_path):
+    device = Identity.generate()
+    ctx = envelope.Context(device.public_key, GATEWAY.id, 7, "train-7", b"\x01" * 32)
+    wire = envelope.seal(device, "reply", ctx, {"examples": 3}, schemas.encode_update({}, {"loss": 1.0, "accuracy": 0.5}))
+    StateStore(tmp_path / f"state-{device.id}").put_pending("000007-train-7", wire)
+    start_agent(device, AgentState(enrolled=True, trusted_version=0))
+    assert peer.next("reply").sig == envelope.decode(wire).sig

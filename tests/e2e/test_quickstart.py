@@ -1,0 +1,158 @@
+"""The walking skeleton end to end: real broker, real agents, real Flower, real ledger.
+
+One emulator run (module-scoped: it is the expensive part) with three kinds of
+bad replies injected from outside with `mosquitto_pub` while it runs: one
+signed by an unknown key, one replayed, one that is not CBOR at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol import envelope, schemas, topics
+from protocol.keys import Identity
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIO = ROOT / "hw" / "scenarios" / "quickstart.toml"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run hw/install-broker.sh (apt-get install mosquitto-clients)")
+    return path
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("quickstart")
+    report_path = work / "report.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
+    emulator = subprocess.Popen(
+        [sys.executable, "-m", "hw.emulate", "--scenario", str(SCENARIO), "--report", str(report_path),
+         "--workdir", str(work / "run")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    injected = {}
+    try:
+        info = _wait_for(lambda: (work / "run" / "run.json").exists() and json.loads((work / "run" / "run.json").read_text()),
+                         60, "run.json")
+        host, port, gw = "127.0.0.1", str(info["broker"]["port"]), info["gateway"]["id"]
+        # Capture the first real reply a device sends...
+        captured = subprocess.run(
+            [_tool("mosquitto_sub"), "-h", host, "-p", port, "-t", topics.reply(gw, "+"), "-C", "1", "-N", "-v", "-q", "1"],
+            capture_output=True, timeout=120, check=True,
+        ).stdout
+        topic, _, reply_bytes = captured.partition(b" ")
+        pub = [_tool("mosquitto_pub"), "-h", host, "-p", port, "-q", "1"]
+        # ...and replay it, byte for byte.
+        (work / "replayed.cbor").write_bytes(reply_bytes)
+        subprocess.run(pub + ["-t", topic.decode(), "-f", str(work / "replayed.cbor")], check=True, timeout=30)
+        # A well-formed reply signed by a key the gateway never enrolled.
+        stranger = Identity.generate()
+        ctx = envelope.Context(stranger.public_key, gw, 1, "train-1", b"\x00" * 32)
+        forged = envelope.seal(stranger, "reply", ctx, {"examples": 10},
+                               schemas.encode_update({"w": np.zeros(3, np.float32)}, {"train_loss": 1.0, "steps": 1.0}))
+        (work / "stranger.cbor").write_bytes(forged)
+        subprocess.run(pub + ["-t", topics.reply(gw, stranger.id), "-f", str(work / "stranger.cbor")], check=True, timeout=30)
+        # Bytes that are not CBOR at all.
+        subprocess.run(pub + ["-t", topics.reply(gw, "0123456789abcdef"), "-m", "\x1c not cbor"], check=True, timeout=30)
+        injected = {"replayed_from": topic.decode()}
+        output, _ = emulator.communicate(timeout=300)
+    finally:
+        if emulator.poll() is None:
+            emulator.kill()
+            emulator.wait()
+    report = json.loads(report_path.read_text())
+    return {"report": report, "output": output.decode(errors="replace"), "returncode": emulator.returncode,
+            "work": work, "injected": injected}
+
+
+def test_the_run_completes_and_exits_zero(run):
+    assert run["returncode"] == 0, run["output"][-3000:]
+    assert run["report"]["gateway"]["state"] == "done"
+
+
+def test_report_has_every_round_with_the_skeleton_keys(run):
+    rounds = run["report"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4, 5]
+    for r in rounds:
+        assert set(r) == {"round", "accuracy", "loss", "participants", "rejected", "bytes_up", "bytes_down", "seconds"}
+    assert all(r["participants"] == 5 for r in rounds[1:])
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rounds)
+    assert set(run["report"]) >= {"rounds", "rejections", "ledger", "config"}
+
+
+def test_federated_training_beats_the_initial_model_and_chance(run):
+    rounds = run["report"]["rounds"]
+    first, last = rounds[0]["accuracy"], rounds[-1]["accuracy"]
+    assert last > first + 0.2, rounds
+    assert last > 1 / 7 + 0.2, rounds
+    assert rounds[-1]["loss"] < rounds[0]["loss"]
+
+
+def test_int8_updates_are_about_a_quarter_of_the_float_model(run):
+    # bytes_up of a training round: 5 int8 deltas + 5 small evaluations; the f32 model is ~47 KB.
+    model_bytes = run["report"]["rounds"][0]["bytes_down"]  # round 0 publishes the f32 model once
+    per_device_up = run["report"]["rounds"][1]["bytes_up"] / 5
+    assert per_device_up < 0.35 * model_bytes
+
+
+def test_each_injected_reply_is_counted_under_its_own_reason(run):
+    rejections = run["report"]["rejections"]
+    assert rejections.get("unknown_device", 0) >= 1, rejections
+    assert rejections.get("replay", 0) >= 1, rejections
+    assert rejections.get("malformed", 0) >= 1, rejections
+
+
+def test_the_gateway_logged_each_rejection(run):
+    log = (run["work"] / "run" / "logs" / "gateway.log").read_text()
+    for reason in ("unknown_device", "replay", "malformed"):
+        assert f"reply.rejected" in log and f"reason={reason}" in log
+    assert "Traceback" not in log
+
+
+def test_the_ledger_verifies_and_holds_every_round(run):
+    ledger = run["report"]["ledger"]
+    assert ledger["verified"] is True
+    with sqlite3.connect(ledger["path"]) as db:
+        kinds = dict(db.execute("select kind, count(*) from vertices group by kind").fetchall())
+    assert kinds == {"genesis": 1, "device.enroll": 5, "updates": 5, "aggregate": 5}
+    assert ledger["height"] == 16
+
+
+def test_flipping_one_byte_of_an_updates_vertex_makes_verify_name_it(run, tmp_path):
+    source = Path(run["report"]["ledger"]["path"])
+    copy = tmp_path / "ledger.db"
+    shutil.copy(source, copy)
+    with sqlite3.connect(copy) as db:
+        vertex_id, blob = db.execute("select id, data from vertices where kind = 'updates' order by seq limit 1").fetchone()
+    raw = bytearray(copy.read_bytes())
+    at = raw.find(blob)
+    assert at > 0, "the vertex blob is stored contiguously in the file"
+    raw[at + len(blob) // 2] ^= 0x40
+    copy.write_bytes(bytes(raw))
+    done = subprocess.run([sys.executable, "-m", "ledger.cli", "verify", "--db", str(copy)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode != 0
+    assert vertex_id in done.stdout + done.stderr

@@ -1,0 +1,106 @@
+"""Bad config is refused at start, naming the field and the reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError as AgentConfigError
+from agent.config import parse_config as parse_agent
+from gateway.config import ConfigError as GatewayConfigError
+from gateway.config import parse_config as parse_gateway
+from hw.scenario import ScenarioError, load_scenario, parse_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD_AGENT = {
+    "device": {"name": "d", "key": "k", "state_dir": "s"},
+    "gateway": {"id": "0123456789abcdef", "public_key": "ab" * 32},
+    "broker": {"host": "127.0.0.1", "port": 1883},
+    "data": {"replay": "x.npz"},
+}
+GOOD_GATEWAY = {"gateway": {"name": "gw", "key": "k", "state_dir": "s"}, "strategy": {"name": "FedAvg"}}
+
+
+def with_(doc, section, key, value):
+    return {**doc, section: {**doc.get(section, {}), key: value}}
+
+
+def test_a_good_agent_config_parses():
+    config = parse_agent(GOOD_AGENT, Path("/tmp"))
+    assert config.gateway_public_key == bytes.fromhex("ab" * 32) and config.key == Path("/tmp/k")
+
+
+@pytest.mark.parametrize(
+    "section, key, value, field",
+    [
+        ("gateway", "public_key", "abcd", "gateway.public_key"),
+        ("gateway", "id", "NOT-HEX-AT-ALL!!", "gateway.id"),
+        ("broker", "port", 70000, "broker.port"),
+        ("broker", "port", "1883", "broker.port"),
+        ("device", "resend_s", -1, "device.resend_s"),
+    ],
+)
+def test_a_bad_agent_field_is_named(section, key, value, field):
+    with pytest.raises(AgentConfigError, match=field.replace(".", r"\.")):
+        parse_agent(with_(GOOD_AGENT, section, key, value))
+
+
+def test_a_missing_agent_field_is_named():
+    doc = {**GOOD_AGENT, "data": {}}
+    with pytest.raises(AgentConfigError, match=r"data\.replay is required"):
+        parse_agent(doc)
+
+
+def test_an_unknown_strategy_is_a_config_error_listing_the_known_ones():
+    with pytest.raises(GatewayConfigError, match="FedAvg") as err:
+        parse_gateway(with_(GOOD_GATEWAY, "strategy", "name", "FedAverage"))
+    assert "strategy.name" in str(err.value)
+
+
+def test_a_parameter_the_strategy_does_not_take_is_a_config_error():
+    with pytest.raises(GatewayConfigError, match=r"strategy\.params.*fraction_trian"):
+        parse_gateway(with_(GOOD_GATEWAY, "strategy", "params", {"fraction_trian": 0.5}))
+
+
+def test_a_real_flower_strategy_with_parameters_is_built():
+    config = parse_gateway(with_(GOOD_GATEWAY, "strategy", "params", {"fraction_train": 0.5, "min_train_nodes": 3}))
+    strategy = config.make_strategy()
+    assert type(strategy).__name__ == "FedAvg" and strategy.fraction_train == 0.5
+
+
+def test_an_unknown_enrollment_policy_is_refused():
+    with pytest.raises(GatewayConfigError, match=r"enrollment\.policy"):
+        parse_gateway(with_(GOOD_GATEWAY, "enrollment", "policy", "anyone"))
+
+
+def test_the_gateway_command_refuses_a_bad_config_with_exit_2(tmp_path):
+    conf = tmp_path / "gw.toml"
+    conf.write_text('[gateway]\nname = "gw"\nkey = "k"\nstate_dir = "s"\n[strategy]\nname = "Nope"\n')
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "check", "--config", str(conf)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2 and "strategy.name" in done.stderr
+
+
+def test_the_shipped_quickstart_scenario_is_valid():
+    scenario = load_scenario(ROOT / "hw" / "scenarios" / "quickstart.toml")
+    assert (scenario.devices, scenario.rounds, scenario.strategy) == (5, 5, "FedAvg")
+
+
+@pytest.mark.parametrize(
+    "doc, field",
+    [
+        ({"fleet": {"devices": 11}}, "fleet.devices"),
+        ({"fleet": {"devcies": 3}}, "fleet.devcies"),
+        ({"trainig": {}}, "trainig"),
+        ({"training": {"lr": "fast"}}, "training.lr"),
+        ({"run": {"rounds": 0}}, "run.rounds"),
+        ({"broker": {"kind": "rabbit"}}, "broker.kind"),
+        ({"dataset": {"source": "/no/such/folder"}}, "dataset.source"),
+    ],
+)
+def test_a_bad_scenario_names_the_field(doc, field):
+    with pytest.raises(ScenarioError, match=field.replace(".", r"\.")):
+        parse_scenario(doc)
