@@ -6,7 +6,7 @@
     state_dir = "/var/lib/starling"
 
     [gateway]
-    id = "3fa1c0d2e4b5a697"          # the gateway's id
+    id = "3fa1c0d2e4b5a6970c1d2e3f4a5b6c7d"  # the gateway's id
     public_key = "<64 hex chars>"    # the gateway's Ed25519 public key: the trust anchor
 
     [broker]
@@ -77,8 +77,8 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         return (base_dir / os.path.expanduser(_get(doc, section, key, str))).resolve()
 
     gw_id = _get(doc, "gateway", "id", str)
-    if len(gw_id) != 16 or any(c not in "0123456789abcdef" for c in gw_id):
-        raise ConfigError("gateway.id must be 16 lowercase hex characters")
+    if len(gw_id) != 32 or any(c not in "0123456789abcdef" for c in gw_id):
+        raise ConfigError("gateway.id must be 32 lowercase hex characters")
     try:
         gw_key = bytes.fromhex(_get(doc, "gateway", "public_key", str))
     except ValueError:

@@ -1,1 +1,19 @@
-"""Starling ledger."""
+"""Starling ledger: the gateways' tamper-evident DAG of who contributed what.
+
+    vertex.py    the signed, content-addressed vertex and its wire form
+    kinds.py     each kind's body schema, rules and effects (genesis, device.enroll, updates, aggregate)
+    validate.py  the rules every vertex passes to join the DAG
+    state.py     what those rules read and change; an in-memory version for the verifier
+    store.py     one gateway's SQLite store (`Ledger`)
+    verify.py    offline audit of a store file (`verify_store`)
+    cli.py       `starling-ledger verify | show | export`
+
+It imports only the standard library, `protocol` and `sqlite_utils`.
+"""
+
+from .errors import LedgerError
+from .store import Ledger
+from .verify import VerifyReport, verify_store
+from .vertex import Vertex, sign
+
+__all__ = ["Ledger", "LedgerError", "Vertex", "VerifyReport", "sign", "verify_store"]

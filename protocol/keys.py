@@ -27,16 +27,17 @@ KEY_FILE_TYPE = "starling-ed25519-v1"
 
 
 def identity_id(public_key: bytes) -> str:
-    """The stable, printable id of the holder of `public_key` (16 hex chars).
+    """The stable, printable id of the holder of `public_key` (32 hex chars, 128 bits).
 
-    Safe to use in MQTT topics: only [0-9a-f].
+    Safe to use in MQTT topics: only [0-9a-f]. 128 bits so that nobody can
+    grind a second key onto an existing id (64 bits would take ~2^32 tries).
     """
-    return hashlib.sha256(b"starling-id" + public_key).hexdigest()[:16]
+    return hashlib.sha256(b"starling-id" + public_key).hexdigest()[:32]
 
 
 def node_id(public_key: bytes) -> int:
     """The integer node id Flower uses for this key (fits in a signed 64-bit int)."""
-    return int(identity_id(public_key), 16) >> 1
+    return int(identity_id(public_key)[:16], 16) >> 1
 
 
 def verify(public_key: bytes, message: bytes, signature: bytes) -> None:

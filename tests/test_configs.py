@@ -17,7 +17,7 @@ from hw.scenario import ScenarioError, load_scenario, parse_scenario
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_AGENT = {
     "device": {"name": "d", "key": "k", "state_dir": "s"},
-    "gateway": {"id": "0123456789abcdef", "public_key": "ab" * 32},
+    "gateway": {"id": "0123456789abcdef0123456789abcdef", "public_key": "ab" * 32},
     "broker": {"host": "127.0.0.1", "port": 1883},
     "data": {"replay": "x.npz"},
 }

@@ -76,7 +76,7 @@ def run(tmp_path_factory):
         (work / "stranger.cbor").write_bytes(forged)
         subprocess.run(pub + ["-t", topics.reply(gw, stranger.id), "-f", str(work / "stranger.cbor")], check=True, timeout=30)
         # Bytes that are not CBOR at all.
-        subprocess.run(pub + ["-t", topics.reply(gw, "0123456789abcdef"), "-m", "\x1c not cbor"], check=True, timeout=30)
+        subprocess.run(pub + ["-t", topics.reply(gw, "0123456789abcdef0123456789abcdef"), "-m", "\x1c not cbor"], check=True, timeout=30)
         injected = {"replayed_from": topic.decode()}
         output, _ = emulator.communicate(timeout=300)
     finally:

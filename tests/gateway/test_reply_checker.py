@@ -80,7 +80,7 @@ def test_a_reply_on_another_devices_topic_is_a_topic_mismatch():
 
 
 def test_a_reply_bound_to_another_gateway_is_refused():
-    assert reason(make_checker().check(topic(), reply(gateway="0" * 16))) == "wrong_gateway"
+    assert reason(make_checker().check(topic(), reply(gateway="0" * 32))) == "wrong_gateway"
 
 
 def test_a_tampered_signature_is_bad_signature():
