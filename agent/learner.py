@@ -37,18 +37,20 @@ def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Tas
     stop_at = cfg.deadline - DEADLINE_MARGIN_S if cfg.deadline else float("inf")
     losses: list[float] = []
     seen = 0
-    for _epoch in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         order = rng.permutation(n)
-        for start in range(0, n - batch + 1, batch):
+        for start in range(0, n, batch):  # the runtime pads a short last batch
             if time.time() > stop_at:
                 break
             idx = order[start : start + batch]
             losses.append(float(model.train_step(data.x_train[idx], data.y_train[idx], cfg.lr)))
-            seen = min(n, seen + batch)
+            if epoch == 0:
+                seen += len(idx)
     new = model.get_weights()
     delta = {name: new[name] - base[name] for name in base}
-    metrics = {"train_loss": float(np.mean(losses[-max(1, n // batch):])) if losses else 0.0, "steps": float(len(losses))}
-    examples = n if seen >= n - batch + 1 else seen
+    per_epoch = -(-n // batch)
+    metrics = {"train_loss": float(np.mean(losses[-per_epoch:])) if losses else 0.0, "steps": float(len(losses))}
+    examples = seen  # windows actually trained on: fewer than n only when the deadline cut the first epoch
     return Outcome(schemas.encode_update(delta, metrics, task.codec), examples, metrics)
 
 

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     result = Gateway(config).run(stop)
-    return 0 if result["state"] == "done" else 1
+    return 0 if result["state"] in ("done", "stopped") else 1
 
 
 if __name__ == "__main__":

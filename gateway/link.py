@@ -58,8 +58,10 @@ class Link:
         self.bytes_in += len(msg.payload)
         self.inbox.put((msg.topic, msg.payload))
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
-        self.bytes_out += len(payload)
+    def publish(self, topic: str, payload: bytes, retain: bool = False, counted: bool = True) -> mqtt.MQTTMessageInfo:
+        """Publish at QoS 1; `counted` traffic is what the gateway sends to devices (bytes_down)."""
+        if counted:
+            self.bytes_out += len(payload)
         return self.client.publish(topic, payload, qos=1, retain=retain)
 
     def __enter__(self) -> Link:

@@ -238,7 +238,7 @@ class Gateway:
             "history": [asdict(r) for r in self.history],
             "time": time.time(),
         }
-        self.link.publish(topics.status(self.id), json.dumps(status).encode(), retain=True)
+        self.link.publish(topics.status(self.id), json.dumps(status).encode(), retain=True, counted=False)
 
     # --- the run ------------------------------------------------------------------------
 
@@ -303,7 +303,10 @@ class Gateway:
                     if self._pending_aggregate is not None:
                         self._record_aggregate(final.digest)
                 self.state = "done"
-            except (TimeoutError, InterruptedError) as exc:
+            except InterruptedError as exc:
+                self.state = "stopped"
+                event(log, "gateway.stopped", logging.WARNING, reason=str(exc))
+            except TimeoutError as exc:
                 self.state = "failed"
                 event(log, "gateway.failed", logging.ERROR, reason=str(exc))
             finally:

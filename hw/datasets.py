@@ -25,12 +25,13 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from protocol.atomic import write_atomic
 
 WINDOW = 128
 """Samples per window (2.56 s at 50 Hz): the model's input length."""
@@ -226,19 +227,7 @@ def save_device_npz(device: DeviceData, path: str | os.PathLike[str]) -> None:
         x_test=np.asarray(device.x_test, dtype=np.float32),
         y_test=np.asarray(device.y_test, dtype=np.int32),
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buf.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, buf.getvalue())
 
 
 def load_device_npz(path: str | os.PathLike[str], name: str | None = None) -> DeviceData:

@@ -132,6 +132,15 @@ def test_the_gateway_logged_each_rejection(run):
     assert "Traceback" not in log
 
 
+def test_every_agent_stopped_cleanly_on_sigterm(run):
+    logs = sorted((run["work"] / "run" / "logs").glob("subject-*.log"))
+    assert len(logs) == 5
+    for path in logs:
+        text = path.read_text()
+        assert "agent.stop" in text and "Traceback" not in text, path.name
+        assert text.count("reply.sent") == 11  # round 0 evaluation + 5 x (train + evaluate)
+
+
 def test_the_ledger_verifies_and_holds_every_round(run):
     ledger = run["report"]["ledger"]
     assert ledger["verified"] is True
