@@ -29,14 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from protocol.config import ConfigError, read_toml, setting
 
-
-class ConfigError(ValueError):
-    """The config file is unusable; the message names the field and the reason."""
+__all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config"]
 
 
 @dataclass(frozen=True)
@@ -54,65 +49,42 @@ class AgentConfig:
     enroll_retry_s: float = 5.0
 
 
-def _get(doc: dict[str, Any], section: str, key: str, kind: type, default: Any = ...) -> Any:
-    table = doc.get(section, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{section}] must be a table")
-    if key not in table:
-        if default is ...:
-            raise ConfigError(f"{section}.{key} is required")
-        return default
-    value = table[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{section}.{key} must be {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig:
     """Build an `AgentConfig` from a parsed TOML document; paths are relative to `base_dir`."""
 
     def path(section: str, key: str) -> Path:
-        return (base_dir / os.path.expanduser(_get(doc, section, key, str))).resolve()
+        return (base_dir / os.path.expanduser(setting(doc, section, key, str))).resolve()
 
-    gw_id = _get(doc, "gateway", "id", str)
+    gw_id = setting(doc, "gateway", "id", str)
     if len(gw_id) != 32 or any(c not in "0123456789abcdef" for c in gw_id):
         raise ConfigError("gateway.id must be 32 lowercase hex characters")
     try:
-        gw_key = bytes.fromhex(_get(doc, "gateway", "public_key", str))
+        gw_key = bytes.fromhex(setting(doc, "gateway", "public_key", str))
     except ValueError:
         raise ConfigError("gateway.public_key must be hex") from None
     if len(gw_key) != 32:
         raise ConfigError("gateway.public_key must be 32 bytes (64 hex characters)")
-    port = _get(doc, "broker", "port", int, 1883)
+    port = setting(doc, "broker", "port", int, 1883)
     if not 0 < port < 65536:
         raise ConfigError(f"broker.port {port} is not a TCP port")
-    resend = _get(doc, "device", "resend_s", float, 10.0)
+    resend = setting(doc, "device", "resend_s", float, 10.0)
     if resend <= 0:
         raise ConfigError("device.resend_s must be positive")
     return AgentConfig(
-        name=_get(doc, "device", "name", str),
+        name=setting(doc, "device", "name", str),
         key=path("device", "key"),
         state_dir=path("device", "state_dir"),
         gateway_id=gw_id,
         gateway_public_key=gw_key,
-        broker_host=_get(doc, "broker", "host", str, "127.0.0.1"),
+        broker_host=setting(doc, "broker", "host", str, "127.0.0.1"),
         broker_port=port,
         replay=path("data", "replay"),
-        model=_get(doc, "model", "name", str, "imu_cnn"),
+        model=setting(doc, "model", "name", str, "imu_cnn"),
         resend_s=resend,
-        enroll_retry_s=_get(doc, "device", "enroll_retry_s", float, 5.0),
+        enroll_retry_s=setting(doc, "device", "enroll_retry_s", float, 5.0),
     )
 
 
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     """Read and check the TOML config at `path`."""
-    path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    return parse_config(doc, path.parent)
+    return parse_config(read_toml(path), Path(path).parent)

@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from protocol.atomic import write_atomic
+
 MODEL_NAME = "imu_cnn"
 MODEL_VERSION = 1
 """Version of the model definition; bump when the graph or its contract changes."""
@@ -251,24 +253,6 @@ def deterministic_npz(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _signature_table(model: Any) -> dict[str, Any]:
     table = {}
     for key in SIGNATURE_KEYS:
@@ -372,9 +356,9 @@ def build(out_dir: Path, seed: int = 0) -> dict[str, Any]:
         "ops": op_names(model_bytes, _tf_schema()),
         "build": {"tensorflow": tf.__version__, "numpy": np.__version__, "seed": int(seed)},
     }
-    _write_atomic(out_dir / "model.tflite", model_bytes)
-    _write_atomic(out_dir / "weights.npz", weights_bytes)
-    _write_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(out_dir / "model.tflite", model_bytes)
+    write_atomic(out_dir / "weights.npz", weights_bytes)
+    write_atomic(out_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
 

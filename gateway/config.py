@@ -38,16 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from protocol.config import ConfigError, read_toml, setting
 
 POLICIES = ("open", "allowlist")
-
-
-class ConfigError(ValueError):
-    """The config is unusable; the message names the field and the reason."""
 
 
 @dataclass(frozen=True)
@@ -93,22 +86,6 @@ def make_strategy(name: str, params: dict[str, Any]):
         raise ConfigError(f"strategy.params: {name} refused them: {exc}") from exc
 
 
-def _get(doc: dict[str, Any], section: str, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    table = doc.get(section, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{section}] must be a table")
-    if key not in table:
-        if default is ...:
-            raise ConfigError(f"{section}.{key} is required")
-        return default
-    value = table[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"{section}.{key} has the wrong type ({type(value).__name__})")
-    return value
-
-
 def _positive(name: str, value: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
@@ -117,39 +94,39 @@ def _positive(name: str, value: float) -> float:
 
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConfig:
     def path(section: str, key: str, default: Any = ...) -> Path | None:
-        value = _get(doc, section, key, str, default)
+        value = setting(doc, section, key, str, default)
         return None if value in (None, "") else (base_dir / os.path.expanduser(value)).resolve()
 
-    policy = _get(doc, "enrollment", "policy", str, "open")
+    policy = setting(doc, "enrollment", "policy", str, "open")
     if policy not in POLICIES:
         raise ConfigError(f"enrollment.policy must be one of {POLICIES}, got {policy!r}")
     allowlist = []
-    for item in _get(doc, "enrollment", "allowlist", list, []):
+    for item in setting(doc, "enrollment", "allowlist", list, []):
         try:
             key = bytes.fromhex(item)
             assert len(key) == 32
         except (ValueError, TypeError, AssertionError):
             raise ConfigError(f"enrollment.allowlist: {item!r} is not a 64-hex-character public key") from None
         allowlist.append(key)
-    port = _get(doc, "broker", "port", int, 1883)
+    port = setting(doc, "broker", "port", int, 1883)
     if not 0 < port < 65536:
         raise ConfigError(f"broker.port {port} is not a TCP port")
     config = GatewayConfig(
-        name=_get(doc, "gateway", "name", str),
+        name=setting(doc, "gateway", "name", str),
         key=path("gateway", "key"),
         state_dir=path("gateway", "state_dir"),
-        broker_host=_get(doc, "broker", "host", str, "127.0.0.1"),
+        broker_host=setting(doc, "broker", "host", str, "127.0.0.1"),
         broker_port=port,
         manifest=path("model", "manifest", ""),
-        strategy=_get(doc, "strategy", "name", str, "FedAvg"),
-        strategy_params=dict(_get(doc, "strategy", "params", dict, {})),
-        num_rounds=int(_positive("rounds.num_rounds", _get(doc, "rounds", "num_rounds", int, 5))),
-        deadline_s=_positive("rounds.deadline_s", _get(doc, "rounds", "deadline_s", float, 60.0)),
-        epochs=int(_positive("rounds.epochs", _get(doc, "rounds", "epochs", int, 1))),
-        batch_size=int(_positive("rounds.batch_size", _get(doc, "rounds", "batch_size", int, 32))),
-        lr=_positive("rounds.lr", _get(doc, "rounds", "lr", float, 0.05)),
-        min_devices=int(_positive("rounds.min_devices", _get(doc, "rounds", "min_devices", int, 2))),
-        wait_devices_s=_positive("rounds.wait_devices_s", _get(doc, "rounds", "wait_devices_s", float, 120.0)),
+        strategy=setting(doc, "strategy", "name", str, "FedAvg"),
+        strategy_params=dict(setting(doc, "strategy", "params", dict, {})),
+        num_rounds=int(_positive("rounds.num_rounds", setting(doc, "rounds", "num_rounds", int, 5))),
+        deadline_s=_positive("rounds.deadline_s", setting(doc, "rounds", "deadline_s", float, 60.0)),
+        epochs=int(_positive("rounds.epochs", setting(doc, "rounds", "epochs", int, 1))),
+        batch_size=int(_positive("rounds.batch_size", setting(doc, "rounds", "batch_size", int, 32))),
+        lr=_positive("rounds.lr", setting(doc, "rounds", "lr", float, 0.05)),
+        min_devices=int(_positive("rounds.min_devices", setting(doc, "rounds", "min_devices", int, 2))),
+        wait_devices_s=_positive("rounds.wait_devices_s", setting(doc, "rounds", "wait_devices_s", float, 120.0)),
         policy=policy,
         allowlist=tuple(allowlist),
     )
@@ -158,11 +135,4 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
 
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
-    path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    return parse_config(doc, path.parent)
+    return parse_config(read_toml(path), Path(path).parent)

@@ -37,10 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from protocol.config import ConfigError, read_toml
 
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "run": {"name": str, "rounds": int, "seed": int, "timeout_s": (int, float)},
@@ -52,7 +49,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 
-class ScenarioError(ValueError):
+class ScenarioError(ConfigError):
     """The scenario file is unusable; the message names the field."""
 
 
@@ -136,11 +133,8 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
 
 
 def load_scenario(path: str | Path) -> Scenario:
-    path = Path(path)
     try:
-        doc = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ScenarioError(f"cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{path} is not valid TOML: {exc}") from exc
-    return parse_scenario(doc, path.parent)
+        doc = read_toml(path)
+    except ConfigError as exc:
+        raise ScenarioError(str(exc)) from exc
+    return parse_scenario(doc, Path(path).parent)
