@@ -188,7 +188,7 @@ class MqttGrid(Grid):
                 for traffic in self.traffic.values():
                     if not traffic.closed:
                         traffic.rejected[outcome.reason] = traffic.rejected.get(outcome.reason, 0) + 1
-            if outcome.envelope is not None:
+            if outcome.authenticated:
                 self._receipt(outcome.envelope, outcome.device_id, False, outcome.reason)
             event(log, "reply.rejected", logging.WARNING, device=outcome.device_id or "-",
                   reason=outcome.reason, detail=outcome.detail)

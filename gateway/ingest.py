@@ -16,6 +16,9 @@ cost almost nothing and only enrolled devices cost a signature check:
     wrong_shape / wrong_metrics           the update does not fit the model or the task
 
 Every outcome is a value, never an exception: a gateway must outlive any input.
+Only senders whose signature verified get a (signed) negative receipt: signing
+an answer to every piece of garbage would let anyone make the gateway burn
+CPU and broker bandwidth.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class Rejected:
     device_id: str  # "" when not even the topic names a device
     detail: str
     envelope: envelope.Envelope | None = None
+    authenticated: bool = False  # the sender's signature verified: it may get a signed receipt
 
 
 class ReplyChecker:
@@ -99,37 +103,41 @@ class ReplyChecker:
             env.verify()
         except ProtocolError as exc:
             return Rejected(exc.reason, device, exc.detail, env)
+
+        def refuse(reason: str, detail: str) -> Rejected:  # from here on the sender is authenticated
+            return Rejected(reason, device, detail, env, authenticated=True)
+
         key = (device, env.ctx.task)
         if key in self.accepted:
-            return Rejected("replay", device, f"task {env.ctx.task} already answered", env)
+            return refuse("replay", f"task {env.ctx.task} already answered")
         task = self.open.get(key)
         if task is None:
             if key in self.closed:
-                return Rejected("late", device, f"task {env.ctx.task} closed before this reply", env)
+                return refuse("late", f"task {env.ctx.task} closed before this reply")
             if env.ctx.round < self.current_round:
-                return Rejected("stale_round", device, f"round {env.ctx.round} is over", env)
-            return Rejected("not_selected", device, f"no open task {env.ctx.task} for this device", env)
+                return refuse("stale_round", f"round {env.ctx.round} is over")
+            return refuse("not_selected", f"no open task {env.ctx.task} for this device")
         if env.ctx.round != task.round:
-            return Rejected("wrong_round", device, f"round {env.ctx.round}, task is round {task.round}", env)
+            return refuse("wrong_round", f"round {env.ctx.round}, task is round {task.round}")
         if env.ctx.base != task.base:
-            return Rejected("wrong_base", device, "built on another model", env)
+            return refuse("wrong_base", "built on another model")
         if now > task.deadline:
-            return Rejected("late", device, f"{now - task.deadline:.1f} s after the deadline", env)
+            return refuse("late", f"{now - task.deadline:.1f} s after the deadline")
         try:
             delta, metrics = schemas.decode_update(env.attachment)
         except ProtocolError as exc:
-            return Rejected(exc.reason, device, exc.detail, env)
+            return refuse(exc.reason, exc.detail)
         if task.kind == "train":
             shapes = {k: v.shape for k, v in task.base_weights.items()}
             if {k: v.shape for k, v in delta.items()} != shapes:
-                return Rejected("wrong_shape", device, "delta does not match the model's weights", env)
+                return refuse("wrong_shape", "delta does not match the model's weights")
             if set(metrics) != TRAIN_METRICS or reply.examples < 1:
-                return Rejected("wrong_metrics", device, f"train metrics {sorted(metrics)}", env)
+                return refuse("wrong_metrics", f"train metrics {sorted(metrics)}")
         else:
             if delta or set(metrics) != EVALUATE_METRICS or reply.examples < 1:
-                return Rejected("wrong_metrics", device, f"evaluate metrics {sorted(metrics)}", env)
+                return refuse("wrong_metrics", f"evaluate metrics {sorted(metrics)}")
             if not 0.0 <= metrics["accuracy"] <= 1.0 or metrics["loss"] < 0:
-                return Rejected("wrong_metrics", device, "accuracy or loss out of range", env)
+                return refuse("wrong_metrics", "accuracy or loss out of range")
         del self.open[key]
         self.accepted.add(key)
         return Accepted(task, env, delta, metrics, reply.examples)

@@ -71,8 +71,16 @@ def test_bytes_that_are_not_an_envelope_are_rejected(payload, expected):
     assert reason(make_checker().check(topic(), payload)) == expected
 
 
-def test_a_reply_from_an_unenrolled_key_is_unknown_device():
-    assert reason(make_checker().check(topic(STRANGER), reply(STRANGER))) == "unknown_device"
+def test_a_reply_from_an_unenrolled_key_is_unknown_device_and_gets_no_receipt():
+    outcome = make_checker().check(topic(STRANGER), reply(STRANGER))
+    assert reason(outcome) == "unknown_device" and not outcome.authenticated
+
+
+def test_rejections_after_the_signature_check_are_authenticated_for_a_receipt():
+    checker = make_checker()
+    checker.check(topic(), reply())
+    outcome = checker.check(topic(), reply())
+    assert reason(outcome) == "replay" and outcome.authenticated
 
 
 def test_a_reply_on_another_devices_topic_is_a_topic_mismatch():

@@ -221,12 +221,20 @@ OTHER_NON_DETERMINISTIC = [
 ]
 
 
-@pytest.mark.parametrize(("diag", "hexstr", "value"), OTHER_NON_DETERMINISTIC, ids=_ids(OTHER_NON_DETERMINISTIC))
+@pytest.mark.parametrize(
+    ("diag", "hexstr", "value"),
+    OTHER_NON_DETERMINISTIC,
+    ids=_ids(OTHER_NON_DETERMINISTIC),
+)
 def test_lenient_loads_decodes_other_non_deterministic_encodings(diag, hexstr, value):
     assert strict_equal(cbor.loads(bytes.fromhex(hexstr), canonical=False), value)
 
 
-@pytest.mark.parametrize(("diag", "hexstr", "value"), OTHER_NON_DETERMINISTIC, ids=_ids(OTHER_NON_DETERMINISTIC))
+@pytest.mark.parametrize(
+    ("diag", "hexstr", "value"),
+    OTHER_NON_DETERMINISTIC,
+    ids=_ids(OTHER_NON_DETERMINISTIC),
+)
 def test_strict_loads_refuses_other_non_deterministic_encodings(diag, hexstr, value):
     with pytest.raises(NonCanonicalCBOR):
         cbor.loads(bytes.fromhex(hexstr))

@@ -49,12 +49,16 @@ SCHEMA_CLASSES = [schemas.Task, schemas.Reply, schemas.Receipt, schemas.ModelRel
 
 
 def _update_payload() -> bytes:
-    delta = {"conv/w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "b": np.array([0.5, -0.25], np.float32)}
+    delta = {
+        "conv/w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
+        "b": np.array([0.5, -0.25], np.float32),
+    }
     return schemas.encode_update(delta, {"loss": 0.5, "acc": 0.75}, "i8")
 
 
 def _model_payload() -> bytes:
-    return schemas.encode_model({"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)})
+    weights = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
+    return schemas.encode_model(weights)
 
 
 UPDATE = _update_payload()
@@ -134,7 +138,7 @@ def _id(value) -> str:
 
 
 def _expect_protocol_error_or_success(fn, data):
-    """Run a decoder: succeeding or raising a ProtocolError is fine; any other exception propagates and fails."""
+    """Run a decoder: success or a ProtocolError is fine; any other exception propagates (test fails)."""
     try:
         fn(data)
     except ProtocolError:
@@ -157,18 +161,25 @@ def test_random_bytes_raise_only_protocol_errors(decoder, data):
 
 
 @pytest.mark.parametrize("decoder", sorted(DECODERS))
-@given(prefix=st.sampled_from([b"\xa5", b"\xa6", b"\xa2", b"\x82", b"\xa1\x67tensors\x81"]), data=st.binary(max_size=120))
+@given(
+    prefix=st.sampled_from([b"\xa5", b"\xa6", b"\xa2", b"\x82", b"\xa1\x67tensors\x81"]),
+    data=st.binary(max_size=120),
+)
 def test_random_bytes_behind_a_map_or_array_header_raise_only_protocol_errors(decoder, prefix, data):
     _expect_protocol_error_or_success(DECODERS[decoder], prefix + data)
 
 
 @pytest.mark.parametrize("decoder", sorted(DECODERS))
-@pytest.mark.parametrize("data", [b"", b"\x00", b"\xff", b"\xf7", b"\xa0", b"\x80", b"\x40", b"\x60"], ids=_id)
+@pytest.mark.parametrize(
+    "data", [b"", b"\x00", b"\xff", b"\xf7", b"\xa0", b"\x80", b"\x40", b"\x60"], ids=_id
+)
 def test_tiny_inputs_raise_only_protocol_errors(decoder, data):
     _expect_protocol_error_or_success(DECODERS[decoder], data)
 
 
-@pytest.mark.parametrize("decoder", ["cbor.loads", "envelope.decode", "schemas.decode_update", "schemas.decode_model"])
+@pytest.mark.parametrize(
+    "decoder", ["cbor.loads", "envelope.decode", "schemas.decode_update", "schemas.decode_model"]
+)
 @pytest.mark.parametrize("data", [None, "text", 42, [1, 2]], ids=_id)
 def test_non_bytes_inputs_raise_malformed(decoder, data):
     with pytest.raises(MalformedCBOR):
@@ -177,7 +188,9 @@ def test_non_bytes_inputs_raise_malformed(decoder, data):
 
 # --- structurally valid CBOR, wrong in type or value ---------------------------------------
 
-ANY_KEY = st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.text(max_size=6) | st.binary(max_size=6)
+ANY_KEY = (
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.text(max_size=6) | st.binary(max_size=6)
+)
 ANY_SCALAR = (
     ANY_KEY
     | st.integers(-(2**300), 2**300)
@@ -696,7 +709,8 @@ def test_a_tensor_name_twice_is_a_schema_error():
 @pytest.mark.parametrize("depth", [cbor.MAX_DEPTH + 2, 1000, 20_000])
 def test_deep_nesting_is_a_protocol_error_not_a_recursion_error(opener, depth):
     data = opener * depth + b"\x00"
-    for decoder in (cbor.loads, lambda d: cbor.loads(d, canonical=False), envelope.decode, schemas.decode_update):
+    lenient = lambda d: cbor.loads(d, canonical=False)  # noqa: E731
+    for decoder in (cbor.loads, lenient, envelope.decode, schemas.decode_update):
         error = _expect_protocol_error(decoder, data)
         assert isinstance(error, MalformedCBOR)
 
@@ -726,7 +740,8 @@ def test_a_value_sharing_bomb_is_refused_quickly():
     def level(depth, index):
         if depth == 0:
             return _head(6, 28) + _head(4, 1) + b"\x00"
-        return _head(6, 28) + _head(4, 8) + level(depth - 1, index + 1) + (_head(6, 29) + _head(0, index + 1)) * 7
+        back_reference = _head(6, 29) + _head(0, index + 1)
+        return _head(6, 28) + _head(4, 8) + level(depth - 1, index + 1) + back_reference * 7
 
     data = level(9, 0)
     assert len(data) < 300

@@ -163,7 +163,8 @@ def test_verify_rejects_a_flipped_bit_of_the_message(vector):
                 keys.verify(public, message + extra, signature)
         return
     # every bit of short messages; for the 1023-byte one the first, last and a spread in between
-    bits = range(len(message) * 8) if len(message) <= 64 else [*range(0, 8 * len(message), 61), 8 * len(message) - 1]
+    nbits = 8 * len(message)
+    bits = range(nbits) if len(message) <= 64 else [*range(0, nbits, 61), nbits - 1]
     for bit in bits:
         with pytest.raises(BadSignature):
             keys.verify(public, _flip(message, bit), signature)

@@ -259,7 +259,16 @@ def test_a_sealed_envelope_verifies_against_its_sender():
         {"base": b""},
         {"sender": OTHER.public_key},
     ],
-    ids=["round+1", "round 0", "other task", "no task", "other gateway", "other base", "no base", "other sender"],
+    ids=[
+        "round+1",
+        "round 0",
+        "other task",
+        "no task",
+        "other gateway",
+        "other base",
+        "no base",
+        "other sender",
+    ],
 )
 def test_changing_the_context_after_signing_fails_verification(change):
     decoded = envelope.decode(_sealed())
@@ -283,7 +292,12 @@ def test_a_signature_replayed_into_another_round_does_not_verify():
 
 @pytest.mark.parametrize(
     "body",
-    [{**BODY, "examples": 241}, {**BODY, "digest": sha256(b"other")}, {"digest": BODY["digest"]}, {**BODY, "x": 1}],
+    [
+        {**BODY, "examples": 241},
+        {**BODY, "digest": sha256(b"other")},
+        {"digest": BODY["digest"]},
+        {**BODY, "x": 1},
+    ],
     ids=["examples", "digest", "field removed", "field added"],
 )
 def test_changing_the_body_after_signing_fails_verification(body):
@@ -361,7 +375,9 @@ def test_envelope_digest_differs_between_two_messages():
         envelope.decode(_sealed(body={**BODY, "examples": 1})).digest,
         envelope.decode(_sealed(ctx=dataclasses.replace(CTX, round=8))).digest,
         envelope.decode(_sealed(msg_type="enroll")).digest,
-        envelope.decode(_sealed(identity=OTHER, ctx=dataclasses.replace(CTX, sender=OTHER.public_key))).digest,
+        envelope.decode(
+            _sealed(identity=OTHER, ctx=dataclasses.replace(CTX, sender=OTHER.public_key))
+        ).digest,
     }
     assert len(digests) == 5
     assert all(len(d) == 32 for d in digests)

@@ -30,7 +30,9 @@ FINITE = st.floats(allow_nan=False, allow_infinity=False)
 SCALARS = st.none() | st.booleans() | INT64 | FINITE | st.text(max_size=20) | st.binary(max_size=20)
 VALUES = st.recursive(
     SCALARS,
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
     max_leaves=25,
 )
 
@@ -105,7 +107,9 @@ def _wire(docs):
 
 
 @pytest.mark.parametrize("codec", sorted(tensors.CODECS))
-@pytest.mark.parametrize("shape", [(), (0,), (3,), (2, 0, 3), (1, 1, 1, 1), (0, 0, 0, 0), (2, 3, 4, 5)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(), (0,), (3,), (2, 0, 3), (1, 1, 1, 1), (0, 0, 0, 0), (2, 3, 4, 5)], ids=str
+)
 def test_every_rank_up_to_four_and_zero_size_dims_round_trip(shape, codec):
     array = (np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) - 7) / 3
     (_, out), = tensors.decode_tensors(_wire([tensors.encode_tensor("w", array, codec)])).items()
@@ -274,7 +278,9 @@ def test_a_task_survives_a_sealed_envelope(task, seed, fields):
     assert schemas.Task.from_body(envelope.open_verified(data, "task").body) == task
 
 
-METRICS = st.dictionaries(st.text(min_size=1, max_size=64), st.floats(-1e30, 1e30), max_size=schemas.MAX_METRICS)
+METRICS = st.dictionaries(
+    st.text(min_size=1, max_size=64), st.floats(-1e30, 1e30), max_size=schemas.MAX_METRICS
+)
 DELTAS = st.dictionaries(
     st.text(min_size=1, max_size=tensors.NAME_MAX),
     hnp.arrays(np.float32, SHAPES, elements=st.floats(-1e3, 1e3, width=32)),
@@ -297,7 +303,8 @@ def test_updates_round_trip_with_their_codec_and_metrics(delta, metrics, codec):
             assert out[name].tobytes() == array.astype(np.float16).astype(np.float32).tobytes()
         else:
             peak = float(np.max(np.abs(array))) if array.size else 0.0
-            assert np.all(np.abs(out[name] - array) <= peak / 254 * (1 + 1e-6) + np.spacing(np.abs(out[name])))
+            bound = peak / 254 * (1 + 1e-6) + np.spacing(np.abs(out[name]))
+            assert np.all(np.abs(out[name] - array) <= bound)
 
 
 @given(DELTAS)
