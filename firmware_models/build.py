@@ -111,19 +111,23 @@ def initial_weights(num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def normalization_stats() -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """Class names, channel names and per-channel mean/std of the training windows.
+    """Class names, channel names and per-channel mean/std of the watch data's training part.
 
-    Computed over every subject's training windows (never the test windows)
-    from `hw.datasets`, which reads the seglearn data file without importing
-    seglearn.
+    Read straight from the data file in the `seglearn` wheel (located, not
+    imported: importing seglearn pulls in pandas). The statistics cover the
+    first 80% of every recording, the part the devices train on (their test
+    windows come from the last 20%), so no test sample shapes the model.
     """
-    from hw import datasets
+    import importlib.util
 
-    raw = datasets.load_watch_raw()
+    spec = importlib.util.find_spec("seglearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the watch data comes with seglearn: pip install seglearn (or .[build])")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "watch_dataset.npy"
+    raw = np.load(path, allow_pickle=True).item()
     classes = [str(c) for c in raw["y_labels"]]
     channels = [str(c) for c in raw["X_labels"]]
-    x = np.concatenate([d.x_train for d in datasets.load_watch_devices()]).astype(np.float64)
-    flat = x.reshape(-1, x.shape[-1])
+    flat = np.concatenate([np.asarray(x, np.float64)[: int(len(x) * 0.8)] for x in raw["X"]])
     mean = flat.mean(axis=0).astype(np.float32)
     std = np.maximum(flat.std(axis=0), 1e-6).astype(np.float32)
     return classes, channels, mean, std
@@ -339,7 +343,7 @@ def build(out_dir: Path, seed: int = 0) -> dict[str, Any]:
         "normalization": {
             "mean": [round(float(v), 7) for v in mean],
             "std": [round(float(v), 7) for v in std],
-            "source": "watch training windows, all 10 subjects (hw.datasets, stride 64, test_fraction 0.2)",
+            "source": "watch data (seglearn wheel), first 80% of every recording, all 10 subjects",
         },
         "architecture": {
             "layers": [
