@@ -72,8 +72,9 @@ class Rejected:
 class ReplyChecker:
     """Decides accept or reject for one reply; holds no MQTT and no strategy."""
 
-    def __init__(self, gateway_id: str, is_enrolled: Callable[[bytes], bool]) -> None:
+    def __init__(self, gateway_id: str, is_enrolled: Callable[[bytes], bool], max_reply_bytes: int = 1 << 20) -> None:
         self.gateway_id = gateway_id
+        self.max_reply_bytes = max_reply_bytes  # refused before decoding: oversize costs nothing
         self.is_enrolled = is_enrolled
         self.open: dict[tuple[str, str], OpenTask] = {}  # (device id, task id) -> task
         self.accepted: set[tuple[str, str]] = set()
@@ -83,6 +84,8 @@ class ReplyChecker:
     def check(self, topic: str, payload: bytes, now: float | None = None) -> Accepted | Rejected:
         now = time.time() if now is None else now
         topic_device = topics.device_of(topic)
+        if len(payload) > self.max_reply_bytes:
+            return Rejected("limits", topic_device, f"{len(payload)} bytes, limit {self.max_reply_bytes}")
         try:
             env = envelope.decode(payload)
         except ProtocolError as exc:

@@ -42,6 +42,7 @@ from .link import Link
 from .models import ModelPublisher, Release
 
 log = logging.getLogger("starling.gateway")
+MAX_ENROLL_BYTES = 4096
 
 
 @dataclass
@@ -143,7 +144,7 @@ class Gateway:
                 self._enroll_receipt(env.ctx.sender_id, False, reason)
 
         try:
-            env = envelope.decode(payload)
+            env = envelope.decode(payload, max_bytes=MAX_ENROLL_BYTES)
             if env.type != "enroll":
                 raise schemas.SchemaError(f"a {env.type!r} message on an enroll topic")
             request = schemas.EnrollRequest.from_body(env.body)
@@ -267,7 +268,9 @@ class Gateway:
         prefix = f"{topics.ROOT}/{self.id}"
         self.link = Link(f"gw-{self.id}", cfg.broker_host, cfg.broker_port,
                          [f"{prefix}/reply/+", f"{prefix}/enroll/+", f"{prefix}/online/+"], topics.status(self.id))
-        checker = ReplyChecker(self.id, lambda key: key in self.enrolled)
+        # The largest honest reply is an f32 delta of the whole model plus small change.
+        model_bytes = sum(w.nbytes for w in self.initial_weights.values())
+        checker = ReplyChecker(self.id, lambda key: key in self.enrolled, max_reply_bytes=model_bytes + 64 * 1024)
         publisher = ModelPublisher(self.identity, self.id, self.manifest["sha256"], self.link.publish)
         publisher.on_release = self._on_release
         train_defaults = schemas.TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr)

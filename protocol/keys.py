@@ -30,7 +30,7 @@ def identity_id(public_key: bytes) -> str:
     """The stable, printable id of the holder of `public_key` (32 hex chars, 128 bits).
 
     Safe to use in MQTT topics: only [0-9a-f]. 128 bits so that nobody can
-    grind a second key onto an existing id (64 bits would take ~2^32 tries).
+    make two keys with one id (with 64 bits, ~2^32 tries find such a pair).
     """
     return hashlib.sha256(b"starling-id" + public_key).hexdigest()[:32]
 

@@ -163,3 +163,9 @@ def test_random_bytes_never_raise():
         data[rng.integers(len(data))] = rng.integers(256)
         outcome = checker.check(topic(), bytes(data[: rng.integers(1, len(data) + 1)] if i % 2 else data))
         assert isinstance(outcome, (Accepted, Rejected))
+
+
+def test_an_oversize_reply_is_refused_before_it_is_decoded():
+    checker = ReplyChecker(GATEWAY.id, lambda key: True, max_reply_bytes=1000)
+    outcome = checker.check(topic(), b"\xff" * 1001)  # not even CBOR: size is checked first
+    assert reason(outcome) == "limits"
