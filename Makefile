@@ -11,7 +11,7 @@ STAMP   := $(VENV)/.installed
 .PHONY: setup demo test clean
 
 $(STAMP): pyproject.toml
-	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || bash hw/install-broker.sh
+	bash hw/install-system.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"

@@ -56,7 +56,8 @@ class Agent:
         self.data = data
         self.rng = np.random.default_rng(seed)
         self.store = StateStore(config.state_dir)
-        self.state = self.store.load()
+        self.state = self.store.load(config.gateway_id)
+        self._sent_at: dict[str, float] = {}  # pending key -> when it was last published
         self.counters = Counters()
         self.architecture = architecture
         self.weight_shapes = {name: w.shape for name, w in model.get_weights().items()}
@@ -180,6 +181,7 @@ class Agent:
         wire = envelope.seal(self.identity, "reply", ctx, {"examples": reply.examples}, outcome.attachment)
         key = f"{env.ctx.round:06d}-{env.ctx.task}"
         self.store.put_pending(key, wire)  # on disk before it leaves the device
+        self._sent_at[key] = time.monotonic()
         self.client.publish(self.t_reply, wire, qos=1)
         self.counters.replies_sent += 1
         event(
@@ -208,6 +210,7 @@ class Agent:
         if receipt.reply and receipt.reply != envelope.decode(pending).body.get("digest"):
             return  # a receipt for some other reply with this key
         self.store.drop_pending(key)
+        self._sent_at.pop(key, None)
         if receipt.accepted:
             self.counters.accepted += 1
             event(log, "receipt.accepted", round=env.ctx.round, task=env.ctx.task)
@@ -242,7 +245,12 @@ class Agent:
         event(log, "enroll.sent", device=self.identity.id, name=self.config.name)
 
     def _resend_pending(self) -> None:
+        """Re-send replies without a receipt for `resend_s` (all of them after a restart)."""
+        now = time.monotonic()
         for key, wire in self.store.pending().items():
+            if now - self._sent_at.get(key, float("-inf")) < self.config.resend_s:
+                continue
+            self._sent_at[key] = now
             self.client.publish(self.t_reply, wire, qos=1)
             event(log, "reply.resent", key=key)
 
@@ -266,8 +274,11 @@ class Agent:
                     self._send_enroll()
                     next_enroll = now + self.config.enroll_retry_s
                 if now >= next_resend:  # the first pass resumes what a power cut left behind
-                    self._resend_pending()
-                    next_resend = now + self.config.resend_s
+                    try:
+                        self._resend_pending()
+                    except OSError as exc:  # a full or failing disk must not stop the service
+                        event(log, "reply.resend_failed", logging.ERROR, reason=str(exc))
+                    next_resend = now + min(1.0, self.config.resend_s)
         finally:
             worker.join(timeout=30)
             if self._connected.is_set():

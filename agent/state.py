@@ -6,7 +6,8 @@
 A reply is written to disk before it is first published, and deleted only
 when a signed receipt for it arrives, so a power cut at any instant either
 loses nothing or re-sends a reply the gateway already has (which it then
-acknowledges again).
+acknowledges again). The state belongs to one gateway: a device pointed at
+another gateway starts over (enrolls again, trusts no model version yet).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from protocol.atomic import write_atomic
 
 @dataclass
 class AgentState:
+    gateway: str = ""  # the gateway id this state is about
     enrolled: bool = False
     trusted_version: int = -1  # highest model version accepted so far (rollback guard)
 
@@ -32,15 +34,15 @@ class StateStore:
         self.pending_dir.mkdir(parents=True, exist_ok=True)
         self._state_file = state_dir / "state.json"
 
-    def load(self) -> AgentState:
+    def load(self, gateway: str) -> AgentState:
+        """The state kept for `gateway`; a fresh one if there is none or it is about another gateway."""
         try:
             doc = json.loads(self._state_file.read_text())
-            return AgentState(enrolled=bool(doc["enrolled"]), trusted_version=int(doc["trusted_version"]))
-        except FileNotFoundError:
-            return AgentState()
-        except (ValueError, KeyError, TypeError):
-            # A torn file cannot happen with atomic writes; a hand-edited one starts over.
-            return AgentState()
+            state = AgentState(str(doc["gateway"]), bool(doc["enrolled"]), int(doc["trusted_version"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            # Missing, or hand-edited into nonsense (atomic writes never tear it): start over.
+            return AgentState(gateway)
+        return state if state.gateway == gateway else AgentState(gateway)
 
     def save(self, state: AgentState) -> None:
         write_atomic(self._state_file, json.dumps(asdict(state)).encode(), mode=0o600)
@@ -57,5 +59,8 @@ class StateStore:
     def pending(self) -> dict[str, bytes]:
         out = {}
         for path in sorted(self.pending_dir.glob("*.reply")):
-            out[path.stem] = path.read_bytes()
+            try:
+                out[path.stem] = path.read_bytes()
+            except FileNotFoundError:  # its receipt arrived meanwhile
+                continue
         return out

@@ -16,7 +16,7 @@ import threading
 
 from protocol import logs
 from protocol.errors import KeyFileError
-from protocol.keys import load_or_create
+from protocol.keys import Identity, load_or_create
 
 from .config import ConfigError, load_config
 
@@ -33,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup("gateway", args.log_level)
     try:
         config = load_config(args.config)
-        identity = load_or_create(config.key)
+        # Only `init` makes a key: a mistyped path must not give the gateway a new identity.
+        identity = load_or_create(config.key) if args.command == "init" else Identity.load(config.key)
     except (ConfigError, KeyFileError) as exc:
-        print(f"starling-gateway: {exc}", file=sys.stderr)
+        hint = " (make it with: starling-gateway init --config FILE)" if isinstance(exc, KeyFileError) else ""
+        print(f"starling-gateway: {exc}{hint}", file=sys.stderr)
         return 2
     if args.command in ("init", "check"):
         print(json.dumps({"id": identity.id, "public_key": identity.public_key.hex(), "config": "ok"}))
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    result = Gateway(config).run(stop)
+    result = Gateway(config, identity).run(stop)
     return 0 if result["state"] in ("done", "stopped") else 1
 
 

@@ -26,7 +26,7 @@
     wait_devices_s = 120.0                # ... at most this long
 
     [enrollment]
-    policy = "open"                       # "open" (emulator only) or "allowlist"
+    policy = "allowlist"                  # required: "allowlist", or "open" (emulator only)
     allowlist = []                        # device public keys (hex) for "allowlist"
 """
 
@@ -97,7 +97,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         value = setting(doc, section, key, str, default)
         return None if value in (None, "") else (base_dir / os.path.expanduser(value)).resolve()
 
-    policy = setting(doc, "enrollment", "policy", str, "open")
+    policy = setting(doc, "enrollment", "policy", str)  # no default: "open" must be a deliberate choice
     if policy not in POLICIES:
         raise ConfigError(f"enrollment.policy must be one of {POLICIES}, got {policy!r}")
     allowlist = []

@@ -4,17 +4,20 @@
 content-addressed model release, published once per model, and (2) one
 small signed task per device naming that model by digest. Replies arrive on
 the gateway's worker thread, go through `ReplyChecker`, get a signed receipt
-either way, and only accepted ones become Flower reply messages whose
-`ArrayRecord` holds full weights (base + dequantized delta): strategies see
-ordinary arrays and never see a rejected reply.
+(when their sender is authenticated), and only accepted ones become Flower
+reply messages whose `ArrayRecord` holds full weights (base + dequantized
+delta): strategies see ordinary arrays and never see a rejected reply.
 
-`send_and_receive` closes a round when every selected device replied or the
-round's deadline passed, whichever is first.
+Task ids are `<kind>-<round>-<run>`, where `<run>` is fresh in every gateway
+process, so replies recorded in an earlier run can never be replayed into a
+later one. `send_and_receive` closes an exchange when every selected device
+replied or the round's deadline passed, whichever is first.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,27 +29,39 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from protocol import envelope, schemas, topics
-from protocol.keys import Identity
+from protocol.keys import Identity, identity_id
 from protocol.logs import event
 
 from .ingest import Accepted, OpenTask, Rejected, ReplyChecker
 from .models import ModelPublisher
 
 log = logging.getLogger("starling.gateway.grid")
+REMEMBER_ROUNDS = 2  # replies to tasks this many rounds old are still told apart as replay/late
 
 
 @dataclass
 class RoundTraffic:
-    """What one (kind, round) exchange produced; handed to the `on_closed` observer."""
+    """What one (kind, round) exchange produced; handed to the `on_closed` observer, then dropped."""
 
     kind: str
     round: int
+    task: str
     base: bytes
-    sent: int
+    sent: int = 0
     accepted: list[Accepted] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
-    closed: float = 0.0
+    closed: bool = False
+
+
+def _kind(message: Message) -> str:
+    """Flower message types may carry a suffix ("train.proximal"); the task kind is the prefix."""
+    return message.metadata.message_type.split(".")[0]
+
+
+def _round(message: Message) -> int:
+    config = next(iter(message.content.config_records.values()), None)
+    return int(config.get("server-round", 0)) if config is not None else 0
 
 
 class MqttGrid(Grid):
@@ -59,7 +74,8 @@ class MqttGrid(Grid):
         publish: Callable[..., object],
         checker: ReplyChecker,
         models: ModelPublisher,
-        nodes: Callable[[], dict[int, bytes]],
+        online_nodes: Callable[[], dict[int, bytes]],
+        device_key: Callable[[int], bytes | None],
         deadline_s: float,
         train_defaults: schemas.TrainConfig,
     ) -> None:
@@ -68,17 +84,20 @@ class MqttGrid(Grid):
         self._publish = publish
         self.checker = checker
         self.models = models
-        self._nodes = nodes  # node id -> device public key
+        self._online_nodes = online_nodes  # node id -> device public key, enrolled and online
+        self._device_key = device_key  # node id -> public key of any enrolled device
         self.deadline_s = deadline_s
         self.train_defaults = train_defaults
+        self.run_tag = secrets.token_hex(4)
         self._run = Run.create_empty(run_id=1)
         self._cv = threading.Condition()
         self._instructions: dict[str, Message] = {}  # message id -> Flower instruction
         self._replies: dict[str, Message] = {}  # message id -> Flower reply, ready to pull
-        self.traffic: dict[tuple[str, int], RoundTraffic] = {}
+        self._task_of: dict[str, str] = {}  # message id -> task id
+        self.traffic: dict[str, RoundTraffic] = {}  # task id -> open exchange
         self.on_closed: Callable[[RoundTraffic], None] | None = None
         self.rejections: dict[str, int] = {}
-        self.stop = threading.Event()  # set on SIGTERM: the open round ends at once
+        self.stop = threading.Event()  # set on SIGTERM: waits end at once
 
     # --- Grid API -------------------------------------------------------------------
 
@@ -93,23 +112,23 @@ class MqttGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self._nodes())
+        # Flower's sampling polls this while it waits for enough nodes: let SIGTERM end that wait.
+        if self.stop.is_set():
+            raise InterruptedError("gateway is stopping")
+        return list(self._online_nodes())
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        nodes = self._nodes()
         ids = []
         for message in messages:
-            kind = message.metadata.message_type.split(".")[0]
+            kind, round_ = _kind(message), _round(message)
             if kind not in schemas.TASK_KINDS:
                 raise ValueError(f"MqttGrid cannot carry message type {message.metadata.message_type!r}")
-            device_key = nodes.get(message.metadata.dst_node_id)
+            device_key = self._device_key(message.metadata.dst_node_id)
             if device_key is None:
-                raise ValueError(f"node {message.metadata.dst_node_id} is not an enrolled, online device")
-            content = message.content
-            arrays = next(iter(content.array_records.values()))
-            config = dict(next(iter(content.config_records.values()), {}).items()) if content.config_records else {}
-            round_ = int(config.get("server-round", 0))
-            release = self.models.release({k: v.numpy() for k, v in arrays.items()}, round_)
+                event(log, "task.skipped", logging.WARNING, node=message.metadata.dst_node_id, reason="not_enrolled")
+                continue
+            release = self._release_for(message, round_)
+            config = next(iter(message.content.config_records.values()), {})
             deadline = time.time() + self.deadline_s
             train = schemas.TrainConfig(
                 epochs=int(config.get("epochs", self.train_defaults.epochs)),
@@ -117,24 +136,38 @@ class MqttGrid(Grid):
                 lr=float(config.get("lr", config.get("learning-rate", self.train_defaults.lr))),
                 deadline=deadline,
             )
-            task_id = f"{kind}-{round_}"
-            device_id = envelope.Context(device_key, "").sender_id
-            task = schemas.Task(kind, device_id, train, "i8")
+            task_id = f"{kind}-{round_}-{self.run_tag}"
+            device_id = identity_id(device_key)
             ctx = envelope.Context(self.identity.public_key, self.gateway_id, round_, task_id, release.digest)
-            wire = envelope.seal(self.identity, "task", ctx, task.to_body())
+            wire = envelope.seal(self.identity, "task", ctx, schemas.Task(kind, device_id, train, "i8").to_body())
             message_id = str(uuid4())
             message.metadata.__dict__["_message_id"] = message_id  # as Flower's own grids do
             with self._cv:
                 self._instructions[message_id] = message
-                self.checker.current_round = max(self.checker.current_round, round_)
+                self._task_of[message_id] = task_id
+                if round_ > self.checker.current_round:
+                    self.checker.current_round = round_
+                    self.checker.forget_before(round_ - REMEMBER_ROUNDS)
                 self.checker.open[(device_id, task_id)] = OpenTask(
                     message_id, device_id, device_key, kind, round_, task_id, release.digest, release.weights, deadline
                 )
-                traffic = self.traffic.setdefault((kind, round_), RoundTraffic(kind, round_, release.digest, 0))
+                traffic = self.traffic.setdefault(task_id, RoundTraffic(kind, round_, task_id, release.digest))
                 traffic.sent += 1
             self._publish(topics.task(self.gateway_id, device_id), wire)
             ids.append(message_id)
         return ids
+
+    def _release_for(self, message: Message, round_: int):
+        """The model a message carries; an evaluate message without arrays means the current model."""
+        records = message.content.array_records
+        if len(records) > 1:
+            raise ValueError("MqttGrid carries one ArrayRecord per message")
+        if records:
+            arrays = next(iter(records.values()))
+            return self.models.release({k: v.numpy() for k, v in arrays.items()}, round_)
+        if self.models.current is None:
+            raise ValueError("a message without an ArrayRecord, and no model released yet")
+        return self.models.current
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         with self._cv:
@@ -148,8 +181,6 @@ class MqttGrid(Grid):
         if not messages:
             return []
         waiting = set(self.push_messages(messages))
-        kind = messages[0].metadata.message_type
-        round_ = int(next(iter(messages[0].content.config_records.values()), {}).get("server-round", 0))
         limit = self.deadline_s if timeout is None else min(timeout, self.deadline_s)
         end = time.monotonic() + limit
         with self._cv:
@@ -160,36 +191,42 @@ class MqttGrid(Grid):
                 self._cv.wait(min(left, 0.5))
         if self.stop.is_set():
             raise InterruptedError("gateway is stopping")
+        closed = self._close(waiting)
         replies = list(self.pull_messages(waiting))
-        self._close(kind, round_, waiting)
-        event(log, "round.closed", kind=kind, round=round_, replies=len(replies), selected=len(waiting))
+        for traffic in closed:
+            event(log, "round.closed", kind=traffic.kind, round=traffic.round, replies=len(traffic.accepted),
+                  selected=traffic.sent)
+            if self.on_closed:
+                self.on_closed(traffic)
         return replies
 
     # --- ingest (called on the gateway's worker thread) ------------------------------
 
     def handle_reply(self, topic: str, payload: bytes) -> Accepted | Rejected:
+        # Check and hand over under one lock, so a reply is either in its round or late, never lost between.
         with self._cv:
             outcome = self.checker.check(topic, payload)
+            if isinstance(outcome, Accepted):
+                task = outcome.task
+                instruction = self._instructions[task.message_id]
+                reply = Message(self._to_flower(outcome), reply_to=instruction)
+                reply.metadata.__dict__["_message_id"] = str(uuid4())
+                self._replies[task.message_id] = reply
+                self.traffic[task.task].accepted.append(outcome)
+                self._cv.notify_all()
+            else:
+                self.rejections[outcome.reason] = self.rejections.get(outcome.reason, 0) + 1
+                traffic = self.traffic.get(outcome.envelope.ctx.task) if outcome.envelope else None
+                if traffic is not None:
+                    traffic.rejected[outcome.reason] = traffic.rejected.get(outcome.reason, 0) + 1
         if isinstance(outcome, Accepted):
-            task = outcome.task
-            instruction = self._instructions.get(task.message_id)
-            if instruction is not None:
-                content = self._to_flower(outcome)
-                with self._cv:
-                    self._replies[task.message_id] = Message(content, reply_to=instruction)
-                    self.traffic[(task.kind, task.round)].accepted.append(outcome)
-                    self._cv.notify_all()
-            self._receipt(outcome.envelope, task.device_id, True, "")
-            event(log, "reply.accepted", device=task.device_id, round=task.round, kind=task.kind,
-                  examples=outcome.examples, bytes=len(payload))
+            self._receipt(outcome.envelope, outcome.task.device_id, True, "")
+            event(log, "reply.accepted", device=outcome.task.device_id, round=outcome.task.round,
+                  kind=outcome.task.kind, examples=outcome.examples, bytes=len(payload))
         else:
-            self.rejections[outcome.reason] = self.rejections.get(outcome.reason, 0) + 1
-            with self._cv:
-                for traffic in self.traffic.values():
-                    if not traffic.closed:
-                        traffic.rejected[outcome.reason] = traffic.rejected.get(outcome.reason, 0) + 1
             if outcome.authenticated:
-                self._receipt(outcome.envelope, outcome.device_id, False, outcome.reason)
+                # An exact re-send of an accepted reply (its receipt was lost) is acknowledged again.
+                self._receipt(outcome.envelope, outcome.device_id, outcome.already_accepted, outcome.reason)
             event(log, "reply.rejected", logging.WARNING, device=outcome.device_id or "-",
                   reason=outcome.reason, detail=outcome.detail)
         return outcome
@@ -203,25 +240,22 @@ class MqttGrid(Grid):
         return RecordDict({"arrays": arrays, "metrics": metrics})
 
     def _receipt(self, reply: envelope.Envelope, device_id: str, accepted: bool, reason: str) -> None:
-        """Sign a receipt bound to the reply's round and task; only for repliers we can name."""
-        if reply.ctx.gateway != self.gateway_id:
-            return
+        """Sign a receipt bound to the reply's round and task."""
         digest = reply.body.get("digest", b"")
         digest = digest if isinstance(digest, bytes) and len(digest) == 32 else b""
         ctx = envelope.Context(self.identity.public_key, self.gateway_id, reply.ctx.round, reply.ctx.task, reply.ctx.base)
         body = schemas.Receipt(device_id, digest, accepted, reason).to_body()
         self._publish(topics.receipt(self.gateway_id, device_id), envelope.seal(self.identity, "receipt", ctx, body))
 
-    def _close(self, kind: str, round_: int, message_ids: set[str]) -> None:
+    def _close(self, message_ids: set[str]) -> list[RoundTraffic]:
+        """End the exchanges of these messages; return their traffic (now closed)."""
         with self._cv:
-            for key, task in list(self.checker.open.items()):
-                if task.message_id in message_ids:
-                    del self.checker.open[key]
-                    self.checker.closed.add(key)  # a reply after this is "late"
+            self.checker.close([key for key, task in self.checker.open.items() if task.message_id in message_ids])
+            task_ids = {self._task_of.pop(mid) for mid in message_ids if mid in self._task_of}
             for mid in message_ids:
-                self._instructions.pop(mid, None)
-            traffic = self.traffic.get((kind, round_))
-            if traffic is not None:
-                traffic.closed = time.time()
-        if traffic is not None and self.on_closed:
-            self.on_closed(traffic)
+                if mid not in self._replies:
+                    self._instructions.pop(mid, None)
+            closed = [self.traffic.pop(tid) for tid in task_ids if tid in self.traffic]
+            for traffic in closed:
+                traffic.closed = True
+        return sorted(closed, key=lambda t: (t.round, t.kind != "train"))

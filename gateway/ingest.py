@@ -24,7 +24,7 @@ CPU and broker bandwidth.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +67,7 @@ class Rejected:
     detail: str
     envelope: envelope.Envelope | None = None
     authenticated: bool = False  # the sender's signature verified: it may get a signed receipt
+    already_accepted: bool = False  # an exact re-send of an accepted reply: acknowledge it again
 
 
 class ReplyChecker:
@@ -77,8 +78,8 @@ class ReplyChecker:
         self.max_reply_bytes = max_reply_bytes  # refused before decoding: oversize costs nothing
         self.is_enrolled = is_enrolled
         self.open: dict[tuple[str, str], OpenTask] = {}  # (device id, task id) -> task
-        self.accepted: set[tuple[str, str]] = set()
-        self.closed: set[tuple[str, str]] = set()  # tasks whose round closed without a reply
+        self.accepted: dict[tuple[str, str], tuple[int, bytes]] = {}  # (device, task) -> (round, update digest)
+        self.closed: dict[tuple[str, str], int] = {}  # tasks whose round closed without a reply -> round
         self.current_round = 0
 
     def check(self, topic: str, payload: bytes, now: float | None = None) -> Accepted | Rejected:
@@ -112,7 +113,9 @@ class ReplyChecker:
 
         key = (device, env.ctx.task)
         if key in self.accepted:
-            return refuse("replay", f"task {env.ctx.task} already answered")
+            same = self.accepted[key][1] == reply.digest
+            return Rejected("replay", device, f"task {env.ctx.task} already answered", env,
+                            authenticated=True, already_accepted=same)
         task = self.open.get(key)
         if task is None:
             if key in self.closed:
@@ -142,5 +145,17 @@ class ReplyChecker:
             if not 0.0 <= metrics["accuracy"] <= 1.0 or metrics["loss"] < 0:
                 return refuse("wrong_metrics", "accuracy or loss out of range")
         del self.open[key]
-        self.accepted.add(key)
+        self.accepted[key] = (task.round, reply.digest)
         return Accepted(task, env, delta, metrics, reply.examples)
+
+    def close(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Stop waiting for these tasks: a reply after this is `late`."""
+        for key in keys:
+            task = self.open.pop(key, None)
+            if task is not None:
+                self.closed[key] = task.round
+
+    def forget_before(self, round_: int) -> None:
+        """Drop what is remembered of rounds before `round_` (their replies are then `stale_round`)."""
+        self.accepted = {k: v for k, v in self.accepted.items() if v[0] >= round_}
+        self.closed = {k: r for k, r in self.closed.items() if r >= round_}

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from protocol import envelope, schemas, topics
 from protocol.digest import sha256
+from protocol.atomic import write_atomic
 from protocol.keys import Identity
 
 KEEP_RETAINED = 2
@@ -30,11 +32,25 @@ class Release:
 
 
 class ModelPublisher:
-    def __init__(self, identity: Identity, gateway_id: str, architecture: str, publish: Callable[..., object]) -> None:
+    """Signs and publishes releases; versions only ever grow, across restarts too.
+
+    Devices refuse a model older than one they already trust, so the last
+    version is kept in `version_file` (written atomically before the release
+    is published): a restarted gateway continues the numbering.
+    """
+
+    def __init__(
+        self, identity: Identity, gateway_id: str, architecture: str, publish: Callable[..., object], version_file: Path
+    ) -> None:
         self.identity = identity
         self.gateway_id = gateway_id
         self.architecture = architecture
         self._publish = publish
+        self._version_file = version_file
+        try:
+            self._last_version = int(version_file.read_text())
+        except (FileNotFoundError, ValueError):
+            self._last_version = -1
         self.releases: list[Release] = []
         self.on_release: Callable[[Release, int], None] | None = None
 
@@ -50,7 +66,9 @@ class ModelPublisher:
         for known in reversed(self.releases):
             if known.digest == digest:
                 return known
-        version = self.releases[-1].version + 1 if self.releases else 0
+        version = self._last_version + 1
+        write_atomic(self._version_file, str(version).encode())
+        self._last_version = version
         body = schemas.ModelRelease(digest, version, self.architecture).to_body()
         ctx = envelope.Context(self.identity.public_key, self.gateway_id, round_, "model", b"")
         wire = envelope.seal(self.identity, "model", ctx, body, attachment)

@@ -5,7 +5,8 @@ Lifetimes, top-down:
     Gateway(config).run(stop)
       ├─ Link (MQTT)            paho thread: counts bytes, queues messages
       ├─ worker thread          the only thread that touches the ledger (SQLite):
-      │                         replies -> MqttGrid.handle_reply, enrollments, online status
+      │                         ledger jobs first, then replies -> MqttGrid.handle_reply,
+      │                         enrollments, online status
       └─ caller's thread        waits for devices, evaluates round 0, runs
                                 strategy.start(grid=MqttGrid(...)), writes result.json
 
@@ -32,7 +33,7 @@ import numpy as np
 from protocol import envelope, schemas, topics
 from protocol.atomic import write_atomic
 from protocol.errors import ProtocolError
-from protocol.keys import load_or_create, node_id
+from protocol.keys import Identity, identity_id, node_id
 from protocol.logs import event
 
 from .config import GatewayConfig
@@ -43,6 +44,7 @@ from .models import ModelPublisher, Release
 
 log = logging.getLogger("starling.gateway")
 MAX_ENROLL_BYTES = 4096
+LEDGER_CALL_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -77,32 +79,37 @@ def load_initial_weights(manifest_path: Path) -> tuple[dict[str, Any], dict[str,
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, identity: Identity) -> None:
         self.config = config
-        self.identity = load_or_create(config.key)
-        self.id = self.identity.id
+        self.identity = identity
+        self.id = identity.id
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.ledger_path = config.state_dir / "ledger.db"
         self.manifest, self.initial_weights = load_initial_weights(config.manifest or default_manifest())
-        self.enrolled: dict[bytes, str] = {}
+        self.enrolled: dict[bytes, str] = {}  # public key -> name
+        self.by_node: dict[int, bytes] = {}  # Flower node id -> public key
+        self.by_id: dict[str, bytes] = {}  # device id -> public key
         self.online: set[str] = set()
         self.enroll_rejections: dict[str, int] = {}
-        self.history: list[RoundRecord] = []
+        self.history: dict[int, RoundRecord] = {}
         self.state = "starting"
-        self.round = 0
         self._jobs: queue.Queue = queue.Queue()
         self._ledger = None
         self._round_start: dict[int, tuple[float, int, int]] = {}
         self._pending_aggregate: tuple[int, bytes, list[bytes]] | None = None
-        self._traffic: dict[tuple[str, int], RoundTraffic] = {}
 
     # --- worker thread: the ledger and all inbound messages ---------------------------
 
     def _call(self, fn, *args):
         """Run `fn(*args)` on the worker thread (the ledger's only thread) and return its result."""
         future: Future = Future()
-        self.link.inbox.put(("", (fn, args, future)))
-        return future.result(timeout=60)
+        self._jobs.put((fn, args, future))
+        return future.result(timeout=LEDGER_CALL_TIMEOUT_S)
+
+    def _admit(self, key: bytes, name: str) -> None:
+        self.enrolled[key] = name
+        self.by_node[node_id(key)] = key
+        self.by_id[identity_id(key)] = key
 
     def _worker(self, stop: threading.Event) -> None:
         from ledger.store import Ledger
@@ -110,37 +117,40 @@ class Gateway:
         self._ledger = Ledger(self.ledger_path, self.identity)
         if not self._ledger.is_initialized:
             self._ledger.init_genesis(self.config.name, [self.identity.public_key])
-        self.enrolled = dict(self._ledger.enrolled_devices())
+        for key, name in self._ledger.enrolled_devices().items():
+            self._admit(key, name)
         self._worker_ready.set()
         prefix = f"{topics.ROOT}/{self.id}/"
         while not stop.is_set():
+            # Ledger jobs first: a flood of device messages must not starve round bookkeeping.
+            while not self._jobs.empty():
+                fn, args, future = self._jobs.get()
+                try:
+                    future.set_result(fn(*args))
+                except Exception as exc:  # handed back to the caller
+                    future.set_exception(exc)
             try:
-                topic, payload = self.link.inbox.get(timeout=0.2)
+                topic, payload = self.link.inbox.get(timeout=0.05)
             except queue.Empty:
                 continue
             try:
-                if topic == "":
-                    fn, args, future = payload
-                    try:
-                        future.set_result(fn(*args))
-                    except Exception as exc:  # handed back to the caller
-                        future.set_exception(exc)
-                elif topic.startswith(prefix + "reply/"):
+                if topic.startswith(prefix + "reply/"):
                     self.grid.handle_reply(topic, payload)
                 elif topic.startswith(prefix + "enroll/"):
                     self._handle_enroll(topic, payload)
                 elif topic.startswith(prefix + "online/"):
                     device = topics.device_of(topic)
-                    (self.online.add if payload == b"1" else self.online.discard)(device)
+                    if device in self.by_id:  # liveness of strangers is nobody's business
+                        (self.online.add if payload == b"1" else self.online.discard)(device)
             except Exception:  # nothing a device sends may stop the gateway
                 log.exception("worker.failed topic=%s", topic)
-        self._ledger.close() if hasattr(self._ledger, "close") else None
+        self._ledger.close()
 
     def _handle_enroll(self, topic: str, payload: bytes) -> None:
         def refuse(reason: str, detail: str, env: envelope.Envelope | None = None) -> None:
             self.enroll_rejections[reason] = self.enroll_rejections.get(reason, 0) + 1
             event(log, "enroll.rejected", logging.WARNING, device=topics.device_of(topic), reason=reason, detail=detail)
-            if env is not None and env.ctx.sender_id == topics.device_of(topic):
+            if env is not None:  # only a verified sender gets a signed answer
                 self._enroll_receipt(env.ctx.sender_id, False, reason)
 
         try:
@@ -163,7 +173,8 @@ class Gateway:
             return refuse("not_allowed", "key is not on the allow-list", env)
         if key not in self.enrolled:
             self._ledger.enroll_device(key, request.name, self.config.policy)
-            self.enrolled[key] = request.name
+            self._admit(key, request.name)
+            self.online.add(env.ctx.sender_id)  # it is connected: it just sent this request
             event(log, "enroll.accepted", device=env.ctx.sender_id, name=request.name, policy=self.config.policy)
         self._enroll_receipt(env.ctx.sender_id, True, "")
 
@@ -174,8 +185,8 @@ class Gateway:
 
     # --- round bookkeeping (caller's thread) ----------------------------------------
 
-    def nodes(self) -> dict[int, bytes]:
-        return {node_id(key): key for key in list(self.enrolled) if envelope.Context(key, "x").sender_id in self.online}
+    def online_nodes(self) -> dict[int, bytes]:
+        return {node_id(self.by_id[d]): self.by_id[d] for d in list(self.online) if d in self.by_id}
 
     def _on_release(self, release: Release, round_: int) -> None:
         event(log, "model.released", digest=release.digest.hex()[:16], version=release.version, bytes=release.size)
@@ -188,55 +199,71 @@ class Gateway:
         if output != base:
             self._call(self._ledger.record_aggregate, round_, self.config.strategy, base, inputs, output)
 
+    def _record_updates(self, traffic: RoundTraffic) -> list[bytes]:
+        """Write the round's accepted updates as one `updates` vertex; return the recorded digests.
+
+        If the ledger refuses the batch (it should not: every reply was checked), the records are
+        tried one by one, so one bad record costs only itself, never the round.
+        """
+        from ledger.errors import LedgerError
+
+        records = [(a.envelope.ctx.sender, a.envelope.body["digest"], a.examples, a.envelope.sig)
+                   for a in traffic.accepted]
+        if not records:
+            return []
+        args = (self.id, traffic.round, traffic.task, traffic.base)
+        try:
+            self._call(self._ledger.record_updates, *args, records)
+            return [r[1] for r in records]
+        except LedgerError as exc:
+            event(log, "ledger.batch_refused", logging.ERROR, round=traffic.round, reason=str(exc))
+        kept = []
+        for record in records:
+            try:
+                self._call(self._ledger.record_updates, *args, [record])
+                kept.append(record[1])
+            except LedgerError as exc:
+                event(log, "ledger.record_refused", logging.ERROR, device=identity_id(record[0]), reason=str(exc))
+        return kept
+
     def _on_closed(self, traffic: RoundTraffic) -> None:
-        self._traffic[(traffic.kind, traffic.round)] = traffic
+        r = traffic.round
+        record = self.history.get(r)
+        if record is None:
+            record = self.history[r] = RoundRecord(r, None, None, 0, 0, 0, 0, 0.0)
+        record.rejected += sum(traffic.rejected.values())
         if traffic.kind == "train":
-            records = [
-                (a.envelope.ctx.sender, a.envelope.body["digest"], a.examples, a.envelope.sig) for a in traffic.accepted
-            ]
-            if records:
-                self._call(self._ledger.record_updates, self.id, traffic.round, f"train-{traffic.round}", traffic.base, records)
-                self._pending_aggregate = (traffic.round, traffic.base, [r[1] for r in records])
+            record.participants = len(traffic.accepted)
+            inputs = self._record_updates(traffic)
+            if inputs:
+                self._pending_aggregate = (r, traffic.base, inputs)
         else:
-            self._finish_round(traffic)
+            total = sum(a.examples for a in traffic.accepted)
+            if total:  # accuracy on the devices' local test windows, weighted by their number
+                record.accuracy = sum(a.metrics["accuracy"] * a.examples for a in traffic.accepted) / total
+                record.loss = sum(a.metrics["loss"] * a.examples for a in traffic.accepted) / total
+        started, bytes_in, bytes_out = self._round_start.setdefault(r, (traffic.started, 0, 0))
+        record.bytes_up = self.link.bytes_in - bytes_in
+        record.bytes_down = self.link.bytes_out - bytes_out
+        record.seconds = round(time.time() - started, 3)
+        self._round_start.setdefault(r + 1, (time.time(), self.link.bytes_in, self.link.bytes_out))
+        if traffic.kind != "train":
+            event(log, "round.done", round=r, accuracy="-" if record.accuracy is None else record.accuracy,
+                  participants=record.participants, rejected=record.rejected, seconds=record.seconds)
         self._publish_status()
 
-    def _finish_round(self, evaluation: RoundTraffic) -> None:
-        r = evaluation.round
-        train = self._traffic.get(("train", r))
-        total = sum(a.examples for a in evaluation.accepted)
-        accuracy = loss = None
-        if total:
-            accuracy = sum(a.metrics["accuracy"] * a.examples for a in evaluation.accepted) / total
-            loss = sum(a.metrics["loss"] * a.examples for a in evaluation.accepted) / total
-        started, bytes_in, bytes_out = self._round_start.get(r, (evaluation.started, 0, 0))
-        rejected = sum(evaluation.rejected.values()) + (sum(train.rejected.values()) if train else 0)
-        record = RoundRecord(
-            round=r,
-            accuracy=accuracy,
-            loss=loss,
-            participants=len(train.accepted) if train else 0,
-            rejected=rejected,
-            bytes_up=self.link.bytes_in - bytes_in,
-            bytes_down=self.link.bytes_out - bytes_out,
-            seconds=round(time.time() - started, 3),
-        )
-        self.history.append(record)
-        self._round_start[r + 1] = (time.time(), self.link.bytes_in, self.link.bytes_out)
-        event(log, "round.done", round=r, accuracy=accuracy if accuracy is not None else "-",
-              participants=record.participants, rejected=rejected, seconds=record.seconds)
-
     def _publish_status(self) -> None:
+        history = [asdict(self.history[r]) for r in sorted(self.history)]
         status = {
             "gateway": self.id,
             "name": self.config.name,
             "state": self.state,
-            "round": self.history[-1].round if self.history else None,
+            "round": history[-1]["round"] if history else None,
             "num_rounds": self.config.num_rounds,
             "enrolled": len(self.enrolled),
             "online": len(self.online),
-            "rejections": dict(self.grid.rejections) if hasattr(self, "grid") else {},
-            "history": [asdict(r) for r in self.history],
+            "rejections": dict(self.grid.rejections),
+            "history": history,
             "time": time.time(),
         }
         self.link.publish(topics.status(self.id), json.dumps(status).encode(), retain=True, counted=False)
@@ -245,19 +272,41 @@ class Gateway:
 
     def _wait_for_devices(self, stop: threading.Event) -> None:
         end = time.monotonic() + self.config.wait_devices_s
-        while len(self.nodes()) < self.config.min_devices:
+        while len(self.online_nodes()) < self.config.min_devices:
             if stop.is_set():
                 raise InterruptedError("stopped while waiting for devices")
             if time.monotonic() > end:
                 raise TimeoutError(
-                    f"only {len(self.nodes())} of {self.config.min_devices} devices enrolled and online "
+                    f"only {len(self.online_nodes())} of {self.config.min_devices} devices enrolled and online "
                     f"after {self.config.wait_devices_s:.0f} s"
                 )
             stop.wait(0.2)
 
-    def run(self, stop: threading.Event) -> dict[str, Any]:
-        """Run every round, write `result.json` in the state folder and return it."""
+    def _rounds(self, strategy, stop: threading.Event) -> None:
         from flwr.app import Array, ArrayRecord, ConfigRecord
+
+        cfg = self.config
+        self._wait_for_devices(stop)
+        self.state = "running"
+        initial = ArrayRecord({k: Array(v) for k, v in self.initial_weights.items()})
+        self._round_start[0] = (time.time(), self.link.bytes_in, self.link.bytes_out)
+        # Round 0: the initial model, evaluated by the devices like every later one.
+        replies = self.grid.send_and_receive(strategy.configure_evaluate(0, initial, ConfigRecord(), self.grid))
+        strategy.aggregate_evaluate(0, replies)
+        train_config = ConfigRecord({"epochs": cfg.epochs, "batch-size": cfg.batch_size, "lr": cfg.lr})
+        result = strategy.start(grid=self.grid, initial_arrays=initial, num_rounds=cfg.num_rounds,
+                                timeout=cfg.deadline_s, train_config=train_config)
+        if result.arrays is not None:
+            self.grid.models.release({k: v.numpy() for k, v in result.arrays.items()}, cfg.num_rounds)
+            if self._pending_aggregate is not None:
+                self._record_aggregate(self.grid.models.current.digest)
+
+    def run(self, stop: threading.Event) -> dict[str, Any]:
+        """Run every round, write `result.json` in the state folder and return it.
+
+        Whatever happens (SIGTERM, too few devices, a strategy error), the
+        worker stops, the status says so and `result.json` is written.
+        """
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -271,16 +320,18 @@ class Gateway:
         # The largest honest reply is an f32 delta of the whole model plus small change.
         model_bytes = sum(w.nbytes for w in self.initial_weights.values())
         checker = ReplyChecker(self.id, lambda key: key in self.enrolled, max_reply_bytes=model_bytes + 64 * 1024)
-        publisher = ModelPublisher(self.identity, self.id, self.manifest["sha256"], self.link.publish)
+        publisher = ModelPublisher(self.identity, self.id, self.manifest["sha256"], self.link.publish,
+                                   cfg.state_dir / "model_version")
         publisher.on_release = self._on_release
-        train_defaults = schemas.TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr)
-        self.grid = MqttGrid(self.identity, self.id, self.link.publish, checker, publisher, self.nodes,
-                             cfg.deadline_s, train_defaults)
+        self.grid = MqttGrid(self.identity, self.id, self.link.publish, checker, publisher, self.online_nodes,
+                             self.by_node.get, cfg.deadline_s, schemas.TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr))
         self.grid.on_closed = self._on_closed
         self.grid.stop = stop
         self._worker_ready = threading.Event()
         worker_stop = threading.Event()
         started = time.time()
+        height = None
+        failure = None
         with self.link:
             worker = threading.Thread(target=self._worker, args=(worker_stop,), name="gateway-worker", daemon=True)
             worker.start()
@@ -288,39 +339,30 @@ class Gateway:
                 if not self._worker_ready.wait(30):
                     raise RuntimeError("the ledger did not open within 30 s")
                 event(log, "gateway.start", id=self.id, name=cfg.name, strategy=cfg.strategy,
-                      rounds=cfg.num_rounds, ledger=str(self.ledger_path))
+                      rounds=cfg.num_rounds, ledger=str(self.ledger_path), run=self.grid.run_tag)
                 self.state = "waiting"
                 self._publish_status()
-                self._wait_for_devices(stop)
-                self.state = "running"
-                initial = ArrayRecord({k: Array(v) for k, v in self.initial_weights.items()})
-                self._round_start[0] = (time.time(), self.link.bytes_in, self.link.bytes_out)
-                # Round 0: the initial model, evaluated by the devices like every later one.
-                replies = self.grid.send_and_receive(strategy.configure_evaluate(0, initial, ConfigRecord(), self.grid))
-                strategy.aggregate_evaluate(0, replies)
-                train_config = ConfigRecord({"epochs": cfg.epochs, "batch-size": cfg.batch_size, "lr": cfg.lr})
-                result = strategy.start(grid=self.grid, initial_arrays=initial, num_rounds=cfg.num_rounds,
-                                        timeout=cfg.deadline_s, train_config=train_config)
-                if result.arrays is not None:
-                    final = publisher.release({k: v.numpy() for k, v in result.arrays.items()}, cfg.num_rounds)
-                    if self._pending_aggregate is not None:
-                        self._record_aggregate(final.digest)
+                self._rounds(strategy, stop)
                 self.state = "done"
             except InterruptedError as exc:
                 self.state = "stopped"
                 event(log, "gateway.stopped", logging.WARNING, reason=str(exc))
-            except TimeoutError as exc:
-                self.state = "failed"
-                event(log, "gateway.failed", logging.ERROR, reason=str(exc))
+            except Exception as exc:  # too few devices, a strategy's own error ...: say so, keep the record
+                self.state, failure = "failed", f"{type(exc).__name__}: {exc}"
+                log.exception("gateway.failed reason=%s", json.dumps(failure))
             finally:
-                height = self._call(lambda: self._ledger.height) if worker.is_alive() else None
+                try:
+                    height = self._call(lambda: self._ledger.height) if worker.is_alive() else None
+                except Exception:
+                    log.exception("gateway.ledger_unavailable")
                 self._publish_status()
                 worker_stop.set()
-                worker.join(timeout=10)
+                worker.join(timeout=30)
         result_doc = {
             "gateway": {"id": self.id, "name": cfg.name, "public_key": self.identity.public_key.hex()},
             "state": self.state,
-            "rounds": [asdict(r) for r in self.history],
+            "failure": failure,
+            "rounds": [asdict(self.history[r]) for r in sorted(self.history)],
             "rejections": dict(self.grid.rejections),
             "enroll_rejections": dict(self.enroll_rejections),
             "ledger": {"path": str(self.ledger_path), "height": height},

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,6 +125,10 @@ def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Ev
 
     stop = stop or threading.Event()
     started = time.time()
+    if (workdir / "run.json").exists():
+        shutil.rmtree(workdir)  # an earlier run of ours: its keys, ledger and device state must not leak in
+    elif workdir.exists() and any(workdir.iterdir()):
+        raise ScenarioError(f"run folder {workdir} is not empty and holds no earlier run: choose another --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     devices = prepare_devices(scenario, workdir)
@@ -150,7 +155,7 @@ def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Ev
             "rounds": {"num_rounds": scenario.rounds, "deadline_s": scenario.deadline_s, "epochs": scenario.epochs,
                        "batch_size": scenario.batch_size, "lr": scenario.lr, "min_devices": len(devices),
                        "wait_devices_s": 120.0},
-            "enrollment": {"policy": "open"},
+            "enrollment": {"policy": "open"},  # the emulator's devices are its own
         }))
         progress = Progress(broker.host, broker.port, gateway.id, scenario.rounds)
         with open(logs / "gateway.log", "wb") as out:
@@ -226,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    report = run(scenario, report_path, workdir, stop)
+    try:
+        report = run(scenario, report_path, workdir, stop)
+    except ScenarioError as exc:
+        print(f"starling-emulate: {exc}", file=sys.stderr)
+        return 2
     rounds = report["rounds"]
     final = rounds[-1]["accuracy"] if rounds else None
     print(f"starling-emulate: {len(rounds) - 1 if rounds else 0} rounds in {report['seconds']:.0f} s, "

@@ -40,6 +40,7 @@ def setup(role: str, level: str | int = "INFO", stream: Any = None) -> None:
 
 def _value(value: Any) -> str:
     text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")  # one event, one line
     if not text or any(c in text for c in ' ="'):
         text = '"' + text.replace('"', "'") + '"'
     return text

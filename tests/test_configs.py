@@ -21,7 +21,11 @@ GOOD_AGENT = {
     "broker": {"host": "127.0.0.1", "port": 1883},
     "data": {"replay": "x.npz"},
 }
-GOOD_GATEWAY = {"gateway": {"name": "gw", "key": "k", "state_dir": "s"}, "strategy": {"name": "FedAvg"}}
+GOOD_GATEWAY = {
+    "gateway": {"name": "gw", "key": "k", "state_dir": "s"},
+    "strategy": {"name": "FedAvg"},
+    "enrollment": {"policy": "allowlist", "allowlist": []},
+}
 
 
 def with_(doc, section, key, value):
@@ -71,6 +75,12 @@ def test_a_real_flower_strategy_with_parameters_is_built():
     assert type(strategy).__name__ == "FedAvg" and strategy.fraction_train == 0.5
 
 
+def test_the_enrollment_policy_must_be_chosen_explicitly():
+    doc = {k: v for k, v in GOOD_GATEWAY.items() if k != "enrollment"}
+    with pytest.raises(GatewayConfigError, match=r"enrollment\.policy is required"):
+        parse_gateway(doc)
+
+
 def test_an_unknown_enrollment_policy_is_refused():
     with pytest.raises(GatewayConfigError, match=r"enrollment\.policy"):
         parse_gateway(with_(GOOD_GATEWAY, "enrollment", "policy", "anyone"))
@@ -78,7 +88,8 @@ def test_an_unknown_enrollment_policy_is_refused():
 
 def test_the_gateway_command_refuses_a_bad_config_with_exit_2(tmp_path):
     conf = tmp_path / "gw.toml"
-    conf.write_text('[gateway]\nname = "gw"\nkey = "k"\nstate_dir = "s"\n[strategy]\nname = "Nope"\n')
+    conf.write_text('[gateway]\nname = "gw"\nkey = "k"\nstate_dir = "s"\n[strategy]\nname = "Nope"\n'
+                    '[enrollment]\npolicy = "open"\n')
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "check", "--config", str(conf)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 2 and "strategy.name" in done.stderr

@@ -190,7 +190,7 @@ def test_a_task_signed_by_another_key_is_refused(peer, start_agent, model):
 
 def test_a_model_older_than_one_already_trusted_is_refused(peer, start_agent, model):
     device = Identity.generate()
-    agent = start_agent(device, AgentState(enrolled=True, trusted_version=5))
+    agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=5))
     digest = peer.release(model.get_weights(), version=4)
     peer.task(device, digest)
     peer.nothing("reply")
@@ -199,7 +199,7 @@ def test_a_model_older_than_one_already_trusted_is_refused(peer, start_agent, mo
 
 def test_a_model_that_does_not_hash_to_the_tasks_digest_is_refused(peer, start_agent, model):
     device = Identity.generate()
-    agent = start_agent(device, AgentState(enrolled=True, trusted_version=0))
+    agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=0))
     wire_a, _ = peer.release(model.get_weights(), version=1, publish=False)
     _, digest_b = peer.release({k: v + 1 for k, v in model.get_weights().items()}, version=1, publish=False)
     # A broker (untrusted) serves model A under the address of model B.
@@ -214,5 +214,5 @@ def test_a_reply_left_on_disk_by_a_power_cut_is_sent_at_start(peer, start_agent,
     ctx = envelope.Context(device.public_key, GATEWAY.id, 7, "train-7", b"\x01" * 32)
     wire = envelope.seal(device, "reply", ctx, {"examples": 3}, schemas.encode_update({}, {"loss": 1.0, "accuracy": 0.5}))
     StateStore(tmp_path / f"state-{device.id}").put_pending("000007-train-7", wire)
-    start_agent(device, AgentState(enrolled=True, trusted_version=0))
+    start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=0))
     assert peer.next("reply").sig == envelope.decode(wire).sig

@@ -29,7 +29,7 @@ SCENARIO = ROOT / "hw" / "scenarios" / "quickstart.toml"
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: run hw/install-broker.sh (apt-get install mosquitto-clients)")
+        pytest.fail(f"{name} is not installed: run hw/install-system.sh (apt-get install mosquitto-clients)")
     return path
 
 

@@ -28,7 +28,11 @@ def write_config(tmp_path: Path, broker: Broker, wait_s: float) -> Path:
         f'[gateway]\nname = "gw-test"\nkey = "gw.key"\nstate_dir = "state"\n'
         f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
         f"[rounds]\nnum_rounds = 1\nmin_devices = 3\nwait_devices_s = {wait_s}\n"
+        '[enrollment]\npolicy = "open"\n'
     )
+    init = subprocess.run([sys.executable, "-m", "gateway.cli", "init", "--config", str(conf)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr
     return conf
 
 
@@ -47,6 +51,15 @@ def test_sigterm_stops_a_waiting_gateway_cleanly(broker, tmp_path):
     result = json.loads((tmp_path / "state" / "result.json").read_text())
     assert result["state"] == "stopped"
     assert result["ledger"]["height"] == 1  # genesis only
+
+
+def test_run_refuses_a_missing_key_instead_of_inventing_one(broker, tmp_path):
+    conf = tmp_path / "gw.toml"
+    conf.write_text('[gateway]\nname = "gw"\nkey = "typo.key"\nstate_dir = "s"\n[enrollment]\npolicy = "open"\n')
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "starling-gateway init" in done.stderr
+    assert not (tmp_path / "typo.key").exists()
 
 
 def test_too_few_devices_fails_after_a_bounded_wait(broker, tmp_path):
