@@ -90,8 +90,12 @@ class Progress:
             self.status = json.loads(msg.payload)
         except ValueError:
             return
-        for record in self.status.get("history", []):
-            if record["round"] > self.seen:
+        history = self.status.get("history", [])
+        finished = self.status.get("state") in ("done", "stopped", "failed")
+        for i, record in enumerate(history):
+            # A round is shown once its evaluation is in (or nothing more will come for it).
+            complete = record["accuracy"] is not None or i + 1 < len(history) or finished
+            if record["round"] > self.seen and complete:
                 self.seen = record["round"]
                 acc = record["accuracy"]
                 print(

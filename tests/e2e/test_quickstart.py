@@ -165,3 +165,11 @@ def test_flipping_one_byte_of_an_updates_vertex_makes_verify_name_it(run, tmp_pa
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode != 0
     assert vertex_id in done.stdout + done.stderr
+
+
+def test_progress_shows_every_round_with_its_accuracy(run):
+    import re
+
+    shown = re.findall(r"round (\d)/5  accuracy (\d\.\d{3})", run["output"])
+    assert [int(r) for r, _ in shown] == [0, 1, 2, 3, 4, 5], run["output"]
+    assert float(shown[-1][1]) == round(run["report"]["rounds"][-1]["accuracy"], 3)
