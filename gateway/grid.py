@@ -8,9 +8,10 @@ the gateway's worker thread, go through `ReplyChecker`, get a signed receipt
 reply messages whose `ArrayRecord` holds full weights (base + dequantized
 delta): strategies see ordinary arrays and never see a rejected reply.
 
-Task ids are `<kind>-<round>-<run>`, where `<run>` is fresh in every gateway
+Task ids are `<kind>-<round>-<run>.<n>`: `<run>` is fresh in every gateway
 process, so replies recorded in an earlier run can never be replayed into a
-later one. `send_and_receive` closes an exchange when every selected device
+later one, and `<n>` counts pushes, so two exchanges never share an id (even
+for a strategy that sends no "server-round"). `send_and_receive` closes an exchange when every selected device
 replied or the round's deadline passed, whichever is first.
 """
 
@@ -89,6 +90,7 @@ class MqttGrid(Grid):
         self.deadline_s = deadline_s
         self.train_defaults = train_defaults
         self.run_tag = secrets.token_hex(4)
+        self._pushes = 0
         self._run = Run.create_empty(run_id=1)
         self._cv = threading.Condition()
         self._instructions: dict[str, Message] = {}  # message id -> Flower instruction
@@ -119,6 +121,7 @@ class MqttGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
+        self._pushes += 1
         for message in messages:
             kind, round_ = _kind(message), _round(message)
             if kind not in schemas.TASK_KINDS:
@@ -136,7 +139,7 @@ class MqttGrid(Grid):
                 lr=float(config.get("lr", config.get("learning-rate", self.train_defaults.lr))),
                 deadline=deadline,
             )
-            task_id = f"{kind}-{round_}-{self.run_tag}"
+            task_id = f"{kind}-{round_}-{self.run_tag}.{self._pushes}"
             device_id = identity_id(device_key)
             ctx = envelope.Context(self.identity.public_key, self.gateway_id, round_, task_id, release.digest)
             wire = envelope.seal(self.identity, "task", ctx, schemas.Task(kind, device_id, train, "i8").to_body())

@@ -166,6 +166,16 @@ def test_model_versions_keep_growing_across_restarts(tmp_path):
     assert again.release(WEIGHTS, 0).version == 2
 
 
+def test_exchanges_without_a_server_round_still_get_their_own_tasks(tmp_path):
+    fleet = Fleet()
+    grid = make_grid(fleet, tmp_path)
+    for _ in range(2):
+        messages = [Message(RecordDict({"arrays": arrays(), "config": ConfigRecord()}), d.node_id, "train")
+                    for d in DEVICES]
+        assert len(list(grid.send_and_receive(messages))) == 3
+    assert grid.rejections == {}
+
+
 def test_sigterm_ends_flowers_wait_for_nodes(tmp_path):
     fleet = Fleet(online=[])
     grid = make_grid(fleet, tmp_path)
