@@ -14,7 +14,7 @@ import threading
 
 from protocol import logs
 from protocol.errors import KeyFileError
-from protocol.keys import Identity, load_or_create
+from protocol.keys import load_or_create
 
 from .config import ConfigError, load_config
 
