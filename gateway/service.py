@@ -246,7 +246,8 @@ class Gateway:
         record.bytes_up = self.link.bytes_in - bytes_in
         record.bytes_down = self.link.bytes_out - bytes_out
         record.seconds = round(time.time() - started, 3)
-        self._round_start.setdefault(r + 1, (time.time(), self.link.bytes_in, self.link.bytes_out))
+        # The next round starts where this one's last exchange ended (its evaluation, if any).
+        self._round_start[r + 1] = (time.time(), self.link.bytes_in, self.link.bytes_out)
         if traffic.kind != "train":
             event(log, "round.done", round=r, accuracy="-" if record.accuracy is None else record.accuracy,
                   participants=record.participants, rejected=record.rejected, seconds=record.seconds)

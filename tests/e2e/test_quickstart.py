@@ -111,6 +111,13 @@ def test_federated_training_beats_the_initial_model_and_chance(run):
     assert rounds[-1]["loss"] < rounds[0]["loss"]
 
 
+def test_each_round_sends_one_model_release_and_no_traffic_is_counted_twice(run):
+    rounds = run["report"]["rounds"]
+    model_bytes = rounds[0]["bytes_down"]  # round 0: the initial model + 5 tasks + 5 receipts
+    down = [r["bytes_down"] for r in rounds[1:]]  # each later round publishes exactly one new model
+    assert all(model_bytes < d < 1.5 * model_bytes for d in down), down
+
+
 def test_int8_updates_are_about_a_quarter_of_the_float_model(run):
     # bytes_up of a training round: 5 int8 deltas + 5 small evaluations; the f32 model is ~47 KB.
     model_bytes = run["report"]["rounds"][0]["bytes_down"]  # round 0 publishes the f32 model once
