@@ -1,12 +1,21 @@
 """Local learning: train or evaluate the task's base model and build the update.
 
 Kept free of MQTT so it can be tested and timed on its own. Training runs
-whole mini-batches of the model's fixed batch size, epoch by epoch, and stops
-early when the task's deadline is near, reporting only what it really did.
+mini-batches of the model's fixed batch size, epoch by epoch, and stops early
+when the task's deadline is near, reporting only what it really did.
+
+Strategy options the device honours:
+- `proximal-mu` (FedProx): after every step the weights are pulled back
+  toward the round's base, w -= lr * mu * (w - base): the gradient of the
+  proximal term mu/2 * ||w - base||^2, applied outside the graph.
+- `clipping_norm` (Flower's client-side DP wrappers): the update is scaled
+  to at most that L2 norm over all arrays, and `norm_bit` (1 if it had to be
+  clipped) is reported for adaptive clipping.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -28,10 +37,36 @@ class Outcome:
     metrics: dict[str, float]
 
 
+class BadOption(ValueError):
+    """A strategy option this device cannot honour; the task is refused."""
+
+    reason = "bad_option"
+
+
+def _option(task: schemas.Task, key: str) -> float | None:
+    value = task.config.options.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise BadOption(f"option {key} must be a finite non-negative number, got {value!r}")
+    return float(value)
+
+
+def clip(delta: dict[str, np.ndarray], norm: float) -> tuple[dict[str, np.ndarray], bool]:
+    """Scale `delta` to an L2 norm (over all arrays) of at most `norm`; say whether it was scaled."""
+    total = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values()))
+    if total <= norm or total == 0.0:
+        return delta, False
+    factor = norm / total
+    return {k: (v * factor).astype(np.float32) for k, v in delta.items()}, True
+
+
 def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Task, rng: np.random.Generator) -> Outcome:
-    """Train from `base` and return the int8 (or task-codec) weight delta."""
+    """Train from `base` and return the weight delta encoded with the task's codec."""
     model.set_weights(base)
     cfg = task.config
+    mu = _option(task, "proximal-mu") or 0.0
+    clipping_norm = _option(task, "clipping_norm")
     batch = model.batch_size
     n = len(data.x_train)
     stop_at = cfg.deadline - DEADLINE_MARGIN_S if cfg.deadline else float("inf")
@@ -43,13 +78,20 @@ def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Tas
             if time.time() > stop_at:
                 break
             idx = order[start : start + batch]
+            before = model.get_weights() if mu else None
             losses.append(float(model.train_step(data.x_train[idx], data.y_train[idx], cfg.lr)))
+            if mu:
+                after = model.get_weights()
+                model.set_weights({k: after[k] - cfg.lr * mu * (before[k] - base[k]) for k in after})
             if epoch == 0:
                 seen += len(idx)
     new = model.get_weights()
     delta = {name: new[name] - base[name] for name in base}
     per_epoch = -(-n // batch)
     metrics = {"train_loss": float(np.mean(losses[-per_epoch:])) if losses else 0.0, "steps": float(len(losses))}
+    if clipping_norm is not None:
+        delta, clipped = clip(delta, clipping_norm)
+        metrics["norm_bit"] = float(clipped)
     examples = seen  # windows actually trained on: fewer than n only when the deadline cut the first epoch
     return Outcome(schemas.encode_update(delta, metrics, task.codec), examples, metrics)
 

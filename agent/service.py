@@ -230,7 +230,7 @@ class Agent:
                     self._handle_task(payload)
                 else:
                     self._handle_receipt(payload)
-            except (ProtocolError, _Refused) as exc:
+            except (ProtocolError, _Refused, learner.BadOption) as exc:
                 reason = exc.reason
                 self.counters.refused_tasks[reason] = self.counters.refused_tasks.get(reason, 0) + 1
                 event(log, f"{kind}.refused", logging.WARNING, reason=reason, detail=str(exc))

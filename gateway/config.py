@@ -13,8 +13,9 @@
     manifest = ""                         # default: the shipped imu_cnn manifest
 
     [strategy]
-    name = "FedAvg"                       # a class in flwr.serverapp.strategy
+    name = "FedAvg"                       # a class in flwr.serverapp.strategy, or module:Class
     params = { min_available_nodes = 5 }  # its constructor arguments
+    # [strategy.dp] wrapper = "...", params = {...}: a Flower DP wrapper (see strategies.py)
 
     [rounds]
     num_rounds = 5
@@ -32,13 +33,14 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from protocol.config import ConfigError, read_toml, setting
+
+from .strategies import make_strategy
 
 POLICIES = ("open", "allowlist")
 
@@ -53,6 +55,7 @@ class GatewayConfig:
     manifest: Path | None = None
     strategy: str = "FedAvg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
+    strategy_dp: dict[str, Any] | None = None
     num_rounds: int = 5
     deadline_s: float = 60.0
     epochs: int = 1
@@ -65,25 +68,7 @@ class GatewayConfig:
 
     def make_strategy(self):
         """Instantiate the configured Flower strategy; a bad name or parameter is a ConfigError."""
-        return make_strategy(self.strategy, self.strategy_params)
-
-
-def make_strategy(name: str, params: dict[str, Any]):
-    from flwr.serverapp import strategy as flwr_strategies
-    from flwr.serverapp.strategy import Strategy
-
-    cls = getattr(flwr_strategies, name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
-        known = sorted(n for n in dir(flwr_strategies) if inspect.isclass(getattr(flwr_strategies, n)))
-        raise ConfigError(f"strategy.name: {name!r} is not a Flower strategy; known: {', '.join(known)}")
-    accepted = inspect.signature(cls.__init__).parameters
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise ConfigError(f"strategy.params: {name} takes no parameter(s) {unknown}")
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"strategy.params: {name} refused them: {exc}") from exc
+        return make_strategy(self.strategy, self.strategy_params, self.strategy_dp)
 
 
 def _positive(name: str, value: float) -> float:
@@ -120,6 +105,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         manifest=path("model", "manifest", ""),
         strategy=setting(doc, "strategy", "name", str, "FedAvg"),
         strategy_params=dict(setting(doc, "strategy", "params", dict, {})),
+        strategy_dp=setting(doc, "strategy", "dp", dict, None),
         num_rounds=int(_positive("rounds.num_rounds", setting(doc, "rounds", "num_rounds", int, 5))),
         deadline_s=_positive("rounds.deadline_s", setting(doc, "rounds", "deadline_s", float, 60.0)),
         epochs=int(_positive("rounds.epochs", setting(doc, "rounds", "epochs", int, 1))),

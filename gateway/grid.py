@@ -60,6 +60,20 @@ def _kind(message: Message) -> str:
     return message.metadata.message_type.split(".")[0]
 
 
+CONFIG_FIELDS = {"epochs", "batch-size", "lr", "learning-rate", "server-round"}
+
+
+def _options(config) -> dict[str, schemas.Option]:
+    """The strategy's other config keys ("proximal-mu", "clipping_norm", ...), for the device."""
+    options = {k: v for k, v in sorted(config.items())
+               if k not in CONFIG_FIELDS and isinstance(v, (int, float, str, bool))}
+    if len(options) > schemas.MAX_OPTIONS:
+        dropped = sorted(options)[schemas.MAX_OPTIONS:]
+        event(log, "task.options_dropped", logging.WARNING, keys=",".join(dropped))
+        options = {k: options[k] for k in sorted(options)[: schemas.MAX_OPTIONS]}
+    return options
+
+
 def _round(message: Message) -> int:
     config = next(iter(message.content.config_records.values()), None)
     return int(config.get("server-round", 0)) if config is not None else 0
@@ -138,6 +152,7 @@ class MqttGrid(Grid):
                 batch_size=int(config.get("batch-size", self.train_defaults.batch_size)),
                 lr=float(config.get("lr", config.get("learning-rate", self.train_defaults.lr))),
                 deadline=deadline,
+                options=_options(config),
             )
             task_id = f"{kind}-{round_}-{self.run_tag}.{self._pushes}"
             device_id = identity_id(device_key)
@@ -152,7 +167,8 @@ class MqttGrid(Grid):
                     self.checker.current_round = round_
                     self.checker.forget_before(round_ - REMEMBER_ROUNDS)
                 self.checker.open[(device_id, task_id)] = OpenTask(
-                    message_id, device_id, device_key, kind, round_, task_id, release.digest, release.weights, deadline
+                    message_id, device_id, device_key, kind, round_, task_id, release.digest, release.weights, deadline,
+                    train.options,
                 )
                 traffic = self.traffic.setdefault(task_id, RoundTraffic(kind, round_, task_id, release.digest))
                 traffic.sent += 1

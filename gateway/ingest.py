@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,6 +49,12 @@ class OpenTask:
     base: bytes
     base_weights: dict[str, np.ndarray]
     deadline: float
+    options: dict = field(default_factory=dict)
+
+    @property
+    def train_metrics(self) -> frozenset[str]:
+        """What a train reply must report: with client-side clipping, whether it clipped."""
+        return TRAIN_METRICS | ({"norm_bit"} if "clipping_norm" in self.options else set())
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,7 @@ class ReplyChecker:
             shapes = {k: v.shape for k, v in task.base_weights.items()}
             if {k: v.shape for k, v in delta.items()} != shapes:
                 return refuse("wrong_shape", "delta does not match the model's weights")
-            if set(metrics) != TRAIN_METRICS or reply.examples < 1:
+            if set(metrics) != task.train_metrics or reply.examples < 1:
                 return refuse("wrong_metrics", f"train metrics {sorted(metrics)}")
         else:
             if delta or set(metrics) != EVALUATE_METRICS or reply.examples < 1:

@@ -155,7 +155,8 @@ def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Ev
         gateway_conf.write_text(_toml({
             "gateway": {"name": "gw-1", "key": str(gateway_key), "state_dir": str(workdir / "gateway")},
             "broker": {"host": broker.host, "port": broker.port},
-            "strategy": {"name": scenario.strategy, "params": scenario.strategy_params},
+            "strategy": {"name": scenario.strategy, "params": scenario.strategy_params,
+                         **({"dp": scenario.strategy_dp} if scenario.strategy_dp else {})},
             "rounds": {"num_rounds": scenario.rounds, "deadline_s": scenario.deadline_s, "epochs": scenario.epochs,
                        "batch_size": scenario.batch_size, "lr": scenario.lr, "min_devices": len(devices),
                        "wait_devices_s": 120.0},

@@ -43,7 +43,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "run": {"name": str, "rounds": int, "seed": int, "timeout_s": (int, float)},
     "fleet": {"devices": int, "subjects": list},
     "dataset": {"source": str, "stride": int},
-    "strategy": {"name": str, "params": dict},
+    "strategy": {"name": str, "params": dict, "dp": dict},
     "training": {"epochs": int, "batch_size": int, "lr": (int, float), "deadline_s": (int, float)},
     "broker": {"kind": str},
 }
@@ -65,6 +65,7 @@ class Scenario:
     stride: int = 64
     strategy: str = "FedAvg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
+    strategy_dp: dict[str, Any] = field(default_factory=dict)
     epochs: int = 2
     batch_size: int = 32
     lr: float = 0.05
@@ -115,6 +116,7 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         stride=get("dataset", "stride", 64),
         strategy=get("strategy", "name", "FedAvg"),
         strategy_params=dict(get("strategy", "params", {})),
+        strategy_dp=dict(get("strategy", "dp", {})),
         epochs=get("training", "epochs", 2),
         batch_size=get("training", "batch_size", 32),
         lr=float(get("training", "lr", 0.05)),

@@ -99,28 +99,67 @@ def _metrics(value: Any) -> dict[str, float]:
     return out
 
 
+Option = int | float | str | bool
+MAX_OPTIONS = 16
+
+
+def _options(value: Any) -> dict[str, Option]:
+    if not isinstance(value, dict):
+        raise SchemaError("options must be a map")
+    if len(value) > MAX_OPTIONS:
+        raise LimitExceeded(f"more than {MAX_OPTIONS} options")
+    out: dict[str, Option] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not 0 < len(key) <= 64:
+            raise SchemaError("option names must be text of 1 to 64 characters")
+        if isinstance(item, str):
+            out[key] = _text(value, key)
+        elif isinstance(item, bool):
+            out[key] = item
+        elif isinstance(item, int):
+            out[key] = _int(value, key, -(2**53), 2**53)
+        elif isinstance(item, float):
+            out[key] = _float(value, key, -1e30, 1e30)
+        else:
+            raise SchemaError(f"option {key!r} must be a number, text or boolean")
+    return out
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """What the gateway asks of a device for one round."""
+    """What the gateway asks of a device for one round.
+
+    `options` carries whatever else the strategy put in its config record
+    ("proximal-mu" for FedProx, "clipping_norm" for the client-side DP
+    wrappers, ...): scalars only, at most 16.
+    """
 
     epochs: int = 1
     batch_size: int = 32
     lr: float = 0.01
     deadline: float = 0.0  # unix seconds; 0 means none
+    options: dict[str, Option] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": float(self.lr), "deadline": float(self.deadline)}
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": float(self.lr),
+            "deadline": float(self.deadline),
+            "options": dict(self.options),
+        }
 
     @classmethod
     def from_wire(cls, doc: Any) -> TrainConfig:
         if not isinstance(doc, dict):
             raise SchemaError("config must be a map")
-        _check_fields(doc, {"epochs", "batch_size", "lr", "deadline"})
+        _check_fields(doc, {"epochs", "batch_size", "lr", "deadline", "options"})
         return cls(
             epochs=_int(doc, "epochs", 0, 100),
             batch_size=_int(doc, "batch_size", 1, 4096),
             lr=_float(doc, "lr", 0.0, 10.0),
             deadline=_float(doc, "deadline", 0.0, 1e11),
+            options=_options(doc["options"]),
         )
 
 

@@ -81,6 +81,43 @@ def test_the_enrollment_policy_must_be_chosen_explicitly():
         parse_gateway(doc)
 
 
+def test_a_users_own_strategy_is_found_by_import_path():
+    config = parse_gateway(with_(GOOD_GATEWAY, "strategy", "name", "flwr.serverapp.strategy.fedmedian:FedMedian"))
+    assert type(config.make_strategy()).__name__ == "FedMedian"
+
+
+def test_an_import_path_that_is_not_a_strategy_is_refused():
+    with pytest.raises(GatewayConfigError, match=r"strategy\.name.*not a Flower strategy"):
+        parse_gateway(with_(GOOD_GATEWAY, "strategy", "name", "collections:OrderedDict"))
+    with pytest.raises(GatewayConfigError, match=r"strategy\.name: cannot import"):
+        parse_gateway(with_(GOOD_GATEWAY, "strategy", "name", "no_such_module:Thing"))
+
+
+def test_a_missing_required_strategy_parameter_is_named():
+    with pytest.raises(GatewayConfigError, match=r"needs parameter\(s\) \['client_learning_rate'\]"):
+        parse_gateway(with_(GOOD_GATEWAY, "strategy", "name", "QFedAvg"))
+
+
+def test_a_dp_wrapper_is_built_around_the_strategy():
+    dp = {"wrapper": "DifferentialPrivacyClientSideFixedClipping",
+          "params": {"noise_multiplier": 0.1, "clipping_norm": 1.0, "num_sampled_clients": 5}}
+    strategy = parse_gateway(with_(GOOD_GATEWAY, "strategy", "dp", dp)).make_strategy()
+    assert type(strategy).__name__ == "DifferentialPrivacyClientSideFixedClipping"
+    assert type(strategy.strategy).__name__ == "FedAvg"
+
+
+@pytest.mark.parametrize("dp, match", [
+    ({"wrapper": "Nope"}, r"strategy\.dp\.wrapper"),
+    ({"wrapper": "DifferentialPrivacyServerSideFixedClipping", "params": {"clipping_norm": 1.0}},
+     r"strategy\.dp\.params.*needs parameter"),
+    ({"wrapper": "DifferentialPrivacyServerSideFixedClipping",
+      "params": {"noise_multiplier": -1.0, "clipping_norm": 1.0, "num_sampled_clients": 5}}, r"strategy\.dp\.params.*refused"),
+])
+def test_a_bad_dp_wrapper_config_is_named(dp, match):
+    with pytest.raises(GatewayConfigError, match=match):
+        parse_gateway(with_(GOOD_GATEWAY, "strategy", "dp", dp))
+
+
 def test_an_unknown_enrollment_policy_is_refused():
     with pytest.raises(GatewayConfigError, match=r"enrollment\.policy"):
         parse_gateway(with_(GOOD_GATEWAY, "enrollment", "policy", "anyone"))
