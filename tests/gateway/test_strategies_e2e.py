@@ -119,7 +119,7 @@ def reference(config: GatewayConfig, recorded, final_digest: str):
     _, initial = load_initial_weights(config.manifest)
     models = {}
     replies = []
-    for topic, payload in recorded:
+    for _topic, payload in recorded:
         env = envelope.decode(payload)
         if env.type == "model" and payload:
             models[env.body["digest"].hex()] = schemas.decode_model(env.attachment)
