@@ -33,6 +33,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, KeyFileError) as exc:
         print(f"starling-agent: {exc}", file=sys.stderr)
         return 2
+    if config.voucher is not None and not config.voucher.is_file():
+        print(f"starling-agent: device.voucher: {config.voucher} does not exist", file=sys.stderr)
+        return 2
     # Heavy imports only once the config is known to be good.
     import firmware_models
     from firmware_models.runtime import TrainableModel

@@ -4,6 +4,7 @@
     name = "kitchen-imu"             # free text, shown on dashboards
     key = "/var/lib/starling/device.key"
     state_dir = "/var/lib/starling"
+    voucher = "/etc/starling/voucher.cbor"  # optional: needed where the gateway's policy is "voucher"
 
     [gateway]
     id = "3fa1c0d2e4b5a6970c1d2e3f4a5b6c7d"  # the gateway's id
@@ -45,6 +46,7 @@ class AgentConfig:
     broker_port: int
     replay: Path
     model: str = "imu_cnn"
+    voucher: Path | None = None  # an operator's voucher, for gateways whose policy is "voucher"
     resend_s: float = 10.0
     enroll_retry_s: float = 5.0
 
@@ -80,6 +82,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         broker_port=port,
         replay=path("data", "replay"),
         model=setting(doc, "model", "name", str, "imu_cnn"),
+        voucher=path("device", "voucher") if "voucher" in doc.get("device", {}) else None,
         resend_s=resend,
         enroll_retry_s=setting(doc, "device", "enroll_retry_s", float, 5.0),
     )

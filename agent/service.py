@@ -15,12 +15,14 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
 from protocol import envelope, schemas, topics
+from protocol.digest import sha256
 from protocol.errors import ProtocolError
 from protocol.keys import Identity
 from protocol.logs import event
@@ -64,7 +66,8 @@ class Agent:
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._models: dict[bytes, dict[str, np.ndarray]] = {}
         self._model_arrived = threading.Condition()
-        self._raw_models: dict[bytes, bytes] = {}
+        self._raw_models: dict[int, bytes] = {}  # -1: the release; 0..n-1: its chunks
+        self._wanted: bytes | None = None
         self._connected = threading.Event()
         gw = config.gateway_id
         self.t_task = topics.task(gw, identity.id)
@@ -104,13 +107,20 @@ class Agent:
         event(log, "mqtt.disconnected", logging.WARNING, reason=str(reason_code))
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        # Never do real work on paho's thread: queue it.
-        if msg.topic.startswith(topics.model(self.config.gateway_id, "")):
-            with self._model_arrived:
-                self._raw_models[bytes.fromhex(topics.device_of(msg.topic))] = msg.payload
-                self._model_arrived.notify_all()
-        else:
+        # Never do real work on paho's thread: queue it, or file a model piece we wait for.
+        prefix = topics.model(self.config.gateway_id, "")
+        if not msg.topic.startswith(prefix):
             self._inbox.put((msg.topic, msg.payload))
+            return
+        digest_hex, _, index = msg.topic[len(prefix):].partition("/")
+        with self._model_arrived:
+            if self._wanted is None or digest_hex != self._wanted.hex() or not msg.payload:
+                return  # not the model we wait for (or a cleared retained message): memory is scarce
+            if index == "":
+                self._raw_models[-1] = msg.payload  # the signed release
+            elif index.isdigit() and int(index) < schemas.MAX_CHUNKS:
+                self._raw_models[int(index)] = msg.payload
+            self._model_arrived.notify_all()
 
     # --- checks ----------------------------------------------------------------------
 
@@ -125,34 +135,48 @@ class Agent:
         env.verify()
         return env
 
+    def _wait_for(self, pieces: Callable[[], bool], deadline: float) -> None:
+        with self._model_arrived:
+            while not pieces():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _Refused("model_unavailable")
+                self._model_arrived.wait(left)
+
     def _fetch_model(self, digest: bytes) -> dict[str, np.ndarray]:
-        """The weights with content address `digest`, from cache or the retained release."""
+        """The weights with content address `digest`, from cache or the retained release (and chunks)."""
         if digest in self._models:
             return self._models[digest]
-        topic = topics.model(self.config.gateway_id, digest.hex())
-        self.client.subscribe(topic, qos=1)
+        address = topics.model(self.config.gateway_id, digest.hex())
+        with self._model_arrived:
+            self._wanted, self._raw_models = digest, {}
+        self.client.subscribe([(address, 1), (address + "/+", 1)])
         deadline = time.monotonic() + MODEL_WAIT_S
         try:
-            with self._model_arrived:
-                while digest not in self._raw_models:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise _Refused("model_unavailable")
-                    self._model_arrived.wait(left)
-                raw = self._raw_models.pop(digest)
+            self._wait_for(lambda: -1 in self._raw_models, deadline)
+            env = self._open_from_gateway(self._raw_models[-1], "model")
+            release = schemas.ModelRelease.from_body(env.body)
+            if release.digest != digest:
+                raise _Refused("model_digest_mismatch")
+            if release.expires and time.time() > release.expires:
+                raise _Refused("model_expired")
+            if self.architecture and release.architecture != self.architecture:
+                raise _Refused("model_architecture_mismatch")
+            if release.version < self.state.trusted_version:
+                raise _Refused("model_rollback")
+            if release.chunks == 1:
+                model = env.attachment
+            else:
+                self._wait_for(lambda: all(i in self._raw_models for i in range(release.chunks)), deadline)
+                model = b"".join(self._raw_models[i] for i in range(release.chunks))
+            if model is None or len(model) != release.size or sha256(model) != digest:
+                raise _Refused("model_digest_mismatch")
         finally:
-            self.client.unsubscribe(topic)
-        env = self._open_from_gateway(raw, "model")
-        release = schemas.ModelRelease.from_body(env.body)
-        if release.digest != digest or env.attachment is None:
-            raise _Refused("model_digest_mismatch")
-        if self.architecture and release.architecture != self.architecture:
-            raise _Refused("model_architecture_mismatch")
-        if release.version < self.state.trusted_version:
-            raise _Refused("model_rollback")
-        weights = schemas.decode_model(env.attachment)
-        expected = self.weight_shapes
-        if {k: v.shape for k, v in weights.items()} != expected:
+            self.client.unsubscribe([address, address + "/+"])
+            with self._model_arrived:
+                self._wanted, self._raw_models = None, {}
+        weights = schemas.decode_model(model)
+        if {k: v.shape for k, v in weights.items()} != self.weight_shapes:
             raise _Refused("model_shape_mismatch")
         if release.version > self.state.trusted_version:
             self.state.trusted_version = release.version
@@ -239,7 +263,8 @@ class Agent:
 
     def _send_enroll(self) -> None:
         ctx = envelope.Context(self.identity.public_key, self.config.gateway_id, 0, "enroll", b"")
-        body = schemas.EnrollRequest(self.config.name, time.time()).to_body()
+        voucher = self.config.voucher.read_bytes() if self.config.voucher else b""
+        body = schemas.EnrollRequest(self.config.name, time.time(), voucher).to_body()
         wire = envelope.seal(self.identity, "enroll", ctx, body)
         self.client.publish(topics.enroll(self.config.gateway_id, self.identity.id), wire, qos=1)
         event(log, "enroll.sent", device=self.identity.id, name=self.config.name)

@@ -11,6 +11,7 @@
 
     [model]
     manifest = ""                         # default: the shipped imu_cnn manifest
+    release_ttl_s = 604800.0              # a model release expires after this (devices refuse it then)
 
     [strategy]
     name = "FedAvg"                       # a class in flwr.serverapp.strategy, or module:Class
@@ -27,8 +28,9 @@
     wait_devices_s = 120.0                # ... at most this long
 
     [enrollment]
-    policy = "allowlist"                  # required: "allowlist", or "open" (emulator only)
-    allowlist = []                        # device public keys (hex) for "allowlist"
+    policy = "voucher"                    # required: "voucher", "allowlist", or "open" (emulator only)
+    operator_keys = ["<64 hex>"]          # "voucher": operator public keys whose vouchers admit devices
+    allowlist = []                        # "allowlist": device public keys (hex)
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from protocol.config import ConfigError, read_toml, setting
 
 from .strategies import make_strategy
 
-POLICIES = ("open", "allowlist")
+POLICIES = ("voucher", "allowlist", "open")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class GatewayConfig:
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     manifest: Path | None = None
+    release_ttl_s: float = 7 * 86400.0  # devices refuse a model release older than this
     strategy: str = "FedAvg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
     strategy_dp: dict[str, Any] | None = None
@@ -65,6 +68,7 @@ class GatewayConfig:
     wait_devices_s: float = 120.0
     policy: str = "open"
     allowlist: tuple[bytes, ...] = ()
+    operator_keys: tuple[bytes, ...] = ()  # who may sign vouchers
 
     def make_strategy(self):
         """Instantiate the configured Flower strategy; a bad name or parameter is a ConfigError."""
@@ -77,6 +81,19 @@ def _positive(name: str, value: float) -> float:
     return value
 
 
+def _keys(items: list, field: str) -> list[bytes]:
+    keys = []
+    for item in items:
+        try:
+            key = bytes.fromhex(item)
+        except (ValueError, TypeError):
+            key = b""
+        if len(key) != 32:
+            raise ConfigError(f"{field}: {item!r} is not a 64-hex-character public key")
+        keys.append(key)
+    return keys
+
+
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConfig:
     def path(section: str, key: str, default: Any = ...) -> Path | None:
         value = setting(doc, section, key, str, default)
@@ -85,14 +102,10 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
     policy = setting(doc, "enrollment", "policy", str)  # no default: "open" must be a deliberate choice
     if policy not in POLICIES:
         raise ConfigError(f"enrollment.policy must be one of {POLICIES}, got {policy!r}")
-    allowlist = []
-    for item in setting(doc, "enrollment", "allowlist", list, []):
-        try:
-            key = bytes.fromhex(item)
-            assert len(key) == 32
-        except (ValueError, TypeError, AssertionError):
-            raise ConfigError(f"enrollment.allowlist: {item!r} is not a 64-hex-character public key") from None
-        allowlist.append(key)
+    allowlist = _keys(setting(doc, "enrollment", "allowlist", list, []), "enrollment.allowlist")
+    operator_keys = _keys(setting(doc, "enrollment", "operator_keys", list, []), "enrollment.operator_keys")
+    if policy == "voucher" and not operator_keys:
+        raise ConfigError("enrollment.operator_keys: the voucher policy needs at least one operator key")
     port = setting(doc, "broker", "port", int, 1883)
     if not 0 < port < 65536:
         raise ConfigError(f"broker.port {port} is not a TCP port")
@@ -103,6 +116,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         broker_host=setting(doc, "broker", "host", str, "127.0.0.1"),
         broker_port=port,
         manifest=path("model", "manifest", ""),
+        release_ttl_s=_positive("model.release_ttl_s", setting(doc, "model", "release_ttl_s", float, 7 * 86400.0)),
         strategy=setting(doc, "strategy", "name", str, "FedAvg"),
         strategy_params=dict(setting(doc, "strategy", "params", dict, {})),
         strategy_dp=setting(doc, "strategy", "dp", dict, None),
@@ -115,6 +129,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         wait_devices_s=_positive("rounds.wait_devices_s", setting(doc, "rounds", "wait_devices_s", float, 120.0)),
         policy=policy,
         allowlist=tuple(allowlist),
+        operator_keys=tuple(operator_keys),
     )
     config.make_strategy()  # fail now, not mid-run
     return config

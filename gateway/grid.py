@@ -108,7 +108,7 @@ class MqttGrid(Grid):
         self._run = Run.create_empty(run_id=1)
         self._cv = threading.Condition()
         self._instructions: dict[str, Message] = {}  # message id -> Flower instruction
-        self._replies: dict[str, Message] = {}  # message id -> Flower reply, ready to pull
+        self._replies: dict[str, Accepted] = {}  # message id -> accepted reply, ready to pull
         self._task_of: dict[str, str] = {}  # message id -> task id
         self.traffic: dict[str, RoundTraffic] = {}  # task id -> open exchange
         self.on_closed: Callable[[RoundTraffic], None] | None = None
@@ -189,10 +189,15 @@ class MqttGrid(Grid):
         return self.models.current
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Flower reply messages for the accepted replies; built here, off the ingest path."""
         with self._cv:
-            out = [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]
-            for reply in out:
-                self._instructions.pop(reply.metadata.reply_to_message_id, None)
+            pulled = [(mid, self._replies.pop(mid), self._instructions.pop(mid, None))
+                      for mid in list(message_ids) if mid in self._replies]
+        out = []
+        for mid, accepted, instruction in pulled:
+            reply = Message(self._to_flower(accepted), reply_to=instruction)
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+            out.append(reply)
         return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -227,10 +232,7 @@ class MqttGrid(Grid):
             outcome = self.checker.check(topic, payload)
             if isinstance(outcome, Accepted):
                 task = outcome.task
-                instruction = self._instructions[task.message_id]
-                reply = Message(self._to_flower(outcome), reply_to=instruction)
-                reply.metadata.__dict__["_message_id"] = str(uuid4())
-                self._replies[task.message_id] = reply
+                self._replies[task.message_id] = outcome
                 self.traffic[task.task].accepted.append(outcome)
                 self._cv.notify_all()
             else:

@@ -6,6 +6,7 @@ cost almost nothing and only enrolled devices cost a signature check:
     malformed / non_canonical / schema   the bytes are not a reply envelope
     topic_mismatch                        signed by a key other than the topic's device
     wrong_gateway                         bound to another gateway
+    revoked                               the sender's key was revoked (device.revoke in the ledger)
     unknown_device                        the sender is not enrolled here
     bad_signature / digest_mismatch       the signature or attachment does not verify
     replay                                this device's reply to this task was already accepted
@@ -79,8 +80,15 @@ class Rejected:
 class ReplyChecker:
     """Decides accept or reject for one reply; holds no MQTT and no strategy."""
 
-    def __init__(self, gateway_id: str, is_enrolled: Callable[[bytes], bool], max_reply_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        gateway_id: str,
+        is_enrolled: Callable[[bytes], bool],
+        max_reply_bytes: int = 1 << 20,
+        is_revoked: Callable[[bytes], bool] = lambda key: False,
+    ) -> None:
         self.gateway_id = gateway_id
+        self.is_revoked = is_revoked
         self.max_reply_bytes = max_reply_bytes  # refused before decoding: oversize costs nothing
         self.is_enrolled = is_enrolled
         self.open: dict[tuple[str, str], OpenTask] = {}  # (device id, task id) -> task
@@ -104,6 +112,8 @@ class ReplyChecker:
             return Rejected("topic_mismatch", topic_device, f"signed by {device}", env)
         if env.ctx.gateway != self.gateway_id:
             return Rejected("wrong_gateway", device, f"bound to gateway {env.ctx.gateway}", env)
+        if self.is_revoked(env.ctx.sender):
+            return Rejected("revoked", device, "the device's key was revoked", env)
         if not self.is_enrolled(env.ctx.sender):
             return Rejected("unknown_device", device, "sender is not enrolled", env)
         try:

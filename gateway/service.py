@@ -35,6 +35,7 @@ from protocol.atomic import write_atomic
 from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id, node_id
 from protocol.logs import event
+from protocol.vouchers import Voucher
 
 from .config import GatewayConfig
 from .grid import MqttGrid, RoundTraffic
@@ -44,6 +45,7 @@ from .models import ModelPublisher, Release
 
 log = logging.getLogger("starling.gateway")
 MAX_ENROLL_BYTES = 4096
+REVOCATION_SYNC_S = 1.0
 LEDGER_CALL_TIMEOUT_S = 120.0
 
 
@@ -90,6 +92,7 @@ class Gateway:
         self.by_node: dict[int, bytes] = {}  # Flower node id -> public key
         self.by_id: dict[str, bytes] = {}  # device id -> public key
         self.online: set[str] = set()
+        self.revoked: set[bytes] = set()
         self.enroll_rejections: dict[str, int] = {}
         self.history: dict[int, RoundRecord] = {}
         self.state = "starting"
@@ -114,14 +117,24 @@ class Gateway:
     def _worker(self, stop: threading.Event) -> None:
         from ledger.store import Ledger
 
-        self._ledger = Ledger(self.ledger_path, self.identity)
-        if not self._ledger.is_initialized:
-            self._ledger.init_genesis(self.config.name, [self.identity.public_key])
-        for key, name in self._ledger.enrolled_devices().items():
-            self._admit(key, name)
-        self._worker_ready.set()
+        try:
+            self._ledger = Ledger(self.ledger_path, self.identity)
+            if not self._ledger.is_initialized:
+                self._ledger.init_genesis(self.config.name, [self.identity.public_key])
+            for key, name in self._ledger.enrolled_devices().items():
+                self._admit(key, name)
+            self._sync_revocations()
+        except Exception as exc:  # reported by run(): a gateway without its ledger must not start
+            self._worker_error = exc
+            return
+        finally:
+            self._worker_ready.set()
         prefix = f"{topics.ROOT}/{self.id}/"
+        next_sync = time.monotonic() + REVOCATION_SYNC_S
         while not stop.is_set():
+            if time.monotonic() >= next_sync:  # operators revoke with starling-ledger, from another process
+                self._sync_revocations()
+                next_sync = time.monotonic() + REVOCATION_SYNC_S
             # Ledger jobs first: a flood of device messages must not starve round bookkeeping.
             while not self._jobs.empty():
                 fn, args, future = self._jobs.get()
@@ -146,6 +159,19 @@ class Gateway:
                 log.exception("worker.failed topic=%s", topic)
         self._ledger.close()
 
+    def _sync_revocations(self) -> None:
+        """Drop devices the ledger says are revoked: their next reply is refused as `revoked`."""
+        for key, reason in self._ledger.revoked_devices().items():
+            if key in self.revoked:
+                continue
+            self.revoked.add(key)
+            self.enrolled.pop(key, None)
+            self.by_node.pop(node_id(key), None)
+            device = identity_id(key)
+            self.by_id.pop(device, None)
+            self.online.discard(device)
+            event(log, "device.revoked", device=device, reason=reason)
+
     def _handle_enroll(self, topic: str, payload: bytes) -> None:
         def refuse(reason: str, detail: str, env: envelope.Envelope | None = None) -> None:
             self.enroll_rejections[reason] = self.enroll_rejections.get(reason, 0) + 1
@@ -169,8 +195,17 @@ class Gateway:
         except ProtocolError as exc:
             return refuse(exc.reason, exc.detail)
         key = env.ctx.sender
+        if key in self.revoked:
+            return refuse("revoked", "this key was revoked; a device needs a new key", env)
         if self.config.policy == "allowlist" and key not in self.config.allowlist:
             return refuse("not_allowed", "key is not on the allow-list", env)
+        if self.config.policy == "voucher" and key not in self.enrolled:
+            if not request.voucher:
+                return refuse("no_voucher", "the voucher policy needs an operator's voucher", env)
+            try:
+                Voucher.decode(request.voucher).check(self.config.operator_keys, key, self.id)
+            except ProtocolError as exc:
+                return refuse(exc.reason, exc.detail, env)
         if key not in self.enrolled:
             self._ledger.enroll_device(key, request.name, self.config.policy)
             self._admit(key, request.name)
@@ -320,15 +355,17 @@ class Gateway:
                          [f"{prefix}/reply/+", f"{prefix}/enroll/+", f"{prefix}/online/+"], topics.status(self.id))
         # The largest honest reply is an f32 delta of the whole model plus small change.
         model_bytes = sum(w.nbytes for w in self.initial_weights.values())
-        checker = ReplyChecker(self.id, lambda key: key in self.enrolled, max_reply_bytes=model_bytes + 64 * 1024)
+        checker = ReplyChecker(self.id, lambda key: key in self.enrolled, max_reply_bytes=model_bytes + 64 * 1024,
+                               is_revoked=lambda key: key in self.revoked)
         publisher = ModelPublisher(self.identity, self.id, self.manifest["sha256"], self.link.publish,
-                                   cfg.state_dir / "model_version")
+                                   cfg.state_dir / "model_version", cfg.release_ttl_s)
         publisher.on_release = self._on_release
         self.grid = MqttGrid(self.identity, self.id, self.link.publish, checker, publisher, self.online_nodes,
                              self.by_node.get, cfg.deadline_s, schemas.TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr))
         self.grid.on_closed = self._on_closed
         self.grid.stop = stop
         self._worker_ready = threading.Event()
+        self._worker_error: Exception | None = None
         worker_stop = threading.Event()
         started = time.time()
         height = None
@@ -339,6 +376,8 @@ class Gateway:
             try:
                 if not self._worker_ready.wait(30):
                     raise RuntimeError("the ledger did not open within 30 s")
+                if self._worker_error is not None:
+                    raise RuntimeError(f"cannot open the ledger {self.ledger_path}: {self._worker_error}")
                 event(log, "gateway.start", id=self.id, name=cfg.name, strategy=cfg.strategy,
                       rounds=cfg.num_rounds, ledger=str(self.ledger_path), run=self.grid.run_tag)
                 self.state = "waiting"

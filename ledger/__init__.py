@@ -1,12 +1,13 @@
 """Starling ledger: the gateways' tamper-evident DAG of who contributed what.
 
     vertex.py    the signed, content-addressed vertex and its wire form
-    kinds.py     each kind's body schema, rules and effects (genesis, device.enroll, updates, aggregate)
+    kinds.py     each kind's body schema, rules and effects
+                 (genesis, device.enroll, device.revoke, updates, aggregate)
     validate.py  the rules every vertex passes to join the DAG
     state.py     what those rules read and change; an in-memory version for the verifier
     store.py     one gateway's SQLite store (`Ledger`)
     verify.py    offline audit of a store file (`verify_store`)
-    cli.py       `starling-ledger verify | show | export`
+    cli.py       `starling-ledger verify | show | export | enroll | revoke | voucher`
 
 It imports only the standard library, `protocol` and `sqlite_utils`.
 """

@@ -1,32 +1,61 @@
-"""`starling-ledger`: audit, summarize and export a gateway's ledger file.
+"""`starling-ledger`: audit a gateway's ledger file, and the operator's commands.
+
+Audit (read-only: safe next to a running gateway, never creates a file):
 
     starling-ledger verify --db PATH   exit 0 if every vertex checks out, 1 if not
-    starling-ledger show   --db PATH   height, tips, vertices per kind, enrolled devices
+    starling-ledger show   --db PATH   height, tips, vertices per kind, active and revoked devices
     starling-ledger export --db PATH   one JSON object per vertex, in canonical order
 
-Every subcommand opens the file read-only, so it is safe next to a running
-gateway and never creates a file that is not there.
+Operator (print one JSON line; exit 2 with one line on stderr if refused):
+
+    starling-ledger enroll  --db PATH --key GATEWAY_KEY --device PUBKEY_HEX --name NAME [--policy P]
+    starling-ledger revoke  --db PATH --key GATEWAY_KEY --device PUBKEY_HEX|DEVICE_ID --reason TEXT
+    starling-ledger voucher --operator-key FILE --device PUBKEY_HEX [--gateway ID] [--days N] [--out FILE]
+
+`enroll` and `revoke` append a vertex signed with the gateway's own key file
+(never created here) to an existing ledger, and may run while that gateway
+has the file open: the store serializes the two writers (see
+`ledger.store`). `voucher` touches no ledger: it signs an enrollment voucher
+(`protocol.vouchers`) with the operator's key.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
-from protocol.keys import identity_id
+from protocol.atomic import write_atomic
+from protocol.errors import ProtocolError
+from protocol.keys import Identity, identity_id, load_or_create
+from protocol.vouchers import issue
 
 from .errors import LedgerError
+from .kinds import NAME_MAX, REASON_MAX
 from .store import Ledger
 from .verify import verify_store
 from .vertex import Vertex
 
+REFUSED = 2  # the exit code of a refused operator command, as of an argparse usage error
+MAX_VOUCHER_DAYS = 3650.0
+PUBLIC_KEY_HEX = re.compile(r"[0-9a-fA-F]{64}")
+ID_HEX = re.compile(r"[0-9a-fA-F]{32}")  # a device or gateway id (protocol.keys.identity_id)
+
+
+class Refused(Exception):
+    """An operator command cannot be carried out; the message is the one line printed."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="starling-ledger", description="Audit a Starling gateway's ledger file."
+        prog="starling-ledger",
+        description="Audit a Starling gateway's ledger file; enroll and revoke devices; issue vouchers.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (
@@ -34,14 +63,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify",
             "re-check every vertex (digest, signatures, links, kind rules); exit 1 naming the first bad one",
         ),
-        ("show", "summarize the ledger: height, tips, vertices per kind, enrolled devices"),
+        ("show", "summarize the ledger: height, tips, vertices per kind, active and revoked devices"),
         ("export", "print every vertex as one JSON line, in canonical order (bytes as hex)"),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--db", required=True, metavar="PATH", help="the ledger's SQLite file")
         if name == "show":
             command.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _add_operator_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in OPERATOR_COMMANDS:
+        try:
+            print(json.dumps(OPERATOR_COMMANDS[args.command](args), sort_keys=True))
+        except (Refused, LedgerError, ProtocolError, OSError) as exc:
+            message = " ".join(str(exc).split())  # one line, whatever the exception held
+            print(f"starling-ledger {args.command}: {message}", file=sys.stderr)
+            return REFUSED
+        return 0
     if args.command == "verify":
         return _verify(args.db)
     try:
@@ -71,6 +109,7 @@ def _verify(path: str) -> int:
 
 def _show(ledger: Ledger, as_json: bool) -> None:
     devices = ledger.enrolled_devices()
+    revoked = ledger.revoked_devices()
     summary = {
         "path": str(ledger.path),
         "height": ledger.height,
@@ -78,6 +117,7 @@ def _show(ledger: Ledger, as_json: bool) -> None:
         "kinds": ledger.kind_counts(),
         "gateways": [identity_id(k) for k in ledger.gateways()],
         "devices": {identity_id(k): name for k, name in devices.items()},
+        "revoked": {identity_id(k): reason for k, reason in revoked.items()},
     }
     if as_json:
         print(json.dumps(summary, sort_keys=True))
@@ -90,6 +130,173 @@ def _show(ledger: Ledger, as_json: bool) -> None:
     print(f"devices  {len(devices)} enrolled")
     for device_id, name in summary["devices"].items():
         print(f"  {device_id}  {name}")
+    print(f"revoked  {len(revoked)}")
+    for device_id, reason in summary["revoked"].items():
+        print(f"  {device_id}  {reason}")
+
+
+# --- operator commands ------------------------------------------------------------------
+
+
+def _add_operator_commands(commands: Any) -> None:
+    help_text = "append a device.enroll vertex signed with the gateway's key"
+    enroll = commands.add_parser("enroll", help=help_text, description=help_text)
+    _ledger_arguments(enroll)
+    enroll.add_argument(
+        "--device", required=True, metavar="PUBKEY_HEX", help="the device's public key (64 hex)"
+    )
+    enroll.add_argument("--name", required=True, help=f"the device's name (at most {NAME_MAX} characters)")
+    enroll.add_argument(
+        "--policy", default="operator", help="the policy recorded as admitting it (default: operator)"
+    )
+
+    help_text = "append a device.revoke vertex: the device's key may not contribute or enroll again"
+    revoke = commands.add_parser("revoke", help=help_text, description=help_text)
+    _ledger_arguments(revoke)
+    revoke.add_argument(
+        "--device",
+        required=True,
+        metavar="PUBKEY_HEX_OR_DEVICE_ID",
+        help="the device's public key (64 hex) or its device id (32 hex, as `show` lists it)",
+    )
+    revoke.add_argument(
+        "--reason", required=True, help=f"why, for the auditors (at most {REASON_MAX} characters)"
+    )
+
+    help_text = "sign an enrollment voucher for a device key with the operator's key"
+    voucher = commands.add_parser(
+        "voucher",
+        help=help_text,
+        description=help_text + ". Prints a JSON summary; without --out it holds the voucher as hex.",
+    )
+    voucher.add_argument("--operator-key", required=True, metavar="FILE", help="the operator's key file")
+    voucher.add_argument(
+        "--create-operator-key",
+        action="store_true",
+        help="create the operator key file (mode 600) if missing",
+    )
+    voucher.add_argument(
+        "--device", required=True, metavar="PUBKEY_HEX", help="the device's public key (64 hex)"
+    )
+    voucher.add_argument(
+        "--gateway", default="", metavar="ID", help="the only gateway id it admits at (default: any gateway)"
+    )
+    voucher.add_argument(
+        "--days", type=float, default=30.0, metavar="N", help="days until it expires (default: 30)"
+    )
+    voucher.add_argument("--out", metavar="FILE", help="write the encoded voucher here (mode 644)")
+
+
+def _ledger_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--db", required=True, metavar="PATH", help="the ledger's SQLite file (must exist)")
+    command.add_argument(
+        "--key", required=True, metavar="GATEWAY_KEY_FILE", help="the key file of a gateway of this ledger"
+    )
+
+
+def _enroll(args: argparse.Namespace) -> dict[str, Any]:
+    device = _public_key(args.device)
+    with _open_as_gateway(args.db, args.key) as ledger:
+        created = not ledger.is_enrolled(device)
+        vertex = ledger.enroll_device(device, args.name, args.policy)
+    return {
+        "command": "enroll",
+        "vertex": vertex.id_hex,
+        "seq": vertex.seq,
+        "device": identity_id(device),
+        "public_key": device.hex(),
+        "name": vertex.body["name"],
+        "policy": vertex.body["policy"],
+        "created": created,  # False: enrolled before; this is that enrollment's vertex
+    }
+
+
+def _revoke(args: argparse.Namespace) -> dict[str, Any]:
+    text = args.device.strip()
+    if not (PUBLIC_KEY_HEX.fullmatch(text) or ID_HEX.fullmatch(text)):
+        raise Refused(f"--device {args.device!r} is neither a public key (64 hex) nor a device id (32 hex)")
+    with _open_as_gateway(args.db, args.key) as ledger:
+        if PUBLIC_KEY_HEX.fullmatch(text):
+            device = bytes.fromhex(text)
+        else:
+            wanted = text.lower()
+            known = [*ledger.enrolled_devices(), *ledger.revoked_devices()]
+            matches = [key for key in known if identity_id(key) == wanted]
+            if not matches:
+                raise Refused(f"no device with id {wanted} is enrolled in {args.db}")
+            device = matches[0]
+        vertex = ledger.revoke_device(device, args.reason)
+    return {
+        "command": "revoke",
+        "vertex": vertex.id_hex,
+        "seq": vertex.seq,
+        "device": identity_id(device),
+        "public_key": device.hex(),
+        "reason": vertex.body["reason"],
+    }
+
+
+def _voucher(args: argparse.Namespace) -> dict[str, Any]:
+    device = _public_key(args.device)
+    gateway = args.gateway.strip().lower()
+    if gateway and not ID_HEX.fullmatch(gateway):
+        raise Refused(f"--gateway {args.gateway!r} is not a gateway id (32 hex)")
+    if not (math.isfinite(args.days) and 0 < args.days <= MAX_VOUCHER_DAYS):
+        raise Refused(f"--days must be more than 0 and at most {MAX_VOUCHER_DAYS:g}, not {args.days:g}")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise Refused(f"--out {out} is a folder; name the file to write")
+    key_path = Path(args.operator_key)
+    created = args.create_operator_key and not key_path.exists()
+    operator = load_or_create(key_path) if args.create_operator_key else Identity.load(key_path)
+    voucher = issue(operator, device, gateway, args.days * 86400)
+    encoded = voucher.encode()
+    summary: dict[str, Any] = {
+        "command": "voucher",
+        "device": identity_id(device),
+        "public_key": device.hex(),
+        "gateway": gateway,  # "" admits the device at any gateway
+        "expires": voucher.expires,
+        "expires_utc": datetime.fromtimestamp(voucher.expires, timezone.utc).isoformat(timespec="seconds"),
+        "operator": operator.public_key.hex(),  # what gateways list in enrollment.operator_keys
+        "operator_key_created": created,
+    }
+    if out is not None:
+        try:
+            write_atomic(out, encoded, mode=0o644)
+        except OSError as exc:
+            raise Refused(f"cannot write --out {out}: {exc.strerror or exc}") from exc
+        summary["out"] = str(out)
+    else:
+        summary["voucher"] = encoded.hex()
+    return summary
+
+
+def _public_key(text: str) -> bytes:
+    if not PUBLIC_KEY_HEX.fullmatch(text.strip()):
+        raise Refused(f"--device {text!r} is not a public key (64 hex digits)")
+    return bytes.fromhex(text.strip())
+
+
+def _open_as_gateway(db: str, key_file: str) -> Ledger:
+    """Open an existing ledger to write as the gateway whose key file this is."""
+    identity = Identity.load(key_file)  # never created here: a new key would be nobody's gateway
+    if not Path(db).is_file() or Path(db).stat().st_size == 0:  # SQLite would make a new one of nothing
+        raise Refused(f"no ledger at {db}")
+    ledger = Ledger.open(db, identity)
+    try:
+        gateways = ledger.gateways()
+        if not gateways:
+            raise Refused(f"{db} has no genesis vertex yet; the gateway writes it when it first starts")
+        if identity.public_key not in gateways:
+            raise Refused(f"key {identity.id} ({key_file}) is not one of this ledger's gateways")
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger
+
+
+OPERATOR_COMMANDS = {"enroll": _enroll, "revoke": _revoke, "voucher": _voucher}
 
 
 def to_json(vertex: Vertex) -> dict[str, Any]:

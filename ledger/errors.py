@@ -82,7 +82,7 @@ class Equivocation(BadSequence):
 
 
 class UnknownDevice(LedgerError):
-    """An update record names a device that is not enrolled."""
+    """An update record or a revocation names a device that was never enrolled."""
 
     reason = "unknown_device"
 
@@ -91,6 +91,18 @@ class AlreadyEnrolled(LedgerError):
     """The device is enrolled already."""
 
     reason = "already_enrolled"
+
+
+class DeviceRevoked(LedgerError):
+    """The device was revoked: it may not contribute updates or enroll again (that takes a new key)."""
+
+    reason = "revoked"
+
+
+class AlreadyRevoked(DeviceRevoked):
+    """A revocation names a device that is revoked already."""
+
+    reason = "already_revoked"
 
 
 class BadDeviceSignature(LedgerError):

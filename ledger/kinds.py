@@ -8,8 +8,13 @@ A kind is a class with four steps, run in this order by `ledger.validate`:
     apply(vertex, st)         what the vertex adds to the derived state
 
 State is checked before proofs so that a record from an unknown device is
-refused before any signature check is spent on it. A later kind (revoke,
-membership change, model release, checkpoint) is one more class in `KINDS`.
+refused before any signature check is spent on it. A later kind (membership
+change, model release, checkpoint) is one more class in `KINDS`.
+
+A device is "enrolled" once a `device.enroll` vertex names it and "revoked"
+once a `device.revoke` vertex does; it is active while enrolled and not
+revoked. Revocation is final: a revoked key contributes no more updates and
+cannot enroll again (the device needs a new key).
 
 Bodies are deliberately compact: an update record is a 4-item list, not a
 map, because there are thousands per round and each one stays on disk
@@ -31,8 +36,10 @@ from protocol.schemas import MAX_EXAMPLES
 from .errors import (
     AlreadyEnrolled,
     AlreadyInitialized,
+    AlreadyRevoked,
     BadDeviceSignature,
     BadSequence,
+    DeviceRevoked,
     DuplicateUpdate,
     InvalidVertex,
     NotAGateway,
@@ -47,6 +54,7 @@ if TYPE_CHECKING:
 
 GENESIS = "genesis"
 DEVICE_ENROLL = "device.enroll"
+DEVICE_REVOKE = "device.revoke"
 UPDATES = "updates"
 AGGREGATE = "aggregate"
 
@@ -55,6 +63,7 @@ MAX_RECORDS = 10_000  # per updates vertex; a gateway records a bigger round in 
 MAX_INPUTS = 50_000  # per aggregate
 MAX_ROUND = 2**31 - 1  # as protocol.envelope.Context
 NAME_MAX = 64
+REASON_MAX = 256  # a revocation's reason, kept for auditors
 STRATEGY_MAX = 256  # room for a user strategy's import path
 RECORD_FIELDS = 4  # [device public key, update digest, examples, device signature]
 
@@ -171,7 +180,8 @@ class DeviceEnroll(Kind):
     """A gateway admitted a device under a policy.
 
     Body: {"device": public key, "name": str, "policy": str}. A device is
-    enrolled once; enrolling it again is refused.
+    enrolled once; enrolling it again is refused, and so is enrolling a
+    revoked one.
     """
 
     name = DEVICE_ENROLL
@@ -184,12 +194,40 @@ class DeviceEnroll(Kind):
 
     def check_state(self, vertex: Vertex, state: State) -> None:
         device = vertex.body["device"]
+        if state.is_revoked(device):
+            raise DeviceRevoked(f"device {identity_id(device)} was revoked; re-admission needs a new key")
         if state.is_enrolled(device):
             raise AlreadyEnrolled(f"device {identity_id(device)} is enrolled already")
 
     def apply(self, vertex: Vertex, state: State) -> None:
         body = vertex.body
         state.add_device(vertex, body["device"], body["name"], body["policy"])
+
+
+class DeviceRevoke(Kind):
+    """A gateway revoked an enrolled device's key.
+
+    Body: {"device": public key, "reason": str}. The device must be enrolled
+    and not revoked already. From then on no updates vertex may record it
+    and it cannot enroll again.
+    """
+
+    name = DEVICE_REVOKE
+
+    def check_body(self, body: dict[str, Any]) -> None:
+        check_fields(body, {"device", "reason"}, "device.revoke body")
+        check_bytes(body["device"], "device", PUBLIC_KEY_BYTES)
+        check_text(body["reason"], "reason", REASON_MAX)
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        device = vertex.body["device"]
+        if not state.is_enrolled(device):
+            raise UnknownDevice(f"device {identity_id(device)} is not enrolled, so it cannot be revoked")
+        if state.is_revoked(device):
+            raise AlreadyRevoked(f"device {identity_id(device)} is revoked already")
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        state.add_revocation(vertex, vertex.body["device"], vertex.body["reason"])
 
 
 class Updates(Kind):
@@ -201,7 +239,8 @@ class Updates(Kind):
     the "reply" envelope with context (device, gateway, round, task, base)
     and body {"digest": update digest, "examples": examples}. The gateway
     named must be the creator, so no gateway can re-record replies that
-    devices addressed to another.
+    devices addressed to another. Every device must be active (enrolled, not
+    revoked).
     """
 
     name = UPDATES
@@ -234,6 +273,8 @@ class Updates(Kind):
         for i, (device, digest, _, _) in enumerate(body["records"]):
             if not state.is_enrolled(device):
                 raise UnknownDevice(f"record {i}: device {identity_id(device)} is not enrolled")
+            if state.is_revoked(device):
+                raise DeviceRevoked(f"record {i}: device {identity_id(device)} was revoked")
             if state.has_record(device, digest):
                 raise DuplicateUpdate(
                     f"record {i}: device {identity_id(device)}'s update {digest.hex()} is recorded already"
@@ -284,7 +325,9 @@ class Aggregate(Kind):
             raise UnknownInput(f"{len(missing)} input(s) are not recorded updates, first {missing[0].hex()}")
 
 
-KINDS: dict[str, Kind] = {kind.name: kind for kind in (Genesis(), DeviceEnroll(), Updates(), Aggregate())}
+KINDS: dict[str, Kind] = {
+    kind.name: kind for kind in (Genesis(), DeviceEnroll(), DeviceRevoke(), Updates(), Aggregate())
+}
 
 
 def kind_of(name: str) -> Kind:

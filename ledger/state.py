@@ -29,7 +29,11 @@ class State(Protocol):
 
     def is_gateway(self, public_key: bytes) -> bool: ...
 
-    def is_enrolled(self, public_key: bytes) -> bool: ...
+    def is_enrolled(self, public_key: bytes) -> bool:
+        """True if a device.enroll vertex names the device, revoked since or not."""
+
+    def is_revoked(self, public_key: bytes) -> bool:
+        """True if a device.revoke vertex names the device."""
 
     def has_update(self, digest: bytes) -> bool:
         """True if some updates vertex recorded an update with this digest."""
@@ -44,6 +48,8 @@ class State(Protocol):
 
     def add_device(self, vertex: Vertex, public_key: bytes, name: str, policy: str) -> None: ...
 
+    def add_revocation(self, vertex: Vertex, public_key: bytes, reason: str) -> None: ...
+
     def add_updates(self, vertex: Vertex, records: list[tuple[bytes, bytes]]) -> None:
         """Record (device public key, update digest) pairs of an updates vertex."""
 
@@ -57,6 +63,7 @@ class MemoryState:
         self.tips: set[bytes] = set()
         self.gateways: dict[bytes, bytes] = {}  # public key -> id of the vertex that named it
         self.devices: dict[bytes, tuple[str, str, bytes]] = {}  # public key -> (name, policy, vertex id)
+        self.revoked: dict[bytes, tuple[str, bytes]] = {}  # public key -> (reason, vertex id)
         self.updates: set[bytes] = set()
         self.records: set[tuple[bytes, bytes]] = set()
 
@@ -76,6 +83,9 @@ class MemoryState:
     def is_enrolled(self, public_key: bytes) -> bool:
         return public_key in self.devices
 
+    def is_revoked(self, public_key: bytes) -> bool:
+        return public_key in self.revoked
+
     def has_update(self, digest: bytes) -> bool:
         return digest in self.updates
 
@@ -94,6 +104,9 @@ class MemoryState:
 
     def add_device(self, vertex: Vertex, public_key: bytes, name: str, policy: str) -> None:
         self.devices[public_key] = (name, policy, vertex.id)
+
+    def add_revocation(self, vertex: Vertex, public_key: bytes, reason: str) -> None:
+        self.revoked[public_key] = (reason, vertex.id)
 
     def add_updates(self, vertex: Vertex, records: list[tuple[bytes, bytes]]) -> None:
         for device, digest in records:

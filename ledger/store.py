@@ -8,7 +8,8 @@ transaction as the vertex that changes it:
     vertices       id (hex), n, creator (identity id), seq, kind, time, depth, data
     tips           ids of vertices nobody names as a parent yet
     gateways       public keys named by genesis
-    devices        enrolled devices: public key, id, name, policy, enroll vertex
+    devices        enrolled devices, revoked since or not: public key, id, name, policy, enroll vertex
+    revocations    revoked devices: public key, reason, revoke vertex
     updates        (update digest, device) -> updates vertex; answers "is this input recorded?"
     contributions  (device, vertex) pairs; answers "which vertices name this device?"
 
@@ -18,12 +19,20 @@ to devices and vertices by small integer handles (`devices.n`,
 `n` is an explicit column because SQLite may renumber implicit rowids on
 VACUUM.
 
+A device is active while it is in `devices` and not in `revocations`;
+`enrolled_devices` and `is_enrolled` answer for active devices only.
+
 Every write is one `BEGIN IMMEDIATE` transaction: the write lock is taken
 before the creator's last seq and the tips are read, so two writers cannot
-both claim the same seq. Validation runs inside it, and a refusal rolls
-everything back. The canonical order of vertices is (depth, id): depth is
-the longest path from genesis, so every parent comes before its children,
-and every gateway derives the same order from the same DAG.
+both claim the same seq, even two `Ledger`s in different processes signing
+with the same gateway key (a running gateway and an operator's
+`starling-ledger revoke`). A writer that finds the lock taken waits up to
+`BUSY_TIMEOUT_S` for it instead of failing. Validation runs inside the
+transaction, and a refusal rolls everything back.
+
+The canonical order of vertices is (depth, id): depth is the longest path
+from genesis, so every parent comes before its children, and every gateway
+derives the same order from the same DAG.
 """
 
 from __future__ import annotations
@@ -42,11 +51,11 @@ from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id
 
 from . import validate
-from .errors import AlreadyEnrolled, InvalidVertex, LedgerError, NoIdentity, StoreError
-from .kinds import AGGREGATE, DEVICE_ENROLL, GENESIS, UPDATES
+from .errors import AlreadyEnrolled, DeviceRevoked, InvalidVertex, LedgerError, NoIdentity, StoreError
+from .kinds import AGGREGATE, DEVICE_ENROLL, DEVICE_REVOKE, GENESIS, UPDATES
 from .vertex import Vertex, sign
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added the revocations table
 APPLICATION_ID = 0x53544C47  # "STLG" in the SQLite header: marks the file as a Starling ledger
 BUSY_TIMEOUT_S = 10.0
 PAGE_ROWS = 32  # vertices fetched per query while iterating; an updates vertex can be 100s of KB
@@ -87,7 +96,21 @@ CREATE TABLE contributions (
 ) WITHOUT ROWID;
 """
 
-TABLES = frozenset({"vertices", "tips", "gateways", "devices", "updates", "contributions"})
+REVOCATIONS = """
+CREATE {temp}TABLE revocations (
+    public_key TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    vertex TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+# What each schema version added to the one before. A writer upgrades an older file in
+# place; a read-only reader gives itself empty TEMP tables instead, which is what they
+# would hold (an older file cannot have vertices of a kind its code did not know).
+ADDED_IN = {2: REVOCATIONS}
+SCHEMA += "".join(ADDED_IN[v].format(temp="") for v in sorted(ADDED_IN))
+
+TABLES = frozenset({"vertices", "tips", "gateways", "devices", "revocations", "updates", "contributions"})
 
 
 def connect(path: str | Path, *, read_only: bool) -> sqlite3.Connection:
@@ -103,13 +126,20 @@ def connect(path: str | Path, *, read_only: bool) -> sqlite3.Connection:
 
 
 def check_schema(conn: sqlite3.Connection) -> None:
-    """Raise StoreError unless the file holds a ledger of a schema this code knows."""
+    """Raise StoreError unless the file holds a ledger of a schema this code knows.
+
+    For a file of an older version (only ever met read-only: a writer upgrades
+    it first), add the tables it lacks as empty TEMP tables on `conn`, so every
+    query reads it as the current schema.
+    """
     app_id = conn.execute("PRAGMA application_id").fetchone()[0]
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if app_id != APPLICATION_ID:
         raise StoreError("not a Starling ledger (SQLite application_id does not match)")
-    if version != SCHEMA_VERSION:
-        raise StoreError(f"ledger schema version {version}; this code reads version {SCHEMA_VERSION}")
+    if not 1 <= version <= SCHEMA_VERSION:
+        raise StoreError(f"ledger schema version {version}; this code reads versions 1 to {SCHEMA_VERSION}")
+    for added in range(version + 1, SCHEMA_VERSION + 1):
+        conn.execute(ADDED_IN[added].format(temp="TEMP "))
 
 
 class Ledger:
@@ -187,7 +217,13 @@ class Ledger:
     def _create_schema(self) -> None:
         with self._write(require_identity=False):
             if self._conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID:
-                return  # a ledger already; check_schema checks its version
+                # A ledger already: bring an older schema up to date (check_schema refuses newer ones).
+                version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+                if 1 <= version < SCHEMA_VERSION:
+                    for added in range(version + 1, SCHEMA_VERSION + 1):
+                        self.db.executescript(ADDED_IN[added].format(temp=""))
+                    self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                return
             if self._conn.execute("PRAGMA user_version").fetchone()[0] != 0 or self.db.table_names():
                 raise StoreError(f"{self.path} is an SQLite database of something else")
             self.db.executescript(SCHEMA)
@@ -279,7 +315,12 @@ class Ledger:
 
     def enroll_device(self, public_key: bytes, name: str, policy: str) -> Vertex:
         """Enroll a device. Idempotent: if it is enrolled already, returns the existing
-        `device.enroll` vertex unchanged (its name and policy stay as first enrolled)."""
+        `device.enroll` vertex unchanged (its name and policy stay as first enrolled).
+
+        A revoked device is refused (`DeviceRevoked`): re-admission needs a new key.
+        """
+        if isinstance(public_key, bytes) and self.is_revoked(public_key):
+            raise DeviceRevoked(f"device {identity_id(public_key)} was revoked; re-admission needs a new key")
         existing = self._enroll_vertex(public_key)
         if existing is not None:
             return existing
@@ -289,6 +330,15 @@ class Ledger:
             existing = self._enroll_vertex(public_key)
             assert existing is not None
             return existing
+
+    def revoke_device(self, public_key: bytes, reason: str) -> Vertex:
+        """Revoke an enrolled device's key for good, saying why (at most 256 characters).
+
+        Refused with `UnknownDevice` if it was never enrolled and `AlreadyRevoked`
+        if it is revoked already. Afterwards it is no longer in `enrolled_devices`,
+        no updates vertex may record it, and `enroll_device` refuses it.
+        """
+        return self.append(DEVICE_REVOKE, {"device": public_key, "reason": reason})
 
     def record_updates(
         self, gateway: str, round: int, task: str, base: bytes, records: list[tuple[bytes, bytes, int, bytes]]
@@ -357,22 +407,48 @@ class Ledger:
             after = (rows[-1][0], rows[-1][1])
 
     def enrolled_devices(self) -> dict[bytes, str]:
-        """Enrolled devices: public key -> name."""
+        """Active devices (enrolled and not revoked), in enrollment order: public key -> name."""
         with self._read() as conn:
-            rows = conn.execute("SELECT public_key, name FROM devices ORDER BY n").fetchall()
+            rows = conn.execute(
+                "SELECT public_key, name FROM devices WHERE public_key NOT IN"
+                " (SELECT public_key FROM revocations) ORDER BY n"
+            ).fetchall()
         return {bytes.fromhex(key): name for key, name in rows}
 
     def is_enrolled(self, public_key: bytes) -> bool:
+        """True if the device is active: enrolled and not revoked."""
         with self._read() as conn:
-            return SqlState(conn).is_enrolled(public_key)
+            row = conn.execute(
+                "SELECT 1 FROM devices WHERE public_key = :key"
+                " AND NOT EXISTS (SELECT 1 FROM revocations WHERE public_key = :key)",
+                {"key": public_key.hex()},
+            ).fetchone()
+        return row is not None
+
+    def is_revoked(self, public_key: bytes) -> bool:
+        """True if a device.revoke vertex names the device."""
+        with self._read() as conn:
+            return SqlState(conn).is_revoked(public_key)
+
+    def revoked_devices(self) -> dict[bytes, str]:
+        """Revoked devices, in enrollment order: public key -> the revocation's reason."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT r.public_key, r.reason FROM revocations r"
+                " JOIN devices d ON d.public_key = r.public_key ORDER BY d.n"
+            ).fetchall()
+        return {bytes.fromhex(key): reason for key, reason in rows}
 
     def history(self, device_public_key: bytes) -> list[Vertex]:
-        """The vertices that name a device (its enrollment, updates vertices with its records), in order."""
+        """The vertices that name a device, in order: its enrollment, the updates
+        vertices with its records, its revocation."""
         with self._read() as conn:
             rows = conn.execute(
                 """
                 SELECT v.id, v.data FROM vertices v WHERE v.id IN (
                     SELECT vertex FROM devices WHERE public_key = :key
+                    UNION ALL
+                    SELECT vertex FROM revocations WHERE public_key = :key
                     UNION ALL
                     SELECT w.id FROM contributions c
                     JOIN devices d ON d.n = c.device
@@ -449,6 +525,9 @@ class SqlState:
     def is_enrolled(self, public_key: bytes) -> bool:
         return self._exists("SELECT 1 FROM devices WHERE public_key = ?", public_key.hex())
 
+    def is_revoked(self, public_key: bytes) -> bool:
+        return self._exists("SELECT 1 FROM revocations WHERE public_key = ?", public_key.hex())
+
     def has_update(self, digest: bytes) -> bool:
         return self._exists("SELECT 1 FROM updates WHERE digest = ? LIMIT 1", digest)
 
@@ -491,6 +570,12 @@ class SqlState:
         self.conn.execute(
             "INSERT INTO devices (public_key, id, name, policy, vertex) VALUES (?, ?, ?, ?, ?)",
             (public_key.hex(), identity_id(public_key), name, policy, vertex.id_hex),
+        )
+
+    def add_revocation(self, vertex: Vertex, public_key: bytes, reason: str) -> None:
+        self.conn.execute(
+            "INSERT INTO revocations (public_key, reason, vertex) VALUES (?, ?, ?)",
+            (public_key.hex(), reason, vertex.id_hex),
         )
 
     def add_updates(self, vertex: Vertex, records: list[tuple[bytes, bytes]]) -> None:

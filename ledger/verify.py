@@ -154,6 +154,11 @@ def _check_derived(conn: sqlite3.Connection, state: MemoryState) -> list[Problem
         {(k.hex(), identity_id(k), name, policy, v.hex()) for k, (name, policy, v) in state.devices.items()},
     )
     compare(
+        "revocations",
+        {tuple(r) for r in conn.execute("SELECT public_key, reason, vertex FROM revocations")},
+        {(k.hex(), reason, v.hex()) for k, (reason, v) in state.revoked.items()},
+    )
+    compare(
         "updates",
         {
             (bytes.fromhex(key), digest)

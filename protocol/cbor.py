@@ -74,8 +74,13 @@ def _encode(obj: Any, depth: int) -> bytes:
     return cbor2.dumps(obj, canonical=True)
 
 
-def _scan(data: bytes) -> None:
-    """Walk the item headers of `data` (no recursion, linear time) and refuse what `loads` must not decode."""
+def _scan(data: bytes) -> bool:
+    """Walk the item headers of `data` (no recursion, linear time) and refuse what `loads` must not decode.
+
+    Returns whether every map key is a text string (then cbor2's canonical
+    order is RFC 8949's, and the canonical check can run in C).
+    """
+    text_keys = True
     end = len(data)
     pos = 0
     # Each frame: [items still to read, whether the container is a map].
@@ -106,6 +111,8 @@ def _scan(data: bytes) -> None:
             raise MalformedCBOR(f"reserved additional information {info}")
         if is_key and major not in _KEY_MAJORS:
             raise MalformedCBOR("map keys must be integers, strings or simple values")
+        if is_key and major != 3:
+            text_keys = False
         if major in (2, 3):
             if arg > end - pos:
                 raise MalformedCBOR("truncated input")
@@ -124,10 +131,44 @@ def _scan(data: bytes) -> None:
             frames.append([1, False])
     if pos != end:
         raise MalformedCBOR(f"{end - pos} trailing bytes after the item")
+    return text_keys
+
+
+_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+def _text_keys_only(obj: Any, depth: int) -> bool:
+    """True if every map in `obj` has text keys only and every leaf is a plain scalar."""
+    if depth > MAX_DEPTH:
+        return False
+    kind = type(obj)
+    if (kind is dict or kind is list or kind is tuple) and obj and depth >= MAX_DEPTH:
+        return False  # its items would be too deep: the careful path raises LimitExceeded
+    if kind is dict:
+        for key, value in obj.items():
+            if type(key) is not str:
+                return False
+            if type(value) not in _SCALARS and not _text_keys_only(value, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        for value in obj:
+            if type(value) not in _SCALARS and not _text_keys_only(value, depth + 1):
+                return False
+        return True
+    return kind in _SCALARS
 
 
 def dumps(obj: Any) -> bytes:
-    """Encode `obj` in RFC 8949 core deterministic encoding."""
+    """Encode `obj` in RFC 8949 core deterministic encoding.
+
+    Fast path: when every map key is a text string (all of Starling's own
+    messages), cbor2's length-first canonical order is the same as RFC 8949's
+    bytewise order (a text key's header grows with its length), so cbor2
+    encodes the whole value in C. Anything else takes the careful path.
+    """
+    if _text_keys_only(obj, 0):
+        return cbor2.dumps(obj, canonical=True)
     return _encode(obj, 0)
 
 
@@ -146,7 +187,7 @@ def loads(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, canonical: bool = 
         raise LimitExceeded(f"{len(data)} bytes is over the limit of {max_bytes}")
     if not data:
         raise MalformedCBOR("empty input")
-    _scan(data)
+    text_keys = _scan(data)
     stream = io.BytesIO(data)
     try:
         decoder = cbor2.CBORDecoder(
@@ -164,7 +205,7 @@ def loads(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, canonical: bool = 
         raise MalformedCBOR(f"{len(data) - stream.tell()} trailing bytes after the item")
     if canonical:
         try:
-            again = dumps(value)
+            again = cbor2.dumps(value, canonical=True) if text_keys else _encode(value, 0)
         except Exception as exc:
             raise NonCanonicalCBOR(f"value cannot be re-encoded: {exc}") from exc
         if again != data:

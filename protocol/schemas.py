@@ -31,7 +31,9 @@ MAX_TEXT = 256
 MAX_METRICS = 16
 MAX_EXAMPLES = 10_000_000
 MAX_UPDATE_BYTES = 2 * 1024 * 1024
-MAX_MODEL_BYTES = 4 * 1024 * 1024
+MAX_MODEL_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 256 * 1024  # larger models travel in chunks of this size
+MAX_CHUNKS = MAX_MODEL_BYTES // CHUNK_BYTES
 TASK_KINDS = ("train", "evaluate")
 
 
@@ -228,35 +230,65 @@ class Receipt:
 
 @dataclass(frozen=True)
 class ModelRelease:
-    """A global model: `digest` (SHA-256 of the attachment) is its content address."""
+    """A signed global model release, in the spirit of TUF targets metadata.
+
+    `digest` is the SHA-256 of the model bytes (`encode_model`) and its
+    content address. `version` only grows (devices refuse rollback) and
+    `expires` bounds how long a release may be acted on (devices refuse a
+    stale one, so a replayed old release cannot freeze a fleet). A model of
+    at most `CHUNK_BYTES` is the release's attachment (`chunks == 1`); a
+    larger one travels as `chunks` retained pieces whose concatenation must
+    hash to `digest`.
+    """
 
     digest: bytes
     version: int
-    architecture: str  # sha256 hex of the .tflite the weights belong to
+    architecture: str  # sha256 hex of the .tflite the weights belong to ("" for synthetic models)
+    expires: float = 0.0  # unix seconds; 0 means no expiry
+    size: int = 0  # bytes of the model
+    chunks: int = 1
 
     def to_body(self) -> dict[str, Any]:
-        return {"digest": self.digest, "version": self.version, "architecture": self.architecture}
+        return {"digest": self.digest, "version": self.version, "architecture": self.architecture,
+                "expires": float(self.expires), "size": self.size, "chunks": self.chunks}
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> ModelRelease:
-        _check_fields(body, {"digest", "version", "architecture"})
-        return cls(_digest(body, "digest"), _int(body, "version", 0, 2**31 - 1), _text(body, "architecture", 64))
+        _check_fields(body, {"digest", "version", "architecture", "expires", "size", "chunks"})
+        release = cls(
+            _digest(body, "digest"), _int(body, "version", 0, 2**31 - 1), _text(body, "architecture", 64),
+            _float(body, "expires", 0.0, 1e11), _int(body, "size", 0, MAX_MODEL_BYTES), _int(body, "chunks", 1, MAX_CHUNKS),
+        )
+        if release.chunks != max(1, -(-release.size // CHUNK_BYTES)):
+            raise SchemaError(f"{release.size} bytes must travel in {max(1, -(-release.size // CHUNK_BYTES))} chunks")
+        return release
 
 
 @dataclass(frozen=True)
 class EnrollRequest:
-    """A device asks to join a gateway; the signature proves it holds its key."""
+    """A device asks to join a gateway; the signature proves it holds its key.
+
+    `voucher` is an operator's signed voucher for the key (protocol.vouchers),
+    needed where the gateway's policy is "voucher".
+    """
 
     name: str
     time: float  # unix seconds when the request was made
+    voucher: bytes = b""
 
     def to_body(self) -> dict[str, Any]:
-        return {"name": self.name, "time": float(self.time)}
+        body: dict[str, Any] = {"name": self.name, "time": float(self.time)}
+        if self.voucher:
+            body["voucher"] = self.voucher
+        return body
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> EnrollRequest:
-        _check_fields(body, {"name", "time"})
-        return cls(_text(body, "name", 64), _float(body, "time", 0.0, 1e11))
+        _check_fields(body, {"name", "time"}, frozenset({"voucher"}))
+        voucher = body.get("voucher", b"")
+        if not isinstance(voucher, bytes) or len(voucher) > 512:
+            raise SchemaError("voucher must be at most 512 bytes")
+        return cls(_text(body, "name", 64), _float(body, "time", 0.0, 1e11), voucher)
 
 
 # --- attachments ---------------------------------------------------------------------

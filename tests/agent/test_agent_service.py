@@ -77,10 +77,13 @@ class Peer:
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
 
-    def release(self, weights, version: int, publish: bool = True) -> bytes | tuple[bytes, bytes]:
+    def release(self, weights, version: int, publish: bool = True, expires_in: float = 3600.0):
         """Sign a model release; publish it retained under its digest (or return it with the digest)."""
+        model = schemas.encode_model(weights)
         ctx = envelope.Context(GATEWAY.public_key, GATEWAY.id, version, "model", b"")
-        wire = envelope.seal(GATEWAY, "model", ctx, {"version": version, "architecture": ""}, schemas.encode_model(weights))
+        body = {"version": version, "architecture": "", "expires": time.time() + expires_in, "size": len(model),
+                "chunks": 1}
+        wire = envelope.seal(GATEWAY, "model", ctx, body, model)
         digest = envelope.decode(wire).body["digest"]
         if not publish:
             return wire, digest
@@ -195,6 +198,45 @@ def test_a_model_older_than_one_already_trusted_is_refused(peer, start_agent, mo
     peer.task(device, digest)
     peer.nothing("reply")
     assert refusals(agent) == {"model_rollback": 1}
+
+
+def test_an_expired_release_is_refused(peer, start_agent, model):
+    device = Identity.generate()
+    agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=0))
+    digest = peer.release(model.get_weights(), version=1, expires_in=-1.0)
+    peer.task(device, digest)
+    peer.nothing("reply")
+    assert refusals(agent) == {"model_expired": 1}
+
+
+def test_a_model_over_256_kb_arrives_in_chunks_and_is_used(peer, broker, tmp_path):
+    from gateway.models import ModelPublisher
+    from hw.synthetic import SyntheticModel, synthetic_data
+
+    shapes = {"big": (300, 300), "b": (7,)}  # 360 KB of float32: two chunks
+    device = Identity.generate()
+    config = AgentConfig(name="big", key=tmp_path / "k", state_dir=tmp_path / "big-state", gateway_id=GATEWAY.id,
+                         gateway_public_key=GATEWAY.public_key, broker_host=broker.host, broker_port=broker.port,
+                         replay=tmp_path / "unused.npz")
+    StateStore(config.state_dir).save(AgentState(GATEWAY.id, enrolled=True, trusted_version=0))
+    agent = Agent(config, device, SyntheticModel(shapes, seed=3), synthetic_data(32))
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert agent._connected.wait(10)
+        time.sleep(0.3)
+        publisher = ModelPublisher(GATEWAY, GATEWAY.id, "", peer.publish, tmp_path / "version")
+        release = publisher.release({k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}, 1)
+        assert release.chunks == 2
+        peer.task(device, release.digest)
+        reply = peer.next("reply")
+        assert reply.ctx.base == release.digest
+        delta, _ = schemas.decode_update(reply.attachment)
+        assert delta["big"].shape == (300, 300)
+    finally:
+        stop.set()
+        thread.join(20)
 
 
 def test_a_model_that_does_not_hash_to_the_tasks_digest_is_refused(peer, start_agent, model):

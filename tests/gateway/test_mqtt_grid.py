@@ -182,3 +182,23 @@ def test_sigterm_ends_flowers_wait_for_nodes(tmp_path):
     grid.stop.set()
     with pytest.raises(InterruptedError):
         FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), grid)
+
+
+def test_a_model_over_256_kb_is_published_as_retained_chunks_before_its_release(tmp_path):
+    fleet = Fleet(answer=False)
+    publisher = ModelPublisher(GATEWAY, GATEWAY.id, "arch", fleet.publish, tmp_path / "v", ttl_s=60)
+    big = {"w": np.ones((400, 400), np.float32)}  # 640 KB: three chunks
+    release = publisher.release(big, 1)
+    assert release.chunks == 3
+    address = topics.model(GATEWAY.id, release.digest.hex())
+    assert [t for t, _ in fleet.published] == [f"{address}/0", f"{address}/1", f"{address}/2", address]
+    env = envelope.decode(fleet.published[-1][1])
+    env.verify()
+    body = schemas.ModelRelease.from_body(env.body)
+    assert body.chunks == 3 and env.attachment is None
+    assert 0 < body.expires - __import__("time").time() <= 60
+    assert b"".join(p for _, p in fleet.published[:3]) == schemas.encode_model(big)
+    for i in range(2, 4):  # two newer releases push it out: every piece is cleared
+        publisher.release({"w": np.full((2,), float(i), np.float32)}, i)
+    cleared = {t for t, p in fleet.published if p == b""}
+    assert {address, f"{address}/0", f"{address}/1", f"{address}/2"} <= cleared

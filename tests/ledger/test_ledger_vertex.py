@@ -24,6 +24,7 @@ PARENT_A, PARENT_B = sha256(b"a"), sha256(b"b")
 BODIES = {
     "genesis": {"name": "city", "gateways": [GW.public_key]},
     "device.enroll": {"device": DEVICE.public_key, "name": "pi-1", "policy": "voucher"},
+    "device.revoke": {"device": DEVICE.public_key, "reason": "stolen from the lamp post"},
     "updates": {
         "gateway": GW.id,
         "round": 3,
@@ -199,7 +200,7 @@ def test_sign_refuses_a_body_that_breaks_its_kind(kind: str, body: dict) -> None
 
 
 def test_every_kind_has_rules() -> None:
-    assert set(kinds.KINDS) == {"genesis", "device.enroll", "updates", "aggregate"}
+    assert set(kinds.KINDS) == {"genesis", "device.enroll", "device.revoke", "updates", "aggregate"}
 
 
 def test_update_record_is_compact() -> None:

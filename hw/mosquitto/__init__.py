@@ -1,0 +1,1 @@
+"""Mosquitto broker templates for a Starling gateway: TLS, per-device passwords and ACLs, safe queue limits."""
