@@ -34,10 +34,12 @@ from protocol.keys import Identity, identity_id
 from protocol.logs import event
 
 from .ingest import Accepted, OpenTask, Rejected, ReplyChecker
+from .journal import Journal, Resume
 from .models import ModelPublisher
 
 log = logging.getLogger("starling.gateway.grid")
-REMEMBER_ROUNDS = 2  # replies to tasks this many rounds old are still told apart as replay/late
+REMEMBER_ROUNDS = 2
+MAX_DEFERRED = 100_000  # replies held while an interrupted round re-opens (more is not a fleet, it is a flood)  # replies to tasks this many rounds old are still told apart as replay/late
 
 
 @dataclass
@@ -105,6 +107,10 @@ class MqttGrid(Grid):
         self.train_defaults = train_defaults
         self.run_tag = secrets.token_hex(4)
         self._pushes = 0
+        self.journal: Journal | None = None  # accepted training replies are written here before their receipt
+        self.resume: Resume | None = None  # set when this run continues one a crash interrupted
+        self.round_offset = 0  # Flower counts from 1 again after a resume; the fleet's rounds go on
+        self._deferred: list[tuple[str, bytes]] = []  # replies to the interrupted round, until it re-opens
         self._run = Run.create_empty(run_id=1)
         self._cv = threading.Condition()
         self._instructions: dict[str, Message] = {}  # message id -> Flower instruction
@@ -133,11 +139,30 @@ class MqttGrid(Grid):
             raise InterruptedError("gateway is stopping")
         return list(self._online_nodes())
 
+    def _resumed(self, messages: list[Message]) -> tuple[list[Message], Resume | None]:
+        """On the first training push after a crash: the interrupted round's devices, not a new sample."""
+        resume = self.resume
+        if resume is None or not messages or _kind(messages[0]) != "train":
+            return messages, None
+        if _round(messages[0]) + self.round_offset != resume.round:
+            return messages, None
+        self.resume = None
+        template = messages[0]
+        nodes = resume.nodes
+        if resume.closed:  # it had closed: only the replies it had then count
+            answered = {identity_id(envelope.decode(w).ctx.sender) for w in resume.replies}
+            nodes = [n for n in nodes if (k := self._device_key(n)) is not None and identity_id(k) in answered]
+        return [Message(template.content, n, template.metadata.message_type, group_id=template.metadata.group_id)
+                for n in nodes], resume
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         self._pushes += 1
+        messages, resume = self._resumed(list(messages))
+        restored = {identity_id(envelope.decode(w).ctx.sender): w for w in resume.replies} if resume else {}
+        opened: dict[str, tuple[int, bytes, list[int]]] = {}
         for message in messages:
-            kind, round_ = _kind(message), _round(message)
+            kind, round_ = _kind(message), _round(message) + self.round_offset
             if kind not in schemas.TASK_KINDS:
                 raise ValueError(f"MqttGrid cannot carry message type {message.metadata.message_type!r}")
             device_key = self._device_key(message.metadata.dst_node_id)
@@ -154,7 +179,7 @@ class MqttGrid(Grid):
                 deadline=deadline,
                 options=_options(config),
             )
-            task_id = f"{kind}-{round_}-{self.run_tag}.{self._pushes}"
+            task_id = resume.task if resume else f"{kind}-{round_}-{self.run_tag}.{self._pushes}"
             device_id = identity_id(device_key)
             ctx = envelope.Context(self.identity.public_key, self.gateway_id, round_, task_id, release.digest)
             wire = envelope.seal(self.identity, "task", ctx, schemas.Task(kind, device_id, train, "i8").to_body())
@@ -172,8 +197,22 @@ class MqttGrid(Grid):
                 )
                 traffic = self.traffic.setdefault(task_id, RoundTraffic(kind, round_, task_id, release.digest))
                 traffic.sent += 1
-            self._publish(topics.task(self.gateway_id, device_id), wire)
+            if kind == "train":
+                opened.setdefault(task_id, (round_, release.digest, []))[2].append(message.metadata.dst_node_id)
+            if device_id in restored:  # accepted before the crash: its device forgot it, the journal did not
+                self.handle_reply(topics.reply(self.gateway_id, device_id), restored[device_id], restoring=True)
+            else:
+                self._publish(topics.task(self.gateway_id, device_id), wire)
             ids.append(message_id)
+        if self.journal is not None:
+            for task_id, (round_, base, nodes) in opened.items():
+                self.journal.open_exchange(task_id, round_, base, nodes)
+        if resume is not None:
+            with self._cv:
+                self.checker.reopening.discard(resume.task)
+                deferred, self._deferred = self._deferred, []
+            for topic, payload in deferred:  # replies that arrived while the round was being re-opened
+                self.handle_reply(topic, payload)
         return ids
 
     def _release_for(self, message: Message, round_: int):
@@ -226,10 +265,14 @@ class MqttGrid(Grid):
 
     # --- ingest (called on the gateway's worker thread) ------------------------------
 
-    def handle_reply(self, topic: str, payload: bytes) -> Accepted | Rejected:
+    def handle_reply(self, topic: str, payload: bytes, restoring: bool = False) -> Accepted | Rejected:
         # Check and hand over under one lock, so a reply is either in its round or late, never lost between.
         with self._cv:
             outcome = self.checker.check(topic, payload)
+            if isinstance(outcome, Rejected) and outcome.reason == "deferred":
+                if len(self._deferred) < MAX_DEFERRED:
+                    self._deferred.append((topic, payload))
+                return outcome
             if isinstance(outcome, Accepted):
                 task = outcome.task
                 self._replies[task.message_id] = outcome
@@ -241,6 +284,11 @@ class MqttGrid(Grid):
                 if traffic is not None:
                     traffic.rejected[outcome.reason] = traffic.rejected.get(outcome.reason, 0) + 1
         if isinstance(outcome, Accepted):
+            if restoring:
+                return outcome
+            if self.journal is not None and outcome.task.kind == "train":
+                # Before the receipt: once the device hears "accepted" it forgets the reply.
+                self.journal.accept(outcome.task.task, outcome.task.device_id, payload)
             self._receipt(outcome.envelope, outcome.task.device_id, True, "")
             event(log, "reply.accepted", device=outcome.task.device_id, round=outcome.task.round,
                   kind=outcome.task.kind, examples=outcome.examples, bytes=len(payload))
@@ -279,4 +327,6 @@ class MqttGrid(Grid):
             closed = [self.traffic.pop(tid) for tid in task_ids if tid in self.traffic]
             for traffic in closed:
                 traffic.closed = True
+                if self.journal is not None and traffic.kind == "train":
+                    self.journal.close_exchange(traffic.task)
         return sorted(closed, key=lambda t: (t.round, t.kind != "train"))

@@ -94,6 +94,7 @@ class ReplyChecker:
         self.open: dict[tuple[str, str], OpenTask] = {}  # (device id, task id) -> task
         self.accepted: dict[tuple[str, str], tuple[int, bytes]] = {}  # (device, task) -> (round, update digest)
         self.closed: dict[tuple[str, str], int] = {}  # tasks whose round closed without a reply -> round
+        self.reopening: set[str] = set()  # task ids of a round a crash interrupted, not re-opened yet
         self.current_round = 0
 
     def check(self, topic: str, payload: bytes, now: float | None = None) -> Accepted | Rejected:
@@ -134,6 +135,8 @@ class ReplyChecker:
                             authenticated=True, already_accepted=same)
         task = self.open.get(key)
         if task is None:
+            if env.ctx.task in self.reopening:  # after a crash, before its round is re-opened: keep it
+                return Rejected("deferred", device, f"task {env.ctx.task} re-opens shortly", env, authenticated=True)
             if key in self.closed:
                 return refuse("late", f"task {env.ctx.task} closed before this reply")
             if env.ctx.round < self.current_round:

@@ -40,6 +40,7 @@ from protocol.vouchers import Voucher
 from .config import GatewayConfig
 from .grid import MqttGrid, RoundTraffic
 from .ingest import ReplyChecker
+from .journal import Journal
 from .link import Link
 from .models import ModelPublisher, Release
 
@@ -225,6 +226,7 @@ class Gateway:
 
     def _on_release(self, release: Release, round_: int) -> None:
         event(log, "model.released", digest=release.digest.hex()[:16], version=release.version, bytes=release.size)
+        self.journal.record_model(release.digest, schemas.encode_model(release.weights))
         if self._pending_aggregate is not None:
             self._record_aggregate(release.digest)
 
@@ -246,9 +248,12 @@ class Gateway:
                    for a in traffic.accepted]
         if not records:
             return []
+        if self.journal.is_recorded(traffic.task):  # written before a crash: never count an update twice
+            return [r[1] for r in records]
         args = (self.id, traffic.round, traffic.task, traffic.base)
         try:
             self._call(self._ledger.record_updates, *args, records)
+            self.journal.mark_recorded(traffic.task)
             return [r[1] for r in records]
         except LedgerError as exc:
             event(log, "ledger.batch_refused", logging.ERROR, round=traffic.round, reason=str(exc))
@@ -259,6 +264,7 @@ class Gateway:
                 kept.append(record[1])
             except LedgerError as exc:
                 event(log, "ledger.record_refused", logging.ERROR, device=identity_id(record[0]), reason=str(exc))
+        self.journal.mark_recorded(traffic.task)
         return kept
 
     def _on_closed(self, traffic: RoundTraffic) -> None:
@@ -322,20 +328,34 @@ class Gateway:
         from flwr.app import Array, ArrayRecord, ConfigRecord
 
         cfg = self.config
+        resume = self._resume
         self._wait_for_devices(stop)
         self.state = "running"
-        initial = ArrayRecord({k: Array(v) for k, v in self.initial_weights.items()})
-        self._round_start[0] = (time.time(), self.link.bytes_in, self.link.bytes_out)
-        # Round 0: the initial model, evaluated by the devices like every later one.
-        replies = self.grid.send_and_receive(strategy.configure_evaluate(0, initial, ConfigRecord(), self.grid))
-        strategy.aggregate_evaluate(0, replies)
+        num_rounds = cfg.num_rounds
+        if resume is not None:
+            # A crash interrupted round `resume.round`: go on from its base model with its devices and replies.
+            self.grid.run_tag, self.grid.resume, self.grid.round_offset = resume.tag, resume, resume.round - 1
+            weights = schemas.decode_model(resume.model)
+            num_rounds = cfg.num_rounds - resume.round + 1
+            self._round_start[resume.round] = (time.time(), self.link.bytes_in, self.link.bytes_out)
+            event(log, "gateway.resume", round=resume.round, accepted=len(resume.replies), run=resume.tag)
+        else:
+            weights = self.initial_weights
+            self.journal.start_run(self.grid.run_tag, cfg.strategy, cfg.num_rounds)
+        initial = ArrayRecord({k: Array(v) for k, v in weights.items()})
+        if resume is None:
+            self._round_start[0] = (time.time(), self.link.bytes_in, self.link.bytes_out)
+            # Round 0: the initial model, evaluated by the devices like every later one.
+            replies = self.grid.send_and_receive(strategy.configure_evaluate(0, initial, ConfigRecord(), self.grid))
+            strategy.aggregate_evaluate(0, replies)
         train_config = ConfigRecord({"epochs": cfg.epochs, "batch-size": cfg.batch_size, "lr": cfg.lr})
-        result = strategy.start(grid=self.grid, initial_arrays=initial, num_rounds=cfg.num_rounds,
+        result = strategy.start(grid=self.grid, initial_arrays=initial, num_rounds=num_rounds,
                                 timeout=cfg.deadline_s, train_config=train_config)
         if result.arrays is not None:
             self.grid.models.release({k: v.numpy() for k, v in result.arrays.items()}, cfg.num_rounds)
             if self._pending_aggregate is not None:
                 self._record_aggregate(self.grid.models.current.digest)
+        self.journal.finish_run()
 
     def run(self, stop: threading.Event) -> dict[str, Any]:
         """Run every round, write `result.json` in the state folder and return it.
@@ -364,6 +384,13 @@ class Gateway:
                              self.by_node.get, cfg.deadline_s, schemas.TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr))
         self.grid.on_closed = self._on_closed
         self.grid.stop = stop
+        self.journal = Journal(cfg.state_dir / "rounds.db")
+        self.grid.journal = self.journal
+        # Before the broker hands over what queued for us while we were down: replies to an
+        # interrupted round must wait for it to re-open, not be refused.
+        self._resume = self.journal.resume_point(cfg.strategy, cfg.num_rounds)
+        if self._resume is not None:
+            checker.reopening.add(self._resume.task)
         self._worker_ready = threading.Event()
         self._worker_error: Exception | None = None
         worker_stop = threading.Event()
@@ -411,5 +438,6 @@ class Gateway:
             "seconds": round(time.time() - started, 2),
         }
         write_atomic(cfg.state_dir / "result.json", json.dumps(result_doc, indent=2).encode())
+        self.journal.close()
         event(log, "gateway.stop", state=self.state, rounds=len(self.history))
         return result_doc

@@ -21,7 +21,7 @@ MOSQUITTO_CONF = """\
 # Written by the Starling emulator: loopback only, anonymous, generous queues.
 listener {port} 127.0.0.1
 allow_anonymous true
-persistence false
+{persistence}
 max_queued_messages 100000
 max_queued_bytes 0
 max_inflight_messages 0
@@ -51,7 +51,7 @@ def find_mosquitto() -> str | None:
 class Broker:
     """`with Broker(workdir) as broker:` starts a broker; `broker.port` is where it listens."""
 
-    def __init__(self, workdir: Path, kind: str = "auto", port: int | None = None) -> None:
+    def __init__(self, workdir: Path, kind: str = "auto", port: int | None = None, persistent: bool = False) -> None:
         if kind not in ("auto", "mosquitto", "embedded"):
             raise ValueError(f"broker kind must be auto, mosquitto or embedded, not {kind!r}")
         self.workdir = Path(workdir)
@@ -62,6 +62,7 @@ class Broker:
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
         self.kind = "mosquitto" if kind != "embedded" and exe else "embedded"
         self._exe = exe
+        self.persistent = persistent  # keep sessions, queued and retained messages across a restart
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -69,7 +70,12 @@ class Broker:
         log = self.workdir / "broker.log"
         if self.kind == "mosquitto":
             conf = self.workdir / "mosquitto.conf"
-            conf.write_text(MOSQUITTO_CONF.format(port=self.port, log=log))
+            persistence = "persistence false"
+            if self.persistent:
+                persistence = f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1"
+                if os.geteuid() == 0:  # mosquitto drops to its own user, which cannot write here
+                    persistence += "\nuser root"
+            conf.write_text(MOSQUITTO_CONF.format(port=self.port, log=log, persistence=persistence))
             cmd = [self._exe, "-c", str(conf)]
         else:
             cmd = [sys.executable, "-m", "hw.embedded_broker", "--port", str(self.port)]
