@@ -7,7 +7,6 @@ agents (synthetic models: two answer at once, two take a few seconds).
 from __future__ import annotations
 
 import queue
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -15,7 +14,6 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
 
 from agent.config import AgentConfig
 from agent.service import Agent

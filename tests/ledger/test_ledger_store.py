@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import threading
-import time
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
