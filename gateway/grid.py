@@ -305,7 +305,8 @@ class MqttGrid(Grid):
         if accepted.task.kind != "train":
             return RecordDict({"metrics": metrics})
         base = accepted.task.base_weights
-        arrays = ArrayRecord({name: Array(base[name] + accepted.delta[name]) for name in base})
+        delta = accepted.delta
+        arrays = ArrayRecord({name: Array(base[name] + delta[name]) for name in base})
         return RecordDict({"arrays": arrays, "metrics": metrics})
 
     def _receipt(self, reply: envelope.Envelope, device_id: str, accepted: bool, reason: str) -> None:

@@ -60,11 +60,17 @@ class OpenTask:
 
 @dataclass(frozen=True)
 class Accepted:
+    """An accepted reply. It keeps the update as it arrived (int8: a quarter of float32) and
+    dequantizes it only when asked, so a round's memory grows with the int8 size of its replies."""
+
     task: OpenTask
     envelope: envelope.Envelope
-    delta: dict[str, np.ndarray]
     metrics: dict[str, float]
     examples: int
+
+    @property
+    def delta(self) -> dict[str, np.ndarray]:
+        return schemas.decode_update(self.envelope.attachment)[0]
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,7 @@ class ReplyChecker:
                 return refuse("wrong_metrics", "accuracy or loss out of range")
         del self.open[key]
         self.accepted[key] = (task.round, reply.digest)
-        return Accepted(task, env, delta, metrics, reply.examples)
+        return Accepted(task, env, metrics, reply.examples)
 
     def close(self, keys: Iterable[tuple[str, str]]) -> None:
         """Stop waiting for these tasks: a reply after this is `late`."""

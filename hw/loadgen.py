@@ -1,0 +1,123 @@
+"""A load generator: one MQTT connection that plays N lightweight devices.
+
+For benchmarks and scale tests of a gateway: it enrolls N keys (open
+policy), marks them online, answers every task the gateway sends them with
+a signed reply carrying a synthetic int8 delta (no training), and counts the
+gateway's receipts. Every message is real protocol, signed with the
+device's own key; only the training is skipped.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from protocol import envelope, schemas, topics
+from protocol.keys import Identity
+
+
+@dataclass
+class Timeline:
+    first_reply: float = 0.0
+    last_reply: float = 0.0
+    last_receipt: float = 0.0
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    releases: list[tuple[float, bytes]] = field(default_factory=list)  # (arrival, digest)
+
+
+class LoadGenerator:
+    def __init__(self, host: str, port: int, gateway_id: str, devices: int, shapes: dict[str, tuple[int, ...]],
+                 seed: int = 0) -> None:
+        self.gateway_id = gateway_id
+        self.devices = {d.id: d for d in (Identity.from_seed((seed * 10**7 + i).to_bytes(32, "big"))
+                                          for i in range(1, devices + 1))}
+        rng = np.random.default_rng(seed)
+        # A handful of distinct updates, so robust strategies have something to choose between.
+        self.updates = [
+            schemas.encode_update({k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in shapes.items()},
+                                  {"train_loss": 1.0, "steps": 1.0}, "i8")
+            for _ in range(8)
+        ]
+        self.timeline = Timeline()
+        self.inbox: queue.Queue = queue.Queue()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"load-{seed}")
+        self.client.max_inflight_messages_set(1000)
+        self.client.on_message = lambda _c, _u, m: self.inbox.put((m.topic, m.payload, time.perf_counter()))
+        self.client.connect(host, port)
+        self.client.subscribe([(topics.task(gateway_id, "+"), 1), (topics.receipt(gateway_id, "+"), 1),
+                               (topics.model(gateway_id, "+"), 1)])
+        self.client.loop_start()
+        self._stop = threading.Event()
+
+    def enroll_all(self) -> None:
+        for device in self.devices.values():
+            ctx = envelope.Context(device.public_key, self.gateway_id, 0, "enroll", b"")
+            body = schemas.EnrollRequest("load", time.time()).to_body()
+            self.client.publish(topics.enroll(self.gateway_id, device.id), envelope.seal(device, "enroll", ctx, body), qos=1)
+            self.client.publish(topics.online(self.gateway_id, device.id), b"1", qos=1)
+
+    def collect_tasks(self, count: int, timeout: float) -> dict[str, envelope.Envelope]:
+        tasks: dict[str, envelope.Envelope] = {}
+        end = time.monotonic() + timeout
+        while len(tasks) < count and time.monotonic() < end:
+            try:
+                topic, payload, at = self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self._note(topic, payload, at)
+            if "/task/" in topic:
+                tasks[topics.device_of(topic)] = envelope.decode(payload)
+        return tasks
+
+    def sign_replies(self, tasks: dict[str, envelope.Envelope]) -> list[tuple[str, bytes]]:
+        wires = []
+        for i, (device_id, task) in enumerate(sorted(tasks.items())):
+            device = self.devices[device_id]
+            ctx = envelope.Context(device.public_key, self.gateway_id, task.ctx.round, task.ctx.task, task.ctx.base)
+            update = self.updates[i % len(self.updates)]
+            wires.append((topics.reply(self.gateway_id, device_id), envelope.seal(device, "reply", ctx, {"examples": 32}, update)))
+        return wires
+
+    def send(self, wires: list[tuple[str, bytes]]) -> None:
+        self.timeline.first_reply = time.perf_counter()
+        for topic, wire in wires:
+            self.client.publish(topic, wire, qos=1)
+        self.timeline.last_reply = time.perf_counter()
+
+    def _note(self, topic: str, payload: bytes, at: float) -> None:
+        if "/receipt/" in topic:
+            env = envelope.decode(payload)
+            receipt = schemas.Receipt.from_body(env.body)
+            if not receipt.reply:
+                return
+            if receipt.accepted:
+                self.timeline.accepted += 1
+            else:
+                self.timeline.rejected[receipt.reason] = self.timeline.rejected.get(receipt.reason, 0) + 1
+            self.timeline.last_receipt = at
+        elif "/model/" in topic and payload and topic.count("/") == 3:
+            self.timeline.releases.append((at, envelope.decode(payload).body["digest"]))
+
+    def wait_receipts(self, count: int, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while self.timeline.accepted + sum(self.timeline.rejected.values()) < count and time.monotonic() < end:
+            self.drain(0.5)
+
+    def drain(self, wait: float) -> None:
+        try:
+            topic, payload, at = self.inbox.get(timeout=wait)
+        except queue.Empty:
+            return
+        self._note(topic, payload, at)
+        while not self.inbox.empty():
+            self._note(*self.inbox.get())
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
