@@ -39,7 +39,7 @@ from protocol.vouchers import Voucher
 
 from .config import GatewayConfig
 from .grid import MqttGrid, RoundTraffic
-from .ingest import ReplyChecker
+from .ingest import Accepted, ReplyChecker
 from .journal import Journal
 from .link import Link
 from .models import ModelPublisher, Release
@@ -94,6 +94,9 @@ class Gateway:
         self.by_id: dict[str, bytes] = {}  # device id -> public key
         self.online: set[str] = set()
         self.revoked: set[bytes] = set()
+        self.device_stats: dict[str, dict[str, Any]] = {}  # enrolled device id -> last seen, accepted, rejected
+        self._stats_changed: set[str] = set()
+        self._stats_lock = threading.Lock()
         self.enroll_rejections: dict[str, int] = {}
         self.history: dict[int, RoundRecord] = {}
         self.state = "starting"
@@ -149,16 +152,44 @@ class Gateway:
                 continue
             try:
                 if topic.startswith(prefix + "reply/"):
-                    self.grid.handle_reply(topic, payload)
+                    self._note_device(self.grid.handle_reply(topic, payload))
                 elif topic.startswith(prefix + "enroll/"):
                     self._handle_enroll(topic, payload)
                 elif topic.startswith(prefix + "online/"):
                     device = topics.device_of(topic)
                     if device in self.by_id:  # liveness of strangers is nobody's business
                         (self.online.add if payload == b"1" else self.online.discard)(device)
+                        self._note_device(None, device)
             except Exception:  # nothing a device sends may stop the gateway
                 log.exception("worker.failed topic=%s", topic)
         self._ledger.close()
+
+    def _note_device(self, outcome, device: str | None = None) -> None:
+        """Per-device status: last seen, accepted, rejected by reason (enrolled devices only: bounded)."""
+        if device is None:
+            device = outcome.task.device_id if isinstance(outcome, Accepted) else outcome.device_id
+        if device not in self.by_id:
+            return
+        with self._stats_lock:
+            stats = self.device_stats.setdefault(device, {"device": device, "last_seen": 0.0, "accepted": 0,
+                                                          "rejected": {}})
+            stats["last_seen"] = round(time.time(), 3)
+            stats["online"] = device in self.online
+            reason = getattr(outcome, "reason", None)
+            if reason is not None:
+                stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
+            elif outcome is not None:
+                stats["accepted"] += 1
+            self._stats_changed.add(device)
+
+    def _publish_device_status(self) -> None:
+        """Retained JSON per device that changed since the last time (starling/<gw>/status/device/<id>)."""
+        with self._stats_lock:
+            changed, self._stats_changed = self._stats_changed, set()
+            docs = [dict(self.device_stats[d], rejected=dict(self.device_stats[d]["rejected"])) for d in changed]
+        for doc in docs:
+            self.link.publish(topics.device_status(self.id, doc["device"]), json.dumps(doc).encode(), retain=True,
+                              counted=False)
 
     def _sync_revocations(self) -> None:
         """Drop devices the ledger says are revoked: their next reply is refused as `revoked`."""
@@ -295,6 +326,7 @@ class Gateway:
         self._publish_status()
 
     def _publish_status(self) -> None:
+        self._publish_device_status()
         history = [asdict(self.history[r]) for r in sorted(self.history)]
         status = {
             "gateway": self.id,

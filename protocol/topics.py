@@ -7,6 +7,7 @@
     starling/<gw>/enroll/<device>      signed enrollment requests
     starling/<gw>/online/<device>      retained "1"/"0"; "0" is the device's MQTT last will
     starling/<gw>/status               retained JSON status of the gateway
+    starling/<gw>/status/device/<id>   retained JSON per device: last seen, accepted, rejected by reason
 """
 
 ROOT = "starling"
@@ -38,6 +39,10 @@ def online(gateway: str, device: str) -> str:
 
 def status(gateway: str) -> str:
     return f"{ROOT}/{gateway}/status"
+
+
+def device_status(gateway: str, device: str) -> str:
+    return f"{ROOT}/{gateway}/status/device/{device}"
 
 
 def device_of(topic: str) -> str:

@@ -10,6 +10,7 @@ instance of the same Flower strategy computes from the very same replies
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -46,7 +47,8 @@ class Recorder:
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="recorder")
         self.client.on_message = lambda _c, _u, m: self.messages.put((m.topic, m.payload))
         self.client.connect(broker.host, broker.port)
-        self.client.subscribe([(topics.reply(gateway_id, "+"), 1), (topics.model(gateway_id, "+"), 1)])
+        self.client.subscribe([(topics.reply(gateway_id, "+"), 1), (topics.model(gateway_id, "+"), 1),
+                               (topics.device_status(gateway_id, "+"), 1)])
         self.client.loop_start()
         time.sleep(0.2)
 
@@ -119,7 +121,9 @@ def reference(config: GatewayConfig, recorded, final_digest: str):
     _, initial = load_initial_weights(config.manifest)
     models = {}
     replies = []
-    for _topic, payload in recorded:
+    for topic, payload in recorded:
+        if "/status/" in topic:
+            continue
         env = envelope.decode(payload)
         if env.type == "model" and payload:
             models[env.body["digest"].hex()] = schemas.decode_model(env.attachment)
@@ -167,6 +171,12 @@ def test_each_strategy_releases_exactly_what_flower_aggregates_from_the_same_rep
     for key in expected:
         np.testing.assert_allclose(released[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=f"{name}:{key}")
     assert result["rounds"][-1]["participants"] == DEVICES
+    statuses = {}
+    for topic, payload in recorded:
+        if "/status/device/" in topic:
+            statuses[topics.device_of(topic)] = json.loads(payload)
+    assert len(statuses) == DEVICES  # every device's retained status: last seen, accepted, rejected
+    assert all(s["accepted"] >= 2 and s["rejected"] == {} and s["last_seen"] > 0 for s in statuses.values())
 
 
 def test_fedprox_mu_reaches_the_devices_and_pulls_updates_toward_the_global_model(broker, tmp_path):
