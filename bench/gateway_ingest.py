@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,9 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hw.broker import Broker, _child_env  # noqa: E402
-from hw.loadgen import LoadGenerator  # noqa: E402
-from hw.synthetic import write_manifest  # noqa: E402
+from hw.broker import Broker  # noqa: E402
+from hw.loadgen import LoadGenerator, start_gateway  # noqa: E402
 from protocol.keys import Identity, verify  # noqa: E402
 
 
@@ -57,20 +55,8 @@ def main() -> int:
     shapes = {"w": (args.params // 10, 10)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        manifest = write_manifest(tmp / "model", shapes)
-        gw = Identity.generate()
-        gw.save(tmp / "gw.key")
         with Broker(tmp / "broker", kind="mosquitto") as broker:
-            (tmp / "gw.toml").write_text(
-                f'[gateway]\nname = "bench"\nkey = "gw.key"\nstate_dir = "state"\n'
-                f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[model]\nmanifest = "{manifest}"\n'
-                f'[strategy]\nname = "FedAvg"\nparams = {{ fraction_evaluate = 0.0, min_available_nodes = {n} }}\n'
-                f"[rounds]\nnum_rounds = 1\ndeadline_s = {args.timeout}\nmin_devices = {n}\nwait_devices_s = {args.timeout}\n"
-                '[enrollment]\npolicy = "open"\n'
-            )
-            with open(tmp / "gateway.log", "wb") as log:
-                gateway = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(tmp / "gw.toml")],
-                                           cwd=ROOT, env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
+            gateway, gw = start_gateway(tmp, broker, shapes, n, args.timeout)
             load = LoadGenerator(broker.host, broker.port, gw.id, n, shapes)
             try:
                 time.sleep(1.0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,10 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hw.broker import Broker, _child_env  # noqa: E402
-from hw.loadgen import LoadGenerator  # noqa: E402
-from hw.synthetic import write_manifest  # noqa: E402
-from protocol.keys import Identity  # noqa: E402
+from hw.broker import Broker  # noqa: E402
+from hw.loadgen import LoadGenerator, start_gateway  # noqa: E402
 
 PARAMS = {"FedTrimmedAvg": "beta = 0.1, ", "Krum": "num_malicious_nodes = 10, ", "MultiKrum": "num_malicious_nodes = 10, "}
 
@@ -48,21 +45,8 @@ def one_round(strategy: str, devices: int, params: int, timeout: float) -> tuple
     shapes = {"w": (params // 100, 100)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        manifest = write_manifest(tmp / "model", shapes)
-        gw = Identity.generate()
-        gw.save(tmp / "gw.key")
         with Broker(tmp / "broker", kind="mosquitto") as broker:
-            (tmp / "gw.toml").write_text(
-                f'[gateway]\nname = "scale"\nkey = "gw.key"\nstate_dir = "state"\n'
-                f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[model]\nmanifest = "{manifest}"\n'
-                f'[strategy]\nname = "{strategy}"\nparams = {{ {PARAMS.get(strategy, "")}fraction_evaluate = 0.0, '
-                f"min_available_nodes = {devices}, min_train_nodes = {devices} }}\n"
-                f"[rounds]\nnum_rounds = 1\ndeadline_s = {timeout}\nmin_devices = {devices}\nwait_devices_s = {timeout}\n"
-                '[enrollment]\npolicy = "open"\n'
-            )
-            with open(tmp / "gateway.log", "wb") as log:
-                gateway = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(tmp / "gw.toml")],
-                                           cwd=ROOT, env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
+            gateway, gw = start_gateway(tmp, broker, shapes, devices, timeout, strategy, PARAMS.get(strategy, ""))
             load = LoadGenerator(broker.host, broker.port, gw.id, devices, shapes)
             peak = 0.0
             try:

@@ -10,15 +10,21 @@ device's own key; only the training is skipped.
 from __future__ import annotations
 
 import queue
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
 from protocol import envelope, schemas, topics
 from protocol.keys import Identity
+
+from .broker import Broker, _child_env
+from .synthetic import write_manifest
 
 
 @dataclass
@@ -121,3 +127,27 @@ class LoadGenerator:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def start_gateway(workdir: Path, broker: Broker, shapes: dict[str, tuple[int, ...]], devices: int, timeout: float,
+                  strategy: str = "FedAvg", params: str = "") -> tuple[subprocess.Popen, Identity]:
+    """A real `starling-gateway` process for one round of `devices` load-generated devices, no evaluation.
+
+    `params` is extra TOML for the strategy's inline params table ("beta = 0.1, ").
+    """
+    manifest = write_manifest(workdir / "model", shapes)
+    gateway = Identity.generate()
+    gateway.save(workdir / "gw.key")
+    (workdir / "gw.toml").write_text(
+        f'[gateway]\nname = "load"\nkey = "gw.key"\nstate_dir = "state"\n'
+        f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[model]\nmanifest = "{manifest}"\n'
+        f'[strategy]\nname = "{strategy}"\nparams = {{ {params}fraction_evaluate = 0.0, '
+        f"min_available_nodes = {devices}, min_train_nodes = {devices} }}\n"
+        f"[rounds]\nnum_rounds = 1\ndeadline_s = {timeout}\nmin_devices = {devices}\nwait_devices_s = {timeout}\n"
+        '[enrollment]\npolicy = "open"\n'
+    )
+    root = Path(__file__).resolve().parent.parent
+    with open(workdir / "gateway.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(workdir / "gw.toml")],
+                                   cwd=root, env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
+    return process, gateway
