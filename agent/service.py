@@ -272,8 +272,11 @@ class Agent:
     def _resend_pending(self) -> None:
         """Re-send replies without a receipt for `resend_s` (all of them after a restart)."""
         now = time.monotonic()
-        for key, wire in self.store.pending().items():
+        for key in self.store.pending_keys():  # names only: a reply is read from disk when it is due
             if now - self._sent_at.get(key, float("-inf")) < self.config.resend_s:
+                continue
+            wire = self.store.read_pending(key)
+            if wire is None:
                 continue
             self._sent_at[key] = now
             self.client.publish(self.t_reply, wire, qos=1)

@@ -56,6 +56,15 @@ class StateStore:
         except FileNotFoundError:
             pass
 
+    def pending_keys(self) -> list[str]:
+        return sorted(path.stem for path in self.pending_dir.glob("*.reply"))
+
+    def read_pending(self, key: str) -> bytes | None:
+        try:
+            return (self.pending_dir / f"{key}.reply").read_bytes()
+        except FileNotFoundError:  # its receipt arrived meanwhile
+            return None
+
     def pending(self) -> dict[str, bytes]:
         out = {}
         for path in sorted(self.pending_dir.glob("*.reply")):
