@@ -228,7 +228,7 @@ class Agent:
                 event(log, "enroll.refused", logging.WARNING, reason=receipt.reason)
             return
         key = f"{env.ctx.round:06d}-{env.ctx.task}"
-        pending = self.store.pending().get(key)
+        pending = self.store.read_pending(key)
         if pending is None:
             return  # a receipt for a reply already settled: nothing to do
         if receipt.reply and receipt.reply != envelope.decode(pending).body.get("digest"):
