@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hw.broker import Broker  # noqa: E402
-from hw.loadgen import LoadGenerator, start_gateway  # noqa: E402
+from hw.loadgen import LoadGenerator, finished_gateway, start_gateway  # noqa: E402
 from protocol.keys import Identity, verify  # noqa: E402
 
 
@@ -50,13 +50,14 @@ def main() -> int:
     parser.add_argument("--replies", type=int, default=5000)
     parser.add_argument("--params", type=int, default=10_000)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--workers", type=int, default=0, help="[ingest] workers: processes sharing the reply topic")
     args = parser.parse_args()
     n = args.replies
     shapes = {"w": (args.params // 10, 10)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         with Broker(tmp / "broker", kind="mosquitto") as broker:
-            gateway, gw = start_gateway(tmp, broker, shapes, n, args.timeout)
+            gateway, gw = start_gateway(tmp, broker, shapes, n, args.timeout, workers=args.workers)
             load = LoadGenerator(broker.host, broker.port, gw.id, n, shapes)
             try:
                 time.sleep(1.0)
@@ -66,7 +67,7 @@ def main() -> int:
                 print(f"sending {len(wires)} signed replies", file=sys.stderr, flush=True)
                 load.send(wires)
                 load.wait_receipts(len(wires), args.timeout)
-                gateway.wait(args.timeout)
+                finished_gateway(gateway, tmp, args.timeout)
             finally:
                 load.close()
                 if gateway.poll() is None:
@@ -83,6 +84,7 @@ def main() -> int:
         "publish_s": round(t.last_reply - t.first_reply, 3),
         "update_bytes": len(wires[0][1]) if wires else 0,
         "params": args.params,
+        "workers": args.workers,
     }))
     return 0
 

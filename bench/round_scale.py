@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hw.broker import Broker  # noqa: E402
-from hw.loadgen import LoadGenerator, start_gateway  # noqa: E402
+from hw.loadgen import LoadGenerator, finished_gateway, start_gateway  # noqa: E402
 
 PARAMS = {"FedTrimmedAvg": "beta = 0.1, ", "Krum": "num_malicious_nodes = 10, ", "MultiKrum": "num_malicious_nodes = 10, "}
 
@@ -62,7 +62,7 @@ def one_round(strategy: str, devices: int, params: int, timeout: float) -> tuple
                     peak = max(peak, vm_hwm_mb(gateway.pid))
                     load.drain(0.1)
                 peak = max(peak, vm_hwm_mb(gateway.pid))
-                gateway.wait(timeout)
+                finished_gateway(gateway, tmp, timeout)
             finally:
                 load.close()
                 if gateway.poll() is None:

@@ -8,6 +8,11 @@
     [broker]
     host = "127.0.0.1"
     port = 1883
+    # tls_ca, tls_cert, tls_key, username, password_file: see protocol/transport.py
+
+    [ingest]
+    workers = 0                           # >= 1: that many processes share the reply topic (MQTT 5 shared
+                                          # subscription) and check signatures in parallel; 0: in-process
 
     [model]
     manifest = ""                         # default: the shipped imu_cnn manifest
@@ -41,10 +46,12 @@ from pathlib import Path
 from typing import Any
 
 from protocol.config import ConfigError, read_toml, setting
+from protocol.transport import BrokerAuth, read_broker_auth
 
 from .strategies import make_strategy
 
 POLICIES = ("voucher", "allowlist", "open")
+MAX_INGEST_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,8 @@ class GatewayConfig:
     state_dir: Path
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
+    broker_auth: BrokerAuth = field(default_factory=BrokerAuth)
+    ingest_workers: int = 0  # processes sharing the reply topic; 0 = the gateway checks replies itself
     manifest: Path | None = None
     release_ttl_s: float = 7 * 86400.0  # devices refuse a model release older than this
     strategy: str = "FedAvg"
@@ -109,12 +118,17 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
     port = setting(doc, "broker", "port", int, 1883)
     if not 0 < port < 65536:
         raise ConfigError(f"broker.port {port} is not a TCP port")
+    workers = setting(doc, "ingest", "workers", int, 0)
+    if not 0 <= workers <= MAX_INGEST_WORKERS:
+        raise ConfigError(f"ingest.workers must be 0 to {MAX_INGEST_WORKERS}, got {workers}")
     config = GatewayConfig(
         name=setting(doc, "gateway", "name", str),
         key=path("gateway", "key"),
         state_dir=path("gateway", "state_dir"),
         broker_host=setting(doc, "broker", "host", str, "127.0.0.1"),
         broker_port=port,
+        broker_auth=read_broker_auth(doc, base_dir),
+        ingest_workers=workers,
         manifest=path("model", "manifest", ""),
         release_ttl_s=_positive("model.release_ttl_s", setting(doc, "model", "release_ttl_s", float, 7 * 86400.0)),
         strategy=setting(doc, "strategy", "name", str, "FedAvg"),

@@ -1,7 +1,10 @@
 """Checking a device's reply before anything else touches it.
 
 `ReplyChecker.check` runs the checks cheapest first, so garbage and strangers
-cost almost nothing and only enrolled devices cost a signature check:
+cost almost nothing and only enrolled devices cost a signature check. Stage 1
+(`Authenticator`: bytes, sender, signature, the update itself) needs no round
+state, so ingest worker processes can run it (see ingest_workers.py); stage 2
+(`ReplyChecker.admit`) matches the reply to an open task:
 
     malformed / non_canonical / schema   the bytes are not a reply envelope
     topic_mismatch                        signed by a key other than the topic's device
@@ -9,11 +12,12 @@ cost almost nothing and only enrolled devices cost a signature check:
     revoked                               the sender's key was revoked (device.revoke in the ledger)
     unknown_device                        the sender is not enrolled here
     bad_signature / digest_mismatch       the signature or attachment does not verify
+    limits / bad_tensor / non_finite      the update is oversize, inconsistent or not finite
+    --- stage 2
     replay                                this device's reply to this task was already accepted
     stale_round / not_selected            no open task for this device and task id
     wrong_round / wrong_base              bound to another round or base model
     late                                  arrived after the round's deadline
-    limits / bad_tensor / non_finite      the update is oversize, inconsistent or not finite
     wrong_shape / wrong_metrics           the update does not fit the model or the task
 
 Every outcome is a value, never an exception: a gateway must outlive any input.
@@ -83,28 +87,37 @@ class Rejected:
     already_accepted: bool = False  # an exact re-send of an accepted reply: acknowledge it again
 
 
-class ReplyChecker:
-    """Decides accept or reject for one reply; holds no MQTT and no strategy."""
+@dataclass(frozen=True)
+class Authenticated:
+    """A reply whose bytes, sender and signature check out, not yet matched to a task.
+
+    Plain data (it pickles): an ingest worker process hands these to the gateway."""
+
+    envelope: envelope.Envelope
+    reply: schemas.Reply
+    shapes: dict[str, tuple[int, ...]]
+    metrics: dict[str, float]
+
+
+class Authenticator:
+    """Stage 1, stateless but for the key sets: is this a well-formed reply, signed by an enrolled key?
+
+    It runs in the gateway process, or in ingest worker processes that share the reply topic.
+    """
 
     def __init__(
         self,
         gateway_id: str,
         is_enrolled: Callable[[bytes], bool],
-        max_reply_bytes: int = 1 << 20,
         is_revoked: Callable[[bytes], bool] = lambda key: False,
+        max_reply_bytes: int = 1 << 20,
     ) -> None:
         self.gateway_id = gateway_id
+        self.is_enrolled = is_enrolled
         self.is_revoked = is_revoked
         self.max_reply_bytes = max_reply_bytes  # refused before decoding: oversize costs nothing
-        self.is_enrolled = is_enrolled
-        self.open: dict[tuple[str, str], OpenTask] = {}  # (device id, task id) -> task
-        self.accepted: dict[tuple[str, str], tuple[int, bytes]] = {}  # (device, task) -> (round, update digest)
-        self.closed: dict[tuple[str, str], int] = {}  # tasks whose round closed without a reply -> round
-        self.reopening: set[str] = set()  # task ids of a round a crash interrupted, not re-opened yet
-        self.current_round = 0
 
-    def check(self, topic: str, payload: bytes, now: float | None = None) -> Accepted | Rejected:
-        now = time.time() if now is None else now
+    def authenticate(self, topic: str, payload: bytes) -> Authenticated | Rejected:
         topic_device = topics.device_of(topic)
         if len(payload) > self.max_reply_bytes:
             return Rejected("limits", topic_device, f"{len(payload)} bytes, limit {self.max_reply_bytes}")
@@ -130,6 +143,51 @@ class ReplyChecker:
             env.verify()
         except ProtocolError as exc:
             return Rejected(exc.reason, device, exc.detail, env)
+        try:
+            shapes, metrics = schemas.check_update(env.attachment)
+        except ProtocolError as exc:
+            return Rejected(exc.reason, device, exc.detail, env, authenticated=True)
+        return Authenticated(env, reply, shapes, metrics)
+
+
+class ReplyChecker:
+    """Decides accept or reject for one reply; holds no MQTT and no strategy.
+
+    Stage 1 is `Authenticator.authenticate` (here, or already done by an ingest worker);
+    stage 2, `admit`, matches an authenticated reply to an open task.
+    """
+
+    def __init__(
+        self,
+        gateway_id: str,
+        is_enrolled: Callable[[bytes], bool],
+        max_reply_bytes: int = 1 << 20,
+        is_revoked: Callable[[bytes], bool] = lambda key: False,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.is_revoked = is_revoked
+        self.authenticator = Authenticator(gateway_id, is_enrolled, is_revoked, max_reply_bytes)
+        self.open: dict[tuple[str, str], OpenTask] = {}  # (device id, task id) -> task
+        self.accepted: dict[tuple[str, str], tuple[int, bytes]] = {}  # (device, task) -> (round, update digest)
+        self.closed: dict[tuple[str, str], int] = {}  # tasks whose round closed without a reply -> round
+        self.reopening: set[str] = set()  # task ids of a round a crash interrupted, not re-opened yet
+        self.current_round = 0
+
+    def check(self, topic: str, payload: bytes, now: float | None = None,
+              first: Authenticated | Rejected | None = None) -> Accepted | Rejected:
+        """Both stages; `first` is stage 1's outcome when an ingest worker already ran it."""
+        lagging = (isinstance(first, Rejected) and first.reason == "unknown_device" and first.envelope is not None
+                   and self.authenticator.is_enrolled(first.envelope.ctx.sender))
+        if first is None or lagging:  # (a worker's copy of the enrolled keys may lag by a moment)
+            first = self.authenticator.authenticate(topic, payload)
+        return first if isinstance(first, Rejected) else self.admit(first, now)
+
+    def admit(self, auth: Authenticated, now: float | None = None) -> Accepted | Rejected:
+        now = time.time() if now is None else now
+        env, reply, metrics = auth.envelope, auth.reply, auth.metrics
+        device = env.ctx.sender_id
+        if self.is_revoked(env.ctx.sender):  # a worker's copy of the revocations may lag by a moment
+            return Rejected("revoked", device, "the device's key was revoked", env)
 
         def refuse(reason: str, detail: str) -> Rejected:  # from here on the sender is authenticated
             return Rejected(reason, device, detail, env, authenticated=True)
@@ -154,18 +212,13 @@ class ReplyChecker:
             return refuse("wrong_base", "built on another model")
         if now > task.deadline:
             return refuse("late", f"{now - task.deadline:.1f} s after the deadline")
-        try:
-            delta, metrics = schemas.decode_update(env.attachment)
-        except ProtocolError as exc:
-            return refuse(exc.reason, exc.detail)
         if task.kind == "train":
-            shapes = {k: v.shape for k, v in task.base_weights.items()}
-            if {k: v.shape for k, v in delta.items()} != shapes:
+            if auth.shapes != {k: v.shape for k, v in task.base_weights.items()}:
                 return refuse("wrong_shape", "delta does not match the model's weights")
             if set(metrics) != task.train_metrics or reply.examples < 1:
                 return refuse("wrong_metrics", f"train metrics {sorted(metrics)}")
         else:
-            if delta or set(metrics) != EVALUATE_METRICS or reply.examples < 1:
+            if auth.shapes or set(metrics) != EVALUATE_METRICS or reply.examples < 1:
                 return refuse("wrong_metrics", f"evaluate metrics {sorted(metrics)}")
             if not 0.0 <= metrics["accuracy"] <= 1.0 or metrics["loss"] < 0:
                 return refuse("wrong_metrics", "accuracy or loss out of range")

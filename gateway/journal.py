@@ -13,6 +13,7 @@ Tables:
     exchange   a training exchange: task id, round, base digest, selected nodes, closed, recorded
     accepted   (task id, device id) -> the reply's wire bytes
     model      digest -> model bytes, for the bases of open rounds
+    history    round -> its RoundRecord (JSON), so a resumed run reports the rounds before the crash
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ create table if not exists exchange (task text primary key, round integer not nu
 create table if not exists accepted (task text not null, device text not null, reply blob not null,
     primary key (task, device));
 create table if not exists model (digest blob primary key, data blob not null, added integer not null);
+create table if not exists history (round integer primary key, record text not null);
 """
 
 
@@ -83,7 +85,7 @@ class Journal:
     def start_run(self, tag: str, strategy: str, num_rounds: int) -> None:
         with self._lock:
             self._db.execute("begin immediate")
-            for table in ("run", "exchange", "accepted", "model"):
+            for table in ("run", "exchange", "accepted", "model", "history"):
                 self._db.execute(f"delete from {table}")
             self._db.execute("insert into run values (1, ?, ?, ?, 'running')", (tag, strategy, num_rounds))
             self._db.execute("commit")
@@ -104,7 +106,20 @@ class Journal:
                     task, round_, base, json.dumps(sorted(nodes)))
 
     def accept(self, task: str, device: str, reply: bytes) -> None:
-        self._write("insert or ignore into accepted values (?, ?, ?)", task, device, reply)
+        self.accept_many([(task, device, reply)])
+
+    def accept_many(self, rows: list[tuple[str, str, bytes]]) -> None:
+        """Journal accepted replies (task, device, wire bytes) in one transaction: one fsync for the batch."""
+        if not rows:
+            return
+        with self._lock:
+            self._db.execute("begin immediate")
+            try:
+                self._db.executemany("insert or ignore into accepted values (?, ?, ?)", rows)
+            except BaseException:
+                self._db.execute("rollback")
+                raise
+            self._db.execute("commit")
 
     def close_exchange(self, task: str) -> None:
         self._write("update exchange set closed = 1 where task = ?", task)
@@ -116,6 +131,14 @@ class Journal:
         with self._lock:
             row = self._db.execute("select recorded from exchange where task = ?", (task,)).fetchone()
         return bool(row and row[0])
+
+    def record_round(self, round_: int, record: dict) -> None:
+        self._write("insert or replace into history values (?, ?)", round_, json.dumps(record))
+
+    def rounds(self) -> list[dict]:
+        """The round records of the current run, in order."""
+        with self._lock:
+            return [json.loads(r[0]) for r in self._db.execute("select record from history order by round")]
 
     def close(self) -> None:
         with self._lock:

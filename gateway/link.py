@@ -14,6 +14,7 @@ import threading
 import paho.mqtt.client as mqtt
 
 from protocol.logs import event
+from protocol.transport import BrokerAuth
 
 log = logging.getLogger("starling.gateway.link")
 
@@ -21,10 +22,12 @@ log = logging.getLogger("starling.gateway.link")
 class Link:
     """A connected MQTT client for one gateway; use as a context manager."""
 
-    def __init__(self, client_id: str, host: str, port: int, subscriptions: list[str], status_topic: str) -> None:
+    def __init__(self, client_id: str, host: str, port: int, subscriptions: list[str], status_topic: str,
+                 auth: BrokerAuth | None = None) -> None:
         self.host, self.port = host, port
         self.subscriptions = subscriptions
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        # (topic, payload, stage-1 outcome or None): ingest workers put replies they checked here too
+        self.inbox: queue.Queue[tuple[str, bytes, object]] = queue.Queue()
         self.bytes_in = 0
         self.bytes_out = 0
         self.connected = threading.Event()
@@ -34,6 +37,7 @@ class Link:
             clean_session=False,
             protocol=mqtt.MQTTv311,
         )
+        (auth or BrokerAuth()).apply(self.client)
         self.client.will_set(status_topic, b'{"state": "offline"}', qos=1, retain=True)
         self.client.max_inflight_messages_set(200)
         self.client.max_queued_messages_set(0)  # unbounded: the gateway never drops its own sends
@@ -56,7 +60,7 @@ class Link:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         self.bytes_in += len(msg.payload)
-        self.inbox.put((msg.topic, msg.payload))
+        self.inbox.put((msg.topic, msg.payload, None))
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, counted: bool = True) -> mqtt.MQTTMessageInfo:
         """Publish at QoS 1; `counted` traffic is what the gateway sends to devices (bytes_down)."""

@@ -40,14 +40,16 @@ from protocol.vouchers import Voucher
 from .config import GatewayConfig
 from .grid import MqttGrid, RoundTraffic
 from .ingest import Accepted, ReplyChecker
+from .ingest_workers import IngestWorkers, WorkerSettings
 from .journal import Journal
 from .link import Link
 from .models import ModelPublisher, Release
 
 log = logging.getLogger("starling.gateway")
 MAX_ENROLL_BYTES = 4096
-REVOCATION_SYNC_S = 1.0
+LEDGER_SYNC_S = 1.0
 LEDGER_CALL_TIMEOUT_S = 120.0
+INGEST_BATCH = 256  # messages taken from the inbox at once
 
 
 @dataclass
@@ -104,6 +106,11 @@ class Gateway:
         self._ledger = None
         self._round_start: dict[int, tuple[float, int, int]] = {}
         self._pending_aggregate: tuple[int, bytes, list[bytes]] | None = None
+        self.ingest: IngestWorkers | None = None  # with [ingest] workers: processes that authenticate replies
+
+    def _bytes_in(self) -> int:
+        """Bytes received from devices: through the gateway's own connection and its ingest workers."""
+        return self.link.bytes_in + (self.ingest.bytes_in if self.ingest is not None else 0)
 
     # --- worker thread: the ledger and all inbound messages ---------------------------
 
@@ -114,6 +121,8 @@ class Gateway:
         return future.result(timeout=LEDGER_CALL_TIMEOUT_S)
 
     def _admit(self, key: bytes, name: str) -> None:
+        if self.ingest is not None and key not in self.enrolled:
+            self.ingest.enroll(key)
         self.enrolled[key] = name
         self.by_node[node_id(key)] = key
         self.by_id[identity_id(key)] = key
@@ -125,20 +134,36 @@ class Gateway:
             self._ledger = Ledger(self.ledger_path, self.identity)
             if not self._ledger.is_initialized:
                 self._ledger.init_genesis(self.config.name, [self.identity.public_key])
-            for key, name in self._ledger.enrolled_devices().items():
-                self._admit(key, name)
-            self._sync_revocations()
+            self._sync_ledger()
+            if self.config.ingest_workers:
+                self.ingest = IngestWorkers(self.config.ingest_workers, self._worker_settings(), self.link.inbox,
+                                            self.enrolled, self.revoked).__enter__()
         except Exception as exc:  # reported by run(): a gateway without its ledger must not start
             self._worker_error = exc
             return
         finally:
             self._worker_ready.set()
+        try:
+            self._work(stop)
+        finally:
+            if self.ingest is not None:
+                self.ingest.__exit__(None, None, None)
+            self._ledger.close()
+
+    def _worker_settings(self) -> WorkerSettings:
+        cfg = self.config
+        return WorkerSettings(self.id, cfg.broker_host, cfg.broker_port, cfg.broker_auth,
+                              self.grid.checker.authenticator.max_reply_bytes, logging.getLogger().level)
+
+    def _work(self, stop: threading.Event) -> None:
         prefix = f"{topics.ROOT}/{self.id}/"
-        next_sync = time.monotonic() + REVOCATION_SYNC_S
+        next_sync = time.monotonic() + LEDGER_SYNC_S
         while not stop.is_set():
-            if time.monotonic() >= next_sync:  # operators revoke with starling-ledger, from another process
-                self._sync_revocations()
-                next_sync = time.monotonic() + REVOCATION_SYNC_S
+            if time.monotonic() >= next_sync:  # operators enroll and revoke with starling-ledger, elsewhere
+                self._sync_ledger()
+                if self.ingest is not None:
+                    self.ingest.watch()
+                next_sync = time.monotonic() + LEDGER_SYNC_S
             # Ledger jobs first: a flood of device messages must not starve round bookkeeping.
             while not self._jobs.empty():
                 fn, args, future = self._jobs.get()
@@ -147,22 +172,45 @@ class Gateway:
                 except Exception as exc:  # handed back to the caller
                     future.set_exception(exc)
             try:
-                topic, payload = self.link.inbox.get(timeout=0.05)
+                batch = [self.link.inbox.get(timeout=0.05)]
             except queue.Empty:
                 continue
-            try:
+            while len(batch) < INGEST_BATCH:  # whatever else already waits: one journal commit for all its replies
+                try:
+                    batch.append(self.link.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            # In arrival order; consecutive replies go through the grid together.
+            replies: list[tuple[str, bytes, object]] = []
+            for topic, payload, first in batch:
                 if topic.startswith(prefix + "reply/"):
-                    self._note_device(self.grid.handle_reply(topic, payload))
-                elif topic.startswith(prefix + "enroll/"):
-                    self._handle_enroll(topic, payload)
-                elif topic.startswith(prefix + "online/"):
-                    device = topics.device_of(topic)
-                    if device in self.by_id:  # liveness of strangers is nobody's business
-                        (self.online.add if payload == b"1" else self.online.discard)(device)
-                        self._note_device(None, device)
-            except Exception:  # nothing a device sends may stop the gateway
-                log.exception("worker.failed topic=%s", topic)
-        self._ledger.close()
+                    replies.append((topic, payload, first))
+                    continue
+                self._ingest_replies(replies)
+                replies = []
+                self._handle_other(prefix, topic, payload)
+            self._ingest_replies(replies)
+
+    def _ingest_replies(self, replies: list[tuple[str, bytes, object]]) -> None:
+        if not replies:
+            return
+        try:
+            for outcome in self.grid.handle_replies(replies):
+                self._note_device(outcome)
+        except Exception:  # nothing a device sends may stop the gateway
+            log.exception("worker.failed topic=%s", replies[0][0])
+
+    def _handle_other(self, prefix: str, topic: str, payload: bytes) -> None:
+        try:
+            if topic.startswith(prefix + "enroll/"):
+                self._handle_enroll(topic, payload)
+            elif topic.startswith(prefix + "online/"):
+                device = topics.device_of(topic)
+                if device in self.by_id:  # liveness of strangers is nobody's business
+                    (self.online.add if payload == b"1" else self.online.discard)(device)
+                    self._note_device(None, device)
+        except Exception:  # nothing a device sends may stop the gateway
+            log.exception("worker.failed topic=%s", topic)
 
     def _note_device(self, outcome, device: str | None = None) -> None:
         """Per-device status: last seen, accepted, rejected by reason (enrolled devices only: bounded)."""
@@ -191,12 +239,25 @@ class Gateway:
             self.link.publish(topics.device_status(self.id, doc["device"]), json.dumps(doc).encode(), retain=True,
                               counted=False)
 
+    def _sync_ledger(self) -> None:
+        """Take in what an operator changed in the ledger from another process: enrollments, revocations."""
+        if not self._ledger.changed_elsewhere():
+            return
+        for key, name in self._ledger.enrolled_devices().items():
+            if key not in self.enrolled:
+                self._admit(key, name)
+                if self.state != "starting":
+                    event(log, "device.enrolled", device=identity_id(key), name=name, by="ledger")
+        self._sync_revocations()
+
     def _sync_revocations(self) -> None:
         """Drop devices the ledger says are revoked: their next reply is refused as `revoked`."""
         for key, reason in self._ledger.revoked_devices().items():
             if key in self.revoked:
                 continue
             self.revoked.add(key)
+            if self.ingest is not None:
+                self.ingest.revoke(key)
             self.enrolled.pop(key, None)
             self.by_node.pop(node_id(key), None)
             device = identity_id(key)
@@ -268,7 +329,8 @@ class Gateway:
             self._call(self._ledger.record_aggregate, round_, self.config.strategy, base, inputs, output)
 
     def _record_updates(self, traffic: RoundTraffic) -> list[bytes]:
-        """Write the round's accepted updates as one `updates` vertex; return the recorded digests.
+        """Write the round's accepted updates as one `updates` vertex; return the recorded digests,
+        each once (two devices may send byte-identical updates: a free rider's zeros, a replayed file).
 
         If the ledger refuses the batch (it should not: every reply was checked), the records are
         tried one by one, so one bad record costs only itself, never the round.
@@ -280,12 +342,12 @@ class Gateway:
         if not records:
             return []
         if self.journal.is_recorded(traffic.task):  # written before a crash: never count an update twice
-            return [r[1] for r in records]
+            return list(dict.fromkeys(r[1] for r in records))
         args = (self.id, traffic.round, traffic.task, traffic.base)
         try:
             self._call(self._ledger.record_updates, *args, records)
             self.journal.mark_recorded(traffic.task)
-            return [r[1] for r in records]
+            return list(dict.fromkeys(r[1] for r in records))
         except LedgerError as exc:
             event(log, "ledger.batch_refused", logging.ERROR, round=traffic.round, reason=str(exc))
         kept = []
@@ -296,7 +358,7 @@ class Gateway:
             except LedgerError as exc:
                 event(log, "ledger.record_refused", logging.ERROR, device=identity_id(record[0]), reason=str(exc))
         self.journal.mark_recorded(traffic.task)
-        return kept
+        return list(dict.fromkeys(kept))
 
     def _on_closed(self, traffic: RoundTraffic) -> None:
         r = traffic.round
@@ -315,11 +377,12 @@ class Gateway:
                 record.accuracy = sum(a.metrics["accuracy"] * a.examples for a in traffic.accepted) / total
                 record.loss = sum(a.metrics["loss"] * a.examples for a in traffic.accepted) / total
         started, bytes_in, bytes_out = self._round_start.setdefault(r, (traffic.started, 0, 0))
-        record.bytes_up = self.link.bytes_in - bytes_in
+        record.bytes_up = self._bytes_in() - bytes_in
         record.bytes_down = self.link.bytes_out - bytes_out
         record.seconds = round(time.time() - started, 3)
         # The next round starts where this one's last exchange ended (its evaluation, if any).
-        self._round_start[r + 1] = (time.time(), self.link.bytes_in, self.link.bytes_out)
+        self._round_start[r + 1] = (time.time(), self._bytes_in(), self.link.bytes_out)
+        self.journal.record_round(r, asdict(record))
         if traffic.kind != "train":
             event(log, "round.done", round=r, accuracy="-" if record.accuracy is None else record.accuracy,
                   participants=record.participants, rejected=record.rejected, seconds=record.seconds)
@@ -369,14 +432,17 @@ class Gateway:
             self.grid.run_tag, self.grid.resume, self.grid.round_offset = resume.tag, resume, resume.round - 1
             weights = schemas.decode_model(resume.model)
             num_rounds = cfg.num_rounds - resume.round + 1
-            self._round_start[resume.round] = (time.time(), self.link.bytes_in, self.link.bytes_out)
+            self._round_start[resume.round] = (time.time(), self._bytes_in(), self.link.bytes_out)
+            for doc in self.journal.rounds():  # the rounds before the crash, for status and result.json
+                if doc["round"] < resume.round:
+                    self.history[doc["round"]] = RoundRecord(**doc)
             event(log, "gateway.resume", round=resume.round, accepted=len(resume.replies), run=resume.tag)
         else:
             weights = self.initial_weights
             self.journal.start_run(self.grid.run_tag, cfg.strategy, cfg.num_rounds)
         initial = ArrayRecord({k: Array(v) for k, v in weights.items()})
         if resume is None:
-            self._round_start[0] = (time.time(), self.link.bytes_in, self.link.bytes_out)
+            self._round_start[0] = (time.time(), self._bytes_in(), self.link.bytes_out)
             # Round 0: the initial model, evaluated by the devices like every later one.
             replies = self.grid.send_and_receive(strategy.configure_evaluate(0, initial, ConfigRecord(), self.grid))
             strategy.aggregate_evaluate(0, replies)
@@ -403,8 +469,10 @@ class Gateway:
         # The gateway is the ServerApp task of its run: Flower's Message() reads this identity.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
         prefix = f"{topics.ROOT}/{self.id}"
+        # With ingest workers, replies reach the gateway through them (a shared subscription), not directly.
+        replies = [] if cfg.ingest_workers else [f"{prefix}/reply/+"]
         self.link = Link(f"gw-{self.id}", cfg.broker_host, cfg.broker_port,
-                         [f"{prefix}/reply/+", f"{prefix}/enroll/+", f"{prefix}/online/+"], topics.status(self.id))
+                         [*replies, f"{prefix}/enroll/+", f"{prefix}/online/+"], topics.status(self.id), cfg.broker_auth)
         # The largest honest reply is an f32 delta of the whole model plus small change.
         model_bytes = sum(w.nbytes for w in self.initial_weights.values())
         checker = ReplyChecker(self.id, lambda key: key in self.enrolled, max_reply_bytes=model_bytes + 64 * 1024,

@@ -129,11 +129,25 @@ class LoadGenerator:
         self.client.disconnect()
 
 
+def finished_gateway(process: subprocess.Popen, workdir: Path, timeout: float) -> dict:
+    """Wait for a `start_gateway` process and return its result.json; raise if the round did not finish."""
+    import json
+
+    process.wait(timeout)
+    result_path = workdir / "state" / "result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {"state": "no result.json"}
+    if result.get("state") != "done":
+        log_tail = (workdir / "gateway.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the gateway ended {result.get('state')!r}: {result.get('failure')}\n{log_tail}")
+    return result
+
+
 def start_gateway(workdir: Path, broker: Broker, shapes: dict[str, tuple[int, ...]], devices: int, timeout: float,
-                  strategy: str = "FedAvg", params: str = "") -> tuple[subprocess.Popen, Identity]:
+                  strategy: str = "FedAvg", params: str = "", workers: int = 0) -> tuple[subprocess.Popen, Identity]:
     """A real `starling-gateway` process for one round of `devices` load-generated devices, no evaluation.
 
-    `params` is extra TOML for the strategy's inline params table ("beta = 0.1, ").
+    `params` is extra TOML for the strategy's inline params table ("beta = 0.1, "); `workers`
+    is `[ingest] workers` (processes sharing the reply topic; 0 = none).
     """
     manifest = write_manifest(workdir / "model", shapes)
     gateway = Identity.generate()
@@ -144,7 +158,7 @@ def start_gateway(workdir: Path, broker: Broker, shapes: dict[str, tuple[int, ..
         f'[strategy]\nname = "{strategy}"\nparams = {{ {params}fraction_evaluate = 0.0, '
         f"min_available_nodes = {devices}, min_train_nodes = {devices} }}\n"
         f"[rounds]\nnum_rounds = 1\ndeadline_s = {timeout}\nmin_devices = {devices}\nwait_devices_s = {timeout}\n"
-        '[enrollment]\npolicy = "open"\n'
+        f'[enrollment]\npolicy = "open"\n[ingest]\nworkers = {workers}\n'
     )
     root = Path(__file__).resolve().parent.parent
     with open(workdir / "gateway.log", "wb") as log:

@@ -369,6 +369,16 @@ class Ledger:
         with self._read() as conn:
             return SqlState(conn).initialized
 
+    def changed_elsewhere(self) -> bool:
+        """True when another connection (an operator's `starling-ledger`) committed since the last call.
+
+        SQLite's `data_version` moves only for other connections' commits: a cheap poll.
+        """
+        with self._read() as conn:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+        changed, self._data_version = version != getattr(self, "_data_version", None), version
+        return changed
+
     @property
     def height(self) -> int:
         """The number of vertices."""

@@ -310,6 +310,16 @@ def decode_update(
     return decode_tensors(doc["tensors"], limits), _metrics(doc["metrics"])
 
 
+def check_update(data: bytes, limits: TensorLimits = DEFAULT_LIMITS) -> tuple[dict[str, tuple[int, ...]], dict[str, float]]:
+    """Every check of `decode_update`, without building float arrays: (tensor shapes, metrics)."""
+    doc = cbor.loads(data, max_bytes=MAX_UPDATE_BYTES)
+    if not isinstance(doc, dict):
+        raise SchemaError("an update must be a map")
+    _check_fields(doc, {"tensors", "metrics"})
+    arrays = decode_tensors(doc["tensors"], limits, dequantize=False)
+    return {k: v.shape for k, v in arrays.items()}, _metrics(doc["metrics"])
+
+
 def encode_model(weights: dict[str, np.ndarray]) -> bytes:
     """The model attachment: full float32 weights."""
     return cbor.dumps({"tensors": encode_tensors(weights, "f32")})

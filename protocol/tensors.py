@@ -67,8 +67,12 @@ def encode_tensor(name: str, array: np.ndarray, codec: str = "f32") -> dict[str,
     return doc
 
 
-def decode_tensor(doc: Any, limits: TensorLimits = DEFAULT_LIMITS) -> tuple[str, np.ndarray]:
-    """Decode one wire tensor into (name, float32 array), checking every field."""
+def decode_tensor(doc: Any, limits: TensorLimits = DEFAULT_LIMITS, dequantize: bool = True) -> tuple[str, np.ndarray]:
+    """Decode one wire tensor into (name, float32 array), checking every field.
+
+    With `dequantize=False` the same checks run but the array comes back in its wire dtype
+    (int8, float16 ...): a gateway checking thousands of replies need not build floats yet.
+    """
     if not isinstance(doc, dict):
         raise SchemaError("a tensor must be a map")
     expected = {"name", "codec", "shape", "data"} | ({"scale"} if doc.get("codec") == "i8" else set())
@@ -100,8 +104,17 @@ def decode_tensor(doc: Any, limits: TensorLimits = DEFAULT_LIMITS) -> tuple[str,
         scale = doc["scale"]
         if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
             raise BadTensor(f"tensor {name!r}: int8 scale must be a finite positive float")
+        if not dequantize:
+            # value * scale grows with |value|: if the largest one stays finite in float32, all do.
+            peak = max(-int(values.min()), int(values.max())) if values.size else 0
+            with np.errstate(over="ignore"):
+                if not np.isfinite(np.float32(peak * scale)):
+                    raise NonFiniteValues(f"tensor {name!r} has NaN or infinite values")
+            return name, values
         with np.errstate(over="ignore"):  # a huge scale gives inf, refused just below
             out = (values.astype(np.float64) * scale).astype(np.float32)
+    elif not dequantize:
+        out = values
     else:
         out = values.astype(np.float32)
     if not np.all(np.isfinite(out)):
@@ -114,8 +127,8 @@ def encode_tensors(arrays: Mapping[str, np.ndarray], codec: str = "f32") -> list
     return [encode_tensor(name, array, codec) for name, array in arrays.items()]
 
 
-def decode_tensors(docs: Any, limits: TensorLimits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
-    """Decode a list of wire tensors into an ordered name -> float32 array map."""
+def decode_tensors(docs: Any, limits: TensorLimits = DEFAULT_LIMITS, dequantize: bool = True) -> dict[str, np.ndarray]:
+    """Decode a list of wire tensors into an ordered name -> float32 array map (see decode_tensor)."""
     if not isinstance(docs, list):
         raise SchemaError("tensors must be a list")
     if len(docs) > limits.max_tensors:
@@ -123,7 +136,7 @@ def decode_tensors(docs: Any, limits: TensorLimits = DEFAULT_LIMITS) -> dict[str
     out: dict[str, np.ndarray] = {}
     total = 0
     for doc in docs:
-        name, array = decode_tensor(doc, limits)
+        name, array = decode_tensor(doc, limits, dequantize)
         if name in out:
             raise SchemaError(f"tensor {name!r} appears twice")
         total += array.size

@@ -75,6 +75,40 @@ def test_a_real_flower_strategy_with_parameters_is_built():
     assert type(strategy).__name__ == "FedAvg" and strategy.fraction_train == 0.5
 
 
+def test_broker_tls_and_credentials_are_read_with_paths_relative_to_the_config(tmp_path):
+    (tmp_path / "ca.crt").write_text("ca")
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\nignored\n")
+    secret.chmod(0o600)
+    doc = {**GOOD_GATEWAY, "broker": {"tls_ca": "ca.crt", "username": "gw-x", "password_file": "pw"},
+           "ingest": {"workers": 3}}
+    config = parse_gateway(doc, tmp_path)
+    assert config.broker_auth.tls_ca == tmp_path / "ca.crt" and config.broker_auth.password() == "s3cret"
+    assert config.ingest_workers == 3
+
+
+@pytest.mark.parametrize("broker, match", [
+    ({"tls_ca": "missing.crt"}, r"broker\.tls_ca: .*missing\.crt is not a file"),
+    ({"tls_ca": "ca.crt", "tls_cert": "ca.crt"}, r"tls_cert and broker\.tls_key go together"),
+    ({"tls_cert": "ca.crt", "tls_key": "ca.crt"}, r"tls_cert needs broker\.tls_ca"),
+    ({"password_file": "pw"}, r"password_file needs broker\.username"),
+    ({"username": "u", "password_file": "open-pw"}, r"password_file: .*readable by others"),
+])
+def test_bad_broker_credentials_are_named(tmp_path, broker, match):
+    (tmp_path / "ca.crt").write_text("ca")
+    for name, mode in (("pw", 0o600), ("open-pw", 0o644)):
+        (tmp_path / name).write_text("x")
+        (tmp_path / name).chmod(mode)
+    with pytest.raises(GatewayConfigError, match=match):
+        parse_gateway({**GOOD_GATEWAY, "broker": broker}, tmp_path)
+
+
+@pytest.mark.parametrize("workers", [-1, 65, "two"])
+def test_a_bad_number_of_ingest_workers_is_named(workers):
+    with pytest.raises(GatewayConfigError, match=r"ingest\.workers"):
+        parse_gateway({**GOOD_GATEWAY, "ingest": {"workers": workers}})
+
+
 def test_the_enrollment_policy_must_be_chosen_explicitly():
     doc = {k: v for k, v in GOOD_GATEWAY.items() if k != "enrollment"}
     with pytest.raises(GatewayConfigError, match=r"enrollment\.policy is required"):

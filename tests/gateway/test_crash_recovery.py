@@ -6,6 +6,8 @@ agents (synthetic models: two answer at once, two take a few seconds).
 
 from __future__ import annotations
 
+import json
+
 import queue
 import subprocess
 import sys
@@ -99,7 +101,7 @@ def gateway_config(tmp: Path, broker: Broker, gateway: Identity) -> Path:
     conf.write_text(
         f'[gateway]\nname = "gw"\nkey = "gw.key"\nstate_dir = "state"\n'
         f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[model]\nmanifest = "{manifest}"\n'
-        '[strategy]\nname = "FedAvg"\nparams = { min_available_nodes = 4, min_train_nodes = 4, fraction_evaluate = 0.0 }\n'
+        '[strategy]\nname = "FedAvg"\nparams = { min_available_nodes = 4, min_train_nodes = 4, min_evaluate_nodes = 4 }\n'
         "[rounds]\nnum_rounds = 2\ndeadline_s = 60\nmin_devices = 4\nwait_devices_s = 60\nepochs = 1\n"
         '[enrollment]\npolicy = "open"\n'
     )
@@ -145,6 +147,10 @@ def test_kill_9_mid_round_then_restart_keeps_every_accepted_reply_once(tmp_path)
     assert {d.id for d in fleet.devices} >= fast
     log = (tmp_path / "gateway.log").read_text()
     assert "gateway.resume round=1 accepted=2" in log
+    result = json.loads((tmp_path / "state" / "result.json").read_text())
+    rounds = [r["round"] for r in result["rounds"]]
+    assert rounds == [0, 1, 2], result["rounds"]
+    assert result["rounds"][1]["participants"] == 4
 
 
 def test_a_broker_restart_mid_round_loses_nothing(tmp_path):

@@ -149,3 +149,24 @@ def test_a_device_revoked_by_the_operator_is_refused_from_its_next_reply_on(brok
         assert not again.accepted and again.reason == "revoked"
     finally:
         running.close()
+
+
+def test_a_device_the_operator_enrolls_with_the_cli_is_admitted_by_the_running_gateway(voucher_gateway):
+    import subprocess
+    import sys
+
+    running = voucher_gateway
+    device = Identity.generate()
+    refused = running.enroll(device)  # no voucher, not in the ledger
+    assert not refused.accepted and refused.reason == "no_voucher"
+    done = subprocess.run(
+        [sys.executable, "-m", "ledger.cli", "enroll", "--db", str(running.config.state_dir / "ledger.db"),
+         "--key", str(running.config.key), "--device", device.public_key.hex(), "--name", "by-hand"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 10
+    while device.public_key not in running.gateway.enrolled and time.monotonic() < deadline:
+        time.sleep(0.1)  # the gateway looks at its ledger every second
+    assert running.gateway.enrolled.get(device.public_key) == "by-hand"
+    assert running.enroll(device).accepted  # known now: no voucher needed

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from gateway.ingest import Accepted, OpenTask, Rejected, ReplyChecker
+from gateway.ingest import Accepted, Authenticator, OpenTask, Rejected, ReplyChecker
 from protocol import envelope, schemas, topics
 from protocol.keys import Identity
 
@@ -169,3 +169,31 @@ def test_an_oversize_reply_is_refused_before_it_is_decoded():
     checker = ReplyChecker(GATEWAY.id, lambda key: True, max_reply_bytes=1000)
     outcome = checker.check(topic(), b"\xff" * 1001)  # not even CBOR: size is checked first
     assert reason(outcome) == "limits"
+
+
+def test_stage_one_done_elsewhere_is_trusted_and_not_repeated():
+    checker = make_checker()
+    wire = reply()
+    first = Authenticator(GATEWAY.id, lambda key: True).authenticate(topic(), wire)
+    checker.authenticator.authenticate = None  # a second signature check would fail loudly
+    assert isinstance(checker.check(topic(), wire, first=first), Accepted)
+
+
+def test_a_worker_whose_enrolled_keys_lag_does_not_cost_an_enrolled_device_its_reply():
+    checker = make_checker()
+    wire = reply()
+    stale = Authenticator(GATEWAY.id, lambda key: False).authenticate(topic(), wire)
+    assert reason(stale) == "unknown_device"
+    assert isinstance(checker.check(topic(), wire, first=stale), Accepted)
+
+
+def test_a_worker_whose_revocations_lag_cannot_let_a_revoked_device_in():
+    revoked = set()
+    checker = ReplyChecker(GATEWAY.id, lambda key: True, is_revoked=revoked.__contains__)
+    task = make_checker().open
+    checker.open.update(task)
+    checker.current_round = 3
+    wire = reply()
+    first = Authenticator(GATEWAY.id, lambda key: True).authenticate(topic(), wire)  # before the revocation
+    revoked.add(DEVICE.public_key)
+    assert reason(checker.check(topic(), wire, first=first)) == "revoked"

@@ -314,6 +314,53 @@ def clients(request):
             pass
 
 
+# --- the gateway's own clients (protocol.transport.BrokerAuth) -----------------------------------
+
+
+def _gateway_auth(broker, tmp_path: Path, password: str | None = None):
+    from protocol.transport import BrokerAuth
+
+    secret = tmp_path / "gw.password"
+    secret.write_text((password or PASSWORDS[GW_USER]) + "\n")
+    secret.chmod(0o600)
+    return BrokerAuth(tls_ca=broker.ca, username=GW_USER, password_file=secret)
+
+
+def test_the_gateway_link_connects_over_tls_with_its_password_file_and_hears_a_device(broker, clients, tmp_path):
+    from gateway.link import Link
+
+    with Link(GW_USER, HOST, broker.port, [t("reply", "+")], t("status"), _gateway_auth(broker, tmp_path)) as link:
+        assert isinstance(link.client.socket(), ssl.SSLSocket)
+        clients(DEV_A).publish(t("reply", DEV_A), b"update")
+        topic, payload, _ = link.inbox.get(timeout=WAIT)
+        assert (topic, payload) == (t("reply", DEV_A), b"update")
+
+
+def test_the_gateway_link_with_a_wrong_password_does_not_connect(broker, tmp_path):
+    from gateway.link import Link
+
+    with pytest.raises(ConnectionError):
+        with Link(GW_USER, HOST, broker.port, [], t("status"), _gateway_auth(broker, tmp_path, "wrong")):
+            pass
+
+
+def test_ingest_workers_share_the_reply_topic_through_tls_and_the_acl(broker, clients, tmp_path):
+    import logging
+
+    from gateway.ingest_workers import IngestWorkers, WorkerSettings
+
+    inbox: queue.Queue = queue.Queue()
+    settings = WorkerSettings(GW, HOST, broker.port, _gateway_auth(broker, tmp_path), 1 << 20, logging.INFO)
+    with IngestWorkers(2, settings, inbox, set(), set()):
+        time.sleep(2.0)  # spawned, connected over TLS, subscribed
+        device = clients(DEV_A)
+        for i in range(6):
+            device.publish(t("reply", DEV_A), b"not an envelope %d" % i)
+        got = [inbox.get(timeout=WAIT) for _ in range(6)]
+    assert sorted(payload for _, payload, _ in got) == [b"not an envelope %d" % i for i in range(6)]
+    assert all(outcome.reason == "malformed" for _, _, outcome in got)
+
+
 # --- TLS and authentication ----------------------------------------------------------------------
 
 

@@ -325,3 +325,31 @@ def test_a_reply_with_its_update_attachment_survives_the_wire(delta, metrics, se
     assert schemas.Reply.from_body(opened.body) == reply
     out, out_metrics = schemas.decode_update(opened.attachment)
     assert list(out) == list(delta) and out_metrics == metrics
+
+
+def _outcome(fn, data):
+    try:
+        return fn(data)
+    except Exception as exc:  # the class and reason are what must agree
+        return type(exc), getattr(exc, "reason", None)
+
+
+@given(
+    codec=st.sampled_from(sorted(tensors.CODECS)),
+    raw=st.binary(min_size=0, max_size=64),
+    scale=st.floats(min_value=1e-300, max_value=1e300) | st.sampled_from([0.0, -1.0, float("nan"), float("inf")]),
+)
+def test_check_update_refuses_exactly_what_decode_update_refuses(codec, raw, scale):
+    """The gateway's fast check (no float arrays) and the full decode agree, NaN, huge scales and all."""
+    itemsize = tensors.CODECS[codec].itemsize
+    count = len(raw) // itemsize
+    doc = {"name": "w", "codec": codec, "shape": [count], "data": raw[: count * itemsize]}
+    if codec == "i8":
+        doc["scale"] = scale
+    data = cbor.dumps({"tensors": [doc], "metrics": {"steps": 1.0}})
+    decoded, checked = _outcome(schemas.decode_update, data), _outcome(schemas.check_update, data)
+    if isinstance(decoded, tuple) and isinstance(decoded[0], type):
+        assert checked == decoded
+    else:
+        delta, metrics = decoded
+        assert checked == ({"w": delta["w"].shape}, metrics)
