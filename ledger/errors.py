@@ -127,3 +127,15 @@ class UnknownInput(LedgerError):
     """An aggregate names an update digest that no updates vertex recorded."""
 
     reason = "unknown_input"
+
+
+class NotRoot(LedgerError):
+    """A membership change not signed by the operator root key that signed genesis."""
+
+    reason = "not_root"
+
+
+class MembershipError(LedgerError):
+    """A gateway joined twice, left without being a member, or came back after leaving."""
+
+    reason = "membership"

@@ -16,6 +16,20 @@ once a `device.revoke` vertex does; it is active while enrolled and not
 revoked. Revocation is final: a revoked key contributes no more updates and
 cannot enroll again (the device needs a new key).
 
+Several gateways write at once, so two vertices may disagree without either
+knowing the other (two gateways enroll the same device, or one records a
+device's update while another revokes it). A rule that forbids something
+("not revoked", "not enrolled twice", "not recorded twice") therefore only
+counts facts in the vertex's causal past (`state.precedes`): a vertex is
+refused for what its creator knew, never for what it could not have known.
+Such concurrent duplicates are kept, and the derived state takes the first
+of them in the canonical order, so every gateway derives the same state
+whatever order the vertices arrived in.
+
+Membership: genesis is signed by the operator's root key and names the first
+gateways; `gateway.join` and `gateway.leave` are signed by the same root key.
+A gateway that left cannot come back under the same key.
+
 Bodies are deliberately compact: an update record is a 4-item list, not a
 map, because there are thousands per round and each one stays on disk
 forever.
@@ -42,7 +56,8 @@ from .errors import (
     DeviceRevoked,
     DuplicateUpdate,
     InvalidVertex,
-    NotAGateway,
+    MembershipError,
+    NotRoot,
     UnknownDevice,
     UnknownInput,
     WrongGateway,
@@ -53,12 +68,14 @@ if TYPE_CHECKING:
     from .vertex import Vertex
 
 GENESIS = "genesis"
+GATEWAY_JOIN = "gateway.join"
+GATEWAY_LEAVE = "gateway.leave"
 DEVICE_ENROLL = "device.enroll"
 DEVICE_REVOKE = "device.revoke"
 UPDATES = "updates"
 AGGREGATE = "aggregate"
 
-MAX_GATEWAYS = 64
+MAX_GATEWAYS = 62  # members ever (each has a bit in a 64-bit SQLite integer for finality)
 MAX_RECORDS = 10_000  # per updates vertex; a gateway records a bigger round in several batches
 MAX_INPUTS = 50_000  # per aggregate
 MAX_ROUND = 2**31 - 1  # as protocol.envelope.Context
@@ -145,10 +162,12 @@ class Kind:
 
 
 class Genesis(Kind):
-    """The root: names the DAG and the gateways allowed to write to it.
+    """The root: names the DAG and the first gateways allowed to write to it.
 
     Body: {"name": str, "gateways": [public key, ...] sorted, no duplicates}.
-    Its creator must be one of those gateways; it has seq 0 and no parents.
+    Its creator is the operator's root key, which alone signs later
+    membership changes (a single self-run gateway may be its own root). It
+    has seq 0 and no parents.
     """
 
     name = GENESIS
@@ -169,11 +188,56 @@ class Genesis(Kind):
             raise BadSequence(f"genesis must have seq 0, has {vertex.seq}")
         if vertex.parents:
             raise InvalidVertex("genesis must have no parents")
-        if vertex.creator not in vertex.body["gateways"]:
-            raise NotAGateway(f"genesis creator {vertex.creator_id} is not one of the gateways it names")
 
     def apply(self, vertex: Vertex, state: State) -> None:
         state.add_gateways(vertex, list(vertex.body["gateways"]))
+
+
+class GatewayJoin(Kind):
+    """The operator admits a gateway. Body: {"gateway": public key, "name": str}; signed by the root key."""
+
+    name = GATEWAY_JOIN
+
+    def check_body(self, body: dict[str, Any]) -> None:
+        check_fields(body, {"gateway", "name"}, "gateway.join body")
+        check_bytes(body["gateway"], "gateway", PUBLIC_KEY_BYTES)
+        check_text(body["name"], "name", NAME_MAX)
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        if vertex.creator != state.root:
+            raise NotRoot(f"{vertex.creator_id} is not the root key that signed genesis")
+        gateway = vertex.body["gateway"]
+        if state.is_gateway(gateway) or state.departure_of(gateway) is not None:
+            raise MembershipError(f"gateway {identity_id(gateway)} was a member already")
+        if state.member_count_ever() >= MAX_GATEWAYS:
+            raise MembershipError(f"a ledger has at most {MAX_GATEWAYS} gateways over its life")
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        state.add_gateways(vertex, [vertex.body["gateway"]])
+
+
+class GatewayLeave(Kind):
+    """The operator retires a gateway. Body: {"gateway": public key, "reason": str}; signed by the root key.
+
+    The gateway's vertices that descend from this one are refused; ones
+    written concurrently (it had not heard yet) are kept.
+    """
+
+    name = GATEWAY_LEAVE
+
+    def check_body(self, body: dict[str, Any]) -> None:
+        check_fields(body, {"gateway", "reason"}, "gateway.leave body")
+        check_bytes(body["gateway"], "gateway", PUBLIC_KEY_BYTES)
+        check_text(body["reason"], "reason", REASON_MAX)
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        if vertex.creator != state.root:
+            raise NotRoot(f"{vertex.creator_id} is not the root key that signed genesis")
+        if not state.is_gateway(vertex.body["gateway"]):
+            raise MembershipError(f"gateway {identity_id(vertex.body['gateway'])} is not a member")
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        state.remove_gateway(vertex, vertex.body["gateway"])
 
 
 class DeviceEnroll(Kind):
@@ -194,9 +258,11 @@ class DeviceEnroll(Kind):
 
     def check_state(self, vertex: Vertex, state: State) -> None:
         device = vertex.body["device"]
-        if state.is_revoked(device):
+        revocation = state.revocation_of(device)
+        if revocation is not None and state.precedes(revocation, vertex):
             raise DeviceRevoked(f"device {identity_id(device)} was revoked; re-admission needs a new key")
-        if state.is_enrolled(device):
+        enrollment = state.enrollment_of(device)
+        if enrollment is not None and state.precedes(enrollment, vertex):
             raise AlreadyEnrolled(f"device {identity_id(device)} is enrolled already")
 
     def apply(self, vertex: Vertex, state: State) -> None:
@@ -221,9 +287,10 @@ class DeviceRevoke(Kind):
 
     def check_state(self, vertex: Vertex, state: State) -> None:
         device = vertex.body["device"]
-        if not state.is_enrolled(device):
+        if state.enrollment_of(device) is None:
             raise UnknownDevice(f"device {identity_id(device)} is not enrolled, so it cannot be revoked")
-        if state.is_revoked(device):
+        revocation = state.revocation_of(device)
+        if revocation is not None and state.precedes(revocation, vertex):
             raise AlreadyRevoked(f"device {identity_id(device)} is revoked already")
 
     def apply(self, vertex: Vertex, state: State) -> None:
@@ -271,11 +338,13 @@ class Updates(Kind):
                 f"records replies to gateway {body['gateway']!r}, but was created by {vertex.creator_id!r}"
             )
         for i, (device, digest, _, _) in enumerate(body["records"]):
-            if not state.is_enrolled(device):
+            if state.enrollment_of(device) is None:
                 raise UnknownDevice(f"record {i}: device {identity_id(device)} is not enrolled")
-            if state.is_revoked(device):
+            revocation = state.revocation_of(device)
+            if revocation is not None and state.precedes(revocation, vertex):
                 raise DeviceRevoked(f"record {i}: device {identity_id(device)} was revoked")
-            if state.has_record(device, digest):
+            recorded = state.record_of(device, digest)
+            if recorded is not None and state.precedes(recorded, vertex):
                 raise DuplicateUpdate(
                     f"record {i}: device {identity_id(device)}'s update {digest.hex()} is recorded already"
                 )
@@ -326,7 +395,8 @@ class Aggregate(Kind):
 
 
 KINDS: dict[str, Kind] = {
-    kind.name: kind for kind in (Genesis(), DeviceEnroll(), DeviceRevoke(), Updates(), Aggregate())
+    kind.name: kind
+    for kind in (Genesis(), GatewayJoin(), GatewayLeave(), DeviceEnroll(), DeviceRevoke(), Updates(), Aggregate())
 }
 
 

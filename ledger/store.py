@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,15 +53,16 @@ from protocol.keys import Identity, identity_id
 
 from . import validate
 from .errors import AlreadyEnrolled, DeviceRevoked, InvalidVertex, LedgerError, NoIdentity, StoreError
-from .kinds import AGGREGATE, DEVICE_ENROLL, DEVICE_REVOKE, GENESIS, UPDATES
+from .kinds import AGGREGATE, DEVICE_ENROLL, DEVICE_REVOKE, GATEWAY_JOIN, GATEWAY_LEAVE, GENESIS, UPDATES
 from .vertex import Vertex, sign
 
-SCHEMA_VERSION = 2  # 2 added the revocations table
+SCHEMA_VERSION = 3  # 2 added revocations; 3 added membership, edges, seen bits, equivocations (rebuilt)
 APPLICATION_ID = 0x53544C47  # "STLG" in the SQLite header: marks the file as a Starling ledger
 BUSY_TIMEOUT_S = 10.0
 PAGE_ROWS = 32  # vertices fetched per query while iterating; an updates vertex can be 100s of KB
 
 SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE vertices (
     id TEXT PRIMARY KEY,
     n INTEGER NOT NULL UNIQUE,
@@ -69,12 +71,26 @@ CREATE TABLE vertices (
     kind TEXT NOT NULL,
     time REAL NOT NULL,
     depth INTEGER NOT NULL,
+    seen INTEGER NOT NULL DEFAULT 0,
     data BLOB NOT NULL
 );
-CREATE UNIQUE INDEX vertices_creator_seq ON vertices (creator, seq);
+CREATE INDEX vertices_creator_seq ON vertices (creator, seq);
 CREATE INDEX vertices_order ON vertices (depth, id);
+CREATE TABLE edges (child INTEGER NOT NULL, parent INTEGER NOT NULL, PRIMARY KEY (child, parent)) WITHOUT ROWID;
 CREATE TABLE tips (id TEXT PRIMARY KEY) WITHOUT ROWID;
-CREATE TABLE gateways (public_key TEXT PRIMARY KEY, id TEXT NOT NULL, vertex TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE gateways (
+    public_key TEXT PRIMARY KEY,
+    id TEXT NOT NULL,
+    vertex TEXT NOT NULL,
+    idx INTEGER NOT NULL UNIQUE,
+    left_vertex TEXT
+) WITHOUT ROWID;
+CREATE TABLE equivocations (
+    creator TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    vertex TEXT NOT NULL,
+    PRIMARY KEY (creator, seq, vertex)
+) WITHOUT ROWID;
 CREATE TABLE devices (
     n INTEGER PRIMARY KEY,
     public_key TEXT NOT NULL UNIQUE,
@@ -83,6 +99,11 @@ CREATE TABLE devices (
     policy TEXT NOT NULL,
     vertex TEXT NOT NULL
 );
+CREATE TABLE revocations (
+    public_key TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    vertex TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE updates (
     digest BLOB NOT NULL,
     device INTEGER NOT NULL,
@@ -96,21 +117,15 @@ CREATE TABLE contributions (
 ) WITHOUT ROWID;
 """
 
-REVOCATIONS = """
-CREATE {temp}TABLE revocations (
-    public_key TEXT PRIMARY KEY,
-    reason TEXT NOT NULL,
-    vertex TEXT NOT NULL
-) WITHOUT ROWID;
-"""
+TABLES = frozenset({"meta", "vertices", "edges", "tips", "gateways", "equivocations", "devices", "revocations",
+                    "updates", "contributions"})
 
-# What each schema version added to the one before. A writer upgrades an older file in
-# place; a read-only reader gives itself empty TEMP tables instead, which is what they
-# would hold (an older file cannot have vertices of a kind its code did not know).
-ADDED_IN = {2: REVOCATIONS}
-SCHEMA += "".join(ADDED_IN[v].format(temp="") for v in sorted(ADDED_IN))
 
-TABLES = frozenset({"vertices", "tips", "gateways", "devices", "revocations", "updates", "contributions"})
+def create_tables(conn: sqlite3.Connection) -> None:
+    """The schema, one statement at a time (executescript would commit the caller's transaction)."""
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def connect(path: str | Path, *, read_only: bool) -> sqlite3.Connection:
@@ -126,20 +141,20 @@ def connect(path: str | Path, *, read_only: bool) -> sqlite3.Connection:
 
 
 def check_schema(conn: sqlite3.Connection) -> None:
-    """Raise StoreError unless the file holds a ledger of a schema this code knows.
+    """Raise StoreError unless the file holds a ledger of the schema this code knows.
 
-    For a file of an older version (only ever met read-only: a writer upgrades
-    it first), add the tables it lacks as empty TEMP tables on `conn`, so every
-    query reads it as the current schema.
+    An older file is upgraded by the first writer that opens it (`Ledger(path, identity)`),
+    which rebuilds the derived tables from the vertices.
     """
     app_id = conn.execute("PRAGMA application_id").fetchone()[0]
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if app_id != APPLICATION_ID:
         raise StoreError("not a Starling ledger (SQLite application_id does not match)")
-    if not 1 <= version <= SCHEMA_VERSION:
-        raise StoreError(f"ledger schema version {version}; this code reads versions 1 to {SCHEMA_VERSION}")
-    for added in range(version + 1, SCHEMA_VERSION + 1):
-        conn.execute(ADDED_IN[added].format(temp="TEMP "))
+    if 1 <= version < SCHEMA_VERSION:
+        raise StoreError(f"ledger schema version {version} is older than {SCHEMA_VERSION}: "
+                         "open it once read-write (e.g. `starling-ledger show --db FILE --upgrade`) to upgrade it")
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"ledger schema version {version}; this code reads version {SCHEMA_VERSION}")
 
 
 class Ledger:
@@ -220,18 +235,30 @@ class Ledger:
                 # A ledger already: bring an older schema up to date (check_schema refuses newer ones).
                 version = self._conn.execute("PRAGMA user_version").fetchone()[0]
                 if 1 <= version < SCHEMA_VERSION:
-                    for added in range(version + 1, SCHEMA_VERSION + 1):
-                        self.db.executescript(ADDED_IN[added].format(temp=""))
-                    self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    self._rebuild()
                 return
             if self._conn.execute("PRAGMA user_version").fetchone()[0] != 0 or self.db.table_names():
                 raise StoreError(f"{self.path} is an SQLite database of something else")
-            self.db.executescript(SCHEMA)
+            create_tables(self._conn)
             self._conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def _rebuild(self) -> None:
+        """Re-derive every table from the vertices alone (inside the caller's transaction).
+
+        Used to upgrade a file of an older schema: the vertices are the ledger, the rest follows.
+        """
+        rows = self._conn.execute("SELECT data FROM vertices ORDER BY depth, id").fetchall()
+        for table in self.db.table_names():
+            self._conn.execute(f"DROP TABLE {table}")
+        create_tables(self._conn)
+        state = SqlState(self._conn)
+        for (data,) in rows:
+            validate.apply(Vertex.decode(data), state)
+        self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
     @contextmanager
-    def _write(self, require_identity: bool = True) -> Iterator[SqlState]:
+    def _write(self, require_identity: bool = True, everything_precedes: bool = False) -> Iterator[SqlState]:
         """One write transaction; rolled back on any exception."""
         with self._lock:
             self._check_open()
@@ -244,7 +271,7 @@ class Ledger:
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot start a write: {exc}") from exc
             try:
-                yield SqlState(self._conn)
+                yield SqlState(self._conn, everything_precedes)
                 self._conn.execute("COMMIT")
             except BaseException as exc:
                 if self._conn.in_transaction:
@@ -269,10 +296,11 @@ class Ledger:
     # --- writing ------------------------------------------------------------------------
 
     def init_genesis(self, name: str, gateways: list[bytes]) -> Vertex:
-        """Write the genesis vertex naming the DAG and its gateways (sorted, deduplicated).
+        """Write the genesis vertex naming the DAG and its first gateways (sorted, deduplicated).
 
-        Only on an empty store (else AlreadyInitialized), and this ledger's
-        identity must be one of the gateways (else NotAGateway).
+        Only on an empty store (else AlreadyInitialized). This ledger's identity
+        signs it and becomes the root key, the one that signs membership changes:
+        the operator's offline key (`starling-ledger init`), or a lone gateway's own.
         """
         try:
             keys = sorted(set(gateways))
@@ -287,7 +315,7 @@ class Ledger:
         plus the current tips; time is now. The vertex passes every rule of
         `ledger.validate` before anything is written.
         """
-        with self._write() as state:
+        with self._write(everything_precedes=True) as state:
             assert self.identity is not None  # _write checked
             last = state.last_of(self.identity.public_key)
             parents = set(state.tips())
@@ -304,14 +332,24 @@ class Ledger:
         """Store a vertex created elsewhere, under the same rules as `append`.
 
         Returns False (and changes nothing) if the store has it already.
-        Its parents must be here already; waiting for missing ones is the
-        gossip layer's job.
+        Its parents must be here already (else `MissingParent`); waiting for
+        missing ones is the gossip layer's job. A second vertex with the same
+        creator and seq is admitted as evidence and its creator is listed by
+        `equivocators`.
         """
         with self._write(require_identity=False) as state:
             if state.has_vertex(vertex.id):
                 return False
             validate.admit(vertex, state)
         return True
+
+    def join_gateway(self, public_key: bytes, name: str) -> Vertex:
+        """Admit a gateway (this ledger's identity must be the root key that signed genesis)."""
+        return self.append(GATEWAY_JOIN, {"gateway": public_key, "name": name})
+
+    def leave_gateway(self, public_key: bytes, reason: str) -> Vertex:
+        """Retire a gateway for good (root key only); its later vertices are refused."""
+        return self.append(GATEWAY_LEAVE, {"gateway": public_key, "reason": reason})
 
     def enroll_device(self, public_key: bytes, name: str, policy: str) -> Vertex:
         """Enroll a device. Idempotent: if it is enrolled already, returns the existing
@@ -471,10 +509,99 @@ class Ledger:
         return [_decode_row(vid, data) for vid, data in rows]
 
     def gateways(self) -> list[bytes]:
-        """Public keys of the gateways that may write to this DAG, sorted."""
+        """Public keys of the gateways that may write to this DAG now, sorted."""
         with self._read() as conn:
-            rows = conn.execute("SELECT public_key FROM gateways ORDER BY public_key").fetchall()
+            rows = conn.execute(
+                "SELECT public_key FROM gateways WHERE left_vertex IS NULL ORDER BY public_key"
+            ).fetchall()
         return [bytes.fromhex(key) for (key,) in rows]
+
+    @property
+    def root(self) -> bytes | None:
+        """The operator root key (genesis creator), or None before genesis."""
+        with self._read() as conn:
+            return SqlState(conn).root
+
+    def version_vector(self) -> dict[str, int]:
+        """For each creator (identity id): its highest seq here. Seqs are gap-free: each names the one before."""
+        with self._read() as conn:
+            return dict(conn.execute("SELECT creator, max(seq) FROM vertices GROUP BY creator ORDER BY creator"))
+
+    def encoded_from(self, creator_id: str, first_seq: int, limit: int) -> list[bytes]:
+        """Encoded vertices of one creator with seq >= first_seq, in seq order (all of an equivocating seq)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT data FROM vertices WHERE creator = ? AND seq >= ? ORDER BY seq, id LIMIT ?",
+                (creator_id, first_seq, limit),
+            ).fetchall()
+        return [data for (data,) in rows]
+
+    def derived_state(self) -> dict[str, Any]:
+        """The state every gateway must derive alike from the same DAG: members, devices, revocations,
+        update records, equivocations (hex and plain values, sorted)."""
+        with self._read() as conn:
+            q = conn.execute
+            return {
+                "root": (SqlState(conn).root or b"").hex(),
+                "gateways": q("SELECT public_key, vertex, left_vertex FROM gateways ORDER BY public_key").fetchall(),
+                "devices": q("SELECT public_key, name, policy, vertex FROM devices ORDER BY public_key").fetchall(),
+                "revocations": q("SELECT public_key, reason, vertex FROM revocations ORDER BY public_key").fetchall(),
+                "updates": q("SELECT hex(u.digest), d.public_key, v.id FROM updates u JOIN devices d ON d.n = u.device"
+                             " JOIN vertices v ON v.n = u.vertex ORDER BY 1, 2").fetchall(),
+                "equivocations": q("SELECT creator, seq, vertex FROM equivocations ORDER BY 1, 2, 3").fetchall(),
+            }
+
+    def state_digest(self) -> str:
+        """SHA-256 (hex, first 16) of `derived_state` and the canonical order: equal on gateways that agree."""
+        import hashlib
+        import json
+
+        order = [v for (v,) in self._read_all("SELECT id FROM vertices ORDER BY depth, id")]
+        doc = json.dumps({"state": self.derived_state(), "order": order}, sort_keys=True)
+        return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+    def _read_all(self, sql: str, *params: Any) -> list[tuple]:
+        with self._read() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def equivocators(self) -> dict[str, list[int]]:
+        """Creators (identity ids) that signed two vertices with one seq -> those seqs."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT DISTINCT creator, seq FROM equivocations ORDER BY creator, seq").fetchall()
+        found: dict[str, list[int]] = {}
+        for creator, seq in rows:
+            found.setdefault(creator, []).append(seq)
+        return found
+
+    def finality(self) -> dict[str, Any]:
+        """How much of the DAG is final: seen (descended from) by vertices of more than 2/3 of the gateways.
+
+        {"height", "final", "lag" (vertices not final yet), "oldest_pending_s" (age of the oldest of them)}.
+        """
+        with self._read() as conn:
+            members = [idx for (idx,) in conn.execute("SELECT idx FROM gateways WHERE left_vertex IS NULL")]
+            groups = conn.execute("SELECT seen, count(*), min(time) FROM vertices GROUP BY seen").fetchall()
+        mask = sum(1 << i for i in members)
+        needed = (2 * len(members)) // 3 + 1  # more than two thirds
+        height = final = 0
+        oldest = None
+        for seen, count, first in groups:
+            height += count
+            if (seen & mask).bit_count() >= needed:
+                final += count
+            elif oldest is None or first < oldest:
+                oldest = first
+        return {"height": height, "final": final, "lag": height - final,
+                "oldest_pending_s": 0.0 if oldest is None else round(max(0.0, time.time() - oldest), 3)}
+
+    def is_final(self, vertex_id: bytes) -> bool:
+        """True once vertices of more than two thirds of the member gateways descend from this vertex."""
+        with self._read() as conn:
+            members = [idx for (idx,) in conn.execute("SELECT idx FROM gateways WHERE left_vertex IS NULL")]
+            seen = conn.execute("SELECT seen FROM vertices WHERE id = ?", (vertex_id.hex(),)).fetchone()
+        if seen is None:
+            return False
+        return (seen[0] & sum(1 << i for i in members)).bit_count() >= (2 * len(members)) // 3 + 1
 
     def kind_counts(self) -> dict[str, int]:
         """Number of vertices of each kind."""
@@ -504,33 +631,88 @@ def _decode_row(vertex_id: str, data: Any) -> Vertex:
 
 
 class SqlState:
-    """`ledger.state.State` over the store's tables, inside the caller's transaction."""
+    """`ledger.state.State` over the store's tables, inside the caller's transaction.
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    `everything_precedes` is set for this gateway's own appends: their parents are all the
+    tips, so every stored vertex is in their past and no ancestry walk is needed.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, everything_precedes: bool = False) -> None:
         self.conn = conn
+        self.everything_precedes = everything_precedes
 
     def _exists(self, sql: str, *params: Any) -> bool:
         return self.conn.execute(sql, params).fetchone() is not None
 
+    def _one(self, sql: str, *params: Any) -> Any:
+        row = self.conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
     @property
     def initialized(self) -> bool:
-        return self._exists("SELECT 1 FROM gateways LIMIT 1")
+        return self.root is not None
+
+    @property
+    def root(self) -> bytes | None:
+        return self._one("SELECT value FROM meta WHERE key = 'root'")
 
     def has_vertex(self, vertex_id: bytes) -> bool:
         return self._exists("SELECT 1 FROM vertices WHERE id = ?", vertex_id.hex())
 
     def last_of(self, creator: bytes) -> tuple[int, bytes] | None:
         row = self.conn.execute(
-            "SELECT seq, id FROM vertices WHERE creator = ? ORDER BY seq DESC LIMIT 1",
+            "SELECT seq, id FROM vertices WHERE creator = ? ORDER BY seq DESC, id LIMIT 1",
             (identity_id(creator),),
         ).fetchone()
         return None if row is None else (row[0], bytes.fromhex(row[1]))
+
+    def vertices_at(self, creator: bytes, seq: int) -> list[bytes]:
+        rows = self.conn.execute("SELECT id FROM vertices WHERE creator = ? AND seq = ?", (identity_id(creator), seq))
+        return [bytes.fromhex(vid) for (vid,) in rows]
+
+    def precedes(self, earlier: bytes, vertex: Vertex) -> bool:
+        if self.everything_precedes:
+            return self.has_vertex(earlier)
+        row = self.conn.execute("SELECT n, depth FROM vertices WHERE id = ?", (earlier.hex(),)).fetchone()
+        if row is None:
+            return False
+        target, floor = row
+        parents = [p.hex() for p in vertex.parents]
+        marks = ",".join("?" * len(parents))
+        # Walk up from the parents, never below the target's depth: only deeper vertices can lead to it.
+        found = self.conn.execute(
+            f"""
+            WITH RECURSIVE up(n) AS (
+                SELECT n FROM vertices WHERE id IN ({marks}) AND depth >= ?
+                UNION
+                SELECT e.parent FROM edges e JOIN up ON e.child = up.n
+                JOIN vertices p ON p.n = e.parent WHERE p.depth >= ?
+            ) SELECT 1 FROM up WHERE n = ? LIMIT 1
+            """,
+            (*parents, floor, floor, target),
+        ).fetchone()
+        return found is not None
 
     def tips(self) -> list[bytes]:
         return [bytes.fromhex(vid) for (vid,) in self.conn.execute("SELECT id FROM tips ORDER BY id")]
 
     def is_gateway(self, public_key: bytes) -> bool:
-        return self._exists("SELECT 1 FROM gateways WHERE public_key = ?", public_key.hex())
+        return self._exists("SELECT 1 FROM gateways WHERE public_key = ? AND left_vertex IS NULL", public_key.hex())
+
+    def departure_of(self, public_key: bytes) -> bytes | None:
+        left = self._one("SELECT left_vertex FROM gateways WHERE public_key = ?", public_key.hex())
+        return None if left is None else bytes.fromhex(left)
+
+    def member_count_ever(self) -> int:
+        return self._one("SELECT count(*) FROM gateways")
+
+    def enrollment_of(self, public_key: bytes) -> bytes | None:
+        found = self._one("SELECT vertex FROM devices WHERE public_key = ?", public_key.hex())
+        return None if found is None else bytes.fromhex(found)
+
+    def revocation_of(self, public_key: bytes) -> bytes | None:
+        found = self._one("SELECT vertex FROM revocations WHERE public_key = ?", public_key.hex())
+        return None if found is None else bytes.fromhex(found)
 
     def is_enrolled(self, public_key: bytes) -> bool:
         return self._exists("SELECT 1 FROM devices WHERE public_key = ?", public_key.hex())
@@ -541,55 +723,110 @@ class SqlState:
     def has_update(self, digest: bytes) -> bool:
         return self._exists("SELECT 1 FROM updates WHERE digest = ? LIMIT 1", digest)
 
-    def has_record(self, device: bytes, digest: bytes) -> bool:
-        return self._exists(
-            "SELECT 1 FROM updates u JOIN devices d ON d.n = u.device"
+    def record_of(self, device: bytes, digest: bytes) -> bytes | None:
+        found = self._one(
+            "SELECT v.id FROM updates u JOIN devices d ON d.n = u.device JOIN vertices v ON v.n = u.vertex"
             " WHERE u.digest = ? AND d.public_key = ?",
             digest,
             device.hex(),
         )
+        return None if found is None else bytes.fromhex(found)
+
+    def _earlier(self, new_id: str, old_id: str) -> bool:
+        """True if vertex `new_id` comes before `old_id` in the canonical order (depth, id)."""
+        rows = dict(self.conn.execute("SELECT id, depth FROM vertices WHERE id IN (?, ?)", (new_id, old_id)))
+        return (rows[new_id], new_id) < (rows[old_id], old_id)
 
     def add_vertex(self, vertex: Vertex) -> None:
         parents = [p.hex() for p in vertex.parents]
         marks = ",".join("?" * len(parents))
+        depth = 0
         if parents:
-            deepest = self.conn.execute(
-                f"SELECT max(depth) FROM vertices WHERE id IN ({marks})", parents
-            ).fetchone()[0]
-            depth = deepest + 1
-        else:
-            depth = 0
+            depth = self._one(f"SELECT max(depth) FROM vertices WHERE id IN ({marks})", *parents) + 1
+        if vertex.kind == GENESIS:
+            self.conn.execute("INSERT INTO meta (key, value) VALUES ('root', ?)", (vertex.creator,))
+        n = self._one("SELECT coalesce(max(n) + 1, 0) FROM vertices")
+        equivocation = self.vertices_at(vertex.creator, vertex.seq)
         self.conn.execute(
-            """
-            INSERT INTO vertices (id, n, creator, seq, kind, time, depth, data)
-            VALUES (?, (SELECT coalesce(max(n) + 1, 0) FROM vertices), ?, ?, ?, ?, ?, ?)
-            """,
-            (vertex.id_hex, vertex.creator_id, vertex.seq, vertex.kind, vertex.time, depth, vertex.encode()),
+            "INSERT INTO vertices (id, n, creator, seq, kind, time, depth, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (vertex.id_hex, n, vertex.creator_id, vertex.seq, vertex.kind, vertex.time, depth, vertex.encode()),
         )
+        if equivocation:  # kept as evidence, both (or all) of them
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO equivocations (creator, seq, vertex) VALUES (?, ?, ?)",
+                [(vertex.creator_id, vertex.seq, v.hex()) for v in [*equivocation, vertex.id]],
+            )
         if parents:
+            self.conn.execute(
+                f"INSERT INTO edges (child, parent) SELECT ?, n FROM vertices WHERE id IN ({marks})", (n, *parents)
+            )
             self.conn.execute(f"DELETE FROM tips WHERE id IN ({marks})", parents)
         self.conn.execute("INSERT INTO tips (id) VALUES (?)", (vertex.id_hex,))
+        self._mark_seen(vertex, n)
+
+    def _mark_seen(self, vertex: Vertex, n: int) -> None:
+        """The creator (a gateway) has now seen this vertex and all its ancestors: set its bit on them.
+
+        Each (vertex, gateway) bit is set once, so this costs O(vertices x gateways) over a ledger's life.
+        """
+        idx = self._one("SELECT idx FROM gateways WHERE public_key = ?", vertex.creator.hex())
+        if idx is None:
+            return
+        bit = 1 << idx
+        self.conn.execute(
+            """
+            WITH RECURSIVE up(n) AS (
+                SELECT ?
+                UNION
+                SELECT e.parent FROM edges e JOIN up ON e.child = up.n
+                JOIN vertices p ON p.n = e.parent WHERE (p.seen & ?) = 0
+            ) UPDATE vertices SET seen = seen | ? WHERE n IN (SELECT n FROM up)
+            """,
+            (n, bit, bit),
+        )
 
     def add_gateways(self, vertex: Vertex, public_keys: list[bytes]) -> None:
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO gateways (public_key, id, vertex) VALUES (?, ?, ?)",
-            [(key.hex(), identity_id(key), vertex.id_hex) for key in public_keys],
+        for key in public_keys:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO gateways (public_key, id, vertex, idx)"
+                " VALUES (?, ?, ?, (SELECT count(*) FROM gateways))",
+                (key.hex(), identity_id(key), vertex.id_hex),
+            )
+
+    def remove_gateway(self, vertex: Vertex, public_key: bytes) -> None:
+        self.conn.execute(
+            "UPDATE gateways SET left_vertex = ? WHERE public_key = ? AND left_vertex IS NULL",
+            (vertex.id_hex, public_key.hex()),
         )
 
     def add_device(self, vertex: Vertex, public_key: bytes, name: str, policy: str) -> None:
-        self.conn.execute(
-            "INSERT INTO devices (public_key, id, name, policy, vertex) VALUES (?, ?, ?, ?, ?)",
-            (public_key.hex(), identity_id(public_key), name, policy, vertex.id_hex),
-        )
+        existing = self._one("SELECT vertex FROM devices WHERE public_key = ?", public_key.hex())
+        if existing is None:
+            self.conn.execute(
+                "INSERT INTO devices (public_key, id, name, policy, vertex) VALUES (?, ?, ?, ?, ?)",
+                (public_key.hex(), identity_id(public_key), name, policy, vertex.id_hex),
+            )
+        elif self._earlier(vertex.id_hex, existing):  # concurrent enrollments: the canonically first one counts
+            self.conn.execute(
+                "UPDATE devices SET name = ?, policy = ?, vertex = ? WHERE public_key = ?",
+                (name, policy, vertex.id_hex, public_key.hex()),
+            )
 
     def add_revocation(self, vertex: Vertex, public_key: bytes, reason: str) -> None:
-        self.conn.execute(
-            "INSERT INTO revocations (public_key, reason, vertex) VALUES (?, ?, ?)",
-            (public_key.hex(), reason, vertex.id_hex),
-        )
+        existing = self._one("SELECT vertex FROM revocations WHERE public_key = ?", public_key.hex())
+        if existing is None:
+            self.conn.execute(
+                "INSERT INTO revocations (public_key, reason, vertex) VALUES (?, ?, ?)",
+                (public_key.hex(), reason, vertex.id_hex),
+            )
+        elif self._earlier(vertex.id_hex, existing):
+            self.conn.execute(
+                "UPDATE revocations SET reason = ?, vertex = ? WHERE public_key = ?",
+                (reason, vertex.id_hex, public_key.hex()),
+            )
 
     def add_updates(self, vertex: Vertex, records: list[tuple[bytes, bytes]]) -> None:
-        n = self.conn.execute("SELECT n FROM vertices WHERE id = ?", (vertex.id_hex,)).fetchone()[0]
+        n = self._one("SELECT n FROM vertices WHERE id = ?", vertex.id_hex)
         handles = {}
         for device, _ in records:
             if device not in handles:
@@ -599,8 +836,14 @@ class SqlState:
                 if row is None:  # the kind rules refuse unknown devices before this runs
                     raise LedgerError(f"device {identity_id(device)} vanished mid-transaction")
                 handles[device] = row[0]
+        # A record both this and a concurrent vertex hold stays with the canonically first of them.
         self.conn.executemany(
-            "INSERT INTO updates (digest, device, vertex) VALUES (?, ?, ?)",
+            """
+            INSERT INTO updates (digest, device, vertex) VALUES (?, ?, ?)
+            ON CONFLICT (digest, device) DO UPDATE SET vertex = excluded.vertex
+            WHERE (SELECT depth, id FROM vertices WHERE n = excluded.vertex)
+                < (SELECT depth, id FROM vertices WHERE n = updates.vertex)
+            """,
             [(digest, handles[device], n) for device, digest in records],
         )
         self.conn.executemany(

@@ -4,10 +4,14 @@
 vertices from elsewhere, and the verifier runs it again on every stored
 vertex, so what a gateway writes and what an auditor accepts cannot drift.
 
-In order: the creator's signature; the links (genesis first, a creator
-named in genesis, parents present, a per-creator sequence without gaps or
-repeats that links to the creator's previous vertex); then the kind's own
-rules (`ledger.kinds`).
+In order: the creator's signature; the links (genesis first, a creator that
+is the root or a member gateway, parents present, a per-creator sequence in
+which each vertex names the creator's previous one as a parent); then the
+kind's own rules (`ledger.kinds`).
+
+Two vertices with the same creator and seq are an equivocation: the second
+one is admitted too (both are evidence, and every gateway must end up with
+the same vertex set), and the store flags the creator.
 """
 
 from __future__ import annotations
@@ -18,13 +22,12 @@ from protocol.keys import identity_id
 from .errors import (
     BadSequence,
     BadVertexSignature,
-    Equivocation,
     InvalidVertex,
     MissingParent,
     NotAGateway,
     NotInitialized,
 )
-from .kinds import GENESIS, KINDS
+from .kinds import GATEWAY_JOIN, GATEWAY_LEAVE, GENESIS, KINDS
 from .state import State
 from .vertex import Vertex
 
@@ -48,21 +51,32 @@ def check_links(vertex: Vertex, state: State) -> None:
     """The DAG rules for every vertex after genesis."""
     if not state.initialized:
         raise NotInitialized("the first vertex must be genesis")
-    if not state.is_gateway(vertex.creator):
-        raise NotAGateway(f"creator {vertex.creator_id} is not a gateway named in genesis")
     if not vertex.parents:
         raise InvalidVertex("only genesis may have no parents")
     missing = [p for p in vertex.parents if not state.has_vertex(p)]
     if missing:
         raise MissingParent(f"{len(missing)} parent(s) not in the store, first {missing[0].hex()}")
-    last = state.last_of(vertex.creator)
-    expected = 0 if last is None else last[0] + 1
-    if vertex.seq < expected:
-        raise Equivocation(f"creator {vertex.creator_id} already signed another vertex with seq {vertex.seq}")
-    if vertex.seq > expected:
-        raise BadSequence(f"creator {identity_id(vertex.creator)}'s next seq is {expected}, not {vertex.seq}")
-    if last is not None and last[1] not in vertex.parents:
-        raise BadSequence(f"does not name its creator's previous vertex {last[1].hex()} as a parent")
+    if vertex.creator == state.root and not state.is_gateway(vertex.creator):
+        if vertex.kind not in (GATEWAY_JOIN, GATEWAY_LEAVE):
+            raise NotAGateway("the operator root key signs membership changes only")
+    else:
+        departure = state.departure_of(vertex.creator)
+        if departure is not None:
+            if state.precedes(departure, vertex):  # written after it heard it was retired
+                raise NotAGateway(f"creator {vertex.creator_id} left the ledger")
+        elif not state.is_gateway(vertex.creator):
+            raise NotAGateway(f"creator {vertex.creator_id} is not a member gateway")
+    if vertex.seq > 0:
+        previous = state.vertices_at(vertex.creator, vertex.seq - 1)
+        if not any(p in vertex.parents for p in previous):
+            raise BadSequence(
+                f"seq {vertex.seq} of {identity_id(vertex.creator)} does not name its previous vertex (seq {vertex.seq - 1})"
+            )
+
+
+def is_equivocation(vertex: Vertex, state: State) -> bool:
+    """True if the creator already signed another vertex with this seq (kept as evidence, flagged)."""
+    return any(other != vertex.id for other in state.vertices_at(vertex.creator, vertex.seq))
 
 
 def apply(vertex: Vertex, state: State) -> None:

@@ -145,8 +145,13 @@ def _check_derived(conn: sqlite3.Connection, state: MemoryState) -> list[Problem
     compare("tips", {vid for (vid,) in conn.execute("SELECT id FROM tips")}, {t.hex() for t in state.tips})
     compare(
         "gateways",
-        {(k, i, v) for k, i, v in conn.execute("SELECT public_key, id, vertex FROM gateways")},
+        {(k, i, v) for k, i, v in conn.execute("SELECT public_key, id, vertex FROM gateways WHERE left_vertex IS NULL")},
         {(k.hex(), identity_id(k), v.hex()) for k, v in state.gateways.items()},
+    )
+    compare(
+        "equivocations",
+        {(c, s) for c, s in conn.execute("SELECT DISTINCT creator, seq FROM equivocations")},
+        {(identity_id(c), s) for c, s in state.equivocations},
     )
     compare(
         "devices",
@@ -166,7 +171,7 @@ def _check_derived(conn: sqlite3.Connection, state: MemoryState) -> list[Problem
                 "SELECT d.public_key, u.digest FROM updates u JOIN devices d ON d.n = u.device"
             )
         },
-        state.records,
+        set(state.records),
     )
     return problems
 

@@ -70,9 +70,9 @@ def test_memory_state_tracks_revocations() -> None:
     gateway, device = Identity.generate(), Identity.generate()
     vertex = sign(gateway, "device.revoke", 2, [sha256(b"p")], {"device": device.public_key, "reason": "r"})
     state = MemoryState()
-    assert not state.is_revoked(device.public_key)
+    assert state.revocation_of(device.public_key) is None
     state.add_revocation(vertex, device.public_key, "r")
-    assert state.is_revoked(device.public_key) and state.revoked == {device.public_key: ("r", vertex.id)}
+    assert state.revocation_of(device.public_key) == vertex.id and state.revoked == {device.public_key: ("r", vertex.id)}
 
 
 # --- the store -------------------------------------------------------------------------
@@ -258,20 +258,19 @@ def downgrade_to_v1(path: Path) -> None:
     conn.close()
 
 
-def test_schema_1_file_reads_verifies_and_upgrades(
+def test_schema_1_file_is_refused_read_only_and_rebuilt_by_a_writer(
     tmp_path: Path, db_path: Path, ledger: Ledger, gateway: Identity, enrolled: list[Identity]
 ) -> None:
     ledger.close()
     downgrade_to_v1(db_path)
     copy = tmp_path / "copy.db"
     shutil.copy(db_path, copy)
-    with Ledger.open(db_path, read_only=True) as reader:  # read-only: nothing on disk changes
-        assert reader.revoked_devices() == {} and len(reader.enrolled_devices()) == 3
-        assert reader.is_enrolled(enrolled[0].public_key) and not reader.is_revoked(enrolled[0].public_key)
-        assert len(reader.history(enrolled[0].public_key)) == 1
+    with pytest.raises(errors.StoreError, match="older than"):  # read-only: nothing on disk changes
+        Ledger.open(db_path, read_only=True)
     assert db_path.read_bytes() == copy.read_bytes()
-    assert verify_store(db_path).ok
-    with Ledger.open(db_path, gateway) as writer:  # a writer upgrades it in place
+    assert not verify_store(db_path).ok
+    with Ledger.open(db_path, gateway) as writer:  # a writer rebuilds it in place from its vertices
+        assert len(writer.enrolled_devices()) == 3 and len(writer.history(enrolled[0].public_key)) == 1
         assert writer.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         writer.revoke_device(enrolled[0].public_key, "upgraded")
         assert writer.revoked_devices() == {enrolled[0].public_key: "upgraded"}

@@ -1,0 +1,114 @@
+"""Several gateways writing at once: the same DAG gives the same order and state, whatever the arrival order."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from ledger import errors
+from ledger.store import Ledger
+from ledger.verify import verify_store
+from ledger.vertex import Vertex, sign
+from protocol.keys import Identity
+
+
+def deliver(vertices: list[Vertex], into: Ledger, rng: random.Random) -> None:
+    """Insert in a random order; a vertex whose parents are missing waits, as gossip makes it."""
+    waiting = list(vertices)
+    rng.shuffle(waiting)
+    while waiting:
+        progressed = []
+        for vertex in waiting:
+            try:
+                into.insert_vertex(vertex)
+                progressed.append(vertex)
+            except (errors.MissingParent, errors.NotInitialized):
+                pass
+        assert progressed, "some vertex can never be applied"
+        waiting = [v for v in waiting if v not in progressed]
+
+
+@pytest.fixture
+def city(tmp_path: Path):
+    root = Identity.from_seed(b"r" * 32)
+    gateways = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(3)]
+    with Ledger.open(tmp_path / "root.db", root) as operator:
+        genesis = operator.init_genesis("city", [g.public_key for g in gateways])
+    stores = [Ledger(tmp_path / f"g{i}.db", g) for i, g in enumerate(gateways)]
+    for store in stores:
+        store.insert_vertex(genesis)
+    yield stores
+    for store in stores:
+        store.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_concurrent_enrollments_and_revocations_converge_in_any_delivery_order(city, tmp_path: Path, seed: int):
+    rng = random.Random(seed)
+    devices = [Identity.from_seed(bytes([100 + i]) * 32).public_key for i in range(5)]
+    for _ in range(40):
+        i = rng.randrange(len(city))
+        store, action = city[i], rng.choice(["enroll", "enroll", "revoke", "sync"])
+        if action == "enroll":
+            device = rng.choice(devices)
+            if not store.is_revoked(device):
+                store.enroll_device(device, f"d-by-{i}", "open")  # another gateway may enroll it concurrently
+        elif action == "revoke":
+            active = sorted(store.enrolled_devices())
+            if active:
+                store.revoke_device(rng.choice(active), f"by-{i}")
+        else:
+            source = rng.choice(city)
+            deliver(list(source.vertices()), store, rng)
+    everything = {v.id: v for store in city for v in store.vertices()}
+    digests = set()
+    for attempt in range(3):
+        with Ledger.open(tmp_path / f"replica-{attempt}.db") as replica:
+            deliver(list(everything.values()), replica, rng)
+            assert {v.id for v in replica.vertices()} == set(everything)
+            digests.add(replica.state_digest())
+        assert verify_store(tmp_path / f"replica-{attempt}.db").ok
+    for store in city:  # the writers themselves, once they have everything
+        deliver(list(everything.values()), store, rng)
+        digests.add(store.state_digest())
+    assert len(digests) == 1
+
+
+def test_a_gateway_that_left_is_refused_for_what_it_writes_after_hearing_so(tmp_path: Path):
+    root, a, b = (Identity.from_seed(bytes([c]) * 32) for c in b"rab")
+    with Ledger.open(tmp_path / "root.db", root) as operator, Ledger.open(tmp_path / "a.db", a) as ledger_a:
+        genesis = operator.init_genesis("city", [a.public_key, b.public_key])
+        ledger_a.insert_vertex(genesis)
+        concurrent = ledger_a.enroll_device(b"\x01" * 32, "before", "open")  # a has not heard yet
+        leave = operator.leave_gateway(a.public_key, "decommissioned")
+        ledger_a.insert_vertex(leave)
+        operator.insert_vertex(concurrent)  # written before a knew: kept
+        with pytest.raises(errors.NotAGateway, match="left"):  # its own store refuses it ...
+            ledger_a.enroll_device(b"\x02" * 32, "after", "open")
+        after = sign(a, "device.enroll", concurrent.seq + 1, ledger_a.tips(),
+                     {"device": b"\x02" * 32, "name": "after", "policy": "open"})
+        with pytest.raises(errors.NotAGateway, match="left"):  # ... and so does everyone else
+            operator.insert_vertex(after)
+        assert operator.gateways() == [b.public_key]
+    with Ledger.open(tmp_path / "b.db", b) as ledger_b:
+        ledger_b.insert_vertex(genesis)
+        with pytest.raises(errors.NotRoot):  # a member gateway cannot admit others
+            ledger_b.join_gateway(Identity.generate().public_key, "sneaky")
+
+
+def test_finality_needs_more_than_two_thirds_of_the_gateways(city):
+    first = city[0].enroll_device(b"\x07" * 32, "d", "open")
+    assert not city[0].is_final(first.id)
+    city[1].insert_vertex(first)
+    seen_by_two = city[1].enroll_device(b"\x08" * 32, "e", "open")  # descends from `first`
+    for store in city:
+        for vertex in (first, seen_by_two):
+            if store.get(vertex.id) is None:
+                store.insert_vertex(vertex)
+    assert not city[2].is_final(first.id)  # 2 of 3 is not more than two thirds
+    city[2].enroll_device(b"\x09" * 32, "f", "open")  # the third gateway builds on it
+    assert city[2].is_final(first.id)
+    stats = city[2].finality()
+    assert stats["final"] >= 2 and stats["lag"] == stats["height"] - stats["final"]
