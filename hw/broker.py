@@ -51,7 +51,8 @@ def find_mosquitto() -> str | None:
 class Broker:
     """`with Broker(workdir) as broker:` starts a broker; `broker.port` is where it listens."""
 
-    def __init__(self, workdir: Path, kind: str = "auto", port: int | None = None, persistent: bool = False) -> None:
+    def __init__(self, workdir: Path, kind: str = "auto", port: int | None = None, persistent: bool = False,
+                 bridge_to: tuple[str, int] | None = None, bridge_topics: tuple[str, ...] = ("starling/ledger/#",)) -> None:
         if kind not in ("auto", "mosquitto", "embedded"):
             raise ValueError(f"broker kind must be auto, mosquitto or embedded, not {kind!r}")
         self.workdir = Path(workdir)
@@ -63,6 +64,10 @@ class Broker:
         self.kind = "mosquitto" if kind != "embedded" and exe else "embedded"
         self._exe = exe
         self.persistent = persistent  # keep sessions, queued and retained messages across a restart
+        # A Mosquitto bridge to another broker, for these topics both ways (gateways on two brokers).
+        self.bridge_to, self.bridge_topics = bridge_to, bridge_topics
+        if bridge_to is not None and self.kind != "mosquitto":
+            raise ValueError("a bridge needs Mosquitto")
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -75,7 +80,13 @@ class Broker:
                 persistence = f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1"
                 if os.geteuid() == 0:  # mosquitto drops to its own user, which cannot write here
                     persistence += "\nuser root"
-            conf.write_text(MOSQUITTO_CONF.format(port=self.port, log=log, persistence=persistence))
+            text = MOSQUITTO_CONF.format(port=self.port, log=log, persistence=persistence)
+            if self.bridge_to is not None:
+                host, port = self.bridge_to
+                text += (f"connection bridge-{self.port}\naddress {host}:{port}\ncleansession false\n"
+                         "restart_timeout 1 2\nkeepalive_interval 5\n"
+                         + "".join(f"topic {topic} both 1\n" for topic in self.bridge_topics))
+            conf.write_text(text)
             cmd = [self._exe, "-c", str(conf)]
         else:
             cmd = [sys.executable, "-m", "hw.embedded_broker", "--port", str(self.port)]
