@@ -10,6 +10,11 @@
     port = 1883
     # tls_ca, tls_cert, tls_key, username, password_file: see protocol/transport.py
 
+    [ledger]
+    genesis = ""                          # the city's genesis vertex (starling-ledger init); "" = this
+                                          # gateway roots a ledger of its own
+    gossip = true                         # share the ledger with the other gateways over MQTT
+
     [ingest]
     workers = 0                           # >= 1: that many processes share the reply topic (MQTT 5 shared
                                           # subscription) and check signatures in parallel; 0: in-process
@@ -63,6 +68,8 @@ class GatewayConfig:
     broker_port: int = 1883
     broker_auth: BrokerAuth = field(default_factory=BrokerAuth)
     ingest_workers: int = 0  # processes sharing the reply topic; 0 = the gateway checks replies itself
+    genesis: Path | None = None  # the city's genesis vertex file; None: the gateway roots its own ledger
+    gossip: bool = True  # gossip the ledger with other gateways (starling/ledger/#)
     manifest: Path | None = None
     release_ttl_s: float = 7 * 86400.0  # devices refuse a model release older than this
     strategy: str = "FedAvg"
@@ -129,6 +136,8 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         broker_port=port,
         broker_auth=read_broker_auth(doc, base_dir),
         ingest_workers=workers,
+        genesis=path("ledger", "genesis", ""),
+        gossip=setting(doc, "ledger", "gossip", bool, True),
         manifest=path("model", "manifest", ""),
         release_ttl_s=_positive("model.release_ttl_s", setting(doc, "model", "release_ttl_s", float, 7 * 86400.0)),
         strategy=setting(doc, "strategy", "name", str, "FedAvg"),
@@ -145,6 +154,8 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         allowlist=tuple(allowlist),
         operator_keys=tuple(operator_keys),
     )
+    if config.genesis is not None and not config.genesis.is_file():
+        raise ConfigError(f"ledger.genesis: {config.genesis} is not a file")
     config.make_strategy()  # fail now, not mid-run
     return config
 

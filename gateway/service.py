@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ledger.vertex import Vertex
 from protocol import envelope, schemas, topics
 from protocol.atomic import write_atomic
 from protocol.errors import ProtocolError
@@ -42,6 +43,7 @@ from .grid import MqttGrid, RoundTraffic
 from .ingest import Accepted, ReplyChecker
 from .ingest_workers import IngestWorkers, WorkerSettings
 from .journal import Journal
+from .ledger_sync import LedgerSync
 from .link import Link
 from .models import ModelPublisher, Release
 
@@ -107,6 +109,8 @@ class Gateway:
         self._round_start: dict[int, tuple[float, int, int]] = {}
         self._pending_aggregate: tuple[int, bytes, list[bytes]] | None = None
         self.ingest: IngestWorkers | None = None  # with [ingest] workers: processes that authenticate replies
+        self.sync: LedgerSync | None = None  # ledger gossip with the other gateways
+        self._ledger_writes = -1
 
     def _bytes_in(self) -> int:
         """Bytes received from devices: through the gateway's own connection and its ingest workers."""
@@ -133,13 +137,26 @@ class Gateway:
         try:
             self._ledger = Ledger(self.ledger_path, self.identity)
             if not self._ledger.is_initialized:
-                self._ledger.init_genesis(self.config.name, [self.identity.public_key])
+                if self.config.genesis is not None:  # the city's ledger, rooted in the operator's key
+                    self._ledger.insert_vertex(Vertex.decode(self.config.genesis.read_bytes()))
+                else:  # a ledger of its own: this gateway is its root and only member
+                    self._ledger.init_genesis(self.config.name, [self.identity.public_key])
+            if self.config.gossip:
+                cfg = self.config
+                self.sync = LedgerSync(self._ledger, self.id, cfg.broker_host, cfg.broker_port,
+                                       cfg.broker_auth).__enter__()
+                self._ledger.on_append = self.sync.announce
+            if self.identity.public_key not in self._ledger.gateways():
+                raise RuntimeError(f"this gateway ({self.id}) is not a member of the ledger: the operator admits it "
+                                   "with `starling-ledger join`")
             self._sync_ledger()
             if self.config.ingest_workers:
                 self.ingest = IngestWorkers(self.config.ingest_workers, self._worker_settings(), self.link.inbox,
                                             self.enrolled, self.revoked).__enter__()
         except Exception as exc:  # reported by run(): a gateway without its ledger must not start
             self._worker_error = exc
+            if self.sync is not None:
+                self.sync.__exit__(None, None, None)
             return
         finally:
             self._worker_ready.set()
@@ -148,6 +165,8 @@ class Gateway:
         finally:
             if self.ingest is not None:
                 self.ingest.__exit__(None, None, None)
+            if self.sync is not None:
+                self.sync.__exit__(None, None, None)
             self._ledger.close()
 
     def _worker_settings(self) -> WorkerSettings:
@@ -240,9 +259,12 @@ class Gateway:
                               counted=False)
 
     def _sync_ledger(self) -> None:
-        """Take in what an operator changed in the ledger from another process: enrollments, revocations."""
-        if not self._ledger.changed_elsewhere():
+        """Take in enrollments and revocations that reached the ledger from elsewhere: an operator's
+        `starling-ledger` (another process) or another gateway (gossip)."""
+        elsewhere = self._ledger.changed_elsewhere()
+        if not elsewhere and self._ledger.writes == self._ledger_writes:
             return
+        self._ledger_writes = self._ledger.writes
         for key, name in self._ledger.enrolled_devices().items():
             if key not in self.enrolled:
                 self._admit(key, name)
@@ -388,6 +410,19 @@ class Gateway:
                   participants=record.participants, rejected=record.rejected, seconds=record.seconds)
         self._publish_status()
 
+    def _ledger_status(self) -> dict[str, Any] | None:
+        """Height, finality and peers of the ledger, for the status topic (None before it opened)."""
+        try:
+            if self.sync is not None:
+                doc = self.sync.gossip.status()
+                doc.pop("vv", None)
+                doc.pop("gateway", None)
+                return doc
+            return self._ledger.finality() if self._ledger is not None else None
+        except Exception:  # a status must never fail the round
+            log.exception("status.ledger_failed")
+            return None
+
     def _publish_status(self) -> None:
         self._publish_device_status()
         history = [asdict(self.history[r]) for r in sorted(self.history)]
@@ -400,6 +435,7 @@ class Gateway:
             "enrolled": len(self.enrolled),
             "online": len(self.online),
             "rejections": dict(self.grid.rejections),
+            "ledger": self._ledger_status(),
             "history": history,
             "time": time.time(),
         }

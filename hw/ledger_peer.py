@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         sync.announce(twin)
                     answer({"ids": [t.id_hex for t in twins]})
                 elif words[0] == "status":
-                    doc = sync.gossip.status()
+                    doc = sync.gossip.status(with_state_digest=True)
                     doc["ids"] = sorted(v.id_hex for v in ledger.vertices())
                     answer(doc)
                 elif words[0] == "arrivals":

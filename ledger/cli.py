@@ -2,9 +2,23 @@
 
 Audit (read-only: safe next to a running gateway, never creates a file):
 
-    starling-ledger verify --db PATH   exit 0 if every vertex checks out, 1 if not
-    starling-ledger show   --db PATH   height, tips, vertices per kind, active and revoked devices
-    starling-ledger export --db PATH   one JSON object per vertex, in canonical order
+    starling-ledger verify     --db PATH                 exit 0 if every vertex checks out, 1 if not
+    starling-ledger show       --db PATH                 height, finality, tips, kinds, gateways, devices
+    starling-ledger export     --db PATH                 one JSON object per vertex, in canonical order
+    starling-ledger history    --db PATH --device ID     the vertices that name a device, as JSON lines
+    starling-ledger provenance --db PATH --model DIGEST  the aggregates, updates and devices behind a
+                                                         model version, back to genesis (one JSON object)
+    starling-ledger dot        --db PATH [--round N]     the DAG (or one round's part of it) as Graphviz DOT
+
+Membership (the operator's root key, kept offline, signs these):
+
+    starling-ledger init  --root-key FILE [--create-root-key] --name CITY --gateway PUBKEY ... --out genesis.cbor
+    starling-ledger join  --root-key FILE --db PATH --gateway PUBKEY --name NAME
+    starling-ledger leave --root-key FILE --db PATH --gateway PUBKEY|ID --reason TEXT
+
+`init` writes the genesis vertex that every gateway's `[ledger] genesis`
+names; `join` and `leave` append to any member gateway's ledger file (it
+may be running) and gossip carries them to the others.
 
 Operator (print one JSON line; exit 2 with one line on stderr if refused):
 
@@ -37,10 +51,10 @@ from protocol.keys import Identity, identity_id, load_or_create
 from protocol.vouchers import issue
 
 from .errors import LedgerError
-from .kinds import NAME_MAX, REASON_MAX
+from .kinds import GENESIS, NAME_MAX, REASON_MAX
 from .store import Ledger
 from .verify import verify_store
-from .vertex import Vertex
+from .vertex import Vertex, sign
 
 REFUSED = 2  # the exit code of a refused operator command, as of an argparse usage error
 MAX_VOUCHER_DAYS = 3650.0
@@ -65,11 +79,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         ("show", "summarize the ledger: height, tips, vertices per kind, active and revoked devices"),
         ("export", "print every vertex as one JSON line, in canonical order (bytes as hex)"),
+        ("history", "print the vertices that name a device (enrollment, update records, revocation)"),
+        ("provenance", "the aggregates, updates and devices behind a model version, back to genesis"),
+        ("dot", "the DAG, or one round's part of it, as Graphviz DOT (render with `dot -Tpng`)"),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--db", required=True, metavar="PATH", help="the ledger's SQLite file")
         if name == "show":
             command.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+        if name == "history":
+            command.add_argument("--device", required=True, metavar="ID", help="device id (32 hex) or public key")
+        if name == "provenance":
+            command.add_argument("--model", required=True, metavar="DIGEST", help="the model's SHA-256 (64 hex)")
+        if name == "dot":
+            command.add_argument("--round", type=int, default=None, help="only the vertices of this round")
     _add_operator_commands(commands)
     args = parser.parse_args(argv)
     if args.command in OPERATOR_COMMANDS:
@@ -86,9 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Ledger.open(args.db, read_only=True) as ledger:
             if args.command == "show":
                 _show(ledger, args.json)
+            elif args.command == "history":
+                for vertex in ledger.history(_device_key(ledger, args.device)):
+                    print(json.dumps(to_json(vertex), sort_keys=True))
+            elif args.command == "provenance":
+                print(json.dumps(provenance(ledger, _digest(args.model)), sort_keys=True))
+            elif args.command == "dot":
+                print(to_dot(ledger, args.round))
             else:
                 for vertex in ledger.vertices():
                     print(json.dumps(to_json(vertex), sort_keys=True))
+    except Refused as exc:
+        print(f"starling-ledger {args.command}: {exc}", file=sys.stderr)
+        return REFUSED
     except LedgerError as exc:
         print(f"starling-ledger: {exc}", file=sys.stderr)
         return 1
@@ -118,12 +151,18 @@ def _show(ledger: Ledger, as_json: bool) -> None:
         "gateways": [identity_id(k) for k in ledger.gateways()],
         "devices": {identity_id(k): name for k, name in devices.items()},
         "revoked": {identity_id(k): reason for k, reason in revoked.items()},
+        "finality": ledger.finality(),
+        "equivocators": ledger.equivocators(),
     }
     if as_json:
         print(json.dumps(summary, sort_keys=True))
         return
     print(f"ledger   {summary['path']}")
     print(f"height   {summary['height']}")
+    final = summary["finality"]
+    print(f"final    {final['final']} (lag {final['lag']} vertices)")
+    if summary["equivocators"]:
+        print(f"EQUIVOCATED {' '.join(summary['equivocators'])}")
     print(f"tips     {' '.join(summary['tips']) or '-'}")
     print(f"kinds    {' '.join(f'{k}={n}' for k, n in summary['kinds'].items()) or '-'}")
     print(f"gateways {' '.join(summary['gateways']) or '-'}")
@@ -162,6 +201,29 @@ def _add_operator_commands(commands: Any) -> None:
     revoke.add_argument(
         "--reason", required=True, help=f"why, for the auditors (at most {REASON_MAX} characters)"
     )
+
+    help_text = "write the genesis vertex of a city's ledger, signed by the operator's root key"
+    init = commands.add_parser("init", help=help_text, description=help_text)
+    init.add_argument("--root-key", required=True, metavar="FILE", help="the operator's root key file")
+    init.add_argument("--create-root-key", action="store_true", help="create the root key file (mode 600) if missing")
+    init.add_argument("--name", required=True, help=f"the ledger's name (at most {NAME_MAX} characters)")
+    init.add_argument("--gateway", required=True, action="append", metavar="PUBKEY_HEX",
+                      help="a first gateway's public key (repeat for each)")
+    init.add_argument("--out", required=True, metavar="FILE", help="where to write the genesis vertex")
+
+    help_text = "admit a gateway: append a gateway.join vertex signed with the root key"
+    join = commands.add_parser("join", help=help_text, description=help_text)
+    join.add_argument("--root-key", required=True, metavar="FILE")
+    join.add_argument("--db", required=True, metavar="PATH", help="any member gateway's ledger file")
+    join.add_argument("--gateway", required=True, metavar="PUBKEY_HEX")
+    join.add_argument("--name", required=True)
+
+    help_text = "retire a gateway for good: append a gateway.leave vertex signed with the root key"
+    leave = commands.add_parser("leave", help=help_text, description=help_text)
+    leave.add_argument("--root-key", required=True, metavar="FILE")
+    leave.add_argument("--db", required=True, metavar="PATH", help="any member gateway's ledger file")
+    leave.add_argument("--gateway", required=True, metavar="PUBKEY_HEX_OR_ID")
+    leave.add_argument("--reason", required=True)
 
     help_text = "sign an enrollment voucher for a device key with the operator's key"
     voucher = commands.add_parser(
@@ -272,9 +334,9 @@ def _voucher(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _public_key(text: str) -> bytes:
+def _public_key(text: str, option: str = "--device") -> bytes:
     if not PUBLIC_KEY_HEX.fullmatch(text.strip()):
-        raise Refused(f"--device {text!r} is not a public key (64 hex digits)")
+        raise Refused(f"{option} {text!r} is not a public key (64 hex digits)")
     return bytes.fromhex(text.strip())
 
 
@@ -296,7 +358,121 @@ def _open_as_gateway(db: str, key_file: str) -> Ledger:
     return ledger
 
 
-OPERATOR_COMMANDS = {"enroll": _enroll, "revoke": _revoke, "voucher": _voucher}
+def _init(args: argparse.Namespace) -> dict[str, Any]:
+    gateways = sorted({_public_key(g, "--gateway") for g in args.gateway})
+    out = Path(args.out)
+    if out.exists():
+        raise Refused(f"--out {out} exists; a city has one genesis")
+    key_path = Path(args.root_key)
+    created = args.create_root_key and not key_path.exists()
+    root = load_or_create(key_path) if args.create_root_key else Identity.load(key_path)
+    genesis = sign(root, GENESIS, 0, [], {"name": args.name, "gateways": gateways})
+    write_atomic(out, genesis.encode(), mode=0o644)
+    return {"command": "init", "genesis": genesis.id_hex, "out": str(out), "root": root.public_key.hex(),
+            "root_key_created": created, "gateways": [identity_id(g) for g in gateways]}
+
+
+def _open_as_root(db: str, key_file: str) -> Ledger:
+    identity = Identity.load(key_file)
+    if not Path(db).is_file() or Path(db).stat().st_size == 0:
+        raise Refused(f"no ledger at {db}")
+    ledger = Ledger.open(db, identity)
+    if ledger.root != identity.public_key:
+        ledger.close()
+        raise Refused(f"{key_file} is not the root key that signed this ledger's genesis")
+    return ledger
+
+
+def _join(args: argparse.Namespace) -> dict[str, Any]:
+    gateway = _public_key(args.gateway, "--gateway")
+    with _open_as_root(args.db, args.root_key) as ledger:
+        vertex = ledger.join_gateway(gateway, args.name)
+    return {"command": "join", "vertex": vertex.id_hex, "gateway": identity_id(gateway), "name": args.name}
+
+
+def _leave(args: argparse.Namespace) -> dict[str, Any]:
+    with _open_as_root(args.db, args.root_key) as ledger:
+        text = args.gateway.strip().lower()
+        matches = [k for k in ledger.gateways() if text in (k.hex(), identity_id(k))]
+        if not matches:
+            raise Refused(f"--gateway {args.gateway!r} is not a member of this ledger")
+        vertex = ledger.leave_gateway(matches[0], args.reason)
+    return {"command": "leave", "vertex": vertex.id_hex, "gateway": identity_id(matches[0]), "reason": args.reason}
+
+
+OPERATOR_COMMANDS = {"enroll": _enroll, "revoke": _revoke, "voucher": _voucher, "init": _init, "join": _join,
+                     "leave": _leave}
+
+
+def _device_key(ledger: Ledger, text: str) -> bytes:
+    text = text.strip().lower()
+    if PUBLIC_KEY_HEX.fullmatch(text):
+        return bytes.fromhex(text)
+    if ID_HEX.fullmatch(text):
+        for key in [*ledger.enrolled_devices(), *ledger.revoked_devices()]:
+            if identity_id(key) == text:
+                return key
+        raise Refused(f"no device with id {text} in {ledger.path}")
+    raise Refused(f"--device {text!r} is neither a device id (32 hex) nor a public key (64 hex)")
+
+
+def _digest(text: str) -> bytes:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text.strip()):
+        raise Refused(f"--model {text!r} is not a SHA-256 digest (64 hex)")
+    return bytes.fromhex(text.strip())
+
+
+def provenance(ledger: Ledger, model: bytes) -> dict[str, Any]:
+    """The chain of aggregates that produced `model`, each with its input updates and their devices.
+
+    Walks back from the aggregate whose output is `model` through the aggregate whose output
+    was its base, until a base no aggregate produced (the initial model, published at genesis time).
+    """
+    aggregates = {v.body["output"]: v for v in ledger.vertices() if v.kind == "aggregate"}
+    if model not in aggregates:
+        raise Refused(f"no aggregate in {ledger.path} produced model {model.hex()}")
+    records = ledger.update_records()  # digest -> [(device key, updates vertex id, round)]
+    chain, devices, current = [], set(), model
+    while current in aggregates and len(chain) <= len(aggregates):
+        vertex = aggregates[current]
+        inputs = []
+        for digest in vertex.body["inputs"]:
+            found = records.get(digest, [])
+            devices.update(identity_id(d) for d, _, _ in found)
+            inputs.append({"update": digest.hex(),
+                           "records": [{"device": identity_id(d), "updates_vertex": u.hex(), "round": r}
+                                       for d, u, r in found]})
+        chain.append({"aggregate": vertex.id_hex, "round": vertex.body["round"], "strategy": vertex.body["strategy"],
+                      "gateway": vertex.creator_id, "base": vertex.body["base"].hex(),
+                      "output": vertex.body["output"].hex(), "inputs": inputs})
+        current = vertex.body["base"]
+    genesis = next(ledger.vertices())
+    return {"model": model.hex(), "aggregates": chain, "initial_model": current.hex(),
+            "devices": sorted(devices), "updates": sum(len(a["inputs"]) for a in chain),
+            "genesis": genesis.id_hex}
+
+
+def to_dot(ledger: Ledger, round_: int | None) -> str:
+    """Graphviz DOT of the DAG, or of one round's vertices (and the parents they name, dashed)."""
+    vertices = list(ledger.vertices())
+    if round_ is not None:
+        chosen = {v.id for v in vertices if v.body.get("round") == round_}
+        context = {p for v in vertices if v.id in chosen for p in v.parents} - chosen
+    else:
+        chosen, context = {v.id for v in vertices}, set()
+    lines = ["digraph ledger {", "  rankdir=BT;", '  node [shape=box, fontname="monospace", fontsize=10];']
+    for v in vertices:
+        if v.id in chosen or v.id in context:
+            label = f"{v.kind}\\n{v.id_hex[:12]}\\n{v.creator_id[:8]} #{v.seq}"
+            if "round" in v.body:
+                label += f"\\nround {v.body['round']}"
+            style = ', style="dashed"' if v.id in context else ""
+            lines.append(f'  "{v.id_hex[:12]}" [label="{label}"{style}];')
+    for v in vertices:
+        if v.id in chosen:
+            lines.extend(f'  "{v.id_hex[:12]}" -> "{p.hex()[:12]}";' for p in v.parents if p in chosen or p in context)
+    lines.append("}")
+    return "\n".join(lines)
 
 
 def to_json(vertex: Vertex) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -173,6 +173,8 @@ class Ledger:
         self.identity = identity
         self.read_only = read_only
         self._lock = threading.RLock()
+        self.writes = 0  # commits through this object (appends and inserts): a cheap "anything new?"
+        self.on_append: Callable[[Vertex], None] | None = None  # after each own vertex commits (gossip push)
         self._closed = False
         try:
             self._conn = connect(self.path, read_only=read_only)
@@ -326,6 +328,9 @@ class Ledger:
             except ProtocolError as exc:
                 raise InvalidVertex(str(exc)) from exc
             validate.admit(vertex, state)
+        self.writes += 1
+        if self.on_append is not None:
+            self.on_append(vertex)
         return vertex
 
     def insert_vertex(self, vertex: Vertex) -> bool:
@@ -341,6 +346,7 @@ class Ledger:
             if state.has_vertex(vertex.id):
                 return False
             validate.admit(vertex, state)
+        self.writes += 1
         return True
 
     def join_gateway(self, public_key: bytes, name: str) -> Vertex:
@@ -563,6 +569,15 @@ class Ledger:
     def _read_all(self, sql: str, *params: Any) -> list[tuple]:
         with self._read() as conn:
             return conn.execute(sql, params).fetchall()
+
+    def update_records(self) -> dict[bytes, list[tuple[bytes, bytes, int]]]:
+        """Update digest -> [(device public key, id of the updates vertex recording it, round)]."""
+        found: dict[bytes, list[tuple[bytes, bytes, int]]] = {}
+        for vertex in self.vertices():
+            if vertex.kind == UPDATES:
+                for device, digest, _, _ in vertex.body["records"]:
+                    found.setdefault(digest, []).append((device, vertex.id, vertex.body["round"]))
+        return found
 
     def equivocators(self) -> dict[str, list[int]]:
         """Creators (identity ids) that signed two vertices with one seq -> those seqs."""

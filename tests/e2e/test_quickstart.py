@@ -180,3 +180,25 @@ def test_progress_shows_every_round_with_its_accuracy(run):
     shown = re.findall(r"round (\d)/5  accuracy (\d\.\d{3})", run["output"])
     assert [int(r) for r, _ in shown] == [0, 1, 2, 3, 4, 5], run["output"]
     assert float(shown[-1][1]) == round(run["report"]["rounds"][-1]["accuracy"], 3)
+
+
+def test_provenance_of_the_final_model_lists_exactly_the_updates_accepted_behind_it(run):
+    import json as _json
+
+    path = run["report"]["ledger"]["path"]
+    model = run["report"]["model"]["digest"]
+    done = subprocess.run([sys.executable, "-m", "ledger.cli", "provenance", "--db", path, "--model", model],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    trace = _json.loads(done.stdout)
+    assert [a["round"] for a in trace["aggregates"]] == [5, 4, 3, 2, 1]
+    traced = sorted((r["device"], i["update"]) for a in trace["aggregates"] for i in a["inputs"] for r in i["records"])
+    with sqlite3.connect(path) as db:
+        blobs = [blob for (blob,) in db.execute("select data from vertices where kind = 'updates'")]
+    from ledger.vertex import Vertex
+    from protocol.keys import identity_id
+
+    recorded = sorted((identity_id(d), digest.hex()) for blob in blobs for d, digest, _, _ in Vertex.decode(blob).body["records"])
+    assert traced == recorded
+    assert len(traced) == sum(r["participants"] for r in run["report"]["rounds"][1:])
+    assert len(trace["devices"]) == 5

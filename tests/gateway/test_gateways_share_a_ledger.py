@@ -1,0 +1,101 @@
+"""Two gateways of one city share a ledger by gossip: an enrollment and a revocation at one reach the other."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.service import Gateway
+from hw.broker import Broker
+from hw.ledger_peer import make_city
+from hw.synthetic import write_manifest
+from protocol import envelope, schemas, topics
+from protocol.keys import Identity
+
+ROOT = Path(__file__).resolve().parents[2]
+OPERATOR = Identity.from_seed(b"o" * 32)
+
+
+def eventually(condition, timeout: float = 15.0) -> bool:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+class Running:
+    def __init__(self, broker: Broker, workdir: Path, identity: Identity, genesis: Path, **enrollment) -> None:
+        self.identity = identity
+        self.config = GatewayConfig(
+            name=workdir.name, key=workdir / "gw.key", state_dir=workdir, broker_host=broker.host,
+            broker_port=broker.port, manifest=write_manifest(workdir / "model", {"w": (3,)}), genesis=genesis,
+            min_devices=100, wait_devices_s=60, **enrollment,
+        )
+        self.gateway = Gateway(self.config, identity)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.gateway.run, args=(self.stop,), daemon=True)
+        self.thread.start()
+        self.receipts: queue.Queue = queue.Queue()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"peer-{identity.id[:8]}")
+        self.client.on_message = lambda _c, _u, m: self.receipts.put(m.payload)
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(topics.receipt(identity.id, "+"), qos=1)
+        self.client.loop_start()
+        assert eventually(lambda: self.gateway.sync is not None and self.gateway.state == "waiting")
+
+    def enroll(self, device: Identity) -> schemas.Receipt:
+        ctx = envelope.Context(device.public_key, self.identity.id, 0, "enroll", b"")
+        wire = envelope.seal(device, "enroll", ctx, schemas.EnrollRequest("dev", time.time()).to_body())
+        self.client.publish(topics.enroll(self.identity.id, device.id), wire, qos=1).wait_for_publish(5)
+        return schemas.Receipt.from_body(envelope.decode(self.receipts.get(timeout=10)).body)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def two_gateways(tmp_path: Path):
+    keys, genesis = make_city(tmp_path, 2)
+    with Broker(tmp_path / "broker", kind="mosquitto") as broker:
+        for i in range(2):
+            (tmp_path / f"gw{i}").mkdir()
+            keys[i].save(tmp_path / f"gw{i}" / "gw.key")
+        a = Running(broker, tmp_path / "gw0", keys[0], genesis, policy="open")
+        b = Running(broker, tmp_path / "gw1", keys[1], genesis, policy="voucher", operator_keys=(OPERATOR.public_key,))
+        try:
+            yield a, b
+        finally:
+            a.close()
+            b.close()
+
+
+def test_a_revocation_at_one_gateway_is_honoured_by_the_other(two_gateways):
+    a, b = two_gateways
+    device = Identity.generate()
+    assert a.enroll(device).accepted
+    assert eventually(lambda: device.public_key in b.gateway.enrolled), "the enrollment reached the other gateway"
+    done = subprocess.run(
+        [sys.executable, "-m", "ledger.cli", "revoke", "--db", str(a.config.state_dir / "ledger.db"),
+         "--key", str(a.config.key), "--device", device.id, "--reason", "stolen"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert eventually(lambda: device.public_key in b.gateway.revoked), "the revocation reached the other gateway"
+    refused = b.enroll(device)
+    assert not refused.accepted and refused.reason == "revoked"
+    status = b.gateway._ledger_status()
+    assert status["peers"] == [a.identity.id] and status["equivocators"] == []
