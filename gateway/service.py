@@ -367,7 +367,7 @@ class Gateway:
             return list(dict.fromkeys(r[1] for r in records))
         args = (self.id, traffic.round, traffic.task, traffic.base)
         try:
-            self._call(self._ledger.record_updates, *args, records)
+            self._call(self._ledger.record_updates, *args, records, True)  # each signature verified at ingest
             self.journal.mark_recorded(traffic.task)
             return list(dict.fromkeys(r[1] for r in records))
         except LedgerError as exc:

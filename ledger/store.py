@@ -310,7 +310,7 @@ class Ledger:
             keys = gateways
         return self.append(GENESIS, {"name": name, "gateways": keys})
 
-    def append(self, kind: str, body: dict[str, Any]) -> Vertex:
+    def append(self, kind: str, body: dict[str, Any], proofs_checked: bool = False) -> Vertex:
         """Sign a vertex of `kind` as this gateway and store it, in one transaction.
 
         seq is this gateway's last seq + 1; parents are its previous vertex
@@ -327,7 +327,7 @@ class Ledger:
                 vertex = sign(self.identity, kind, 0 if last is None else last[0] + 1, sorted(parents), body)
             except ProtocolError as exc:
                 raise InvalidVertex(str(exc)) from exc
-            validate.admit(vertex, state)
+            validate.admit(vertex, state, proofs=not proofs_checked)
         self.writes += 1
         if self.on_append is not None:
             self.on_append(vertex)
@@ -385,17 +385,22 @@ class Ledger:
         return self.append(DEVICE_REVOKE, {"device": public_key, "reason": reason})
 
     def record_updates(
-        self, gateway: str, round: int, task: str, base: bytes, records: list[tuple[bytes, bytes, int, bytes]]
+        self, gateway: str, round: int, task: str, base: bytes, records: list[tuple[bytes, bytes, int, bytes]],
+        signatures_checked: bool = False,
     ) -> Vertex:
         """Record a batch of accepted updates: (device public key, update digest, examples, device signature).
 
         `gateway` must be this gateway's id (the `ctx.gateway` the devices
         signed). Every device must be enrolled, every signature valid, and no
         (device, digest) recorded before; otherwise nothing is written.
+        `signatures_checked=True` (the gateway verified each reply at ingest)
+        skips checking the device signatures again; every other gateway and
+        every audit still checks them.
         """
         rows = [list(r) if isinstance(r, list | tuple) else r for r in records]
         return self.append(
-            UPDATES, {"gateway": gateway, "round": round, "task": task, "base": base, "records": rows}
+            UPDATES, {"gateway": gateway, "round": round, "task": task, "base": base, "records": rows},
+            proofs_checked=signatures_checked,
         )
 
     def record_aggregate(

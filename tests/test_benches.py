@@ -28,3 +28,17 @@ def test_round_scale_prints_its_figures():
     assert set(figures) >= {"devices", "params", "close_s", "peak_rss_mb"}
     assert set(figures["close_s"]) == {"FedAvg", "Krum"} and all(s >= 0 for s in figures["close_s"].values())
     assert figures["peak_rss_mb"] > 10
+
+
+def test_ledger_append_prints_its_figures():
+    figures = run_bench("bench/ledger_append.py", "--records", "400", "--batch", "100", "--devices", "100")
+    assert figures["records_per_s"] > 0 and figures["records_per_s_verified"] > 0
+    assert 100 < figures["bytes_per_record"] < 1000  # a record is ~135 bytes of vertex plus its index rows
+
+
+def test_ledger_gossip_prints_its_figures():
+    figures = run_bench("bench/ledger_gossip.py", "--sizes", "3", "--vertices", "5", "--partition-s", "1")
+    assert set(figures["gateways"]) == {"3"}
+    spread = figures["gateways"]["3"]
+    assert 0 <= spread["p50_s"] <= spread["p95_s"] < 10
+    assert 0 < figures["heal_s"] < 60 and figures["written_during_partition"] > 0
