@@ -139,3 +139,9 @@ class MembershipError(LedgerError):
     """A gateway joined twice, left without being a member, or came back after leaving."""
 
     reason = "membership"
+
+
+class BadCheckpoint(LedgerError):
+    """A checkpoint whose state digest or vertex count is not what its causal past adds up to."""
+
+    reason = "bad_checkpoint"

@@ -51,6 +51,7 @@ from .errors import (
     AlreadyEnrolled,
     AlreadyInitialized,
     AlreadyRevoked,
+    BadCheckpoint,
     BadDeviceSignature,
     BadSequence,
     DeviceRevoked,
@@ -74,6 +75,7 @@ DEVICE_ENROLL = "device.enroll"
 DEVICE_REVOKE = "device.revoke"
 UPDATES = "updates"
 AGGREGATE = "aggregate"
+CHECKPOINT = "checkpoint"
 
 MAX_GATEWAYS = 62  # members ever (each has a bit in a 64-bit SQLite integer for finality)
 MAX_RECORDS = 10_000  # per updates vertex; a gateway records a bigger round in several batches
@@ -394,9 +396,46 @@ class Aggregate(Kind):
             raise UnknownInput(f"{len(missing)} input(s) are not recorded updates, first {missing[0].hex()}")
 
 
+class Checkpoint(Kind):
+    """A gateway's commitment to the state of its causal past.
+
+    Body: {"count": vertices in the past, "state": SHA-256 of `ledger.snapshot` of that past}.
+    Every receiver recomputes both from its own copy of the past and refuses a
+    mismatch, so a final checkpoint is a state all gateways agreed on; a new
+    gateway can start from it (`Ledger.bootstrap`).
+    """
+
+    name = CHECKPOINT
+
+    def check_body(self, body: dict[str, Any]) -> None:
+        check_fields(body, {"count", "state"}, "checkpoint body")
+        check_int(body["count"], "count", 1, 2**62)
+        check_bytes(body["state"], "state", DIGEST_BYTES)
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        from .snapshot import digest_of, snapshot_of
+
+        past = state.past_of(vertex)
+        if past is None:  # this store starts from a checkpoint: gateways with the history check it
+            return
+        if len(past) != vertex.body["count"]:
+            raise BadCheckpoint(f"names {vertex.body['count']} vertices in its past, there are {len(past)}")
+        snapshot = snapshot_of(past)
+        if digest_of(snapshot) != vertex.body["state"]:
+            raise BadCheckpoint("its state digest is not the state of its past")
+        vertex.__dict__["snapshot"] = snapshot  # checked: kept by the store for gateways that bootstrap
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        snapshot = vertex.__dict__.get("snapshot")
+        keep = getattr(state, "keep_snapshot", None)
+        if snapshot is not None and keep is not None:
+            keep(vertex, snapshot)
+
+
 KINDS: dict[str, Kind] = {
     kind.name: kind
-    for kind in (Genesis(), GatewayJoin(), GatewayLeave(), DeviceEnroll(), DeviceRevoke(), Updates(), Aggregate())
+    for kind in (Genesis(), GatewayJoin(), GatewayLeave(), DeviceEnroll(), DeviceRevoke(), Updates(), Aggregate(),
+                 Checkpoint())
 }
 
 

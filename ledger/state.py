@@ -14,6 +14,7 @@ does not depend on the order vertices arrived in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -46,6 +47,9 @@ class State(Protocol):
 
     def precedes(self, earlier: bytes, vertex: Vertex) -> bool:
         """True if vertex `earlier` is an ancestor of `vertex` (reachable through its parents)."""
+
+    def past_of(self, vertex: Vertex) -> list[Vertex] | None:
+        """Every ancestor of `vertex`, in canonical order; None if part of it was pruned (bootstrap)."""
 
     def is_gateway(self, public_key: bytes) -> bool:
         """True if the key is a member now (named by genesis or joined, and not left)."""
@@ -88,7 +92,8 @@ class MemoryState:
     The verifier feeds vertices in the canonical order, so "first one wins" is canonical-first.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loader: Callable[[bytes], Vertex] | None = None) -> None:
+        self.loader = loader  # id -> stored vertex, for checkpoints (the verifier reads its file)
         self.depths: dict[bytes, int] = {}  # vertex id -> longest path from genesis
         self.parents: dict[bytes, tuple[bytes, ...]] = {}
         self.by_seq: dict[tuple[bytes, int], list[bytes]] = {}  # (creator, seq) -> vertex ids
@@ -135,6 +140,18 @@ class MemoryState:
             seen.add(current)
             stack.extend(self.parents[current])
         return False
+
+    def past_of(self, vertex: Vertex) -> list[Vertex] | None:
+        if self.loader is None:
+            return None
+        seen: set[bytes] = set()
+        stack = [p for p in vertex.parents if p in self.depths]
+        while stack:
+            current = stack.pop()
+            if current not in seen:
+                seen.add(current)
+                stack.extend(self.parents[current])
+        return [self.loader(v) for v in sorted(seen, key=lambda v: (self.depths[v], v))]
 
     def is_gateway(self, public_key: bytes) -> bool:
         return public_key in self.gateways

@@ -53,7 +53,16 @@ from protocol.keys import Identity, identity_id
 
 from . import validate
 from .errors import AlreadyEnrolled, DeviceRevoked, InvalidVertex, LedgerError, NoIdentity, StoreError
-from .kinds import AGGREGATE, DEVICE_ENROLL, DEVICE_REVOKE, GATEWAY_JOIN, GATEWAY_LEAVE, GENESIS, UPDATES
+from .kinds import (
+    AGGREGATE,
+    CHECKPOINT,
+    DEVICE_ENROLL,
+    DEVICE_REVOKE,
+    GATEWAY_JOIN,
+    GATEWAY_LEAVE,
+    GENESIS,
+    UPDATES,
+)
 from .vertex import Vertex, sign
 
 SCHEMA_VERSION = 3  # 2 added revocations; 3 added membership, edges, seen bits, equivocations (rebuilt)
@@ -110,6 +119,7 @@ CREATE TABLE updates (
     vertex INTEGER NOT NULL,
     PRIMARY KEY (digest, device)
 ) WITHOUT ROWID;
+CREATE TABLE snapshots (vertex TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE contributions (
     device INTEGER NOT NULL,
     vertex INTEGER NOT NULL,
@@ -118,7 +128,8 @@ CREATE TABLE contributions (
 """
 
 TABLES = frozenset({"meta", "vertices", "edges", "tips", "gateways", "equivocations", "devices", "revocations",
-                    "updates", "contributions"})
+                    "updates", "contributions", "snapshots"})
+KEEP_SNAPSHOTS = 2  # the snapshots of the newest checkpoints, served to gateways that bootstrap
 
 
 def create_tables(conn: sqlite3.Connection) -> None:
@@ -348,6 +359,49 @@ class Ledger:
             validate.admit(vertex, state)
         self.writes += 1
         return True
+
+    def write_checkpoint(self) -> Vertex:
+        """Commit to the state of everything this gateway holds: a `checkpoint` vertex.
+
+        Its snapshot is kept (the newest few) to hand to gateways that start from it.
+        """
+        from .snapshot import digest_of, snapshot_of
+
+        with self._write() as state:
+            assert self.identity is not None
+            last = state.last_of(self.identity.public_key)
+            parents = set(state.tips())
+            if last is not None:
+                parents.add(last[1])
+            probe = Vertex(CHECKPOINT, self.identity.public_key, 0, tuple(sorted(parents)), 0.0,
+                           {"count": 1, "state": bytes(32)}, bytes(64))
+            past = state.past_of(probe)
+            if past is None:
+                raise StoreError("this ledger started from a checkpoint: it cannot snapshot the history before it")
+            snapshot = snapshot_of(past)
+            seq = 0 if last is None else last[0] + 1
+            try:
+                vertex = sign(self.identity, CHECKPOINT, seq, sorted(parents),
+                              {"count": len(past), "state": digest_of(snapshot)})
+            except ProtocolError as exc:
+                raise InvalidVertex(str(exc)) from exc
+            state.everything_precedes = True
+            validate.admit(vertex, state)  # recomputes the snapshot: a checkpoint is checked like any other
+        self.writes += 1
+        if self.on_append is not None:
+            self.on_append(vertex)
+        return vertex
+
+    def latest_final_checkpoint(self) -> tuple[Vertex, bytes] | None:
+        """The newest final checkpoint whose snapshot this store keeps, with that snapshot."""
+        rows = self._read_all(
+            "SELECT v.id, v.data, s.data FROM vertices v JOIN snapshots s ON s.vertex = v.id"
+            " ORDER BY v.depth DESC, v.id DESC"
+        )
+        for vid, data, snapshot in rows:
+            if self.is_final(bytes.fromhex(vid)):
+                return Vertex.decode(data), snapshot
+        return None
 
     def join_gateway(self, public_key: bytes, name: str) -> Vertex:
         """Admit a gateway (this ledger's identity must be the root key that signed genesis)."""
@@ -716,8 +770,33 @@ class SqlState:
     def tips(self) -> list[bytes]:
         return [bytes.fromhex(vid) for (vid,) in self.conn.execute("SELECT id FROM tips ORDER BY id")]
 
+    def past_of(self, vertex: Vertex) -> list[Vertex] | None:
+        parents = [p.hex() for p in vertex.parents]
+        marks = ",".join("?" * len(parents))
+        rows = self.conn.execute(
+            f"""
+            WITH RECURSIVE up(n) AS (
+                SELECT n FROM vertices WHERE id IN ({marks})
+                UNION
+                SELECT e.parent FROM edges e JOIN up ON e.child = up.n
+            ) SELECT v.data FROM vertices v JOIN up ON v.n = up.n ORDER BY v.depth, v.id
+            """,
+            parents,
+        ).fetchall()
+        if any(not data for (data,) in rows):  # pruned by a bootstrap: the state before it is not here
+            return None
+        return [Vertex.decode(data) for (data,) in rows]
+
     def is_gateway(self, public_key: bytes) -> bool:
         return self._exists("SELECT 1 FROM gateways WHERE public_key = ? AND left_vertex IS NULL", public_key.hex())
+
+    def keep_snapshot(self, vertex: Vertex, snapshot: bytes) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO snapshots (vertex, data) VALUES (?, ?)", (vertex.id_hex, snapshot))
+        self.conn.execute(
+            "DELETE FROM snapshots WHERE vertex NOT IN (SELECT s.vertex FROM snapshots s JOIN vertices v"
+            " ON v.id = s.vertex ORDER BY v.depth DESC, v.id DESC LIMIT ?)",
+            (KEEP_SNAPSHOTS,),
+        )
 
     def departure_of(self, public_key: bytes) -> bytes | None:
         left = self._one("SELECT left_vertex FROM gateways WHERE public_key = ?", public_key.hex())

@@ -74,7 +74,12 @@ def verify_store(path: str | Path) -> VerifyReport:
         return _report(0, problems)
     try:
         check_schema(conn)
-        state = MemoryState()
+
+        def load(vertex_id: bytes) -> Vertex:
+            row = conn.execute("SELECT data FROM vertices WHERE id = ?", (vertex_id.hex(),)).fetchone()
+            return Vertex.decode(row[0])
+
+        state = MemoryState(loader=load)
         rows = conn.execute(
             "SELECT id, creator, seq, kind, time, depth, data FROM vertices ORDER BY depth, id"
         )

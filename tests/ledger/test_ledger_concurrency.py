@@ -112,3 +112,20 @@ def test_finality_needs_more_than_two_thirds_of_the_gateways(city):
     assert city[2].is_final(first.id)
     stats = city[2].finality()
     assert stats["final"] >= 2 and stats["lag"] == stats["height"] - stats["final"]
+
+
+def test_a_checkpoint_is_checked_by_every_gateway_and_a_wrong_one_refused(city, tmp_path: Path):
+    rng = random.Random(7)
+    for i, store in enumerate(city):
+        store.enroll_device(bytes([i + 1]) * 32, f"d{i}", "open")
+    for store in city:
+        for source in city:
+            deliver(list(source.vertices()), store, rng)
+    checkpoint = city[0].write_checkpoint()
+    assert checkpoint.body["count"] == city[0].height - 1
+    assert city[1].insert_vertex(checkpoint)  # recomputed from its own copy of the past: the same
+    lie = sign(Identity.from_seed(bytes([2]) * 32), "checkpoint", checkpoint.seq, list(checkpoint.parents),
+               {"count": checkpoint.body["count"], "state": bytes(32)})
+    with pytest.raises(errors.BadCheckpoint):
+        city[2].insert_vertex(lie)
+    assert verify_store(city[1].path).ok

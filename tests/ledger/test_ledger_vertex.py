@@ -201,7 +201,7 @@ def test_sign_refuses_a_body_that_breaks_its_kind(kind: str, body: dict) -> None
 
 def test_every_kind_has_rules() -> None:
     assert set(kinds.KINDS) == {"genesis", "gateway.join", "gateway.leave", "device.enroll", "device.revoke",
-                                "updates", "aggregate"}
+                                "updates", "aggregate", "checkpoint"}
 
 
 def test_update_record_is_compact() -> None:
