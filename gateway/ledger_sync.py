@@ -31,7 +31,7 @@ TICK_S = 0.1
 
 class LedgerSync:
     def __init__(self, ledger: Ledger, gateway_id: str, host: str, port: int, auth: BrokerAuth | None = None,
-                 vv_interval_s: float = 1.0, client_id: str | None = None) -> None:
+                 vv_interval_s: float = 1.0, client_id: str | None = None, bootstrap_s: float = 0.0) -> None:
         self.host, self.port = host, port
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -42,7 +42,7 @@ class LedgerSync:
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=5)
-        self.gossip = Gossip(ledger, gateway_id, self._publish, vv_interval_s)
+        self.gossip = Gossip(ledger, gateway_id, self._publish, vv_interval_s, bootstrap_s)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *_: self._connected.clear()
         self.client.on_message = lambda _c, _u, msg: self._inbox.put((msg.topic, msg.payload))

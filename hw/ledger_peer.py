@@ -9,6 +9,7 @@ Commands (one per line; each answers one JSON line on stdout):
 
     enroll N          write N device.enroll vertices and push them     -> {"ids": [hex, ...]}
     equivocate        sign two different vertices with the same seq and push both (a lying gateway)
+    checkpoint        write a checkpoint vertex and push it                        -> {"id": hex}
     status            -> the gossip status (version vector, height, finality, equivocators,
                          refusals, state digest) plus "ids" (every vertex id held)
     arrivals          -> {vertex id: unix time it was applied here}
@@ -52,7 +53,7 @@ class PeerProcess:
     """A `hw.ledger_peer` child process and its command line."""
 
     def __init__(self, workdir: Path, index: int, genesis: Path, host: str, port: int,
-                 vv_interval: float = 0.5) -> None:
+                 vv_interval: float = 0.5, bootstrap_s: float = 0.0) -> None:
         from .broker import _child_env
 
         self.index = index
@@ -60,7 +61,7 @@ class PeerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hw.ledger_peer", "--db", str(workdir / f"g{index}.db"),
              "--key", str(workdir / f"g{index}.key"), "--genesis", str(genesis), "--host", host,
-             "--port", str(port), "--vv-interval", str(vv_interval)],
+             "--port", str(port), "--vv-interval", str(vv_interval), "--bootstrap-s", str(bootstrap_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=_child_env(), text=True,
             cwd=Path(__file__).resolve().parent.parent,
         )
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--vv-interval", type=float, default=0.5)
+    parser.add_argument("--bootstrap-s", type=float, default=0.0,
+                        help="with only genesis, wait this long for a peer's checkpoint before replaying history")
     args = parser.parse_args(argv)
     logs.setup("ledger-peer", "WARNING")
     identity = Identity.load(args.key)
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             arrivals[vertex.id_hex] = 0.0
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        with LedgerSync(ledger, identity.id, args.host, args.port, vv_interval_s=args.vv_interval) as sync:
+        with LedgerSync(ledger, identity.id, args.host, args.port, vv_interval_s=args.vv_interval,
+                        bootstrap_s=args.bootstrap_s) as sync:
 
             def applied(vertex: Vertex) -> None:
                 with lock:
@@ -145,9 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                     for twin in twins:
                         sync.announce(twin)
                     answer({"ids": [t.id_hex for t in twins]})
+                elif words[0] == "checkpoint":
+                    vertex = ledger.write_checkpoint()
+                    sync.announce(vertex)
+                    answer({"id": vertex.id_hex})
                 elif words[0] == "status":
                     doc = sync.gossip.status(with_state_digest=True)
-                    doc["ids"] = sorted(v.id_hex for v in ledger.vertices())
+                    doc["ids"] = sorted(v.hex() for v in ledger.ids())
+                    doc["bootstrapped_from"] = sync.gossip.bootstrapped_from
+                    doc["full_vertices"] = sum(1 for _ in ledger.vertices())
                     answer(doc)
                 elif words[0] == "arrivals":
                     with lock:

@@ -7,8 +7,14 @@ replica) runs it on its own MQTT connection. Topics, under `starling/ledger/`:
     vertex/<creator id>   a new vertex, pushed once by its creator (encoded vertex)
     vv/<gateway id>       retained: what this gateway holds, as a version vector
                           {creator id: highest seq}, plus height, finality and equivocators
-    want/<gateway id>     a request to that gateway: {"from": id, "creator": id, "seq": first seq}
+    want/<gateway id>     a request to that gateway: {"from": id, "creator": id, "seq": first seq},
+                          or {"from": id, "checkpoint": true}
     give/<gateway id>     vertices sent to that gateway in answer (encoded vertex)
+    snapshot/<gateway id> the answer to a checkpoint request: {"checkpoint": vertex, "snapshot": bytes}
+
+A gateway whose ledger holds only its genesis first asks its peers for their
+newest final checkpoint and starts from it (`Ledger.bootstrap`); only if none
+comes within `bootstrap_s` does it replay the history from genesis.
 
 A vertex whose parents have not arrived waits in `pending` and is applied
 when they do; a gateway that sees, in a peer's version vector, a creator's
@@ -28,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from protocol import cbor
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, SchemaError
 from protocol.logs import event
 
 from .errors import LedgerError, MissingParent, NotInitialized
@@ -38,6 +44,7 @@ from .vertex import MAX_VERTEX_BYTES, Vertex
 log = logging.getLogger("starling.ledger.gossip")
 ROOT = "starling/ledger"
 MAX_CONTROL_BYTES = 64 * 1024  # a version vector or a request
+MAX_SNAPSHOT_MESSAGE = 256 * 1024 * 1024  # a checkpoint and its snapshot (about 40 bytes per update record)
 MAX_PENDING = 20_000  # vertices waiting for parents; beyond this, the oldest go (re-fetched later)
 GIVE_BATCH = 256  # vertices sent per request
 WANT_INTERVAL_S = 0.5  # do not ask a peer for the same creator more often
@@ -60,6 +67,10 @@ def give_topic(gateway_id: str) -> str:
     return f"{ROOT}/give/{gateway_id}"
 
 
+def snapshot_topic(gateway_id: str) -> str:
+    return f"{ROOT}/snapshot/{gateway_id}"
+
+
 def _is_id(value: Any) -> bool:
     return isinstance(value, str) and len(value) == ID_LENGTH and all(c in "0123456789abcdef" for c in value)
 
@@ -68,7 +79,7 @@ class Gossip:
     """One gateway's side of ledger gossip. Not thread-safe: feed it from one thread."""
 
     def __init__(self, ledger: Ledger, gateway_id: str, publish: Callable[[str, bytes, bool], Any],
-                 vv_interval_s: float = 1.0) -> None:
+                 vv_interval_s: float = 1.0, bootstrap_s: float = 0.0) -> None:
         self.ledger = ledger
         self.gateway_id = gateway_id
         self.publish = publish
@@ -80,9 +91,20 @@ class Gossip:
         self._asked: dict[tuple[str, str], float] = {}  # (peer, creator) -> when
         self._next_vv = 0.0
         self.on_applied: Callable[[Vertex], None] | None = None  # e.g. the gateway syncing revocations
+        # Until this moment, a ledger holding only genesis waits for a checkpoint instead of replaying history.
+        self._bootstrap_until = time.monotonic() + bootstrap_s if bootstrap_s > 0 and ledger.height == 1 else 0.0
+        self.bootstrapped_from: str | None = None
 
     def subscriptions(self) -> list[str]:
-        return [f"{ROOT}/vertex/+", f"{ROOT}/vv/+", want_topic(self.gateway_id), give_topic(self.gateway_id)]
+        return [f"{ROOT}/vertex/+", f"{ROOT}/vv/+", want_topic(self.gateway_id), give_topic(self.gateway_id),
+                snapshot_topic(self.gateway_id)]
+
+    @property
+    def bootstrapping(self) -> bool:
+        if self._bootstrap_until and time.monotonic() >= self._bootstrap_until:
+            self._bootstrap_until = 0.0
+            event(log, "gossip.bootstrap_timeout", logging.WARNING, detail="no checkpoint offered: syncing from genesis")
+        return bool(self._bootstrap_until)
 
     # --- outgoing ----------------------------------------------------------------------
 
@@ -101,6 +123,7 @@ class Gossip:
             "pending": len(self.pending),
             "peers": sorted(self.peers),
             "equivocators": sorted(self.ledger.equivocators()),
+            "equivocations": self.ledger.equivocators(),  # creator -> seqs: twins are not visible in a max seq
             "refused": dict(self.refused),
             "time": round(time.time(), 3),
         }
@@ -130,6 +153,8 @@ class Gossip:
                 self._on_vv(topic, payload)
             elif topic == want_topic(self.gateway_id):
                 self._on_want(topic, payload)
+            elif topic == snapshot_topic(self.gateway_id):
+                self._on_snapshot(topic, payload)
         except Exception as exc:  # a bug must not take the gateway down; it is counted and logged
             self._refuse("internal", f"{type(exc).__name__}: {exc}", topic)
             log.exception("gossip.failed topic=%s", topic)
@@ -141,7 +166,7 @@ class Gossip:
             vertex = Vertex.decode(payload)
         except ProtocolError as exc:
             return self._refuse(exc.reason, exc.detail, topic)
-        if vertex.id in self.pending or self.ledger.get(vertex.id) is not None:
+        if vertex.id in self.pending or self.ledger.holds(vertex.id):
             return None
         self._admit(vertex, topic)
         return None
@@ -173,6 +198,8 @@ class Gossip:
             del self.pending[oldest]  # it comes back through the version vectors
             self.refused["pending_overflow"] = self.refused.get("pending_overflow", 0) + 1
         self.pending[vertex.id] = vertex
+        if self.bootstrapping:
+            return  # its parents come with the checkpoint, or through the version vectors after
         # Its creator surely has its own earlier vertices: ask it for what is missing.
         mine = self.ledger.version_vector().get(vertex.creator_id, -1)
         if vertex.seq > mine + 1:
@@ -213,22 +240,74 @@ class Gossip:
         if not _is_id(peer) or doc.get("gateway") != peer or not isinstance(theirs, dict):
             return self._refuse("schema", "version vector without gateway id or vv map", topic)
         self.peers[peer] = doc
+        if self.bootstrapping:  # ask for a checkpoint first, not for the whole history
+            now = time.monotonic()
+            if now - self._asked.get((peer, "checkpoint"), -1e9) >= WANT_INTERVAL_S:
+                self._asked[(peer, "checkpoint")] = now
+                self.publish(want_topic(peer), cbor.dumps({"from": self.gateway_id, "checkpoint": True}), False)
+            return None
         mine = self.ledger.version_vector()
         for creator, seq in theirs.items():
             if not _is_id(creator) or not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
                 return self._refuse("schema", "bad version vector entry", topic)
             if seq > mine.get(creator, -1):
                 self._ask(peer, creator, mine.get(creator, -1) + 1)
+        twins = doc.get("equivocations", {})
+        if not isinstance(twins, dict):
+            return self._refuse("schema", "equivocations must be a map", topic)
+        known = self.ledger.equivocators()
+        for creator, seqs in twins.items():
+            if not _is_id(creator) or not isinstance(seqs, list) or not all(
+                    isinstance(q, int) and not isinstance(q, bool) and q >= 0 for q in seqs):
+                return self._refuse("schema", "bad equivocations entry", topic)
+            missing = sorted(set(seqs) - set(known.get(creator, [])))
+            if missing:  # the peer holds a twin we lack: a max seq cannot show that
+                self._ask(peer, creator, missing[0])
         return None
 
     def _on_want(self, topic: str, payload: bytes) -> None:
         doc = self._control(topic, payload)
         if doc is None:
             return
+        if doc.get("checkpoint") is True:
+            if not _is_id(doc.get("from")):
+                return self._refuse("schema", "checkpoint want without a requester id", topic)
+            served = self.ledger.latest_final_checkpoint()
+            if served is not None:
+                checkpoint, snapshot = served
+                answer = cbor.dumps({"checkpoint": checkpoint.encode(), "snapshot": snapshot})
+                self.publish(snapshot_topic(doc["from"]), answer, False)
+            return None
         requester, creator, seq = doc.get("from"), doc.get("creator"), doc.get("seq")
         if not (_is_id(requester) and _is_id(creator) and isinstance(seq, int) and not isinstance(seq, bool)
                 and seq >= 0):
             return self._refuse("schema", "want needs from, creator and seq", topic)
         for data in self.ledger.encoded_from(creator, seq, GIVE_BATCH):
             self.publish(give_topic(requester), data, False)
+        return None
+
+    def _on_snapshot(self, topic: str, payload: bytes) -> None:
+        if not self.bootstrapping:
+            return None  # too late (or never asked): the history is arriving the normal way
+        try:
+            doc = cbor.loads(payload, max_bytes=MAX_SNAPSHOT_MESSAGE)
+            if not isinstance(doc, dict) or set(doc) != {"checkpoint", "snapshot"}:
+                raise SchemaError("a snapshot answer is {checkpoint, snapshot}")
+            checkpoint = Vertex.decode(doc["checkpoint"])
+            if not isinstance(doc["snapshot"], bytes):
+                raise SchemaError("snapshot must be bytes")
+        except ProtocolError as exc:
+            return self._refuse(exc.reason, exc.detail, topic)
+        genesis = next(self.ledger.vertices())
+        try:
+            self.ledger.bootstrap(genesis, checkpoint, doc["snapshot"])
+        except LedgerError as exc:
+            return self._refuse(exc.reason, exc.detail, topic)
+        self._bootstrap_until = 0.0
+        self.bootstrapped_from = checkpoint.id_hex
+        for waiting in list(self.pending.values()):  # pushed while we waited: their parents may be here now
+            if waiting.id in self.pending:
+                self._admit(waiting, topic)
+        event(log, "gossip.bootstrapped", checkpoint=checkpoint.id_hex[:16], creator=checkpoint.creator_id,
+              count=checkpoint.body["count"])
         return None

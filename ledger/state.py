@@ -101,12 +101,14 @@ class MemoryState:
         self.tips: set[bytes] = set()
         self.root_key: bytes | None = None
         self.gateways: dict[bytes, bytes] = {}  # member public key -> id of the vertex that named it
+        self.admitted: dict[bytes, bytes] = {}  # every gateway ever, in admission order (= finality bit)
         self.departed: dict[bytes, bytes] = {}  # former member -> id of its gateway.leave vertex
         self.devices: dict[bytes, tuple[str, str, bytes]] = {}  # public key -> (name, policy, vertex id)
         self.revoked: dict[bytes, tuple[str, bytes]] = {}  # public key -> (reason, vertex id)
         self.updates: set[bytes] = set()
         self.records: dict[tuple[bytes, bytes], bytes] = {}  # (device, digest) -> updates vertex id
         self.equivocations: set[tuple[bytes, int]] = set()  # (creator, seq) signed twice
+        self.pruned: set[bytes] = set()  # ids known only from a bootstrap snapshot (no bytes, no parents)
 
     @property
     def initialized(self) -> bool:
@@ -151,6 +153,8 @@ class MemoryState:
             if current not in seen:
                 seen.add(current)
                 stack.extend(self.parents[current])
+        if seen & self.pruned:
+            return None
         return [self.loader(v) for v in sorted(seen, key=lambda v: (self.depths[v], v))]
 
     def is_gateway(self, public_key: bytes) -> bool:
@@ -193,6 +197,7 @@ class MemoryState:
     def add_gateways(self, vertex: Vertex, public_keys: list[bytes]) -> None:
         for key in public_keys:
             self.gateways.setdefault(key, vertex.id)
+            self.admitted.setdefault(key, vertex.id)
 
     def remove_gateway(self, vertex: Vertex, public_key: bytes) -> None:
         self.gateways.pop(public_key, None)

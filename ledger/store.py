@@ -48,11 +48,21 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from protocol.errors import ProtocolError
+from protocol.errors import BadSignature, ProtocolError
 from protocol.keys import Identity, identity_id
 
 from . import validate
-from .errors import AlreadyEnrolled, DeviceRevoked, InvalidVertex, LedgerError, NoIdentity, StoreError
+from .errors import (
+    AlreadyEnrolled,
+    BadCheckpoint,
+    BadVertexSignature,
+    DeviceRevoked,
+    InvalidVertex,
+    LedgerError,
+    NoIdentity,
+    NotAGateway,
+    StoreError,
+)
 from .kinds import (
     AGGREGATE,
     CHECKPOINT,
@@ -392,6 +402,56 @@ class Ledger:
             self.on_append(vertex)
         return vertex
 
+    def bootstrap(self, genesis: Vertex, checkpoint: Vertex, snapshot: bytes) -> None:
+        """Start this store from a checkpoint instead of from genesis: the snapshot's vertices are kept
+        as ids only (no bytes), its derived state is taken as it is, then the checkpoint goes in.
+
+        Everything is checked first: the genesis (pinned by the gateway's config), the checkpoint's
+        signature by a member gateway, the snapshot against the checkpoint's digest and count, and that
+        the snapshot starts at this genesis. The store must hold nothing but (at most) that genesis.
+        Audits (`verify`) then start from the checkpoint; `history` and `provenance` see from there on.
+        """
+        from .snapshot import decode, digest_of
+
+        try:
+            genesis.verify_signature()
+            checkpoint.verify_signature()
+        except BadSignature as exc:
+            raise BadVertexSignature("the genesis or the checkpoint is not signed by its creator") from exc
+        if checkpoint.kind != CHECKPOINT:
+            raise InvalidVertex(f"bootstrap needs a checkpoint vertex, not {checkpoint.kind}")
+        if digest_of(snapshot) != checkpoint.body["state"]:
+            raise BadCheckpoint("the snapshot does not hash to the checkpoint's state digest")
+        try:
+            doc = decode(snapshot)
+        except ProtocolError as exc:
+            raise BadCheckpoint(f"the snapshot is malformed: {exc}") from exc
+        rows = doc["vertices"]
+        if len(rows) != checkpoint.body["count"]:
+            raise BadCheckpoint("the snapshot's vertex count is not the checkpoint's")
+        if rows[0][0] != genesis.id or doc["root"] != genesis.creator:
+            raise BadCheckpoint("the snapshot is of another ledger (its genesis differs)")
+        members = [m[0] for m in doc["members"] if m[2] is None]
+        if checkpoint.creator not in members:
+            raise NotAGateway(f"checkpoint creator {checkpoint.creator_id} is not a member gateway")
+        mask = sum(1 << i for i, m in enumerate(doc["members"]) if m[2] is None)
+        with self._write(require_identity=False) as state:
+            present = self._conn.execute("SELECT id FROM vertices").fetchall()
+            if present not in ([], [(genesis.id_hex,)]):
+                raise StoreError("bootstrap needs an empty ledger (or one holding only its genesis)")
+            for table in ("vertices", "tips", "gateways", "meta"):
+                self._conn.execute(f"DELETE FROM {table}")
+            state.bootstrap(doc, genesis, mask)
+            self._conn.execute("INSERT INTO meta (key, value) VALUES ('bootstrap', ?), ('bootstrap_snapshot', ?)",
+                               (checkpoint.id, snapshot))
+            validate.admit(checkpoint, state)
+        self.writes += 1
+
+    def bootstrap_point(self) -> tuple[bytes, bytes] | None:
+        """(checkpoint id, snapshot) this store started from, or None if it holds the whole history."""
+        rows = dict(self._read_all("SELECT key, value FROM meta WHERE key IN ('bootstrap', 'bootstrap_snapshot')"))
+        return (rows["bootstrap"], rows["bootstrap_snapshot"]) if "bootstrap" in rows else None
+
     def latest_final_checkpoint(self) -> tuple[Vertex, bytes] | None:
         """The newest final checkpoint whose snapshot this store keeps, with that snapshot."""
         rows = self._read_all(
@@ -493,10 +553,21 @@ class Ledger:
         with self._read() as conn:
             return SqlState(conn).tips()
 
+    def ids(self) -> list[bytes]:
+        """Every vertex id in the DAG here, in canonical order (with ids kept only from a bootstrap)."""
+        return [bytes.fromhex(v) for (v,) in self._read_all("SELECT id FROM vertices ORDER BY depth, id")]
+
+    def holds(self, vertex_id: bytes) -> bool:
+        """True if the vertex is in the DAG here (also when only its id is kept, before a bootstrap)."""
+        with self._read() as conn:
+            return SqlState(conn).has_vertex(vertex_id)
+
     def get(self, id: bytes) -> Vertex | None:  # noqa: A002 (the name callers use)
         """The vertex with this id, or None."""
         with self._read() as conn:
-            row = conn.execute("SELECT id, data FROM vertices WHERE id = ?", (id.hex(),)).fetchone()
+            row = conn.execute(
+                "SELECT id, data FROM vertices WHERE id = ? AND length(data) > 0", (id.hex(),)
+            ).fetchone()
         return None if row is None else _decode_row(row[0], row[1])
 
     def vertices(self) -> Iterator[Vertex]:
@@ -509,7 +580,7 @@ class Ledger:
         while True:
             with self._read() as conn:
                 rows = conn.execute(
-                    "SELECT depth, id, data FROM vertices WHERE (depth, id) > (?, ?)"
+                    "SELECT depth, id, data FROM vertices WHERE (depth, id) > (?, ?) AND length(data) > 0"
                     " ORDER BY depth, id LIMIT ?",
                     (*after, PAGE_ROWS),
                 ).fetchall()
@@ -567,7 +638,7 @@ class Ledger:
                     JOIN devices d ON d.n = c.device
                     JOIN vertices w ON w.n = c.vertex
                     WHERE d.public_key = :key
-                ) ORDER BY v.depth, v.id
+                ) AND length(v.data) > 0 ORDER BY v.depth, v.id
                 """,
                 {"key": device_public_key.hex()},
             ).fetchall()
@@ -596,7 +667,8 @@ class Ledger:
         """Encoded vertices of one creator with seq >= first_seq, in seq order (all of an equivocating seq)."""
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT data FROM vertices WHERE creator = ? AND seq >= ? ORDER BY seq, id LIMIT ?",
+                "SELECT data FROM vertices WHERE creator = ? AND seq >= ? AND length(data) > 0"
+                " ORDER BY seq, id LIMIT ?",
                 (creator_id, first_seq, limit),
             ).fetchall()
         return [data for (data,) in rows]
@@ -789,6 +861,40 @@ class SqlState:
 
     def is_gateway(self, public_key: bytes) -> bool:
         return self._exists("SELECT 1 FROM gateways WHERE public_key = ? AND left_vertex IS NULL", public_key.hex())
+
+    def bootstrap(self, doc: dict[str, Any], genesis: Vertex, mask: int) -> None:
+        """Fill the tables from a checked snapshot (see Ledger.bootstrap)."""
+        ids = [row[0].hex() for row in doc["vertices"]]
+        self.conn.execute("INSERT INTO meta (key, value) VALUES ('root', ?)", (doc["root"],))
+        self.conn.executemany(
+            "INSERT INTO vertices (id, n, creator, seq, kind, time, depth, seen, data) VALUES (?, ?, ?, ?, ?, 0.0, ?, ?, ?)",
+            [(ids[i], i, identity_id(creator), seq, kind, depth, mask, genesis.encode() if i == 0 else b"")
+             for i, (_, depth, creator, seq, kind) in enumerate(doc["vertices"])],
+        )
+        self.conn.executemany("INSERT INTO tips (id) VALUES (?)", [(ids[i],) for i in doc["tips"]])
+        self.conn.executemany(
+            "INSERT INTO gateways (public_key, id, vertex, idx, left_vertex) VALUES (?, ?, ?, ?, ?)",
+            [(key.hex(), identity_id(key), ids[admitted], idx, None if left is None else ids[left])
+             for idx, (key, admitted, left) in enumerate(doc["members"])],
+        )
+        self.conn.executemany(
+            "INSERT INTO devices (n, public_key, id, name, policy, vertex) VALUES (?, ?, ?, ?, ?, ?)",
+            [(i, key.hex(), identity_id(key), name, policy, ids[vertex])
+             for i, (key, name, policy, vertex) in enumerate(doc["devices"])],
+        )
+        keys = [row[0] for row in doc["devices"]]
+        self.conn.executemany(
+            "INSERT INTO revocations (public_key, reason, vertex) VALUES (?, ?, ?)",
+            [(keys[device].hex(), reason, ids[vertex]) for device, reason, vertex in doc["revocations"]],
+        )
+        self.conn.executemany("INSERT INTO updates (digest, device, vertex) VALUES (?, ?, ?)",
+                              [(digest, device, vertex) for digest, device, vertex in doc["records"]])
+        self.conn.executemany("INSERT OR IGNORE INTO contributions (device, vertex) VALUES (?, ?)",
+                              [(device, vertex) for _, device, vertex in doc["records"]])
+        for creator, seq in doc["equivocations"]:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO equivocations (creator, seq, vertex) SELECT creator, seq, id FROM vertices"
+                " WHERE creator = ? AND seq = ?", (identity_id(creator), seq))
 
     def keep_snapshot(self, vertex: Vertex, snapshot: bytes) -> None:
         self.conn.execute("INSERT OR REPLACE INTO snapshots (vertex, data) VALUES (?, ?)", (vertex.id_hex, snapshot))

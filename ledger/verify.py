@@ -80,10 +80,19 @@ def verify_store(path: str | Path) -> VerifyReport:
             return Vertex.decode(row[0])
 
         state = MemoryState(loader=load)
+        skip: set[str] = set()
+        start = _bootstrap_start(conn, load)
+        if isinstance(start, Problem):
+            problems.append(start)
+            return _report(0, problems)
+        if start is not None:  # the store began at a checkpoint: audit from the state it committed to
+            state, skip = start
         rows = conn.execute(
             "SELECT id, creator, seq, kind, time, depth, data FROM vertices ORDER BY depth, id"
         )
         for row in rows:
+            if row[0] in skip:
+                continue
             checked += 1
             problem = _check_row(row, state)
             if problem is not None:
@@ -100,6 +109,31 @@ def verify_store(path: str | Path) -> VerifyReport:
     finally:
         conn.close()
     return _report(checked, problems)
+
+
+def _bootstrap_start(conn: sqlite3.Connection, load) -> tuple[MemoryState, set[str]] | Problem | None:
+    """For a store that started from a checkpoint: the state its snapshot holds, and the ids it covers.
+
+    The snapshot must hash to the checkpoint's digest and the checkpoint must be signed by its creator.
+    """
+    from protocol.errors import BadSignature
+
+    from .snapshot import decode, digest_of, memory_state
+
+    rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('bootstrap', 'bootstrap_snapshot')"))
+    if "bootstrap" not in rows:
+        return None
+    try:
+        checkpoint = load(rows["bootstrap"])
+        checkpoint.verify_signature()
+        snapshot = rows["bootstrap_snapshot"]
+        if digest_of(snapshot) != checkpoint.body.get("state"):
+            return Problem(checkpoint.id_hex, "bad_checkpoint", "the kept snapshot does not hash to the checkpoint")
+        doc = decode(snapshot)
+        genesis = load(doc["vertices"][0][0])
+    except (ProtocolError, BadSignature, TypeError) as exc:
+        return Problem(None, "bad_bootstrap", f"the checkpoint this store started from does not check out: {exc}")
+    return memory_state(doc, genesis, load), {row[0].hex() for row in doc["vertices"]}
 
 
 def _report(checked: int, problems: list[Problem]) -> VerifyReport:

@@ -132,3 +132,28 @@ def test_gateways_on_two_bridged_brokers_agree_again_after_a_partition(tmp_path:
         finally:
             for peer in peers:
                 peer.close()
+
+
+def test_a_new_gateway_starts_from_the_newest_final_checkpoint_not_from_genesis(tmp_path: Path):
+    keys, genesis = make_city(tmp_path, 4)
+    with Broker(tmp_path / "broker", kind="mosquitto") as broker:
+        peers = [PeerProcess(tmp_path, i, genesis, broker.host, broker.port, vv_interval=0.3) for i in range(3)]
+        try:
+            for peer in peers:
+                peer.ask("enroll 10")
+            agree(peers)
+            checkpoint = peers[0].ask("checkpoint")["id"]
+            for peer in peers:  # every gateway builds on it: final
+                peer.ask("enroll 1")
+            before = agree(peers)
+            newcomer = PeerProcess(tmp_path, 3, genesis, broker.host, broker.port, vv_interval=0.3, bootstrap_s=10)
+            peers.append(newcomer)
+            status = agree(peers)
+            mine = status[3]
+            assert mine["bootstrapped_from"] == checkpoint
+            assert mine["full_vertices"] == before[0]["height"] - 30  # the 30 enrollments before it: ids only
+            newcomer.ask("enroll 2")  # and it writes like any member
+            agree(peers)
+        finally:
+            for peer in peers:
+                peer.close()

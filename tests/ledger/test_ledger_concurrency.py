@@ -129,3 +129,52 @@ def test_a_checkpoint_is_checked_by_every_gateway_and_a_wrong_one_refused(city, 
     with pytest.raises(errors.BadCheckpoint):
         city[2].insert_vertex(lie)
     assert verify_store(city[1].path).ok
+
+
+def test_a_new_gateway_starts_from_a_final_checkpoint_and_ends_in_the_same_state(city, tmp_path: Path):
+    rng = random.Random(11)
+    genesis = next(city[0].vertices())
+    for round_ in range(3):
+        for i, store in enumerate(city):
+            store.enroll_device(bytes([10 * round_ + i + 1]) * 32, f"d{i}", "open")
+        if round_ == 1:
+            city[0].revoke_device(bytes([1]) * 32, "lost")
+        for store in city:
+            for source in city:
+                deliver(list(source.vertices()), store, rng)
+    checkpoint = city[0].write_checkpoint()
+    for store in city[1:]:
+        store.insert_vertex(checkpoint)
+        store.enroll_device(Identity.generate().public_key, "after", "open")  # builds on the checkpoint
+    for store in city:
+        for source in city:
+            deliver(list(source.vertices()), store, rng)
+    served = city[2].latest_final_checkpoint()
+    assert served is not None and served[0].id == checkpoint.id
+    with Ledger.open(tmp_path / "newcomer.db") as newcomer:
+        newcomer.insert_vertex(genesis)
+        newcomer.bootstrap(genesis, *served)
+        assert newcomer.bootstrap_point()[0] == checkpoint.id
+        suffix = [v for v in city[1].vertices() if not newcomer.holds(v.id)]
+        assert len(suffix) == city[1].height - checkpoint.body["count"] - 1  # only what came after
+        deliver(suffix, newcomer, rng)
+        assert newcomer.state_digest() == city[1].state_digest()
+        assert newcomer.revoked_devices() == city[1].revoked_devices()
+    assert verify_store(tmp_path / "newcomer.db").ok
+
+
+def test_a_bootstrap_from_a_tampered_snapshot_or_another_ledger_is_refused(city, tmp_path: Path):
+    genesis = next(city[0].vertices())
+    city[0].enroll_device(b"\x05" * 32, "d", "open")
+    checkpoint = city[0].write_checkpoint()
+    _, snapshot = city[0].bootstrap_point() or (None, None)
+    assert snapshot is None  # city[0] holds the whole history
+    snapshot = city[0]._read_all("SELECT data FROM snapshots WHERE vertex = ?", checkpoint.id_hex)[0][0]
+    with Ledger.open(tmp_path / "n1.db") as newcomer:
+        with pytest.raises(errors.BadCheckpoint, match="does not hash"):
+            newcomer.bootstrap(genesis, checkpoint, snapshot[:-1] + bytes([snapshot[-1] ^ 1]))
+        other_root = Identity.generate()
+        other = sign(other_root, "genesis", 0, [], {"name": "elsewhere", "gateways": [other_root.public_key]})
+        with pytest.raises(errors.BadCheckpoint, match="another ledger"):
+            newcomer.bootstrap(other, checkpoint, snapshot)
+        assert newcomer.height == 0
