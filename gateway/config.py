@@ -14,6 +14,8 @@
     genesis = ""                          # the city's genesis vertex (starling-ledger init); "" = this
                                           # gateway roots a ledger of its own
     gossip = true                         # share the ledger with the other gateways over MQTT
+    bootstrap_s = 5.0                     # a new gateway waits this long for a peer's checkpoint
+    checkpoint_every = 1000               # write a checkpoint after this many new vertices (0: never)
 
     [ingest]
     workers = 0                           # >= 1: that many processes share the reply topic (MQTT 5 shared
@@ -70,6 +72,8 @@ class GatewayConfig:
     ingest_workers: int = 0  # processes sharing the reply topic; 0 = the gateway checks replies itself
     genesis: Path | None = None  # the city's genesis vertex file; None: the gateway roots its own ledger
     gossip: bool = True  # gossip the ledger with other gateways (starling/ledger/#)
+    bootstrap_s: float = 5.0  # a new gateway waits this long for a peer's final checkpoint before replaying
+    checkpoint_every: int = 1000  # vertices after the newest checkpoint that make this gateway write one
     manifest: Path | None = None
     release_ttl_s: float = 7 * 86400.0  # devices refuse a model release older than this
     strategy: str = "FedAvg"
@@ -94,6 +98,12 @@ class GatewayConfig:
 def _positive(name: str, value: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _non_negative(name: str, value: float) -> float:
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {value}")
     return value
 
 
@@ -138,6 +148,9 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         ingest_workers=workers,
         genesis=path("ledger", "genesis", ""),
         gossip=setting(doc, "ledger", "gossip", bool, True),
+        bootstrap_s=_non_negative("ledger.bootstrap_s", setting(doc, "ledger", "bootstrap_s", float, 5.0)),
+        checkpoint_every=int(_non_negative("ledger.checkpoint_every",
+                                           setting(doc, "ledger", "checkpoint_every", int, 1000))),
         manifest=path("model", "manifest", ""),
         release_ttl_s=_positive("model.release_ttl_s", setting(doc, "model", "release_ttl_s", float, 7 * 86400.0)),
         strategy=setting(doc, "strategy", "name", str, "FedAvg"),

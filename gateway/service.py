@@ -144,7 +144,7 @@ class Gateway:
             if self.config.gossip:
                 cfg = self.config
                 self.sync = LedgerSync(self._ledger, self.id, cfg.broker_host, cfg.broker_port,
-                                       cfg.broker_auth).__enter__()
+                                       cfg.broker_auth, bootstrap_s=cfg.bootstrap_s).__enter__()
                 self._ledger.on_append = self.sync.announce
             if self.identity.public_key not in self._ledger.gateways():
                 raise RuntimeError(f"this gateway ({self.id}) is not a member of the ledger: the operator admits it "
@@ -180,6 +180,7 @@ class Gateway:
         while not stop.is_set():
             if time.monotonic() >= next_sync:  # operators enroll and revoke with starling-ledger, elsewhere
                 self._sync_ledger()
+                self._maybe_checkpoint()
                 if self.ingest is not None:
                     self.ingest.watch()
                 next_sync = time.monotonic() + LEDGER_SYNC_S
@@ -271,6 +272,18 @@ class Gateway:
                 if self.state != "starting":
                     event(log, "device.enrolled", device=identity_id(key), name=name, by="ledger")
         self._sync_revocations()
+
+    def _maybe_checkpoint(self) -> None:
+        """Commit to the ledger's state every `checkpoint_every` vertices (new gateways start from it)."""
+        every = self.config.checkpoint_every
+        if not every or (self.sync is not None and self.sync.gossip.bootstrapping):
+            return
+        try:
+            if self._ledger.since_checkpoint() >= every:
+                vertex = self._ledger.write_checkpoint()
+                event(log, "ledger.checkpoint", vertex=vertex.id_hex[:16], count=vertex.body["count"])
+        except Exception:  # a checkpoint is an optimisation: never worth stopping the gateway for
+            log.exception("ledger.checkpoint_failed")
 
     def _sync_revocations(self) -> None:
         """Drop devices the ledger says are revoked: their next reply is refused as `revoked`."""

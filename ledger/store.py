@@ -452,6 +452,13 @@ class Ledger:
         rows = dict(self._read_all("SELECT key, value FROM meta WHERE key IN ('bootstrap', 'bootstrap_snapshot')"))
         return (rows["bootstrap"], rows["bootstrap_snapshot"]) if "bootstrap" in rows else None
 
+    def since_checkpoint(self) -> int:
+        """Vertices here beyond the past of the newest checkpoint (all of them if there is none)."""
+        rows = self._read_all("SELECT data FROM vertices WHERE kind = ? AND length(data) > 0"
+                              " ORDER BY depth DESC, id DESC LIMIT 1", CHECKPOINT)
+        covered = Vertex.decode(rows[0][0]).body["count"] + 1 if rows else 0
+        return self.height - covered
+
     def latest_final_checkpoint(self) -> tuple[Vertex, bytes] | None:
         """The newest final checkpoint whose snapshot this store keeps, with that snapshot."""
         rows = self._read_all(

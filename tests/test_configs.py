@@ -186,3 +186,14 @@ def test_the_shipped_quickstart_scenario_is_valid():
 def test_a_bad_scenario_names_the_field(doc, field):
     with pytest.raises(ScenarioError, match=field.replace(".", r"\.")):
         parse_scenario(doc)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("genesis", "missing.cbor", r"ledger\.genesis: .*missing\.cbor is not a file"),
+    ("bootstrap_s", -1.0, r"ledger\.bootstrap_s must not be negative"),
+    ("checkpoint_every", -5, r"ledger\.checkpoint_every must not be negative"),
+    ("gossip", "yes", r"ledger\.gossip must be bool"),
+])
+def test_a_bad_ledger_setting_is_named(tmp_path, key, value, match):
+    with pytest.raises(GatewayConfigError, match=match):
+        parse_gateway({**GOOD_GATEWAY, "ledger": {key: value}}, tmp_path)

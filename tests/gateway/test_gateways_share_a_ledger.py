@@ -39,7 +39,7 @@ class Running:
         self.config = GatewayConfig(
             name=workdir.name, key=workdir / "gw.key", state_dir=workdir, broker_host=broker.host,
             broker_port=broker.port, manifest=write_manifest(workdir / "model", {"w": (3,)}), genesis=genesis,
-            min_devices=100, wait_devices_s=60, **enrollment,
+            min_devices=100, wait_devices_s=60, checkpoint_every=2, **enrollment,
         )
         self.gateway = Gateway(self.config, identity)
         self.stop = threading.Event()
@@ -99,3 +99,14 @@ def test_a_revocation_at_one_gateway_is_honoured_by_the_other(two_gateways):
     assert not refused.accepted and refused.reason == "revoked"
     status = b.gateway._ledger_status()
     assert status["peers"] == [a.identity.id] and status["equivocators"] == []
+    from ledger.store import Ledger
+    from ledger.verify import verify_store
+
+    path = b.config.state_dir / "ledger.db"
+
+    def checkpoints() -> int:
+        with Ledger.open(path, read_only=True) as ledger:
+            return ledger.kind_counts().get("checkpoint", 0)
+
+    assert eventually(lambda: checkpoints() >= 1), "checkpoint_every = 2: a checkpoint is written and gossiped"
+    assert verify_store(path).ok
