@@ -10,7 +10,8 @@ replica) runs it on its own MQTT connection. Topics, under `starling/ledger/`:
     want/<gateway id>     a request to that gateway: {"from": id, "creator": id, "seq": first seq},
                           or {"from": id, "checkpoint": true}
     give/<gateway id>     vertices sent to that gateway in answer (encoded vertex)
-    snapshot/<gateway id> the answer to a checkpoint request: {"checkpoint": vertex, "snapshot": bytes}
+    snapshot/<gateway id> the answer to a checkpoint request, in chunks:
+                          {"checkpoint": vertex, "chunk": i, "chunks": n, "data": bytes}
 
 A gateway whose ledger holds only its genesis first asks its peers for their
 newest final checkpoint and starts from it (`Ledger.bootstrap`); only if none
@@ -44,7 +45,8 @@ from .vertex import MAX_VERTEX_BYTES, Vertex
 log = logging.getLogger("starling.ledger.gossip")
 ROOT = "starling/ledger"
 MAX_CONTROL_BYTES = 64 * 1024  # a version vector or a request
-MAX_SNAPSHOT_MESSAGE = 256 * 1024 * 1024  # a checkpoint and its snapshot (about 40 bytes per update record)
+MAX_SNAPSHOT_MESSAGE = 256 * 1024 * 1024  # a whole snapshot (about 40 bytes per update record)
+SNAPSHOT_CHUNK = 512 * 1024  # per message, under the shipped broker's 1 MB message limit
 MAX_PENDING = 20_000  # vertices waiting for parents; beyond this, the oldest go (re-fetched later)
 GIVE_BATCH = 256  # vertices sent per request
 WANT_INTERVAL_S = 0.5  # do not ask a peer for the same creator more often
@@ -94,6 +96,7 @@ class Gossip:
         # Until this moment, a ledger holding only genesis waits for a checkpoint instead of replaying history.
         self._bootstrap_until = time.monotonic() + bootstrap_s if bootstrap_s > 0 and ledger.height == 1 else 0.0
         self.bootstrapped_from: str | None = None
+        self._chunks: dict[bytes, dict[int, bytes]] = {}  # checkpoint id -> snapshot chunks received
 
     def subscriptions(self) -> list[str]:
         return [f"{ROOT}/vertex/+", f"{ROOT}/vv/+", want_topic(self.gateway_id), give_topic(self.gateway_id),
@@ -273,10 +276,12 @@ class Gossip:
             if not _is_id(doc.get("from")):
                 return self._refuse("schema", "checkpoint want without a requester id", topic)
             served = self.ledger.latest_final_checkpoint()
-            if served is not None:
+            if served is not None:  # in chunks: a broker caps message sizes (1 MB in hw/mosquitto)
                 checkpoint, snapshot = served
-                answer = cbor.dumps({"checkpoint": checkpoint.encode(), "snapshot": snapshot})
-                self.publish(snapshot_topic(doc["from"]), answer, False)
+                parts = [snapshot[i:i + SNAPSHOT_CHUNK] for i in range(0, len(snapshot), SNAPSHOT_CHUNK)] or [b""]
+                for index, part in enumerate(parts):
+                    answer = {"checkpoint": checkpoint.encode(), "chunk": index, "chunks": len(parts), "data": part}
+                    self.publish(snapshot_topic(doc["from"]), cbor.dumps(answer), False)
             return None
         requester, creator, seq = doc.get("from"), doc.get("creator"), doc.get("seq")
         if not (_is_id(requester) and _is_id(creator) and isinstance(seq, int) and not isinstance(seq, bool)
@@ -287,20 +292,31 @@ class Gossip:
         return None
 
     def _on_snapshot(self, topic: str, payload: bytes) -> None:
+        """One chunk of a peer's checkpoint snapshot; with the last one, start from it."""
         if not self.bootstrapping:
             return None  # too late (or never asked): the history is arriving the normal way
         try:
-            doc = cbor.loads(payload, max_bytes=MAX_SNAPSHOT_MESSAGE)
-            if not isinstance(doc, dict) or set(doc) != {"checkpoint", "snapshot"}:
-                raise SchemaError("a snapshot answer is {checkpoint, snapshot}")
+            doc = cbor.loads(payload, max_bytes=SNAPSHOT_CHUNK + MAX_VERTEX_BYTES)
+            if not isinstance(doc, dict) or set(doc) != {"checkpoint", "chunk", "chunks", "data"}:
+                raise SchemaError("a snapshot chunk is {checkpoint, chunk, chunks, data}")
+            chunk, chunks, data = doc["chunk"], doc["chunks"], doc["data"]
+            if not (isinstance(chunks, int) and isinstance(chunk, int) and 0 <= chunk < chunks
+                    and chunks * SNAPSHOT_CHUNK <= MAX_SNAPSHOT_MESSAGE and isinstance(data, bytes)):
+                raise SchemaError("bad chunk numbering or data")
             checkpoint = Vertex.decode(doc["checkpoint"])
-            if not isinstance(doc["snapshot"], bytes):
-                raise SchemaError("snapshot must be bytes")
         except ProtocolError as exc:
             return self._refuse(exc.reason, exc.detail, topic)
+        parts = self._chunks.setdefault(checkpoint.id, {})
+        if len(self._chunks) > 4:  # several peers answered: keep the newest few only
+            self._chunks.pop(next(iter(self._chunks)))
+        parts[chunk] = data
+        if len(parts) < chunks:
+            return None
+        snapshot = b"".join(parts[i] for i in range(chunks))
+        self._chunks.pop(checkpoint.id, None)
         genesis = next(self.ledger.vertices())
         try:
-            self.ledger.bootstrap(genesis, checkpoint, doc["snapshot"])
+            self.ledger.bootstrap(genesis, checkpoint, snapshot)
         except LedgerError as exc:
             return self._refuse(exc.reason, exc.detail, topic)
         self._bootstrap_until = 0.0
