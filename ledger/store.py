@@ -5,9 +5,14 @@ bytes (signature included) next to a few columns for queries. Everything
 else is derived state, rebuilt from vertices alone and updated in the same
 transaction as the vertex that changes it:
 
-    vertices       id (hex), n, creator (identity id), seq, kind, time, depth, data
+    meta           the root key; where a bootstrapped store started (checkpoint and its snapshot)
+    vertices       id (hex), n, creator (identity id), seq, kind, time, depth, seen, data
+                   (data is empty for vertices known only from a bootstrap snapshot)
+    edges          (child n, parent n): ancestry walks for the causal rules and finality
     tips           ids of vertices nobody names as a parent yet
-    gateways       public keys named by genesis
+    gateways       every gateway ever admitted: key, admitting vertex, finality bit (idx), leave vertex
+    equivocations  (creator, seq, vertex) for every creator that signed two vertices with one seq
+    snapshots      the snapshots of the newest checkpoints, served to gateways that bootstrap
     devices        enrolled devices, revoked since or not: public key, id, name, policy, enroll vertex
     revocations    revoked devices: public key, reason, revoke vertex
     updates        (update digest, device) -> updates vertex; answers "is this input recorded?"
@@ -32,7 +37,9 @@ transaction, and a refusal rolls everything back.
 
 The canonical order of vertices is (depth, id): depth is the longest path
 from genesis, so every parent comes before its children, and every gateway
-derives the same order from the same DAG.
+derives the same order from the same DAG. `seen` holds one bit per gateway,
+set on a vertex and all its ancestors when that gateway's vertex arrives: a
+vertex is final once more than two thirds of the members' bits are set.
 """
 
 from __future__ import annotations
