@@ -202,3 +202,12 @@ def test_provenance_of_the_final_model_lists_exactly_the_updates_accepted_behind
     assert traced == recorded
     assert len(traced) == sum(r["participants"] for r in run["report"]["rounds"][1:])
     assert len(trace["devices"]) == 5
+
+
+def test_dot_draws_one_rounds_part_of_the_dag(run):
+    path = run["report"]["ledger"]["path"]
+    done = subprocess.run([sys.executable, "-m", "ledger.cli", "dot", "--db", path, "--round", "2"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("round 2") == 2  # its updates and aggregate vertices
+    assert "round 3" not in done.stdout and "->" in done.stdout
