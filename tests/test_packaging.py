@@ -38,6 +38,7 @@ def test_each_command_answers_help(module):
 def test_the_agent_imports_neither_flwr_nor_sqlite_utils_nor_tensorflow():
     code = (
         "import sys, agent.cli, agent.service, agent.learner, agent.samples, agent.state, firmware_models.runtime\n"
+        "import agent.sensors.replay, agent.sensors.mpu6050, agent.sensors.bme280\n"
         "from firmware_models.runtime import TrainableModel\n"
         "TrainableModel.from_package().get_weights()\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'flwr', 'sqlite_utils', 'tensorflow', 'gateway', 'ledger', 'hw'})\n"
@@ -52,6 +53,7 @@ def test_protocol_imports_only_numpy_cbor2_and_pynacl():
     code = (
         "import sys; before = set(sys.modules)\n"
         "import protocol, protocol.cbor, protocol.envelope, protocol.schemas, protocol.tensors, protocol.keys, protocol.topics\n"
+        "import protocol.transport, protocol.logs, protocol.config\n"
         "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
         "print(','.join(sorted(new - set(sys.stdlib_module_names) - {'protocol', 'numpy', 'cbor2', '_cbor2', 'nacl', '_cffi_backend', 'cffi', '_sodium'})))\n"
     )
