@@ -31,6 +31,7 @@ from . import learner
 from .config import AgentConfig
 from .samples import LocalData
 from .state import StateStore
+from .systemd import Notifier
 
 log = logging.getLogger("starling.agent")
 
@@ -292,9 +293,13 @@ class Agent:
         self.client.loop_start()
         worker = threading.Thread(target=self._worker, args=(stop,), name="agent-worker", daemon=True)
         worker.start()
+        systemd = Notifier()
+        systemd.ready(f"device {self.identity.id}")
         next_enroll = next_resend = time.monotonic()
         try:
             while not stop.wait(0.5):
+                if worker.is_alive():  # a dead worker stops the pings: systemd's watchdog restarts us
+                    systemd.watchdog()
                 if not self._connected.is_set():
                     continue
                 now = time.monotonic()
@@ -308,6 +313,7 @@ class Agent:
                         event(log, "reply.resend_failed", logging.ERROR, reason=str(exc))
                     next_resend = now + min(1.0, self.config.resend_s)
         finally:
+            systemd.stopping()
             worker.join(timeout=30)
             if self._connected.is_set():
                 self.client.publish(self.t_online, b"0", qos=1, retain=True).wait_for_publish(timeout=2)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what Starling needs from the system (Debian/Ubuntu), only what is missing:
-# the Mosquitto broker and its clients, and Python's venv module.
+# the Mosquitto broker and its clients, Python's venv module, and systemd-analyze (the unit file tests).
 set -euo pipefail
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
@@ -9,6 +9,7 @@ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || packages+
 command -v mosquitto_pub >/dev/null 2>&1 || packages+=(mosquitto-clients)
 python3 -m venv --help >/dev/null 2>&1 || packages+=(python3-venv)
 command -v make >/dev/null 2>&1 || packages+=(make)
+command -v systemd-analyze >/dev/null 2>&1 || packages+=(systemd)
 if [ ${#packages[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
