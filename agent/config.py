@@ -13,6 +13,7 @@
     [broker]
     host = "127.0.0.1"
     port = 1883
+    # tls_ca, tls_cert, tls_key, username (= the device id), password_file: protocol/transport.py
 
     [data]
     replay = "/var/lib/starling/samples.npz"   # x_train, y_train, x_test, y_test
@@ -26,11 +27,12 @@ A bad config is refused with the field and the reason (`ConfigError`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from protocol.config import ConfigError, read_toml, setting
+from protocol.transport import BrokerAuth, read_broker_auth
 
 __all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config"]
 
@@ -49,6 +51,7 @@ class AgentConfig:
     voucher: Path | None = None  # an operator's voucher, for gateways whose policy is "voucher"
     resend_s: float = 10.0
     enroll_retry_s: float = 5.0
+    broker_auth: BrokerAuth = field(default_factory=BrokerAuth)  # TLS and credentials for the broker
 
 
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig:
@@ -85,6 +88,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         voucher=path("device", "voucher") if "voucher" in doc.get("device", {}) else None,
         resend_s=resend,
         enroll_retry_s=setting(doc, "device", "enroll_retry_s", float, 5.0),
+        broker_auth=read_broker_auth(doc, base_dir),
     )
 
 

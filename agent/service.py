@@ -86,6 +86,7 @@ class Agent:
             clean_session=False,  # a persistent session keeps QoS 1 tasks while we are away
             protocol=mqtt.MQTTv311,
         )
+        self.config.broker_auth.apply(client)  # TLS and the device's MQTT credentials, when configured
         client.will_set(self.t_online, b"0", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect

@@ -48,6 +48,7 @@ GW = "5a1e" + "0" * 27 + "1"
 DEV_A = "a0" * 16
 DEV_B = "b0" * 16
 GW_USER = f"gw-{GW}"
+AGENT_KEY_SEED = b"starling-test-agent-tls-device!!"  # a real device key: its id is its MQTT username
 PASSWORDS = {user: secrets.token_urlsafe(12) for user in (DEV_A, DEV_B, GW_USER)}
 
 WAIT = 5.0  # upper bound for anything that should happen
@@ -109,6 +110,9 @@ def pki(workroot):
     for client in ("", DEV_A, GW_USER):
         subprocess.run(["bash", str(MAKE_CERTS), "-d", "2", str(certs), HOST, *([client] if client else [])],
                        check=True, capture_output=True, timeout=30)
+    from protocol.keys import Identity
+
+    PASSWORDS.setdefault(Identity.from_seed(AGENT_KEY_SEED).id, secrets.token_urlsafe(12))
     for user, password in PASSWORDS.items():
         add_user(certs / "passwd", user, password)
     return certs
@@ -342,6 +346,40 @@ def test_the_gateway_link_with_a_wrong_password_does_not_connect(broker, tmp_pat
     with pytest.raises(ConnectionError):
         with Link(GW_USER, HOST, broker.port, [], t("status"), _gateway_auth(broker, tmp_path, "wrong")):
             pass
+
+
+def test_the_agent_connects_over_tls_as_its_device_id_and_its_enroll_request_reaches_the_gateway(
+        broker, clients, tmp_path):
+    import threading
+
+    from agent.config import AgentConfig
+    from agent.service import Agent
+    from hw.synthetic import SyntheticModel, synthetic_data
+    from protocol import envelope
+    from protocol.keys import Identity
+    from protocol.transport import BrokerAuth
+
+    device = Identity.from_seed(AGENT_KEY_SEED)
+    gateway = clients(GW_USER)
+    assert gateway.subscribe(f"starling/{GW}/enroll/+", f"starling/{GW}/online/+") == [1, 1]
+    secret = tmp_path / "device.password"
+    secret.write_text(PASSWORDS[device.id])
+    secret.chmod(0o600)
+    auth = BrokerAuth(tls_ca=broker.ca, username=device.id, password_file=secret)
+    config = AgentConfig(name="tls", key=tmp_path / "d.key", state_dir=tmp_path / "state", gateway_id=GW,
+                         gateway_public_key=bytes(32), broker_host=HOST, broker_port=broker.port,
+                         replay=tmp_path / "none.npz", enroll_retry_s=0.5, broker_auth=auth)
+    agent = Agent(config, device, SyntheticModel({"w": (3,)}, seed=1), synthetic_data(8))
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        got = {topic: payload for topic, payload, _ in gateway.expect(2, timeout=15)}
+    finally:
+        stop.set()
+        thread.join(20)
+    assert got[t("online", device.id)] == b"1"
+    assert envelope.decode(got[t("enroll", device.id)]).ctx.sender == device.public_key
 
 
 def test_ingest_workers_share_the_reply_topic_through_tls_and_the_acl(broker, clients, tmp_path):
