@@ -42,3 +42,9 @@ def test_ledger_gossip_prints_its_figures():
     spread = figures["gateways"]["3"]
     assert 0 <= spread["p50_s"] <= spread["p95_s"] < 10
     assert 0 < figures["heal_s"] < 60 and figures["written_during_partition"] > 0
+
+
+def test_agent_footprint_prints_its_figures():
+    figures = run_bench("bench/agent_footprint.py", "--idle-s", "1", "--skip-install")
+    assert 10 < figures["peak_rss_mb"] < 1000 and figures["cpu_s"] > 0
+    assert 0 <= figures["idle_cpu_pct"] < 100 and figures["train_step_ms"] > 0
