@@ -1,12 +1,16 @@
 # The two commands of the README, plus the setup they share.
 #   make demo   run the quickstart (1 gateway, 5 devices, 5 rounds) -> report.json
-#   make test   run the test suite
+#   make test   run the test suite (then the agent's tests again under tflite-runtime with numpy<2)
 # Both create .venv with everything Starling needs on first use.
 
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# The agent as 32-bit Raspberry Pi OS runs it: tflite-runtime 2.14 with numpy<2, no LiteRT.
+TFL     := .venv-tflite-runtime
+TFL_STAMP := $(TFL)/.installed
+AGENT_TESTS := tests/test_firmware_models.py tests/agent
 
 .PHONY: setup demo test clean
 
@@ -17,13 +21,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
-setup: $(STAMP)
+$(TFL_STAMP): pyproject.toml
+	$(PY) -m venv $(TFL)
+	$(TFL)/bin/pip install -q --upgrade pip
+	$(TFL)/bin/pip install -q "tflite-runtime==2.14.0" "numpy<2" "cbor2>=6.0" "pynacl>=1.5" "paho-mqtt>=2.0" \
+		"smbus2>=0.4" "pytest>=8" "pytest-timeout>=2.2" "hypothesis>=6.100"
+	$(TFL)/bin/pip install -q --no-deps seglearn   # only its bundled data file is read
+	$(TFL)/bin/pip install -q --no-deps -e .
+	@touch $(TFL_STAMP)
+
+setup: $(STAMP) $(TFL_STAMP)
 
 demo: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(BIN)/starling-emulate --scenario hw/scenarios/quickstart.toml --report report.json
 
-test: $(STAMP)
-	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest
+test: $(STAMP) $(TFL_STAMP)
+	OPENBLAS_NUM_THREADS=1 STARLING_EXPECT_INTERPRETER=ai_edge_litert $(BIN)/python -m pytest
+	OPENBLAS_NUM_THREADS=1 STARLING_EXPECT_INTERPRETER=tflite_runtime $(TFL)/bin/python -m pytest $(AGENT_TESTS)
 
 clean:
-	rm -rf $(VENV) report.json report.run
+	rm -rf $(VENV) $(TFL) report.json report.run
