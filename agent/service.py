@@ -30,7 +30,7 @@ from protocol.logs import event
 from . import learner
 from .config import AgentConfig
 from .samples import LocalData
-from .state import StateStore
+from .state import ANSWERED_KEPT, StateStore
 from .systemd import Notifier
 
 log = logging.getLogger("starling.agent")
@@ -100,6 +100,11 @@ class Agent:
             event(log, "mqtt.refused", logging.WARNING, reason=str(reason_code))
             return
         client.subscribe([(self.t_task, 1), (self.t_receipt, 1)])
+        with self._model_arrived:
+            wanted = self._wanted
+        if wanted is not None:  # a model fetch started while offline (a task saved before a power cut)
+            address = topics.model(self.config.gateway_id, wanted.hex())
+            client.subscribe([(address, 1), (address + "/+", 1)])
         client.publish(self.t_online, b"1", qos=1, retain=True)
         self._connected.set()
         event(log, "mqtt.connected", broker=f"{self.config.broker_host}:{self.config.broker_port}")
@@ -111,8 +116,16 @@ class Agent:
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         # Never do real work on paho's thread: queue it, or file a model piece we wait for.
         prefix = topics.model(self.config.gateway_id, "")
+        if msg.topic == self.t_task:
+            try:  # on disk before paho acknowledges it (when this returns): a power cut cannot lose it
+                name = self.store.put_task(msg.payload)
+            except OSError as exc:
+                event(log, "task.not_saved", logging.ERROR, reason=str(exc))
+                name = ""
+            self._inbox.put((msg.topic, msg.payload, name))
+            return
         if not msg.topic.startswith(prefix):
-            self._inbox.put((msg.topic, msg.payload))
+            self._inbox.put((msg.topic, msg.payload, ""))
             return
         digest_hex, _, index = msg.topic[len(prefix):].partition("/")
         with self._model_arrived:
@@ -152,6 +165,7 @@ class Agent:
         address = topics.model(self.config.gateway_id, digest.hex())
         with self._model_arrived:
             self._wanted, self._raw_models = digest, {}
+        # Offline (paho refuses to queue a subscribe), on_connect subscribes to the wanted model instead.
         self.client.subscribe([(address, 1), (address + "/+", 1)])
         deadline = time.monotonic() + MODEL_WAIT_S
         try:
@@ -188,12 +202,16 @@ class Agent:
 
     # --- handlers --------------------------------------------------------------------
 
-    def _handle_task(self, payload: bytes) -> None:
+    def _handle_task(self, payload: bytes, saved: str = "") -> None:
         self.counters.tasks += 1
         env = self._open_from_gateway(payload, "task")
         task = schemas.Task.from_body(env.body)
         if task.device != self.identity.id:
             raise _Refused("not_for_this_device")
+        key = f"{env.ctx.round:06d}-{env.ctx.task}"
+        if key in self.state.answered or self.store.read_pending(key) is not None:
+            event(log, "task.duplicate", round=env.ctx.round, task=env.ctx.task)  # answered once: never again
+            return
         if task.config.deadline and time.time() > task.config.deadline:
             raise _Refused("deadline_passed")
         base = self._fetch_model(env.ctx.base)
@@ -205,8 +223,11 @@ class Agent:
         ctx = envelope.Context(self.identity.public_key, env.ctx.gateway, env.ctx.round, env.ctx.task, env.ctx.base)
         reply = schemas.Reply(b"", outcome.examples)
         wire = envelope.seal(self.identity, "reply", ctx, {"examples": reply.examples}, outcome.attachment)
-        key = f"{env.ctx.round:06d}-{env.ctx.task}"
-        self.store.put_pending(key, wire)  # on disk before it leaves the device
+        self.store.put_pending(key, wire)  # on disk before it leaves the device ...
+        self.state.answered = [*self.state.answered, key][-ANSWERED_KEPT:]
+        self.store.save(self.state)  # ... and the task marked answered: a redelivery is not trained again
+        if saved:
+            self.store.drop_task(saved)
         self._sent_at[key] = time.monotonic()
         self.client.publish(self.t_reply, wire, qos=1)
         self.counters.replies_sent += 1
@@ -247,13 +268,13 @@ class Agent:
     def _worker(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                topic, payload = self._inbox.get(timeout=0.2)
+                topic, payload, saved = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
             kind = "task" if topic == self.t_task else "receipt"
             try:
                 if kind == "task":
-                    self._handle_task(payload)
+                    self._handle_task(payload, saved)
                 else:
                     self._handle_receipt(payload)
             except (ProtocolError, _Refused, learner.BadOption) as exc:
@@ -262,6 +283,8 @@ class Agent:
                 event(log, f"{kind}.refused", logging.WARNING, reason=reason, detail=str(exc))
             except Exception:  # an agent must outlive any single bad message
                 log.exception("%s.failed unexpected error", kind)
+            if saved:  # answered, refused or failed: done with it either way
+                self.store.drop_task(saved)
 
     def _send_enroll(self) -> None:
         ctx = envelope.Context(self.identity.public_key, self.config.gateway_id, 0, "enroll", b"")
@@ -292,6 +315,8 @@ class Agent:
               train_windows=len(self.data.x_train), test_windows=len(self.data.x_test))
         self.client.connect_async(self.config.broker_host, self.config.broker_port, keepalive=30)
         self.client.loop_start()
+        for name, wire in self.store.saved_tasks():  # received before a power cut, not answered then
+            self._inbox.put((self.t_task, wire, name))
         worker = threading.Thread(target=self._worker, args=(stop,), name="agent-worker", daemon=True)
         worker.start()
         systemd = Notifier()

@@ -1,23 +1,31 @@
 """What the agent must remember across power cuts, written atomically.
 
-    <state_dir>/state.json          enrolled flag and the highest model version trusted
+    <state_dir>/state.json          enrolled flag, highest model version trusted, tasks answered lately
+    <state_dir>/tasks/*.task        tasks received and not answered yet (saved before MQTT acks them)
     <state_dir>/pending/*.reply     signed replies not yet acknowledged by a receipt
 
-A reply is written to disk before it is first published, and deleted only
-when a signed receipt for it arrives, so a power cut at any instant either
-loses nothing or re-sends a reply the gateway already has (which it then
-acknowledges again). The state belongs to one gateway: a device pointed at
+A task is on disk before the broker hears it arrived, so a power cut during
+training re-does that task at restart instead of losing it. A reply is on
+disk (and its task marked answered) before the task file goes and before the
+reply is first published; it is deleted only when a signed receipt for it
+arrives. So a power cut at any instant either loses nothing or re-sends a
+reply the gateway already has (which it acknowledges again), and a task is
+never answered twice with different replies. The state belongs to one gateway: a device pointed at
 another gateway starts over (enrolls again, trusts no model version yet).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from protocol.atomic import write_atomic
+
+ANSWERED_KEPT = 64  # answered task keys remembered (a redelivered task is never answered twice)
+TASKS_KEPT = 64  # saved, unanswered tasks at most (the gateway sends one per exchange)
 
 
 @dataclass
@@ -25,6 +33,7 @@ class AgentState:
     gateway: str = ""  # the gateway id this state is about
     enrolled: bool = False
     trusted_version: int = -1  # highest model version accepted so far (rollback guard)
+    answered: list[str] = field(default_factory=list)  # keys of the latest tasks answered
 
 
 class StateStore:
@@ -32,13 +41,16 @@ class StateStore:
         self.dir = state_dir
         self.pending_dir = state_dir / "pending"
         self.pending_dir.mkdir(parents=True, exist_ok=True)
+        self.tasks_dir = state_dir / "tasks"
+        self.tasks_dir.mkdir(parents=True, exist_ok=True)
         self._state_file = state_dir / "state.json"
 
     def load(self, gateway: str) -> AgentState:
         """The state kept for `gateway`; a fresh one if there is none or it is about another gateway."""
         try:
             doc = json.loads(self._state_file.read_text())
-            state = AgentState(str(doc["gateway"]), bool(doc["enrolled"]), int(doc["trusted_version"]))
+            state = AgentState(str(doc["gateway"]), bool(doc["enrolled"]), int(doc["trusted_version"]),
+                               [str(k) for k in doc.get("answered", [])][-ANSWERED_KEPT:])
         except (OSError, ValueError, KeyError, TypeError):
             # Missing, or hand-edited into nonsense (atomic writes never tear it): start over.
             return AgentState(gateway)
@@ -46,6 +58,28 @@ class StateStore:
 
     def save(self, state: AgentState) -> None:
         write_atomic(self._state_file, json.dumps(asdict(state)).encode(), mode=0o600)
+
+    def put_task(self, wire: bytes) -> str:
+        """Save a received task (named by its hash: the bytes are not verified yet); return the name."""
+        name = hashlib.sha256(wire).hexdigest()[:32]
+        saved = sorted(self.tasks_dir.glob("*.task"), key=lambda p: p.stat().st_mtime)
+        for old in saved[: max(0, len(saved) - TASKS_KEPT + 1)]:  # bounded, whoever floods the topic
+            old.unlink(missing_ok=True)
+        write_atomic(self.tasks_dir / f"{name}.task", wire, mode=0o600)
+        return name
+
+    def drop_task(self, name: str) -> None:
+        (self.tasks_dir / f"{name}.task").unlink(missing_ok=True)
+
+    def saved_tasks(self) -> list[tuple[str, bytes]]:
+        """Tasks saved and not answered, oldest first."""
+        out = []
+        for path in sorted(self.tasks_dir.glob("*.task"), key=lambda p: p.stat().st_mtime):
+            try:
+                out.append((path.stem, path.read_bytes()))
+            except FileNotFoundError:
+                continue
+        return out
 
     def put_pending(self, key: str, wire: bytes) -> None:
         write_atomic(self.pending_dir / f"{key}.reply", wire, mode=0o600)

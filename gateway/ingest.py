@@ -15,6 +15,7 @@ state, so ingest worker processes can run it (see ingest_workers.py); stage 2
     limits / bad_tensor / non_finite      the update is oversize, inconsistent or not finite
     --- stage 2
     replay                                this device's reply to this task was already accepted
+    conflicting_reply                     ... and this is a different reply to the same task
     stale_round / not_selected            no open task for this device and task id
     wrong_round / wrong_base              bound to another round or base model
     late                                  arrived after the round's deadline
@@ -194,9 +195,10 @@ class ReplyChecker:
 
         key = (device, env.ctx.task)
         if key in self.accepted:
-            same = self.accepted[key][1] == reply.digest
+            if self.accepted[key][1] != reply.digest:  # a second, different answer: a device bug or a lie
+                return refuse("conflicting_reply", f"task {env.ctx.task} was answered with another update")
             return Rejected("replay", device, f"task {env.ctx.task} already answered", env,
-                            authenticated=True, already_accepted=same)
+                            authenticated=True, already_accepted=True)
         task = self.open.get(key)
         if task is None:
             if env.ctx.task in self.reopening:  # after a crash, before its round is re-opened: keep it

@@ -197,3 +197,11 @@ def test_a_worker_whose_revocations_lag_cannot_let_a_revoked_device_in():
     first = Authenticator(GATEWAY.id, lambda key: True).authenticate(topic(), wire)  # before the revocation
     revoked.add(DEVICE.public_key)
     assert reason(checker.check(topic(), wire, first=first)) == "revoked"
+
+
+def test_a_different_reply_to_an_answered_task_is_a_conflicting_reply_not_a_replay():
+    checker = make_checker()
+    assert isinstance(checker.check(topic(), reply()), Accepted)
+    other = reply(delta={k: np.full_like(v, -0.5) for k, v in BASE_WEIGHTS.items()})
+    outcome = checker.check(topic(), other)
+    assert reason(outcome) == "conflicting_reply" and outcome.authenticated and not outcome.already_accepted
