@@ -2,6 +2,7 @@
 
     starling-agent keygen --key PATH     make a device key (mode 0600) and print its id
     starling-agent run --config FILE     run the service until SIGTERM / Ctrl-C
+    starling-agent doctor --config FILE  check config, key, model, sensors, broker; say what is wrong
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .doctor import report, run_checks
+
+    checks = run_checks(Path(args.config))
+    print(report(checks, args.json))
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="starling-agent", description="Starling device agent: train locally, send signed updates.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="agent TOML config file")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_run)
+    p = sub.add_parser("doctor", help="check an installed agent and say plainly what is wrong")
+    p.add_argument("--config", required=True, help="agent TOML config file")
+    p.add_argument("--json", action="store_true", help="print the checks as one JSON object")
+    p.set_defaults(func=_doctor)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -21,6 +21,11 @@
     [model]
     name = "imu_cnn"                 # a model shipped in firmware_models
 
+    [[sensor]]                       # any number; `starling-agent doctor` reads each once
+    kind = "mpu6050"                 # "replay" (path), "mpu6050" or "bme280" (i2c_bus, address)
+    i2c_bus = 1
+    address = 0x68
+
 A bad config is refused with the field and the reason (`ConfigError`).
 """
 
@@ -52,6 +57,7 @@ class AgentConfig:
     resend_s: float = 10.0
     enroll_retry_s: float = 5.0
     broker_auth: BrokerAuth = field(default_factory=BrokerAuth)  # TLS and credentials for the broker
+    sensors: tuple[dict[str, Any], ...] = ()  # [[sensor]] tables, checked: kind plus its driver's options
 
 
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig:
@@ -89,7 +95,41 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         resend_s=resend,
         enroll_retry_s=setting(doc, "device", "enroll_retry_s", float, 5.0),
         broker_auth=read_broker_auth(doc, base_dir),
+        sensors=_sensors(doc.get("sensor", []), base_dir),
     )
+
+
+SENSOR_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "replay": {"path": str, "rate_hz": (int, float), "loop": bool, "name": str},
+    "mpu6050": {"i2c_bus": int, "address": int, "rate_hz": (int, float), "accel_range_g": int, "gyro_range_dps": int},
+    "bme280": {"i2c_bus": int, "address": int, "rate_hz": (int, float)},
+}
+
+
+def _sensors(tables: Any, base_dir: Path) -> tuple[dict[str, Any], ...]:
+    """The [[sensor]] tables: a known kind and only that driver's options, of the right types."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("sensor must be an array of tables ([[sensor]])")
+    out = []
+    for i, table in enumerate(tables):
+        kind = table.get("kind")
+        if kind not in SENSOR_OPTIONS:
+            raise ConfigError(f"sensor[{i}].kind must be one of {sorted(SENSOR_OPTIONS)}, got {kind!r}")
+        options = {k: v for k, v in table.items() if k != "kind"}
+        for key, value in options.items():
+            expected = SENSOR_OPTIONS[kind].get(key)
+            if expected is None:
+                raise ConfigError(f"sensor[{i}].{key}: a {kind} sensor takes {sorted(SENSOR_OPTIONS[kind])}")
+            if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
+                raise ConfigError(f"sensor[{i}].{key} has the wrong type ({type(value).__name__})")
+        if kind == "replay":
+            if "path" not in options:
+                raise ConfigError(f"sensor[{i}].path is required for a replay sensor")
+            options["path"] = str((base_dir / os.path.expanduser(options["path"])).resolve())
+        if "address" in options and not 0x03 <= options["address"] <= 0x77:
+            raise ConfigError(f"sensor[{i}].address {options['address']:#x} is not a 7-bit I2C address")
+        out.append({"kind": kind, **options})
+    return tuple(out)
 
 
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -88,7 +89,9 @@ class Agent:
         )
         self.config.broker_auth.apply(client)  # TLS and the device's MQTT credentials, when configured
         client.will_set(self.t_online, b"0", qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # Backoff with per-device jitter: after a broker restart, a fleet must not reconnect in lockstep.
+        jitter = random.Random(self.identity.id)
+        client.reconnect_delay_set(min_delay=1 + jitter.randint(0, 2), max_delay=30 + jitter.randint(0, 30))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

@@ -1,0 +1,189 @@
+"""`starling-agent doctor`: check what an installed agent needs, and say plainly what is wrong.
+
+    starling-agent doctor --config /etc/starling/agent.toml [--json]
+
+One line per check, `ok` or `FAIL` with the reason and what to do; exit 0
+when everything is fine, 1 otherwise. Checks, in order (later ones are
+skipped when the config itself is bad):
+
+    config       the file parses and every field is valid
+    key          the device key exists, is mode 0600 and loads
+    state        the state folder is writable
+    interpreter  LiteRT or tflite-runtime imports (and which), numpy's version
+    model        the shipped model matches its manifest and its signatures run
+    data         the replay file (when configured) loads with the model's shape
+    sensor[i]    each [[sensor]] opens and gives one finite sample
+    broker       TCP, then TLS (certificate checked against the host) when
+                 configured, then an MQTT CONNECT with the device's credentials
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import ssl
+import stat
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import KeyFileError
+from protocol.keys import Identity
+
+from .config import AgentConfig, ConfigError, load_config
+
+BROKER_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _check(name: str, fn: Callable[[], str]) -> Check:
+    try:
+        return Check(name, True, fn())
+    except Exception as exc:  # the point is to report it, whatever it is
+        return Check(name, False, str(exc) or type(exc).__name__)
+
+
+def run_checks(config_path: Path) -> list[Check]:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return [Check("config", False, f"{config_path}: {exc}")]
+    checks = [Check("config", True, str(config_path))]
+    checks.append(_check("key", lambda: _key(config)))
+    checks.append(_check("state", lambda: _state(config)))
+    checks.append(_check("interpreter", _interpreter))
+    checks.append(_check("model", lambda: _model(config)))
+    checks.append(_check("data", lambda: _data(config)))
+    for i, sensor in enumerate(config.sensors):
+        checks.append(_check(f"sensor[{i}]", lambda sensor=sensor: _sensor(sensor)))
+    checks.append(_check("broker", lambda: _broker(config)))
+    return checks
+
+
+def _key(config: AgentConfig) -> str:
+    path = config.key
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: make it with `starling-agent keygen --key {path}`")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise PermissionError(f"{path} is mode {mode:o}: others can read the device's secret key; chmod 600 it")
+    try:
+        identity = Identity.load(path)
+    except KeyFileError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return f"{path} (device {identity.id})"
+
+
+def _state(config: AgentConfig) -> str:
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=config.state_dir, prefix=".doctor-"):
+        pass
+    return f"{config.state_dir} is writable"
+
+
+def _interpreter() -> str:
+    import numpy as np
+
+    from firmware_models.runtime import load_interpreter_class
+
+    return f"{load_interpreter_class().__module__.split('.')[0]}, numpy {np.__version__}"
+
+
+def _model(config: AgentConfig) -> str:
+    import firmware_models
+    from firmware_models.runtime import TrainableModel
+
+    manifest = firmware_models.load_manifest(config.model)
+    path = firmware_models.model_dir(config.model) / "model.tflite"
+    if hashlib.sha256(path.read_bytes()).hexdigest() != manifest["sha256"]:
+        raise ValueError(f"{path} does not match its manifest's sha256: reinstall the agent")
+    weights = TrainableModel(path).get_weights()
+    return f"{config.model}: {sum(w.size for w in weights.values())} parameters, signatures run"
+
+
+def _data(config: AgentConfig) -> str:
+    import firmware_models
+
+    from .samples import load_replay
+
+    if not config.replay or not str(config.replay):
+        return "no replay file configured"
+    shape = tuple(firmware_models.load_manifest(config.model)["input_shape"])
+    data = load_replay(config.replay, shape)
+    return f"{config.replay}: {len(data.x_train)} train and {len(data.x_test)} test windows"
+
+
+def _sensor(options: dict[str, Any]) -> str:
+    import numpy as np
+
+    from .sensors import open_sensor
+
+    options = dict(options)
+    sensor = open_sensor(options.pop("kind"), **options)
+    try:
+        sample = sensor.read()
+    finally:
+        sensor.close()
+    if not np.all(np.isfinite(sample)):
+        raise ValueError(f"{sensor.name} gave non-finite values {sample.tolist()}")
+    values = ", ".join(f"{c}={v:.3g}" for c, v in zip(sensor.channels, sample.tolist()))
+    return f"{sensor.name}: {values}"
+
+
+def _broker(config: AgentConfig) -> str:
+    import paho.mqtt.client as mqtt
+
+    host, port, auth = config.broker_host, config.broker_port, config.broker_auth
+    try:
+        with socket.create_connection((host, port), timeout=BROKER_TIMEOUT_S) as sock:
+            if auth.tls:
+                context = ssl.create_default_context(cafile=str(auth.tls_ca))
+                if auth.tls_cert:
+                    context.load_cert_chain(str(auth.tls_cert), str(auth.tls_key))
+                with context.wrap_socket(sock, server_hostname=host) as tls:
+                    protocol = tls.version()
+    except ssl.SSLCertVerificationError as exc:
+        raise ConnectionError(f"TLS to {host}:{port}: the broker's certificate does not check out ({exc.verify_message}); "
+                              f"is {auth.tls_ca} the CA that signed it, and does it name {host}?") from exc
+    except ssl.SSLError as exc:
+        raise ConnectionError(f"TLS to {host}:{port} failed ({exc.reason}): does the broker speak TLS on this port?") \
+            from exc
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach {host}:{port} ({exc.strerror or exc}): broker down, wrong address or "
+                              "a firewall") from exc
+    answered = threading.Event()
+    codes: list[Any] = []
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=f"doctor-{os.getpid()}", protocol=mqtt.MQTTv311)
+    auth.apply(client)
+    client.on_connect = lambda _c, _u, _f, code, _p: (codes.append(code), answered.set())
+    client.connect(host, port, keepalive=10)
+    client.loop_start()
+    try:
+        if not answered.wait(BROKER_TIMEOUT_S):
+            raise ConnectionError(f"{host}:{port} accepted the connection but sent no MQTT CONNACK")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if codes[0].is_failure:
+        raise PermissionError(f"the broker refused the login: {codes[0]} (username {auth.username or '-'}: "
+                              "is it the device id, with the right password?)")
+    return f"{host}:{port}" + (f" over {protocol}" if auth.tls else " (plain MQTT, no TLS)") + ", MQTT login accepted"
+
+
+def report(checks: list[Check], as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]})
+    width = max(len(c.name) for c in checks)
+    return "\n".join(f"{'ok  ' if c.ok else 'FAIL'} {c.name:<{width}}  {c.detail}" for c in checks)
