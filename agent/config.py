@@ -21,6 +21,10 @@
     [model]
     name = "imu_cnn"                 # a model shipped in firmware_models
 
+    [budget]                         # see agent/budget.py: time and sample limits, when to skip a round
+    max_train_s = 120.0
+    max_samples = 2000
+
     [[sensor]]                       # any number; `starling-agent doctor` reads each once
     kind = "mpu6050"                 # "replay" (path), "mpu6050" or "bme280" (i2c_bus, address)
     i2c_bus = 1
@@ -38,6 +42,8 @@ from typing import Any
 
 from protocol.config import ConfigError, read_toml, setting
 from protocol.transport import BrokerAuth, read_broker_auth
+
+from .budget import DEFAULT_THERMAL_ZONE, Budget
 
 __all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config"]
 
@@ -58,6 +64,7 @@ class AgentConfig:
     enroll_retry_s: float = 5.0
     broker_auth: BrokerAuth = field(default_factory=BrokerAuth)  # TLS and credentials for the broker
     sensors: tuple[dict[str, Any], ...] = ()  # [[sensor]] tables, checked: kind plus its driver's options
+    budget: Budget = field(default_factory=Budget)  # how much a round may take; when to sit one out
 
 
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig:
@@ -96,6 +103,27 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         enroll_retry_s=setting(doc, "device", "enroll_retry_s", float, 5.0),
         broker_auth=read_broker_auth(doc, base_dir),
         sensors=_sensors(doc.get("sensor", []), base_dir),
+        budget=_budget(doc, base_dir),
+    )
+
+
+def _budget(doc: dict[str, Any], base_dir: Path) -> Budget:
+    def number(key: str, default: float) -> float:
+        value = setting(doc, "budget", key, float, default)
+        if value < 0:
+            raise ConfigError(f"budget.{key} must not be negative, got {value}")
+        return value
+
+    def file(key: str, default: Path | None) -> Path | None:
+        value = setting(doc, "budget", key, str, "" if default is None else str(default))
+        return (base_dir / os.path.expanduser(value)).resolve() if value else None
+
+    return Budget(
+        max_train_s=number("max_train_s", 0.0),
+        max_samples=int(number("max_samples", 0)),
+        max_cpu_temp_c=number("max_cpu_temp_c", 80.0),
+        thermal_zone=file("thermal_zone", DEFAULT_THERMAL_ZONE),
+        low_power_file=file("low_power_file", None),
     )
 
 

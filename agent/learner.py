@@ -61,15 +61,25 @@ def clip(delta: dict[str, np.ndarray], norm: float) -> tuple[dict[str, np.ndarra
     return {k: (v * factor).astype(np.float32) for k, v in delta.items()}, True
 
 
-def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Task, rng: np.random.Generator) -> Outcome:
-    """Train from `base` and return the weight delta encoded with the task's codec."""
+def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Task, rng: np.random.Generator,
+          max_seconds: float = 0.0, max_samples: int = 0) -> Outcome:
+    """Train from `base` and return the weight delta encoded with the task's codec.
+
+    Within the device's budget: at most `max_samples` windows (drawn afresh each round) and
+    `max_seconds` of training (0: no limit but the task's deadline).
+    """
     model.set_weights(base)
     cfg = task.config
     mu = _option(task, "proximal-mu") or 0.0
     clipping_norm = _option(task, "clipping_norm")
     batch = model.batch_size
+    if max_samples and len(data.x_train) > max_samples:
+        chosen = np.sort(rng.choice(len(data.x_train), max_samples, replace=False))
+        data = LocalData(data.x_train[chosen], data.y_train[chosen], data.x_test, data.y_test)
     n = len(data.x_train)
     stop_at = cfg.deadline - DEADLINE_MARGIN_S if cfg.deadline else float("inf")
+    if max_seconds:
+        stop_at = min(stop_at, time.time() + max_seconds)
     losses: list[float] = []
     seen = 0
     for epoch in range(cfg.epochs):
@@ -92,7 +102,7 @@ def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Tas
     if clipping_norm is not None:
         delta, clipped = clip(delta, clipping_norm)
         metrics["norm_bit"] = float(clipped)
-    examples = seen  # windows actually trained on: fewer than n only when the deadline cut the first epoch
+    examples = seen  # windows actually trained on: fewer than n only when time ran out in the first epoch
     return Outcome(schemas.encode_update(delta, metrics, task.codec), examples, metrics)
 
 

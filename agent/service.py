@@ -217,15 +217,22 @@ class Agent:
             return
         if task.config.deadline and time.time() > task.config.deadline:
             raise _Refused("deadline_passed")
-        base = self._fetch_model(env.ctx.base)
-        started = time.monotonic()
-        if task.kind == "train":
-            outcome = learner.train(self.model, base, self.data, task, self.rng)
-        else:
-            outcome = learner.evaluate(self.model, base, self.data)
         ctx = envelope.Context(self.identity.public_key, env.ctx.gateway, env.ctx.round, env.ctx.task, env.ctx.base)
-        reply = schemas.Reply(b"", outcome.examples)
-        wire = envelope.seal(self.identity, "reply", ctx, {"examples": reply.examples}, outcome.attachment)
+        skip = self.config.budget.skip_reason() if task.kind == "train" else ""
+        started = time.monotonic()
+        if skip:  # sit this round out, and say why: the gateway need not wait for us
+            outcome = learner.Outcome(b"", 0, {})
+            wire = envelope.seal(self.identity, "reply", ctx, schemas.Reply(schemas.SKIP_DIGEST, 0, skip).to_body())
+            event(log, "task.skipped", round=env.ctx.round, task=env.ctx.task, reason=skip)
+        else:
+            base = self._fetch_model(env.ctx.base)
+            if task.kind == "train":
+                budget = self.config.budget
+                outcome = learner.train(self.model, base, self.data, task, self.rng, budget.max_train_s,
+                                        budget.max_samples)
+            else:
+                outcome = learner.evaluate(self.model, base, self.data)
+            wire = envelope.seal(self.identity, "reply", ctx, {"examples": outcome.examples}, outcome.attachment)
         self.store.put_pending(key, wire)  # on disk before it leaves the device ...
         self.state.answered = [*self.state.answered, key][-ANSWERED_KEPT:]
         self.store.save(self.state)  # ... and the task marked answered: a redelivery is not trained again

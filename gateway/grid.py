@@ -33,7 +33,7 @@ from protocol import envelope, schemas, topics
 from protocol.keys import Identity, identity_id
 from protocol.logs import event
 
-from .ingest import Accepted, Authenticated, OpenTask, Rejected, ReplyChecker
+from .ingest import Accepted, Authenticated, OpenTask, Rejected, ReplyChecker, Skipped
 from .journal import Journal, Resume
 from .models import ModelPublisher
 
@@ -53,6 +53,7 @@ class RoundTraffic:
     sent: int = 0
     accepted: list[Accepted] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # the devices' own reasons for sitting it out
     started: float = field(default_factory=time.time)
     closed: bool = False
 
@@ -115,6 +116,7 @@ class MqttGrid(Grid):
         self._cv = threading.Condition()
         self._instructions: dict[str, Message] = {}  # message id -> Flower instruction
         self._replies: dict[str, Accepted] = {}  # message id -> accepted reply, ready to pull
+        self._skipped: set[str] = set()  # message ids whose device sat the task out: nothing to wait for
         self._task_of: dict[str, str] = {}  # message id -> task id
         self.traffic: dict[str, RoundTraffic] = {}  # task id -> open exchange
         self.on_closed: Callable[[RoundTraffic], None] | None = None
@@ -246,7 +248,7 @@ class MqttGrid(Grid):
         limit = self.deadline_s if timeout is None else min(timeout, self.deadline_s)
         end = time.monotonic() + limit
         with self._cv:
-            while not waiting <= self._replies.keys() and not self.stop.is_set():
+            while not waiting <= self._replies.keys() | self._skipped and not self.stop.is_set():
                 left = end - time.monotonic()
                 if left <= 0:
                     break
@@ -257,7 +259,7 @@ class MqttGrid(Grid):
         replies = list(self.pull_messages(waiting))
         for traffic in closed:
             event(log, "round.closed", kind=traffic.kind, round=traffic.round, replies=len(traffic.accepted),
-                  selected=traffic.sent, rejected=sum(traffic.rejected.values()),
+                  selected=traffic.sent, rejected=sum(traffic.rejected.values()), skipped=sum(traffic.skipped.values()),
                   reasons=",".join(f"{r}:{n}" for r, n in sorted(traffic.rejected.items())) or "-")
             if self.on_closed:
                 self.on_closed(traffic)
@@ -269,7 +271,7 @@ class MqttGrid(Grid):
         return self.handle_replies([(topic, payload, None)], restoring)[0]
 
     def handle_replies(self, messages: list[tuple[str, bytes, Authenticated | Rejected | None]],
-                       restoring: bool = False) -> list[Accepted | Rejected]:
+                       restoring: bool = False) -> list[Accepted | Skipped | Rejected]:
         """Check a batch of replies, journal the accepted ones in one transaction, then send receipts.
 
         Each message is (topic, payload, stage-1 outcome): the outcome is None unless an ingest
@@ -278,7 +280,7 @@ class MqttGrid(Grid):
         One commit (one fsync) per batch instead of per reply is what lets the ingest path keep
         up with thousands of replies per second; no receipt leaves before its reply is on disk.
         """
-        outcomes: list[Accepted | Rejected] = []
+        outcomes: list[Accepted | Skipped | Rejected] = []
         # Check and hand over under one lock, so a reply is either in its round or late, never lost between.
         with self._cv:
             for topic, payload, first in messages:
@@ -287,6 +289,11 @@ class MqttGrid(Grid):
                 if isinstance(outcome, Accepted):
                     self._replies[outcome.task.message_id] = outcome
                     self.traffic[outcome.task.task].accepted.append(outcome)
+                elif isinstance(outcome, Skipped):
+                    self._skipped.add(outcome.task.message_id)
+                    skipped = self.traffic[outcome.task.task].skipped
+                    skipped[outcome.reason] = skipped.get(outcome.reason, 0) + 1
+                    self._cv.notify_all()
                 elif outcome.reason == "deferred":
                     if len(self._deferred) < MAX_DEFERRED:
                         self._deferred.append((topic, payload))
@@ -309,6 +316,9 @@ class MqttGrid(Grid):
                 self._receipt(outcome.envelope, outcome.task.device_id, True, "")
                 event(log, "reply.accepted", logging.DEBUG, device=outcome.task.device_id, round=outcome.task.round,
                       kind=outcome.task.kind, examples=outcome.examples, bytes=len(payload))
+            elif isinstance(outcome, Skipped):
+                self._receipt(outcome.envelope, outcome.device_id, False, "skipped")
+                event(log, "reply.skipped", device=outcome.device_id, round=outcome.task.round, reason=outcome.reason)
             elif outcome.reason != "deferred":
                 if outcome.authenticated:
                     # An exact re-send of an accepted reply (its receipt was lost) is acknowledged again.
@@ -340,6 +350,7 @@ class MqttGrid(Grid):
             self.checker.close([key for key, task in self.checker.open.items() if task.message_id in message_ids])
             task_ids = {self._task_of.pop(mid) for mid in message_ids if mid in self._task_of}
             for mid in message_ids:
+                self._skipped.discard(mid)
                 if mid not in self._replies:
                     self._instructions.pop(mid, None)
             closed = [self.traffic.pop(tid) for tid in task_ids if tid in self.traffic]

@@ -89,6 +89,19 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A device sat its task out and said why (too hot, low power, out of budget): its task is closed."""
+
+    task: OpenTask
+    envelope: envelope.Envelope
+    reason: str  # the device's own reason, e.g. "cpu_hot"
+
+    @property
+    def device_id(self) -> str:
+        return self.task.device_id
+
+
+@dataclass(frozen=True)
 class Authenticated:
     """A reply whose bytes, sender and signature check out, not yet matched to a task.
 
@@ -139,11 +152,15 @@ class Authenticator:
             return Rejected("unknown_device", device, "sender is not enrolled", env)
         try:
             reply = schemas.Reply.from_body(env.body)
-            if env.attachment is None:
+            if reply.skip and env.attachment is not None:
+                raise SchemaError("a skip carries no update")
+            if not reply.skip and env.attachment is None:
                 raise SchemaError("a reply must carry its update as an attachment")
             env.verify()
         except ProtocolError as exc:
             return Rejected(exc.reason, device, exc.detail, env)
+        if reply.skip:
+            return Authenticated(env, reply, {}, {})
         try:
             shapes, metrics = schemas.check_update(env.attachment)
         except ProtocolError as exc:
@@ -175,7 +192,7 @@ class ReplyChecker:
         self.current_round = 0
 
     def check(self, topic: str, payload: bytes, now: float | None = None,
-              first: Authenticated | Rejected | None = None) -> Accepted | Rejected:
+              first: Authenticated | Rejected | None = None) -> Accepted | Skipped | Rejected:
         """Both stages; `first` is stage 1's outcome when an ingest worker already ran it."""
         lagging = (isinstance(first, Rejected) and first.reason == "unknown_device" and first.envelope is not None
                    and self.authenticator.is_enrolled(first.envelope.ctx.sender))
@@ -183,7 +200,7 @@ class ReplyChecker:
             first = self.authenticator.authenticate(topic, payload)
         return first if isinstance(first, Rejected) else self.admit(first, now)
 
-    def admit(self, auth: Authenticated, now: float | None = None) -> Accepted | Rejected:
+    def admit(self, auth: Authenticated, now: float | None = None) -> Accepted | Skipped | Rejected:
         now = time.time() if now is None else now
         env, reply, metrics = auth.envelope, auth.reply, auth.metrics
         device = env.ctx.sender_id
@@ -214,6 +231,10 @@ class ReplyChecker:
             return refuse("wrong_base", "built on another model")
         if now > task.deadline:
             return refuse("late", f"{now - task.deadline:.1f} s after the deadline")
+        if reply.skip:  # the round need not wait for this device any longer
+            del self.open[key]
+            self.closed[key] = task.round
+            return Skipped(task, env, reply.skip)
         if task.kind == "train":
             if auth.shapes != {k: v.shape for k, v in task.base_weights.items()}:
                 return refuse("wrong_shape", "delta does not match the model's weights")

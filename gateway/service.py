@@ -40,7 +40,7 @@ from protocol.vouchers import Voucher
 
 from .config import GatewayConfig
 from .grid import MqttGrid, RoundTraffic
-from .ingest import Accepted, ReplyChecker
+from .ingest import Accepted, ReplyChecker, Skipped
 from .ingest_workers import IngestWorkers, WorkerSettings
 from .journal import Journal
 from .ledger_sync import LedgerSync
@@ -64,6 +64,7 @@ class RoundRecord:
     bytes_up: int
     bytes_down: int
     seconds: float
+    skipped: int = 0  # devices that sat the round's training out, saying why (see the status' device topics)
 
 
 def default_manifest() -> Path:
@@ -244,7 +245,9 @@ class Gateway:
             stats["last_seen"] = round(time.time(), 3)
             stats["online"] = device in self.online
             reason = getattr(outcome, "reason", None)
-            if reason is not None:
+            if isinstance(outcome, Skipped):
+                stats.setdefault("skipped", {})[reason] = stats.get("skipped", {}).get(reason, 0) + 1
+            elif reason is not None:
                 stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
             elif outcome is not None:
                 stats["accepted"] += 1
@@ -254,7 +257,8 @@ class Gateway:
         """Retained JSON per device that changed since the last time (starling/<gw>/status/device/<id>)."""
         with self._stats_lock:
             changed, self._stats_changed = self._stats_changed, set()
-            docs = [dict(self.device_stats[d], rejected=dict(self.device_stats[d]["rejected"])) for d in changed]
+            docs = [dict(self.device_stats[d], rejected=dict(self.device_stats[d]["rejected"]),
+                         skipped=dict(self.device_stats[d].get("skipped", {}))) for d in changed]
         for doc in docs:
             self.link.publish(topics.device_status(self.id, doc["device"]), json.dumps(doc).encode(), retain=True,
                               counted=False)
@@ -403,6 +407,7 @@ class Gateway:
         record.rejected += sum(traffic.rejected.values())
         if traffic.kind == "train":
             record.participants = len(traffic.accepted)
+            record.skipped = sum(traffic.skipped.values())
             inputs = self._record_updates(traffic)
             if inputs:
                 self._pending_aggregate = (r, traffic.base, inputs)

@@ -17,6 +17,7 @@ counterparts.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,11 @@ def _check_fields(doc: dict[str, Any], required: set[str], optional: frozenset[s
         raise SchemaError(f"missing field(s) {sorted(missing)}")
     if unknown:  # keys of any CBOR type: sort their short reprs, not the keys
         raise SchemaError(f"unknown field(s) {sorted(map(_brief, unknown))}")
+
+
+SKIP_MAX = 32
+SKIP_REASON = re.compile(r"[a-z_]{1,32}")
+SKIP_DIGEST = bytes(32)
 
 
 def _int(doc: dict[str, Any], key: str, lo: int, hi: int) -> int:
@@ -191,18 +197,30 @@ class Task:
 
 @dataclass(frozen=True)
 class Reply:
-    """A device's signed result. The update payload is the attachment; `digest` is its SHA-256."""
+    """A device's signed result. The update payload is the attachment; `digest` is its SHA-256.
+
+    A device that sits a round out (too hot, on battery, out of budget) answers
+    with `skip` = its reason, no attachment, zero examples and a zero digest, so
+    the gateway knows at once instead of waiting for the deadline.
+    """
 
     digest: bytes
     examples: int
+    skip: str = ""
 
     def to_body(self) -> dict[str, Any]:
-        return {"digest": self.digest, "examples": self.examples}
+        body = {"digest": self.digest, "examples": self.examples}
+        return {**body, "skip": self.skip} if self.skip else body
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Reply:
-        _check_fields(body, {"digest", "examples"})
-        return cls(_digest(body, "digest"), _int(body, "examples", 0, MAX_EXAMPLES))
+        _check_fields(body, {"digest", "examples"}, frozenset({"skip"}))
+        reply = cls(_digest(body, "digest"), _int(body, "examples", 0, MAX_EXAMPLES),
+                    _text(body, "skip", SKIP_MAX) if "skip" in body else "")
+        if "skip" in body and not (SKIP_REASON.fullmatch(reply.skip) and reply.examples == 0
+                                   and reply.digest == SKIP_DIGEST):
+            raise SchemaError("a skip names its reason in [a-z_], with 0 examples and a zero digest")
+        return reply
 
 
 @dataclass(frozen=True)

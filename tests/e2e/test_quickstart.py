@@ -97,7 +97,8 @@ def test_report_has_every_round_with_the_skeleton_keys(run):
     rounds = run["report"]["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4, 5]
     for r in rounds:
-        assert set(r) == {"round", "accuracy", "loss", "participants", "rejected", "bytes_up", "bytes_down", "seconds"}
+        assert set(r) >= {"round", "accuracy", "loss", "participants", "rejected", "bytes_up", "bytes_down", "seconds"}
+        assert r.get("skipped", 0) == 0  # no device sat a round out
     assert all(r["participants"] == 5 for r in rounds[1:])
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rounds)
     assert set(run["report"]) >= {"rounds", "rejections", "ledger", "config"}
