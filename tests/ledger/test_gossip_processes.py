@@ -143,7 +143,8 @@ def test_a_new_gateway_starts_from_the_newest_final_checkpoint_not_from_genesis(
                 peer.ask("enroll 10")
             agree(peers)
             checkpoint = peers[0].ask("checkpoint")["id"]
-            for peer in peers:  # every gateway builds on it: final
+            agree(peers)  # every gateway holds it before it writes again ...
+            for peer in peers:  # ... so what each writes next descends from it: final
                 peer.ask("enroll 1")
             before = agree(peers)
             newcomer = PeerProcess(tmp_path, 3, genesis, broker.host, broker.port, vv_interval=0.3, bootstrap_s=10)
