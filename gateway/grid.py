@@ -293,7 +293,6 @@ class MqttGrid(Grid):
                     self._skipped.add(outcome.task.message_id)
                     skipped = self.traffic[outcome.task.task].skipped
                     skipped[outcome.reason] = skipped.get(outcome.reason, 0) + 1
-                    self._cv.notify_all()
                 elif outcome.reason == "deferred":
                     if len(self._deferred) < MAX_DEFERRED:
                         self._deferred.append((topic, payload))
@@ -302,7 +301,7 @@ class MqttGrid(Grid):
                     traffic = self.traffic.get(outcome.envelope.ctx.task) if outcome.envelope else None
                     if traffic is not None:
                         traffic.rejected[outcome.reason] = traffic.rejected.get(outcome.reason, 0) + 1
-            if any(isinstance(o, Accepted) for o in outcomes):
+            if any(isinstance(o, Accepted | Skipped) for o in outcomes):  # a wait may be over
                 self._cv.notify_all()
         if restoring:
             return outcomes

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                         ids.append(vertex.id_hex)
                     answer({"ids": ids})
                 elif words[0] == "equivocate":
-                    seq, _ = ledger.version_vector().get(identity.id, -1) + 1, None
+                    seq = ledger.last_seq(identity.id) + 1
                     tips = ledger.tips()
                     twins = [sign(identity, DEVICE_ENROLL, seq, tips,
                                   {"device": secrets.token_bytes(32), "name": f"twin-{i}", "policy": "open"})

@@ -278,15 +278,7 @@ def _revoke(args: argparse.Namespace) -> dict[str, Any]:
     if not (PUBLIC_KEY_HEX.fullmatch(text) or ID_HEX.fullmatch(text)):
         raise Refused(f"--device {args.device!r} is neither a public key (64 hex) nor a device id (32 hex)")
     with _open_as_gateway(args.db, args.key) as ledger:
-        if PUBLIC_KEY_HEX.fullmatch(text):
-            device = bytes.fromhex(text)
-        else:
-            wanted = text.lower()
-            known = [*ledger.enrolled_devices(), *ledger.revoked_devices()]
-            matches = [key for key in known if identity_id(key) == wanted]
-            if not matches:
-                raise Refused(f"no device with id {wanted} is enrolled in {args.db}")
-            device = matches[0]
+        device = _device_key(ledger, text)
         vertex = ledger.revoke_device(device, args.reason)
     return {
         "command": "revoke",
@@ -412,7 +404,7 @@ def _device_key(ledger: Ledger, text: str) -> bytes:
         for key in [*ledger.enrolled_devices(), *ledger.revoked_devices()]:
             if identity_id(key) == text:
                 return key
-        raise Refused(f"no device with id {text} in {ledger.path}")
+        raise Refused(f"no device with id {text} is enrolled in {ledger.path}")
     raise Refused(f"--device {text!r} is neither a device id (32 hex) nor a public key (64 hex)")
 
 

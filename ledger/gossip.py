@@ -204,7 +204,7 @@ class Gossip:
         if self.bootstrapping:
             return  # its parents come with the checkpoint, or through the version vectors after
         # Its creator surely has its own earlier vertices: ask it for what is missing.
-        mine = self.ledger.version_vector().get(vertex.creator_id, -1)
+        mine = self.ledger.last_seq(vertex.creator_id)
         if vertex.seq > mine + 1:
             self._ask(vertex.creator_id, vertex.creator_id, mine + 1)
 

@@ -99,7 +99,7 @@ def decode(snapshot: bytes) -> dict[str, Any]:
     devices = _rows(doc, "devices", (bytes, str, str, int))
     revocations = _rows(doc, "revocations", (int, str, int))
     records = _rows(doc, "records", (bytes, int, int))
-    equivocations = _rows(doc, "equivocations", (bytes, int))
+    _rows(doc, "equivocations", (bytes, int))
     tips = doc["tips"]
     if not isinstance(doc["root"], bytes) or not isinstance(tips, list) or not vertices:
         raise SchemaError("snapshot: root, tips or vertices missing")
@@ -112,7 +112,6 @@ def decode(snapshot: bytes) -> dict[str, Any]:
         raise SchemaError("snapshot: a device index is out of range")
     if any(len(v[0]) != 32 or len(v[2]) != 32 for v in vertices) or any(len(r[0]) != 32 for r in records):
         raise SchemaError("snapshot: ids, keys and digests are 32 bytes")
-    del equivocations
     return doc
 
 

@@ -346,13 +346,9 @@ class Ledger:
         `ledger.validate` before anything is written.
         """
         with self._write(everything_precedes=True) as state:
-            assert self.identity is not None  # _write checked
-            last = state.last_of(self.identity.public_key)
-            parents = set(state.tips())
-            if last is not None:
-                parents.add(last[1])
+            seq, parents = self._next_links(state)
             try:
-                vertex = sign(self.identity, kind, 0 if last is None else last[0] + 1, sorted(parents), body)
+                vertex = sign(self.identity, kind, seq, parents, body)
             except ProtocolError as exc:
                 raise InvalidVertex(str(exc)) from exc
             validate.admit(vertex, state, proofs=not proofs_checked)
@@ -385,29 +381,34 @@ class Ledger:
         from .snapshot import digest_of, snapshot_of
 
         with self._write() as state:
-            assert self.identity is not None
-            last = state.last_of(self.identity.public_key)
-            parents = set(state.tips())
-            if last is not None:
-                parents.add(last[1])
-            probe = Vertex(CHECKPOINT, self.identity.public_key, 0, tuple(sorted(parents)), 0.0,
+            seq, parents = self._next_links(state)
+            probe = Vertex(CHECKPOINT, self.identity.public_key, 0, tuple(parents), 0.0,
                            {"count": 1, "state": bytes(32)}, bytes(64))
             past = state.past_of(probe)
             if past is None:
                 raise StoreError("this ledger started from a checkpoint: it cannot snapshot the history before it")
             snapshot = snapshot_of(past)
-            seq = 0 if last is None else last[0] + 1
             try:
-                vertex = sign(self.identity, CHECKPOINT, seq, sorted(parents),
+                vertex = sign(self.identity, CHECKPOINT, seq, parents,
                               {"count": len(past), "state": digest_of(snapshot)})
             except ProtocolError as exc:
                 raise InvalidVertex(str(exc)) from exc
+            vertex.__dict__["snapshot"] = snapshot  # built from this very past: the kind's check need not redo it
             state.everything_precedes = True
-            validate.admit(vertex, state)  # recomputes the snapshot: a checkpoint is checked like any other
+            validate.admit(vertex, state)
         self.writes += 1
         if self.on_append is not None:
             self.on_append(vertex)
         return vertex
+
+    def _next_links(self, state: SqlState) -> tuple[int, list[bytes]]:
+        """This gateway's next seq, and the parents of its next vertex: its previous one and every tip."""
+        assert self.identity is not None  # _write checked
+        last = state.last_of(self.identity.public_key)
+        parents = set(state.tips())
+        if last is not None:
+            parents.add(last[1])
+        return (0 if last is None else last[0] + 1), sorted(parents)
 
     def bootstrap(self, genesis: Vertex, checkpoint: Vertex, snapshot: bytes) -> None:
         """Start this store from a checkpoint instead of from genesis: the snapshot's vertices are kept
@@ -677,6 +678,12 @@ class Ledger:
         with self._read() as conn:
             return dict(conn.execute("SELECT creator, max(seq) FROM vertices GROUP BY creator ORDER BY creator"))
 
+    def last_seq(self, creator_id: str) -> int:
+        """The creator's highest seq here, -1 if none (one entry of `version_vector`, by index)."""
+        with self._read() as conn:
+            found = conn.execute("SELECT max(seq) FROM vertices WHERE creator = ?", (creator_id,)).fetchone()[0]
+        return -1 if found is None else found
+
     def encoded_from(self, creator_id: str, first_seq: int, limit: int) -> list[bytes]:
         """Encoded vertices of one creator with seq >= first_seq, in seq order (all of an equivocating seq)."""
         with self._read() as conn:
@@ -739,10 +746,8 @@ class Ledger:
         {"height", "final", "lag" (vertices not final yet), "oldest_pending_s" (age of the oldest of them)}.
         """
         with self._read() as conn:
-            members = [idx for (idx,) in conn.execute("SELECT idx FROM gateways WHERE left_vertex IS NULL")]
+            mask, needed = _finality_rule(conn)
             groups = conn.execute("SELECT seen, count(*), min(time) FROM vertices GROUP BY seen").fetchall()
-        mask = sum(1 << i for i in members)
-        needed = (2 * len(members)) // 3 + 1  # more than two thirds
         height = final = 0
         oldest = None
         for seen, count, first in groups:
@@ -757,11 +762,9 @@ class Ledger:
     def is_final(self, vertex_id: bytes) -> bool:
         """True once vertices of more than two thirds of the member gateways descend from this vertex."""
         with self._read() as conn:
-            members = [idx for (idx,) in conn.execute("SELECT idx FROM gateways WHERE left_vertex IS NULL")]
+            mask, needed = _finality_rule(conn)
             seen = conn.execute("SELECT seen FROM vertices WHERE id = ?", (vertex_id.hex(),)).fetchone()
-        if seen is None:
-            return False
-        return (seen[0] & sum(1 << i for i in members)).bit_count() >= (2 * len(members)) // 3 + 1
+        return seen is not None and (seen[0] & mask).bit_count() >= needed
 
     def kind_counts(self) -> dict[str, int]:
         """Number of vertices of each kind."""
@@ -778,6 +781,12 @@ class Ledger:
                 "SELECT vertex FROM devices WHERE public_key = ?", (public_key.hex(),)
             ).fetchone()
         return None if row is None else self.get(bytes.fromhex(row[0]))
+
+
+def _finality_rule(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(bits of the current members, how many of them make a vertex final: more than two thirds)."""
+    members = [idx for (idx,) in conn.execute("SELECT idx FROM gateways WHERE left_vertex IS NULL")]
+    return sum(1 << i for i in members), (2 * len(members)) // 3 + 1
 
 
 def _decode_row(vertex_id: str, data: Any) -> Vertex:
