@@ -1,7 +1,7 @@
 """`starling-agent`: the device service's command line.
 
     starling-agent keygen --key PATH     make a device key (mode 0600) and print its id
-    starling-agent run --config FILE     run the service until SIGTERM / Ctrl-C
+    starling-agent run --config FILE     run the service (and its sensor sampler) until SIGTERM / Ctrl-C
     starling-agent doctor --config FILE  check config, key, model, sensors, broker; say what is wrong
 """
 
@@ -18,6 +18,7 @@ from protocol.errors import KeyFileError
 from protocol.keys import load_or_create
 
 from .config import ConfigError, load_config
+from .data_source import DataError, open_data
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -41,20 +42,20 @@ def _run(args: argparse.Namespace) -> int:
     import firmware_models
     from firmware_models.runtime import TrainableModel
 
-    from .samples import load_replay
     from .service import Agent
 
     manifest = firmware_models.load_manifest(config.model)
     model = TrainableModel(firmware_models.model_dir(config.model) / "model.tflite")
-    try:
-        data = load_replay(config.replay, tuple(manifest["input_shape"]))
-    except (OSError, ValueError) as exc:
-        print(f"starling-agent: data.replay: {exc}", file=sys.stderr)
-        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    Agent(config, identity, model, data, architecture=manifest["sha256"], seed=identity.node_id % 2**32).run(stop)
+    try:
+        with open_data(config, manifest) as data:
+            Agent(config, identity, model, data, architecture=manifest["sha256"],
+                  seed=identity.node_id % 2**32).run(stop)
+    except DataError as exc:
+        print(f"starling-agent: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,8 +15,15 @@
     port = 1883
     # tls_ca, tls_cert, tls_key, username (= the device id), password_file: protocol/transport.py
 
-    [data]
+    [data]                           # either recorded windows ...
     replay = "/var/lib/starling/samples.npz"   # x_train, y_train, x_test, y_test
+                                     # ... or, without `replay`, live samples from the [[sensor]]s:
+    rate_hz = 50.0                   # rows per second into state_dir/samples.db
+    labels = "/var/lib/starling/labels.csv"    # start,end,label intervals (agent/labels.py); a classifier needs it
+    stride = 64                      # samples between window starts (default: half a window)
+    capacity = 200000                # rows kept (oldest dropped first)
+    retention_days = 7.0             # rows older than this are dropped
+    test_fraction = 0.2              # the newest windows held out as the device's test windows
 
     [model]
     name = "imu_cnn"                 # a model shipped in firmware_models
@@ -45,7 +52,7 @@ from protocol.transport import BrokerAuth, read_broker_auth
 
 from .budget import DEFAULT_THERMAL_ZONE, Budget
 
-__all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config"]
+__all__ = ["AgentConfig", "ConfigError", "Sampling", "load_config", "parse_config"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ class AgentConfig:
     gateway_public_key: bytes
     broker_host: str
     broker_port: int
-    replay: Path
+    replay: Path | None  # recorded windows; None: live samples from `sensors` (see `sampling`)
     model: str = "imu_cnn"
     voucher: Path | None = None  # an operator's voucher, for gateways whose policy is "voucher"
     resend_s: float = 10.0
@@ -65,6 +72,19 @@ class AgentConfig:
     broker_auth: BrokerAuth = field(default_factory=BrokerAuth)  # TLS and credentials for the broker
     sensors: tuple[dict[str, Any], ...] = ()  # [[sensor]] tables, checked: kind plus its driver's options
     budget: Budget = field(default_factory=Budget)  # how much a round may take; when to sit one out
+    sampling: Sampling = field(default_factory=lambda: Sampling())  # live sampling, when there is no replay
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How live samples become a round's data ([data] without `replay`)."""
+
+    rate_hz: float = 50.0
+    labels: Path | None = None
+    stride: int = 0  # 0: half a window
+    capacity: int = 200_000
+    retention_s: float = 7 * 86400.0
+    test_fraction: float = 0.2
 
 
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig:
@@ -85,6 +105,10 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
     port = setting(doc, "broker", "port", int, 1883)
     if not 0 < port < 65536:
         raise ConfigError(f"broker.port {port} is not a TCP port")
+    sensors = _sensors(doc.get("sensor", []), base_dir)
+    if "replay" not in doc.get("data", {}) and not sensors:
+        raise ConfigError("data.replay is required when there is no [[sensor]]: the agent needs recorded "
+                          "windows or live sensors")
     resend = setting(doc, "device", "resend_s", float, 10.0)
     if resend <= 0:
         raise ConfigError("device.resend_s must be positive")
@@ -96,14 +120,39 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         gateway_public_key=gw_key,
         broker_host=setting(doc, "broker", "host", str, "127.0.0.1"),
         broker_port=port,
-        replay=path("data", "replay"),
+        replay=path("data", "replay") if "replay" in doc.get("data", {}) else None,
         model=setting(doc, "model", "name", str, "imu_cnn"),
         voucher=path("device", "voucher") if "voucher" in doc.get("device", {}) else None,
         resend_s=resend,
         enroll_retry_s=setting(doc, "device", "enroll_retry_s", float, 5.0),
         broker_auth=read_broker_auth(doc, base_dir),
-        sensors=_sensors(doc.get("sensor", []), base_dir),
+        sensors=sensors,
         budget=_budget(doc, base_dir),
+        sampling=_sampling(doc, base_dir),
+    )
+
+
+def _sampling(doc: dict[str, Any], base_dir: Path) -> Sampling:
+    def positive(key: str, kind: type, default: float) -> Any:
+        value = setting(doc, "data", key, kind, default)
+        if not value > 0:
+            raise ConfigError(f"data.{key} must be positive, got {value}")
+        return value
+
+    labels = setting(doc, "data", "labels", str, "")
+    test_fraction = setting(doc, "data", "test_fraction", float, 0.2)
+    if not 0 <= test_fraction < 1:
+        raise ConfigError(f"data.test_fraction must be at least 0 and below 1, got {test_fraction}")
+    stride = setting(doc, "data", "stride", int, 0)
+    if stride < 0:
+        raise ConfigError(f"data.stride must not be negative, got {stride}")
+    return Sampling(
+        rate_hz=positive("rate_hz", float, 50.0),
+        labels=(base_dir / os.path.expanduser(labels)).resolve() if labels else None,
+        stride=stride,
+        capacity=positive("capacity", int, 200_000),
+        retention_s=positive("retention_days", float, 7.0) * 86400.0,
+        test_fraction=test_fraction,
     )
 
 

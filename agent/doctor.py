@@ -11,7 +11,8 @@ skipped when the config itself is bad):
     state        the state folder is writable
     interpreter  LiteRT or tflite-runtime imports (and which), numpy's version
     model        the shipped model matches its manifest and its signatures run
-    data         the replay file (when configured) loads with the model's shape
+    data         the replay file loads with the model's shape; or the sensors'
+                 channels fit the model and the label file (when needed) reads
     sensor[i]    each [[sensor]] opens and gives one finite sample
     broker       TCP, then TLS (certificate checked against the host) when
                  configured, then an MQTT CONNECT with the device's credentials
@@ -113,15 +114,39 @@ def _model(config: AgentConfig) -> str:
 
 
 def _data(config: AgentConfig) -> str:
+    import math
+
     import firmware_models
 
+    from .data_source import needs_labels, num_classes
+    from .labels import LabelSource
     from .samples import load_replay
+    from .sensors import open_sensor
 
-    if not config.replay or not str(config.replay):
-        return "no replay file configured"
-    shape = tuple(firmware_models.load_manifest(config.model)["input_shape"])
-    data = load_replay(config.replay, shape)
-    return f"{config.replay}: {len(data.x_train)} train and {len(data.x_test)} test windows"
+    manifest = firmware_models.load_manifest(config.model)
+    shape = tuple(manifest["input_shape"])
+    if config.replay is not None:
+        data = load_replay(config.replay, shape)
+        return f"{config.replay}: {len(data.x_train)} train and {len(data.x_test)} test windows"
+    channels = []
+    for options in config.sensors:
+        options = dict(options)
+        sensor = open_sensor(options.pop("kind"), **options)
+        channels.extend(sensor.channels)
+        sensor.close()
+    length = shape[0] if len(shape) == 2 else 1
+    if length * len(channels) != math.prod(shape):
+        raise ValueError(f"the sensors give {len(channels)} channels ({', '.join(channels)}), "
+                         f"model {config.model} takes {shape}")
+    detail = f"live: {len(channels)} channels at {config.sampling.rate_hz:g} Hz"
+    if needs_labels(manifest):
+        if config.sampling.labels is None:
+            raise ValueError(f"data.labels is not set: {config.model} is a classifier and learns from labels")
+        if LabelSource(config.sampling.labels, num_classes(manifest)).check():
+            detail += f", labels {config.sampling.labels}"
+        else:
+            detail += f", labels {config.sampling.labels} not written yet (rounds are skipped until then)"
+    return detail
 
 
 def _sensor(options: dict[str, Any]) -> str:

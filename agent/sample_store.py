@@ -78,13 +78,21 @@ class SampleStore:
     def windows(self, length: int = 128, stride: int = 64, max_windows: int = 1000,
                 max_gap_s: float = 1.0) -> np.ndarray:
         """Up to `max_windows` of the newest windows [n, length, channels], none across a gap."""
+        return self.windows_with_times(length, stride, max_windows, max_gap_s)[0]
+
+    def windows_with_times(self, length: int = 128, stride: int = 64, max_windows: int = 1000,
+                           max_gap_s: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As `windows`, with each window's first and last sample time: (windows, starts, ends), oldest first."""
         times, values = self.latest(max_windows * stride + length)
-        out = []
+        firsts: list[int] = []
         breaks = np.flatnonzero(np.diff(times) > max_gap_s) + 1
         for run in np.split(np.arange(len(times)), breaks):
-            for start in range(0, len(run) - length + 1, stride):
-                out.append(values[run[start]:run[start] + length])
-        return np.stack(out[-max_windows:]) if out else np.empty((0, length, self.channels), np.float32)
+            firsts.extend(int(run[start]) for start in range(0, len(run) - length + 1, stride))
+        firsts = firsts[-max_windows:]
+        if not firsts:
+            return np.empty((0, length, self.channels), np.float32), np.empty(0), np.empty(0)
+        index = np.asarray(firsts)[:, None] + np.arange(length)
+        return values[index], times[index[:, 0]], times[index[:, -1]]
 
     def close(self) -> None:
         with self._lock:

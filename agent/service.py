@@ -30,6 +30,7 @@ from protocol.logs import event
 
 from . import learner
 from .config import AgentConfig
+from .live_data import LiveData, NoData
 from .samples import LocalData
 from .state import ANSWERED_KEPT, StateStore
 from .systemd import Notifier
@@ -49,10 +50,14 @@ class Counters:
 
 
 class Agent:
-    """One device: `Agent(config, identity, model, data).run(stop_event)`."""
+    """One device: `Agent(config, identity, model, data).run(stop_event)`.
+
+    `data` is fixed `LocalData` (a replay file) or `LiveData` (the sample store), cut afresh each round.
+    """
 
     def __init__(
-        self, config: AgentConfig, identity: Identity, model, data: LocalData, architecture: str = "", seed: int = 0
+        self, config: AgentConfig, identity: Identity, model, data: LocalData | LiveData, architecture: str = "",
+        seed: int = 0,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -220,6 +225,13 @@ class Agent:
         ctx = envelope.Context(self.identity.public_key, env.ctx.gateway, env.ctx.round, env.ctx.task, env.ctx.base)
         skip = self.config.budget.skip_reason() if task.kind == "train" else ""
         started = time.monotonic()
+        data = None
+        if not skip:
+            try:
+                data = self._local_data(task.kind)
+            except NoData as exc:  # too little (or no labelled) data yet: say so instead of training on nothing
+                skip = exc.reason
+                event(log, "data.short", logging.WARNING, reason=exc.reason, detail=str(exc))
         if skip:  # sit this round out, and say why: the gateway need not wait for us
             outcome = learner.Outcome(b"", 0, {})
             wire = envelope.seal(self.identity, "reply", ctx, schemas.Reply(schemas.SKIP_DIGEST, 0, skip).to_body())
@@ -228,10 +240,10 @@ class Agent:
             base = self._fetch_model(env.ctx.base)
             if task.kind == "train":
                 budget = self.config.budget
-                outcome = learner.train(self.model, base, self.data, task, self.rng, budget.max_train_s,
+                outcome = learner.train(self.model, base, data, task, self.rng, budget.max_train_s,
                                         budget.max_samples)
             else:
-                outcome = learner.evaluate(self.model, base, self.data)
+                outcome = learner.evaluate(self.model, base, data)
             wire = envelope.seal(self.identity, "reply", ctx, {"examples": outcome.examples}, outcome.attachment)
         self.store.put_pending(key, wire)  # on disk before it leaves the device ...
         self.state.answered = [*self.state.answered, key][-ANSWERED_KEPT:]
@@ -246,6 +258,15 @@ class Agent:
             examples=outcome.examples, bytes=len(wire), seconds=round(time.monotonic() - started, 2),
             **{k: round(v, 4) for k, v in outcome.metrics.items()},
         )
+
+    def _local_data(self, kind: str) -> LocalData:
+        """This round's windows; raises NoData when there is nothing to learn or test on."""
+        data = self.data.snapshot() if isinstance(self.data, LiveData) else self.data
+        if kind == "train" and not len(data.x_train):
+            raise NoData("not_enough_data", "no training windows")
+        if kind != "train" and not len(data.x_test):
+            raise NoData("not_enough_data", "no test windows")
+        return data
 
     def _handle_receipt(self, payload: bytes) -> None:
         env = self._open_from_gateway(payload, "receipt")
@@ -321,8 +342,12 @@ class Agent:
 
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set; then say goodbye on the online topic and disconnect."""
-        event(log, "agent.start", device=self.identity.id, name=self.config.name,
-              train_windows=len(self.data.x_train), test_windows=len(self.data.x_test))
+        if isinstance(self.data, LiveData):
+            event(log, "agent.start", device=self.identity.id, name=self.config.name, data="live",
+                  samples=len(self.data.store))
+        else:
+            event(log, "agent.start", device=self.identity.id, name=self.config.name, data="replay",
+                  train_windows=len(self.data.x_train), test_windows=len(self.data.x_test))
         self.client.connect_async(self.config.broker_host, self.config.broker_port, keepalive=30)
         self.client.loop_start()
         for name, wire in self.store.saved_tasks():  # received before a power cut, not answered then

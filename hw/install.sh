@@ -9,8 +9,11 @@
 #   --ca FILE              broker CA certificate: TLS on (copied to /etc/starling/ca.crt)
 #   --password-file FILE   MQTT password (copied to /etc/starling/mqtt.password, mode 600);
 #                          the MQTT username is the device id, as the broker ACL expects
-#   --replay FILE          the device's data as a replay file (.npz: x_train, y_train, x_test, y_test);
-#                          required until live sensor sampling is wired into the agent
+#   --sensor KIND          a sensor on I2C bus 1 at its default address: mpu6050 or bme280 (repeat for
+#                          several); the agent samples them into /var/lib/starling/samples.db
+#   --model NAME           the model to train (default imu_cnn); a classifier learns from the labels
+#                          written to /var/lib/starling/labels.csv (start,end,label per line)
+#   --replay FILE          instead of sensors: recorded windows (.npz: x_train, y_train, x_test, y_test)
 #   --source DIR           install Starling from this checkout (default: the one holding this script)
 #   --no-start             install, but do not enable or start the service
 #
@@ -25,7 +28,8 @@ set -euo pipefail
 ROOT="${STARLING_ROOT:-}"
 SOURCE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME="$(hostname -s 2>/dev/null || echo device)"
-GATEWAY_ID="" GATEWAY_KEY="" BROKER="" CA="" PASSWORD_FILE="" REPLAY="" START=1
+GATEWAY_ID="" GATEWAY_KEY="" BROKER="" CA="" PASSWORD_FILE="" REPLAY="" MODEL="" START=1
+SENSORS=()
 PIP_ARGS="${STARLING_PIP_ARGS:-}"
 
 die() { echo "install.sh: $*" >&2; exit 2; }
@@ -39,9 +43,11 @@ while [ $# -gt 0 ]; do
         --ca) CA="${2:-}"; shift 2 ;;
         --password-file) PASSWORD_FILE="${2:-}"; shift 2 ;;
         --replay) REPLAY="${2:-}"; shift 2 ;;
+        --sensor) SENSORS+=("${2:-}"); shift 2 ;;
+        --model) MODEL="${2:-}"; shift 2 ;;
         --source) SOURCE="${2:-}"; shift 2 ;;
         --no-start) START=0; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -54,8 +60,13 @@ PORT="${BROKER##*:}"; [ "$PORT" = "$BROKER" ] && PORT=$([ -n "$CA" ] && echo 888
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "--broker port must be a number"
 [ -z "$CA" ] || [ -f "$CA" ] || die "--ca $CA is not a file"
 [ -z "$PASSWORD_FILE" ] || [ -f "$PASSWORD_FILE" ] || die "--password-file $PASSWORD_FILE is not a file"
-[ -n "$REPLAY" ] || die "--replay FILE is required (the agent trains on replayed data for now)"
-[ -f "$REPLAY" ] || die "--replay $REPLAY is not a file"
+for SENSOR in "${SENSORS[@]}"; do
+    case "$SENSOR" in mpu6050|bme280) ;; *) die "--sensor $SENSOR: known sensors are mpu6050 and bme280" ;; esac
+done
+[ -n "$REPLAY" ] || [ "${#SENSORS[@]}" -gt 0 ] || die "give --sensor KIND (mpu6050, bme280) or --replay FILE"
+[ -z "$REPLAY" ] || [ "${#SENSORS[@]}" -eq 0 ] || die "--replay and --sensor exclude each other"
+[ -z "$REPLAY" ] || [ -f "$REPLAY" ] || die "--replay $REPLAY is not a file"
+[[ -z "$MODEL" || "$MODEL" =~ ^[a-z0-9_]+$ ]] || die "--model must be a model name such as imu_cnn"
 [ -f "$SOURCE/pyproject.toml" ] || die "--source $SOURCE is not a Starling checkout"
 if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then die "run as root (sudo), or set STARLING_ROOT"; fi
 
@@ -105,11 +116,25 @@ if [ ! -f "$ETC/agent.toml" ]; then
             echo "username = \"$DEVICE_ID\""
             echo "password_file = \"/etc/starling/mqtt.password\""
         fi
-        if [ -n "$REPLAY" ]; then
+        if [ -n "$MODEL" ]; then
             echo
-            echo "[data]"
-            echo "replay = \"/var/lib/starling/replay.npz\""
+            echo "[model]"
+            echo "name = \"$MODEL\""
         fi
+        echo
+        echo "[data]"
+        if [ -n "$REPLAY" ]; then
+            echo "replay = \"/var/lib/starling/replay.npz\""
+        else
+            echo "rate_hz = 50.0"
+            echo "labels = \"/var/lib/starling/labels.csv\"   # start,end,label lines; rounds are skipped until it exists"
+        fi
+        for SENSOR in "${SENSORS[@]}"; do
+            echo
+            echo "[[sensor]]"
+            echo "kind = \"$SENSOR\""
+            echo "i2c_bus = 1"
+        done
     } > "$ETC/agent.toml.tmp"
     chmod 0640 "$ETC/agent.toml.tmp"
     mv "$ETC/agent.toml.tmp" "$ETC/agent.toml"

@@ -90,3 +90,21 @@ def test_a_bad_sensor_table_is_a_config_error_naming_it(table, message):
            "sensor": [tomllib.loads(table)]}
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(doc)
+
+
+def test_live_sensors_are_checked_against_the_model_and_the_label_file(broker, tmp_path):
+    conf = setup(tmp_path, broker.port)
+    six = "ax,ay,az,gx,gy,gz\n" + "0.1,0.2,0.98,0,0,0\n" * 3
+    (tmp_path / "imu.csv").write_text(six)
+    live = conf.read_text().replace('replay = "data.npz"', 'labels = "labels.csv"').replace("walk.csv", "imu.csv")
+    conf.write_text(live)
+    code, checks = doctor(conf)
+    assert code == 0 and "6 channels at 50 Hz" in checks["data"]["detail"]
+    assert "not written yet" in checks["data"]["detail"]
+    (tmp_path / "labels.csv").write_text("start,end,label\n1,2,99\n")
+    code, checks = doctor(conf)
+    assert code == 1 and "label 99 is not a class of the model" in checks["data"]["detail"]
+    conf.write_text(live.replace("imu.csv", "walk.csv"))  # 3 channels
+    code, checks = doctor(conf)
+    assert code == 1 and "the sensors give 3 channels (ax, ay, az), model imu_cnn takes (128, 6)" \
+        in checks["data"]["detail"]

@@ -87,3 +87,28 @@ def test_bad_arguments_are_refused_with_the_reason(tmp_path, args, message):
     done = install(tmp_path / "root", *args)
     assert done.returncode == 2 and message in done.stderr
     assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--sensor", "dht22"), "--sensor dht22: known sensors are mpu6050 and bme280"),
+    ((), "give --sensor KIND (mpu6050, bme280) or --replay FILE"),
+    (("--sensor", "mpu6050", "--replay", "x.npz"), "--replay and --sensor exclude each other"),
+    (("--sensor", "mpu6050", "--model", "../evil"), "--model must be a model name"),
+])
+def test_the_data_source_must_be_sensors_or_a_replay_file(tmp_path, args, message):
+    done = install(tmp_path / "root", "--gateway-id", GATEWAY_ID, "--gateway-key", GATEWAY_KEY, "--broker", "b",
+                   *args)
+    assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_with_sensors_it_writes_a_live_sampling_config_the_agent_accepts(tmp_path):
+    from agent.config import parse_config
+
+    done = install(tmp_path / "root", "--gateway-id", GATEWAY_ID, "--gateway-key", GATEWAY_KEY, "--broker",
+                   "10.0.0.2", "--sensor", "mpu6050", "--no-start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = tomllib.loads((tmp_path / "root/etc/starling/agent.toml").read_text())
+    config = parse_config(doc)
+    assert config.replay is None and [s["kind"] for s in config.sensors] == ["mpu6050"]
+    assert config.sampling.labels == Path("/var/lib/starling/labels.csv") and config.sampling.rate_hz == 50.0
