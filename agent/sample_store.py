@@ -4,9 +4,10 @@
         store.append_many(times, values)            # one transaction per batch
         windows = store.windows(length=128, stride=64)
 
-Samples are (time, float32 values) rows. After every append the oldest rows
-beyond `capacity`, and rows older than `retention_s`, are deleted in the same
-transaction, so the file stays bounded however long the device runs offline.
+Samples are (time, float32 values) rows, appended in time order. After every
+append the oldest rows beyond `capacity`, and the oldest rows up to the first
+one within `retention_s`, are deleted in the same transaction, so the file
+stays bounded however long the device runs offline.
 `windows` cuts the newest samples into model windows and never lets a window
 straddle a gap (the sensor stopped, the device was off): a gap is a step of
 more than `max_gap_s` between two samples.
@@ -56,7 +57,11 @@ class SampleStore:
                 self._db.executemany("insert into samples (t, v) values (?, ?)", rows)
                 self._db.execute("delete from samples where seq <= (select max(seq) from samples) - ?",
                                  (self.capacity,))
-                self._db.execute("delete from samples where t < ?", (time.time() - self.retention_s,))
+                # Rows arrive in time order: scan from the oldest and stop at the first one young enough,
+                # instead of reading the whole table (which cost a 50 Hz device 1 % CPU at 120k rows).
+                self._db.execute("delete from samples where seq < coalesce((select seq from samples where t >= ? "
+                                 "order by seq limit 1), (select max(seq) + 1 from samples))",
+                                 (time.time() - self.retention_s,))
             except BaseException:
                 self._db.execute("rollback")
                 raise
@@ -68,12 +73,18 @@ class SampleStore:
 
     def latest(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The newest `count` samples, oldest first: (times [n], values [n, channels])."""
+        times = np.empty(count, dtype=np.float64)
+        values = np.empty((count, self.channels), dtype=np.float32)
+        n = 0
         with self._lock:
-            rows = self._db.execute("select t, v from samples order by seq desc limit ?", (count,)).fetchall()
-        rows.reverse()
-        times = np.array([t for t, _ in rows], dtype=np.float64)
-        values = np.frombuffer(b"".join(v for _, v in rows), dtype=np.float32).reshape(len(rows), self.channels)
-        return times, values
+            cursor = self._db.execute("select t, v from samples order by seq desc limit ?", (count,))
+            # In chunks: a device must not hold tens of thousands of row tuples at once (it cost 10 MB).
+            while rows := cursor.fetchmany(4096):
+                times[n:n + len(rows)] = [t for t, _ in rows]
+                values[n:n + len(rows)] = np.frombuffer(b"".join(v for _, v in rows), np.float32).reshape(
+                    len(rows), self.channels)
+                n += len(rows)
+        return times[:n][::-1].copy(), values[:n][::-1].copy()
 
     def windows(self, length: int = 128, stride: int = 64, max_windows: int = 1000,
                 max_gap_s: float = 1.0) -> np.ndarray:

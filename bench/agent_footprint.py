@@ -1,10 +1,13 @@
 """What the agent costs a device: memory, CPU, a training step, idling, and the install.
 
-    python bench/agent_footprint.py [--idle-s 60] [--skip-install]
+    python bench/agent_footprint.py [--idle-s 60] [--skip-install] [--live]
 
 The real `starling-agent` process (IMU CNN on LiteRT, one watch-data subject
 replayed) goes through one federated round against a real gateway and
-Mosquitto. Measured from /proc: the agent's peak RSS (VmHWM) and its CPU
+Mosquitto. With `--live` the agent samples a sensor at 50 Hz the whole time
+(a replay sensor streaming the subject's windows, labels from a label file)
+and trains on its sample store, prefilled with the subject's last 40 minutes
+as a device that has been running would hold; idle CPU then includes sampling. Measured from /proc: the agent's peak RSS (VmHWM) and its CPU
 seconds for the round; then its CPU use over `--idle-s` seconds of idling
 (connected, no tasks). The train step time is the median of 50 `train`
 signature calls at batch 32 in this process. install_mb is the size of a
@@ -79,10 +82,28 @@ def install_mb(work: Path) -> float:
     return sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink()) / 2**20
 
 
-def one_round(work: Path, idle_s: float) -> dict[str, float]:
+def live_data_config(work: Path, device) -> str:
+    """[data] and [[sensor]] for live sampling, with the sample store prefilled and every window labelled."""
+    from agent.sample_store import SampleStore
+
+    stream = device.x_train.reshape(-1, 6)
+    np.savez(work / "stream.npz", samples=stream)
+    now = time.time()
+    times = now - 1 - np.arange(len(stream))[::-1] / 50.0  # as sampled at 50 Hz up to a second ago
+    (work / "agent").mkdir(exist_ok=True)
+    with SampleStore(work / "agent" / "samples.db", channels=6) as store:
+        store.append_many(times, stream)
+    (work / "labels.csv").write_text(f"start,end,label\n{times[0] - 1},{now + 3600},1\n")
+    return (f'[data]\nrate_hz = 50.0\nlabels = "{work / "labels.csv"}"\n'
+            f'[[sensor]]\nkind = "replay"\npath = "{work / "stream.npz"}"\nrate_hz = 50.0\n')
+
+
+def one_round(work: Path, idle_s: float, live: bool = False) -> dict[str, float]:
     device = load_watch_devices([1])[0]
     data = work / "device.npz"
     save_device_npz(device, data)
+    data_config = live_data_config(work, device) if live else f'[data]\nreplay = "{data}"\n'
+
     gateway = Identity.generate()
     gateway.save(work / "gw.key")
     with Broker(work / "broker", kind="mosquitto") as broker:
@@ -97,7 +118,7 @@ def one_round(work: Path, idle_s: float) -> dict[str, float]:
         (work / "agent.toml").write_text(
             f'[device]\nname = "bench"\nkey = "{work / "device.key"}"\nstate_dir = "{work / "agent"}"\n'
             f'[gateway]\nid = "{gateway.id}"\npublic_key = "{gateway.public_key.hex()}"\n'
-            f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[data]\nreplay = "{data}"\n'
+            f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n' + data_config
         )
         env = _child_env()
         with open(work / "gateway.log", "wb") as glog, open(work / "agent.log", "wb") as alog:
@@ -128,16 +149,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle-s", type=float, default=60.0)
     parser.add_argument("--skip-install", action="store_true", help="do not measure the install size")
+    parser.add_argument("--live", action="store_true", help="sample a 50 Hz sensor and train on the sample store")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print("one round with the real agent process", file=sys.stderr, flush=True)
-        figures = one_round(work, args.idle_s)
+        figures = one_round(work, args.idle_s, args.live)
         figures["train_step_ms"] = round(train_step_ms(), 2)
         if not args.skip_install:
             print("installing the agent extra into a scratch root", file=sys.stderr, flush=True)
             figures["install_mb"] = round(install_mb(work), 1)
     figures["idle_s"] = args.idle_s
+    figures["data"] = "live 50 Hz" if args.live else "replay"
     print(json.dumps(figures))
     return 0
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,7 +46,9 @@ def test_ledger_gossip_prints_its_figures():
     assert 0 < figures["heal_s"] < 60 and figures["written_during_partition"] > 0
 
 
-def test_agent_footprint_prints_its_figures():
-    figures = run_bench("bench/agent_footprint.py", "--idle-s", "1", "--skip-install")
+@pytest.mark.parametrize("live", [False, True], ids=["replay", "live"])
+def test_agent_footprint_prints_its_figures(live):
+    figures = run_bench("bench/agent_footprint.py", "--idle-s", "1", "--skip-install", *(["--live"] if live else []))
+    assert figures["data"] == ("live 50 Hz" if live else "replay")
     assert 10 < figures["peak_rss_mb"] < 1000 and figures["cpu_s"] > 0
     assert 0 <= figures["idle_cpu_pct"] < 100 and figures["train_step_ms"] > 0

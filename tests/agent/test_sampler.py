@@ -125,10 +125,30 @@ def test_sensors_that_do_not_fit_the_store_are_refused():
         Sampler([imu()], SampleStore(":memory:", channels=3), rate_hz=50.0)
 
 
-def test_a_sensor_returning_nan_is_a_failed_read():
+def test_rows_with_a_non_finite_value_are_dropped_and_counted(tmp_path):
     class Nan(Flaky):
         def read(self):
-            return np.array([np.nan], np.float32)
+            return np.array([np.nan if self.broken else 1.0], np.float32)
 
-    sampler = Sampler([Nan()], SampleStore(":memory:", channels=1), rate_hz=50.0)
-    assert sampler.read_row(0.0) is None and sampler.counters.failed_reads == {"flaky": 1}
+    sensor = Nan()
+    with SampleStore(tmp_path / "s.db", channels=1) as store:
+        with Sampler([sensor], store, rate_hz=100.0, flush_s=0.1) as sampler:
+            wait_for(lambda: sampler.counters.samples >= 10)
+            sensor.broken = True
+            wait_for(lambda: sampler.counters.failed_reads.get("flaky", 0) >= 10)
+            sensor.broken = False
+            wait_for(lambda: len(store) >= 40)
+        _, values = store.latest(1000)
+    assert np.all(np.isfinite(values)) and len(values) == sampler.counters.samples
+
+
+def test_a_driver_giving_the_wrong_number_of_values_costs_its_rows_not_the_sampler(tmp_path):
+    class Wide(Flaky):
+        def read(self):
+            return np.zeros(2, np.float32)
+
+    with SampleStore(tmp_path / "s.db", channels=1) as store:
+        with Sampler([Wide()], store, rate_hz=100.0, flush_s=0.1) as sampler:
+            wait_for(lambda: sampler.counters.failed_reads.get("flaky", 0) >= 10)
+            assert sampler.alive()
+        assert len(store) == 0
