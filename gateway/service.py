@@ -18,6 +18,7 @@ signatures), and an `aggregate` vertex per new global model.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import queue
@@ -428,6 +429,20 @@ class Gateway:
                   participants=record.participants, rejected=record.rejected, seconds=record.seconds)
         self._publish_status()
 
+    def _save_model(self, release: Release | None) -> Path | None:
+        """The last released global model as `state_dir/model.npz` (for operators and `export-mcu`)."""
+        if release is None:
+            return None
+        buffer = io.BytesIO()
+        np.savez(buffer, **release.weights)
+        path = self.config.state_dir / "model.npz"
+        try:
+            write_atomic(path, buffer.getvalue())
+        except OSError as exc:  # the run's record matters more than this copy
+            event(log, "model.not_saved", logging.ERROR, reason=str(exc))
+            return None
+        return path
+
     def _ledger_status(self) -> dict[str, Any] | None:
         """Height, finality and peers of the ledger, for the status topic (None before it opened)."""
         try:
@@ -579,6 +594,7 @@ class Gateway:
                 self._publish_status()
                 worker_stop.set()
                 worker.join(timeout=30)
+        model_path = self._save_model(publisher.current)
         result_doc = {
             "gateway": {"id": self.id, "name": cfg.name, "public_key": self.identity.public_key.hex()},
             "state": self.state,
@@ -588,7 +604,8 @@ class Gateway:
             "enroll_rejections": dict(self.enroll_rejections),
             "ledger": {"path": str(self.ledger_path), "height": height},
             "model": {"digest": publisher.current.digest.hex() if publisher.current else None,
-                      "version": publisher.current.version if publisher.current else None},
+                      "version": publisher.current.version if publisher.current else None,
+                      "path": str(model_path) if model_path else None},
             "seconds": round(time.time() - started, 2),
         }
         write_atomic(cfg.state_dir / "result.json", json.dumps(result_doc, indent=2).encode())

@@ -212,3 +212,13 @@ def test_dot_draws_one_rounds_part_of_the_dag(run):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("round 2") == 2  # its updates and aggregate vertices
     assert "round 3" not in done.stdout and "->" in done.stdout
+
+
+def test_the_gateway_keeps_its_final_model_as_an_npz_whose_digest_is_the_last_release(run):
+    from protocol.digest import sha256
+    from protocol.schemas import encode_model
+
+    path = Path(run["report"]["workdir"]) / "gateway" / "model.npz"
+    with np.load(path) as npz:
+        weights = {name: npz[name] for name in npz.files}
+    assert sha256(encode_model(weights)).hex() == run["report"]["model"]["digest"]
