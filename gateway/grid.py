@@ -201,7 +201,7 @@ class MqttGrid(Grid):
                 traffic.sent += 1
             if kind == "train":
                 opened.setdefault(task_id, (round_, release.digest, []))[2].append(message.metadata.dst_node_id)
-            if device_id in restored:  # accepted before the crash: its device forgot it, the journal did not
+            if device_id in restored:  # answered before the crash: its device forgot it, the journal did not
                 self.handle_reply(topics.reply(self.gateway_id, device_id), restored[device_id], restoring=True)
             else:
                 self._publish(topics.task(self.gateway_id, device_id), wire)
@@ -307,9 +307,10 @@ class MqttGrid(Grid):
             return outcomes
         if self.journal is not None:
             # Before the receipts: once a device hears "accepted" it forgets the reply.
+            # Skips too: a device that said it sits the round out will not say it again to a restarted gateway.
             self.journal.accept_many([(o.task.task, o.task.device_id, payload)
                                       for o, (_, payload, _) in zip(outcomes, messages)
-                                      if isinstance(o, Accepted) and o.task.kind == "train"])
+                                      if isinstance(o, Accepted | Skipped) and o.task.kind == "train"])
         for outcome, (_, payload, _) in zip(outcomes, messages):
             if isinstance(outcome, Accepted):
                 self._receipt(outcome.envelope, outcome.task.device_id, True, "")

@@ -11,7 +11,7 @@ round whose updates were already written to the ledger is not written again.
 Tables:
     run        one row: run tag, strategy, rounds, status ("running" / "done")
     exchange   a training exchange: task id, round, base digest, selected nodes, closed, recorded
-    accepted   (task id, device id) -> the reply's wire bytes
+    accepted   (task id, device id) -> the reply's wire bytes (an accepted update, or a signed skip)
     model      digest -> model bytes, for the bases of open rounds
     history    round -> its RoundRecord (JSON), so a resumed run reports the rounds before the crash
 """
