@@ -1,9 +1,14 @@
 """Starling's on-device models: built `.tflite` files, their manifests and weights.
 
-Each model lives in its own folder of this package (``imu_cnn/`` holds
-``model.tflite``, ``weights.npz`` and ``manifest.json``). The files are built
-by `firmware_models.build` (TensorFlow, build time only) and trained on
-devices by `firmware_models.runtime` (a TFLite interpreter, no TensorFlow).
+The model zoo has one folder per built model in this package, named after
+its family (`firmware_models.families`): ``imu_cnn/`` (activity classifier
+for 128 x 6 IMU windows), ``tabular_mlp/`` (classifier for tabular sensor
+features) and ``imu_autoencoder/`` (self-supervised anomaly scores for
+unlabelled IMU streams). Each holds ``model.tflite``, ``weights.npz`` and
+``manifest.json``. The files are built by `firmware_models.build`
+(TensorFlow, build time only), trained on devices by
+`firmware_models.runtime` (a TFLite interpreter, no TensorFlow) and exported
+for microcontrollers by `firmware_models.mcu` (TensorFlow).
 
 This module imports only the standard library, because devices with 512 MB
 of RAM import it to find and check their model files.
@@ -19,6 +24,8 @@ MODELS_DIR = Path(__file__).resolve().parent
 """The package folder; each model is a subfolder named after the model."""
 
 DEFAULT_MODEL = "imu_cnn"
+MODELS = ("imu_cnn", "tabular_mlp", "imu_autoencoder")
+"""The models built into this package (one per family, default options)."""
 
 
 def model_dir(name: str = DEFAULT_MODEL) -> Path:
@@ -66,4 +73,4 @@ def verify_model_files(name: str = DEFAULT_MODEL) -> dict:
     return manifest
 
 
-__all__ = ["DEFAULT_MODEL", "MODELS_DIR", "file_sha256", "load_manifest", "model_dir", "verify_model_files"]
+__all__ = ["DEFAULT_MODEL", "MODELS", "MODELS_DIR", "file_sha256", "load_manifest", "model_dir", "verify_model_files"]

@@ -1,9 +1,12 @@
 """Run and train a built Starling model with a TFLite interpreter, no TensorFlow.
 
-`TrainableModel` wraps a `.tflite` file that has the four signatures written
-by `firmware_models.build`: `train`, `infer`, `get_weights`, `set_weights`.
-The weights live in the interpreter as resource variables shared by all four
-signatures, so a `train` call changes what `infer` and `get_weights` see.
+`TrainableModel` wraps a `.tflite` file written by `firmware_models.build`,
+of any family (`firmware_models.families`): a classifier (`imu_cnn`,
+`tabular_mlp`) or a reconstruction model (`imu_autoencoder`), told apart by
+the outputs of its `infer` signature. The weights live in the interpreter as
+resource variables shared by all signatures, so a `train` call changes what
+`infer` and `get_weights` see. FedProx runs in the graph: see
+`TrainableModel` for the anchor + mu API.
 
 The interpreter comes from LiteRT (`ai_edge_litert`) when installed, else
 from `tflite_runtime`; it is imported on first use, so importing this module
@@ -11,7 +14,7 @@ costs only numpy. Inference and training run on one thread (`num_threads=1`):
 devices share their single spare core with the MQTT loop and sensors, and the
 emulator runs many devices side by side.
 
-The graph's batch size is fixed (32 for `imu_cnn`); see `train_step` and
+The graph's batch size is fixed (32 for every family); see `train_step` and
 `train_epochs` for how batches smaller than that are handled.
 
 The module also has a tiny flatbuffer reader (`operator_codes`, `custom_ops`,
@@ -30,6 +33,10 @@ from typing import Any
 import numpy as np
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights")
+"""Signatures every trainable model has."""
+ANCHOR_SIGNATURE = "set_anchor"
+"""The FedProx anchor's signature; models built before in-graph FedProx lack it (and `mu`)."""
+CLASSIFICATION, RECONSTRUCTION = "classification", "reconstruction"
 _CUSTOM = 32  # BuiltinOperator.CUSTOM in the TFLite schema
 
 
@@ -152,7 +159,7 @@ def op_names(model: bytes, schema: Any = None) -> list[str]:
 
 
 class TrainableModel:
-    """A TFLite model with `train`/`infer`/`get_weights`/`set_weights` signatures.
+    """A built Starling model: train it, run it, move its weights and its FedProx anchor.
 
     Args:
       model_path: path of the `.tflite` file (or pass `model_content`).
@@ -160,6 +167,25 @@ class TrainableModel:
       num_threads: interpreter threads; 1 by default (see the module doc).
       interpreter_class: an `Interpreter` class to use instead of LiteRT /
         tflite-runtime (the build passes TensorFlow's own for its checks).
+      manifest: the model's manifest, if known (`from_package` passes it);
+        its `task` must agree with the signatures.
+
+    The task (`task`) comes from the `infer` signature's outputs:
+      * "classification": `train_step(x, y, lr)` with integer labels,
+        `predict` gives class probabilities, `evaluate` gives (loss, accuracy);
+      * "reconstruction": `train_step(x, None, lr)` (labels are ignored),
+        `predict` gives the reconstruction in input units and
+        `reconstruction_error` the per-example anomaly score.
+    `metrics(x, y)` works for both (a dict of finite floats).
+
+    FedProx (models with a `set_anchor` signature; `supports_proximal`):
+        model.set_weights(global_weights)     # the round's starting point
+        model.set_anchor()                    # anchor := current weights (or pass a dict)
+        model.train_step(x, y, lr, mu=0.01)   # w -= lr * (grad + mu * (w - anchor))
+    `lr` and `mu` are inputs of every step; mu=0 (the default) is plain SGD,
+    whatever the anchor. The anchor stays until the next `set_anchor`;
+    `set_weights` does not move it. This is the same update as the numpy
+    step "w_after_sgd - lr * mu * (w_before - anchor)".
 
     Not thread-safe: one interpreter, one caller at a time.
     """
@@ -171,6 +197,7 @@ class TrainableModel:
         model_content: bytes | None = None,
         num_threads: int = 1,
         interpreter_class: type | None = None,
+        manifest: Mapping[str, Any] | None = None,
     ) -> None:
         if (model_path is None) == (model_content is None):
             raise ValueError("give exactly one of model_path or model_content")
@@ -183,14 +210,27 @@ class TrainableModel:
         missing = [s for s in SIGNATURES if s not in available]
         if missing:
             raise ValueError(f"model lacks signature(s) {missing}; it has {sorted(available)}")
-        self._runners = {s: self.interpreter.get_signature_runner(s) for s in SIGNATURES}
+        keys = SIGNATURES + ((ANCHOR_SIGNATURE,) if ANCHOR_SIGNATURE in available else ())
+        self._runners = {s: self.interpreter.get_signature_runner(s) for s in keys}
 
         train_in = self._runners["train"].get_input_details()
         x_shape = tuple(int(d) for d in train_in["x"]["shape"])
         self._batch_size = x_shape[0]
         self._input_shape = x_shape[1:]
+        self._has_mu = "mu" in train_in and ANCHOR_SIGNATURE in self._runners
+        self._takes_labels = "y" in train_in
         infer_out = self._runners["infer"].get_output_details()
-        self._num_classes = int(infer_out["probs"]["shape"][-1])
+        if "probs" in infer_out:
+            self._task = CLASSIFICATION
+            self._num_classes = int(infer_out["probs"]["shape"][-1])
+        elif "reconstruction" in infer_out and "error" in infer_out:
+            self._task = RECONSTRUCTION
+            self._num_classes = 0
+        else:
+            raise ValueError(f"infer outputs {sorted(infer_out)} are neither probs nor reconstruction + error")
+        if manifest is not None and manifest.get("task", CLASSIFICATION) != self._task:
+            raise ValueError(f"manifest says task {manifest.get('task')!r}, the model's signatures say {self._task!r}")
+        self.manifest = dict(manifest) if manifest is not None else None
         set_in = self._runners["set_weights"].get_input_details()
         self._weight_shapes = {
             name: tuple(int(d) for d in set_in[name]["shape"]) for name in sorted(set_in)
@@ -199,12 +239,18 @@ class TrainableModel:
 
     @classmethod
     def from_package(cls, name: str = "imu_cnn", **kwargs: Any) -> TrainableModel:
-        """Load a model shipped in the `firmware_models` package by name."""
-        from firmware_models import model_dir
+        """Load a model shipped in the `firmware_models` package by name (with its manifest)."""
+        from firmware_models import load_manifest, model_dir
 
-        return cls(model_dir(name) / "model.tflite", **kwargs)
+        manifest = load_manifest(name)
+        return cls(model_dir(name) / manifest.get("file", "model.tflite"), manifest=manifest, **kwargs)
 
     # ------------------------------------------------------------------ facts
+
+    @property
+    def task(self) -> str:
+        """"classification" or "reconstruction"."""
+        return self._task
 
     @property
     def batch_size(self) -> int:
@@ -213,12 +259,18 @@ class TrainableModel:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one example, e.g. ``(128, 6)``."""
+        """Shape of one example, e.g. ``(128, 6)`` or ``(24,)``."""
         return self._input_shape
 
     @property
     def num_classes(self) -> int:
+        """Number of classes of a classifier; 0 for a reconstruction model."""
         return self._num_classes
+
+    @property
+    def supports_proximal(self) -> bool:
+        """True when FedProx runs in the graph (`set_anchor` and a `mu` input to `train`)."""
+        return self._has_mu
 
     @property
     def weight_names(self) -> tuple[str, ...]:
@@ -240,11 +292,7 @@ class TrainableModel:
         out = self._runners["get_weights"]()
         return {n: np.array(out[n], dtype=np.float32, copy=True) for n in self._weight_names}
 
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Replace all weights. Names must match exactly, shapes too, values finite.
-
-        Raises ValueError (naming the problem) before touching the model.
-        """
+    def _checked(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = set(weights)
         expected = set(self._weight_names)
         if names != expected:
@@ -263,15 +311,38 @@ class TrainableModel:
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"weight {name!r} has non-finite values")
             arrays[name] = value
-        self._runners["set_weights"](**arrays)
+        return arrays
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace all weights. Names must match exactly, shapes too, values finite.
+
+        Raises ValueError (naming the problem) before touching the model.
+        The FedProx anchor is not changed (see `set_anchor`).
+        """
+        self._runners["set_weights"](**self._checked(weights))
+
+    def set_anchor(self, weights: Mapping[str, np.ndarray] | None = None) -> None:
+        """Set the FedProx anchor: `weights` (same checks as `set_weights`), or the current weights if None.
+
+        Set it once per round to the round's global weights; `train_step`'s
+        `mu` then pulls the weights towards it.
+        """
+        if not self._has_mu:
+            raise ValueError("this model has no in-graph proximal term (built before set_anchor); rebuild it")
+        arrays = self._checked(weights) if weights is not None else self.get_weights()
+        self._runners[ANCHOR_SIGNATURE](**arrays)
 
     # --------------------------------------------------------------- training
 
-    def _check_xy(self, x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _check_x(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 1 + len(self._input_shape) or x.shape[1:] != self._input_shape:
             raise ValueError(f"x must be [n, {', '.join(map(str, self._input_shape))}], got {list(x.shape)}")
-        if y is None:
+        return x
+
+    def _check_xy(self, x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        x = self._check_x(x)
+        if y is None or self._task == RECONSTRUCTION:
             return x, None
         y = np.asarray(y)
         if y.shape != (x.shape[0],):
@@ -280,35 +351,52 @@ class TrainableModel:
             raise ValueError(f"y must hold integer class indices in [0, {self._num_classes})")
         return x, y.astype(np.int32)
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
-        """One SGD step on one batch; returns the batch's mean loss before the step.
+    def train_step(self, x: np.ndarray, y: np.ndarray | None, lr: float, mu: float = 0.0) -> float:
+        """One SGD step on one batch; returns the batch's mean data loss before the step.
 
-        `x` holds 1..`batch_size` examples. A batch smaller than the graph's
-        fixed batch is filled by repeating its own examples cyclically
-        (example i goes to slot i, i + n, i + 2n, ...), so the step only ever
-        sees real data; those examples weigh a little more in that step.
+        `x` holds 1..`batch_size` examples; `y` their labels (a classifier
+        needs them; a reconstruction model ignores them, pass None). `lr` is
+        the step size and `mu` the FedProx strength, both per call: the step
+        is ``w -= lr * (grad + mu * (w - anchor))`` (see `set_anchor`).
+
+        A batch smaller than the graph's fixed batch is filled by repeating
+        its own examples cyclically (example i goes to slot i, i + n, ...),
+        so the step only ever sees real data; those examples weigh a little
+        more in that step.
         """
         x, y = self._check_xy(x, y)
+        if self._task == CLASSIFICATION and y is None:
+            raise ValueError("a classifier's train_step needs labels y")
         n = x.shape[0]
         if not 1 <= n <= self._batch_size:
             raise ValueError(f"train_step takes 1..{self._batch_size} examples, got {n} (use train_epochs)")
-        lr = float(lr)
+        lr, mu = float(lr), float(mu)
         if not np.isfinite(lr) or lr < 0:
             raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+        if not np.isfinite(mu) or mu < 0:
+            raise ValueError(f"mu must be a finite number >= 0, got {mu}")
+        if mu and not self._has_mu:
+            raise ValueError("this model has no in-graph proximal term (built before set_anchor); rebuild it")
         if n < self._batch_size:
             idx = np.arange(self._batch_size) % n
-            x, y = x[idx], y[idx]
-        out = self._runners["train"](x=x, y=y, lr=np.float32(lr))
-        return float(out["loss"])
+            x = x[idx]
+            y = y[idx] if y is not None else None
+        inputs: dict[str, Any] = {"x": x, "lr": np.float32(lr)}
+        if self._takes_labels:
+            inputs["y"] = y
+        if self._has_mu:
+            inputs["mu"] = np.float32(mu)
+        return float(self._runners["train"](**inputs)["loss"])
 
     def train_epochs(
         self,
         x: np.ndarray,
-        y: np.ndarray,
+        y: np.ndarray | None,
         epochs: int = 1,
         batch_size: int = 32,
         lr: float = 0.2,
         rng: np.random.Generator | int | None = None,
+        mu: float = 0.0,
     ) -> list[float]:
         """Train `epochs` shuffled passes over (x, y); returns each epoch's mean batch loss.
 
@@ -317,7 +405,8 @@ class TrainableModel:
         of the same permutation (wrap-around), so every example is used at
         least once per epoch and every step is a full, real-data batch.
         `batch_size` must equal the graph's fixed batch size (it is a
-        parameter only so that callers state what they assume).
+        parameter only so that callers state what they assume). `mu` is the
+        FedProx strength of every step (set the anchor first).
         """
         x, y = self._check_xy(x, y)
         if batch_size != self._batch_size:
@@ -334,33 +423,52 @@ class TrainableModel:
         for _ in range(epochs):
             order = rng.permutation(n)
             order = np.resize(order, steps * bs) if n >= bs else order
-            epoch = [self.train_step(x[order[s * bs : (s + 1) * bs]], y[order[s * bs : (s + 1) * bs]], lr)
-                     for s in range(steps)]
+            epoch = []
+            for s in range(steps):
+                idx = order[s * bs : (s + 1) * bs]
+                epoch.append(self.train_step(x[idx], y[idx] if y is not None else None, lr, mu))
             losses.append(float(np.mean(epoch)))
         return losses
 
     # -------------------------------------------------------------- inference
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Class probabilities, float32 `[n, num_classes]`, for any n (0 included).
-
-        Runs full batches; the last partial one is zero-padded and the padding
-        rows are dropped from the result.
-        """
-        x, _ = self._check_xy(x, None)
+    def _infer(self, x: np.ndarray, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Output `key` of `infer` for every example, run in zero-padded full batches."""
         n, bs = x.shape[0], self._batch_size
-        out = np.empty((n, self._num_classes), dtype=np.float32)
+        out = np.empty((n, *shape), dtype=np.float32)
         for start in range(0, n, bs):
             chunk = x[start : start + bs]
             m = chunk.shape[0]
             if m < bs:
                 chunk = np.concatenate([chunk, np.zeros((bs - m,) + self._input_shape, np.float32)])
-            out[start : start + m] = self._runners["infer"](x=chunk)["probs"][:m]
+            out[start : start + m] = self._runners["infer"](x=chunk)[key][:m]
         return out
 
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """For any n (0 included): class probabilities `[n, num_classes]` of a classifier,
+        the reconstruction `[n, *input_shape]` (input units) of a reconstruction model. float32.
+
+        Runs full batches; the last partial one is zero-padded and the padding
+        rows are dropped from the result.
+        """
+        x = self._check_x(x)
+        if self._task == CLASSIFICATION:
+            return self._infer(x, "probs", (self._num_classes,))
+        return self._infer(x, "reconstruction", self._input_shape)
+
+    def reconstruction_error(self, x: np.ndarray) -> np.ndarray:
+        """Per-example mean squared reconstruction error (normalized units), float32 `[n]`: the anomaly score."""
+        if self._task != RECONSTRUCTION:
+            raise ValueError("reconstruction_error needs a reconstruction model; this one is a classifier")
+        return self._infer(self._check_x(x), "error", ())
+
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        """Mean cross-entropy loss and accuracy over (x, y)."""
+        """A classifier's mean cross-entropy loss and accuracy over (x, y) (see `metrics` for any task)."""
+        if self._task != CLASSIFICATION:
+            raise ValueError("evaluate needs a classifier; use metrics() for a reconstruction model")
         x, y = self._check_xy(x, y)
+        if y is None:
+            raise ValueError("evaluate needs labels y")
         if x.shape[0] == 0:
             raise ValueError("no evaluation examples")
         probs = self.predict(x)
@@ -368,3 +476,19 @@ class TrainableModel:
         loss = float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
         accuracy = float(np.mean(np.argmax(probs, axis=1) == y))
         return loss, accuracy
+
+    def metrics(self, x: np.ndarray, y: np.ndarray | None = None) -> dict[str, float]:
+        """Finite evaluation figures for any task.
+
+        Classifier: ``{"loss", "accuracy"}`` (needs y). Reconstruction model:
+        ``{"loss"}`` = mean reconstruction error, ``"error_p95"`` = its 95th
+        percentile over the examples (labels ignored).
+        """
+        if self._task == CLASSIFICATION:
+            loss, accuracy = self.evaluate(x, y)
+            return {"loss": loss, "accuracy": accuracy}
+        x = self._check_x(x)
+        if x.shape[0] == 0:
+            raise ValueError("no evaluation examples")
+        err = self.reconstruction_error(x).astype(np.float64)
+        return {"loss": float(err.mean()), "error_p95": float(np.percentile(err, 95))}

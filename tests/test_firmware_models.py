@@ -1,4 +1,9 @@
-"""firmware_models: the built imu_cnn model, its manifest, and training it under LiteRT."""
+"""firmware_models: the built imu_cnn model, its manifest, and training it under LiteRT.
+
+The other families, FedProx in the graph and `inspect` are in
+test_firmware_models_zoo.py; what needs TensorFlow (builds, MCU export) in
+test_firmware_models_build.py.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,15 @@ import pytest
 
 import firmware_models
 from firmware_models import load_manifest, model_dir
-from firmware_models.runtime import SIGNATURES, TrainableModel, custom_ops, flex_ops, op_names, operator_codes
+from firmware_models.runtime import (
+    ANCHOR_SIGNATURE,
+    SIGNATURES,
+    TrainableModel,
+    custom_ops,
+    flex_ops,
+    op_names,
+    operator_codes,
+)
 from hw.datasets import load_watch_devices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +86,9 @@ def test_manifest_describes_the_model(manifest, model):
 
 def test_signatures_have_the_manifest_shapes(manifest, model):
     interp = model.interpreter
-    assert set(interp.get_signature_list()) == set(SIGNATURES) == set(manifest["signatures"])
-    for key in SIGNATURES:
+    keys = (*SIGNATURES, ANCHOR_SIGNATURE)
+    assert set(interp.get_signature_list()) == set(keys) == set(manifest["signatures"])
+    for key in keys:
         runner = interp.get_signature_runner(key)
         for side, details in (("inputs", runner.get_input_details()), ("outputs", runner.get_output_details())):
             expected = manifest["signatures"][key][side]
@@ -84,7 +98,9 @@ def test_signatures_have_the_manifest_shapes(manifest, model):
                 assert np.dtype(d["dtype"]).name == expected[name]["dtype"], (key, name)
     train = manifest["signatures"]["train"]
     assert train["inputs"]["x"]["shape"] == [32, 128, 6] and train["inputs"]["y"]["dtype"] == "int32"
-    assert train["outputs"]["loss"]["shape"] == []
+    assert train["inputs"]["lr"]["shape"] == train["inputs"]["mu"]["shape"] == []
+    assert train["outputs"]["loss"]["shape"] == train["outputs"]["proximal"]["shape"] == []
+    assert manifest["signatures"]["set_anchor"]["inputs"] == manifest["signatures"]["set_weights"]["inputs"]
 
 
 def test_weights_npz_is_what_get_weights_returns(model, manifest):
@@ -159,7 +175,6 @@ def test_runtime_never_imports_tensorflow():
     tf_loaded, interp_module = out.stdout.split()
     assert tf_loaded == "False"
     assert interp_module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
-    assert "tensorflow" not in sys.modules
 
 
 def test_package_import_is_stdlib_only():
@@ -323,9 +338,8 @@ def test_federated_averaging_over_five_subjects_beats_chance():
 
 
 def test_build_module_reproduces_the_weights_file_without_tensorflow(manifest):
-    from firmware_models import build
+    from firmware_models import build  # without TensorFlow: see test_runtime_never_imports_tensorflow
 
-    assert "tensorflow" not in sys.modules
     init = build.initial_weights(manifest["num_classes"], seed=manifest["build"]["seed"])
     stored = _initial_weights()
     assert list(init) == list(stored)
