@@ -5,9 +5,11 @@ mini-batches of the model's fixed batch size, epoch by epoch, and stops early
 when the task's deadline is near, reporting only what it really did.
 
 Strategy options the device honours:
-- `proximal-mu` (FedProx): after every step the weights are pulled back
-  toward the round's base, w -= lr * mu * (w - base): the gradient of the
-  proximal term mu/2 * ||w - base||^2, applied outside the graph.
+- `proximal-mu` (FedProx): every step also follows the gradient of the
+  proximal term mu/2 * ||w - base||^2, w -= lr * mu * (w - base). Models
+  built with an anchor (`supports_proximal`) do it in the graph: the base is
+  set as the anchor once per round and `mu` passed to each step; older models
+  get the same step in numpy after each train call.
 - `clipping_norm` (Flower's client-side DP wrappers): the update is scaled
   to at most that L2 norm over all arrays, and `norm_bit` (1 if it had to be
   clipped) is reported for adaptive clipping.
@@ -69,6 +71,10 @@ def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Tas
     `max_seconds` of training (0: no limit but the task's deadline).
     """
     model.set_weights(base)
+    in_graph = bool(getattr(model, "supports_proximal", False))
+    if in_graph:
+        model.set_anchor(base)  # FedProx pulls toward this round's base (a no-op while mu is 0)
+    unlabelled = getattr(model, "task", "classification") != "classification"
     cfg = task.config
     mu = _option(task, "proximal-mu") or 0.0
     clipping_norm = _option(task, "clipping_norm")
@@ -88,11 +94,15 @@ def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Tas
             if time.time() > stop_at:
                 break
             idx = order[start : start + batch]
-            before = model.get_weights() if mu else None
-            losses.append(float(model.train_step(data.x_train[idx], data.y_train[idx], cfg.lr)))
-            if mu:
-                after = model.get_weights()
-                model.set_weights({k: after[k] - cfg.lr * mu * (before[k] - base[k]) for k in after})
+            y = None if unlabelled else data.y_train[idx]  # a self-supervised model learns from x alone
+            if in_graph:
+                losses.append(float(model.train_step(data.x_train[idx], y, cfg.lr, mu)))
+            else:
+                before = model.get_weights() if mu else None
+                losses.append(float(model.train_step(data.x_train[idx], y, cfg.lr)))
+                if mu:
+                    after = model.get_weights()
+                    model.set_weights({k: after[k] - cfg.lr * mu * (before[k] - base[k]) for k in after})
             if epoch == 0:
                 seen += len(idx)
     new = model.get_weights()
@@ -109,6 +119,9 @@ def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Tas
 def evaluate(model, base: dict[str, np.ndarray], data: LocalData) -> Outcome:
     """Evaluate `base` on the device's local test windows (no weights sent back)."""
     model.set_weights(base)
-    loss, accuracy = model.evaluate(data.x_test, data.y_test)
-    metrics = {"loss": float(loss), "accuracy": float(accuracy)}
+    if getattr(model, "task", "classification") == "classification":
+        loss, accuracy = model.evaluate(data.x_test, data.y_test)
+        metrics = {"loss": float(loss), "accuracy": float(accuracy)}
+    else:  # a self-supervised model: its reconstruction loss and error figures
+        metrics = {k: float(v) for k, v in model.metrics(data.x_test).items()}
     return Outcome(schemas.encode_update({}, metrics), len(data.x_test), metrics)

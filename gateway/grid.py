@@ -284,7 +284,11 @@ class MqttGrid(Grid):
         # Check and hand over under one lock, so a reply is either in its round or late, never lost between.
         with self._cv:
             for topic, payload, first in messages:
-                outcome = self.checker.check(topic, payload, first=first)
+                try:
+                    outcome = self.checker.check(topic, payload, first=first)
+                except Exception as exc:  # a checker bug must cost this reply only, never the rest of the batch
+                    log.exception("reply.check_failed topic=%s", topic)
+                    outcome = Rejected("internal_error", topics.device_of(topic) or "", f"{type(exc).__name__}: {exc}")
                 outcomes.append(outcome)
                 if isinstance(outcome, Accepted):
                     self._replies[outcome.task.message_id] = outcome

@@ -20,6 +20,9 @@ state, so ingest worker processes can run it (see ingest_workers.py); stage 2
     wrong_round / wrong_base              bound to another round or base model
     late                                  arrived after the round's deadline
     wrong_shape / wrong_metrics           the update does not fit the model or the task
+    --- the grid
+    internal_error                        the check itself failed (a bug): logged with its traceback, and
+                                          only this reply is lost, not the rest of its batch
 
 Every outcome is a value, never an exception: a gateway must outlive any input.
 Only senders whose signature verified get a (signed) negative receipt: signing
@@ -39,7 +42,13 @@ from protocol import envelope, schemas, topics
 from protocol.errors import ProtocolError, SchemaError
 
 TRAIN_METRICS = frozenset({"train_loss", "steps"})
-EVALUATE_METRICS = frozenset({"loss", "accuracy"})
+EVALUATE_METRICS = frozenset({"loss", "accuracy"})  # a classifier's evaluation
+# What an evaluate reply reports, by the model's task (its manifest's "task"): a self-supervised
+# autoencoder has no accuracy, but a reconstruction loss and the 95th percentile of its errors.
+EVALUATE_METRICS_BY_TASK = {
+    "classification": EVALUATE_METRICS,
+    "reconstruction": frozenset({"loss", "error_p95"}),
+}
 
 
 @dataclass
@@ -181,9 +190,11 @@ class ReplyChecker:
         is_enrolled: Callable[[bytes], bool],
         max_reply_bytes: int = 1 << 20,
         is_revoked: Callable[[bytes], bool] = lambda key: False,
+        evaluate_metrics: frozenset[str] = EVALUATE_METRICS,
     ) -> None:
         self.gateway_id = gateway_id
         self.is_revoked = is_revoked
+        self.evaluate_metrics = evaluate_metrics
         self.authenticator = Authenticator(gateway_id, is_enrolled, is_revoked, max_reply_bytes)
         self.open: dict[tuple[str, str], OpenTask] = {}  # (device id, task id) -> task
         self.accepted: dict[tuple[str, str], tuple[int, bytes]] = {}  # (device, task) -> (round, update digest)
@@ -241,10 +252,10 @@ class ReplyChecker:
             if set(metrics) != task.train_metrics or reply.examples < 1:
                 return refuse("wrong_metrics", f"train metrics {sorted(metrics)}")
         else:
-            if auth.shapes or set(metrics) != EVALUATE_METRICS or reply.examples < 1:
+            if auth.shapes or set(metrics) != self.evaluate_metrics or reply.examples < 1:
                 return refuse("wrong_metrics", f"evaluate metrics {sorted(metrics)}")
-            if not 0.0 <= metrics["accuracy"] <= 1.0 or metrics["loss"] < 0:
-                return refuse("wrong_metrics", "accuracy or loss out of range")
+            if not 0.0 <= metrics.get("accuracy", 0.0) <= 1.0 or any(metrics[k] < 0 for k in metrics):
+                return refuse("wrong_metrics", "accuracy, loss or error out of range")
         del self.open[key]
         self.accepted[key] = (task.round, reply.digest)
         return Accepted(task, env, metrics, reply.examples)

@@ -41,7 +41,7 @@ from protocol.vouchers import Voucher
 
 from .config import GatewayConfig
 from .grid import MqttGrid, RoundTraffic
-from .ingest import Accepted, ReplyChecker, Skipped
+from .ingest import EVALUATE_METRICS_BY_TASK, Accepted, ReplyChecker, Skipped
 from .ingest_workers import IngestWorkers, WorkerSettings
 from .journal import Journal
 from .ledger_sync import LedgerSync
@@ -415,7 +415,8 @@ class Gateway:
         else:
             total = sum(a.examples for a in traffic.accepted)
             if total:  # accuracy on the devices' local test windows, weighted by their number
-                record.accuracy = sum(a.metrics["accuracy"] * a.examples for a in traffic.accepted) / total
+                if all("accuracy" in a.metrics for a in traffic.accepted):  # a self-supervised model has none
+                    record.accuracy = sum(a.metrics["accuracy"] * a.examples for a in traffic.accepted) / total
                 record.loss = sum(a.metrics["loss"] * a.examples for a in traffic.accepted) / total
         started, bytes_in, bytes_out = self._round_start.setdefault(r, (traffic.started, 0, 0))
         record.bytes_up = self._bytes_in() - bytes_in
@@ -544,8 +545,12 @@ class Gateway:
                          [*replies, f"{prefix}/enroll/+", f"{prefix}/online/+"], topics.status(self.id), cfg.broker_auth)
         # The largest honest reply is an f32 delta of the whole model plus small change.
         model_bytes = sum(w.nbytes for w in self.initial_weights.values())
+        task = self.manifest.get("task", "classification")
+        if task not in EVALUATE_METRICS_BY_TASK:
+            raise ValueError(f"model task {task!r} is not one of {sorted(EVALUATE_METRICS_BY_TASK)}")
         checker = ReplyChecker(self.id, lambda key: key in self.enrolled, max_reply_bytes=model_bytes + 64 * 1024,
-                               is_revoked=lambda key: key in self.revoked)
+                               is_revoked=lambda key: key in self.revoked,
+                               evaluate_metrics=EVALUATE_METRICS_BY_TASK[task])
         publisher = ModelPublisher(self.identity, self.id, self.manifest["sha256"], self.link.publish,
                                    cfg.state_dir / "model_version", cfg.release_ttl_s)
         publisher.on_release = self._on_release

@@ -36,7 +36,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def agent_config(tmp_path: Path, gateway: Identity, port: int, labels: bool = True) -> Path:
+def agent_config(tmp_path: Path, gateway: Identity, port: int, labels: bool = True, model: str = "imu_cnn") -> Path:
     recording = tmp_path / "imu.npz"
     if not recording.exists():
         np.savez(recording, X=load_watch_devices([2])[0].x_train)  # replayed window by window, as a stream
@@ -44,7 +44,7 @@ def agent_config(tmp_path: Path, gateway: Identity, port: int, labels: bool = Tr
         f'[device]\nname = "live"\nkey = "{tmp_path / "device.key"}"\nstate_dir = "{tmp_path / "agent"}"\n'
         "resend_s = 1.0\nenroll_retry_s = 0.5\n"
         f'[gateway]\nid = "{gateway.id}"\npublic_key = "{gateway.public_key.hex()}"\n'
-        f'[broker]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[broker]\nhost = "127.0.0.1"\nport = {port}\n[model]\nname = "{model}"\n'
         f"[data]\nrate_hz = {RATE_HZ}\n" + (f'labels = "{tmp_path / "labels.csv"}"\n' if labels else "")
         + f'[[sensor]]\nkind = "replay"\npath = "{recording}"\nrate_hz = {RATE_HZ}\n'
     )
@@ -92,17 +92,22 @@ def test_sensors_that_do_not_fit_the_model_are_refused_at_start(tmp_path):
     assert done.returncode == 2 and "the model takes (128, 6), the sensors give 3 channels" in done.stderr
 
 
-def test_a_round_trains_on_samples_taken_before_the_broker_came_up(tmp_path):
+@pytest.mark.parametrize("model", ["imu_cnn", "imu_autoencoder"])
+def test_a_round_trains_on_samples_taken_before_the_broker_came_up(tmp_path, model):
+    """The classifier learns from labelled windows; the self-supervised autoencoder from raw ones."""
     pytest.importorskip("sqlite_utils", reason="the gateway side (ledger) is not in the agent-only environment")
+    import firmware_models
     from hw.broker import Broker
     from ledger.store import Ledger
 
     gateway = Identity.generate()
     gateway.save(tmp_path / "gw.key")
     port = free_port()
-    config = agent_config(tmp_path, gateway, port)
+    labelled = model == "imu_cnn"
+    config = agent_config(tmp_path, gateway, port, labels=labelled, model=model)
     now = time.time()
-    (tmp_path / "labels.csv").write_text(f"start,end,label\n{now - 3600},{now + 3600},3\n")
+    if labelled:
+        (tmp_path / "labels.csv").write_text(f"start,end,label\n{now - 3600},{now + 3600},3\n")
     agent = start_agent(config, tmp_path / "agent.log")
     gw = None
     try:
@@ -111,6 +116,7 @@ def test_a_round_trains_on_samples_taken_before_the_broker_came_up(tmp_path):
             (tmp_path / "gw.toml").write_text(
                 f'[gateway]\nname = "gw"\nkey = "gw.key"\nstate_dir = "gw"\n'
                 f'[broker]\nhost = "127.0.0.1"\nport = {port}\n'
+                f'[model]\nmanifest = "{firmware_models.model_dir(model) / "manifest.json"}"\n'
                 '[strategy]\nname = "FedAvg"\nparams = { min_available_nodes = 1, min_train_nodes = 1, '
                 "min_evaluate_nodes = 1 }\n"
                 "[rounds]\nnum_rounds = 2\ndeadline_s = 60\nepochs = 1\nmin_devices = 1\nwait_devices_s = 60\n"
@@ -127,8 +133,11 @@ def test_a_round_trains_on_samples_taken_before_the_broker_came_up(tmp_path):
             if process is not None and process.poll() is None:
                 process.kill()
     result = json.loads((tmp_path / "gw" / "result.json").read_text())
-    assert result["state"] == "done"
-    assert [r["participants"] for r in result["rounds"] if r["round"] > 0] == [1, 1]
+    assert result["state"] == "done", result.get("failure")
+    rounds = [r for r in result["rounds"] if r["round"] > 0]
+    assert [r["participants"] for r in rounds] == [1, 1] and not result["rejections"]
+    assert all(r["loss"] is not None for r in rounds)  # the devices' evaluations were accepted
+    assert all((r["accuracy"] is not None) == labelled for r in rounds)  # an autoencoder has no accuracy
     with Ledger.open(tmp_path / "gw" / "ledger.db", read_only=True) as ledger:
         records = [r for v in ledger.vertices() if v.kind == "updates" for r in v.body["records"]]
     assert len(records) == 2 and all(examples >= 32 for _, _, examples, _ in records)  # trained on samples

@@ -46,3 +46,62 @@ def test_an_update_already_within_the_norm_is_left_alone():
 def test_an_option_the_device_cannot_honour_refuses_the_task(options):
     with pytest.raises(learner.BadOption):
         run(options)
+
+
+class NumpyProx:
+    """The same TFLite model with its in-graph anchor hidden: FedProx falls back to the numpy step."""
+
+    supports_proximal = False
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def train_step(self, x, y, lr):
+        return self._model.train_step(x, y, lr)
+
+
+def tflite_run(model, options: dict, data) -> np.ndarray:
+    base = model.get_weights()
+    task = schemas.Task("train", "d", schemas.TrainConfig(epochs=1, lr=0.05, options=options), "f32")
+    outcome = learner.train(model, base, data, task, np.random.default_rng(0))
+    model.set_weights(base)
+    delta, _ = schemas.decode_update(outcome.attachment)
+    return np.concatenate([v.ravel() for v in delta.values()])
+
+
+def test_fedprox_in_the_graph_takes_the_same_steps_as_the_numpy_fallback():
+    from agent.samples import LocalData
+    from firmware_models.runtime import TrainableModel
+
+    model = TrainableModel.from_package("imu_cnn")
+    assert model.supports_proximal
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 128, 6)).astype(np.float32)
+    y = rng.integers(0, model.num_classes, 64).astype(np.int32)
+    data = LocalData(x, y, x[:8], y[:8])
+    in_graph = tflite_run(model, {"proximal-mu": 5.0}, data)
+    in_numpy = tflite_run(NumpyProx(model), {"proximal-mu": 5.0}, data)
+    free = tflite_run(model, {}, data)
+    np.testing.assert_allclose(in_graph, in_numpy, atol=2e-5)
+    assert np.linalg.norm(in_graph) < np.linalg.norm(free)
+
+
+def test_a_self_supervised_model_trains_and_evaluates_without_labels():
+    from agent.samples import LocalData
+    from firmware_models.runtime import TrainableModel
+
+    model = TrainableModel.from_package("imu_autoencoder")
+    base = model.get_weights()
+    x = np.random.default_rng(4).normal(size=(64, 128, 6)).astype(np.float32)
+    unlabelled = np.zeros(64, np.int32)
+    data = LocalData(x, unlabelled, x[:16], unlabelled[:16])
+    task = schemas.Task("train", "d", schemas.TrainConfig(epochs=3, lr=0.05), "f32")
+    before = learner.evaluate(model, base, data).metrics
+    outcome = learner.train(model, base, data, task, np.random.default_rng(0))
+    delta, _ = schemas.decode_update(outcome.attachment)
+    after = learner.evaluate(model, {k: base[k] + delta[k] for k in base}, data).metrics
+    assert set(before) == {"loss", "error_p95"} and outcome.examples == 64
+    assert after["loss"] < before["loss"]

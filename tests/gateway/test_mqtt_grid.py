@@ -202,3 +202,22 @@ def test_a_model_over_256_kb_is_published_as_retained_chunks_before_its_release(
         publisher.release({"w": np.full((2,), float(i), np.float32)}, i)
     cleared = {t for t, p in fleet.published if p == b""}
     assert {address, f"{address}/0", f"{address}/1", f"{address}/2"} <= cleared
+
+
+def test_a_check_that_fails_costs_only_its_reply_not_the_rest_of_the_batch(tmp_path):
+    fleet = Fleet(answer=False)
+    grid = make_grid(fleet, tmp_path)
+    real_check = grid.checker.check
+    calls = {"n": 0}
+
+    def failing_first(topic, payload, now=None, first=None):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("a bug in a check")
+        return real_check(topic, payload, now, first)
+
+    grid.checker.check = failing_first
+    outcomes = grid.handle_replies([("starling/x/reply/a", b"\x00", None), ("starling/x/reply/b", b"\x01", None)])
+    assert [o.reason for o in outcomes] == ["internal_error", "schema"]
+    assert "KeyError" in outcomes[0].detail and outcomes[0].device_id == "a"
+    assert grid.rejections == {"internal_error": 1, "schema": 1}
