@@ -1,8 +1,8 @@
-"""The replay sample source: windows recorded earlier, read from an `.npz` file.
+"""A device's local data (`LocalData`), and the replay source: windows recorded earlier, in an `.npz`.
 
 The file holds `x_train` [n, 128, 6] float32, `y_train` [n] int, and the
-device's local test windows `x_test`, `y_test`. Later issues add live
-sensor drivers behind the same shape.
+device's local test windows `x_test`, `y_test`. Live devices build the same
+`LocalData` from their sample store each round (`agent/live_data.py`).
 """
 
 from __future__ import annotations

@@ -52,3 +52,12 @@ def test_agent_footprint_prints_its_figures(live):
     assert figures["data"] == ("live 50 Hz" if live else "replay")
     assert 10 < figures["peak_rss_mb"] < 1000 and figures["cpu_s"] > 0
     assert 0 <= figures["idle_cpu_pct"] < 100 and figures["train_step_ms"] > 0
+
+
+def test_accuracy_prints_centralized_fedavg_fedprox_and_the_gap():
+    figures = run_bench("bench/accuracy.py", "--rounds", "2", "--epochs", "1", "--devices", "2")
+    assert len(figures["centralized_per_round"]) == len(figures["fedavg"]) == len(figures["fedprox"]) == 2
+    assert all(0 < a <= 1 for a in [figures["centralized"], *figures["fedavg"], *figures["fedprox"]])
+    best = max(figures["fedavg"][-1], figures["fedprox"][-1])
+    assert figures["gap_pts"] == round((figures["centralized"] - best) * 100, 2)
+    assert "skipped" in figures["mcu"]  # no TensorFlow here: said, not faked
