@@ -10,6 +10,8 @@ command -v mosquitto_pub >/dev/null 2>&1 || packages+=(mosquitto-clients)
 python3 -m venv --help >/dev/null 2>&1 || packages+=(python3-venv)
 command -v make >/dev/null 2>&1 || packages+=(make)
 command -v systemd-analyze >/dev/null 2>&1 || packages+=(systemd)
+# The dashboard's browser test drives Debian's chromium (Playwright never downloads one here).
+test -x /usr/lib/chromium/chromium || command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 if [ ${#packages[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq

@@ -15,6 +15,7 @@ SCRIPTS = {
     "starling-ledger": "ledger.cli",
     "starling-emulate": "hw.emulate",
     "starling-models": "firmware_models.cli",
+    "starling-dashboard": "dashboard.cli",
 }
 
 
@@ -23,7 +24,7 @@ def test_pyproject_declares_every_console_script_and_extra():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert {name: target.split(":")[0] for name, target in project["scripts"].items()} == SCRIPTS
-    assert {"agent", "gateway", "emulator", "build", "dev"} <= set(project["optional-dependencies"])
+    assert {"agent", "gateway", "emulator", "dashboard", "build", "dev"} <= set(project["optional-dependencies"])
     agent_extra = " ".join(project["optional-dependencies"]["agent"])
     assert "flwr" not in agent_extra and "sqlite" not in agent_extra and "tensorflow" not in agent_extra
 
