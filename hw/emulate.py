@@ -216,6 +216,11 @@ def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Ev
         "timed_out": timed_out,
     }
     write_atomic(report_path, (json.dumps(report, indent=2) + "\n").encode())
+    from hw.report import write_html_report
+
+    html = report_path.with_suffix(".html")
+    write_html_report(report, html)
+    say(f"starling-emulate: report {report_path}, {html}")
     return report
 
 

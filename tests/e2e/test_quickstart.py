@@ -222,3 +222,12 @@ def test_the_gateway_keeps_its_final_model_as_an_npz_whose_digest_is_the_last_re
     with np.load(path) as npz:
         weights = {name: npz[name] for name in npz.files}
     assert sha256(encode_model(weights)).hex() == run["report"]["model"]["digest"]
+
+
+def test_the_run_also_writes_report_html_with_its_plots(run):
+    report_path = Path(run["report"]["workdir"]).parent / "report.json"
+    html = report_path.with_suffix(".html").read_text()
+    plots = sorted((report_path.parent / "report_plots").glob("*.png"))
+    assert {p.stem for p in plots} >= {"accuracy", "participation", "bytes"}
+    assert all(f"report_plots/{p.name}" in html for p in plots)
+    assert f"{run['report']['rounds'][-1]['accuracy']:.3f}" in html
