@@ -2,6 +2,7 @@
 #   make demo   run the quickstart (1 gateway, 5 devices, 5 rounds) -> report.json
 #   make test   run the test suite (then the agent's tests again under tflite-runtime with numpy<2, and the
 #               model-build and MCU-export tests with TensorFlow)
+#   make bench-vs-flower   the same FL task on Flower's own runtime and on Starling -> JSON (issue 8)
 # Both create .venv with everything Starling needs on first use.
 
 PY      ?= python3
@@ -17,7 +18,7 @@ TFB     := .venv-build
 TFB_STAMP := $(TFB)/.installed
 BUILD_TESTS := tests/test_firmware_models_build.py
 
-.PHONY: setup demo test models clean
+.PHONY: setup demo test models bench-vs-flower clean
 
 $(STAMP): pyproject.toml
 	bash hw/install-system.sh
@@ -53,6 +54,9 @@ test: $(STAMP) $(TFL_STAMP) $(TFB_STAMP)
 
 models: $(TFB_STAMP)
 	for f in imu_cnn tabular_mlp imu_autoencoder; do $(TFB)/bin/starling-models build --family $$f; done
+
+bench-vs-flower: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python bench/vs_flower.py
 
 clean:
 	rm -rf $(VENV) $(TFL) $(TFB) report.json report.run

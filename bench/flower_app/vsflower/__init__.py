@@ -1,0 +1,1 @@
+"""Starling's IMU CNN on Flower's own runtime, for bench/vs_flower.py."""

@@ -1,0 +1,855 @@
+"""Starling side by side with Flower's own deployment runtime, on the same task; prints JSON (issue 8).
+
+    python bench/vs_flower.py                         # 10 devices, 10 rounds: about 8 min on 2 cores
+    python bench/vs_flower.py --devices 2 --rounds 1  # smoke size, about 30 s
+
+The task, identical on both sides: the watch data (subjects 1..N, one per
+device, the very `.npz` files the Starling emulator writes, stride 64), the
+IMU CNN (the shipped `.tflite`, trained through the LiteRT interpreter by
+`firmware_models.runtime.TrainableModel`), FedAvg with every device training
+and evaluating every round, R rounds, the Starling quickstart's local
+training (2 epochs, lr 0.2, batch 32); accuracy is the test-example-weighted
+mean of each device's accuracy on its own test windows.
+
+1. Flower, as Flower ships it: `flower-superlink --insecure` (subprocess
+   isolation: it starts `flower-superexec`, which starts `flwr-serverapp`) and
+   N `flower-supernode --insecure` processes on loopback, each with its data
+   file in its node config; the Flower App in `bench/flower_app/` is submitted
+   with `flwr run`: a ServerApp running `flwr.serverapp.strategy.FedAvg` and a
+   ClientApp that trains the model with `TrainableModel.train_epochs` and sends
+   the trained weights back as float32 (Flower's default).
+2. Starling: one Mosquitto, one gateway (`python -m gateway.cli run`, the
+   same Flower FedAvg over its MQTT grid, Ed25519-signed messages, the ledger),
+   N agents (`python -m agent.cli run`) replaying the same files. The gateway
+   asks for int8 updates (the codec is fixed to "i8" in gateway/grid.py):
+   devices send int8 weight deltas, the gateway publishes each global model
+   once as float32 CBOR on a retained, content-addressed topic.
+
+What is measured, the same way on both sides:
+- Bytes on the wire: every device connection goes through a counting TCP
+  relay in this process (supernodes -> relay -> SuperLink Fleet API; agents
+  -> relay -> Mosquitto). Counted: all TCP payload bytes of the device
+  connections both ways, i.e. HTTP / MQTT framing and headers included, TCP/IP
+  packet headers not. The server's internal connections (ServerApp ->
+  SuperLink, `flwr run` -> Control API; gateway -> Mosquitto) do not go
+  through the relay and are not counted.
+- The round window: Flower from the ServerApp's `evaluate_fn` call before
+  round 1 to its call after round R's evaluation (start-up, node registration
+  and the ServerApp's imports are outside it, the FAB download is inside it).
+  Starling from the start of the gateway's round 0 (which distributes and
+  evaluates the initial model; Flower sends the initial model in round 1's
+  train messages) to the end of round R (the gateway's `round.done` log
+  lines, which it writes as a round closes). Bytes and seconds per
+  round are the window's totals divided by R, so Starling's round 0 is charged
+  to Starling; `rounds_1_to_n` shows Starling without it.
+- Server CPU seconds and peak RSS from /proc (utime+stime of
+  /proc/<pid>/stat, VmHWM of /proc/<pid>/status), sampled every 0.2 s over the
+  whole life of the processes, start-up included. Flower: `flower-superlink`
+  and all its descendants (`flower-superexec`, `flwr-serverapp`). Starling:
+  the gateway process and its descendants (none unless ingest workers are
+  configured); Mosquitto is reported beside it (`broker_cpu_s`,
+  `broker_peak_rss_mb`), not in `server_cpu_s`. Peak RSS is the sum of the
+  counted processes' VmHWM. `server_cpu_s_window` is the CPU spent inside the
+  round window. The devices' processes are not counted as server; their CPU
+  (supernodes with their superexecs and `flwr-clientapp` processes; agents)
+  is `devices_cpu_s`, for reference.
+- `idle_bytes_per_s`: what the devices exchange while no round runs, over
+  --idle-s seconds (Flower: registered nodes polling before `flwr run`;
+  Starling: agents connected after the gateway exits). Flower's nodes poll,
+  so its bytes per round grow with the round's length.
+
+Output: `{"config", "flower": {...}, "starling": {...}, "ratio": {"bytes_per_round",
+"seconds_per_round", ...}, "goals": {...}}`; each side has `bytes_per_round`
+{up, down, total}, `seconds_per_round`, `server_cpu_s`, `server_peak_rss_mb`,
+`final_accuracy`, and per-round detail. Goals (issue 8): Starling's bytes per
+round <= 0.35x Flower's at equal final accuracy (within 1 point), wall time
+per round <= 1.0x. Progress goes to stderr, the JSON to stdout. Every process
+started is stopped, also on failure or SIGTERM; every wait is bounded (--timeout-s per side).
+Both sides share this machine's cores with each other's devices: the
+Flower ClientApp is a new `flwr-clientapp` process per message (Flower's
+subprocess isolation), which on 2 cores for 10 devices dominates its round time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hw.broker import Broker, _child_env, free_port  # noqa: E402
+from hw.emulate import prepare_devices  # noqa: E402
+from hw.scenario import Scenario  # noqa: E402
+
+FLOWER_APP = ROOT / "bench" / "flower_app"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SAMPLE_S = 0.2
+
+
+def say(text: str) -> None:
+    print(f"vs_flower: {text}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- bytes on the wire
+
+
+class CountingRelay:
+    """A TCP relay that counts every payload byte each way, with a timestamp per chunk.
+
+    `up` is client -> target (device to server), `down` target -> client. Each
+    direction of each connection has its own thread doing blocking recv/sendall,
+    so a slow reader on one side never stalls the other direction.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.2)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.events: list[tuple[float, int, int]] = []  # (time, +up, +down), appended in time order
+        self.connections = 0
+        self._thread = threading.Thread(target=self._accept, name="relay-accept", daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(None)
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._sockets += [client, upstream]
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        try:
+            while True:
+                data = src.recv(262144)
+                if not data:
+                    break
+                n = len(data)
+                with self._lock:
+                    self.events.append((time.time(), n if up else 0, 0 if up else n))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                src.shutdown(socket.SHUT_RD)
+
+    def totals(self, start: float = 0.0, end: float = float("inf")) -> tuple[int, int]:
+        """Bytes (up, down) relayed in [start, end)."""
+        with self._lock:
+            events = list(self.events)
+        times = [e[0] for e in events]
+        lo, hi = bisect.bisect_left(times, start), bisect.bisect_left(times, end)
+        return sum(e[1] for e in events[lo:hi]), sum(e[2] for e in events[lo:hi])
+
+    def __enter__(self) -> CountingRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as fh:
+                out += [int(c) for c in fh.read().split()]
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and its live descendants."""
+    seen, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.append(p)
+        todo += _children(p)
+    return seen
+
+
+def _stat(pid: int) -> tuple[str, float] | None:
+    """(state, CPU seconds user+system) of one process, zombies included."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[0], (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _hwm_kb(pid: int) -> int:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _name(pid: int) -> str:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
+        argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+        for arg in argv[:4]:
+            base = os.path.basename(arg)
+            if base.startswith(("flower-", "flwr-", "mosquitto")):
+                return base
+        if "-m" in argv[:-1]:
+            return argv[argv.index("-m") + 1]
+        return os.path.basename(argv[0]) if argv else "?"
+    return "?"
+
+
+@dataclass
+class Usage:
+    """CPU and peak RSS of some process trees, from /proc, sampled."""
+
+    cpu: dict[int, float] = field(default_factory=dict)  # pid -> last CPU seconds seen
+    hwm: dict[int, int] = field(default_factory=dict)  # pid -> largest VmHWM (kB) seen
+    names: dict[int, str] = field(default_factory=dict)
+    series: list[tuple[float, float]] = field(default_factory=list)  # (time, total CPU seconds)
+
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
+
+    def peak_rss_mb(self) -> float:
+        return sum(self.hwm.values()) / 1024
+
+    def cpu_at(self, t: float) -> float:
+        """Total CPU seconds at time t, from the nearest sample at or before it."""
+        i = bisect.bisect_right([s[0] for s in self.series], t) - 1
+        return self.series[i][1] if i >= 0 else 0.0
+
+    def by_process(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for pid, cpu in self.cpu.items():
+            if self.names.get(pid, "?") == "?" and cpu == 0:
+                continue  # gone before it could be read
+            entry = out.setdefault(self.names.get(pid, "?"), {"count": 0, "cpu_s": 0.0, "peak_rss_mb": 0.0})
+            entry["count"] += 1
+            entry["cpu_s"] = round(entry["cpu_s"] + cpu, 2)
+            entry["peak_rss_mb"] = round(entry["peak_rss_mb"] + self.hwm.get(pid, 0) / 1024, 1)
+        return out
+
+
+class Sampler:
+    """Samples named groups of process trees every SAMPLE_S seconds in a thread."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, list[int]] = {}
+        self.usage: dict[str, Usage] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="proc-sampler", daemon=True)
+
+    def watch(self, group: str, pid: int) -> None:
+        with self._lock:
+            self.groups.setdefault(group, []).append(pid)
+            self.usage.setdefault(group, Usage())
+        self.sample()
+
+    def sample(self) -> None:
+        with self._lock:
+            now = time.time()
+            for group, roots in self.groups.items():
+                usage = self.usage[group]
+                for root in roots:
+                    for pid in tree(root):
+                        stat = _stat(pid)
+                        if stat is None:
+                            continue
+                        state, cpu = stat
+                        if pid not in usage.names:
+                            usage.names[pid] = _name(pid)
+                        usage.cpu[pid] = max(cpu, usage.cpu.get(pid, 0.0))
+                        if state != "Z":
+                            usage.hwm[pid] = max(_hwm_kb(pid), usage.hwm.get(pid, 0))
+                usage.series.append((now, usage.cpu_s()))
+
+    def names(self, group: str) -> dict[int, str]:
+        with self._lock:
+            return dict(self.usage[group].names) if group in self.usage else {}
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            self.sample()
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class Processes:
+    """Every process this bench starts, each with its descendants stopped at the end (also on failure)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self._files: list[Any] = []
+
+    def start(self, cmd: list[str], log: Path, env: dict[str, str],
+              cwd: Path | None = None) -> subprocess.Popen:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self._files.append(out)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, procs: list[subprocess.Popen] | None = None, timeout: float = 15.0) -> None:
+        """SIGTERM each process tree (the roots, then their leftover descendants); SIGKILL after `timeout`."""
+        procs = self.procs if procs is None else procs
+        family: list[int] = []
+        for p in procs:
+            family += [pid for pid in tree(p.pid) if pid != p.pid]
+            if p.poll() is None:
+                with contextlib.suppress(OSError):
+                    p.send_signal(signal.SIGTERM)
+        end = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        # Descendants (superexecs, app processes) that outlived their parent: by pid, the ones we saw.
+        alive = [pid for pid in family if _alive(pid)]
+        for pid in alive:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + 5.0
+        while alive and time.monotonic() < end:
+            time.sleep(0.1)
+            alive = [pid for pid in alive if _alive(pid)]
+        for pid in alive:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        self.stop()
+        for fh in self._files:
+            fh.close()
+        self._files = []
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen, what: str, log: Path) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{what} did not listen on port {port} within {timeout:.0f} s; see {log}")
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """True once `proc` has exited (a zombie keeps its /proc entry, and its CPU, until it is reaped)."""
+    return proc.returncode is not None or not _alive(proc.pid)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _per_round(relay: CountingRelay, bounds: list[float]) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(1, len(bounds)):
+        up, down = relay.totals(bounds[i - 1], bounds[i])
+        rows.append({"seconds": round(bounds[i] - bounds[i - 1], 3), "bytes_up": up, "bytes_down": down})
+    return rows
+
+
+def _figures(relay: CountingRelay, usage: dict[str, Usage], bounds: list[float],
+             rounds: int) -> dict[str, Any]:
+    """Per-round figures from the window [bounds[0], bounds[-1]] divided by `rounds`."""
+    start, end = bounds[0], bounds[-1]
+    up, down = relay.totals(start, end)
+    before = relay.totals(0.0, start)
+    server, devices = usage["server"], usage.get("devices", Usage())
+    return {
+        "bytes_per_round": {"up": round(up / rounds), "down": round(down / rounds),
+                            "total": round((up + down) / rounds)},
+        "seconds_per_round": round((end - start) / rounds, 3),
+        "window_s": round(end - start, 3),
+        "bytes_before_window": {"up": before[0], "down": before[1]},
+        "server_cpu_s": round(server.cpu_s(), 2),
+        "server_cpu_s_window": round(max(0.0, server.cpu_at(end + SAMPLE_S) - server.cpu_at(start)), 2),
+        "server_peak_rss_mb": round(server.peak_rss_mb(), 1),
+        "server_processes": server.by_process(),
+        "devices_cpu_s": round(devices.cpu_s(), 2),
+        "device_connections": relay.connections,
+    }
+
+
+def _idle_rate(relay: CountingRelay, seconds: float) -> float | None:
+    """Bytes per second between devices and server while no round runs (polls, heartbeats, pings)."""
+    if seconds <= 0:
+        return None
+    start = time.time()
+    time.sleep(seconds)
+    up, down = relay.totals(start, time.time())
+    return round((up + down) / seconds, 1)
+
+
+def _finish(sampler: Sampler, procs: Processes) -> None:
+    sampler.sample()  # the last CPU figures before anything is stopped
+    procs.close()
+
+
+# --------------------------------------------------------------------------- Flower
+
+
+def _flower_env(home: Path) -> dict[str, str]:
+    env = _child_env()
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update({
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    })
+    return env
+
+
+def _flower_exe(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found (pip install 'flwr>=1.41')")
+    return found
+
+
+def _flower_wait_registered(link_log: Path, count: int, superlink: subprocess.Popen, end: float) -> None:
+    while link_log.read_text(errors="replace").count("Activated node_id") < count:
+        if time.monotonic() > end:
+            raise TimeoutError(f"the supernodes did not all register in time; see {link_log.parent}")
+        if superlink.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {superlink.returncode}; see {link_log}")
+        time.sleep(0.2)
+
+
+def _flower_wait_done(out_file: Path, superlink: subprocess.Popen, sampler: Sampler, rounds: int,
+                      deadline: float) -> dict[str, Any]:
+    """Wait for the ServerApp's results, showing its rounds as they end; fail fast if it died."""
+    progress = Path(str(out_file) + ".progress")
+    shown = 0
+    while not out_file.exists():
+        with contextlib.suppress(OSError, ValueError):
+            marks = [json.loads(line) for line in progress.read_text().splitlines()]
+            for m in marks[shown:]:
+                r = m["round"]
+                took = "starts" if r == 0 else f"{m['time'] - marks[r - 1]['time']:.1f} s"
+                say(f"flower: round {r}/{rounds} {took}")
+            shown = len(marks)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the Flower run did not finish in time; see {out_file.parent}/logs")
+        if superlink.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited ({superlink.returncode}); see {out_file.parent}")
+        apps = [pid for pid, name in sampler.names("server").items() if name == "flwr-serverapp"]
+        if apps and not any(_alive(pid) for pid in apps):
+            time.sleep(3)  # it writes its results just before it exits
+            if not out_file.exists():
+                raise RuntimeError(f"the ServerApp ended without results; see {out_file.parent}/logs")
+        time.sleep(0.2)
+    return json.loads(out_file.read_text())
+
+
+def run_flower(devices: list[tuple[str, Path]], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    import flwr
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    home = workdir / "flwr-home"
+    home.mkdir(exist_ok=True)
+    env = _flower_env(home)
+    logs = workdir / "logs"
+    link_log = logs / "superlink.log"
+    out_file = workdir / "serverapp.json"
+    port = free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    deadline = time.monotonic() + args.timeout_s
+    with contextlib.ExitStack() as stack:
+        sampler = stack.enter_context(Sampler())
+        procs = Processes()
+        stack.callback(_finish, sampler, procs)
+        superlink = procs.start([_flower_exe("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                 "--port", str(port), "--disable-runtime-dependency-installation"],
+                                link_log, env, cwd=workdir)
+        sampler.watch("server", superlink.pid)
+        _wait_port(port, 60, superlink, "flower-superlink", link_log)
+        relay = CountingRelay(("127.0.0.1", port))
+        stack.enter_context(relay)
+        stack.callback(_finish, sampler, procs)  # the processes stop before the relay closes
+        say(f"flower {flwr.__version__}: superlink on 127.0.0.1:{port}, {len(devices)} supernodes "
+            f"through the counting relay :{relay.port}")
+        for i, (name, data) in enumerate(devices):
+            node = procs.start([_flower_exe("flower-supernode"), "--insecure", "--superlink",
+                                f"127.0.0.1:{relay.port}", "--port", str(free_port()),
+                                "--node-config", f'data="{data}" seed={i + 1} name="{name}"'],
+                               logs / f"supernode-{name}.log", env, cwd=workdir)
+            sampler.watch("devices", node.pid)
+        _flower_wait_registered(link_log, len(devices), superlink, min(deadline, time.monotonic() + 120))
+        idle = _idle_rate(relay, args.idle_s)
+        say(f"flower: {len(devices)} supernodes registered (idle: {idle} B/s); flwr run bench/flower_app")
+        run_config = (f"num-server-rounds={args.rounds} min-nodes={len(devices)} local-epochs={args.epochs} "
+                      f"lr={args.lr} batch-size={args.batch_size} round-timeout-s={float(args.timeout_s)} "
+                      f'out="{out_file}"')
+        submitted = subprocess.run([_flower_exe("flwr"), "run", str(FLOWER_APP), "bench",
+                                    "--run-config", run_config, "--format", "json"],
+                                   env=env, cwd=workdir, capture_output=True, text=True, timeout=120)
+        if submitted.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {submitted.stdout[-2000:]} {submitted.stderr[-2000:]}")
+        result = _flower_wait_done(out_file, superlink, sampler, args.rounds, deadline)
+        sampler.sample()
+        marks = [result["marks"][str(r)] for r in range(args.rounds + 1)]
+        figures = _figures(relay, sampler.usage, marks, args.rounds)
+        per_round = _per_round(relay, marks)
+    accuracy = [result["accuracy"][str(r)] for r in range(1, args.rounds + 1)]
+    for r, row in enumerate(per_round, start=1):
+        row["round"] = r
+        row["accuracy"] = round(accuracy[r - 1], 4)
+    return {
+        "runtime": f"flwr {flwr.__version__}: flower-superlink --insecure (subprocess isolation) + "
+                   f"{len(devices)} flower-supernode --insecure, flwr run bench/flower_app",
+        "update": "float32 weights (Flower's ArrayRecord); the full model goes down twice a round "
+                  "(train and evaluate messages)",
+        **figures,
+        "idle_bytes_per_s": idle,
+        "final_accuracy": round(accuracy[-1], 4),
+        "rounds": per_round,
+    }
+
+
+# --------------------------------------------------------------------------- Starling
+
+
+def _toml(doc: dict[str, dict[str, Any]]) -> str:
+    def value(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)
+
+    return "\n".join(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items())
+                     for section, table in doc.items())
+
+
+class StatusWatch:
+    """Follows the gateway's retained status topic; notes when each round is complete (its evaluation in)."""
+
+    def __init__(self, port: int, gateway_id: str, rounds: int) -> None:
+        import paho.mqtt.client as mqtt
+
+        from protocol import topics
+
+        self.rounds = rounds
+        self.done_at: dict[int, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.state = "starting"
+        self._topic = topics.status(gateway_id)
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"vs-flower-{os.getpid()}")
+        self.client.on_connect = lambda c, *_: c.subscribe(self._topic, qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect_async("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        now = time.time()
+        try:
+            status = json.loads(msg.payload)
+        except ValueError:
+            return
+        self.state = status.get("state", self.state)
+        self.history = status.get("history", self.history)
+        finished = self.state in ("done", "stopped", "failed")
+        for i, record in enumerate(self.history):
+            r = record["round"]
+            complete = record["accuracy"] is not None or i + 1 < len(self.history) or finished
+            if r not in self.done_at and complete:
+                self.done_at[r] = now
+                acc = record["accuracy"]
+                say(f"starling: round {r}/{self.rounds} accuracy {'-' if acc is None else f'{acc:.3f}'} "
+                    f"participants {record['participants']} {record['seconds']:.1f} s")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+ROUND_DONE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)Z? .*\bround\.done round=(\d+)\b")
+
+
+def gateway_round_ends(log: Path) -> dict[int, float]:
+    """When each round ended, from the gateway's own `round.done` log lines (UTC timestamps, ms).
+
+    The log line is written as the round closes, before the status topic is
+    published (which can lag behind by the ledger work), so it is the better clock.
+    """
+    ends: dict[int, float] = {}
+    with contextlib.suppress(OSError):
+        for line in log.read_text(errors="replace").splitlines():
+            match = ROUND_DONE.match(line)
+            if match:
+                stamp = datetime.fromisoformat(match.group(1)).replace(tzinfo=timezone.utc)
+                ends.setdefault(int(match.group(2)), stamp.timestamp())
+    return ends
+
+
+def _starling_configs(workdir: Path, gateway, gateway_key: Path, broker: Broker, relay_port: int,
+                      devices: list[tuple[str, Path]], args: argparse.Namespace) -> tuple[Path, list[Path]]:
+    """The gateway's config (talking to the broker directly) and one per agent (through the relay)."""
+    n = len(devices)
+    conf = workdir / "gateway" / "gateway.toml"
+    conf.write_text(_toml({
+        "gateway": {"name": "gw-1", "key": str(gateway_key), "state_dir": str(workdir / "gateway")},
+        "broker": {"host": broker.host, "port": broker.port},
+        "strategy": {"name": "FedAvg",
+                     "params": {"min_available_nodes": n, "min_train_nodes": n, "min_evaluate_nodes": n}},
+        "rounds": {"num_rounds": args.rounds, "deadline_s": args.deadline_s, "epochs": args.epochs,
+                   "batch_size": args.batch_size, "lr": args.lr, "min_devices": n, "wait_devices_s": 120.0},
+        "enrollment": {"policy": "open"},  # as in the emulator: the devices are our own
+    }))
+    agents = []
+    for name, data in devices:
+        home = workdir / "devices" / name
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "agent.toml").write_text(_toml({
+            "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state")},
+            "gateway": {"id": gateway.id, "public_key": gateway.public_key.hex()},
+            "broker": {"host": "127.0.0.1", "port": relay_port},
+            "data": {"replay": str(data)},
+        }))
+        agents.append(home / "agent.toml")
+    return conf, agents
+
+
+def run_starling(devices: list[tuple[str, Path]], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from protocol.keys import Identity
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = _child_env()
+    logs = workdir / "logs"
+    gw_log = logs / "gateway.log"
+    deadline = time.monotonic() + args.timeout_s
+    gateway = Identity.generate()
+    gateway_key = workdir / "gateway" / "gateway.key"
+    gateway.save(gateway_key)
+    with contextlib.ExitStack() as stack:
+        sampler = stack.enter_context(Sampler())
+        broker = stack.enter_context(Broker(workdir / "broker", kind=args.broker))
+        sampler.watch("broker", broker.process.pid)
+        relay = stack.enter_context(CountingRelay((broker.host, broker.port)))
+        procs = Processes()
+        stack.callback(_finish, sampler, procs)  # the processes stop before the relay and the broker do
+        say(f"starling: {broker.kind} broker on 127.0.0.1:{broker.port}, 1 gateway, {len(devices)} agents "
+            f"through the counting relay :{relay.port}")
+        conf, agents = _starling_configs(workdir, gateway, gateway_key, broker, relay.port, devices, args)
+        watch = StatusWatch(broker.port, gateway.id, args.rounds)
+        stack.callback(watch.close)
+        gw = procs.start([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], gw_log, env)
+        sampler.watch("server", gw.pid)
+        for agent in agents:
+            node = procs.start([sys.executable, "-m", "agent.cli", "run", "--config", str(agent)],
+                               logs / f"agent-{agent.parent.name}.log", env)
+            sampler.watch("devices", node.pid)
+        while not _exited(gw):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Starling run did not finish in {args.timeout_s:.0f} s; see {logs}")
+            time.sleep(0.1)
+        sampler.sample()  # the gateway's final CPU, read from its zombie before it is reaped
+        gw.wait(10)
+        idle = _idle_rate(relay, args.idle_s)  # agents still connected, no gateway: MQTT keep-alives only
+        end = time.monotonic() + 5
+        while args.rounds not in watch.done_at and time.monotonic() < end:
+            time.sleep(0.05)
+        result_file = workdir / "gateway" / "result.json"
+        result = json.loads(result_file.read_text()) if result_file.exists() else {}
+        if result.get("state") != "done":
+            raise RuntimeError(f"the gateway ended in state {result.get('state', 'unknown')!r} "
+                               f"(exit {gw.returncode}); see {gw_log}")
+        records = {r["round"]: r for r in result["rounds"]}
+        ends, clock = gateway_round_ends(gw_log), "gateway log"
+        if not all(r in ends for r in range(args.rounds + 1)):
+            ends, clock = watch.done_at, "status topic"  # the log format changed: when the status arrived
+        start0 = ends[0] - records[0]["seconds"]  # round 0 starts as its evaluation tasks go out
+        bounds = [start0] + [ends[r] for r in range(0, args.rounds + 1)]
+        figures = _figures(relay, sampler.usage, [start0, ends[args.rounds]], args.rounds)
+        # Without round 0 (the initial model's distribution and evaluation), for reference.
+        up1, down1 = relay.totals(ends[0], ends[args.rounds])
+        rounds_1_to_n = {
+            "bytes_per_round": {"up": round(up1 / args.rounds), "down": round(down1 / args.rounds),
+                                "total": round((up1 + down1) / args.rounds)},
+            "seconds_per_round": round((ends[args.rounds] - ends[0]) / args.rounds, 3),
+        }
+        per_round = _per_round(relay, bounds)
+        broker_usage = sampler.usage["broker"]
+    for r, row in enumerate(per_round):
+        row["round"] = r
+        row["accuracy"] = None if records[r]["accuracy"] is None else round(records[r]["accuracy"], 4)
+        row["gateway_payload_bytes"] = {"up": records[r]["bytes_up"], "down": records[r]["bytes_down"]}
+    return {
+        "runtime": f"{broker.kind} + 1 starling-gateway + {len(devices)} starling-agent "
+                   "(signed CBOR over MQTT, ledger on)",
+        "update": "int8 weight deltas up (codec 'i8', set by gateway/grid.py); each new float32 model "
+                  "goes down once (retained, content-addressed)",
+        **figures,
+        "idle_bytes_per_s": idle,
+        "broker_cpu_s": round(broker_usage.cpu_s(), 2),
+        "broker_peak_rss_mb": round(broker_usage.peak_rss_mb(), 1),
+        "final_accuracy": round(records[args.rounds]["accuracy"], 4),
+        "rounds_1_to_n": rounds_1_to_n,
+        "round_clock": clock,
+        "ledger_height": result.get("ledger", {}).get("height"),
+        "rounds": per_round,
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=10, help="watch subjects 1..N, one per device (<= 10)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--stride", type=int, default=64, help="window stride of the watch data")
+    parser.add_argument("--deadline-s", type=float, default=60.0, help="Starling's round deadline")
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="bound on each side's whole run")
+    parser.add_argument("--idle-s", type=float, default=6.0,
+                        help="measure the devices' idle traffic this long (Flower: registered, before "
+                             "the run; Starling: after the gateway exits); 0: skip")
+    parser.add_argument("--broker", default="mosquitto", choices=("mosquitto", "auto", "embedded"))
+    parser.add_argument("--only", choices=("flower", "starling"), help="run one side (no ratios)")
+    parser.add_argument("--workdir", help="keep every log, key, config and data file here (default: temp)")
+    args = parser.parse_args(argv)
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)  # unwinds like an error: every process started is stopped
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    if not 1 <= args.devices <= 10:
+        parser.error("--devices must be 1..10 (the watch data has 10 subjects)")
+    if args.rounds < 1 or args.epochs < 1 or args.lr <= 0:
+        parser.error("--rounds, --epochs and --lr must be positive")
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            workdir = Path(args.workdir).resolve()
+            if workdir.exists() and any(workdir.iterdir()):
+                parser.error(f"--workdir {workdir} is not empty")
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vs-flower-")))
+        workdir.mkdir(parents=True, exist_ok=True)
+        subjects = tuple(range(1, args.devices + 1))
+        scenario = Scenario(devices=args.devices, subjects=subjects, stride=args.stride)
+        devices = prepare_devices(scenario, workdir)  # one .npz per device, read by both sides
+        config = {"devices": args.devices, "subjects": list(subjects), "rounds": args.rounds,
+                  "epochs": args.epochs,
+                  "lr": args.lr, "batch_size": args.batch_size, "stride": args.stride, "strategy": "FedAvg",
+                  "model": "imu_cnn (TFLite, TrainableModel)", "cpus": os.cpu_count()}
+        doc: dict[str, Any] = {"config": config}
+        failed = False
+        for side, runner in (("flower", run_flower), ("starling", run_starling)):
+            if args.only and args.only != side:
+                continue
+            say(f"--- {side}: {args.devices} devices, {args.rounds} rounds, {args.epochs} epochs, "
+                f"lr {args.lr}")
+            started = time.monotonic()
+            try:
+                doc[side] = runner(devices, args, workdir / side)
+            except (RuntimeError, TimeoutError, OSError, KeyError, ValueError) as exc:
+                say(f"{side} failed: {exc}")
+                doc[side] = {"error": str(exc)}
+                failed = True
+                continue
+            got = doc[side]
+            say(f"{side}: done in {time.monotonic() - started:.0f} s: "
+                f"{got['bytes_per_round']['total']} B a round, "
+                f"{got['seconds_per_round']} s a round, final accuracy {got['final_accuracy']}")
+        f, s = doc.get("flower", {}), doc.get("starling", {})
+        if "bytes_per_round" in f and "bytes_per_round" in s:
+            ratio = lambda a, b: round(a / b, 3) if b else None  # noqa: E731
+            doc["ratio"] = {
+                "bytes_per_round": ratio(s["bytes_per_round"]["total"], f["bytes_per_round"]["total"]),
+                "seconds_per_round": ratio(s["seconds_per_round"], f["seconds_per_round"]),
+                "bytes_up_per_round": ratio(s["bytes_per_round"]["up"], f["bytes_per_round"]["up"]),
+                "bytes_down_per_round": ratio(s["bytes_per_round"]["down"], f["bytes_per_round"]["down"]),
+                "server_cpu_s": ratio(s["server_cpu_s"], f["server_cpu_s"]),
+                "server_peak_rss_mb": ratio(s["server_peak_rss_mb"], f["server_peak_rss_mb"]),
+            }
+            gap = round(100 * (s["final_accuracy"] - f["final_accuracy"]), 2)
+            doc["goals"] = {
+                "accuracy_gap_points": gap,
+                "equal_accuracy_within_1_point": abs(gap) <= 1.0,
+                "bytes_per_round_le_0_35x": doc["ratio"]["bytes_per_round"] <= 0.35,
+                "seconds_per_round_le_1_0x": doc["ratio"]["seconds_per_round"] <= 1.0,
+            }
+        if args.workdir:
+            doc["workdir"] = str(workdir)
+        print(json.dumps(doc))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
