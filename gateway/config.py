@@ -24,6 +24,8 @@
     [model]
     manifest = ""                         # default: the shipped imu_cnn manifest
     release_ttl_s = 604800.0              # a model release expires after this (devices refuse it then)
+    mcu_python = ""                       # a Python with TensorFlow: also publish each release as an int8
+                                          # TFLite Micro model (gateway/mcu.py); "" = no MCU exports
 
     [strategy]
     name = "FedAvg"                       # a class in flwr.serverapp.strategy, or module:Class
@@ -76,6 +78,7 @@ class GatewayConfig:
     checkpoint_every: int = 1000  # vertices after the newest checkpoint that make this gateway write one
     manifest: Path | None = None
     release_ttl_s: float = 7 * 86400.0  # devices refuse a model release older than this
+    mcu_python: Path | None = None  # a Python with TensorFlow for MCU exports of each release (gateway/mcu.py)
     strategy: str = "FedAvg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
     strategy_dp: dict[str, Any] | None = None
@@ -152,6 +155,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         checkpoint_every=int(_non_negative("ledger.checkpoint_every",
                                            setting(doc, "ledger", "checkpoint_every", int, 1000))),
         manifest=path("model", "manifest", ""),
+        mcu_python=_mcu_python(path("model", "mcu_python", "")),
         release_ttl_s=_positive("model.release_ttl_s", setting(doc, "model", "release_ttl_s", float, 7 * 86400.0)),
         strategy=setting(doc, "strategy", "name", str, "FedAvg"),
         strategy_params=dict(setting(doc, "strategy", "params", dict, {})),
@@ -175,3 +179,9 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     return parse_config(read_toml(path), Path(path).parent)
+
+
+def _mcu_python(path: Path | None) -> Path | None:
+    if path is not None and not (path.is_file() and os.access(path, os.X_OK)):
+        raise ConfigError(f"model.mcu_python: {path} is not an executable file")
+    return path

@@ -46,6 +46,7 @@ from .ingest_workers import IngestWorkers, WorkerSettings
 from .journal import Journal
 from .ledger_sync import LedgerSync
 from .link import Link
+from .mcu import McuExporter
 from .models import ModelPublisher, Release
 
 log = logging.getLogger("starling.gateway")
@@ -53,6 +54,7 @@ MAX_ENROLL_BYTES = 4096
 LEDGER_SYNC_S = 1.0
 LEDGER_CALL_TIMEOUT_S = 120.0
 INGEST_BATCH = 256  # messages taken from the inbox at once
+EXPORT_WAIT_S = 120.0  # at the end of a run, how long the last MCU export may still take
 
 
 @dataclass
@@ -112,6 +114,7 @@ class Gateway:
         self._pending_aggregate: tuple[int, bytes, list[bytes]] | None = None
         self.ingest: IngestWorkers | None = None  # with [ingest] workers: processes that authenticate replies
         self.sync: LedgerSync | None = None  # ledger gossip with the other gateways
+        self.mcu: McuExporter | None = None  # with [model] mcu_python: int8 exports of each release
         self._ledger_writes = -1
 
     def _bytes_in(self) -> int:
@@ -359,6 +362,8 @@ class Gateway:
     def _on_release(self, release: Release, round_: int) -> None:
         event(log, "model.released", digest=release.digest.hex()[:16], version=release.version, bytes=release.size)
         self.journal.record_model(release.digest, schemas.encode_model(release.weights))
+        if self.mcu is not None:  # exported on its own thread: the round goes on
+            self.mcu.submit(release.digest, release.version, release.weights)
         if self._pending_aggregate is not None:
             self._record_aggregate(release.digest)
 
@@ -554,6 +559,9 @@ class Gateway:
         publisher = ModelPublisher(self.identity, self.id, self.manifest["sha256"], self.link.publish,
                                    cfg.state_dir / "model_version", cfg.release_ttl_s)
         publisher.on_release = self._on_release
+        if cfg.mcu_python is not None:
+            model_dir = (cfg.manifest or default_manifest()).parent
+            self.mcu = McuExporter(cfg.mcu_python, model_dir, self.identity, self.id, self.link.publish)
         self.grid = MqttGrid(self.identity, self.id, self.link.publish, checker, publisher, self.online_nodes,
                              self.by_node.get, cfg.deadline_s, schemas.TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr))
         self.grid.on_closed = self._on_closed
@@ -596,6 +604,8 @@ class Gateway:
                     height = self._call(lambda: self._ledger.height) if worker.is_alive() else None
                 except Exception:
                     log.exception("gateway.ledger_unavailable")
+                if self.mcu is not None:  # a finished run waits for its last export (what MCUs get); a stop does not
+                    self.mcu.close(timeout=EXPORT_WAIT_S, abort=self.state != "done")
                 self._publish_status()
                 worker_stop.set()
                 worker.join(timeout=30)
@@ -610,7 +620,9 @@ class Gateway:
             "ledger": {"path": str(self.ledger_path), "height": height},
             "model": {"digest": publisher.current.digest.hex() if publisher.current else None,
                       "version": publisher.current.version if publisher.current else None,
-                      "path": str(model_path) if model_path else None},
+                      "path": str(model_path) if model_path else None,
+                      "mcu_exports": None if self.mcu is None else {"published": self.mcu.exported,
+                                                                     "failed": self.mcu.failed}},
             "seconds": round(time.time() - started, 2),
         }
         write_atomic(cfg.state_dir / "result.json", json.dumps(result_doc, indent=2).encode())

@@ -29,7 +29,7 @@ from .keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, identity_id, veri
 VERSION = 1
 DOMAIN = b"starling/envelope/v1\x00"
 MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
-TYPES = frozenset({"enroll", "task", "reply", "receipt", "model"})
+TYPES = frozenset({"enroll", "task", "reply", "receipt", "model", "mcu"})
 ID_MAX = 64
 
 

@@ -283,6 +283,46 @@ class ModelRelease:
 
 
 @dataclass(frozen=True)
+class McuRelease:
+    """A signed microcontroller export of a global model, for inference-only devices.
+
+    The attachment is the int8 `.tflite` (TFLite Micro); `digest` is its
+    SHA-256. `model` names the float release it was exported from and
+    `version` is that release's version, so a device can refuse rollback as
+    for models. The quantization parameters are what firmware needs to feed
+    the model sensor units and read its output; `arena_bytes` is the export's
+    estimate of the tensor arena.
+    """
+
+    model: bytes
+    version: int
+    digest: bytes
+    size: int
+    input_scale: float
+    input_zero_point: int
+    output_scale: float
+    output_zero_point: int
+    arena_bytes: int
+
+    def to_body(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version, "digest": self.digest, "size": self.size,
+                "input_scale": float(self.input_scale), "input_zero_point": self.input_zero_point,
+                "output_scale": float(self.output_scale), "output_zero_point": self.output_zero_point,
+                "arena_bytes": self.arena_bytes}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> McuRelease:
+        _check_fields(body, {"model", "version", "digest", "size", "input_scale", "input_zero_point",
+                             "output_scale", "output_zero_point", "arena_bytes"})
+        return cls(
+            _digest(body, "model"), _int(body, "version", 0, 2**31 - 1), _digest(body, "digest"),
+            _int(body, "size", 1, CHUNK_BYTES), _float(body, "input_scale", 0.0, 1e9),
+            _int(body, "input_zero_point", -128, 127), _float(body, "output_scale", 0.0, 1e9),
+            _int(body, "output_zero_point", -128, 127), _int(body, "arena_bytes", 0, 2**31 - 1),
+        )
+
+
+@dataclass(frozen=True)
 class EnrollRequest:
     """A device asks to join a gateway; the signature proves it holds its key.
 

@@ -1,6 +1,7 @@
 """MQTT topic names. Ids are lowercase hex, so they never contain '/', '+' or '#'.
 
     starling/<gw>/model/<digest-hex>   retained, signed model releases
+    starling/<gw>/mcu/latest           retained, signed int8 TFLite Micro export of the latest release
     starling/<gw>/task/<device>        signed tasks for one device
     starling/<gw>/reply/<device>       signed replies from one device
     starling/<gw>/receipt/<device>     signed receipts for one device
@@ -15,6 +16,10 @@ ROOT = "starling"
 
 def model(gateway: str, digest_hex: str) -> str:
     return f"{ROOT}/{gateway}/model/{digest_hex}"
+
+
+def mcu(gateway: str) -> str:
+    return f"{ROOT}/{gateway}/mcu/latest"
 
 
 def task(gateway: str, device: str) -> str:
