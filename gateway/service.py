@@ -54,6 +54,7 @@ MAX_ENROLL_BYTES = 4096
 LEDGER_SYNC_S = 1.0
 LEDGER_CALL_TIMEOUT_S = 120.0
 INGEST_BATCH = 256  # messages taken from the inbox at once
+MAX_STATUS_REVOKED = 1000  # revoked device ids listed in the status (the count is always exact)
 EXPORT_WAIT_S = 120.0  # at the end of a run, how long the last MCU export may still take
 
 
@@ -462,10 +463,11 @@ class Gateway:
             log.exception("status.ledger_failed")
             return None
 
-    def _publish_status(self) -> None:
-        self._publish_device_status()
+    def status(self) -> dict[str, Any]:
+        """What the retained status topic carries (README: Status topics)."""
         history = [asdict(self.history[r]) for r in sorted(self.history)]
-        status = {
+        revoked = sorted(identity_id(key) for key in list(self.revoked))
+        return {
             "gateway": self.id,
             "name": self.config.name,
             "state": self.state,
@@ -476,9 +478,13 @@ class Gateway:
             "rejections": dict(self.grid.rejections),
             "ledger": self._ledger_status(),
             "history": history,
+            "revoked": {"count": len(revoked), "devices": revoked[:MAX_STATUS_REVOKED]},
             "time": time.time(),
         }
-        self.link.publish(topics.status(self.id), json.dumps(status).encode(), retain=True, counted=False)
+
+    def _publish_status(self) -> None:
+        self._publish_device_status()
+        self.link.publish(topics.status(self.id), json.dumps(self.status()).encode(), retain=True, counted=False)
 
     # --- the run ------------------------------------------------------------------------
 

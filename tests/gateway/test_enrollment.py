@@ -145,6 +145,7 @@ def test_a_device_revoked_by_the_operator_is_refused_from_its_next_reply_on(brok
         while not running.gateway.grid.rejections.get("revoked") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert running.gateway.grid.rejections == {"revoked": 1}
+        assert running.gateway.status()["revoked"] == {"count": 1, "devices": [device.id]}  # for dashboards
         again = running.enroll(device)
         assert not again.accepted and again.reason == "revoked"
     finally:
