@@ -51,6 +51,7 @@ VERTEX_DOMAIN = b"starling/vertex/v1\x00"
 # A canonical vertex of kind device.revoke holds these bytes (text "kind", then text "device.revoke"):
 # anything without them is skipped before decoding, so multi-megabyte `updates` vertices cost a scan.
 REVOKE_MARK = b"\x64kind\x6ddevice.revoke"
+MAX_STATUS_REVOKED = 1000  # as many revoked ids as a gateway lists in its status
 
 
 class Malformed(ValueError):
@@ -231,6 +232,7 @@ class Fleet:
         rejections = _counts(doc.get("rejections"), "rejections") if "rejections" in doc else None
         ledger = _ledger(doc["ledger"], "status") if doc.get("ledger") is not None else None
         history = _history(doc["history"]) if "history" in doc else None
+        revoked = _revoked(doc["revoked"]) if "revoked" in doc else []
         status_time = _number(doc, "time")
         if ledger is not None and status_time is not None and not ledger.time:
             ledger.time = status_time
@@ -254,6 +256,9 @@ class Fleet:
                 view.rounds[point.round] = point
             while len(view.rounds) > MAX_ROUNDS_KEPT:
                 del view.rounds[min(view.rounds)]
+        for device_id in revoked:  # the gateway's own list: revocations made before the dashboard started too
+            if device_id not in self.revocations:
+                self.revocations[device_id] = Revocation(device_id, "revoked", gateway_id, status_time or now)
         if rejections is not None:
             view.rejections = rejections
             total = sum(rejections.values())
@@ -330,6 +335,15 @@ def _id(text: str) -> str:
     if len(text) != ID_LENGTH or any(c not in "0123456789abcdef" for c in text):
         raise Malformed("bad_topic", f"{text[:40]!r} is not an id")
     return text
+
+
+def _revoked(value: Any) -> list[str]:
+    """The status's `revoked` section: {"count": n, "devices": [ids]} -> the ids."""
+    devices = value.get("devices", []) if isinstance(value, dict) else None
+    if not isinstance(devices, list) or not all(
+            isinstance(d, str) and len(d) == ID_LENGTH and all(c in "0123456789abcdef" for c in d) for d in devices):
+        raise Malformed("bad_field", "revoked")
+    return devices[:MAX_STATUS_REVOKED]
 
 
 def _json_object(payload: bytes, limit: int) -> dict[str, Any]:

@@ -80,6 +80,7 @@ MALFORMED = [
     (STATUS, b'{"history": [{"accuracy": 0.5}]}', "bad_field"),
     (STATUS, b'{"history": [{"round": 1, "accuracy": NaN}]}', "bad_field"),
     (STATUS, b'{"ledger": {"peers": "all"}}', "bad_field"),
+    (STATUS, b'{"revoked": {"count": 1, "devices": ["not-an-id"]}}', "bad_field"),
     (STATUS, b'{"name": "' + b"x" * 500 + b'"}', "bad_field"),
     (STATUS, b"[" * 100_000, "not_json"),
     (STATUS, b" " * (9 * 1024 * 1024), "too_large"),
@@ -164,3 +165,10 @@ def test_a_revocation_from_a_stranger_or_with_a_broken_signature_is_refused():
     assert fleet.apply(f"starling/ledger/vertex/{stranger.id}", _revoke_vertex(gateway, device).encode(),
                        2.0) == "bad_vertex"  # the topic names another creator
     assert fleet.revocations == {}
+
+
+def test_the_gateways_own_list_of_revoked_devices_marks_them_revoked():
+    fleet = Fleet()
+    device = "d" * 32
+    _status(fleet, {"state": "running", "revoked": {"count": 1, "devices": [device]}, "time": 1500.0})
+    assert fleet.revocations[device].by == GW and fleet.revocations[device].time == 1500.0
