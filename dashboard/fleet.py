@@ -128,6 +128,7 @@ class GatewayView:
 class DeviceView:
     gateway: str
     device: str
+    name: str = ""  # as it enrolled (gateway status), free text shown escaped
     last_seen: float | None = None
     online: bool | None = None
     accepted: int = 0
@@ -278,6 +279,7 @@ class Fleet:
         accepted = _int(doc, "accepted") or 0
         rejected = _counts(doc.get("rejected", {}), "rejected")
         skipped = _counts(doc.get("skipped", {}), "skipped")
+        name = _text(doc, "name", "")
         key = (gateway_id, device_id)
         view = self.devices.get(key)
         if view is None:
@@ -287,6 +289,7 @@ class Fleet:
             view = self.devices[key] = DeviceView(gateway_id, device_id)
         view.last_seen, view.online, view.accepted = last_seen, online, accepted
         view.rejected, view.skipped, view.received = rejected, skipped, now
+        view.name = name
 
     def _apply_vv(self, gateway_id: str, payload: bytes) -> None:
         try:

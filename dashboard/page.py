@@ -166,7 +166,7 @@ function renderDevices(devices, total, now) {
     const cls = (d.revoked ? "revoked " : "") + (d.rejected_total ? "rejected" : "");
     body.append(el("tr", { class: cls, "data-device": d.device, "data-gateway": d.gateway },
       el("td", { class: "id" }, short(d.gateway)),
-      el("td", { class: "id" }, short(d.device)),
+      el("td", { class: "id", title: d.device }, d.name ? d.name + " · " + short(d.device) : short(d.device)),
       el("td", { "data-field": "online" }, d.online == null ? "–" : (d.online ? "yes" : "no")),
       el("td", { "data-field": "last-seen" }, ago(d.last_seen != null ? now - d.last_seen : null)),
       el("td", { "data-field": "accepted" }, d.accepted),

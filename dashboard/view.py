@@ -53,6 +53,7 @@ def _device(view: DeviceView, fleet: Fleet) -> dict[str, Any]:
     return {
         "gateway": view.gateway,
         "device": view.device,
+        "name": view.name,
         "last_seen": view.last_seen,
         "online": view.online,
         "accepted": view.accepted,

@@ -245,8 +245,8 @@ class Gateway:
         if device not in self.by_id:
             return
         with self._stats_lock:
-            stats = self.device_stats.setdefault(device, {"device": device, "last_seen": 0.0, "accepted": 0,
-                                                          "rejected": {}})
+            stats = self.device_stats.setdefault(device, {"device": device, "name": self.enrolled.get(
+                self.by_id[device], ""), "last_seen": 0.0, "accepted": 0, "rejected": {}})
             stats["last_seen"] = round(time.time(), 3)
             stats["online"] = device in self.online
             reason = getattr(outcome, "reason", None)

@@ -172,3 +172,15 @@ def test_the_gateways_own_list_of_revoked_devices_marks_them_revoked():
     device = "d" * 32
     _status(fleet, {"state": "running", "revoked": {"count": 1, "devices": [device]}, "time": 1500.0})
     assert fleet.revocations[device].by == GW and fleet.revocations[device].time == 1500.0
+
+
+def test_a_device_shows_the_name_it_enrolled_with():
+    from dashboard.view import snapshot
+
+    fleet = Fleet()
+    device = "e" * 32
+    fleet.apply(f"starling/{GW}/status/device/{device}", json.dumps(
+        {"device": device, "name": "pole-17 <b>", "last_seen": 1.0, "online": True, "accepted": 2,
+         "rejected": {}}).encode(), 2.0)
+    [row] = snapshot(fleet, 3.0)["devices"]
+    assert row["name"] == "pole-17 <b>"  # shown as text by the page, never as markup

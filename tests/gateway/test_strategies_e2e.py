@@ -177,6 +177,7 @@ def test_each_strategy_releases_exactly_what_flower_aggregates_from_the_same_rep
             statuses[topics.device_of(topic)] = json.loads(payload)
     assert len(statuses) == DEVICES  # every device's retained status: last seen, accepted, rejected
     assert all(s["accepted"] >= 2 and s["rejected"] == {} and s["last_seen"] > 0 for s in statuses.values())
+    assert sorted(s["name"] for s in statuses.values()) == [f"syn-{i}" for i in range(DEVICES)]
 
 
 def test_fedprox_mu_reaches_the_devices_and_pulls_updates_toward_the_global_model(broker, tmp_path):
