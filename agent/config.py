@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.config import ConfigError, read_toml, setting
+from protocol.config import ConfigError, read_toml, resolve_path, setting, table
 from protocol.transport import BrokerAuth, read_broker_auth
 
 from .budget import DEFAULT_THERMAL_ZONE, Budget
@@ -91,7 +91,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
     """Build an `AgentConfig` from a parsed TOML document; paths are relative to `base_dir`."""
 
     def path(section: str, key: str) -> Path:
-        return (base_dir / os.path.expanduser(setting(doc, section, key, str))).resolve()
+        return resolve_path(setting(doc, section, key, str), base_dir, f"{section}.{key}")
 
     gw_id = setting(doc, "gateway", "id", str)
     if len(gw_id) != 32 or any(c not in "0123456789abcdef" for c in gw_id):
@@ -106,7 +106,8 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
     if not 0 < port < 65536:
         raise ConfigError(f"broker.port {port} is not a TCP port")
     sensors = _sensors(doc.get("sensor", []), base_dir)
-    if "replay" not in doc.get("data", {}) and not sensors:
+    replay = "replay" in table(doc, "data")
+    if not replay and not sensors:
         raise ConfigError("data.replay is required when there is no [[sensor]]: the agent needs recorded "
                           "windows or live sensors")
     resend = setting(doc, "device", "resend_s", float, 10.0)
@@ -120,9 +121,9 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         gateway_public_key=gw_key,
         broker_host=setting(doc, "broker", "host", str, "127.0.0.1"),
         broker_port=port,
-        replay=path("data", "replay") if "replay" in doc.get("data", {}) else None,
+        replay=path("data", "replay") if replay else None,
         model=setting(doc, "model", "name", str, "imu_cnn"),
-        voucher=path("device", "voucher") if "voucher" in doc.get("device", {}) else None,
+        voucher=path("device", "voucher") if "voucher" in table(doc, "device") else None,
         resend_s=resend,
         enroll_retry_s=setting(doc, "device", "enroll_retry_s", float, 5.0),
         broker_auth=read_broker_auth(doc, base_dir),
@@ -148,7 +149,7 @@ def _sampling(doc: dict[str, Any], base_dir: Path) -> Sampling:
         raise ConfigError(f"data.stride must not be negative, got {stride}")
     return Sampling(
         rate_hz=positive("rate_hz", float, 50.0),
-        labels=(base_dir / os.path.expanduser(labels)).resolve() if labels else None,
+        labels=resolve_path(labels, base_dir, "data.labels") if labels else None,
         stride=stride,
         capacity=positive("capacity", int, 200_000),
         retention_s=positive("retention_days", float, 7.0) * 86400.0,
@@ -165,7 +166,7 @@ def _budget(doc: dict[str, Any], base_dir: Path) -> Budget:
 
     def file(key: str, default: Path | None) -> Path | None:
         value = setting(doc, "budget", key, str, "" if default is None else str(default))
-        return (base_dir / os.path.expanduser(value)).resolve() if value else None
+        return resolve_path(value, base_dir, f"budget.{key}") if value else None
 
     return Budget(
         max_train_s=number("max_train_s", 0.0),
@@ -188,11 +189,11 @@ def _sensors(tables: Any, base_dir: Path) -> tuple[dict[str, Any], ...]:
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError("sensor must be an array of tables ([[sensor]])")
     out = []
-    for i, table in enumerate(tables):
-        kind = table.get("kind")
-        if kind not in SENSOR_OPTIONS:
+    for i, entry in enumerate(tables):
+        kind = entry.get("kind")
+        if not isinstance(kind, str) or kind not in SENSOR_OPTIONS:
             raise ConfigError(f"sensor[{i}].kind must be one of {sorted(SENSOR_OPTIONS)}, got {kind!r}")
-        options = {k: v for k, v in table.items() if k != "kind"}
+        options = {k: v for k, v in entry.items() if k != "kind"}
         for key, value in options.items():
             expected = SENSOR_OPTIONS[kind].get(key)
             if expected is None:
@@ -202,7 +203,7 @@ def _sensors(tables: Any, base_dir: Path) -> tuple[dict[str, Any], ...]:
         if kind == "replay":
             if "path" not in options:
                 raise ConfigError(f"sensor[{i}].path is required for a replay sensor")
-            options["path"] = str((base_dir / os.path.expanduser(options["path"])).resolve())
+            options["path"] = str(resolve_path(options["path"], base_dir, f"sensor[{i}].path"))
         if "address" in options and not 0x03 <= options["address"] <= 0x77:
             raise ConfigError(f"sensor[{i}].address {options['address']:#x} is not a 7-bit I2C address")
         out.append({"kind": kind, **options})

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.config import ConfigError, read_toml, setting
+from protocol.config import ConfigError, is_file, read_toml, resolve_path, setting
 from protocol.transport import BrokerAuth, read_broker_auth
 
 from .strategies import make_strategy
@@ -126,7 +126,7 @@ def _keys(items: list, field: str) -> list[bytes]:
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConfig:
     def path(section: str, key: str, default: Any = ...) -> Path | None:
         value = setting(doc, section, key, str, default)
-        return None if value in (None, "") else (base_dir / os.path.expanduser(value)).resolve()
+        return None if value in (None, "") else resolve_path(value, base_dir, f"{section}.{key}")
 
     policy = setting(doc, "enrollment", "policy", str)  # no default: "open" must be a deliberate choice
     if policy not in POLICIES:
@@ -171,7 +171,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         allowlist=tuple(allowlist),
         operator_keys=tuple(operator_keys),
     )
-    if config.genesis is not None and not config.genesis.is_file():
+    if config.genesis is not None and not is_file(config.genesis, "ledger.genesis"):
         raise ConfigError(f"ledger.genesis: {config.genesis} is not a file")
     config.make_strategy()  # fail now, not mid-run
     return config
@@ -182,6 +182,6 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
 
 
 def _mcu_python(path: Path | None) -> Path | None:
-    if path is not None and not (path.is_file() and os.access(path, os.X_OK)):
+    if path is not None and not (is_file(path, "model.mcu_python") and os.access(path, os.X_OK)):
         raise ConfigError(f"model.mcu_python: {path} is not an executable file")
     return path

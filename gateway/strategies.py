@@ -39,7 +39,7 @@ def resolve(name: str, field: str = "strategy.name") -> type:
         module_name, _, attr = name.replace(":", ".").rpartition(".")
         try:
             cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError, ValueError) as exc:
+        except (ImportError, AttributeError, ValueError, TypeError) as exc:  # TypeError: "../x" is relative
             raise ConfigError(f"{field}: cannot import {name!r}: {exc}") from exc
     else:
         cls = getattr(flwr_strategies, name, None)

@@ -7,6 +7,7 @@ fall back silently to a default.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -48,4 +49,32 @@ def setting(doc: dict[str, Any], section: str, key: str, kind: type | tuple[type
         value = float(value)
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
         raise ConfigError(f"{section}.{key} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf; no setting means them
+        raise ConfigError(f"{section}.{key} must be a finite number, got {value}")
     return value
+
+
+def table(doc: dict[str, Any], section: str) -> dict[str, Any]:
+    """`doc[section]`, which must be a table when present."""
+    value = doc.get(section, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{section}] must be a table, got {type(value).__name__}")
+    return value
+
+
+def resolve_path(value: str, base_dir: Path, field: str) -> Path:
+    """A path setting made absolute (relative to the config file); a NUL or an impossible name is refused."""
+    if "\x00" in value:
+        raise ConfigError(f"{field} holds a NUL character")
+    try:
+        return (base_dir / os.path.expanduser(value)).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # too long, a symlink loop ...
+        raise ConfigError(f"{field}: {value[:80]!r} is not a usable path ({exc})") from exc
+
+
+def is_file(path: Path, field: str) -> bool:
+    """Whether `path` is a file; a name the OS refuses (too long) is a ConfigError naming the field."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{field}: {str(path)[:80]!r} cannot be checked ({exc})") from exc

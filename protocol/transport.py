@@ -19,14 +19,13 @@ and is refused when others can read it.
 
 from __future__ import annotations
 
-import os
 import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, setting
+from .config import ConfigError, is_file, resolve_path, setting
 
 
 @dataclass(frozen=True)
@@ -69,8 +68,8 @@ def read_broker_auth(doc: dict[str, Any], base_dir: Path = Path(".")) -> BrokerA
         value = setting(doc, "broker", key, str, "")
         if not value:
             return None
-        resolved = (base_dir / os.path.expanduser(value)).resolve()
-        if not resolved.is_file():
+        resolved = resolve_path(value, base_dir, f"broker.{key}")
+        if not is_file(resolved, f"broker.{key}"):
             raise ConfigError(f"broker.{key}: {resolved} is not a file")
         return resolved
 

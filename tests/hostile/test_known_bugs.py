@@ -133,8 +133,20 @@ CONFIG_CASES = [
 ]
 
 
+FIXED_CONFIG_BUGS = {"5", "6 agent", "6 gateway", "6 genesis", "7", "8", "9"}  # the scenario's NUL (6) is open
+
+
+def _case_id(case: tuple) -> str:
+    number = case[0].split(":")[0]
+    if number == "6":
+        return "6 " + next(w for w in ("agent", "gateway", "genesis", "scenario") if w in case[0] or
+                           (w == "scenario" and "dataset.source" in case[0]))
+    return number
+
+
 @pytest.mark.parametrize("bug, load, error, text", [
-    pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason=f"BUG {case[0]}"), id=case[0].split(":")[0])
+    pytest.param(*case, id=_case_id(case), marks=() if _case_id(case) in FIXED_CONFIG_BUGS else
+                 pytest.mark.xfail(strict=True, reason=f"BUG {case[0]}"))
     for case in CONFIG_CASES
 ])
 def test_a_bad_config_value_is_a_config_error_not_a_crash(tmp_path, bug, load, error, text):
