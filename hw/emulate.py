@@ -3,15 +3,42 @@
     starling-emulate --scenario hw/scenarios/quickstart.toml --report report.json
 
 Starts a broker on a free loopback port (Mosquitto if installed), writes a
-key and config for one gateway and one per device, starts the gateway and
+key and config for every gateway and one per device, starts the gateways and
 the agents as separate processes (`python -m gateway.cli run`, `python -m
-agent.cli run`), follows the gateway's retained status topic to show
-progress, and when the rounds are done stops everything, verifies the
-ledger and writes the report.
+agent.cli run`, or `python -m hw.adversary` for the scenario's attackers),
+follows the gateways' retained status topics to show progress, and when the
+rounds are done stops everything, verifies the ledgers and writes the report.
+
+A city (`[fleet] gateways = N > 1`): a fresh operator root key signs a
+genesis naming every gateway (hw/city.py), each gateway runs with that
+genesis and gossip on and has its own devices (device i belongs to gateway
+i mod N). When the rounds are done the ledgers are gossiped level (each
+gateway's store with its own key, the real LedgerSync) and compared: the
+report's `ledger_check` says whether they are identical (vertex ids and
+state digest) and whether every update any gateway accepted is in every
+ledger.
+
+Adversaries (`[[adversary]]`): a seeded choice of devices runs `python -m
+hw.adversary --attack ...` instead of the agent; the report's `attacks`
+lists each attack's devices, what the gateways did with their replies (from
+each device's retained status: accepted, rejected by reason) and the outcome
+hw.adversary.EXPECTED says it should get.
+
+Variants (`[[variant]]`): the scenario runs once per variant, one after
+another, each in `<workdir>/<variant>/` with its own report.json and
+report.html there; the report at `--report` holds them all (`variants`) and
+the `comparison` of their accuracy.
+
+The report (see hw/report.py for how it is drawn): the first gateway's
+`rounds` (each with `t`, seconds since the run started, when its evaluation
+was in), `rejections`, `ledger`, `gateway`; `gateways` {name: rounds,
+rejections, state, ledger (height, verified, height_series and
+finality_lag_series sampled from the gateway's status and ledger gossip
+while it ran)}; `ledger_check` (cities); `attacks`; `comparison` (variants).
 
 The run folder (`--workdir`, default next to the report) keeps every log,
-key, config and the ledger; `run.json` in it names the broker port and the
-gateway id as soon as they exist, for tools and tests that join a run.
+key, config and ledger; `run.json` in it names the broker port and the
+gateways as soon as they exist, for tools and tests that join a run.
 """
 
 from __future__ import annotations
@@ -25,15 +52,23 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol import topics
+from protocol import cbor, topics
 from protocol.atomic import write_atomic
 from protocol.keys import Identity
 
 from .broker import Broker, _child_env
-from .scenario import Scenario, ScenarioError, load_scenario
+from .partition import prepare_devices
+from .scenario import Adversary, Scenario, ScenarioError, load_scenario
+
+__all__ = ["main", "prepare_devices", "run"]
+
+FINISHED = ("done", "stopped", "failed")
+SETTLE_S = 30.0  # at most this long for the ledgers to agree after the rounds
+LEDGER_VV = "starling/ledger/vv/+"
 
 
 def _toml_value(value: Any) -> str:
@@ -50,57 +85,118 @@ def _toml(doc: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def prepare_devices(scenario: Scenario, workdir: Path) -> list[tuple[str, Path]]:
-    """Write one `.npz` per device; return (name, path) pairs."""
-    out = []
-    if scenario.source == "watch":
-        from .datasets import load_watch_devices, save_device_npz
+@dataclass
+class GatewayRun:
+    """One gateway of the run: its identity, folder, devices and process."""
 
-        subjects = scenario.subjects or tuple(range(1, scenario.devices + 1))
-        for device in load_watch_devices(subjects, stride=scenario.stride):
-            path = workdir / "data" / f"{device.name}.npz"
-            save_device_npz(device, path)
-            out.append((device.name, path))
-    else:
-        files = sorted(Path(scenario.source).glob("*.npz"))[: scenario.devices]
-        if len(files) < scenario.devices:
-            raise ScenarioError(f"dataset.source has {len(files)} .npz files for {scenario.devices} devices")
-        out = [(f.stem, f) for f in files]
-    return out
+    index: int
+    name: str
+    identity: Identity
+    home: Path
+    log: Path
+    devices: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    @property
+    def key(self) -> Path:
+        return self.home / "gateway.key"
+
+    @property
+    def ledger(self) -> Path:
+        return self.home / "ledger.db"
 
 
-class Progress:
-    """Follows the gateway's retained status topic and prints one line per finished round."""
+def choose_attackers(scenario: Scenario, names: list[str]) -> dict[str, tuple[int, Adversary]]:
+    """Device name -> (index of its [[adversary]] table, the table): a seeded choice, disjoint per table."""
+    import numpy as np
 
-    def __init__(self, host: str, port: int, gateway_id: str, rounds: int, stream=sys.stderr) -> None:
+    order = [names[i] for i in np.random.default_rng([scenario.seed, 7]).permutation(len(names))]
+    chosen: dict[str, tuple[int, Adversary]] = {}
+    at = 0
+    for i, adversary in enumerate(scenario.adversaries):
+        n = adversary.devices(len(names))
+        for name in order[at: at + n]:
+            chosen[name] = (i, adversary)
+        at += n
+    return chosen
+
+
+class Monitor:
+    """Follows every gateway's retained status, the devices' statuses and the ledger gossip.
+
+    Prints one line per finished round (prefixed by the gateway's name in a city), notes when
+    each round ended (`t`, seconds since `started`) and samples every gateway's ledger height and
+    finality lag over time.
+    """
+
+    def __init__(self, host: str, port: int, gateways: list[GatewayRun], rounds: int, started: float,
+                 stream=sys.stderr) -> None:
         import paho.mqtt.client as mqtt
 
         self.rounds = rounds
+        self.started = started
         self.stream = stream
-        self.seen = -1
-        self.status: dict[str, Any] = {}
+        self.names = {g.identity.id: g.name for g in gateways}
+        self.prefix = len(gateways) > 1
+        self.lock = threading.Lock()
+        self.seen = {g.identity.id: -1 for g in gateways}
+        self.status: dict[str, dict[str, Any]] = {}
+        self.round_t: dict[str, dict[int, float]] = {g.identity.id: {} for g in gateways}
+        self.series: dict[str, list[tuple[float, int, int]]] = {g.identity.id: [] for g in gateways}
+        self.devices: dict[str, dict[str, Any]] = {}  # device id -> its latest status at its gateway
+        subscriptions = [(LEDGER_VV, 0)]
+        for g in gateways:
+            subscriptions += [(topics.status(g.identity.id), 1), (topics.device_status(g.identity.id, "+"), 1)]
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"emu-{os.getpid()}")
-        self.client.on_connect = lambda c, *_: c.subscribe(topics.status(gateway_id), qos=1)
+        self.client.on_connect = lambda c, *_: c.subscribe(subscriptions)
         self.client.on_message = self._on_message
         self.client.connect_async(host, port)
         self.client.loop_start()
 
+    def _t(self, when: Any) -> float:
+        return round((when if isinstance(when, (int, float)) else time.time()) - self.started, 3)
+
+    def _sample(self, gateway: str, when: Any, ledger: Any) -> None:
+        if gateway not in self.series or not isinstance(ledger, dict):
+            return
+        height, lag = ledger.get("height"), ledger.get("lag")
+        if isinstance(height, int) and isinstance(lag, int):
+            with self.lock:
+                self.series[gateway].append((self._t(when), height, lag))
+
     def _on_message(self, client, userdata, msg) -> None:
         try:
-            self.status = json.loads(msg.payload)
-        except ValueError:
+            if msg.topic.startswith("starling/ledger/vv/"):
+                doc = cbor.loads(msg.payload)
+                if isinstance(doc, dict):
+                    self._sample(msg.topic.rsplit("/", 1)[-1], doc.get("time"), doc)
+                return
+            doc = json.loads(msg.payload)
+        except Exception:  # noqa: BLE001 (whatever is on the wire must not stop the monitor)
             return
-        history = self.status.get("history", [])
-        finished = self.status.get("state") in ("done", "stopped", "failed")
+        if not isinstance(doc, dict):
+            return
+        if "/status/device/" in msg.topic:
+            with self.lock:
+                self.devices[msg.topic.rsplit("/", 1)[-1]] = doc
+            return
+        gateway = doc.get("gateway")
+        if gateway not in self.seen:
+            return
+        self.status[gateway] = doc
+        self._sample(gateway, doc.get("time"), doc.get("ledger"))
+        history = doc.get("history", [])
+        finished = doc.get("state") in FINISHED
         for i, record in enumerate(history):
             # A round is shown once its evaluation is in (or nothing more will come for it).
             complete = record["accuracy"] is not None or i + 1 < len(history) or finished
-            if record["round"] > self.seen and complete:
-                self.seen = record["round"]
+            if record["round"] > self.seen[gateway] and complete:
+                self.seen[gateway] = record["round"]
+                self.round_t[gateway].setdefault(record["round"], self._t(doc.get("time")))
                 acc = record["accuracy"]
                 print(
-                    f"  round {record['round']}/{self.rounds}  accuracy "
-                    f"{'  -  ' if acc is None else f'{acc:.3f}'}  participants {record['participants']}"
+                    f"  {self.names[gateway] + ' ' if self.prefix else ''}round {record['round']}/{self.rounds}"
+                    f"  accuracy {'  -  ' if acc is None else f'{acc:.3f}'}  participants {record['participants']}"
                     f"  rejected {record['rejected']}  {record['seconds']:.1f} s",
                     file=self.stream, flush=True,
                 )
@@ -123,110 +219,363 @@ def _stop(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
             p.wait()
 
 
-def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event | None = None) -> dict[str, Any]:
-    """Run `scenario` in `workdir`; write and return the report."""
-    from ledger.verify import verify_store
-
-    stop = stop or threading.Event()
-    started = time.time()
+def _fresh_workdir(workdir: Path) -> None:
     if (workdir / "run.json").exists():
         shutil.rmtree(workdir)  # an earlier run of ours: its keys, ledger and device state must not leak in
     elif workdir.exists() and any(workdir.iterdir()):
         raise ScenarioError(f"run folder {workdir} is not empty and holds no earlier run: choose another --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
-    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run `scenario` (each of its variants, if it has any) in `workdir`; write and return the report."""
+    stop = stop or threading.Event()
+    if scenario.variants:
+        return _run_variants(scenario, report_path, workdir, stop)
+    return _run_one(scenario, report_path, workdir, stop)
+
+
+def _gateway_config(scenario: Scenario, g: GatewayRun, broker: Broker, genesis: Path | None) -> Path:
+    doc: dict[str, dict[str, Any]] = {
+        "gateway": {"name": g.name, "key": str(g.key), "state_dir": str(g.home)},
+        "broker": {"host": broker.host, "port": broker.port},
+        "strategy": {"name": scenario.strategy, "params": scenario.strategy_params,
+                     **({"dp": scenario.strategy_dp} if scenario.strategy_dp else {})},
+        "rounds": {"num_rounds": scenario.rounds, "deadline_s": scenario.deadline_s, "epochs": scenario.epochs,
+                   "batch_size": scenario.batch_size, "lr": scenario.lr, "min_devices": len(g.devices),
+                   "wait_devices_s": 120.0},
+        "enrollment": {"policy": "open"},  # the emulator's devices are its own
+    }
+    if genesis is not None:
+        # Every gateway starts from the same genesis at the same time: nobody has a checkpoint to wait for.
+        doc["ledger"] = {"genesis": str(genesis), "gossip": True, "bootstrap_s": 0.0}
+    path = g.home / "gateway.toml"
+    path.write_text(_toml(doc))
+    return path
+
+
+def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event) -> dict[str, Any]:
+    from ledger.verify import verify_store
+
+    started = time.time()
+    _fresh_workdir(workdir)
     devices = prepare_devices(scenario, workdir)
-    gateway_key = workdir / "gateway" / "gateway.key"
-    gateway = Identity.generate()
-    gateway.save(gateway_key)
+    names = [name for name, _ in devices]
+    attackers = choose_attackers(scenario, names)
+    city = scenario.gateways > 1
+    gateways = []
+    for i in range(scenario.gateways):
+        home = workdir / ("gateways" if city else "") / (f"gw-{i + 1}" if city else "gateway")
+        home.mkdir(parents=True, exist_ok=True)
+        g = GatewayRun(i, f"gw-{i + 1}", Identity.generate(), home,
+                       workdir / "logs" / (f"gw-{i + 1}.log" if city else "gateway.log"),
+                       [names[d] for d in scenario.devices_of(i)])
+        g.identity.save(g.key)
+        gateways.append(g)
+    gateway_of = {name: g for g in gateways for name in g.devices}
+    genesis = None
+    if city:
+        from .city import write_genesis
+
+        genesis = write_genesis(workdir / "city", scenario.name, [g.identity.public_key for g in gateways])
+    device_ids = {}
+    for name in names:  # keys made here, so the report can name each device's id (the agent loads it)
+        home = workdir / "devices" / name
+        home.mkdir(parents=True, exist_ok=True)
+        identity = Identity.generate()
+        identity.save(home / "device.key")
+        device_ids[name] = identity.id
     env = _child_env()
-    processes: list[subprocess.Popen] = []
-    logs = workdir / "logs"
-    logs.mkdir(exist_ok=True)
+    agents: list[subprocess.Popen] = []
+    (workdir / "logs").mkdir(exist_ok=True)
+    settled: dict[str, Any] | None = None
     with Broker(workdir / "broker", kind=scenario.broker) as broker:
-        say(f"starling-emulate: {scenario.name}: {broker.kind} broker on 127.0.0.1:{broker.port}, "
-            f"1 gateway {gateway.id}, {len(devices)} devices, {scenario.rounds} rounds of {scenario.strategy}")
+        attack_note = f", attackers: {scenario.attack_label()}" if attackers else ""
+        _say(f"starling-emulate: {scenario.name}: {broker.kind} broker on 127.0.0.1:{broker.port}, "
+             f"{len(gateways)} gateway{'s' if city else ''} "
+             f"{', '.join(g.identity.id for g in gateways)}, {len(devices)} devices, "
+             f"{scenario.rounds} rounds of {scenario.strategy}{attack_note}")
+        first = gateways[0]
         write_atomic(workdir / "run.json", json.dumps({
             "broker": {"host": broker.host, "port": broker.port, "kind": broker.kind},
-            "gateway": {"id": gateway.id, "public_key": gateway.public_key.hex()},
-            "devices": [name for name, _ in devices],
+            "gateway": {"id": first.identity.id, "public_key": first.identity.public_key.hex()},
+            "gateways": [{"name": g.name, "id": g.identity.id, "public_key": g.identity.public_key.hex(),
+                          "devices": g.devices} for g in gateways],
+            "genesis": str(genesis) if genesis else None,
+            "devices": names,
+            "attackers": {name: adv.attack for name, (_, adv) in attackers.items()},
         }).encode())
-        gateway_conf = workdir / "gateway" / "gateway.toml"
-        gateway_conf.write_text(_toml({
-            "gateway": {"name": "gw-1", "key": str(gateway_key), "state_dir": str(workdir / "gateway")},
-            "broker": {"host": broker.host, "port": broker.port},
-            "strategy": {"name": scenario.strategy, "params": scenario.strategy_params,
-                         **({"dp": scenario.strategy_dp} if scenario.strategy_dp else {})},
-            "rounds": {"num_rounds": scenario.rounds, "deadline_s": scenario.deadline_s, "epochs": scenario.epochs,
-                       "batch_size": scenario.batch_size, "lr": scenario.lr, "min_devices": len(devices),
-                       "wait_devices_s": 120.0},
-            "enrollment": {"policy": "open"},  # the emulator's devices are its own
-        }))
-        progress = Progress(broker.host, broker.port, gateway.id, scenario.rounds)
-        with open(logs / "gateway.log", "wb") as out:
-            gateway_proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(gateway_conf)],
-                                            stdout=out, stderr=subprocess.STDOUT, env=env)
-        processes.append(gateway_proc)
+        monitor = Monitor(broker.host, broker.port, gateways, scenario.rounds, started)
+        for g in gateways:
+            conf = _gateway_config(scenario, g, broker, genesis)
+            with open(g.log, "wb") as out:
+                g.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)],
+                                             stdout=out, stderr=subprocess.STDOUT, env=env)
         for name, data in devices:
+            g = gateway_of[name]
             home = workdir / "devices" / name
-            home.mkdir(parents=True, exist_ok=True)
             conf = home / "agent.toml"
             conf.write_text(_toml({
                 "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state")},
-                "gateway": {"id": gateway.id, "public_key": gateway.public_key.hex()},
+                "gateway": {"id": g.identity.id, "public_key": g.identity.public_key.hex()},
                 "broker": {"host": broker.host, "port": broker.port},
                 "data": {"replay": str(data)},
             }))
-            with open(logs / f"{name}.log", "wb") as out:
-                processes.append(subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(conf)],
-                                                  stdout=out, stderr=subprocess.STDOUT, env=env))
+            if name in attackers:
+                cmd = attackers[name][1].command(conf)
+            else:
+                cmd = [sys.executable, "-m", "agent.cli", "run", "--config", str(conf)]
+            with open(workdir / "logs" / f"{name}.log", "wb") as out:
+                agents.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
         deadline = time.monotonic() + scenario.timeout_s
         timed_out = False
+        gateway_procs = [g.process for g in gateways if g.process is not None]
         try:
-            while gateway_proc.poll() is None:
+            while any(p.poll() is None for p in gateway_procs):
                 if stop.is_set() or time.monotonic() > deadline:
                     timed_out = not stop.is_set()
-                    say("starling-emulate: stopping early" + (" (timeout)" if timed_out else ""))
+                    _say("starling-emulate: stopping early" + (" (timeout)" if timed_out else ""))
                     break
                 time.sleep(0.2)
         finally:
-            _stop(processes)
-            progress.close()
-    result_file = workdir / "gateway" / "result.json"
-    result = json.loads(result_file.read_text()) if result_file.exists() else {}
-    ledger_path = workdir / "gateway" / "ledger.db"
-    verified = verify_store(ledger_path) if ledger_path.exists() else None
-    report = {
+            _stop(gateway_procs)
+            time.sleep(0.5)  # the gateways' last retained statuses reach the monitor
+            _stop(agents)
+            if city and not stop.is_set():
+                from .city import GatewayLedger, settle
+
+                try:
+                    settled = settle([GatewayLedger(g.name, g.ledger, g.key) for g in gateways if g.ledger.exists()],
+                                     broker.host, broker.port, timeout_s=SETTLE_S)
+                    _say(f"starling-emulate: ledgers {'agree' if settled['agreed'] else 'still differ'} "
+                         f"after {settled['seconds']:.1f} s of gossip")
+                except Exception as exc:  # noqa: BLE001 (the report says so; the run's record comes first)
+                    settled = {"agreed": False, "error": f"{type(exc).__name__}: {exc}"}
+            monitor.close()
+    report = _report(scenario, workdir, started, broker.kind, gateways, monitor, attackers, device_ids,
+                     timed_out, settled, verify_store)
+    _write_report(report, report_path)
+    return report
+
+
+def _ledger_section(g: GatewayRun, result: dict[str, Any], monitor: Monitor, verify_store) -> dict[str, Any]:
+    from ledger.store import Ledger
+
+    verified = verify_store(g.ledger) if g.ledger.exists() else None
+    series = sorted(monitor.series.get(g.identity.id, []))
+    if g.ledger.exists():  # where the ledger ended (after a city's gossip settled)
+        with Ledger.open(g.ledger, read_only=True) as ledger:
+            end = ledger.finality()
+        series.append((round(time.time() - monitor.started, 3), end["height"], end["lag"]))
+    # Only the samples where something changed (the version vector comes every second), and the last.
+    series = [p for i, p in enumerate(series) if i in (0, len(series) - 1) or p[1:] != series[i - 1][1:]]
+    return {
+        "path": str(g.ledger),
+        "height": result.get("ledger", {}).get("height"),
+        "verified": bool(verified and verified.ok),
+        "problem": None if verified is None or verified.ok else f"{verified.bad_vertex}: {verified.reason}",
+        "height_series": [[t, h] for t, h, _ in series],
+        "finality_lag_series": [[t, lag] for t, _, lag in series],
+    }
+
+
+def _attack_outcome(expected: tuple[str, ...], accepted: int, rejected: dict[str, int]) -> bool:
+    if "accepted" in expected:
+        return accepted > 0 and not rejected
+    return sum(rejected.values()) > 0 and set(rejected) <= set(expected)
+
+
+def _attacks(scenario: Scenario, attackers: dict[str, tuple[int, Adversary]], device_ids: dict[str, str],
+             gateway_of: dict[str, str], monitor: Monitor) -> list[dict[str, Any]]:
+    from .adversary import EXPECTED
+
+    out = []
+    for i, adv in enumerate(scenario.adversaries):
+        names = sorted(name for name, (j, _) in attackers.items() if j == i)
+        accepted, rejected, skipped, per_device = 0, {}, {}, {}
+        for name in names:
+            doc = monitor.devices.get(device_ids[name], {})
+            accepted += int(doc.get("accepted", 0))
+            for reason, n in (doc.get("rejected") or {}).items():
+                rejected[reason] = rejected.get(reason, 0) + int(n)
+            for reason, n in (doc.get("skipped") or {}).items():
+                skipped[reason] = skipped.get(reason, 0) + int(n)
+            per_device[name] = {"id": device_ids[name], "gateway": gateway_of[name],
+                                "accepted": int(doc.get("accepted", 0)), "rejected": dict(doc.get("rejected") or {})}
+        # Under the emulator's "open" enrollment a sybil is enrolled and acts as its payload: accepted.
+        expected = ("accepted",) if adv.attack == "sybil" else tuple(EXPECTED[adv.attack])
+        entry = {"attack": adv.attack, "fraction": adv.fraction if adv.fraction is not None
+                 else round(len(names) / max(1, scenario.devices), 4),
+                 "devices": names, "accepted": accepted, "rejected": rejected, "skipped": skipped,
+                 "expected": list(expected), "as_expected": _attack_outcome(expected, accepted, rejected),
+                 "per_device": per_device}
+        for key in ("scale", "sigma", "payload"):
+            if getattr(adv, key) is not None:
+                entry[key] = getattr(adv, key)
+        out.append(entry)
+    return out
+
+
+def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str, gateways: list[GatewayRun],
+            monitor: Monitor, attackers: dict[str, tuple[int, Adversary]], device_ids: dict[str, str],
+            timed_out: bool, settled: dict[str, Any] | None, verify_store) -> dict[str, Any]:
+    sections: dict[str, dict[str, Any]] = {}
+    results = {}
+    for g in gateways:
+        result_file = g.home / "result.json"
+        result = json.loads(result_file.read_text()) if result_file.exists() else {}
+        results[g.name] = result
+        round_t = monitor.round_t.get(g.identity.id, {})
+        rounds = [{**r, "t": round_t[r["round"]]} if r.get("round") in round_t else r for r in result.get("rounds", [])]
+        sections[g.name] = {
+            "id": g.identity.id,
+            "state": result.get("state", "no result"),
+            "failure": result.get("failure"),
+            "exit_code": g.process.returncode if g.process is not None else None,
+            "devices": g.devices,
+            "rounds": rounds,
+            "rejections": result.get("rejections", {}),
+            "enroll_rejections": result.get("enroll_rejections", {}),
+            "model": result.get("model", {}),
+            "ledger": _ledger_section(g, result, monitor, verify_store),
+        }
+    first = gateways[0]
+    main_section = sections[first.name]
+    main_result = results[first.name]
+    report: dict[str, Any] = {
         "scenario": scenario.name,
-        "rounds": result.get("rounds", []),
-        "rejections": result.get("rejections", {}),
-        "ledger": {
-            "path": str(ledger_path),
-            "height": result.get("ledger", {}).get("height"),
-            "verified": bool(verified and verified.ok),
-            "problem": None if verified is None or verified.ok else f"{verified.bad_vertex}: {verified.reason}",
-        },
+        "rounds": main_section["rounds"],
+        "rejections": main_section["rejections"],
+        "ledger": {k: main_section["ledger"][k] for k in ("path", "height", "verified", "problem")},
         "config": scenario.to_dict(),
-        "gateway": {**result.get("gateway", {}), "state": result.get("state", "no result"),
-                    "exit_code": gateway_proc.returncode, "enroll_rejections": result.get("enroll_rejections", {})},
-        "model": result.get("model", {}),
-        "broker": broker.kind,
+        "gateway": {**main_result.get("gateway", {}), "state": main_section["state"],
+                    "exit_code": main_section["exit_code"], "enroll_rejections": main_section["enroll_rejections"]},
+        "model": main_section["model"],
+        "gateways": sections,
+        "broker": broker_kind,
         "workdir": str(workdir),
         "seconds": round(time.time() - started, 1),
         "timed_out": timed_out,
     }
-    write_atomic(report_path, (json.dumps(report, indent=2) + "\n").encode())
+    if len(gateways) > 1:
+        from .city import GatewayLedger, compare_ledgers
+
+        accepted = {g.name: sum(r.get("participants", 0) for r in sections[g.name]["rounds"] if r.get("round", 0) > 0)
+                    for g in gateways}
+        check = compare_ledgers([GatewayLedger(g.name, g.ledger, g.key) for g in gateways], accepted,
+                                {g.name: g.identity.public_key for g in gateways})
+        report["ledger_check"] = {**check, "settle": settled}
+    if scenario.adversaries:
+        gateway_of = {name: g.name for g in gateways for name in g.devices}
+        report["attacks"] = _attacks(scenario, attackers, device_ids, gateway_of, monitor)
+    report["devices"] = {name: {"id": device_ids[name], "gateway": g.name,
+                                **({"attack": attackers[name][1].attack} if name in attackers else {})}
+                         for g in gateways for name in g.devices}
+    return report
+
+
+def _write_report(report: dict[str, Any], report_path: Path) -> None:
     from hw.report import write_html_report
 
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(report_path, (json.dumps(report, indent=2) + "\n").encode())
     html = report_path.with_suffix(".html")
     write_html_report(report, html)
-    say(f"starling-emulate: report {report_path}, {html}")
+    _say(f"starling-emulate: report {report_path}, {html}")
+
+
+def _final_accuracy(report: dict[str, Any]) -> float | None:
+    """The mean over the gateways of each one's last evaluated accuracy."""
+    finals = []
+    for section in report.get("gateways", {}).values():
+        accs = [r.get("accuracy") for r in section.get("rounds", []) if r.get("accuracy") is not None]
+        if accs:
+            finals.append(accs[-1])
+    return sum(finals) / len(finals) if finals else None
+
+
+def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event) -> dict[str, Any]:
+    started = time.time()
+    _fresh_workdir(workdir)
+    write_atomic(workdir / "run.json", json.dumps({"variants": [v.name for v in scenario.variants]}).encode())
+    reports = []
+    for i, variant in enumerate(scenario.variants):
+        if stop.is_set():
+            break
+        _say(f"starling-emulate: variant {i + 1}/{len(scenario.variants)}: {variant.name} "
+             f"({variant.strategy}, attack {variant.attack_label() or 'none'})")
+        reports.append(_run_one(variant, workdir / variant.name / "report.json", workdir / variant.name, stop))
+    comparison = []
+    for variant, sub in zip(scenario.variants, reports):
+        accuracy = [r.get("accuracy") for r in sub.get("rounds", [])]
+        comparison.append({
+            "name": variant.name, "strategy": variant.strategy, "attack": variant.attack_label(),
+            "final_accuracy": _final_accuracy(sub),  # the last evaluated round's
+            # False when the last rounds got no evaluation (e.g. the devices refused a diverged model)
+            "last_round_evaluated": bool(accuracy) and accuracy[-1] is not None,
+            "accuracy": accuracy,
+            "state": sub["gateway"]["state"],
+            "report": str(workdir / variant.name / "report.json"),
+        })
+    attacks = [{**a, "variant": sub["scenario"]} for sub in reports for a in sub.get("attacks", [])]
+    report: dict[str, Any] = {
+        "scenario": scenario.name,
+        "config": scenario.to_dict(),
+        "comparison": comparison,
+        "variants": reports,
+        **({"attacks": attacks} if attacks else {}),
+        "broker": reports[0]["broker"] if reports else None,
+        "workdir": str(workdir),
+        "seconds": round(time.time() - started, 1),
+        "timed_out": any(r["timed_out"] for r in reports),
+    }
+    _write_report(report, report_path)
     return report
+
+
+def _ok(report: dict[str, Any]) -> bool:
+    if "variants" in report:
+        return bool(report["variants"]) and len(report["variants"]) == len(report["comparison"]) and all(
+            _ok(r) for r in report["variants"]) and len(report["variants"]) == len(report["config"]["variants"])
+    gateways_ok = all(s["state"] == "done" and s["ledger"]["verified"] for s in report["gateways"].values())
+    check = report.get("ledger_check")
+    city_ok = check is None or (check["identical"] and check["every_accepted_update_in_every_ledger"])
+    return gateways_ok and city_ok
+
+
+def _summary(report: dict[str, Any], report_path: Path) -> str:
+    if "variants" in report:
+        lines = [f"starling-emulate: {len(report['variants'])} runs in {report['seconds']:.0f} s, report {report_path}"]
+        for c in report["comparison"]:
+            acc = c["final_accuracy"]
+            lines.append(f"  {c['name']}: {c['strategy']}, attack {c['attack'] or 'none'}: final accuracy "
+                         f"{'-' if acc is None else f'{acc:.3f}'} ({c['state']}"
+                         f"{'' if c['last_round_evaluated'] else ', the last rounds were not evaluated'})")
+        return "\n".join(lines)
+    rounds = report["rounds"]
+    final = rounds[-1]["accuracy"] if rounds else None
+    text = (f"starling-emulate: {len(rounds) - 1 if rounds else 0} rounds in {report['seconds']:.0f} s, "
+            f"final accuracy {final if final is None else round(final, 3)}, "
+            f"ledger height {report['ledger']['height']} verified={report['ledger']['verified']}")
+    check = report.get("ledger_check")
+    if check is not None:
+        text += (f", {len(report['gateways'])} ledgers identical={check['identical']} "
+                 f"every accepted update in every ledger={check['every_accepted_update_in_every_ledger']}")
+    for attack in report.get("attacks", []):
+        n = len(attack["devices"])
+        text += (f"\n  attack {attack['attack']} ({n} device{'' if n == 1 else 's'}): accepted {attack['accepted']}, "
+                 f"rejected {attack['rejected'] or '-'}; expected {'/'.join(attack['expected'])}: "
+                 f"{'yes' if attack['as_expected'] else 'NO'}")
+    return text + f", report {report_path}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="starling-emulate",
-                                     description="Run a Starling fleet (broker, gateway, agents) on this machine.")
+                                     description="Run a Starling fleet (broker, gateways, agents) on this machine.")
     parser.add_argument("--scenario", required=True, help="scenario TOML file (see hw/scenarios/)")
     parser.add_argument("--report", default="report.json", help="where to write the JSON report")
     parser.add_argument("--workdir", help="run folder for logs, keys and the ledger (default: <report>.run/)")
@@ -246,14 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     except ScenarioError as exc:
         print(f"starling-emulate: {exc}", file=sys.stderr)
         return 2
-    rounds = report["rounds"]
-    final = rounds[-1]["accuracy"] if rounds else None
-    print(f"starling-emulate: {len(rounds) - 1 if rounds else 0} rounds in {report['seconds']:.0f} s, "
-          f"final accuracy {final if final is None else round(final, 3)}, "
-          f"ledger height {report['ledger']['height']} verified={report['ledger']['verified']}, "
-          f"report {report_path}", file=sys.stderr)
-    ok = report["gateway"]["state"] == "done" and report["ledger"]["verified"]
-    return 0 if ok else 1
+    print(_summary(report, report_path), file=sys.stderr)
+    return 0 if _ok(report) else 1
 
 
 if __name__ == "__main__":

@@ -3,15 +3,23 @@
     [run]
     name = "quickstart"
     rounds = 5
-    seed = 0
+    seed = 0                   # seeds the data partition and the choice of attackers
     timeout_s = 600            # the whole run is stopped after this
 
     [fleet]
-    devices = 5                # one device per subject (watch data) or per .npz file
+    gateways = 1               # > 1: a city; the gateways share one ledger by gossip
+    devices = 5                # in all, split evenly over the gateways (device i -> gateway i mod N) ...
+    # devices_per_gateway = 5  # ... or this many per gateway (devices = gateways x this)
     subjects = [1, 2, 3, 4, 5] # optional: which watch subjects
 
     [dataset]
-    source = "watch"           # or a folder of per-device .npz files (x_train, y_train, x_test, y_test)
+    source = "watch"           # or a folder of per-device .npz files: X [n, ...] and y [n]
+                               # (or x_train, y_train, x_test, y_test)
+    partition = "subject"      # "subject": one device per watch subject (per file of a folder);
+                               # "dirichlet": pool every window, deal them to the devices with a
+                               # per-class Dirichlet(alpha) label skew (seeded)
+    alpha = 0.5                # dirichlet only: small = every device sees few classes
+    test_fraction = 0.2        # each device's local test split
     stride = 64
 
     [strategy]
@@ -27,30 +35,92 @@
     [broker]
     kind = "auto"              # "mosquitto", "embedded" or "auto"
 
+    [[adversary]]              # any number: a seeded choice of devices runs hw.adversary instead
+    attack = "sign_flip"       # one of hw.adversary.ATTACKS
+    fraction = 0.3             # of all devices (rounded, at least 1), or count = 3
+    # scale = 10.0             # scaling: sends scale x its delta; sign_flip: sends -scale x its delta
+                               # (default 1; a boosted sign flip runs as hw.adversary's scaling by -scale)
+    # sigma = 1.0              # gaussian_noise
+    # payload = "sign_flip"    # sybil: what it does once enrolled (the emulator's policy is "open")
+
+    [[variant]]                # optional: run the scenario once per variant, one after another,
+    name = "fedavg"            # results merged into one report under "comparison"
+    [variant.strategy]         # a variant holds any of the sections above (not [run]); a table
+    name = "FedAvg"            # overrides the base section key by key, an `adversary` list
+                               # replaces the base list (`adversary = []`: a clean run)
+
+(`[[run]]` would have been the natural name for variants, but TOML cannot
+hold both a `[run]` table and a `[[run]]` array.)
+
 Unknown sections or keys are errors (a typo must not silently fall back to
 a default), and every error names the field.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.config import ConfigError, read_toml
+from protocol.config import ConfigError, read_toml, resolve_path
 
+NUMBER = (int, float)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "run": {"name": str, "rounds": int, "seed": int, "timeout_s": (int, float)},
-    "fleet": {"devices": int, "subjects": list},
-    "dataset": {"source": str, "stride": int},
+    "run": {"name": str, "rounds": int, "seed": int, "timeout_s": NUMBER},
+    "fleet": {"gateways": int, "devices": int, "devices_per_gateway": int, "subjects": list},
+    "dataset": {"source": str, "stride": int, "partition": str, "alpha": NUMBER, "test_fraction": NUMBER},
     "strategy": {"name": str, "params": dict, "dp": dict},
-    "training": {"epochs": int, "batch_size": int, "lr": (int, float), "deadline_s": (int, float)},
+    "training": {"epochs": int, "batch_size": int, "lr": NUMBER, "deadline_s": NUMBER},
     "broker": {"kind": str},
 }
+ARRAYS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "adversary": {"attack": str, "fraction": NUMBER, "count": int, "scale": NUMBER, "sigma": NUMBER,
+                  "payload": str},
+    "variant": {"name": str},  # plus any section of SCHEMA but [run], and `adversary`
+}
+PARAMS = {"sign_flip": ("scale",), "scaling": ("scale",), "gaussian_noise": ("sigma",),
+          "sybil": ("payload", "scale", "sigma")}
+PARTITIONS = ("subject", "dirichlet")
+WATCH_SUBJECTS = 10
+MAX_GATEWAYS = 32
 
 
 class ScenarioError(ConfigError):
     """The scenario file is unusable; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Adversary:
+    """A share of the fleet that runs `python -m hw.adversary --attack <attack>`."""
+
+    attack: str
+    fraction: float | None = None  # of all devices; or
+    count: int | None = None  # this many devices
+    scale: float | None = None
+    sigma: float | None = None
+    payload: str | None = None
+
+    def devices(self, total: int) -> int:
+        """How many of `total` devices run this attack: `count`, or `fraction` rounded (at least 1)."""
+        if self.count is not None:
+            return self.count
+        return max(1, round((self.fraction or 0.0) * total)) if self.fraction else 0
+
+    def label(self) -> str:
+        share = f"{self.fraction:.0%}" if self.fraction is not None else \
+            f"{self.count} device{'' if self.count == 1 else 's'}"
+        boost = f" x{self.scale:g}" if self.attack == "sign_flip" and self.scale not in (None, 1.0) else ""
+        return f"{self.attack}{boost} {share}"
+
+    def command(self, config_path: str | Path) -> list[str]:
+        """The `python -m hw.adversary ...` command line of one of these devices."""
+        from .adversary import adversary_command  # noqa: PLC0415
+
+        if self.attack == "sign_flip" and self.scale not in (None, 1.0):
+            return adversary_command("scaling", config_path, scale=-self.scale)  # -scale x the honest delta
+        scale = self.scale if self.attack != "sign_flip" else None
+        return adversary_command(self.attack, config_path, scale=scale, sigma=self.sigma, payload=self.payload)
 
 
 @dataclass(frozen=True)
@@ -71,40 +141,140 @@ class Scenario:
     lr: float = 0.05
     deadline_s: float = 60.0
     broker: str = "auto"
+    gateways: int = 1
+    partition: str = "subject"
+    alpha: float = 0.5
+    test_fraction: float = 0.2
+    adversaries: tuple[Adversary, ...] = ()
+    variants: tuple[Scenario, ...] = ()
+
+    def devices_of(self, gateway: int) -> list[int]:
+        """Indices (0-based) of the devices that belong to gateway `gateway` (0-based): i mod gateways."""
+        return [i for i in range(self.devices) if i % self.gateways == gateway]
+
+    def attack_label(self) -> str | None:
+        return ", ".join(a.label() for a in self.adversaries) or None
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["subjects"] = list(self.subjects)
+        doc["adversaries"] = [{k: v for k, v in asdict(a).items() if v is not None} for a in self.adversaries]
+        doc["variants"] = [v.name for v in self.variants]
         return doc
+
+
+def _check_types(where: str, table: Any, schema: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
+    if not isinstance(table, dict):
+        raise ScenarioError(f"{where} must be a table")
+    for key, value in table.items():
+        if key in extra:
+            continue
+        if key not in schema:
+            raise ScenarioError(f"unknown key {where}.{key}; known: {', '.join([*schema, *extra])}")
+        kind = schema[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ScenarioError(f"{where}.{key} has the wrong type ({type(value).__name__})")
+
+
+def _adversaries(items: Any, where: str = "adversary") -> tuple[Adversary, ...]:
+    from .adversary import ATTACKS, SYBIL_PAYLOADS  # noqa: PLC0415 (agent code: only when asked)
+
+    if not isinstance(items, list):
+        raise ScenarioError(f"{where} must be an array of tables ([[{where}]])")
+    out = []
+    for i, table in enumerate(items):
+        at = f"{where}[{i}]"
+        _check_types(at, table, ARRAYS["adversary"])
+        attack = table.get("attack")
+        if attack is None:
+            raise ScenarioError(f"{at}.attack is required: one of {', '.join(ATTACKS)}")
+        if attack not in ATTACKS:
+            raise ScenarioError(f"{at}.attack: unknown attack {attack!r}; one of {', '.join(ATTACKS)}")
+        if ("fraction" in table) == ("count" in table):
+            raise ScenarioError(f"{at}: give either fraction (of all devices) or count, not "
+                                f"{'both' if 'fraction' in table else 'neither'}")
+        if "fraction" in table and not 0 < table["fraction"] <= 1:
+            raise ScenarioError(f"{at}.fraction must be in (0, 1], got {table['fraction']}")
+        if "count" in table and table["count"] < 1:
+            raise ScenarioError(f"{at}.count must be at least 1, got {table['count']}")
+        for key in ("scale", "sigma"):
+            if key in table and not table[key] > 0:
+                raise ScenarioError(f"{at}.{key} must be positive, got {table[key]}")
+        allowed = PARAMS.get(attack, ())
+        for key in ("scale", "sigma", "payload"):
+            if key in table and key not in allowed:
+                raise ScenarioError(f"{at}.{key} is not a parameter of {attack}"
+                                    + (f" (it takes {', '.join(allowed)})" if allowed else " (it takes none)"))
+        if "payload" in table and table["payload"] not in SYBIL_PAYLOADS:
+            raise ScenarioError(f"{at}.payload must be one of {', '.join(SYBIL_PAYLOADS)}, not {table['payload']!r}")
+        out.append(Adversary(attack, float(table["fraction"]) if "fraction" in table else None, table.get("count"),
+                             None if "scale" not in table else float(table["scale"]),
+                             None if "sigma" not in table else float(table["sigma"]), table.get("payload")))
+    return tuple(out)
 
 
 def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
     for section, table in doc.items():
+        if section in ARRAYS:
+            continue
         if section not in SCHEMA:
-            raise ScenarioError(f"unknown section [{section}]; known: {', '.join(SCHEMA)}")
-        if not isinstance(table, dict):
-            raise ScenarioError(f"[{section}] must be a table")
-        for key, value in table.items():
-            if key not in SCHEMA[section]:
-                raise ScenarioError(f"unknown key {section}.{key}; known: {', '.join(SCHEMA[section])}")
-            kind = SCHEMA[section][key]
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise ScenarioError(f"{section}.{key} has the wrong type ({type(value).__name__})")
+            raise ScenarioError(f"unknown section [{section}]; known: {', '.join([*SCHEMA, *ARRAYS])}")
+        _check_types(section, table, SCHEMA[section])
     get = lambda s, k, d: doc.get(s, {}).get(k, d)  # noqa: E731
     subjects = tuple(get("fleet", "subjects", []))
-    if not all(isinstance(s, int) and 1 <= s <= 10 for s in subjects):
-        raise ScenarioError("fleet.subjects must be watch subject ids between 1 and 10")
-    devices = get("fleet", "devices", len(subjects) or 5)
-    if subjects and len(subjects) != devices:
-        raise ScenarioError(f"fleet.subjects names {len(subjects)} subjects for {devices} devices")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= WATCH_SUBJECTS for s in subjects):
+        raise ScenarioError(f"fleet.subjects must be watch subject ids between 1 and {WATCH_SUBJECTS}")
+    if len(set(subjects)) != len(subjects):
+        raise ScenarioError("fleet.subjects names a subject twice")
+    gateways = get("fleet", "gateways", 1)
+    if not 1 <= gateways <= MAX_GATEWAYS:
+        raise ScenarioError(f"fleet.gateways must be between 1 and {MAX_GATEWAYS}, got {gateways}")
+    partition = get("dataset", "partition", "subject")
+    if partition not in PARTITIONS:
+        raise ScenarioError(f"dataset.partition must be one of {', '.join(PARTITIONS)}, not {partition!r}")
+    per_gateway = get("fleet", "devices_per_gateway", None)
+    default_devices = len(subjects) if subjects and partition == "subject" else 5
+    if per_gateway is not None:
+        if per_gateway < 1:
+            raise ScenarioError(f"fleet.devices_per_gateway must be positive, got {per_gateway}")
+        devices = gateways * per_gateway
+        if "devices" in doc.get("fleet", {}) and doc["fleet"]["devices"] != devices:
+            raise ScenarioError(f"fleet.devices = {doc['fleet']['devices']} contradicts fleet.devices_per_gateway "
+                                f"= {per_gateway} x {gateways} gateways; give one of them")
+    else:
+        devices = get("fleet", "devices", default_devices)
+    if devices < gateways:
+        raise ScenarioError(f"fleet.devices: {devices} devices for {gateways} gateways; every gateway needs one")
+    if "alpha" in doc.get("dataset", {}) and partition != "dirichlet":
+        raise ScenarioError('dataset.alpha only applies to partition = "dirichlet"')
+    alpha = float(get("dataset", "alpha", 0.5))
+    if not alpha > 0:
+        raise ScenarioError(f"dataset.alpha must be positive, got {alpha}")
+    test_fraction = float(get("dataset", "test_fraction", 0.2))
+    if not 0 < test_fraction < 1:
+        raise ScenarioError(f"dataset.test_fraction must be between 0 and 1, got {test_fraction}")
     source = get("dataset", "source", "watch")
     if source != "watch":
-        folder = (base_dir / source).resolve()
-        if not folder.is_dir():
+        try:
+            folder = resolve_path(source, base_dir, "dataset.source")
+            found = folder.is_dir()
+        except (ConfigError, OSError) as exc:  # a NUL, a name too long for the OS
+            raise ScenarioError(f"dataset.source: {str(exc)[:200]}") from exc
+        if not found:
             raise ScenarioError(f"dataset.source: {folder} is not a folder of .npz files")
         source = str(folder)
-    elif not 1 <= devices <= 10:
-        raise ScenarioError(f"fleet.devices: the watch data has 10 subjects, asked for {devices}")
+        if subjects:
+            raise ScenarioError("fleet.subjects only applies to the watch data (dataset.source = \"watch\")")
+    elif partition == "subject":
+        if subjects and len(subjects) != devices:
+            raise ScenarioError(f"fleet.subjects names {len(subjects)} subjects for {devices} devices")
+        if not 1 <= devices <= WATCH_SUBJECTS:
+            raise ScenarioError(f"fleet.devices: the watch data has {WATCH_SUBJECTS} subjects, asked for {devices} "
+                                'devices (partition = "dirichlet" deals the pooled windows to any number)')
+    adversaries = _adversaries(doc.get("adversary", []))
+    attackers = sum(a.devices(devices) for a in adversaries)
+    if attackers > devices:
+        raise ScenarioError(f"adversary: {attackers} attacking devices, but the fleet has only {devices}")
     scenario = Scenario(
         name=get("run", "name", "scenario"),
         rounds=get("run", "rounds", 5),
@@ -122,6 +292,11 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         lr=float(get("training", "lr", 0.05)),
         deadline_s=float(get("training", "deadline_s", 60.0)),
         broker=get("broker", "kind", "auto"),
+        gateways=gateways,
+        partition=partition,
+        alpha=alpha,
+        test_fraction=test_fraction,
+        adversaries=adversaries,
     )
     for name, value in (("run.rounds", scenario.rounds), ("fleet.devices", scenario.devices),
                         ("dataset.stride", scenario.stride), ("training.epochs", scenario.epochs),
@@ -131,7 +306,60 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
             raise ScenarioError(f"{name} must be positive, got {value}")
     if scenario.broker not in ("auto", "mosquitto", "embedded"):
         raise ScenarioError(f"broker.kind must be auto, mosquitto or embedded, not {scenario.broker!r}")
+    if "variant" in doc:
+        scenario = _with_variants(scenario, doc, base_dir)
     return scenario
+
+
+def _merge(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy({k: v for k, v in base.items() if k != "variant"})
+    for key, value in variant.items():
+        if key == "name":
+            continue
+        if key == "adversary":
+            out["adversary"] = copy.deepcopy(value)  # the variant's attackers replace the base's
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **copy.deepcopy(value)}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _with_variants(scenario: Scenario, doc: dict[str, Any], base_dir: Path) -> Scenario:
+    items = doc["variant"]
+    if not isinstance(items, list) or not items:
+        raise ScenarioError("variant must be a non-empty array of tables ([[variant]])")
+    variants, names = [], set()
+    for i, table in enumerate(items):
+        at = f"variant[{i}]"
+        if not isinstance(table, dict):
+            raise ScenarioError(f"{at} must be a table")
+        name = table.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ScenarioError(f"{at}.name is required (a non-empty string): it names the run in the comparison")
+        if not all(c.isalnum() or c in "-_." for c in name):
+            raise ScenarioError(f"{at}.name {name!r}: use letters, digits, '-', '_' or '.' (it names a folder)")
+        if name in names:
+            raise ScenarioError(f"{at}.name {name!r} is used twice")
+        names.add(name)
+        for key in table:
+            if key == "run":
+                raise ScenarioError(f"{at}.run: a variant cannot change [run] (rounds, seed and timeout are shared)")
+            if key not in ("name", "adversary") and key not in SCHEMA:
+                raise ScenarioError(f"unknown key {at}.{key}; a variant holds name, adversary and the sections "
+                                    f"{', '.join(s for s in SCHEMA if s != 'run')}")
+        try:
+            merged = parse_scenario(_merge(doc, table), base_dir)
+        except ScenarioError as exc:
+            raise ScenarioError(f"{at} ({name}): {exc}") from exc
+        variants.append(dataclass_replace(merged, name=name))
+    return dataclass_replace(scenario, variants=tuple(variants))
+
+
+def dataclass_replace(scenario: Scenario, **changes: Any) -> Scenario:
+    from dataclasses import replace
+
+    return replace(scenario, **changes)
 
 
 def load_scenario(path: str | Path) -> Scenario:

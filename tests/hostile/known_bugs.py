@@ -51,10 +51,7 @@ def nul_in_gateway_signed_task_id(payload: bytes) -> bool:
 
 
 # Config-file bugs, as (bug number, exception type, file the exception leaves from, message pattern).
-CONFIG_BUGS = [
-    (6, "ValueError", "hw/scenario.py", r"embedded null byte"),  # dataset.source with a NUL
-    (6, "OSError", "hw/scenario.py", r"File name too long"),
-]
+CONFIG_BUGS: list[tuple[int, str, str, str]] = []  # all fixed
 
 
 def config_bug(exc: BaseException) -> int | None:

@@ -1,0 +1,165 @@
+"""Small real emulator runs: two gateways sharing a ledger, and a fleet with a forging attacker.
+
+Every part is real (broker, gateway and agent processes, TFLite training, ledger gossip); the
+runs are kept tiny (two rounds, one epoch) so each test stays well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _emulate(tmp_path: Path, scenario: str, timeout: float = 150) -> tuple[subprocess.CompletedProcess, dict]:
+    path = tmp_path / "scenario.toml"
+    path.write_text(scenario)
+    report_path = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "hw.emulate", "--scenario", str(path), "--report", str(report_path),
+         "--workdir", str(tmp_path / "run")],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=timeout,
+    )
+    assert report_path.exists(), done.stderr[-4000:]
+    return done, json.loads(report_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def city(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("city")
+    return tmp_path, *_emulate(tmp_path, """
+[run]
+name = "tiny-city"
+rounds = 2
+timeout_s = 140
+[fleet]
+gateways = 2
+devices_per_gateway = 2
+subjects = [1, 2, 3, 4]
+[training]
+epochs = 1
+lr = 0.2
+deadline_s = 30
+""")
+
+
+def test_a_two_gateway_run_completes(city):
+    _, done, report = city
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "gw-1 round 2/2" in done.stderr and "gw-2 round 2/2" in done.stderr
+    assert set(report["gateways"]) == {"gw-1", "gw-2"}
+    assert report["gateways"]["gw-1"]["devices"] == ["subject-01", "subject-03"]
+    assert report["gateways"]["gw-2"]["devices"] == ["subject-02", "subject-04"]
+    for name, section in report["gateways"].items():
+        assert section["state"] == "done", (name, section)
+        rounds = section["rounds"]
+        assert [r["round"] for r in rounds] == [0, 1, 2]
+        assert all(r["participants"] == 2 for r in rounds[1:])
+        ts = [r["t"] for r in rounds]
+        assert ts == sorted(ts) and 0 < ts[0] < report["seconds"]
+        ledger = section["ledger"]
+        assert ledger["verified"] is True
+        assert ledger["height_series"] and len(ledger["height_series"]) == len(ledger["finality_lag_series"])
+        heights = [h for _, h in ledger["height_series"]]
+        assert heights[-1] == max(heights) == 1 + 4 + 4 + 4  # genesis, 4 enrollments, 4 updates, 4 aggregates
+        assert all(0 <= lag <= h for (_, lag), (_, h) in zip(ledger["finality_lag_series"], ledger["height_series"]))
+    assert report["rounds"] == report["gateways"]["gw-1"]["rounds"]  # the first gateway, as for one gateway
+
+
+def test_the_gateways_end_with_identical_ledgers_holding_every_accepted_update(city):
+    tmp_path, _, report = city
+    check = report["ledger_check"]
+    assert check["identical"] is True, check
+    assert check["every_accepted_update_in_every_ledger"] is True, check
+    assert check["accepted_updates"] == {"gw-1": 4, "gw-2": 4} and check["recorded_updates"] == {"gw-1": 4, "gw-2": 4}
+    assert len(set(check["state_digests"].values())) == 1
+    kinds, ids = [], []
+    for section in report["gateways"].values():
+        with sqlite3.connect(section["ledger"]["path"]) as db:
+            ids.append(sorted(i for (i,) in db.execute("select id from vertices")))
+            kinds.append(dict(db.execute("select kind, count(*) from vertices group by kind").fetchall()))
+    assert ids[0] == ids[1]
+    # One genesis naming both gateways; each gateway's 2 enrollments, 2 updates and 2 aggregates.
+    assert kinds[0] == {"genesis": 1, "device.enroll": 4, "updates": 4, "aggregate": 4}
+    html = (tmp_path / "report.html").read_text()
+    assert "gw-1" in html and "gw-2" in html
+
+
+def test_a_forging_attacker_is_rejected_bad_signature_and_named_in_the_attacks_section(tmp_path):
+    done, report = _emulate(tmp_path, """
+[run]
+name = "tiny-attack"
+rounds = 1
+seed = 3
+timeout_s = 120
+[fleet]
+devices = 3
+subjects = [1, 2, 3]
+[training]
+epochs = 1
+lr = 0.2
+deadline_s = 8
+[[adversary]]
+attack = "forged_signature"
+count = 1
+""")
+    assert done.returncode == 0, done.stderr[-4000:]
+    [attack] = report["attacks"]
+    [attacker] = attack["devices"]
+    assert report["devices"][attacker]["attack"] == "forged_signature"
+    assert attack["expected"] == ["bad_signature"] and attack["as_expected"] is True, attack
+    assert attack["accepted"] == 0 and attack["rejected"].get("bad_signature", 0) >= 1, attack
+    assert set(attack["rejected"]) == {"bad_signature"}
+    assert report["rounds"][1]["participants"] == 2  # the two honest devices
+    log = (tmp_path / "run" / "logs" / f"{attacker}.log").read_text()
+    assert "attack.start" in log
+    assert "forged_signature" in done.stderr  # the summary names the attack and its outcome
+
+
+def test_variants_run_one_after_another_into_one_report_with_a_comparison(tmp_path):
+    done, report = _emulate(tmp_path, """
+[run]
+name = "tiny-variants"
+rounds = 1
+timeout_s = 60
+[fleet]
+devices = 2
+subjects = [1, 2]
+[training]
+epochs = 1
+lr = 0.2
+deadline_s = 20
+[[adversary]]
+attack = "free_rider"
+count = 1
+[[variant]]
+name = "clean"
+adversary = []
+[[variant]]
+name = "riders"
+[variant.strategy]
+name = "FedMedian"
+""")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert [(c["name"], c["strategy"], c["attack"]) for c in report["comparison"]] == [
+        ("clean", "FedAvg", None), ("riders", "FedMedian", "free_rider 1 device")]
+    for entry, sub in zip(report["comparison"], report["variants"]):
+        assert sub["scenario"] == entry["name"] and sub["gateway"]["state"] == "done"
+        assert entry["final_accuracy"] == sub["rounds"][-1]["accuracy"] and entry["last_round_evaluated"]
+        assert len(entry["accuracy"]) == 2
+        folder = tmp_path / "run" / entry["name"]
+        assert (folder / "report.json").exists() and (folder / "report.html").exists()
+    [attack] = report["attacks"]
+    assert attack["variant"] == "riders" and attack["accepted"] >= 1 and attack["expected"] == ["accepted"]
+    assert "attacks" not in report["variants"][0]
+    assert "riders: FedMedian, attack free_rider 1 device: final accuracy" in done.stderr
+    html = (tmp_path / "report.html").read_text()
+    assert "FedMedian" in html and "comparison" in html
