@@ -62,7 +62,7 @@ class StateStore:
     def put_task(self, wire: bytes) -> str:
         """Save a received task (named by its hash: the bytes are not verified yet); return the name."""
         name = hashlib.sha256(wire).hexdigest()[:32]
-        saved = sorted(self.tasks_dir.glob("*.task"), key=lambda p: p.stat().st_mtime)
+        saved = self._saved_oldest_first()
         for old in saved[: max(0, len(saved) - TASKS_KEPT + 1)]:  # bounded, whoever floods the topic
             old.unlink(missing_ok=True)
         write_atomic(self.tasks_dir / f"{name}.task", wire, mode=0o600)
@@ -71,10 +71,20 @@ class StateStore:
     def drop_task(self, name: str) -> None:
         (self.tasks_dir / f"{name}.task").unlink(missing_ok=True)
 
+    def _saved_oldest_first(self) -> list[Path]:
+        """Saved task files by age; one the worker drops meanwhile is simply left out."""
+        dated = []
+        for path in self.tasks_dir.glob("*.task"):
+            try:
+                dated.append((path.stat().st_mtime, path))
+            except FileNotFoundError:  # answered and dropped while we looked
+                continue
+        return [path for _, path in sorted(dated)]
+
     def saved_tasks(self) -> list[tuple[str, bytes]]:
         """Tasks saved and not answered, oldest first."""
         out = []
-        for path in sorted(self.tasks_dir.glob("*.task"), key=lambda p: p.stat().st_mtime):
+        for path in self._saved_oldest_first():
             try:
                 out.append((path.stem, path.read_bytes()))
             except FileNotFoundError:

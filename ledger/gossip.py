@@ -40,7 +40,7 @@ from protocol.logs import event
 
 from .errors import LedgerError, MissingParent, NotInitialized
 from .store import Ledger
-from .vertex import MAX_VERTEX_BYTES, Vertex
+from .vertex import MAX_SEQ, MAX_VERTEX_BYTES, Vertex
 
 log = logging.getLogger("starling.ledger.gossip")
 ROOT = "starling/ledger"
@@ -75,6 +75,11 @@ def snapshot_topic(gateway_id: str) -> str:
 
 def _is_id(value: Any) -> bool:
     return isinstance(value, str) and len(value) == ID_LENGTH and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_seq(value: Any) -> bool:
+    """A vertex sequence number: an int (not a bool) a vertex can carry, so SQLite can hold it."""
+    return type(value) is int and 0 <= value <= MAX_SEQ
 
 
 class Gossip:
@@ -251,7 +256,7 @@ class Gossip:
             return None
         mine = self.ledger.version_vector()
         for creator, seq in theirs.items():
-            if not _is_id(creator) or not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            if not _is_id(creator) or not _is_seq(seq):
                 return self._refuse("schema", "bad version vector entry", topic)
             if seq > mine.get(creator, -1):
                 self._ask(peer, creator, mine.get(creator, -1) + 1)
@@ -260,8 +265,7 @@ class Gossip:
             return self._refuse("schema", "equivocations must be a map", topic)
         known = self.ledger.equivocators()
         for creator, seqs in twins.items():
-            if not _is_id(creator) or not isinstance(seqs, list) or not all(
-                    isinstance(q, int) and not isinstance(q, bool) and q >= 0 for q in seqs):
+            if not _is_id(creator) or not isinstance(seqs, list) or not all(_is_seq(q) for q in seqs):
                 return self._refuse("schema", "bad equivocations entry", topic)
             missing = sorted(set(seqs) - set(known.get(creator, [])))
             if missing:  # the peer holds a twin we lack: a max seq cannot show that
@@ -284,8 +288,7 @@ class Gossip:
                     self.publish(snapshot_topic(doc["from"]), cbor.dumps(answer), False)
             return None
         requester, creator, seq = doc.get("from"), doc.get("creator"), doc.get("seq")
-        if not (_is_id(requester) and _is_id(creator) and isinstance(seq, int) and not isinstance(seq, bool)
-                and seq >= 0):
+        if not (_is_id(requester) and _is_id(creator) and _is_seq(seq)):
             return self._refuse("schema", "want needs from, creator and seq", topic)
         for data in self.ledger.encoded_from(creator, seq, GIVE_BATCH):
             self.publish(give_topic(requester), data, False)
@@ -300,7 +303,7 @@ class Gossip:
             if not isinstance(doc, dict) or set(doc) != {"checkpoint", "chunk", "chunks", "data"}:
                 raise SchemaError("a snapshot chunk is {checkpoint, chunk, chunks, data}")
             chunk, chunks, data = doc["chunk"], doc["chunks"], doc["data"]
-            if not (isinstance(chunks, int) and isinstance(chunk, int) and 0 <= chunk < chunks
+            if not (type(chunks) is int and type(chunk) is int and 0 <= chunk < chunks  # not bool
                     and chunks * SNAPSHOT_CHUNK <= MAX_SNAPSHOT_MESSAGE and isinstance(data, bytes)):
                 raise SchemaError("bad chunk numbering or data")
             checkpoint = Vertex.decode(doc["checkpoint"])

@@ -18,6 +18,7 @@ unknown sender before it spends a signature check on it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ DOMAIN = b"starling/envelope/v1\x00"
 MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
 TYPES = frozenset({"enroll", "task", "reply", "receipt", "model", "mcu"})
 ID_MAX = 64
+# Task ids become file names on devices (state/pending/<round>-<task>.reply): no '/', NUL or space.
+TASK_ID = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,8 @@ class Context:
             raise SchemaError("ctx.gateway must be a non-empty id")
         if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd < 2**31:
             raise SchemaError("ctx.round must be an integer in [0, 2^31)")
-        if not isinstance(task, str) or len(task) > ID_MAX:
-            raise SchemaError("ctx.task must be a string of at most 64 characters")
+        if not isinstance(task, str) or not TASK_ID.fullmatch(task):
+            raise SchemaError("ctx.task must be at most 64 characters of A-Z a-z 0-9 . _ -")
         if not isinstance(base, bytes) or len(base) not in (0, DIGEST_BYTES):
             raise SchemaError("ctx.base must be empty or a 32-byte digest")
         return cls(sender, gateway, rnd, task, base)

@@ -49,7 +49,7 @@ NOT_PRODUCIBLE = {
                               "as schema before its attachment is ever hashed",
     "reply/deferred": "not a rejection: a reply to a round a crash interrupted, kept until the round re-opens "
                       "(it needs a journal with an interrupted round, not a message)",
-    "gossip/internal": "the catch-all for a bug in Gossip (today reachable through BUG 1, see test_known_bugs.py)",
+    "gossip/internal": "the catch-all for a bug in Gossip (bug 1, a want beyond SQLite integers, reached it; fixed)",
     "gossip/store": "an SQLite failure (disk full, locked database), not a property of a message",
     "gossip/pending_overflow": "producible only by volume: 20,001 signed vertices whose parents never come",
     "gossip/missing_parent, not_initialized": "not refusals: such vertices wait in `pending` for their parents",

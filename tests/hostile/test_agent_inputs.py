@@ -16,7 +16,6 @@ from __future__ import annotations
 import threading
 import time
 
-import known_bugs
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
@@ -78,8 +77,6 @@ def test_task_and_receipt_mutants_are_all_refused_and_leave_the_agents_state_alo
         if resign and might_be_acted_on(payload, frozenset(agent.state.answered)):
             skipped += 1
             continue
-        if resign and known_bugs.nul_in_gateway_signed_task_id(payload):
-            continue
         if sent % 9 == 0:  # through the MQTT callback (saved to disk first), one at a time: see known bug 3
             rig.deliver(agent.t_task, payload)
             rig.wait_refused(sent + 1)
@@ -99,7 +96,7 @@ def test_task_and_receipt_mutants_are_all_refused_and_leave_the_agents_state_alo
     while sent < RECEIPTS:
         seed, resign = mutator.rng.choice(receipt_seeds)
         payload = mutator.mutate(seed, world.GATEWAY if resign else None, 0.5)
-        if resign and (might_be_acted_on(payload) or known_bugs.nul_in_gateway_signed_task_id(payload)):
+        if resign and might_be_acted_on(payload):
             continue
         rig.deliver(agent.t_receipt, payload)
         sent += 1
@@ -191,8 +188,7 @@ def test_an_agent_on_a_real_broker_refuses_a_flood_on_its_task_and_receipt_topic
         while sent < BY_BROKER:
             seed, resign = mutator.rng.choice(seeds)
             payload = mutator.mutate(seed, world.GATEWAY if resign else None, 0.5)
-            if resign and (might_be_acted_on(payload, frozenset(agent.state.answered))
-                           or known_bugs.nul_in_gateway_signed_task_id(payload)):
+            if resign and might_be_acted_on(payload, frozenset(agent.state.answered)):
                 continue
             if sent % 20 == 0:  # on the task topic, one at a time: a burst of tasks trips known bug 3
                 attacker.publish(agent.t_task, payload, qos=1).wait_for_publish(30)

@@ -36,8 +36,6 @@ class Published(list):
         self.append((topic, payload))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG 1: a gossip want with seq > 2^63-1 raises OverflowError in "
-                   "Ledger.encoded_from (SQLite INTEGER); counted as 'internal' with a traceback")
 def test_a_want_for_a_sequence_beyond_sqlite_integers_is_refused_as_schema(tmp_path, no_tracebacks_in_logs):
     ledger = Ledger(tmp_path / "a.db", world.GATEWAY)
     ledger.init_genesis("city", [world.GATEWAY.public_key])
@@ -49,8 +47,6 @@ def test_a_want_for_a_sequence_beyond_sqlite_integers_is_refused_as_schema(tmp_p
     assert gossip.refused == {"schema": 1} and not logged, (gossip.refused, logged)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG 2: Gossip._on_snapshot accepts chunk/chunks given as booleans "
-                   "(isinstance(False, int)); the strict decoding the module promises refuses them")
 def test_a_snapshot_chunk_numbered_with_booleans_is_refused_as_schema(tmp_path):
     source = Ledger(tmp_path / "source.db", world.GATEWAY)
     genesis = source.init_genesis("city", [world.GATEWAY.public_key])
@@ -73,9 +69,6 @@ def test_a_snapshot_chunk_numbered_with_booleans_is_refused_as_schema(tmp_path):
     assert gossip.refused == {"schema": 1} and gossip.bootstrapped_from is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG 3: StateStore.put_task stats every saved task while the worker "
-                   "may be deleting one; a vanished file makes it raise, the agent logs task.not_saved (ERROR) "
-                   "and the task loses its power-cut protection")
 def test_a_task_is_saved_even_when_a_saved_task_vanishes_meanwhile(tmp_path, no_tracebacks_in_logs):
     agent = make_agent(tmp_path / "dev")
     tasks = agent.config.state_dir / "tasks"
@@ -88,9 +81,6 @@ def test_a_task_is_saved_even_when_a_saved_task_vanishes_meanwhile(tmp_path, no_
     assert saved and not logged, logged
 
 
-@pytest.mark.xfail(strict=True, reason="BUG 4: the agent builds file names from ctx.task; a gateway-signed "
-                   "task whose task id holds a NUL makes StateStore.read_pending raise ValueError, logged as "
-                   "task.failed with a traceback and not counted (ids with '/' reach outside state/pending too)")
 def test_a_task_id_that_is_no_safe_file_name_is_refused_and_counted(tmp_path, no_tracebacks_in_logs):
     agent = make_agent(tmp_path / "dev")
     rig = Rig(agent)

@@ -183,7 +183,7 @@ CONTEXT_FIELDS = st.fixed_dictionaries(
     {
         "gateway": IDS,
         "round": st.integers(0, 2**31 - 1),
-        "task": st.text(max_size=envelope.ID_MAX),
+        "task": st.from_regex(envelope.TASK_ID, fullmatch=True),  # ids become file names on devices
         "base": st.just(b"") | st.binary(min_size=32, max_size=32),
     }
 )
