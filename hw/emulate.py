@@ -239,7 +239,11 @@ def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Ev
     return _run_one(scenario, report_path, workdir, stop)
 
 
-def _gateway_config(scenario: Scenario, g: GatewayRun, broker: Broker, genesis: Path | None) -> Path:
+SYNTHETIC_SHAPES = {"dense": (128, 8), "bias": (8,)}  # hw/synthetic.py's model: ~1,000 parameters
+
+
+def _gateway_config(scenario: Scenario, g: GatewayRun, broker: Broker, genesis: Path | None,
+                    manifest: Path | None = None) -> Path:
     doc: dict[str, dict[str, Any]] = {
         "gateway": {"name": g.name, "key": str(g.key), "state_dir": str(g.home)},
         "broker": {"host": broker.host, "port": broker.port},
@@ -250,6 +254,8 @@ def _gateway_config(scenario: Scenario, g: GatewayRun, broker: Broker, genesis: 
                    "wait_devices_s": 120.0},
         "enrollment": {"policy": "open"},  # the emulator's devices are its own
     }
+    if manifest is not None:  # the synthetic model: its shapes and initial weights
+        doc["model"] = {"manifest": str(manifest)}
     if genesis is not None:
         # Every gateway starts from the same genesis at the same time: nobody has a checkpoint to wait for.
         doc["ledger"] = {"genesis": str(genesis), "gossip": True, "bootstrap_s": 0.0}
@@ -310,8 +316,14 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
             "attackers": {name: adv.attack for name, (_, adv) in attackers.items()},
         }).encode())
         monitor = Monitor(broker.host, broker.port, gateways, scenario.rounds, started)
+        manifest = None
+        if scenario.model == "synthetic":
+            from .synthetic import write_manifest
+
+            manifest = write_manifest(workdir / "model", SYNTHETIC_SHAPES, seed=scenario.seed)
+        pooled: list[dict[str, Any]] = []  # honest devices that run in device pools
         for g in gateways:
-            conf = _gateway_config(scenario, g, broker, genesis)
+            conf = _gateway_config(scenario, g, broker, genesis, manifest)
             with open(g.log, "wb") as out:
                 g.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)],
                                              stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -327,10 +339,21 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
             }))
             if name in attackers:
                 cmd = attackers[name][1].command(conf)
+            elif scenario.runner == "pool":
+                pooled.append({"config": str(conf), "seed": scenario.seed * 100_003 + len(pooled) + 1})
+                continue
             else:
                 cmd = [sys.executable, "-m", "agent.cli", "run", "--config", str(conf)]
             with open(workdir / "logs" / f"{name}.log", "wb") as out:
                 agents.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
+        for p, start in enumerate(range(0, len(pooled), scenario.pool_size)):
+            pool = workdir / "pools" / f"pool-{p + 1}.json"
+            pool.parent.mkdir(exist_ok=True)
+            write_atomic(pool, json.dumps({"model": scenario.model, "manifest": str(manifest) if manifest else None,
+                                           "devices": pooled[start:start + scenario.pool_size]}).encode())
+            with open(workdir / "logs" / f"pool-{p + 1}.log", "wb") as out:
+                agents.append(subprocess.Popen([sys.executable, "-m", "hw.device_pool", "--pool", str(pool)],
+                                               stdout=out, stderr=subprocess.STDOUT, env=env))
         deadline = time.monotonic() + scenario.timeout_s
         timed_out = False
         gateway_procs = [g.process for g in gateways if g.process is not None]

@@ -68,10 +68,11 @@ from protocol.config import ConfigError, read_toml, resolve_path
 NUMBER = (int, float)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "run": {"name": str, "rounds": int, "seed": int, "timeout_s": NUMBER},
-    "fleet": {"gateways": int, "devices": int, "devices_per_gateway": int, "subjects": list},
+    "fleet": {"gateways": int, "devices": int, "devices_per_gateway": int, "subjects": list, "runner": str,
+              "pool_size": int},
     "dataset": {"source": str, "stride": int, "partition": str, "alpha": NUMBER, "test_fraction": NUMBER},
     "strategy": {"name": str, "params": dict, "dp": dict},
-    "training": {"epochs": int, "batch_size": int, "lr": NUMBER, "deadline_s": NUMBER},
+    "training": {"epochs": int, "batch_size": int, "lr": NUMBER, "deadline_s": NUMBER, "model": str},
     "broker": {"kind": str},
 }
 ARRAYS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -82,6 +83,8 @@ ARRAYS: dict[str, dict[str, type | tuple[type, ...]]] = {
 PARAMS = {"sign_flip": ("scale",), "scaling": ("scale",), "gaussian_noise": ("sigma",),
           "sybil": ("payload", "scale", "sigma")}
 PARTITIONS = ("subject", "dirichlet")
+RUNNERS = ("process", "pool")  # a process per device (as on a real device), or many devices per process
+MODELS = ("imu_cnn", "synthetic")  # the real CNN, or hw/synthetic.py's cheap quadratic (for scale)
 WATCH_SUBJECTS = 10
 MAX_GATEWAYS = 32
 
@@ -147,6 +150,9 @@ class Scenario:
     test_fraction: float = 0.2
     adversaries: tuple[Adversary, ...] = ()
     variants: tuple[Scenario, ...] = ()
+    runner: str = "process"
+    pool_size: int = 100
+    model: str = "imu_cnn"
 
     def devices_of(self, gateway: int) -> list[int]:
         """Indices (0-based) of the devices that belong to gateway `gateway` (0-based): i mod gateways."""
@@ -297,8 +303,17 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         alpha=alpha,
         test_fraction=test_fraction,
         adversaries=adversaries,
+        runner=get("fleet", "runner", "process"),
+        pool_size=get("fleet", "pool_size", 100),
+        model=get("training", "model", "imu_cnn"),
     )
-    for name, value in (("run.rounds", scenario.rounds), ("fleet.devices", scenario.devices),
+    if scenario.runner not in RUNNERS:
+        raise ScenarioError(f"fleet.runner must be one of {', '.join(RUNNERS)}, not {scenario.runner!r}")
+    if scenario.model not in MODELS:
+        raise ScenarioError(f"training.model must be one of {', '.join(MODELS)}, not {scenario.model!r}")
+    if scenario.model == "synthetic" and scenario.runner != "pool":
+        raise ScenarioError('training.model = "synthetic" runs in device pools: set fleet.runner = "pool"')
+    for name, value in (("fleet.pool_size", scenario.pool_size), ("run.rounds", scenario.rounds), ("fleet.devices", scenario.devices),
                         ("dataset.stride", scenario.stride), ("training.epochs", scenario.epochs),
                         ("training.batch_size", scenario.batch_size), ("training.lr", scenario.lr),
                         ("training.deadline_s", scenario.deadline_s), ("run.timeout_s", scenario.timeout_s)):

@@ -163,3 +163,21 @@ name = "FedMedian"
     assert "riders: FedMedian, attack free_rider 1 device: final accuracy" in done.stderr
     html = (tmp_path / "report.html").read_text()
     assert "FedMedian" in html and "comparison" in html
+
+
+def test_devices_in_pools_with_the_synthetic_profile_take_part_in_every_round(tmp_path):
+    from hw.emulate import run
+    from hw.scenario import parse_scenario
+
+    scenario = parse_scenario({
+        "run": {"name": "pools", "rounds": 2, "timeout_s": 180},
+        "fleet": {"gateways": 2, "devices_per_gateway": 5, "runner": "pool", "pool_size": 4},
+        "dataset": {"partition": "dirichlet", "alpha": 1.0},
+        "training": {"model": "synthetic", "epochs": 1, "deadline_s": 30},
+        "broker": {"kind": "mosquitto"},
+    })
+    report = run(scenario, tmp_path / "report.json", tmp_path / "run")
+    assert len(list((tmp_path / "run" / "pools").glob("pool-*.json"))) == 3  # 10 devices, 4 per pool
+    for name, section in report["gateways"].items():
+        assert [r["participants"] for r in section["rounds"] if r["round"] > 0] == [5, 5], name
+    assert report["ledger_check"]["identical"] and report["ledger_check"]["every_accepted_update_in_every_ledger"]

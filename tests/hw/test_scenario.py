@@ -166,3 +166,19 @@ def test_a_folder_of_x_y_files_is_split_into_local_train_and_test(tmp_path):
 def test_the_shipped_scenarios_are_valid():
     for path in sorted((ROOT / "hw" / "scenarios").glob("*.toml")):
         load_scenario(path)
+
+
+@pytest.mark.parametrize("fleet, training, message", [
+    ({"runner": "threads"}, {}, "fleet.runner must be one of process, pool"),
+    ({"runner": "pool", "pool_size": 0}, {}, "fleet.pool_size must be positive"),
+    ({}, {"model": "resnet"}, "training.model must be one of imu_cnn, synthetic"),
+    ({}, {"model": "synthetic"}, 'training.model = "synthetic" runs in device pools'),
+])
+def test_runner_and_model_choices_are_checked(fleet, training, message):
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario({"fleet": {"devices": 3, **fleet}, "training": training})
+
+
+def test_the_shipped_city_runs_300_devices_in_pools_on_three_gateways():
+    city = load_scenario(Path(__file__).resolve().parents[2] / "hw" / "scenarios" / "city.toml")
+    assert (city.gateways, city.devices, city.runner, city.model) == (3, 300, "pool", "synthetic")
