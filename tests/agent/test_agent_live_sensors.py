@@ -25,8 +25,11 @@ RATE_HZ = 1000  # replayed ten times faster than recorded: enough windows within
 def rows(db: Path) -> int:
     if not db.exists():
         return 0
-    with sqlite3.connect(db) as conn:
-        return conn.execute("select count(*) from samples").fetchone()[0]
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("select count(*) from samples").fetchone()[0]
+    except sqlite3.OperationalError:  # the agent has created the file but not yet its table
+        return 0
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
