@@ -24,7 +24,9 @@ def agree(peers: list[PeerProcess], timeout: float = SETTLE_S) -> list[dict]:
     end = time.monotonic() + timeout
     while True:
         status = [peer.ask("status") for peer in peers]
-        if len({(tuple(s["ids"]), s["state"]) for s in status}) == 1 and not any(s["pending"] for s in status):
+        # A status reads its height before its ids: a vertex applied in between makes them differ; ask again.
+        settled = all(s["height"] == len(s["ids"]) and not s["pending"] for s in status)
+        if settled and len({(tuple(s["ids"]), s["state"]) for s in status}) == 1:
             return status
         if time.monotonic() > end:
             summary = [(s["height"], s["pending"], s["state"], s["refused"]) for s in status]
