@@ -60,7 +60,9 @@ from protocol import cbor, topics
 from protocol.atomic import write_atomic
 from protocol.keys import Identity
 
-from .broker import Broker, _child_env
+from .broker import _child_env
+from .faults import FaultRunner, fault_sections
+from .fleet import Fleet, Network, Process, describe
 from .partition import prepare_devices
 from .scenario import Adversary, Scenario, ScenarioError, load_scenario
 
@@ -95,7 +97,11 @@ class GatewayRun:
     home: Path
     log: Path
     devices: list[str] = field(default_factory=list)
-    process: subprocess.Popen | None = None
+    proc: Process | None = None  # set once its config is written; a fault may kill and restart it
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self.proc.popen if self.proc is not None else None
 
     @property
     def key(self) -> Path:
@@ -129,7 +135,7 @@ class Monitor:
     finality lag over time.
     """
 
-    def __init__(self, host: str, port: int, gateways: list[GatewayRun], rounds: int, started: float,
+    def __init__(self, endpoints: list[tuple[str, int]], gateways: list[GatewayRun], rounds: int, started: float,
                  stream=sys.stderr) -> None:
         import paho.mqtt.client as mqtt
 
@@ -138,7 +144,7 @@ class Monitor:
         self.stream = stream
         self.names = {g.identity.id: g.name for g in gateways}
         self.prefix = len(gateways) > 1
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # one paho thread per broker feeds it
         self.seen = {g.identity.id: -1 for g in gateways}
         self.status: dict[str, dict[str, Any]] = {}
         self.round_t: dict[str, dict[int, float]] = {g.identity.id: {} for g in gateways}
@@ -147,11 +153,21 @@ class Monitor:
         subscriptions = [(LEDGER_VV, 0)]
         for g in gateways:
             subscriptions += [(topics.status(g.identity.id), 1), (topics.device_status(g.identity.id, "+"), 1)]
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"emu-{os.getpid()}")
-        self.client.on_connect = lambda c, *_: c.subscribe(subscriptions)
-        self.client.on_message = self._on_message
-        self.client.connect_async(host, port)
-        self.client.loop_start()
+        self.clients = []
+        for i, (host, port) in enumerate(endpoints):  # one per broker when every gateway has its own
+            client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                 client_id=f"emu-{os.getpid()}-{i}")
+            client.on_connect = lambda c, *_: c.subscribe(subscriptions)
+            client.on_message = self._on_message
+            client.reconnect_delay_set(0.2, 2.0)  # back quickly after a broker restart
+            client.connect_async(host, port)
+            client.loop_start()
+            self.clients.append(client)
+
+    def rounds_done(self, gateway_name: str) -> int:
+        """The last round the named gateway finished (-1 before any)."""
+        ids = [gid for gid, name in self.names.items() if name == gateway_name]
+        return self.seen.get(ids[0], -1) if ids else -1
 
     def _t(self, when: Any) -> float:
         return round((when if isinstance(when, (int, float)) else time.time()) - self.started, 3)
@@ -180,6 +196,10 @@ class Monitor:
             with self.lock:
                 self.devices[msg.topic.rsplit("/", 1)[-1]] = doc
             return
+        with self.lock:
+            self._on_gateway_status(doc)
+
+    def _on_gateway_status(self, doc: dict[str, Any]) -> None:
         gateway = doc.get("gateway")
         if gateway not in self.seen:
             return
@@ -202,8 +222,9 @@ class Monitor:
                 )
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        for client in self.clients:
+            client.loop_stop()
+            client.disconnect()
 
 
 def _stop(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
@@ -242,11 +263,11 @@ def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Ev
 SYNTHETIC_SHAPES = {"dense": (128, 8), "bias": (8,)}  # hw/synthetic.py's model: ~1,000 parameters
 
 
-def _gateway_config(scenario: Scenario, g: GatewayRun, broker: Broker, genesis: Path | None,
+def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], genesis: Path | None,
                     manifest: Path | None = None) -> Path:
     doc: dict[str, dict[str, Any]] = {
         "gateway": {"name": g.name, "key": str(g.key), "state_dir": str(g.home)},
-        "broker": {"host": broker.host, "port": broker.port},
+        "broker": {"host": broker[0], "port": broker[1]},
         "strategy": {"name": scenario.strategy, "params": scenario.strategy_params,
                      **({"dp": scenario.strategy_dp} if scenario.strategy_dp else {})},
         "rounds": {"num_rounds": scenario.rounds, "deadline_s": scenario.deadline_s, "epochs": scenario.epochs,
@@ -296,91 +317,106 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
         identity.save(home / "device.key")
         device_ids[name] = identity.id
     env = _child_env()
-    agents: list[subprocess.Popen] = []
     (workdir / "logs").mkdir(exist_ok=True)
     settled: dict[str, Any] | None = None
-    with Broker(workdir / "broker", kind=scenario.broker) as broker:
+    faults = scenario.faults
+    partitioned = any(f.kind == "partition" for f in faults)
+    with Network(workdir / "broker", scenario.broker, [g.name for g in gateways], per_gateway=partitioned,
+                 persistent=bool(faults)) as network:
+        hub = network.hub
         attack_note = f", attackers: {scenario.attack_label()}" if attackers else ""
-        _say(f"starling-emulate: {scenario.name}: {broker.kind} broker on 127.0.0.1:{broker.port}, "
+        fault_note = f", {len(faults)} fault{'s' if len(faults) > 1 else ''}" if faults else ""
+        brokers_note = " (+1 per gateway, bridged through cuttable links)" if partitioned else ""
+        _say(f"starling-emulate: {scenario.name}: {network.kind} broker on 127.0.0.1:{hub.port}{brokers_note}, "
              f"{len(gateways)} gateway{'s' if city else ''} "
              f"{', '.join(g.identity.id for g in gateways)}, {len(devices)} devices, "
-             f"{scenario.rounds} rounds of {scenario.strategy}{attack_note}")
+             f"{scenario.rounds} rounds of {scenario.strategy}{attack_note}{fault_note}")
         first = gateways[0]
         write_atomic(workdir / "run.json", json.dumps({
-            "broker": {"host": broker.host, "port": broker.port, "kind": broker.kind},
+            "broker": {"host": hub.host, "port": hub.port, "kind": network.kind},
+            "brokers": describe(network),
             "gateway": {"id": first.identity.id, "public_key": first.identity.public_key.hex()},
             "gateways": [{"name": g.name, "id": g.identity.id, "public_key": g.identity.public_key.hex(),
-                          "devices": g.devices} for g in gateways],
+                          "devices": g.devices, "broker": list(network.endpoint(g.name))} for g in gateways],
             "genesis": str(genesis) if genesis else None,
             "devices": names,
             "attackers": {name: adv.attack for name, (_, adv) in attackers.items()},
         }).encode())
-        monitor = Monitor(broker.host, broker.port, gateways, scenario.rounds, started)
+        monitor = Monitor(network.endpoints(), gateways, scenario.rounds, started)
         manifest = None
         if scenario.model == "synthetic":
             from .synthetic import write_manifest
 
             manifest = write_manifest(workdir / "model", SYNTHETIC_SHAPES, seed=scenario.seed)
-        pooled: list[dict[str, Any]] = []  # honest devices that run in device pools
         for g in gateways:
-            conf = _gateway_config(scenario, g, broker, genesis, manifest)
-            with open(g.log, "wb") as out:
-                g.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)],
-                                             stdout=out, stderr=subprocess.STDOUT, env=env)
+            conf = _gateway_config(scenario, g, network.endpoint(g.name), genesis, manifest)
+            g.proc = Process([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], g.log, env)
+            g.proc.start()
+        device_procs: dict[str, Process] = {}
+        pooled: list[tuple[str, dict[str, Any]]] = []  # honest devices that run in device pools
         for name, data in devices:
             g = gateway_of[name]
             home = workdir / "devices" / name
             conf = home / "agent.toml"
+            host, port = network.endpoint(g.name)
             conf.write_text(_toml({
                 "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state")},
                 "gateway": {"id": g.identity.id, "public_key": g.identity.public_key.hex()},
-                "broker": {"host": broker.host, "port": broker.port},
+                "broker": {"host": host, "port": port},
                 "data": {"replay": str(data)},
             }))
             if name in attackers:
                 cmd = attackers[name][1].command(conf)
             elif scenario.runner == "pool":
-                pooled.append({"config": str(conf), "seed": scenario.seed * 100_003 + len(pooled) + 1})
+                pooled.append((name, {"config": str(conf), "seed": scenario.seed * 100_003 + len(pooled) + 1}))
                 continue
             else:
                 cmd = [sys.executable, "-m", "agent.cli", "run", "--config", str(conf)]
-            with open(workdir / "logs" / f"{name}.log", "wb") as out:
-                agents.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
+            device_procs[name] = Process(cmd, workdir / "logs" / f"{name}.log", env)
         for p, start in enumerate(range(0, len(pooled), scenario.pool_size)):
+            members = pooled[start:start + scenario.pool_size]
             pool = workdir / "pools" / f"pool-{p + 1}.json"
             pool.parent.mkdir(exist_ok=True)
             write_atomic(pool, json.dumps({"model": scenario.model, "manifest": str(manifest) if manifest else None,
-                                           "devices": pooled[start:start + scenario.pool_size]}).encode())
-            with open(workdir / "logs" / f"pool-{p + 1}.log", "wb") as out:
-                agents.append(subprocess.Popen([sys.executable, "-m", "hw.device_pool", "--pool", str(pool)],
-                                               stdout=out, stderr=subprocess.STDOUT, env=env))
+                                           "devices": [entry for _, entry in members]}).encode())
+            process = Process([sys.executable, "-m", "hw.device_pool", "--pool", str(pool)],
+                              workdir / "logs" / f"pool-{p + 1}.log", env)
+            device_procs.update({name: process for name, _ in members})
+        agents = list({id(p): p for p in device_procs.values()}.values())
+        for process in agents:
+            process.start()
+        fleet = Fleet(network, {g.name: g.proc for g in gateways}, device_procs, monitor.rounds_done, scenario.seed)
+        runner = FaultRunner(faults, fleet, started, len(devices), _say)
         deadline = time.monotonic() + scenario.timeout_s
         timed_out = False
-        gateway_procs = [g.process for g in gateways if g.process is not None]
         try:
-            while any(p.poll() is None for p in gateway_procs):
-                if stop.is_set() or time.monotonic() > deadline:
-                    timed_out = not stop.is_set()
-                    _say("starling-emulate: stopping early" + (" (timeout)" if timed_out else ""))
-                    break
-                time.sleep(0.2)
+            with runner:
+                while True:
+                    # Alive first, then busy: a fault marks itself busy before it kills a gateway.
+                    if not any(g.proc.alive() for g in gateways) and not runner.busy():
+                        break
+                    if stop.is_set() or time.monotonic() > deadline:
+                        timed_out = not stop.is_set()
+                        _say("starling-emulate: stopping early" + (" (timeout)" if timed_out else ""))
+                        break
+                    time.sleep(0.2)
         finally:
-            _stop(gateway_procs)
+            _stop([g.process for g in gateways if g.process is not None])
             time.sleep(0.5)  # the gateways' last retained statuses reach the monitor
-            _stop(agents)
+            _stop([p.popen for p in agents if p.popen is not None])
             if city and not stop.is_set():
                 from .city import GatewayLedger, settle
 
                 try:
                     settled = settle([GatewayLedger(g.name, g.ledger, g.key) for g in gateways if g.ledger.exists()],
-                                     broker.host, broker.port, timeout_s=SETTLE_S)
+                                     hub.host, hub.port, timeout_s=SETTLE_S)
                     _say(f"starling-emulate: ledgers {'agree' if settled['agreed'] else 'still differ'} "
                          f"after {settled['seconds']:.1f} s of gossip")
                 except Exception as exc:  # noqa: BLE001 (the report says so; the run's record comes first)
                     settled = {"agreed": False, "error": f"{type(exc).__name__}: {exc}"}
             monitor.close()
-    report = _report(scenario, workdir, started, broker.kind, gateways, monitor, attackers, device_ids,
-                     timed_out, settled, verify_store)
+    report = _report(scenario, workdir, started, network.kind, gateways, monitor, attackers, device_ids,
+                     timed_out, settled, verify_store, runner.timeline)
     _write_report(report, report_path)
     return report
 
@@ -445,7 +481,8 @@ def _attacks(scenario: Scenario, attackers: dict[str, tuple[int, Adversary]], de
 
 def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str, gateways: list[GatewayRun],
             monitor: Monitor, attackers: dict[str, tuple[int, Adversary]], device_ids: dict[str, str],
-            timed_out: bool, settled: dict[str, Any] | None, verify_store) -> dict[str, Any]:
+            timed_out: bool, settled: dict[str, Any] | None, verify_store,
+            faults: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     sections: dict[str, dict[str, Any]] = {}
     results = {}
     for g in gateways:
@@ -492,6 +529,8 @@ def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str,
         check = compare_ledgers([GatewayLedger(g.name, g.ledger, g.key) for g in gateways], accepted,
                                 {g.name: g.identity.public_key for g in gateways})
         report["ledger_check"] = {**check, "settle": settled}
+    if scenario.faults:
+        report["faults"] = fault_sections(faults or [], {name: s["rounds"] for name, s in sections.items()})
     if scenario.adversaries:
         gateway_of = {name: g.name for g in gateways for name in g.devices}
         report["attacks"] = _attacks(scenario, attackers, device_ids, gateway_of, monitor)

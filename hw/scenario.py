@@ -43,6 +43,12 @@
     # sigma = 1.0              # gaussian_noise
     # payload = "sign_flip"    # sybil: what it does once enrolled (the emulator's policy is "open")
 
+    [[fault]]                  # any number: the fault timeline (see hw/faults.py for every kind)
+    kind = "gateway_restart"   # gateway_restart, broker_restart, partition, device_churn
+    target = "gw-2"
+    at_round = 2               # after that gateway's round 2 (or at_s = seconds after the start)
+    down_s = 5.0
+
     [[variant]]                # optional: run the scenario once per variant, one after another,
     name = "fedavg"            # results merged into one report under "comparison"
     [variant.strategy]         # a variant holds any of the sections above (not [run]); a table
@@ -65,6 +71,8 @@ from typing import Any
 
 from protocol.config import ConfigError, read_toml, resolve_path
 
+from .faults import Fault, parse_faults
+
 NUMBER = (int, float)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "run": {"name": str, "rounds": int, "seed": int, "timeout_s": NUMBER},
@@ -79,6 +87,7 @@ ARRAYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "adversary": {"attack": str, "fraction": NUMBER, "count": int, "scale": NUMBER, "sigma": NUMBER,
                   "payload": str},
     "variant": {"name": str},  # plus any section of SCHEMA but [run], and `adversary`
+    "fault": {},  # checked by hw/faults.py
 }
 PARAMS = {"sign_flip": ("scale",), "scaling": ("scale",), "gaussian_noise": ("sigma",),
           "sybil": ("payload", "scale", "sigma")}
@@ -153,6 +162,7 @@ class Scenario:
     runner: str = "process"
     pool_size: int = 100
     model: str = "imu_cnn"
+    faults: tuple[Fault, ...] = ()
 
     def devices_of(self, gateway: int) -> list[int]:
         """Indices (0-based) of the devices that belong to gateway `gateway` (0-based): i mod gateways."""
@@ -166,6 +176,7 @@ class Scenario:
         doc["subjects"] = list(self.subjects)
         doc["adversaries"] = [{k: v for k, v in asdict(a).items() if v is not None} for a in self.adversaries]
         doc["variants"] = [v.name for v in self.variants]
+        doc["faults"] = [{k: v for k, v in asdict(f).items() if v not in (None, "")} for f in self.faults]
         return doc
 
 
@@ -278,6 +289,10 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
             raise ScenarioError(f"fleet.devices: the watch data has {WATCH_SUBJECTS} subjects, asked for {devices} "
                                 'devices (partition = "dirichlet" deals the pooled windows to any number)')
     adversaries = _adversaries(doc.get("adversary", []))
+    try:
+        faults = parse_faults(doc.get("fault", []), gateways)
+    except ConfigError as exc:
+        raise ScenarioError(str(exc)) from exc
     attackers = sum(a.devices(devices) for a in adversaries)
     if attackers > devices:
         raise ScenarioError(f"adversary: {attackers} attacking devices, but the fleet has only {devices}")
@@ -306,6 +321,7 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         runner=get("fleet", "runner", "process"),
         pool_size=get("fleet", "pool_size", 100),
         model=get("training", "model", "imu_cnn"),
+        faults=faults,
     )
     if scenario.runner not in RUNNERS:
         raise ScenarioError(f"fleet.runner must be one of {', '.join(RUNNERS)}, not {scenario.runner!r}")

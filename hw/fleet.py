@@ -1,0 +1,169 @@
+"""The emulator's running fleet: its brokers and child processes, and the handle faults use on them.
+
+    with Network(workdir / "broker", "auto", ["gw-1", "gw-2"], per_gateway=False) as net:
+        host, port = net.endpoint("gw-1")       # where gw-1 and its devices connect
+        gateway = Process([sys.executable, "-m", "gateway.cli", ...], log, env)
+        gateway.start(); gateway.kill(); gateway.start()   # a crash and a restart, same command line
+
+`Network` is one broker for the whole fleet, or, when gateways must be
+partitioned from each other, one broker per gateway, each bridged (ledger
+gossip only) to a hub broker through a TCP relay that `cut` and `heal` open
+and close. `Fleet` is the `hw.faults.FleetControl` the fault runner drives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .broker import Broker
+from .netem import TcpRelay
+
+HUB = "hub"
+
+
+@dataclass
+class Process:
+    """A child process that can be killed (a crash, a power cut) and started again with the same command."""
+
+    cmd: list[str]
+    log: Path
+    env: dict[str, str]
+    preexec: Callable[[], None] | None = None
+    popen: subprocess.Popen | None = None
+    starts: int = 0
+    on_start: Callable[[subprocess.Popen], None] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:  # appended: the log keeps every life of the process
+            self.popen = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                          preexec_fn=self.preexec)
+        self.starts += 1
+        if self.on_start is not None:
+            self.on_start(self.popen)
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def kill(self) -> bool:
+        """SIGKILL and reap; False if it was not running."""
+        if not self.alive():
+            return False
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait()
+        return True
+
+
+class Network:
+    """The run's MQTT brokers (real Mosquitto when installed), and the links between them."""
+
+    def __init__(self, folder: Path, kind: str, gateways: list[str], per_gateway: bool, persistent: bool) -> None:
+        self.per_gateway = per_gateway
+        self.hub = Broker(folder / (HUB if per_gateway else ""), kind=kind, persistent=persistent)
+        self.brokers: dict[str, Broker] = {HUB: self.hub}
+        self.relays: dict[str, TcpRelay] = {}
+        self._stack = contextlib.ExitStack()
+        self._folder, self._gateways, self._persistent = folder, gateways, persistent
+
+    @property
+    def kind(self) -> str:
+        return self.hub.kind
+
+    def __enter__(self) -> Network:
+        try:
+            self._stack.enter_context(self.hub)
+            if self.per_gateway:
+                for name in self._gateways:
+                    relay = self._stack.enter_context(TcpRelay((self.hub.host, self.hub.port)))
+                    broker = Broker(self._folder / name, kind="mosquitto", persistent=self._persistent,
+                                    bridge_to=("127.0.0.1", relay.port))
+                    self.relays[name], self.brokers[name] = relay, self._stack.enter_context(broker)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def endpoint(self, gateway: str) -> tuple[str, int]:
+        """Where this gateway and its devices connect."""
+        broker = self.brokers.get(gateway, self.hub) if self.per_gateway else self.hub
+        return broker.host, broker.port
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        return sorted({(b.host, b.port) for b in self.brokers.values()})
+
+    def _broker(self, target: str) -> Broker:
+        return self.brokers[target or HUB]
+
+    def stop_broker(self, target: str) -> None:
+        self._broker(target).stop()
+
+    def start_broker(self, target: str) -> None:
+        self._broker(target).start()
+
+    def cut(self, gateway: str) -> None:
+        self.relays[gateway].cut()
+
+    def heal(self, gateway: str) -> None:
+        self.relays[gateway].heal()
+
+
+class Fleet:
+    """The `hw.faults.FleetControl` of one emulator run."""
+
+    def __init__(self, network: Network, gateways: dict[str, Process], devices: dict[str, Process],
+                 rounds_done: Callable[[str], int], seed: int) -> None:
+        self.network, self.gateways, self.devices = network, gateways, devices
+        self.rounds_done = rounds_done
+        self.seed = seed
+        self._lock = threading.Lock()
+
+    def kill_gateway(self, name: str) -> bool:
+        return self.gateways[name].kill()
+
+    def start_gateway(self, name: str) -> None:
+        self.gateways[name].start()
+
+    def stop_broker(self, target: str) -> None:
+        self.network.stop_broker(target)
+
+    def start_broker(self, target: str) -> None:
+        self.network.start_broker(target)
+
+    def cut(self, gateway: str) -> None:
+        self.network.cut(gateway)
+
+    def heal(self, gateway: str) -> None:
+        self.network.heal(gateway)
+
+    def kill_devices(self, fault_index: int, count: int) -> list[str]:
+        """Power off `count` devices (a seeded choice per fault); in pools, every device of their pools."""
+        import numpy as np
+
+        names = sorted(self.devices)
+        order = [names[i] for i in np.random.default_rng([self.seed, 11, fault_index]).permutation(len(names))]
+        with self._lock:
+            processes = {id(self.devices[n]): self.devices[n] for n in order[:count]}
+            for process in processes.values():
+                process.kill()
+        hit = {id(p) for p in processes.values()}
+        return sorted(n for n, p in self.devices.items() if id(p) in hit)
+
+    def start_devices(self, names: list[str]) -> None:
+        with self._lock:
+            for process in {id(self.devices[n]): self.devices[n] for n in names}.values():
+                if not process.alive():
+                    process.start()
+
+
+def describe(network: Network) -> dict[str, Any]:
+    """The brokers for run.json: where each listens."""
+    return {name: {"host": b.host, "port": b.port} for name, b in network.brokers.items()}
