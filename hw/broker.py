@@ -5,6 +5,11 @@ embedded Python broker (amqtt), so a laptop without Mosquitto still runs the
 demo. The Mosquitto config raises the queue limits that otherwise drop
 messages silently (`max_queued_messages 1000`, `max_inflight_messages 20`)
 and, because it has a `listener` line, needs `allow_anonymous true`.
+
+`listen=(addr, port)` (Mosquitto only) adds a second listener that other
+machines reach, for hardware in the loop (hw/hil.py); the emulator's own
+processes keep the loopback one. `allow_anonymous` is global in Mosquitto 2
+(`per_listener_settings false`), so that listener is anonymous too.
 """
 
 from __future__ import annotations
@@ -41,6 +46,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """Raise OSError naming the address if a listener could not be opened there now."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Mosquitto: TIME_WAIT is fine
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror} "
+                                     "(another broker there? a port below 1024 needs root)") from None
+
+
 def find_mosquitto() -> str | None:
     for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
         if candidate and os.access(candidate, os.X_OK):
@@ -52,7 +68,8 @@ class Broker:
     """`with Broker(workdir) as broker:` starts a broker; `broker.port` is where it listens."""
 
     def __init__(self, workdir: Path, kind: str = "auto", port: int | None = None, persistent: bool = False,
-                 bridge_to: tuple[str, int] | None = None, bridge_topics: tuple[str, ...] = ("starling/ledger/#",)) -> None:
+                 bridge_to: tuple[str, int] | None = None, bridge_topics: tuple[str, ...] = ("starling/ledger/#",),
+                 listen: tuple[str, int] | None = None) -> None:
         if kind not in ("auto", "mosquitto", "embedded"):
             raise ValueError(f"broker kind must be auto, mosquitto or embedded, not {kind!r}")
         self.workdir = Path(workdir)
@@ -68,6 +85,12 @@ class Broker:
         self.bridge_to, self.bridge_topics = bridge_to, bridge_topics
         if bridge_to is not None and self.kind != "mosquitto":
             raise ValueError("a bridge needs Mosquitto")
+        self.listen = listen  # a second listener for real devices (hardware in the loop)
+        if listen is not None and self.kind != "mosquitto":
+            raise ValueError("listening for other machines (--listen) needs Mosquitto: the embedded broker "
+                             "serves loopback only (apt-get install mosquitto)")
+        if listen is not None and listen[1] == self.port:
+            raise ValueError(f"the listen port {listen[1]} is the broker's loopback port; choose another")
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -81,6 +104,9 @@ class Broker:
                 if os.geteuid() == 0:  # mosquitto drops to its own user, which cannot write here
                     persistence += "\nuser root"
             text = MOSQUITTO_CONF.format(port=self.port, log=log, persistence=persistence)
+            if self.listen is not None:
+                _check_bindable(*self.listen)  # a clear message now, rather than a dead broker and its log
+                text += f"listener {self.listen[1]} {self.listen[0]}\n"  # before any bridge section
             if self.bridge_to is not None:
                 host, port = self.bridge_to
                 text += (f"connection bridge-{self.port}\naddress {host}:{port}\ncleansession false\n"
@@ -95,12 +121,18 @@ class Broker:
         self._wait_listening()
 
     def _wait_listening(self, timeout: float = 15.0) -> None:
+        # Every listener, not only the first: Mosquitto opens them one by one and exits if a later one fails.
+        waiting = [(self.host, self.port)]
+        if self.listen is not None:
+            waiting.append(("127.0.0.1" if self.listen[0] == "0.0.0.0" else self.listen[0], self.listen[1]))
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.kind} broker exited with {self.process.returncode}; see {self.workdir / 'broker.log'}")
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
+                with socket.create_connection(waiting[0], timeout=0.5):
+                    waiting.pop(0)
+                if not waiting:
                     return
             except OSError:
                 time.sleep(0.05)

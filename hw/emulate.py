@@ -252,28 +252,44 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Hil:
+    """Hardware in the loop: where real devices reach the broker, and (optionally) one device's public key."""
+
+    listen: tuple[str, int]
+    device: str | None = None  # 64 hex: its voucher goes into the join kit
+
+
+def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event | None = None,
+        hil: Hil | None = None) -> dict[str, Any]:
     """Run `scenario` (each of its variants, if it has any) in `workdir`; write and return the report."""
     stop = stop or threading.Event()
+    if hil is not None and scenario.model == "synthetic":
+        raise ScenarioError('--listen: a real device cannot train training.model = "synthetic" (it exists only '
+                            "in the emulator's device pools); use a scenario with the imu_cnn model")
     if scenario.variants:
-        return _run_variants(scenario, report_path, workdir, stop)
-    return _run_one(scenario, report_path, workdir, stop)
+        return _run_variants(scenario, report_path, workdir, stop, hil)
+    return _run_one(scenario, report_path, workdir, stop, hil)
 
 
 SYNTHETIC_SHAPES = {"dense": (128, 8), "bias": (8,)}  # hw/synthetic.py's model: ~1,000 parameters
 
 
 def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], genesis: Path | None,
-                    manifest: Path | None = None) -> Path:
+                    manifest: Path | None = None, enrollment: dict[str, Any] | None = None,
+                    wait_real_device: bool = False) -> Path:
     doc: dict[str, dict[str, Any]] = {
         "gateway": {"name": g.name, "key": str(g.key), "state_dir": str(g.home)},
         "broker": {"host": broker[0], "port": broker[1]},
         "strategy": {"name": scenario.strategy, "params": scenario.strategy_params,
                      **({"dp": scenario.strategy_dp} if scenario.strategy_dp else {})},
         "rounds": {"num_rounds": scenario.rounds, "deadline_s": scenario.deadline_s, "epochs": scenario.epochs,
-                   "batch_size": scenario.batch_size, "lr": scenario.lr, "min_devices": len(g.devices),
-                   "wait_devices_s": 120.0},
-        "enrollment": {"policy": "open"},  # the emulator's devices are its own
+                   "batch_size": scenario.batch_size, "lr": scenario.lr,
+                   # A named real device (--hil-device) is waited for, as long as the run may last.
+                   "min_devices": len(g.devices) + (1 if wait_real_device else 0),
+                   "wait_devices_s": scenario.timeout_s if wait_real_device else 120.0},
+        # The emulator's devices are its own; with real devices joining, vouchers gate enrollment.
+        "enrollment": enrollment or {"policy": "open"},
     }
     if manifest is not None:  # the synthetic model: its shapes and initial weights
         doc["model"] = {"manifest": str(manifest)}
@@ -285,11 +301,17 @@ def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], 
     return path
 
 
-def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event) -> dict[str, Any]:
+def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event,
+             hil: Hil | None = None) -> dict[str, Any]:
     from ledger.verify import verify_store
 
     started = time.time()
     _fresh_workdir(workdir)
+    desk = None
+    if hil is not None:
+        from .hil import VoucherDesk
+
+        desk = VoucherDesk(workdir / "hil" / "operator")
     devices = prepare_devices(scenario, workdir)
     names = [name for name, _ in devices]
     attackers = choose_attackers(scenario, names)
@@ -316,13 +338,15 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
         identity = Identity.generate()
         identity.save(home / "device.key")
         device_ids[name] = identity.id
+        if desk is not None:  # under the voucher policy the emulated devices need one too
+            desk.write_voucher(home / "voucher.cbor", identity.public_key, gateway_of[name].identity.id)
     env = _child_env()
     (workdir / "logs").mkdir(exist_ok=True)
     settled: dict[str, Any] | None = None
     faults = scenario.faults
     partitioned = any(f.kind == "partition" for f in faults)
     with Network(workdir / "broker", scenario.broker, [g.name for g in gateways], per_gateway=partitioned,
-                 persistent=bool(faults)) as network:
+                 persistent=bool(faults), listen=hil.listen if hil else None) as network:
         hub = network.hub
         attack_note = f", attackers: {scenario.attack_label()}" if attackers else ""
         fault_note = f", {len(faults)} fault{'s' if len(faults) > 1 else ''}" if faults else ""
@@ -342,6 +366,16 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
             "devices": names,
             "attackers": {name: adv.attack for name, (_, adv) in attackers.items()},
         }).encode())
+        if hil is not None:
+            from .hil import advertised_address, instructions, write_join_kit
+
+            kit = write_join_kit(workdir / "hil" / "kit", advertised_address(hil.listen[0]), hil.listen[1],
+                                 [{"name": g.name, "id": g.identity.id, "public_key": g.identity.public_key.hex()}
+                                  for g in gateways], scenario.model, hil.device, desk)
+            _say(instructions(kit))
+            if hil.device:
+                _say(f"starling-emulate: {first.name} waits for that device (up to {scenario.timeout_s:.0f} s) "
+                     "before its first round")
         monitor = Monitor(network.endpoints(), gateways, scenario.rounds, started)
         manifest = None
         if scenario.model == "synthetic":
@@ -349,7 +383,9 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
 
             manifest = write_manifest(workdir / "model", SYNTHETIC_SHAPES, seed=scenario.seed)
         for g in gateways:
-            conf = _gateway_config(scenario, g, network.endpoint(g.name), genesis, manifest)
+            conf = _gateway_config(scenario, g, network.endpoint(g.name), genesis, manifest,
+                                   desk.enrollment_table() if desk else None,
+                                   wait_real_device=bool(hil and hil.device) and g is first)
             g.proc = Process([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], g.log, env)
             g.proc.start()
         device_procs: dict[str, Process] = {}
@@ -360,7 +396,8 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
             conf = home / "agent.toml"
             host, port = network.endpoint(g.name)
             conf.write_text(_toml({
-                "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state")},
+                "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state"),
+                           **({"voucher": str(home / "voucher.cbor")} if desk else {})},
                 "gateway": {"id": g.identity.id, "public_key": g.identity.public_key.hex()},
                 "broker": {"host": host, "port": port},
                 "data": {"replay": str(data)},
@@ -534,6 +571,11 @@ def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str,
     if scenario.adversaries:
         gateway_of = {name: g.name for g in gateways for name in g.devices}
         report["attacks"] = _attacks(scenario, attackers, device_ids, gateway_of, monitor)
+    ours = set(device_ids.values())
+    with monitor.lock:
+        others = {d: dict(doc) for d, doc in monitor.devices.items() if d not in ours}
+    if others:  # real devices that joined through --listen
+        report["real_devices"] = others
     report["devices"] = {name: {"id": device_ids[name], "gateway": g.name,
                                 **({"attack": attackers[name][1].attack} if name in attackers else {})}
                          for g in gateways for name in g.devices}
@@ -560,7 +602,8 @@ def _final_accuracy(report: dict[str, Any]) -> float | None:
     return sum(finals) / len(finals) if finals else None
 
 
-def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event) -> dict[str, Any]:
+def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event,
+                  hil: Hil | None = None) -> dict[str, Any]:
     started = time.time()
     _fresh_workdir(workdir)
     write_atomic(workdir / "run.json", json.dumps({"variants": [v.name for v in scenario.variants]}).encode())
@@ -570,7 +613,7 @@ def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: th
             break
         _say(f"starling-emulate: variant {i + 1}/{len(scenario.variants)}: {variant.name} "
              f"({variant.strategy}, attack {variant.attack_label() or 'none'})")
-        reports.append(_run_one(variant, workdir / variant.name / "report.json", workdir / variant.name, stop))
+        reports.append(_run_one(variant, workdir / variant.name / "report.json", workdir / variant.name, stop, hil))
     comparison = []
     for variant, sub in zip(scenario.variants, reports):
         accuracy = [r.get("accuracy") for r in sub.get("rounds", [])]
@@ -641,9 +684,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", required=True, help="scenario TOML file (see hw/scenarios/)")
     parser.add_argument("--report", default="report.json", help="where to write the JSON report")
     parser.add_argument("--workdir", help="run folder for logs, keys and the ledger (default: <report>.run/)")
+    parser.add_argument("--listen", metavar="ADDR[:PORT]",
+                        help="hardware in the loop: open the broker to real devices here (e.g. 0.0.0.0:1883) and "
+                             "print what they need to join (docs/hardware-in-the-loop.md)")
+    parser.add_argument("--hil-device", metavar="PUBKEY_HEX",
+                        help="with --listen: the real device's public key, to put its voucher in the join kit")
     args = parser.parse_args(argv)
+    hil = None
     try:
         scenario = load_scenario(args.scenario)
+        if args.hil_device and not args.listen:
+            raise ScenarioError("--hil-device needs --listen")
+        if args.listen:
+            from .hil import parse_listen
+
+            try:
+                hil = Hil(parse_listen(args.listen), args.hil_device)
+            except ValueError as exc:
+                raise ScenarioError(f"--listen: {exc}") from exc
     except ScenarioError as exc:
         print(f"starling-emulate: {exc}", file=sys.stderr)
         return 2
@@ -653,8 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        report = run(scenario, report_path, workdir, stop)
-    except ScenarioError as exc:
+        report = run(scenario, report_path, workdir, stop, hil)
+    except (ScenarioError, ValueError, OSError) as exc:  # a bad scenario, --listen address or device key
         print(f"starling-emulate: {exc}", file=sys.stderr)
         return 2
     print(_summary(report, report_path), file=sys.stderr)

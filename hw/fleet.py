@@ -63,13 +63,16 @@ class Process:
 class Network:
     """The run's MQTT brokers (real Mosquitto when installed), and the links between them."""
 
-    def __init__(self, folder: Path, kind: str, gateways: list[str], per_gateway: bool, persistent: bool) -> None:
+    def __init__(self, folder: Path, kind: str, gateways: list[str], per_gateway: bool, persistent: bool,
+                 listen: tuple[str, int] | None = None) -> None:
+        """`listen`: a second listener for real devices, on the first gateway's broker (hardware in the loop)."""
         self.per_gateway = per_gateway
-        self.hub = Broker(folder / (HUB if per_gateway else ""), kind=kind, persistent=persistent)
+        self.hub = Broker(folder / (HUB if per_gateway else ""), kind=kind, persistent=persistent,
+                          listen=None if per_gateway else listen)
         self.brokers: dict[str, Broker] = {HUB: self.hub}
         self.relays: dict[str, TcpRelay] = {}
         self._stack = contextlib.ExitStack()
-        self._folder, self._gateways, self._persistent = folder, gateways, persistent
+        self._folder, self._gateways, self._persistent, self._listen = folder, gateways, persistent, listen
 
     @property
     def kind(self) -> str:
@@ -82,7 +85,8 @@ class Network:
                 for name in self._gateways:
                     relay = self._stack.enter_context(TcpRelay((self.hub.host, self.hub.port)))
                     broker = Broker(self._folder / name, kind="mosquitto", persistent=self._persistent,
-                                    bridge_to=("127.0.0.1", relay.port))
+                                    bridge_to=("127.0.0.1", relay.port),
+                                    listen=self._listen if name == self._gateways[0] else None)
                     self.relays[name], self.brokers[name] = relay, self._stack.enter_context(broker)
         except BaseException:
             self._stack.close()
