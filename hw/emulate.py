@@ -536,6 +536,7 @@ def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str,
             "devices": g.devices,
             "rounds": rounds,
             "rejections": result.get("rejections", {}),
+            "duplicates": result.get("duplicates", 0),  # honest re-sends of accepted replies, acknowledged again
             "enroll_rejections": result.get("enroll_rejections", {}),
             "model": result.get("model", {}),
             "ledger": _ledger_section(g, result, monitor, verify_store),

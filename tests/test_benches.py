@@ -61,3 +61,12 @@ def test_accuracy_prints_centralized_fedavg_fedprox_and_the_gap():
     best = max(figures["fedavg"][-1], figures["fedprox"][-1])
     assert figures["gap_pts"] == round((figures["centralized"] - best) * 100, 2)
     assert "skipped" in figures["mcu"]  # no TensorFlow here: said, not faked
+
+
+def test_emulator_scale_prints_its_figures():
+    figures = run_bench("bench/emulator_scale.py", "--devices-per-gateway", "4", "--rounds", "2")
+    assert figures["devices"] == 12 and figures["gateways"] == 3 and figures["rounds"] == 2
+    assert figures["participants_per_round"] == {"gw-1": [4, 4], "gw-2": [4, 4], "gw-3": [4, 4]}
+    assert figures["ledgers_identical"] is True and figures["every_accepted_update_in_every_ledger"] is True
+    # The emulator, its broker, 3 gateways and a device pool at least, each with some memory.
+    assert figures["processes"] >= 6 and figures["peak_tree_rss_mb"] > 6 * 10

@@ -179,6 +179,6 @@ def test_runner_and_model_choices_are_checked(fleet, training, message):
         parse_scenario({"fleet": {"devices": 3, **fleet}, "training": training})
 
 
-def test_the_shipped_city_runs_300_devices_in_pools_on_three_gateways():
+def test_the_shipped_city_runs_500_devices_in_pools_on_three_gateways():
     city = load_scenario(Path(__file__).resolve().parents[2] / "hw" / "scenarios" / "city.toml")
-    assert (city.gateways, city.devices, city.runner, city.model) == (3, 300, "pool", "synthetic")
+    assert (city.gateways, city.devices, city.runner, city.model) == (3, 501, "pool", "synthetic")
