@@ -52,7 +52,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,9 @@ from protocol.keys import Identity
 from .broker import _child_env
 from .faults import FaultRunner, fault_sections
 from .fleet import Fleet, Network, Process, describe
+from .links import LinkRelay
 from .partition import prepare_devices
+from .profiles import CpuThrottle, DeviceProfile, assign, memory_cap
 from .scenario import Adversary, Scenario, ScenarioError, load_scenario
 
 __all__ = ["main", "prepare_devices", "run"]
@@ -346,7 +349,7 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
     faults = scenario.faults
     partitioned = any(f.kind == "partition" for f in faults)
     with Network(workdir / "broker", scenario.broker, [g.name for g in gateways], per_gateway=partitioned,
-                 persistent=bool(faults), listen=hil.listen if hil else None) as network:
+                 persistent=bool(faults), listen=hil.listen if hil else None) as network, ExitStack() as stack:
         hub = network.hub
         attack_note = f", attackers: {scenario.attack_label()}" if attackers else ""
         fault_note = f", {len(faults)} fault{'s' if len(faults) > 1 else ''}" if faults else ""
@@ -388,37 +391,63 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                                    wait_real_device=bool(hil and hil.device) and g is first)
             g.proc = Process([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], g.log, env)
             g.proc.start()
+        profile_of = assign(names, scenario.device_profiles, scenario.seed, salt=13)
+        link_of = assign(names, scenario.links, scenario.seed, salt=17)
+        throttle = stack.enter_context(CpuThrottle())
+        relays: dict[tuple[str, tuple[str, int]], LinkRelay] = {}  # (link, broker) -> the relay its devices use
+        for name in names:
+            spec, endpoint = link_of.get(name), network.endpoint(gateway_of[name].name)
+            if spec is not None and (spec.name, endpoint) not in relays:
+                relays[spec.name, endpoint] = stack.enter_context(
+                    LinkRelay(endpoint, spec.profile(), seed=scenario.seed * 7919 + len(relays)))
+        links_started = time.time()
+
+        def process(cmd: list[str], log: Path, profile: DeviceProfile | None, members: int = 1) -> Process:
+            """A device process (or a pool of `members` devices) with its profile's memory cap and CPU share."""
+            if profile is None:
+                return Process(cmd, log, env)
+            return Process(cmd, log, env, preexec=memory_cap(profile.memory_mb * members) if profile.memory_mb else None,
+                           on_start=(lambda p: throttle.add(p.pid, profile.cpu_slowdown))
+                           if profile.cpu_slowdown > 1 else None)
+
         device_procs: dict[str, Process] = {}
-        pooled: list[tuple[str, dict[str, Any]]] = []  # honest devices that run in device pools
+        pooled: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # profile name -> its pooled devices
         for name, data in devices:
             g = gateway_of[name]
             home = workdir / "devices" / name
             conf = home / "agent.toml"
             host, port = network.endpoint(g.name)
+            if name in link_of:  # through its emulated link
+                host, port = "127.0.0.1", relays[link_of[name].name, (host, port)].port
+            profile = profile_of.get(name)
             conf.write_text(_toml({
                 "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state"),
                            **({"voucher": str(home / "voucher.cbor")} if desk else {})},
                 "gateway": {"id": g.identity.id, "public_key": g.identity.public_key.hex()},
                 "broker": {"host": host, "port": port},
                 "data": {"replay": str(data)},
+                **({"budget": profile.budget_toml()} if profile and profile.budget_toml() else {}),
             }))
             if name in attackers:
                 cmd = attackers[name][1].command(conf)
-            elif scenario.runner == "pool":
-                pooled.append((name, {"config": str(conf), "seed": scenario.seed * 100_003 + len(pooled) + 1}))
+            elif scenario.runner == "pool":  # pools are made per profile: a pool's process has one CPU share
+                seed = scenario.seed * 100_003 + sum(map(len, pooled.values())) + 1
+                pooled.setdefault(profile.name if profile else "", []).append((name, {"config": str(conf), "seed": seed}))
                 continue
             else:
                 cmd = [sys.executable, "-m", "agent.cli", "run", "--config", str(conf)]
-            device_procs[name] = Process(cmd, workdir / "logs" / f"{name}.log", env)
-        for p, start in enumerate(range(0, len(pooled), scenario.pool_size)):
-            members = pooled[start:start + scenario.pool_size]
+            device_procs[name] = process(cmd, workdir / "logs" / f"{name}.log", profile)
+        profiles_by_name = {p.name: p for p in scenario.device_profiles}
+        chunks = [(key, group[i:i + scenario.pool_size]) for key, group in pooled.items()
+                  for i in range(0, len(group), scenario.pool_size)]
+        for p, (key, members) in enumerate(chunks):
             pool = workdir / "pools" / f"pool-{p + 1}.json"
             pool.parent.mkdir(exist_ok=True)
             write_atomic(pool, json.dumps({"model": scenario.model, "manifest": str(manifest) if manifest else None,
                                            "devices": [entry for _, entry in members]}).encode())
-            process = Process([sys.executable, "-m", "hw.device_pool", "--pool", str(pool)],
-                              workdir / "logs" / f"pool-{p + 1}.log", env)
-            device_procs.update({name: process for name, _ in members})
+            proc = process([sys.executable, "-m", "hw.device_pool", "--pool", str(pool)],
+                           workdir / "logs" / f"pool-{p + 1}.log", profiles_by_name.get(key), len(members))
+            device_procs.update({name: proc for name, _ in members})
         agents = list({id(p): p for p in device_procs.values()}.values())
         for process in agents:
             process.start()
@@ -452,8 +481,10 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                 except Exception as exc:  # noqa: BLE001 (the report says so; the run's record comes first)
                     settled = {"agreed": False, "error": f"{type(exc).__name__}: {exc}"}
             monitor.close()
+    timeline = runner.timeline + _link_outages(scenario.links, links_started - started)
     report = _report(scenario, workdir, started, network.kind, gateways, monitor, attackers, device_ids,
-                     timed_out, settled, verify_store, runner.timeline)
+                     timed_out, settled, verify_store, timeline)
+    report.update(_profile_sections(scenario, profile_of, link_of, relays, monitor, device_ids))
     _write_report(report, report_path)
     return report
 
@@ -477,6 +508,47 @@ def _ledger_section(g: GatewayRun, result: dict[str, Any], monitor: Monitor, ver
         "height_series": [[t, h] for t, h, _ in series],
         "finality_lag_series": [[t, lag] for t, _, lag in series],
     }
+
+
+def _link_outages(links, offset: float) -> list[dict[str, Any]]:
+    """A link's disconnect schedule as entries of the fault timeline (so the plots mark them too)."""
+    return [{"t": round(offset + start, 3), "t_end": round(offset + end, 3), "kind": "link_outage",
+             "target": spec.name, "detail": {"devices": spec.fraction if spec.fraction is not None else spec.count}}
+            for spec in links for start, end in spec.outages]
+
+
+def _device_totals(ids: list[str], monitor: Monitor) -> dict[str, Any]:
+    accepted, rejected, skipped = 0, {}, {}
+    with monitor.lock:
+        docs = [monitor.devices.get(d, {}) for d in ids]
+    for doc in docs:
+        accepted += int(doc.get("accepted", 0))
+        for target, key in ((rejected, "rejected"), (skipped, "skipped")):
+            for reason, n in (doc.get(key) or {}).items():
+                target[reason] = target.get(reason, 0) + int(n)
+    return {"accepted": accepted, "rejected": rejected, "skipped": skipped}
+
+
+def _profile_sections(scenario: Scenario, profile_of: dict, link_of: dict, relays: dict, monitor: Monitor,
+                      device_ids: dict[str, str]) -> dict[str, Any]:
+    """What each device profile and each link did: its devices' replies, and the link's traffic."""
+    out: dict[str, Any] = {}
+    if scenario.device_profiles:
+        out["device_profiles"] = []
+        for spec in scenario.device_profiles:
+            names = sorted(n for n, p in profile_of.items() if p.name == spec.name)
+            out["device_profiles"].append({**{k: v for k, v in asdict(spec).items() if v is not None},
+                                           "devices": names, **_device_totals([device_ids[n] for n in names], monitor)})
+    if scenario.links:
+        out["links"] = []
+        for spec in scenario.links:
+            names = sorted(n for n, link in link_of.items() if link.name == spec.name)
+            stats = [asdict(r.stats) for (link, _), r in relays.items() if link == spec.name]
+            traffic = {key: sum(s[key] for s in stats) for key in
+                       ("connections", "refused", "dropped", "bytes_up", "bytes_down", "delayed_chunks")}
+            out["links"].append({**{k: v for k, v in asdict(spec).items() if v is not None}, "devices": names,
+                                 **traffic, **_device_totals([device_ids[n] for n in names], monitor)})
+    return out
 
 
 def _attack_outcome(expected: tuple[str, ...], accepted: int, rejected: dict[str, int]) -> bool:
@@ -567,7 +639,7 @@ def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str,
         check = compare_ledgers([GatewayLedger(g.name, g.ledger, g.key) for g in gateways], accepted,
                                 {g.name: g.identity.public_key for g in gateways})
         report["ledger_check"] = {**check, "settle": settled}
-    if scenario.faults:
+    if scenario.faults or faults:
         report["faults"] = fault_sections(faults or [], {name: s["rounds"] for name, s in sections.items()})
     if scenario.adversaries:
         gateway_of = {name: g.name for g in gateways for name in g.devices}

@@ -43,6 +43,23 @@
     # sigma = 1.0              # gaussian_noise
     # payload = "sign_flip"    # sybil: what it does once enrolled (the emulator's policy is "open")
 
+    [[device_profile]]         # any number: a seeded share of the devices runs slower and leaner
+    name = "old-pi"            # (hw/profiles.py)
+    fraction = 0.3             # of all devices, or count = 3
+    cpu_slowdown = 4.0         # the device's process gets 1/4 of a core (SIGSTOP/SIGCONT duty cycle)
+    max_train_s = 20.0         # its agent's [budget]
+    max_samples = 500
+    memory_mb = 256            # its process's memory cap (RLIMIT_DATA; in a device pool: x the pool's devices)
+
+    [[link]]                   # any number: a seeded share of the devices reaches its broker through
+    name = "lte"               # an emulated link (hw/links.py)
+    fraction = 0.5
+    latency_ms = 80.0
+    jitter_ms = 20.0
+    bandwidth_kbps = 2000.0    # kilobits per second
+    loss = 0.02                # a lost segment costs a 200 ms retransmission
+    outages = [[30.0, 40.0]]   # the disconnect schedule: seconds after the devices started
+
     [[fault]]                  # any number: the fault timeline (see hw/faults.py for every kind)
     kind = "gateway_restart"   # gateway_restart, broker_restart, partition, device_churn
     target = "gw-2"
@@ -72,6 +89,7 @@ from typing import Any
 from protocol.config import ConfigError, read_toml, resolve_path
 
 from .faults import Fault, parse_faults
+from .profiles import DeviceProfile, LinkSpec, parse_device_profiles, parse_links
 
 NUMBER = (int, float)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -88,6 +106,8 @@ ARRAYS: dict[str, dict[str, type | tuple[type, ...]]] = {
                   "payload": str},
     "variant": {"name": str},  # plus any section of SCHEMA but [run], and `adversary`
     "fault": {},  # checked by hw/faults.py
+    "device_profile": {},  # checked by hw/profiles.py
+    "link": {},  # checked by hw/profiles.py
 }
 PARAMS = {"sign_flip": ("scale",), "scaling": ("scale",), "gaussian_noise": ("sigma",),
           "sybil": ("payload", "scale", "sigma")}
@@ -163,6 +183,8 @@ class Scenario:
     pool_size: int = 100
     model: str = "imu_cnn"
     faults: tuple[Fault, ...] = ()
+    device_profiles: tuple[DeviceProfile, ...] = ()
+    links: tuple[LinkSpec, ...] = ()
 
     def devices_of(self, gateway: int) -> list[int]:
         """Indices (0-based) of the devices that belong to gateway `gateway` (0-based): i mod gateways."""
@@ -177,6 +199,8 @@ class Scenario:
         doc["adversaries"] = [{k: v for k, v in asdict(a).items() if v is not None} for a in self.adversaries]
         doc["variants"] = [v.name for v in self.variants]
         doc["faults"] = [{k: v for k, v in asdict(f).items() if v not in (None, "")} for f in self.faults]
+        doc["device_profiles"] = [{k: v for k, v in asdict(p).items() if v is not None} for p in self.device_profiles]
+        doc["links"] = [{k: v for k, v in asdict(link).items() if v is not None} for link in self.links]
         return doc
 
 
@@ -291,8 +315,14 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
     adversaries = _adversaries(doc.get("adversary", []))
     try:
         faults = parse_faults(doc.get("fault", []), gateways)
+        device_profiles = parse_device_profiles(doc.get("device_profile", []))
+        links = parse_links(doc.get("link", []))
     except ConfigError as exc:
         raise ScenarioError(str(exc)) from exc
+    for where, specs in (("device_profile", device_profiles), ("link", links)):
+        asked = sum(spec.devices(devices) for spec in specs)
+        if asked > devices:
+            raise ScenarioError(f"{where}: the profiles take {asked} devices, but the fleet has only {devices}")
     attackers = sum(a.devices(devices) for a in adversaries)
     if attackers > devices:
         raise ScenarioError(f"adversary: {attackers} attacking devices, but the fleet has only {devices}")
@@ -322,6 +352,8 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         pool_size=get("fleet", "pool_size", 100),
         model=get("training", "model", "imu_cnn"),
         faults=faults,
+        device_profiles=device_profiles,
+        links=links,
     )
     if scenario.runner not in RUNNERS:
         raise ScenarioError(f"fleet.runner must be one of {', '.join(RUNNERS)}, not {scenario.runner!r}")
