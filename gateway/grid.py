@@ -33,7 +33,7 @@ from protocol import envelope, schemas, topics
 from protocol.keys import Identity, identity_id
 from protocol.logs import event
 
-from .ingest import Accepted, Authenticated, OpenTask, Rejected, ReplyChecker, Skipped
+from .ingest import Accepted, Authenticated, Duplicate, OpenTask, Rejected, ReplyChecker, Skipped
 from .journal import Journal, Resume
 from .models import ModelPublisher
 
@@ -54,6 +54,7 @@ class RoundTraffic:
     accepted: list[Accepted] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)  # the devices' own reasons for sitting it out
+    duplicates: int = 0  # accepted replies sent again (at-least-once delivery): not rejections
     started: float = field(default_factory=time.time)
     closed: bool = False
 
@@ -121,6 +122,7 @@ class MqttGrid(Grid):
         self.traffic: dict[str, RoundTraffic] = {}  # task id -> open exchange
         self.on_closed: Callable[[RoundTraffic], None] | None = None
         self.rejections: dict[str, int] = {}
+        self.duplicates = 0  # exact re-sends of replies accepted in the current round, acknowledged again
         self.stop = threading.Event()  # set on SIGTERM: waits end at once
 
     # --- Grid API -------------------------------------------------------------------
@@ -260,6 +262,7 @@ class MqttGrid(Grid):
         for traffic in closed:
             event(log, "round.closed", kind=traffic.kind, round=traffic.round, replies=len(traffic.accepted),
                   selected=traffic.sent, rejected=sum(traffic.rejected.values()), skipped=sum(traffic.skipped.values()),
+                  duplicates=traffic.duplicates,
                   reasons=",".join(f"{r}:{n}" for r, n in sorted(traffic.rejected.items())) or "-")
             if self.on_closed:
                 self.on_closed(traffic)
@@ -267,11 +270,12 @@ class MqttGrid(Grid):
 
     # --- ingest (called on the gateway's worker thread) ------------------------------
 
-    def handle_reply(self, topic: str, payload: bytes, restoring: bool = False) -> Accepted | Rejected:
+    def handle_reply(self, topic: str, payload: bytes,
+                     restoring: bool = False) -> Accepted | Skipped | Duplicate | Rejected:
         return self.handle_replies([(topic, payload, None)], restoring)[0]
 
     def handle_replies(self, messages: list[tuple[str, bytes, Authenticated | Rejected | None]],
-                       restoring: bool = False) -> list[Accepted | Skipped | Rejected]:
+                       restoring: bool = False) -> list[Accepted | Skipped | Duplicate | Rejected]:
         """Check a batch of replies, journal the accepted ones in one transaction, then send receipts.
 
         Each message is (topic, payload, stage-1 outcome): the outcome is None unless an ingest
@@ -280,7 +284,7 @@ class MqttGrid(Grid):
         One commit (one fsync) per batch instead of per reply is what lets the ingest path keep
         up with thousands of replies per second; no receipt leaves before its reply is on disk.
         """
-        outcomes: list[Accepted | Skipped | Rejected] = []
+        outcomes: list[Accepted | Skipped | Duplicate | Rejected] = []
         # Check and hand over under one lock, so a reply is either in its round or late, never lost between.
         with self._cv:
             for topic, payload, first in messages:
@@ -297,6 +301,11 @@ class MqttGrid(Grid):
                     self._skipped.add(outcome.task.message_id)
                     skipped = self.traffic[outcome.task.task].skipped
                     skipped[outcome.reason] = skipped.get(outcome.reason, 0) + 1
+                elif isinstance(outcome, Duplicate):  # honest at-least-once delivery: no rejection
+                    self.duplicates += 1
+                    traffic = self.traffic.get(outcome.envelope.ctx.task)
+                    if traffic is not None:
+                        traffic.duplicates += 1
                 elif outcome.reason == "deferred":
                     if len(self._deferred) < MAX_DEFERRED:
                         self._deferred.append((topic, payload))
@@ -323,9 +332,14 @@ class MqttGrid(Grid):
             elif isinstance(outcome, Skipped):
                 self._receipt(outcome.envelope, outcome.device_id, False, "skipped")
                 event(log, "reply.skipped", device=outcome.device_id, round=outcome.task.round, reason=outcome.reason)
+            elif isinstance(outcome, Duplicate):  # its receipt was slow or lost: it gets another
+                self._receipt(outcome.envelope, outcome.device_id, True, "")
+                event(log, "reply.duplicate", device=outcome.device_id, round=outcome.round,
+                      task=outcome.envelope.ctx.task)
             elif outcome.reason != "deferred":
                 if outcome.authenticated:
-                    # An exact re-send of an accepted reply (its receipt was lost) is acknowledged again.
+                    # A replay of a reply accepted earlier is acknowledged again: a device whose receipts
+                    # were all lost stops re-sending it.
                     self._receipt(outcome.envelope, outcome.device_id, outcome.already_accepted, outcome.reason)
                 event(log, "reply.rejected", logging.WARNING, device=outcome.device_id or "-",
                       reason=outcome.reason, detail=outcome.detail)

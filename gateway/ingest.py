@@ -14,8 +14,8 @@ state, so ingest worker processes can run it (see ingest_workers.py); stage 2
     bad_signature / digest_mismatch       the signature or attachment does not verify
     limits / bad_tensor / non_finite      the update is oversize, inconsistent or not finite
     --- stage 2
-    replay                                this device's reply to this task was already accepted
-    conflicting_reply                     ... and this is a different reply to the same task
+    replay                                this device's reply to this task was accepted in an earlier round
+    conflicting_reply                     this device's task was answered with a different update
     stale_round / not_selected            no open task for this device and task id
     wrong_round / wrong_base              bound to another round or base model
     late                                  arrived after the round's deadline
@@ -23,6 +23,14 @@ state, so ingest worker processes can run it (see ingest_workers.py); stage 2
     --- the grid
     internal_error                        the check itself failed (a bug): logged with its traceback, and
                                           only this reply is lost, not the rest of its batch
+
+Two stage-2 outcomes are not rejections, and are not counted as such:
+
+    Duplicate                             the exact reply (same device, task and update digest) accepted
+                                          in the current round, sent again: agents deliver at least once
+                                          and re-send when a receipt is slow. Acknowledged again (an
+                                          accepted receipt), counted as a duplicate, changes nothing
+    Rejected("deferred")                  a reply to a round a crash interrupted: held until it re-opens
 
 Every outcome is a value, never an exception: a gateway must outlive any input.
 Only senders whose signature verified get a (signed) negative receipt: signing
@@ -94,7 +102,19 @@ class Rejected:
     detail: str
     envelope: envelope.Envelope | None = None
     authenticated: bool = False  # the sender's signature verified: it may get a signed receipt
-    already_accepted: bool = False  # an exact re-send of an accepted reply: acknowledge it again
+    already_accepted: bool = False  # a replay of a reply accepted in an earlier round: acknowledge it again
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """The exact reply accepted in the current round, sent again (its device got no receipt in time).
+
+    Honest at-least-once delivery, not an attack: the grid acknowledges it again and counts it apart
+    from rejections. Only the same reply in a later round is a `replay`."""
+
+    device_id: str
+    round: int
+    envelope: envelope.Envelope
 
 
 @dataclass(frozen=True)
@@ -203,7 +223,7 @@ class ReplyChecker:
         self.current_round = 0
 
     def check(self, topic: str, payload: bytes, now: float | None = None,
-              first: Authenticated | Rejected | None = None) -> Accepted | Skipped | Rejected:
+              first: Authenticated | Rejected | None = None) -> Accepted | Skipped | Duplicate | Rejected:
         """Both stages; `first` is stage 1's outcome when an ingest worker already ran it."""
         lagging = (isinstance(first, Rejected) and first.reason == "unknown_device" and first.envelope is not None
                    and self.authenticator.is_enrolled(first.envelope.ctx.sender))
@@ -211,7 +231,7 @@ class ReplyChecker:
             first = self.authenticator.authenticate(topic, payload)
         return first if isinstance(first, Rejected) else self.admit(first, now)
 
-    def admit(self, auth: Authenticated, now: float | None = None) -> Accepted | Skipped | Rejected:
+    def admit(self, auth: Authenticated, now: float | None = None) -> Accepted | Skipped | Duplicate | Rejected:
         now = time.time() if now is None else now
         env, reply, metrics = auth.envelope, auth.reply, auth.metrics
         device = env.ctx.sender_id
@@ -223,9 +243,13 @@ class ReplyChecker:
 
         key = (device, env.ctx.task)
         if key in self.accepted:
-            if self.accepted[key][1] != reply.digest:  # a second, different answer: a device bug or a lie
+            accepted_round, digest = self.accepted[key]
+            if digest != reply.digest:  # a second, different answer: a device bug or a lie
                 return refuse("conflicting_reply", f"task {env.ctx.task} was answered with another update")
-            return Rejected("replay", device, f"task {env.ctx.task} already answered", env,
+            if accepted_round >= self.current_round:  # a re-send while its receipt was on the way
+                return Duplicate(device, accepted_round, env)
+            # Still acknowledged: an honest device whose receipts were all lost stops re-sending.
+            return Rejected("replay", device, f"task {env.ctx.task} was answered in round {accepted_round}", env,
                             authenticated=True, already_accepted=True)
         task = self.open.get(key)
         if task is None:

@@ -41,7 +41,7 @@ from protocol.vouchers import Voucher
 
 from .config import GatewayConfig
 from .grid import MqttGrid, RoundTraffic
-from .ingest import EVALUATE_METRICS_BY_TASK, Accepted, ReplyChecker, Skipped
+from .ingest import EVALUATE_METRICS_BY_TASK, Accepted, Duplicate, ReplyChecker, Skipped
 from .ingest_workers import IngestWorkers, WorkerSettings
 from .journal import Journal
 from .ledger_sync import LedgerSync
@@ -252,6 +252,8 @@ class Gateway:
             reason = getattr(outcome, "reason", None)
             if isinstance(outcome, Skipped):
                 stats.setdefault("skipped", {})[reason] = stats.get("skipped", {}).get(reason, 0) + 1
+            elif isinstance(outcome, Duplicate):  # a re-send of an accepted reply: neither accepted twice nor refused
+                stats["duplicates"] = stats.get("duplicates", 0) + 1
             elif reason is not None:
                 stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
             elif outcome is not None:
@@ -476,6 +478,7 @@ class Gateway:
             "enrolled": len(self.enrolled),
             "online": len(self.online),
             "rejections": dict(self.grid.rejections),
+            "duplicates": self.grid.duplicates,  # honest re-sends of accepted replies: not rejections
             "ledger": self._ledger_status(),
             "history": history,
             "revoked": {"count": len(revoked), "devices": revoked[:MAX_STATUS_REVOKED]},
@@ -622,6 +625,7 @@ class Gateway:
             "failure": failure,
             "rounds": [asdict(self.history[r]) for r in sorted(self.history)],
             "rejections": dict(self.grid.rejections),
+            "duplicates": self.grid.duplicates,  # honest re-sends of accepted replies: not rejections
             "enroll_rejections": dict(self.enroll_rejections),
             "ledger": {"path": str(self.ledger_path), "height": height},
             "model": {"digest": publisher.current.digest.hex() if publisher.current else None,

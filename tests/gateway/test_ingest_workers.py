@@ -153,3 +153,51 @@ def test_a_gateway_with_two_workers_runs_a_round_and_both_take_a_share(broker, t
     assert all(n > 0 for n in shares.values()), shares
     state = json.loads((tmp_path / "state" / "result.json").read_text())
     assert state["rounds"][-1]["bytes_up"] >= devices * len(wire)
+
+
+def retained(broker: Broker, topic: str, timeout: float = 10.0) -> dict:
+    """The JSON retained on `topic` (a gateway's status, or one of its devices')."""
+    got: queue.Queue = queue.Queue()
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"sub-{time.time_ns()}")
+    client.on_message = lambda _c, _u, m: got.put(m.payload)
+    client.connect(broker.host, broker.port)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    try:
+        return json.loads(got.get(timeout=timeout))
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_a_reply_re_sent_through_the_workers_in_its_round_is_acknowledged_as_a_duplicate(broker, tmp_path: Path):
+    """An agent re-sends a reply whose receipt is late (at-least-once): a second accepted receipt, counted
+    under `duplicates` in result.json and the status, never under `rejections`."""
+    devices = 3
+    shapes = {"w": (20, 5)}
+    gateway, gw = start_gateway(tmp_path, broker, shapes, devices, 60.0, workers=1)
+    load = LoadGenerator(broker.host, broker.port, gw.id, devices, shapes, seed=11)
+    try:
+        time.sleep(1.0)
+        load.enroll_all()
+        wires = load.sign_replies(load.collect_tasks(devices, 60.0))
+        load.send(wires[:-1])  # the last device holds its reply back: the round stays open
+        load.wait_receipts(devices - 1, 60.0)
+        load.send(wires[:1])  # the first one again, byte for byte
+        load.wait_receipts(devices, 60.0)
+        load.send(wires[-1:])
+        load.wait_receipts(devices + 1, 60.0)
+        result = finished_gateway(gateway, tmp_path, 60.0)
+    finally:
+        load.close()
+        if gateway.poll() is None:
+            gateway.kill()
+    assert load.timeline.accepted == devices + 1 and load.timeline.rejected == {}
+    assert result["duplicates"] == 1 and result["rejections"] == {}
+    assert result["rounds"][-1]["participants"] == devices and result["rounds"][-1]["rejected"] == 0
+    status = retained(broker, topics.status(gw.id))
+    assert status["duplicates"] == 1 and status["rejections"] == {}
+    device = retained(broker, topics.device_status(gw.id, topics.device_of(wires[0][0])))
+    assert (device["accepted"], device["duplicates"], device["rejected"]) == (1, 1, {})
+    log = (tmp_path / "gateway.log").read_text()
+    assert "reply.duplicate" in log and "reply.rejected" not in log

@@ -29,12 +29,15 @@ TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_N
 
 
 class Fleet:
-    """Devices that answer every task at once: train adds (device index) to every weight."""
+    """Devices that answer every task at once: train adds (device index) to every weight.
 
-    def __init__(self, online=DEVICES, answer=True):
+    With `resend`, each device sends its reply a second time, as an agent does whose receipt is slow."""
+
+    def __init__(self, online=DEVICES, answer=True, resend=False):
         self.online = {d.node_id: d for d in online}
         self.known = {d.node_id: d for d in DEVICES}
         self.answer = answer
+        self.resend = resend
         self.grid: MqttGrid | None = None
         self.published: list[tuple[str, bytes]] = []
         self.replies: list[tuple[str, bytes]] = []
@@ -56,6 +59,18 @@ class Fleet:
         wire = envelope.seal(device, "reply", ctx, {"examples": 10 * index}, update)
         self.replies.append((topics.reply(GATEWAY.id, device.id), wire))
         self.grid.handle_reply(topics.reply(GATEWAY.id, device.id), wire)
+        if self.resend:
+            self.grid.handle_reply(topics.reply(GATEWAY.id, device.id), wire)
+
+    def receipts(self, device: Identity) -> list[tuple[str, schemas.Receipt]]:
+        """(task id, receipt) for each receipt the gateway sent this device, in order."""
+        out = []
+        for topic, payload in self.published:
+            if topic == topics.receipt(GATEWAY.id, device.id):
+                env = envelope.decode(payload)
+                env.verify()
+                out.append((env.ctx.task, schemas.Receipt.from_body(env.body)))
+        return out
 
 
 def make_grid(fleet: Fleet, tmp_path, deadline_s=5.0) -> MqttGrid:
@@ -221,3 +236,60 @@ def test_a_check_that_fails_costs_only_its_reply_not_the_rest_of_the_batch(tmp_p
     assert [o.reason for o in outcomes] == ["internal_error", "schema"]
     assert "KeyError" in outcomes[0].detail and outcomes[0].device_id == "a"
     assert grid.rejections == {"internal_error": 1, "schema": 1}
+
+
+def test_a_reply_sent_again_in_its_round_is_acknowledged_again_and_counted_as_a_duplicate(tmp_path):
+    fleet = Fleet(resend=True)
+    grid = make_grid(fleet, tmp_path)
+    closed = []
+    grid.on_closed = closed.append
+    strategy = FedAvg(min_available_nodes=3, min_train_nodes=3)
+    replies = grid.send_and_receive(strategy.configure_train(1, arrays(), ConfigRecord(), grid))
+    assert len(replies) == 3  # each device's update counts once
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(aggregated["w"].numpy(), 140 / 60, rtol=1e-6)
+    for device in DEVICES:
+        (first, r1), (second, r2) = fleet.receipts(device)
+        assert first == second and r1.accepted and r2.accepted and r1.reply == r2.reply
+    assert grid.duplicates == 3 and grid.rejections == {}
+    assert [(t.rejected, t.duplicates) for t in closed] == [({}, 3)]
+
+
+def test_a_reply_sent_again_after_its_round_is_a_replay_rejection(tmp_path):
+    fleet = Fleet()
+    grid = make_grid(fleet, tmp_path)
+    strategy = FedAvg(min_available_nodes=3, min_train_nodes=3)
+    grid.send_and_receive(strategy.configure_train(1, arrays(), ConfigRecord(), grid))
+    topic, old = fleet.replies[0]
+    grid.send_and_receive(strategy.configure_train(2, arrays(), ConfigRecord(), grid))
+    outcome = grid.handle_reply(topic, old)
+    assert outcome.reason == "replay"
+    assert grid.rejections == {"replay": 1} and grid.duplicates == 0
+    device = next(d for d in DEVICES if d.id == topics.device_of(topic))
+    task, receipt = fleet.receipts(device)[-1]
+    assert task == envelope.decode(old).ctx.task and receipt.accepted  # acknowledged: its device stops re-sending
+
+
+def test_a_reply_re_sent_across_a_crash_is_a_duplicate_of_the_journaled_one(tmp_path):
+    """The gateway journaled a reply, then died before its receipt left: the device sends it again,
+    while the round re-opens. The restored reply counts once; the re-send is acknowledged as a duplicate."""
+    from gateway.journal import Resume
+
+    before = Fleet()
+    crashed = make_grid(before, tmp_path)
+    crashed.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), crashed))
+    topic, journaled = before.replies[0]
+    task = envelope.decode(journaled).ctx
+    device = next(d for d in DEVICES if d.id == topics.device_of(topic))
+    fleet = Fleet()
+    grid = make_grid(fleet, tmp_path)
+    grid.run_tag = crashed.run_tag
+    grid.resume = Resume(crashed.run_tag, 1, task.task, task.base, b"", [d.node_id for d in DEVICES], [journaled],
+                         closed=False, recorded=False)
+    grid.checker.reopening.add(task.task)
+    assert grid.handle_reply(topic, journaled).reason == "deferred"  # the re-send, before the round re-opens
+    replies = grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), grid))
+    assert len(replies) == 3
+    assert [t for t, _ in fleet.published if t == topics.task(GATEWAY.id, device.id)] == []  # not re-tasked
+    assert [(t, r.accepted) for t, r in fleet.receipts(device)] == [(task.task, True)]
+    assert grid.duplicates == 1 and grid.rejections == {}

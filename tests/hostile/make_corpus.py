@@ -6,8 +6,11 @@ Deterministic: fixed keys (world.py), fixed times, no randomness; Ed25519
 signatures are deterministic, so the same bytes come out on every run. Each
 file is checked here against the state it is meant for (the `*_state`
 functions below, which test_corpus.py uses too) before it is written, and
-`corpus/index.json` lists, per file, the surface, the topic, the reason and
-any messages that must go first (a replay needs the original accepted first).
+`corpus/index.json` lists, per file, the surface, the topic, the reason,
+any messages that must go first (a replay needs the original accepted first)
+and, for a reply, the round the gateway moved on to before the file arrives
+(`moved_on_to`: the same reply in its own round is an honest duplicate, not a
+replay).
 
 Surfaces: `reply` (gateway/ingest.py's reasons), `enroll` (gateway/service.py
 `_handle_enroll`), `gossip` (ledger gossip refusals: ledger/errors.py reasons
@@ -22,6 +25,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cbor2
@@ -49,6 +53,8 @@ NOT_PRODUCIBLE = {
                               "as schema before its attachment is ever hashed",
     "reply/deferred": "not a rejection: a reply to a round a crash interrupted, kept until the round re-opens "
                       "(it needs a journal with an interrupted round, not a message)",
+    "reply/duplicate": "not a rejection: reply/replay.cbor sent again while its round is still the current one "
+                       "(an agent's at-least-once re-send) is acknowledged again and counted as a duplicate",
     "gossip/internal": "the catch-all for a bug in Gossip (bug 1, a want beyond SQLite integers, reached it; fixed)",
     "gossip/store": "an SQLite failure (disk full, locked database), not a property of a message",
     "gossip/pending_overflow": "producible only by volume: 20,001 signed vertices whose parents never come",
@@ -79,6 +85,16 @@ def reply_state() -> ReplyChecker:
 
 def check_reply(checker: ReplyChecker, topic: str, payload: bytes):
     return checker.check(topic, payload, now=world.NOW)
+
+
+def reply_outcome(entry: dict, by_file: dict[str, dict], payload_of: Callable[[str], bytes]):
+    """A reply file's outcome in a fresh `reply_state`: after the messages that go first and, if the entry
+    says so, after the gateway moved on to a later round (as it does when it pushes that round's tasks)."""
+    checker = reply_state()
+    for name in entry["before"]:
+        check_reply(checker, by_file[name]["topic"], payload_of(name))
+    checker.current_round = entry.get("moved_on_to", checker.current_round)
+    return check_reply(checker, entry["topic"], payload_of(entry["file"]))
 
 
 class _Link:
@@ -207,7 +223,7 @@ def reply_files() -> list[dict]:
         ("bad_tensor", d, world.reply(d, update=cbor.dumps(bad_tensor))),
         ("non_finite", d, world.reply(d, update=nan_update)),
         ("conflicting_reply", d, world.reply(d, update=_update(world.delta(0.5))), ["reply/accepted.cbor"]),
-        ("replay", d, me, ["reply/accepted.cbor"]),
+        ("replay", d, me, ["reply/accepted.cbor"], world.ROUND + 1),  # in round 3 itself: a duplicate
         ("stale_round", d, world.reply(d, round_=world.ROUND - 1, task="train-2-old")),
         ("not_selected", d, world.reply(d, task="train-3-other")),
         ("wrong_round", d, world.reply(d, round_=world.ROUND + 1)),
@@ -219,9 +235,12 @@ def reply_files() -> list[dict]:
     ]
     out = [{"surface": "reply", "file": "reply/accepted.cbor", "topic": topic_of(d), "reason": "accepted",
             "bytes": me, "before": []}]
-    for reason, sender, payload, *before in files:
-        out.append({"surface": "reply", "file": f"reply/{reason}.cbor", "topic": topic_of(sender), "reason": reason,
-                    "bytes": payload, "before": before[0] if before else []})
+    for reason, sender, payload, *rest in files:
+        entry = {"surface": "reply", "file": f"reply/{reason}.cbor", "topic": topic_of(sender), "reason": reason,
+                 "bytes": payload, "before": rest[0] if rest else []}
+        if len(rest) > 1:
+            entry["moved_on_to"] = rest[1]
+        out.append(entry)
     return out
 
 
@@ -387,10 +406,7 @@ def verify(entries: list[dict], folder: Path) -> None:
     by_file = {e["file"]: e for e in entries}
     for e in entries:
         if e["surface"] == "reply" and e["reason"] != "accepted":
-            checker = reply_state()
-            for name in e["before"]:
-                check_reply(checker, by_file[name]["topic"], by_file[name]["bytes"])
-            outcome = check_reply(checker, e["topic"], e["bytes"])
+            outcome = reply_outcome(e, by_file, lambda name: by_file[name]["bytes"])
             assert getattr(outcome, "reason", "accepted") == e["reason"], (e["file"], outcome)
         elif e["surface"] == "enroll":
             gateway = enroll_state(folder / "enroll" / e["reason"], e["policy"])

@@ -62,10 +62,7 @@ def replay_agent(entry: dict, tmp_path: Path) -> dict[str, int]:
 def test_each_corpus_file_is_refused_for_exactly_its_reason(entry, tmp_path):
     reason, payload = entry["reason"], read(entry["file"])
     if entry["surface"] == "reply":
-        checker = make_corpus.reply_state()
-        for name in entry["before"]:
-            make_corpus.check_reply(checker, BY_FILE[name]["topic"], read(name))
-        outcome = make_corpus.check_reply(checker, entry["topic"], payload)
+        outcome = make_corpus.reply_outcome(entry, BY_FILE, read)
         assert getattr(outcome, "reason", "accepted") == reason, outcome
         assert reason in REPLY_REASONS
     elif entry["surface"] == "enroll":
@@ -88,6 +85,13 @@ def test_each_corpus_file_is_refused_for_exactly_its_reason(entry, tmp_path):
             b.close()
     else:
         assert replay_agent(entry, tmp_path) == {reason: 1}
+
+
+def test_the_replayed_reply_in_its_own_round_is_a_duplicate_not_a_rejection():
+    from gateway.ingest import Duplicate
+
+    entry = {k: v for k, v in BY_FILE["reply/replay.cbor"].items() if k != "moved_on_to"}
+    assert isinstance(make_corpus.reply_outcome(entry, BY_FILE, read), Duplicate)
 
 
 def test_a_model_that_never_arrives_is_refused_as_unavailable(tmp_path, monkeypatch):
