@@ -38,8 +38,8 @@ from .journal import Journal, Resume
 from .models import ModelPublisher
 
 log = logging.getLogger("starling.gateway.grid")
-REMEMBER_ROUNDS = 2
-MAX_DEFERRED = 100_000  # replies held while an interrupted round re-opens (more is not a fleet, it is a flood)  # replies to tasks this many rounds old are still told apart as replay/late
+REMEMBER_ROUNDS = 2  # replies to tasks this many rounds old are still told apart as replay/late
+MAX_DEFERRED = 100_000  # replies held while an interrupted round re-opens (more is not a fleet, it is a flood)
 
 
 @dataclass

@@ -518,15 +518,16 @@ def _link_outages(links, offset: float) -> list[dict[str, Any]]:
 
 
 def _device_totals(ids: list[str], monitor: Monitor) -> dict[str, Any]:
-    accepted, rejected, skipped = 0, {}, {}
+    accepted, duplicates, rejected, skipped = 0, 0, {}, {}
     with monitor.lock:
         docs = [monitor.devices.get(d, {}) for d in ids]
     for doc in docs:
         accepted += int(doc.get("accepted", 0))
+        duplicates += int(doc.get("duplicates", 0))
         for target, key in ((rejected, "rejected"), (skipped, "skipped")):
             for reason, n in (doc.get(key) or {}).items():
                 target[reason] = target.get(reason, 0) + int(n)
-    return {"accepted": accepted, "rejected": rejected, "skipped": skipped}
+    return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected, "skipped": skipped}
 
 
 def _profile_sections(scenario: Scenario, profile_of: dict, link_of: dict, relays: dict, monitor: Monitor,
@@ -620,6 +621,7 @@ def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str,
         "scenario": scenario.name,
         "rounds": main_section["rounds"],
         "rejections": main_section["rejections"],
+        "duplicates": main_section["duplicates"],  # re-sends of accepted replies in their round: not rejections
         "ledger": {k: main_section["ledger"][k] for k in ("path", "height", "verified", "problem")},
         "config": scenario.to_dict(),
         "gateway": {**main_result.get("gateway", {}), "state": main_section["state"],

@@ -65,8 +65,20 @@ def run(tmp_path_factory):
         ).stdout
         topic, _, reply_bytes = captured.partition(b" ")
         pub = [_tool("mosquitto_pub"), "-h", host, "-p", port, "-q", "1"]
-        # ...and replay it, byte for byte.
+        # ...send it again at once, byte for byte: in its own round, a harmless duplicate...
         (work / "replayed.cbor").write_bytes(reply_bytes)
+        subprocess.run(pub + ["-t", topic.decode(), "-f", str(work / "replayed.cbor")], check=True, timeout=30)
+
+        def status_round() -> int:
+            status = subprocess.run([_tool("mosquitto_sub"), "-h", host, "-p", port, "-t", topics.status(gw),
+                                     "-C", "1", "-W", "5"], capture_output=True, timeout=30).stdout
+            try:
+                return int(json.loads(status).get("round") or 0)
+            except ValueError:
+                return 0
+
+        # ...and once the gateway has moved on to a later round, replay it: now a replay.
+        _wait_for(lambda: status_round() >= 2, 240, "round 2")
         subprocess.run(pub + ["-t", topic.decode(), "-f", str(work / "replayed.cbor")], check=True, timeout=30)
         # A well-formed reply signed by a key the gateway never enrolled.
         stranger = Identity.generate()
@@ -128,6 +140,7 @@ def test_int8_updates_are_about_a_quarter_of_the_float_model(run):
 
 def test_each_injected_reply_is_counted_under_its_own_reason(run):
     rejections = run["report"]["rejections"]
+    assert run["report"]["duplicates"] >= 1  # the same reply again in its round: acknowledged, not refused
     assert rejections.get("unknown_device", 0) >= 1, rejections
     assert rejections.get("replay", 0) >= 1, rejections
     assert rejections.get("malformed", 0) >= 1, rejections
