@@ -245,12 +245,14 @@ class Agent:
             else:
                 outcome = learner.evaluate(self.model, base, data)
             wire = envelope.seal(self.identity, "reply", ctx, {"examples": outcome.examples}, outcome.attachment)
+        # Marked as sent before it is pending: the resend loop (another thread) must not see it pending
+        # and unsent while the fsyncs below run, or it sends the reply twice.
+        self._sent_at[key] = time.monotonic()
         self.store.put_pending(key, wire)  # on disk before it leaves the device ...
         self.state.answered = [*self.state.answered, key][-ANSWERED_KEPT:]
         self.store.save(self.state)  # ... and the task marked answered: a redelivery is not trained again
         if saved:
             self.store.drop_task(saved)
-        self._sent_at[key] = time.monotonic()
         self.client.publish(self.t_reply, wire, qos=1)
         self.counters.replies_sent += 1
         event(

@@ -123,10 +123,11 @@ def peer(broker):
 def start_agent(broker, model, data, tmp_path):
     running = []
 
-    def start(device: Identity, state: AgentState | None = None) -> Agent:
+    def start(device: Identity, state: AgentState | None = None, resend_s: float = 0.5) -> Agent:
         config = AgentConfig(name="test-device", key=tmp_path / "device.key", state_dir=tmp_path / f"state-{device.id}",
                              gateway_id=GATEWAY.id, gateway_public_key=GATEWAY.public_key, broker_host=broker.host,
-                             broker_port=broker.port, replay=tmp_path / "unused.npz", resend_s=0.5, enroll_retry_s=0.5)
+                             broker_port=broker.port, replay=tmp_path / "unused.npz", resend_s=resend_s,
+                             enroll_retry_s=0.5)
         if state is not None:
             StateStore(config.state_dir).save(state)
         agent = Agent(config, device, model, data)
@@ -178,6 +179,24 @@ def test_a_device_enrolls_trains_and_resends_its_reply_until_a_receipt_comes(pee
     while agent.store.pending() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert agent.store.pending() == {}
+
+
+def test_a_reply_is_sent_once_while_its_state_is_still_being_saved(peer, start_agent, model):
+    # The resend loop runs on another thread; a slow disk (fsync) between storing the reply as pending
+    # and publishing it must not make the loop take it for an old, unreceipted reply.
+    device = Identity.generate()
+    agent = start_agent(device, resend_s=30.0)
+    enrolled(peer, device)
+    save = agent.store.save
+
+    def slow_save(state):
+        time.sleep(2.5)  # longer than the resend loop's 1 s period
+        save(state)
+
+    agent.store.save = slow_save
+    peer.task(device, peer.release(model.get_weights(), version=1))
+    peer.next("reply", timeout=30)
+    peer.nothing("reply", wait=2.0)
 
 
 def test_a_task_signed_by_another_key_is_refused(peer, start_agent, model):
