@@ -29,12 +29,28 @@ another, each in `<workdir>/<variant>/` with its own report.json and
 report.html there; the report at `--report` holds them all (`variants`) and
 the `comparison` of their accuracy.
 
+Faults (`[[fault]]`, hw/faults.py): a `FaultRunner` kills and restarts
+gateways, restarts brokers, cuts a gateway's broker off the hub (a scenario
+with a partition gives every gateway its own broker, hw/fleet.py) and
+powers devices off and on, each at a round or a time; the report's `faults`
+says when each began and ended and which rounds ran meanwhile.
+
+Profiles (hw/profiles.py): `[[device_profile]]` devices get a CPU share
+(`CpuThrottle`), a memory cap and an agent `[budget]`; `[[link]]` devices
+reach their broker through a `LinkRelay` (hw/links.py), whose outages join
+the fault timeline. Device pools are made per profile.
+
+Hardware in the loop (`--listen ADDR`, hw/hil.py): the broker gets a second
+listener, the gateways admit devices by the run's operator vouchers, and a
+join kit for a real device is written to `<workdir>/hil/kit`.
+
 The report (see hw/report.py for how it is drawn): the first gateway's
 `rounds` (each with `t`, seconds since the run started, when its evaluation
 was in), `rejections`, `ledger`, `gateway`; `gateways` {name: rounds,
 rejections, state, ledger (height, verified, height_series and
 finality_lag_series sampled from the gateway's status and ledger gossip
-while it ran)}; `ledger_check` (cities); `attacks`; `comparison` (variants).
+while it ran)}; `ledger_check` (cities); `attacks`; `faults`;
+`device_profiles` and `links`; `real_devices` (--listen); `comparison` (variants).
 
 The run folder (`--workdir`, default next to the report) keeps every log,
 key, config and ledger; `run.json` in it names the broker port and the
@@ -391,66 +407,12 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                                    wait_real_device=bool(hil and hil.device) and g is first)
             g.proc = Process([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], g.log, env)
             g.proc.start()
-        profile_of = assign(names, scenario.device_profiles, scenario.seed, salt=13)
-        link_of = assign(names, scenario.links, scenario.seed, salt=17)
-        throttle = stack.enter_context(CpuThrottle())
-        relays: dict[tuple[str, tuple[str, int]], LinkRelay] = {}  # (link, broker) -> the relay its devices use
-        for name in names:
-            spec, endpoint = link_of.get(name), network.endpoint(gateway_of[name].name)
-            if spec is not None and (spec.name, endpoint) not in relays:
-                relays[spec.name, endpoint] = stack.enter_context(
-                    LinkRelay(endpoint, spec.profile(), seed=scenario.seed * 7919 + len(relays)))
-        links_started = time.time()
-
-        def process(cmd: list[str], log: Path, profile: DeviceProfile | None, members: int = 1) -> Process:
-            """A device process (or a pool of `members` devices) with its profile's memory cap and CPU share."""
-            if profile is None:
-                return Process(cmd, log, env)
-            return Process(cmd, log, env, preexec=memory_cap(profile.memory_mb * members) if profile.memory_mb else None,
-                           on_start=(lambda p: throttle.add(p.pid, profile.cpu_slowdown))
-                           if profile.cpu_slowdown > 1 else None)
-
-        device_procs: dict[str, Process] = {}
-        pooled: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # profile name -> its pooled devices
-        for name, data in devices:
-            g = gateway_of[name]
-            home = workdir / "devices" / name
-            conf = home / "agent.toml"
-            host, port = network.endpoint(g.name)
-            if name in link_of:  # through its emulated link
-                host, port = "127.0.0.1", relays[link_of[name].name, (host, port)].port
-            profile = profile_of.get(name)
-            conf.write_text(_toml({
-                "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state"),
-                           **({"voucher": str(home / "voucher.cbor")} if desk else {})},
-                "gateway": {"id": g.identity.id, "public_key": g.identity.public_key.hex()},
-                "broker": {"host": host, "port": port},
-                "data": {"replay": str(data)},
-                **({"budget": profile.budget_toml()} if profile and profile.budget_toml() else {}),
-            }))
-            if name in attackers:
-                cmd = attackers[name][1].command(conf)
-            elif scenario.runner == "pool":  # pools are made per profile: a pool's process has one CPU share
-                seed = scenario.seed * 100_003 + sum(map(len, pooled.values())) + 1
-                pooled.setdefault(profile.name if profile else "", []).append((name, {"config": str(conf), "seed": seed}))
-                continue
-            else:
-                cmd = [sys.executable, "-m", "agent.cli", "run", "--config", str(conf)]
-            device_procs[name] = process(cmd, workdir / "logs" / f"{name}.log", profile)
-        profiles_by_name = {p.name: p for p in scenario.device_profiles}
-        chunks = [(key, group[i:i + scenario.pool_size]) for key, group in pooled.items()
-                  for i in range(0, len(group), scenario.pool_size)]
-        for p, (key, members) in enumerate(chunks):
-            pool = workdir / "pools" / f"pool-{p + 1}.json"
-            pool.parent.mkdir(exist_ok=True)
-            write_atomic(pool, json.dumps({"model": scenario.model, "manifest": str(manifest) if manifest else None,
-                                           "devices": [entry for _, entry in members]}).encode())
-            proc = process([sys.executable, "-m", "hw.device_pool", "--pool", str(pool)],
-                           workdir / "logs" / f"pool-{p + 1}.log", profiles_by_name.get(key), len(members))
-            device_procs.update({name: proc for name, _ in members})
-        agents = list({id(p): p for p in device_procs.values()}.values())
-        for process in agents:
-            process.start()
+        devices_run = _device_processes(scenario, devices, gateway_of, network, attackers, desk, manifest, env,
+                                        stack, workdir)
+        device_procs = devices_run.processes
+        agents = list({id(p): p for p in device_procs.values()}.values())  # a pool once, not per device
+        for proc in agents:
+            proc.start()
         fleet = Fleet(network, {g.name: g.proc for g in gateways}, device_procs, monitor.rounds_done, scenario.seed)
         runner = FaultRunner(faults, fleet, started, len(devices), _say)
         deadline = time.monotonic() + scenario.timeout_s
@@ -481,12 +443,90 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                 except Exception as exc:  # noqa: BLE001 (the report says so; the run's record comes first)
                     settled = {"agreed": False, "error": f"{type(exc).__name__}: {exc}"}
             monitor.close()
-    timeline = runner.timeline + _link_outages(scenario.links, links_started - started)
+    timeline = runner.timeline + _link_outages(scenario.links, devices_run.links_started - started)
     report = _report(scenario, workdir, started, network.kind, gateways, monitor, attackers, device_ids,
                      timed_out, settled, verify_store, timeline)
-    report.update(_profile_sections(scenario, profile_of, link_of, relays, monitor, device_ids))
+    report.update(_profile_sections(scenario, devices_run.profile_of, devices_run.link_of, devices_run.relays,
+                                    monitor, device_ids))
     _write_report(report, report_path)
     return report
+
+
+@dataclass
+class DevicesRun:
+    """The run's device processes (a pool's process once per member) and what their profiles made."""
+
+    processes: dict[str, Process]
+    profile_of: dict[str, DeviceProfile]
+    link_of: dict[str, Any]
+    relays: dict[tuple[str, tuple[str, int]], LinkRelay]
+    links_started: float
+
+
+def _device_processes(scenario: Scenario, devices: list[tuple[str, Path]], gateway_of: dict[str, GatewayRun],
+                   network: Network, attackers: dict[str, tuple[int, Adversary]], desk, manifest: Path | None,
+                   env: dict[str, str], stack: ExitStack, workdir: Path) -> DevicesRun:
+    """Write every device's agent.toml and make its process (an agent, an attacker or a device pool),
+    with its profile's CPU share, memory cap and budget, through its link's relay (up already); no device runs yet."""
+    names = [name for name, _ in devices]
+    profile_of = assign(names, scenario.device_profiles, scenario.seed, salt=13)
+    link_of = assign(names, scenario.links, scenario.seed, salt=17)
+    throttle = stack.enter_context(CpuThrottle())
+    relays: dict[tuple[str, tuple[str, int]], LinkRelay] = {}  # (link, broker) -> the relay its devices use
+    for name in names:
+        spec, endpoint = link_of.get(name), network.endpoint(gateway_of[name].name)
+        if spec is not None and (spec.name, endpoint) not in relays:
+            relays[spec.name, endpoint] = stack.enter_context(
+                LinkRelay(endpoint, spec.profile(), seed=scenario.seed * 7919 + len(relays)))
+    links_started = time.time()
+
+    def process(cmd: list[str], log: Path, profile: DeviceProfile | None, members: int = 1) -> Process:
+        """A device process (or a pool of `members` devices) with its profile's memory cap and CPU share."""
+        if profile is None:
+            return Process(cmd, log, env)
+        return Process(cmd, log, env, preexec=memory_cap(profile.memory_mb * members) if profile.memory_mb else None,
+                       on_start=(lambda p: throttle.add(p.pid, profile.cpu_slowdown))
+                       if profile.cpu_slowdown > 1 else None)
+
+    device_procs: dict[str, Process] = {}
+    pooled: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # profile name -> its pooled devices
+    for name, data in devices:
+        g = gateway_of[name]
+        home = workdir / "devices" / name
+        conf = home / "agent.toml"
+        host, port = network.endpoint(g.name)
+        if name in link_of:  # through its emulated link
+            host, port = "127.0.0.1", relays[link_of[name].name, (host, port)].port
+        profile = profile_of.get(name)
+        conf.write_text(_toml({
+            "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state"),
+                       **({"voucher": str(home / "voucher.cbor")} if desk else {})},
+            "gateway": {"id": g.identity.id, "public_key": g.identity.public_key.hex()},
+            "broker": {"host": host, "port": port},
+            "data": {"replay": str(data)},
+            **({"budget": profile.budget_toml()} if profile and profile.budget_toml() else {}),
+        }))
+        if name in attackers:
+            cmd = attackers[name][1].command(conf)
+        elif scenario.runner == "pool":  # pools are made per profile: a pool's process has one CPU share
+            seed = scenario.seed * 100_003 + sum(map(len, pooled.values())) + 1
+            pooled.setdefault(profile.name if profile else "", []).append((name, {"config": str(conf), "seed": seed}))
+            continue
+        else:
+            cmd = [sys.executable, "-m", "agent.cli", "run", "--config", str(conf)]
+        device_procs[name] = process(cmd, workdir / "logs" / f"{name}.log", profile)
+    profiles_by_name = {p.name: p for p in scenario.device_profiles}
+    chunks = [(key, group[i:i + scenario.pool_size]) for key, group in pooled.items()
+              for i in range(0, len(group), scenario.pool_size)]
+    for p, (key, members) in enumerate(chunks):
+        pool = workdir / "pools" / f"pool-{p + 1}.json"
+        pool.parent.mkdir(exist_ok=True)
+        write_atomic(pool, json.dumps({"model": scenario.model, "manifest": str(manifest) if manifest else None,
+                                       "devices": [entry for _, entry in members]}).encode())
+        proc = process([sys.executable, "-m", "hw.device_pool", "--pool", str(pool)],
+                       workdir / "logs" / f"pool-{p + 1}.log", profiles_by_name.get(key), len(members))
+        device_procs.update({name: proc for name, _ in members})
+    return DevicesRun(device_procs, profile_of, link_of, relays, links_started)
 
 
 def _ledger_section(g: GatewayRun, result: dict[str, Any], monitor: Monitor, verify_store) -> dict[str, Any]:
