@@ -192,8 +192,7 @@ class FaultRunner:
                                  "detail": {"down_s": fault.down_s}}
         try:
             up = self._down_action(index, fault, entry)
-            self.say(f"starling-emulate: fault at {entry['t']:.1f} s: {fault.kind} {entry['target'] or ''} "
-                     f"{entry['detail']}")
+            self.say(f"starling-emulate: fault at {entry['t']:.1f} s: {fault.label()}: {entry['detail']}")
             with self._lock:
                 self.timeline.append(entry)
             if up is None:
@@ -204,7 +203,7 @@ class FaultRunner:
             else:
                 up()  # a closing run still heals the network: the ledgers must settle afterwards
             entry["t_end"] = self._t()
-            self.say(f"starling-emulate: fault over at {entry['t_end']:.1f} s: {fault.kind} {entry['target'] or ''}")
+            self.say(f"starling-emulate: fault over at {entry['t_end']:.1f} s: {fault.kind} {fault.target}".rstrip())
         except Exception as exc:  # noqa: BLE001 (a fault that cannot be injected is reported, not fatal)
             entry["detail"]["error"] = f"{type(exc).__name__}: {exc}"
             with self._lock:
