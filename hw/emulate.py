@@ -296,7 +296,7 @@ SYNTHETIC_SHAPES = {"dense": (128, 8), "bias": (8,)}  # hw/synthetic.py's model:
 
 def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], genesis: Path | None,
                     manifest: Path | None = None, enrollment: dict[str, Any] | None = None,
-                    wait_real_device: bool = False) -> Path:
+                    wait_real_device: bool = False, unenrollable: int = 0) -> Path:
     doc: dict[str, dict[str, Any]] = {
         "gateway": {"name": g.name, "key": str(g.key), "state_dir": str(g.home)},
         "broker": {"host": broker[0], "port": broker[1]},
@@ -305,7 +305,8 @@ def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], 
         "rounds": {"num_rounds": scenario.rounds, "deadline_s": scenario.deadline_s, "epochs": scenario.epochs,
                    "batch_size": scenario.batch_size, "lr": scenario.lr,
                    # A named real device (--hil-device) is waited for, as long as the run may last.
-                   "min_devices": len(g.devices) + (1 if wait_real_device else 0),
+                   # (not for sybils a voucher policy keeps out)
+                   "min_devices": len(g.devices) - unenrollable + (1 if wait_real_device else 0),
                    "wait_devices_s": scenario.timeout_s if wait_real_device else 120.0},
         # The emulator's devices are its own; with real devices joining, vouchers gate enrollment.
         "enrollment": enrollment or {"policy": "open"},
@@ -327,7 +328,7 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
     started = time.time()
     _fresh_workdir(workdir)
     desk = None
-    if hil is not None:
+    if hil is not None or scenario.enrollment == "voucher":  # vouchers gate enrollment
         from .hil import VoucherDesk
 
         desk = VoucherDesk(workdir / "hil" / "operator")
@@ -404,7 +405,9 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
         for g in gateways:
             conf = _gateway_config(scenario, g, network.endpoint(g.name), genesis, manifest,
                                    desk.enrollment_table() if desk else None,
-                                   wait_real_device=bool(hil and hil.device) and g is first)
+                                   wait_real_device=bool(hil and hil.device) and g is first,
+                                   unenrollable=sum(1 for n in g.devices if desk and n in attackers
+                                                    and attackers[n][1].attack == "sybil"))
             g.proc = Process([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], g.log, env)
             g.proc.start()
         devices_run = _device_processes(scenario, devices, gateway_of, network, attackers, desk, manifest, env,
@@ -445,7 +448,7 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
             monitor.close()
     timeline = runner.timeline + _link_outages(scenario.links, devices_run.links_started - started)
     report = _report(scenario, workdir, started, network.kind, gateways, monitor, attackers, device_ids,
-                     timed_out, settled, verify_store, timeline)
+                     timed_out, settled, verify_store, timeline, vouchers=desk is not None)
     report.update(_profile_sections(scenario, devices_run.profile_of, devices_run.link_of, devices_run.relays,
                                     monitor, device_ids))
     _write_report(report, report_path)
@@ -599,7 +602,8 @@ def _attack_outcome(expected: tuple[str, ...], accepted: int, rejected: dict[str
 
 
 def _attacks(scenario: Scenario, attackers: dict[str, tuple[int, Adversary]], device_ids: dict[str, str],
-             gateway_of: dict[str, str], monitor: Monitor) -> list[dict[str, Any]]:
+             gateway_of: dict[str, str], monitor: Monitor, sections: dict[str, dict[str, Any]],
+             vouchers: bool) -> list[dict[str, Any]]:
     from .adversary import EXPECTED
 
     out = []
@@ -615,8 +619,15 @@ def _attacks(scenario: Scenario, attackers: dict[str, tuple[int, Adversary]], de
                 skipped[reason] = skipped.get(reason, 0) + int(n)
             per_device[name] = {"id": device_ids[name], "gateway": gateway_of[name],
                                 "accepted": int(doc.get("accepted", 0)), "rejected": dict(doc.get("rejected") or {})}
-        # Under the emulator's "open" enrollment a sybil is enrolled and acts as its payload: accepted.
-        expected = ("accepted",) if adv.attack == "sybil" else tuple(EXPECTED[adv.attack])
+        # Under "open" enrollment a sybil is enrolled and acts as its payload: accepted. Under vouchers it
+        # never is, so it has no device status: its refusals are the gateways' (no other device causes them).
+        expected = ("accepted",) if adv.attack == "sybil" and not vouchers else tuple(EXPECTED[adv.attack])
+        if adv.attack == "sybil" and vouchers:
+            expected = ("no_voucher", *expected)
+            for section in sections.values():
+                for reason, n in {**section["enroll_rejections"], **section["rejections"]}.items():
+                    if reason in expected:
+                        rejected[reason] = rejected.get(reason, 0) + int(n)
         entry = {"attack": adv.attack, "fraction": adv.fraction if adv.fraction is not None
                  else round(len(names) / max(1, scenario.devices), 4),
                  "devices": names, "accepted": accepted, "rejected": rejected, "skipped": skipped,
@@ -632,7 +643,7 @@ def _attacks(scenario: Scenario, attackers: dict[str, tuple[int, Adversary]], de
 def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str, gateways: list[GatewayRun],
             monitor: Monitor, attackers: dict[str, tuple[int, Adversary]], device_ids: dict[str, str],
             timed_out: bool, settled: dict[str, Any] | None, verify_store,
-            faults: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            faults: list[dict[str, Any]] | None = None, vouchers: bool = False) -> dict[str, Any]:
     sections: dict[str, dict[str, Any]] = {}
     results = {}
     for g in gateways:
@@ -685,7 +696,8 @@ def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str,
         report["faults"] = fault_sections(faults or [], {name: s["rounds"] for name, s in sections.items()})
     if scenario.adversaries:
         gateway_of = {name: g.name for g in gateways for name in g.devices}
-        report["attacks"] = _attacks(scenario, attackers, device_ids, gateway_of, monitor)
+        report["attacks"] = _attacks(scenario, attackers, device_ids, gateway_of, monitor, sections,
+                                     vouchers)
     ours = set(device_ids.values())
     with monitor.lock:
         others = {d: dict(doc) for d, doc in monitor.devices.items() if d not in ours}

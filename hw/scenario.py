@@ -11,6 +11,8 @@
     devices = 5                # in all, split evenly over the gateways (device i -> gateway i mod N) ...
     # devices_per_gateway = 5  # ... or this many per gateway (devices = gateways x this)
     subjects = [1, 2, 3, 4, 5] # optional: which watch subjects
+    enrollment = "open"        # or "voucher": gateways admit only devices with the run's operator
+                               # voucher (the emulator gives one to each of its devices; a sybil has none)
 
     [dataset]
     source = "watch"           # or a folder of per-device .npz files: X [n, ...] and y [n]
@@ -41,7 +43,7 @@
     # scale = 10.0             # scaling: sends scale x its delta; sign_flip: sends -scale x its delta
                                # (default 1; a boosted sign flip runs as hw.adversary's scaling by -scale)
     # sigma = 1.0              # gaussian_noise
-    # payload = "sign_flip"    # sybil: what it does once enrolled (the emulator's policy is "open")
+    # payload = "sign_flip"    # sybil: what it does if enrolled (under fleet.enrollment = "open")
 
     [[device_profile]]         # any number: a seeded share of the devices runs slower and leaner
     name = "old-pi"            # (hw/profiles.py)
@@ -95,7 +97,7 @@ NUMBER = (int, float)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "run": {"name": str, "rounds": int, "seed": int, "timeout_s": NUMBER},
     "fleet": {"gateways": int, "devices": int, "devices_per_gateway": int, "subjects": list, "runner": str,
-              "pool_size": int},
+              "pool_size": int, "enrollment": str},
     "dataset": {"source": str, "stride": int, "partition": str, "alpha": NUMBER, "test_fraction": NUMBER},
     "strategy": {"name": str, "params": dict, "dp": dict},
     "training": {"epochs": int, "batch_size": int, "lr": NUMBER, "deadline_s": NUMBER, "model": str},
@@ -112,6 +114,7 @@ ARRAYS: dict[str, dict[str, type | tuple[type, ...]]] = {
 PARAMS = {"sign_flip": ("scale",), "scaling": ("scale",), "gaussian_noise": ("sigma",),
           "sybil": ("payload", "scale", "sigma")}
 PARTITIONS = ("subject", "dirichlet")
+ENROLLMENTS = ("open", "voucher")  # every device admitted; or only those with the run's operator voucher
 RUNNERS = ("process", "pool")  # a process per device (as on a real device), or many devices per process
 MODELS = ("imu_cnn", "synthetic")  # the real CNN, or hw/synthetic.py's cheap quadratic (for scale)
 WATCH_SUBJECTS = 10
@@ -182,6 +185,7 @@ class Scenario:
     runner: str = "process"
     pool_size: int = 100
     model: str = "imu_cnn"
+    enrollment: str = "open"
     faults: tuple[Fault, ...] = ()
     device_profiles: tuple[DeviceProfile, ...] = ()
     links: tuple[LinkSpec, ...] = ()
@@ -351,12 +355,15 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         runner=get("fleet", "runner", "process"),
         pool_size=get("fleet", "pool_size", 100),
         model=get("training", "model", "imu_cnn"),
+        enrollment=get("fleet", "enrollment", "open"),
         faults=faults,
         device_profiles=device_profiles,
         links=links,
     )
     if scenario.runner not in RUNNERS:
         raise ScenarioError(f"fleet.runner must be one of {', '.join(RUNNERS)}, not {scenario.runner!r}")
+    if scenario.enrollment not in ENROLLMENTS:
+        raise ScenarioError(f"fleet.enrollment must be one of {', '.join(ENROLLMENTS)}, not {scenario.enrollment!r}")
     if scenario.model not in MODELS:
         raise ScenarioError(f"training.model must be one of {', '.join(MODELS)}, not {scenario.model!r}")
     if scenario.model == "synthetic" and scenario.runner != "pool":

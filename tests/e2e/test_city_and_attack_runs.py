@@ -124,6 +124,36 @@ count = 1
     assert "forged_signature" in done.stderr  # the summary names the attack and its outcome
 
 
+def test_under_voucher_enrollment_a_sybil_is_never_enrolled_and_the_honest_devices_train(tmp_path):
+    done, report = _emulate(tmp_path, """
+[run]
+name = "tiny-sybil"
+rounds = 1
+seed = 3
+timeout_s = 120
+[fleet]
+devices = 3
+subjects = [1, 2, 3]
+enrollment = "voucher"
+[training]
+epochs = 1
+lr = 0.2
+deadline_s = 8
+[[adversary]]
+attack = "sybil"
+count = 1
+""")
+    assert done.returncode == 0, done.stderr[-4000:]
+    [attack] = report["attacks"]
+    assert attack["expected"] == ["no_voucher", "unknown_device"] and attack["as_expected"] is True, attack
+    assert attack["accepted"] == 0 and attack["rejected"].get("no_voucher", 0) >= 1, attack
+    assert report["rounds"][1]["participants"] == 2  # the gateway did not wait for the sybil
+    with sqlite3.connect(report["ledger"]["path"]) as db:
+        names = sorted(n for (n,) in db.execute("select name from devices"))
+    honest = sorted(n for n, d in report["devices"].items() if "attack" not in d)
+    assert names == honest  # enrolled by voucher; the sybil never
+
+
 def test_variants_run_one_after_another_into_one_report_with_a_comparison(tmp_path):
     done, report = _emulate(tmp_path, """
 [run]

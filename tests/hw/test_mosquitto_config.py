@@ -410,6 +410,9 @@ def test_mosquitto_accepts_the_rendered_config_and_serves_tls_to_a_device_with_i
     assert isinstance(tls, ssl.SSLSocket)
     assert tls.version() in ("TLSv1.2", "TLSv1.3")
     assert tls.getpeercert()["subjectAltName"] == (("IP Address", HOST),)
+    end = time.monotonic() + 10  # Mosquitto writes its log a moment after the CONNACK (later under load)
+    while f"u'{DEV_A}'" not in broker.log.read_text() and time.monotonic() < end:
+        time.sleep(0.05)
     log = broker.log.read_text()
     assert "running" in log and "Error" not in log
     assert f"u'{DEV_A}'" in log, "connection messages are logged with the username"
