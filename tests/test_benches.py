@@ -60,6 +60,8 @@ def test_accuracy_prints_centralized_fedavg_fedprox_and_the_gap():
     assert all(0 < a <= 1 for a in [figures["centralized"], *figures["fedavg"], *figures["fedprox"]])
     best = max(figures["fedavg"][-1], figures["fedprox"][-1])
     assert figures["gap_pts"] == round((figures["centralized"] - best) * 100, 2)
+    assert len(figures["fedadam"]) == 2 and all(0 < a <= 1 for a in figures["fedadam"])  # the extra FedAdam line
+    assert figures["gap_pts_fedadam"] == round((figures["centralized"] - figures["fedadam"][-1]) * 100, 2)
     assert "skipped" in figures["mcu"]  # no TensorFlow here: said, not faked
 
 
