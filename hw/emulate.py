@@ -133,17 +133,9 @@ class GatewayRun:
 
 def choose_attackers(scenario: Scenario, names: list[str]) -> dict[str, tuple[int, Adversary]]:
     """Device name -> (index of its [[adversary]] table, the table): a seeded choice, disjoint per table."""
-    import numpy as np
-
-    order = [names[i] for i in np.random.default_rng([scenario.seed, 7]).permutation(len(names))]
-    chosen: dict[str, tuple[int, Adversary]] = {}
-    at = 0
-    for i, adversary in enumerate(scenario.adversaries):
-        n = adversary.devices(len(names))
-        for name in order[at: at + n]:
-            chosen[name] = (i, adversary)
-        at += n
-    return chosen
+    chosen = assign(names, scenario.adversaries, scenario.seed, salt=7)
+    index = {id(adversary): i for i, adversary in enumerate(scenario.adversaries)}  # equal tables stay apart
+    return {name: (index[id(adversary)], adversary) for name, adversary in chosen.items()}
 
 
 class Monitor:
@@ -609,16 +601,13 @@ def _attacks(scenario: Scenario, attackers: dict[str, tuple[int, Adversary]], de
     out = []
     for i, adv in enumerate(scenario.adversaries):
         names = sorted(name for name, (j, _) in attackers.items() if j == i)
-        accepted, rejected, skipped, per_device = 0, {}, {}, {}
-        for name in names:
-            doc = monitor.devices.get(device_ids[name], {})
-            accepted += int(doc.get("accepted", 0))
-            for reason, n in (doc.get("rejected") or {}).items():
-                rejected[reason] = rejected.get(reason, 0) + int(n)
-            for reason, n in (doc.get("skipped") or {}).items():
-                skipped[reason] = skipped.get(reason, 0) + int(n)
-            per_device[name] = {"id": device_ids[name], "gateway": gateway_of[name],
-                                "accepted": int(doc.get("accepted", 0)), "rejected": dict(doc.get("rejected") or {})}
+        totals = _device_totals([device_ids[name] for name in names], monitor)
+        accepted, rejected, skipped = totals["accepted"], totals["rejected"], totals["skipped"]
+        with monitor.lock:
+            docs = {name: monitor.devices.get(device_ids[name], {}) for name in names}
+        per_device = {name: {"id": device_ids[name], "gateway": gateway_of[name],
+                             "accepted": int(doc.get("accepted", 0)), "rejected": dict(doc.get("rejected") or {})}
+                      for name, doc in docs.items()}
         # Under "open" enrollment a sybil is enrolled and acts as its payload: accepted. Under vouchers it
         # never is, so it has no device status: its refusals are the gateways' (no other device causes them).
         expected = ("accepted",) if adv.attack == "sybil" and not vouchers else tuple(EXPECTED[adv.attack])

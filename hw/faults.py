@@ -29,7 +29,6 @@ must be able to settle afterwards) without restarting what was killed.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from protocol.config import ConfigError
+
+from .tables import array_of_tables, check_share, check_table, share_size
 
 KINDS = ("gateway_restart", "broker_restart", "partition", "device_churn")
 MAX_DOWN_S = 100.0  # under the emulator's gateways' wait_devices_s (120 s)
@@ -55,9 +56,7 @@ class Fault:
     count: int | None = None  # this many
 
     def devices(self, total: int) -> int:
-        if self.count is not None:
-            return min(self.count, total)
-        return max(1, round((self.fraction or 0.0) * total))
+        return min(share_size(total, self.fraction, self.count), total)
 
     def label(self) -> str:
         when = f"after round {self.at_round}" if self.at_round is not None else f"at {self.at_s:g} s"
@@ -67,21 +66,11 @@ class Fault:
 
 def parse_faults(items: Any, gateways: int, where: str = "fault") -> tuple[Fault, ...]:
     """The scenario's [[fault]] tables, checked; a ConfigError names the field."""
-    if not isinstance(items, list):
-        raise ConfigError(f"{where} must be an array of tables ([[{where}]])")
     names = [f"gw-{i + 1}" for i in range(gateways)]
     out = []
-    for i, table in enumerate(items):
+    for i, table in enumerate(array_of_tables(items, where)):
         at = f"{where}[{i}]"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{at} must be a table")
-        for key, value in table.items():
-            if key not in KEYS:
-                raise ConfigError(f"unknown key {at}.{key}; known: {', '.join(KEYS)}")
-            if isinstance(value, bool) or not isinstance(value, KEYS[key]):
-                raise ConfigError(f"{at}.{key} has the wrong type ({type(value).__name__})")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{at}.{key} must be a finite number, got {value}")
+        check_table(at, table, KEYS)
         kind = table.get("kind")
         if kind not in KINDS:
             raise ConfigError(f"{at}.kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -100,10 +89,7 @@ def parse_faults(items: Any, gateways: int, where: str = "fault") -> tuple[Fault
             if ("fraction" in table) == ("count" in table):
                 raise ConfigError(f"{at}: device_churn needs either fraction or count, not "
                                   f"{'both' if 'fraction' in table else 'neither'}")
-            if "fraction" in table and not 0 < table["fraction"] <= 1:
-                raise ConfigError(f"{at}.fraction must be in (0, 1], got {table['fraction']}")
-            if "count" in table and table["count"] < 1:
-                raise ConfigError(f"{at}.count must be at least 1, got {table['count']}")
+            check_share(at, table)
         else:
             if "fraction" in table or "count" in table:
                 raise ConfigError(f"{at}: fraction and count are for device_churn only")

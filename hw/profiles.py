@@ -38,11 +38,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from protocol.config import ConfigError
 
 from .links import LinkProfile
+from .tables import array_of_tables, check_share, check_table, share_size
 
 NUMBER = (int, float)
 DEVICE_KEYS = {"name": str, "fraction": NUMBER, "count": int, "cpu_slowdown": NUMBER, "max_train_s": NUMBER,
@@ -62,9 +63,7 @@ class Share:
 
     def devices(self, total: int) -> int:
         """How many of `total` devices get this profile: `count`, or `fraction` rounded (at least 1)."""
-        if self.count is not None:
-            return self.count
-        return max(1, round(self.fraction * total)) if self.fraction else 0
+        return share_size(total, self.fraction, self.count)
 
 
 @dataclass(frozen=True)
@@ -99,34 +98,15 @@ class LinkSpec(Share):
 
 def _table(at: str, table: Any, schema: dict[str, Any]) -> dict[str, Any]:
     """Check keys and types; fraction/count and the name, common to both kinds. Returns the Share fields."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{at} must be a table")
+    check_table(at, table, schema)
     for key, value in table.items():
-        if key not in schema:
-            raise ConfigError(f"unknown key {at}.{key}; known: {', '.join(schema)}")
-        if isinstance(value, bool) or not isinstance(value, schema[key]):  # TOML true is not 1
-            raise ConfigError(f"{at}.{key} has the wrong type ({type(value).__name__})")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{at}.{key} must be a finite number, got {value}")
         if isinstance(value, NUMBER) and value < 0:
             raise ConfigError(f"{at}.{key} must not be negative, got {value}")
     if not table.get("name"):
         raise ConfigError(f"{at}.name is required")
-    if ("fraction" in table) == ("count" in table):
-        raise ConfigError(f"{at}: give either fraction (of all devices) or count, not "
-                          f"{'both' if 'fraction' in table else 'neither'}")
-    if "fraction" in table and not 0 < table["fraction"] <= 1:
-        raise ConfigError(f"{at}.fraction must be in (0, 1], got {table['fraction']}")
-    if "count" in table and table["count"] < 1:
-        raise ConfigError(f"{at}.count must be at least 1, got {table['count']}")
+    check_share(at, table)
     fraction = float(table["fraction"]) if "fraction" in table else None
     return {"name": table["name"], "fraction": fraction, "count": table.get("count")}
-
-
-def _items(items: Any, where: str) -> list[Any]:
-    if not isinstance(items, list):
-        raise ConfigError(f"{where} must be an array of tables ([[{where}]])")
-    return items
 
 
 def _unique(where: str, specs: tuple[Share, ...]) -> None:
@@ -140,7 +120,7 @@ def _unique(where: str, specs: tuple[Share, ...]) -> None:
 def parse_device_profiles(items: Any, where: str = "device_profile") -> tuple[DeviceProfile, ...]:
     """The `[[device_profile]]` tables, checked; errors name the field (`device_profile[1].memory_mb ...`)."""
     out = []
-    for i, table in enumerate(_items(items, where)):
+    for i, table in enumerate(array_of_tables(items, where)):
         at = f"{where}[{i}]"
         share = _table(at, table, DEVICE_KEYS)
         slowdown = float(table.get("cpu_slowdown", 1.0))
@@ -160,7 +140,7 @@ def parse_device_profiles(items: Any, where: str = "device_profile") -> tuple[De
 def parse_links(items: Any, where: str = "link") -> tuple[LinkSpec, ...]:
     """The `[[link]]` tables, checked; errors name the field (`link[0].loss ...`)."""
     out = []
-    for i, table in enumerate(_items(items, where)):
+    for i, table in enumerate(array_of_tables(items, where)):
         at = f"{where}[{i}]"
         share = _table(at, table, LINK_KEYS)
         loss = float(table.get("loss", 0.0))
@@ -182,7 +162,11 @@ def parse_links(items: Any, where: str = "link") -> tuple[LinkSpec, ...]:
     return tuple(out)
 
 
-S = TypeVar("S", bound=Share)
+class TakesShare(Protocol):
+    def devices(self, total: int) -> int: ...
+
+
+S = TypeVar("S", bound=TakesShare)  # a Share, or anything else that takes a share of the fleet (an [[adversary]])
 
 
 def assign(names: list[str], specs: tuple[S, ...], seed: int, salt: int) -> dict[str, S]:
@@ -194,7 +178,7 @@ def assign(names: list[str], specs: tuple[S, ...], seed: int, salt: int) -> dict
 
     wanted = [spec.devices(len(names)) for spec in specs]
     if sum(wanted) > len(names):
-        asked = ", ".join(f"{spec.name}: {n}" for spec, n in zip(specs, wanted))
+        asked = ", ".join(f"{getattr(spec, 'name', i)}: {n}" for i, (spec, n) in enumerate(zip(specs, wanted)))
         raise ConfigError(f"the profiles ask for {sum(wanted)} devices ({asked}), the fleet has {len(names)}")
     order = [names[i] for i in np.random.default_rng([seed, salt]).permutation(len(names))]
     chosen: dict[str, S] = {}

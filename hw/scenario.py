@@ -92,6 +92,7 @@ from protocol.config import ConfigError, read_toml, resolve_path
 
 from .faults import Fault, parse_faults
 from .profiles import DeviceProfile, LinkSpec, parse_device_profiles, parse_links
+from .tables import array_of_tables, check_share, check_table, share_size
 
 NUMBER = (int, float)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -138,9 +139,7 @@ class Adversary:
 
     def devices(self, total: int) -> int:
         """How many of `total` devices run this attack: `count`, or `fraction` rounded (at least 1)."""
-        if self.count is not None:
-            return self.count
-        return max(1, round((self.fraction or 0.0) * total)) if self.fraction else 0
+        return share_size(total, self.fraction, self.count)
 
     def label(self) -> str:
         share = f"{self.fraction:.0%}" if self.fraction is not None else \
@@ -208,40 +207,19 @@ class Scenario:
         return doc
 
 
-def _check_types(where: str, table: Any, schema: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
-    if not isinstance(table, dict):
-        raise ScenarioError(f"{where} must be a table")
-    for key, value in table.items():
-        if key in extra:
-            continue
-        if key not in schema:
-            raise ScenarioError(f"unknown key {where}.{key}; known: {', '.join([*schema, *extra])}")
-        kind = schema[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise ScenarioError(f"{where}.{key} has the wrong type ({type(value).__name__})")
-
-
 def _adversaries(items: Any, where: str = "adversary") -> tuple[Adversary, ...]:
     from .adversary import ATTACKS, SYBIL_PAYLOADS  # noqa: PLC0415 (agent code: only when asked)
 
-    if not isinstance(items, list):
-        raise ScenarioError(f"{where} must be an array of tables ([[{where}]])")
     out = []
-    for i, table in enumerate(items):
+    for i, table in enumerate(array_of_tables(items, where, ScenarioError)):
         at = f"{where}[{i}]"
-        _check_types(at, table, ARRAYS["adversary"])
+        check_table(at, table, ARRAYS["adversary"], error=ScenarioError)
         attack = table.get("attack")
         if attack is None:
             raise ScenarioError(f"{at}.attack is required: one of {', '.join(ATTACKS)}")
         if attack not in ATTACKS:
             raise ScenarioError(f"{at}.attack: unknown attack {attack!r}; one of {', '.join(ATTACKS)}")
-        if ("fraction" in table) == ("count" in table):
-            raise ScenarioError(f"{at}: give either fraction (of all devices) or count, not "
-                                f"{'both' if 'fraction' in table else 'neither'}")
-        if "fraction" in table and not 0 < table["fraction"] <= 1:
-            raise ScenarioError(f"{at}.fraction must be in (0, 1], got {table['fraction']}")
-        if "count" in table and table["count"] < 1:
-            raise ScenarioError(f"{at}.count must be at least 1, got {table['count']}")
+        check_share(at, table, ScenarioError)
         for key in ("scale", "sigma"):
             if key in table and not table[key] > 0:
                 raise ScenarioError(f"{at}.{key} must be positive, got {table[key]}")
@@ -264,7 +242,7 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
             continue
         if section not in SCHEMA:
             raise ScenarioError(f"unknown section [{section}]; known: {', '.join([*SCHEMA, *ARRAYS])}")
-        _check_types(section, table, SCHEMA[section])
+        check_table(section, table, SCHEMA[section], error=ScenarioError)
     get = lambda s, k, d: doc.get(s, {}).get(k, d)  # noqa: E731
     subjects = tuple(get("fleet", "subjects", []))
     if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= WATCH_SUBJECTS for s in subjects):
