@@ -3,12 +3,23 @@
 Audit (read-only: safe next to a running gateway, never creates a file):
 
     starling-ledger verify     --db PATH                 exit 0 if every vertex checks out, 1 if not
-    starling-ledger show       --db PATH                 height, finality, tips, kinds, gateways, devices
+    starling-ledger show       --db PATH                 height, finality, tips, kinds, lineages, gateways,
+                                                         devices
     starling-ledger export     --db PATH                 one JSON object per vertex, in canonical order
     starling-ledger history    --db PATH --device ID     the vertices that name a device, as JSON lines
     starling-ledger provenance --db PATH --model DIGEST  the aggregates, updates and devices behind a
                                                          model version, back to genesis (one JSON object)
+    starling-ledger lineage    --db PATH --model DIGEST  a model's releases, newest first, back to the
+                                                         start of its lineage (one JSON object)
     starling-ledger dot        --db PATH [--round N]     the DAG (or one round's part of it) as Graphviz DOT
+
+The queries behind `provenance`, `lineage` and `dot` are in `ledger.audit`.
+`lineage` exits 0 when the walk reaches the `lineage` vertex that started
+the chain, 1 when it is broken (a model no aggregate or lineage vertex
+explains, named on stderr and in the JSON's "gap"), and 2 when it cannot
+answer (a digest that is not 64 hex, no ledger at PATH). On a store that
+bootstrapped from a checkpoint the vertices before it have no bytes here, so
+a lineage older than the checkpoint ends in a gap there.
 
 Membership (the operator's root key, kept offline, signs these):
 
@@ -50,8 +61,9 @@ from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id, load_or_create
 from protocol.vouchers import issue
 
+from .audit import NoAnswer, broken_because, lineage, provenance, to_dot
 from .errors import LedgerError
-from .kinds import GENESIS, NAME_MAX, REASON_MAX
+from .kinds import GENESIS, LINEAGE, NAME_MAX, REASON_MAX
 from .store import Ledger
 from .verify import verify_store
 from .vertex import Vertex, sign
@@ -77,10 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify",
             "re-check every vertex (digest, signatures, links, kind rules); exit 1 naming the first bad one",
         ),
-        ("show", "summarize the ledger: height, tips, vertices per kind, active and revoked devices"),
+        ("show", "summarize the ledger: height, tips, vertices per kind, model lineages started, active and"
+                 " revoked devices"),
         ("export", "print every vertex as one JSON line, in canonical order (bytes as hex)"),
         ("history", "print the vertices that name a device (enrollment, update records, revocation)"),
         ("provenance", "the aggregates, updates and devices behind a model version, back to genesis"),
+        ("lineage", "a model's releases, newest first, back to the lineage vertex that started it;"
+                    " exit 1 naming the gap if the chain is broken, 2 if there is nothing to walk"),
         ("dot", "the DAG, or one round's part of it, as Graphviz DOT (render with `dot -Tpng`)"),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text)
@@ -89,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.add_argument("--json", action="store_true", help="print the summary as one JSON object")
         if name == "history":
             command.add_argument("--device", required=True, metavar="ID", help="device id (32 hex) or public key")
-        if name == "provenance":
+        if name in ("provenance", "lineage"):
             command.add_argument("--model", required=True, metavar="DIGEST", help="the model's SHA-256 (64 hex)")
         if name == "dot":
             command.add_argument("--round", type=int, default=None, help="only the vertices of this round")
@@ -105,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "verify":
         return _verify(args.db)
+    if args.command == "lineage":
+        return _lineage(args.db, args.model)
     try:
         with Ledger.open(args.db, read_only=True) as ledger:
             if args.command == "show":
@@ -119,13 +136,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 for vertex in ledger.vertices():
                     print(json.dumps(to_json(vertex), sort_keys=True))
-    except Refused as exc:
+    except (Refused, NoAnswer) as exc:
         print(f"starling-ledger {args.command}: {exc}", file=sys.stderr)
         return REFUSED
     except LedgerError as exc:
         print(f"starling-ledger: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _lineage(path: str, model_text: str) -> int:
+    """`lineage`: 0 complete, 1 broken (the JSON says where), 2 when there is nothing to walk."""
+    try:
+        model = _digest(model_text)
+        if not Path(path).is_file():  # plainer than SQLite's "unable to open database file"
+            raise Refused(f"no ledger at {path}")
+        with Ledger.open(path, read_only=True) as ledger:
+            result = lineage(ledger, model)
+            bootstrapped = ledger.bootstrap_point() is not None
+    except (Refused, LedgerError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"starling-ledger lineage: {message}", file=sys.stderr)
+        return REFUSED
+    print(json.dumps(result, sort_keys=True))
+    problem = broken_because(result)
+    if problem is None:
+        return 0
+    if bootstrapped:
+        problem += "; this store started from a checkpoint, vertices before it are not here"
+    print(f"starling-ledger lineage: broken: {problem}", file=sys.stderr)
+    return 1
 
 
 def _verify(path: str) -> int:
@@ -154,6 +194,7 @@ def _show(ledger: Ledger, as_json: bool) -> None:
         "finality": ledger.finality(),
         "equivocators": ledger.equivocators(),
     }
+    summary["lineages"] = summary["kinds"].get(LINEAGE, 0)  # model lineages started (`lineage` vertices)
     if as_json:
         print(json.dumps(summary, sort_keys=True))
         return
@@ -165,6 +206,7 @@ def _show(ledger: Ledger, as_json: bool) -> None:
         print(f"EQUIVOCATED {' '.join(summary['equivocators'])}")
     print(f"tips     {' '.join(summary['tips']) or '-'}")
     print(f"kinds    {' '.join(f'{k}={n}' for k, n in summary['kinds'].items()) or '-'}")
+    print(f"lineages {summary['lineages']} started")
     print(f"gateways {' '.join(summary['gateways']) or '-'}")
     print(f"devices  {len(devices)} enrolled")
     for device_id, name in summary["devices"].items():
@@ -412,59 +454,6 @@ def _digest(text: str) -> bytes:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", text.strip()):
         raise Refused(f"--model {text!r} is not a SHA-256 digest (64 hex)")
     return bytes.fromhex(text.strip())
-
-
-def provenance(ledger: Ledger, model: bytes) -> dict[str, Any]:
-    """The chain of aggregates that produced `model`, each with its input updates and their devices.
-
-    Walks back from the aggregate whose output is `model` through the aggregate whose output
-    was its base, until a base no aggregate produced (the initial model, published at genesis time).
-    """
-    aggregates = {v.body["output"]: v for v in ledger.vertices() if v.kind == "aggregate"}
-    if model not in aggregates:
-        raise Refused(f"no aggregate in {ledger.path} produced model {model.hex()}")
-    records = ledger.update_records()  # digest -> [(device key, updates vertex id, round)]
-    chain, devices, current = [], set(), model
-    while current in aggregates and len(chain) <= len(aggregates):
-        vertex = aggregates[current]
-        inputs = []
-        for digest in vertex.body["inputs"]:
-            found = records.get(digest, [])
-            devices.update(identity_id(d) for d, _, _ in found)
-            inputs.append({"update": digest.hex(),
-                           "records": [{"device": identity_id(d), "updates_vertex": u.hex(), "round": r}
-                                       for d, u, r in found]})
-        chain.append({"aggregate": vertex.id_hex, "round": vertex.body["round"], "strategy": vertex.body["strategy"],
-                      "gateway": vertex.creator_id, "base": vertex.body["base"].hex(),
-                      "output": vertex.body["output"].hex(), "inputs": inputs})
-        current = vertex.body["base"]
-    genesis = next(ledger.vertices())
-    return {"model": model.hex(), "aggregates": chain, "initial_model": current.hex(),
-            "devices": sorted(devices), "updates": sum(len(a["inputs"]) for a in chain),
-            "genesis": genesis.id_hex}
-
-
-def to_dot(ledger: Ledger, round_: int | None) -> str:
-    """Graphviz DOT of the DAG, or of one round's vertices (and the parents they name, dashed)."""
-    vertices = list(ledger.vertices())
-    if round_ is not None:
-        chosen = {v.id for v in vertices if v.body.get("round") == round_}
-        context = {p for v in vertices if v.id in chosen for p in v.parents} - chosen
-    else:
-        chosen, context = {v.id for v in vertices}, set()
-    lines = ["digraph ledger {", "  rankdir=BT;", '  node [shape=box, fontname="monospace", fontsize=10];']
-    for v in vertices:
-        if v.id in chosen or v.id in context:
-            label = f"{v.kind}\\n{v.id_hex[:12]}\\n{v.creator_id[:8]} #{v.seq}"
-            if "round" in v.body:
-                label += f"\\nround {v.body['round']}"
-            style = ', style="dashed"' if v.id in context else ""
-            lines.append(f'  "{v.id_hex[:12]}" [label="{label}"{style}];')
-    for v in vertices:
-        if v.id in chosen:
-            lines.extend(f'  "{v.id_hex[:12]}" -> "{p.hex()[:12]}";' for p in v.parents if p in chosen or p in context)
-    lines.append("}")
-    return "\n".join(lines)
 
 
 def to_json(vertex: Vertex) -> dict[str, Any]:

@@ -11,6 +11,13 @@ State is checked before proofs so that a record from an unknown device is
 refused before any signature check is spent on it. A later kind (membership
 change, model release, checkpoint) is one more class in `KINDS`.
 
+A model's lineage is on the ledger as a chain: each `aggregate` names the
+model it started from (`base`) and the one it made (`output`), and a
+`lineage` vertex marks where a chain starts (the factory weights at first
+start, an operator's `reset-model`, a change of model family). The chain is
+read back by `ledger.audit.lineage`; no rule links the two kinds, because a
+model's bytes live at the gateway, not on the ledger.
+
 A device is "enrolled" once a `device.enroll` vertex names it and "revoked"
 once a `device.revoke` vertex does; it is active while enrolled and not
 revoked. Revocation is final: a revoked key contributes no more updates and
@@ -76,6 +83,7 @@ DEVICE_REVOKE = "device.revoke"
 UPDATES = "updates"
 AGGREGATE = "aggregate"
 CHECKPOINT = "checkpoint"
+LINEAGE = "lineage"
 
 MAX_GATEWAYS = 62  # members ever (each has a bit in a 64-bit SQLite integer for finality)
 MAX_RECORDS = 10_000  # per updates vertex; a gateway records a bigger round in several batches
@@ -84,6 +92,8 @@ MAX_ROUND = 2**31 - 1  # as protocol.envelope.Context
 NAME_MAX = 64
 REASON_MAX = 256  # a revocation's reason, kept for auditors
 STRATEGY_MAX = 256  # room for a user strategy's import path
+ARCHITECTURE_MAX = 256  # a model architecture id (a hex digest in practice)
+MAX_VERSION = 2**63 - 1  # a release version; fits SQLite's INTEGER
 RECORD_FIELDS = 4  # [device public key, update digest, examples, device signature]
 
 
@@ -434,10 +444,43 @@ class Checkpoint(Kind):
             keep(vertex, snapshot)
 
 
+class Lineage(Kind):
+    """Where a model lineage starts: the first model of a chain of aggregates.
+
+    Body: {"model": digest of the lineage's first model, "version": the release
+    version the gateway gave it, "previous": digest of the last model of the
+    lineage it replaces, or b"" if there was none, "reason": why (e.g. "first
+    start", "reset-model: <operator's text>", "model family changed"),
+    "architecture": the model's architecture id}.
+
+    Only the schema is checked: the creator must be a member gateway like any
+    writer, and nothing here can check a model digest (the bytes are at the
+    gateway). It adds nothing to the derived state (`derived_state`): a
+    checkpoint's snapshot lists it as a vertex like any other and holds
+    nothing more of it, so the snapshot format is unchanged and checkpoints
+    written before this kind existed stay valid. An audit reads these
+    vertices straight from the store (`Ledger.vertices_of`).
+    `previous` may equal `model`: a reset to the factory weights before any
+    round ran restarts at the model it leaves.
+    """
+
+    name = LINEAGE
+
+    def check_body(self, body: dict[str, Any]) -> None:
+        check_fields(body, {"model", "version", "previous", "reason", "architecture"}, "lineage body")
+        check_bytes(body["model"], "model", DIGEST_BYTES)
+        check_int(body["version"], "version", 0, MAX_VERSION)
+        previous = body["previous"]  # empty bytes: the first lineage, nothing replaced
+        if not isinstance(previous, bytes) or len(previous) not in (0, DIGEST_BYTES):
+            raise SchemaError(f"previous must be {DIGEST_BYTES} bytes, or empty bytes when there was none")
+        check_text(body["reason"], "reason", REASON_MAX, 1)
+        check_text(body["architecture"], "architecture", ARCHITECTURE_MAX, 1)
+
+
 KINDS: dict[str, Kind] = {
     kind.name: kind
-    for kind in (Genesis(), GatewayJoin(), GatewayLeave(), DeviceEnroll(), DeviceRevoke(), Updates(), Aggregate(),
-                 Checkpoint())
+    for kind in (Genesis(), GatewayJoin(), GatewayLeave(), DeviceEnroll(), DeviceRevoke(), Updates(),
+                 Aggregate(), Checkpoint(), Lineage())
 }
 
 

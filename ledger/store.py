@@ -78,6 +78,7 @@ from .kinds import (
     GATEWAY_JOIN,
     GATEWAY_LEAVE,
     GENESIS,
+    LINEAGE,
     UPDATES,
 )
 from .vertex import Vertex, sign
@@ -417,7 +418,8 @@ class Ledger:
         Everything is checked first: the genesis (pinned by the gateway's config), the checkpoint's
         signature by a member gateway, the snapshot against the checkpoint's digest and count, and that
         the snapshot starts at this genesis. The store must hold nothing but (at most) that genesis.
-        Audits (`verify`) then start from the checkpoint; `history` and `provenance` see from there on.
+        Audits (`verify`) then start from the checkpoint; `history`, `provenance` and `lineage` see from
+        there on.
         """
         from .snapshot import decode, digest_of
 
@@ -539,6 +541,21 @@ class Ledger:
         body = {"round": round, "strategy": strategy, "base": base, "inputs": list(inputs), "output": output}
         return self.append(AGGREGATE, body)
 
+    def record_lineage(
+        self, model: bytes, version: int, previous: bytes, reason: str, architecture: str
+    ) -> Vertex:
+        """Record where a model lineage starts: its first model and the release version it was given.
+
+        `previous` is the digest of the last model of the lineage this one replaces, b"" for the
+        first; `reason` says why a new one starts (at most 256 characters: "first start",
+        "reset-model: <operator's text>", "model family changed"); `architecture` is the model's
+        architecture id. The aggregates after it name this model as their first `base`, which is
+        how `starling-ledger lineage` walks a model back to here.
+        """
+        body = {"model": model, "version": version, "previous": previous, "reason": reason,
+                "architecture": architecture}
+        return self.append(LINEAGE, body)
+
     # --- queries ------------------------------------------------------------------------
 
     @property
@@ -591,13 +608,29 @@ class Ledger:
         Fetched a page at a time without holding the lock between pages, so
         appends may go on meanwhile (they show up if they sort later).
         """
+        return self._paged("", ())
+
+    def vertices_of(self, *kinds: str) -> Iterator[Vertex]:
+        """The vertices of the given kinds only, in the canonical order, paged like `vertices`.
+
+        Chosen by the `kind` column, so the others (an updates vertex can be 100s of KB) are
+        neither decoded nor read past their row header: an audit of aggregates and lineages
+        costs what those vertices weigh. Vertices known only from a bootstrap have no bytes
+        and are left out, as by `vertices`.
+        """
+        if not kinds:
+            return iter(())
+        return self._paged(f" AND kind IN ({','.join('?' * len(kinds))})", kinds)
+
+    def _paged(self, condition: str, params: tuple[Any, ...]) -> Iterator[Vertex]:
+        """The stored vertices matching `condition` (SQL to AND to the query), in canonical order, paged."""
         after: tuple[int, str] = (-1, "")
         while True:
             with self._read() as conn:
                 rows = conn.execute(
-                    "SELECT depth, id, data FROM vertices WHERE (depth, id) > (?, ?) AND length(data) > 0"
-                    " ORDER BY depth, id LIMIT ?",
-                    (*after, PAGE_ROWS),
+                    f"SELECT depth, id, data FROM vertices WHERE (depth, id) > (?, ?){condition}"
+                    " AND length(data) > 0 ORDER BY depth, id LIMIT ?",
+                    (*after, *params, PAGE_ROWS),
                 ).fetchall()
             if not rows:
                 return
@@ -725,10 +758,9 @@ class Ledger:
     def update_records(self) -> dict[bytes, list[tuple[bytes, bytes, int]]]:
         """Update digest -> [(device public key, id of the updates vertex recording it, round)]."""
         found: dict[bytes, list[tuple[bytes, bytes, int]]] = {}
-        for vertex in self.vertices():
-            if vertex.kind == UPDATES:
-                for device, digest, _, _ in vertex.body["records"]:
-                    found.setdefault(digest, []).append((device, vertex.id, vertex.body["round"]))
+        for vertex in self.vertices_of(UPDATES):
+            for device, digest, _, _ in vertex.body["records"]:
+                found.setdefault(digest, []).append((device, vertex.id, vertex.body["round"]))
         return found
 
     def equivocators(self) -> dict[str, list[int]]:

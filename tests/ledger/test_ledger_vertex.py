@@ -39,6 +39,13 @@ BODIES = {
         "inputs": [DIGEST],
         "output": sha256(b"o"),
     },
+    "lineage": {
+        "model": sha256(b"initial"),
+        "version": 0,
+        "previous": b"",
+        "reason": "first start",
+        "architecture": sha256(b"arch").hex(),
+    },
 }
 
 
@@ -192,6 +199,7 @@ def test_decode_refuses_non_canonical_encoding() -> None:
         ("aggregate", {**BODIES["aggregate"], "inputs": [DIGEST, DIGEST]}),
         ("aggregate", {**BODIES["aggregate"], "inputs": []}),
         ("aggregate", {**BODIES["aggregate"], "output": "not bytes"}),
+        ("lineage", {**BODIES["lineage"], "previous": bytes(31)}),
     ],
 )
 def test_sign_refuses_a_body_that_breaks_its_kind(kind: str, body: dict) -> None:
@@ -201,7 +209,7 @@ def test_sign_refuses_a_body_that_breaks_its_kind(kind: str, body: dict) -> None
 
 def test_every_kind_has_rules() -> None:
     assert set(kinds.KINDS) == {"genesis", "gateway.join", "gateway.leave", "device.enroll", "device.revoke",
-                                "updates", "aggregate", "checkpoint"}
+                                "updates", "aggregate", "checkpoint", "lineage"}
 
 
 def test_update_record_is_compact() -> None:

@@ -1,0 +1,215 @@
+"""Audit queries over a ledger store: what `starling-ledger provenance | lineage | dot` print.
+
+    provenance(ledger, model)  the aggregates behind a model, each with its input updates and their devices
+    lineage(ledger, model)     the releases of a model's lineage, newest first, back to where it started
+    to_dot(ledger, round)      the DAG (or one round's part of it) as Graphviz DOT
+
+Each is read-only and returns plain JSON values (bytes as hex). `ledger.cli`
+is the command line around them.
+
+A lineage is a chain of model digests: every `aggregate` vertex names the
+model it started from (`base`) and the one it made (`output`); a `lineage`
+vertex names the first model of a chain (the factory weights at first start,
+an operator's `reset-model`, a change of model family). `lineage` walks from
+a model to the aggregate that produced it, then to the one that produced its
+base, and so on, until it reaches a lineage vertex (complete) or a digest
+nothing on the ledger explains (a gap: the chain is broken there).
+
+How the walk chooses, at each digest it reaches as the base of a release:
+
+- A lineage vertex that names the digest and comes before that release in
+  the canonical order ends the walk there, even if an aggregate also made
+  that digest: an operator may restart a lineage at an older release (a
+  rollback), and the releases after it belong to the new lineage. The latest
+  such vertex wins, preferring ones by the release's own gateway: gateways
+  that share factory weights each start a lineage at the same digest, and a
+  reset to the factory weights starts another one at it.
+- Else the first aggregate (canonical order) whose output is the digest is
+  the next release: gateways that compute the same merge all record it.
+- Else a lineage vertex written after the release based on it (recorded
+  late) still ends the walk.
+- Else the walk stops at a gap. A digest that comes back (a cycle, which
+  only a forged or self-contradicting ledger holds) is a gap too.
+
+A store that bootstrapped from a checkpoint holds no bytes for the vertices
+before that checkpoint, so a walk that reaches back past it ends in a gap
+there; a gateway that holds the whole history answers in full.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from protocol.keys import identity_id
+
+from .kinds import AGGREGATE, LINEAGE
+from .store import Ledger
+
+
+class NoAnswer(Exception):
+    """The query has nothing to answer with (no aggregate produced the model); the message is one line."""
+
+
+# --- provenance -----------------------------------------------------------------------
+
+
+def provenance(ledger: Ledger, model: bytes) -> dict[str, Any]:
+    """The chain of aggregates that produced `model`, each with its input updates and their devices.
+
+    Walks back from the aggregate whose output is `model` through the aggregate whose output
+    was its base, until a base no aggregate produced (the initial model, published at genesis time).
+    """
+    aggregates = {v.body["output"]: v for v in ledger.vertices_of(AGGREGATE)}
+    if model not in aggregates:
+        raise NoAnswer(f"no aggregate in {ledger.path} produced model {model.hex()}")
+    records = ledger.update_records()  # digest -> [(device key, updates vertex id, round)]
+    chain, devices, current = [], set(), model
+    while current in aggregates and len(chain) <= len(aggregates):
+        vertex = aggregates[current]
+        inputs = []
+        for digest in vertex.body["inputs"]:
+            found = records.get(digest, [])
+            devices.update(identity_id(d) for d, _, _ in found)
+            inputs.append({"update": digest.hex(),
+                           "records": [{"device": identity_id(d), "updates_vertex": u.hex(), "round": r}
+                                       for d, u, r in found]})
+        chain.append({"aggregate": vertex.id_hex, "round": vertex.body["round"], "strategy": vertex.body["strategy"],
+                      "gateway": vertex.creator_id, "base": vertex.body["base"].hex(),
+                      "output": vertex.body["output"].hex(), "inputs": inputs})
+        current = vertex.body["base"]
+    genesis = next(ledger.vertices())
+    return {"model": model.hex(), "aggregates": chain, "initial_model": current.hex(),
+            "devices": sorted(devices), "updates": sum(len(a["inputs"]) for a in chain),
+            "genesis": genesis.id_hex}
+
+
+# --- lineage --------------------------------------------------------------------------
+
+
+class _Seen(NamedTuple):
+    """What the walk keeps of one aggregate or lineage vertex.
+
+    Not the vertex itself: 100,000 aggregates of thousands of inputs each would not fit in
+    memory, and the walk needs only the count of inputs.
+    """
+
+    position: int  # in the canonical order of the vertices read
+    vertex: bytes
+    creator: bytes
+    time: float
+    body: dict[str, Any]  # the lineage body, or the aggregate's without its inputs
+
+
+def lineage(ledger: Ledger, model: bytes) -> dict[str, Any]:
+    """The releases of `model`'s lineage, newest first, ending at the lineage's first model.
+
+    {"model", "complete", "releases", "length", "gap"}: each release is {"model", "base",
+    "round", "strategy", "inputs" (count), "time", "gateway", "vertex"}; the last one, when
+    the walk is complete, is the lineage's first model, with "base" and "strategy" null,
+    "round" and "inputs" 0, and the lineage vertex's "reason", "version" and "previous".
+    `gap` is null, or {"model": the digest nothing explained, "after": the release whose base
+    it is, null if it is `model` itself}. One pass over the aggregate and lineage vertices
+    (the module docstring says how the walk chooses), then the walk.
+    """
+    produced: dict[bytes, _Seen] = {}  # output -> the canonically first aggregate that made it
+    starts: dict[bytes, list[_Seen]] = {}  # model -> the lineage vertices that start at it, in order
+    for position, vertex in enumerate(ledger.vertices_of(AGGREGATE, LINEAGE)):
+        body = vertex.body
+        if vertex.kind == LINEAGE:
+            seen = _Seen(position, vertex.id, vertex.creator, vertex.time, body)
+            starts.setdefault(body["model"], []).append(seen)
+        elif body["output"] not in produced:
+            kept = {"base": body["base"], "round": body["round"], "strategy": body["strategy"],
+                    "inputs": len(body["inputs"])}
+            produced[body["output"]] = _Seen(position, vertex.id, vertex.creator, vertex.time, kept)
+
+    releases: list[dict[str, Any]] = []
+    visited: set[bytes] = set()
+    current, after = model, None  # after: the release whose base `current` is
+    while True:
+        if current in visited:  # a cycle: stop, naming the digest that came back
+            break
+        visited.add(current)
+        candidates = starts.get(current, [])
+        start = _start_before(candidates, after)
+        if start is None and current not in produced and candidates:
+            start = candidates[-1]  # recorded after the release based on it, but it says where it started
+        if start is not None:
+            releases.append(_root_json(start))
+            return _lineage_json(model, releases, None)
+        made = produced.get(current)
+        if made is None:
+            break
+        releases.append(_release_json(current, made))
+        current, after = made.body["base"], made
+    gap = {"model": current.hex(), "after": None if after is None else releases[-1]["model"]}
+    return _lineage_json(model, releases, gap)
+
+
+def _start_before(candidates: list[_Seen], release: _Seen | None) -> _Seen | None:
+    """The lineage vertex that started the chain `release` is based on: the latest one before it,
+    by the release's own gateway if it wrote one."""
+    if release is None:  # the model asked about: any lineage start at it
+        return candidates[-1] if candidates else None
+    before = [c for c in candidates if c.position < release.position]
+    own = [c for c in before if c.creator == release.creator]
+    return (own or before or [None])[-1]
+
+
+def _release_json(output: bytes, made: _Seen) -> dict[str, Any]:
+    body = made.body
+    return {"model": output.hex(), "base": body["base"].hex(), "round": body["round"],
+            "strategy": body["strategy"], "inputs": body["inputs"], "time": made.time,
+            "gateway": identity_id(made.creator), "vertex": made.vertex.hex()}
+
+
+def _root_json(start: _Seen) -> dict[str, Any]:
+    body = start.body
+    return {"model": body["model"].hex(), "base": None, "round": 0, "strategy": None, "inputs": 0,
+            "time": start.time, "gateway": identity_id(start.creator), "vertex": start.vertex.hex(),
+            "reason": body["reason"], "version": body["version"],
+            "previous": body["previous"].hex() if body["previous"] else None}
+
+
+def _lineage_json(
+    model: bytes, releases: list[dict[str, Any]], gap: dict[str, Any] | None
+) -> dict[str, Any]:
+    return {"model": model.hex(), "complete": gap is None, "releases": releases, "length": len(releases),
+            "gap": gap}
+
+
+def broken_because(result: dict[str, Any]) -> str | None:
+    """Why a `lineage` result is incomplete, in one line (None if it is complete)."""
+    gap = result["gap"]
+    if gap is None:
+        return None
+    where = "the model asked about" if gap["after"] is None else f"the base of {gap['after']}"
+    if any(release["model"] == gap["model"] for release in result["releases"]):
+        return f"model {gap['model']} comes back in its own lineage (a cycle: {where})"
+    return f"no aggregate or lineage vertex produced model {gap['model']} ({where})"
+
+
+# --- the DAG as a picture ---------------------------------------------------------------
+
+
+def to_dot(ledger: Ledger, round_: int | None) -> str:
+    """Graphviz DOT of the DAG, or of one round's vertices (and the parents they name, dashed)."""
+    vertices = list(ledger.vertices())
+    if round_ is not None:
+        chosen = {v.id for v in vertices if v.body.get("round") == round_}
+        context = {p for v in vertices if v.id in chosen for p in v.parents} - chosen
+    else:
+        chosen, context = {v.id for v in vertices}, set()
+    lines = ["digraph ledger {", "  rankdir=BT;", '  node [shape=box, fontname="monospace", fontsize=10];']
+    for v in vertices:
+        if v.id in chosen or v.id in context:
+            label = f"{v.kind}\\n{v.id_hex[:12]}\\n{v.creator_id[:8]} #{v.seq}"
+            if "round" in v.body:
+                label += f"\\nround {v.body['round']}"
+            style = ', style="dashed"' if v.id in context else ""
+            lines.append(f'  "{v.id_hex[:12]}" [label="{label}"{style}];')
+    for v in vertices:
+        if v.id in chosen:
+            lines.extend(f'  "{v.id_hex[:12]}" -> "{p.hex()[:12]}";' for p in v.parents if p in chosen or p in context)
+    lines.append("}")
+    return "\n".join(lines)
