@@ -33,13 +33,16 @@
     # [strategy.dp] wrapper = "...", params = {...}: a Flower DP wrapper (see strategies.py)
 
     [rounds]
-    num_rounds = 5
-    deadline_s = 60.0                     # a round closes when all replied or this passed
+    # num_rounds = 100                    # the lineage's last round; absent: rounds go on until stopped
+    interval_s = 0.0                      # between round starts (0: one after another)
+    evaluate_every = 1                    # federated evaluation after every n-th round (and the last)
+    deadline_s = 60.0                     # an exchange closes when all replied or this passed
     epochs = 2
     batch_size = 32
     lr = 0.05
-    min_devices = 5                       # wait for this many enrolled, online devices
-    wait_devices_s = 120.0                # ... at most this long
+    min_devices = 5                       # a round waits for this many enrolled, online devices ...
+    wait_devices_s = 120.0                # ... this long at a time: then a bounded run (num_rounds) fails,
+                                          # a service says so in its log and waits on
 
     [enrollment]
     policy = "voucher"                    # required: "voucher", "allowlist", or "open" (emulator only)
@@ -82,7 +85,9 @@ class GatewayConfig:
     strategy: str = "FedAvg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
     strategy_dp: dict[str, Any] | None = None
-    num_rounds: int = 5
+    num_rounds: int | None = None  # the lineage's last round; None: rounds go on until the gateway is stopped
+    interval_s: float = 0.0  # between round starts
+    evaluate_every: int = 1  # federated evaluation after every n-th round (and round 0 and the last)
     deadline_s: float = 60.0
     epochs: int = 1
     batch_size: int = 32
@@ -102,6 +107,10 @@ def _positive(name: str, value: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
     return value
+
+
+def _optional_positive(name: str, value: int | None) -> int | None:
+    return None if value is None else int(_positive(name, value))
 
 
 def _non_negative(name: str, value: float) -> float:
@@ -160,7 +169,9 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         strategy=setting(doc, "strategy", "name", str, "FedAvg"),
         strategy_params=dict(setting(doc, "strategy", "params", dict, {})),
         strategy_dp=setting(doc, "strategy", "dp", dict, None),
-        num_rounds=int(_positive("rounds.num_rounds", setting(doc, "rounds", "num_rounds", int, 5))),
+        num_rounds=_optional_positive("rounds.num_rounds", setting(doc, "rounds", "num_rounds", int, None)),
+        interval_s=_non_negative("rounds.interval_s", setting(doc, "rounds", "interval_s", float, 0.0)),
+        evaluate_every=int(_positive("rounds.evaluate_every", setting(doc, "rounds", "evaluate_every", int, 1))),
         deadline_s=_positive("rounds.deadline_s", setting(doc, "rounds", "deadline_s", float, 60.0)),
         epochs=int(_positive("rounds.epochs", setting(doc, "rounds", "epochs", int, 1))),
         batch_size=int(_positive("rounds.batch_size", setting(doc, "rounds", "batch_size", int, 32))),

@@ -29,14 +29,11 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
+import mqttlink
 from protocol import topics
 from protocol.logs import event
 from protocol.transport import BrokerAuth
@@ -82,29 +79,18 @@ def worker_main(index: int, settings: WorkerSettings, enrolled: list[bytes], rev
     outbox: queue.Queue = queue.Queue()
     handled = [0]
 
-    def on_connect(client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            event(log, "mqtt.refused", logging.WARNING, reason=str(reason_code))
-            return
-        client.subscribe(settings.subscription, qos=1)
-        event(log, "mqtt.connected", broker=f"{settings.host}:{settings.port}", worker=index)
-
-    def on_message(client, userdata, msg: mqtt.MQTTMessage) -> None:
+    def deliver(message: mqttlink.Message) -> None:  # on paho's thread: stage 1 is this process's whole job
         handled[0] += 1
         try:
-            outbox.put((msg.topic, msg.payload, checker.authenticate(msg.topic, msg.payload)))
+            outbox.put((message.topic, message.payload, checker.authenticate(message.topic, message.payload)))
         except Exception:  # never expected (outcomes are values); never fatal either
-            log.exception("ingest.failed topic=%s", msg.topic)
+            log.exception("ingest.failed topic=%s", message.topic)
 
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                         client_id=settings.client_id(index), protocol=mqtt.MQTTv5)
-    settings.auth.apply(client)
-    client.on_connect, client.on_message = on_connect, on_message
-    client.reconnect_delay_set(min_delay=1, max_delay=10)
-    properties = Properties(PacketTypes.CONNECT)
-    properties.SessionExpiryInterval = SESSION_EXPIRY_S
-    client.connect(settings.host, settings.port, keepalive=30, clean_start=False, properties=properties)
-    client.loop_start()
+    broker = mqttlink.Connection(mqttlink.ConnectionOptions(
+        client_id=settings.client_id(index), host=settings.host, port=settings.port, auth=settings.auth,
+        mqtt5=True, session_expiry_s=SESSION_EXPIRY_S, subscriptions=((settings.subscription, 1),),
+        log_name=f"starling.gateway.ingest-{index}"), deliver=deliver)
+    broker.start()  # connects in the background, and again after any drop
     try:
         while not stop.is_set():
             while conn.poll(0):  # key set changes from the gateway
@@ -129,8 +115,7 @@ def worker_main(index: int, settings: WorkerSettings, enrolled: list[bytes], rev
     except (EOFError, BrokenPipeError, OSError):  # the gateway is gone: nothing to hand replies to
         pass
     finally:
-        client.disconnect()
-        client.loop_stop()
+        broker.close()
         event(log, "ingest.stopped", worker=index, replies=handled[0])
 
 
@@ -140,15 +125,14 @@ class IngestWorkers:
     Use as a context manager; `enroll` and `revoke` keep the workers' key sets current.
     """
 
-    def __init__(self, count: int, settings: WorkerSettings, inbox: queue.Queue, enrolled: Collection[bytes],
-                 revoked: Collection[bytes]) -> None:
+    def __init__(self, count: int, settings: WorkerSettings, inbox: queue.Queue,
+                 keys: Callable[[], tuple[list[bytes], list[bytes]]]) -> None:
+        """`keys()`: the gateway's (enrolled, revoked) keys now, what a worker (re)starts from."""
         self.count = count
         self.settings = settings
         self.inbox = inbox
         self.bytes_in = 0
-        # The gateway's live key sets, read when a worker (re)starts; only touch them on the thread that
-        # changes them (the gateway's worker thread), as watch() does.
-        self._enrolled, self._revoked = enrolled, revoked
+        self._keys = keys
         self._context = multiprocessing.get_context("spawn")  # the gateway has threads: never fork it
         self._workers: list[tuple[multiprocessing.Process, Connection]] = []
         self._send_lock = threading.Lock()
@@ -159,7 +143,7 @@ class IngestWorkers:
         ours, theirs = self._context.Pipe()
         process = self._context.Process(
             target=worker_main, name=f"starling-ingest-{index}", daemon=True,
-            args=(index, self.settings, list(self._enrolled), list(self._revoked), theirs),
+            args=(index, self.settings, *self._keys(), theirs),
         )
         process.start()
         theirs.close()

@@ -1,19 +1,26 @@
-"""The gateway's round journal: what must survive a crash, in SQLite.
+"""The gateway's journal (`<state_dir>/rounds.db`): what must survive a crash, a stop or an upgrade.
 
-An accepted reply is written here (and committed, `synchronous=FULL`)
-before its receipt is sent: once a device hears "accepted" it forgets the
-reply, so from then on this journal is the only copy. With it, a gateway
-killed mid-round (`kill -9`, power cut) restarts into the same round: same
-run tag and task ids (devices' pending replies still match), same selected
-devices, the already-accepted replies restored, the others re-tasked; and a
-round whose updates were already written to the ledger is not written again.
+An accepted reply is written here (and committed, `synchronous=FULL`) before
+its receipt is sent: once a device hears "accepted" it forgets the reply, so
+from then on this journal is the only copy. Each global model release is
+written here, with its parent, before it is published. With both, a gateway
+killed mid-round (`kill -9`, power cut) or stopped (SIGTERM) restarts from its
+last release and re-opens the round it left: same task ids (devices' pending
+replies still match), same selected devices, the accepted replies restored,
+the others re-tasked; and no round's updates are written to the ledger twice.
 
-Tables:
-    run        one row: run tag, strategy, rounds, status ("running" / "done")
-    exchange   a training exchange: task id, round, base digest, selected nodes, closed, recorded
-    accepted   (task id, device id) -> the reply's wire bytes (an accepted update, or a signed skip)
-    model      digest -> model bytes, for the bases of open rounds
-    history    round -> its RoundRecord (JSON), so a resumed run reports the rounds before the crash
+`Journal` is the database (one connection, its pragmas, one `atomic()`
+transaction idiom, registered migrations: sqlite-utils `Migrations`); the
+table objects read and write it:
+
+    Exchanges     exchange  a training exchange: task id, lineage, round, base digest, selected nodes,
+                            closed (no more replies), recorded (its updates are on the ledger),
+                            finished (aggregated: the round's release, if any, is written)
+                  accepted  (task id, device id) -> the reply's wire bytes (an update, or a signed skip)
+    RoundHistory  round_record  (lineage, round) -> the round's record (JSON), for status and result.json
+    lineage.py    lineage, release, model, strategy_state: the chain of released models
+
+Migrations are registered below, oldest first; each runs once, in a transaction.
 """
 
 from __future__ import annotations
@@ -21,125 +28,193 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA = """
-create table if not exists run (id integer primary key check (id = 1), tag text not null, strategy text not null,
-    num_rounds integer not null, status text not null);
-create table if not exists exchange (task text primary key, round integer not null, base blob not null,
-    nodes text not null, closed integer not null default 0, recorded integer not null default 0);
-create table if not exists accepted (task text not null, device text not null, reply blob not null,
-    primary key (task, device));
-create table if not exists model (digest blob primary key, data blob not null, added integer not null);
-create table if not exists history (round integer primary key, record text not null);
-"""
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+BUSY_TIMEOUT_S = 10.0
+HISTORY_KEPT = 10_000  # round records kept per lineage (a round a minute is a week of them)
+EXCHANGES_KEPT = 8  # finished training exchanges kept (their replies only matter until aggregated)
+
+MIGRATIONS = Migrations("starling-gateway-journal")
 
 
-@dataclass(frozen=True)
-class Resume:
-    """Where an unfinished run stopped: its last training exchange."""
+@MIGRATIONS(name="001_rounds")
+def _rounds(db: Database) -> None:
+    """The journal as the first gateways wrote it (kept so their files upgrade through 002)."""
+    for statement in (
+        "create table if not exists run (id integer primary key check (id = 1), tag text not null, "
+        "strategy text not null, num_rounds integer not null, status text not null)",
+        "create table if not exists exchange (task text primary key, round integer not null, base blob not null, "
+        "nodes text not null, closed integer not null default 0, recorded integer not null default 0)",
+        "create table if not exists accepted (task text not null, device text not null, reply blob not null, "
+        "primary key (task, device))",
+        "create table if not exists model (digest blob primary key, data blob not null, added integer not null)",
+        "create table if not exists history (round integer primary key, record text not null)",
+    ):
+        db.execute(statement)
 
-    tag: str
-    round: int
-    task: str
-    base: bytes
-    model: bytes  # the base model's bytes (schemas.encode_model)
-    nodes: list[int]
-    replies: list[bytes]
-    closed: bool
-    recorded: bool
+
+@MIGRATIONS(name="002_lineage")
+def _lineage(db: Database) -> None:
+    """Continuous operation: exchanges and round records belong to a model lineage; releases are kept.
+
+    A file written by the first gateways holds one run: it becomes lineage 1 (lineage.py adopts its
+    newest model as that lineage's first release). Of its exchanges only the newest of an unfinished
+    run can still be resumed.
+    """
+    running = db.execute("select 1 from run where status = 'running'").fetchone() is not None
+    db.execute("alter table exchange add column lineage integer not null default 1")
+    db.execute("alter table exchange add column finished integer not null default 1")
+    if running:
+        db.execute("update exchange set finished = 0 where round = (select max(round) from exchange)")
+    db.execute("create table round_record (lineage integer not null, round integer not null, record text not null, "
+               "primary key (lineage, round))")
+    db.execute("insert into round_record select 1, round, record from history")
+    db.execute("drop table history")
+    db.execute("drop table run")
+    db.execute("create table lineage (id integer primary key, root blob not null, version integer not null, "
+               "reason text not null, previous blob not null, architecture text not null, started real not null, "
+               "on_ledger integer not null default 0)")
+    db.execute("create table release (version integer primary key, digest blob not null, lineage integer not null, "
+               "round integer not null, parent blob not null, size integer not null, strategy text not null, "
+               "config text not null, inputs text not null, time real not null, step integer not null, "
+               "on_ledger integer not null default 0)")
+    db.execute("create index release_digest on release (digest)")
+    db.execute("create table strategy_state (version integer primary key, data blob not null)")
 
 
 class Journal:
-    """One connection, shared by the worker thread (accept) and the round thread (the rest)."""
+    """The database: one connection shared by the gateway's threads under one lock.
+
+    `with journal.atomic():` is one transaction (nested blocks are savepoints); every write goes
+    through it, so a crash leaves each step either done or not done.
+    """
 
     def __init__(self, path: Path) -> None:
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("pragma journal_mode=wal")
-        self._db.execute("pragma synchronous=full")  # "accepted" is a promise: it must reach the disk
-        self._db.executescript(SCHEMA)
+        self.path = path
+        self._lock = threading.RLock()
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+        self.db = Database(conn, execute_plugins=False)
+        self.db.enable_wal()
+        self.db.execute("pragma synchronous=full")  # "accepted" is a promise: it must reach the disk
+        MIGRATIONS.apply(self.db)
+        self.exchanges = Exchanges(self)
+        self.history = RoundHistory(self)
 
-    def _write(self, sql: str, *args) -> None:
+    @contextmanager
+    def atomic(self) -> Iterator[Database]:
+        with self._lock, self.db.atomic():
+            yield self.db
+
+    def read(self, sql: str, *args) -> list[tuple]:
         with self._lock:
-            self._db.execute(sql, args)
-
-    def resume_point(self, strategy: str, num_rounds: int) -> Resume | None:
-        """The last training exchange of an unfinished run of the same strategy, if any."""
-        with self._lock:
-            run = self._db.execute("select tag, strategy, num_rounds, status from run").fetchone()
-            if run is None or run[3] != "running" or run[1] != strategy or run[2] != num_rounds:
-                return None
-            row = self._db.execute(
-                "select task, round, base, nodes, closed, recorded from exchange order by round desc limit 1"
-            ).fetchone()
-            if row is None:
-                return None
-            model = self._db.execute("select data from model where digest = ?", (row[2],)).fetchone()
-            if model is None:
-                return None
-            replies = [r[0] for r in self._db.execute("select reply from accepted where task = ?", (row[0],))]
-        return Resume(run[0], row[1], row[0], row[2], model[0], json.loads(row[3]), replies, bool(row[4]), bool(row[5]))
-
-    def start_run(self, tag: str, strategy: str, num_rounds: int) -> None:
-        with self._lock:
-            self._db.execute("begin immediate")
-            for table in ("run", "exchange", "accepted", "model", "history"):
-                self._db.execute(f"delete from {table}")
-            self._db.execute("insert into run values (1, ?, ?, ?, 'running')", (tag, strategy, num_rounds))
-            self._db.execute("commit")
-
-    def finish_run(self) -> None:
-        self._write("update run set status = 'done'")
-
-    def record_model(self, digest: bytes, data: bytes, keep: int = 3) -> None:
-        with self._lock:
-            self._db.execute("begin immediate")
-            self._db.execute("insert or ignore into model values (?, ?, (select coalesce(max(added), 0) + 1 from model))",
-                             (digest, data))
-            self._db.execute("delete from model where added <= (select max(added) from model) - ?", (keep,))
-            self._db.execute("commit")
-
-    def open_exchange(self, task: str, round_: int, base: bytes, nodes: list[int]) -> None:
-        self._write("insert or ignore into exchange (task, round, base, nodes) values (?, ?, ?, ?)",
-                    task, round_, base, json.dumps(sorted(nodes)))
-
-    def accept(self, task: str, device: str, reply: bytes) -> None:
-        self.accept_many([(task, device, reply)])
-
-    def accept_many(self, rows: list[tuple[str, str, bytes]]) -> None:
-        """Journal accepted replies (task, device, wire bytes) in one transaction: one fsync for the batch."""
-        if not rows:
-            return
-        with self._lock:
-            self._db.execute("begin immediate")
-            try:
-                self._db.executemany("insert or ignore into accepted values (?, ?, ?)", rows)
-            except BaseException:
-                self._db.execute("rollback")
-                raise
-            self._db.execute("commit")
-
-    def close_exchange(self, task: str) -> None:
-        self._write("update exchange set closed = 1 where task = ?", task)
-
-    def mark_recorded(self, task: str) -> None:
-        self._write("update exchange set recorded = 1 where task = ?", task)
-
-    def is_recorded(self, task: str) -> bool:
-        with self._lock:
-            row = self._db.execute("select recorded from exchange where task = ?", (task,)).fetchone()
-        return bool(row and row[0])
-
-    def record_round(self, round_: int, record: dict) -> None:
-        self._write("insert or replace into history values (?, ?)", round_, json.dumps(record))
-
-    def rounds(self) -> list[dict]:
-        """The round records of the current run, in order."""
-        with self._lock:
-            return [json.loads(r[0]) for r in self._db.execute("select record from history order by round")]
+            return self.db.execute(sql, args).fetchall()
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self.db.close()
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """A training exchange a crash or a stop left unfinished: what its round needs to re-open."""
+
+    task: str
+    lineage: int
+    round: int
+    base: bytes
+    nodes: list[int]
+    replies: list[bytes]  # accepted replies (and signed skips), as they arrived
+    closed: bool  # it had closed: only the replies it had then count
+    recorded: bool  # its updates are on the ledger already
+
+
+class Exchanges:
+    """Training exchanges and their accepted replies (the round book writes them)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+
+    def open(self, task: str, lineage: int, round_: int, base: bytes, nodes: list[int]) -> None:
+        with self._journal.atomic() as db:
+            db.execute("insert or ignore into exchange (task, lineage, round, base, nodes, finished) "
+                       "values (?, ?, ?, ?, ?, 0)", [task, lineage, round_, base, json.dumps(sorted(nodes))])
+
+    def accept_many(self, rows: list[tuple[str, str, bytes]]) -> None:
+        """Journal accepted replies (task, device, wire bytes) in one transaction: one fsync for the batch."""
+        if rows:
+            with self._journal.atomic() as db:
+                db.conn.executemany("insert or ignore into accepted values (?, ?, ?)", rows)
+
+    def close(self, task: str) -> None:
+        with self._journal.atomic() as db:
+            db.execute("update exchange set closed = 1 where task = ?", [task])
+
+    def mark_recorded(self, task: str) -> None:
+        with self._journal.atomic() as db:
+            db.execute("update exchange set recorded = 1 where task = ?", [task])
+
+    def is_recorded(self, task: str) -> bool:
+        rows = self._journal.read("select recorded from exchange where task = ?", task)
+        return bool(rows and rows[0][0])
+
+    def finish(self, task: str) -> None:
+        """The exchange is aggregated (called inside the transaction that writes the round's release);
+        the oldest finished exchanges and their replies are dropped."""
+        with self._journal.atomic() as db:
+            db.execute("update exchange set finished = 1 where task = ?", [task])
+            old = [r[0] for r in db.execute("select task from exchange where finished = 1 order by round desc, "
+                                             "rowid desc limit -1 offset ?", [EXCHANGES_KEPT]).fetchall()]
+            for name in old:
+                db.execute("delete from accepted where task = ?", [name])
+                db.execute("delete from exchange where task = ?", [name])
+
+    def interrupted(self, lineage: int, base: bytes) -> Interrupted | None:
+        """The newest unfinished training exchange of `lineage` built on `base` (the lineage's head).
+
+        Unfinished exchanges on another base (an older model, another lineage) can never be resumed:
+        they are marked finished here.
+        """
+        with self._journal.atomic() as db:
+            rows = db.execute("select task, lineage, round, base, nodes, closed, recorded from exchange "
+                              "where finished = 0 order by round desc, rowid desc").fetchall()
+            resumable = [r for r in rows if r[1] == lineage and r[3] == base]
+            for row in rows:
+                if not resumable or row[0] != resumable[0][0]:
+                    db.execute("update exchange set finished = 1 where task = ?", [row[0]])
+            if not resumable:
+                return None
+            task, lineage_, round_, base_, nodes, closed, recorded = resumable[0]
+            replies = [r[0] for r in db.execute("select reply from accepted where task = ?", [task]).fetchall()]
+        return Interrupted(task, lineage_, round_, base_, json.loads(nodes), replies, bool(closed), bool(recorded))
+
+    def last_round(self, lineage: int) -> int:
+        rows = self._journal.read("select max(round) from exchange where lineage = ?", lineage)
+        return rows[0][0] if rows and rows[0][0] is not None else -1
+
+
+class RoundHistory:
+    """Each round's record, per lineage: a restarted gateway reports the rounds before it."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+
+    def record(self, lineage: int, round_: int, record: dict) -> None:
+        with self._journal.atomic() as db:
+            db.execute("insert or replace into round_record values (?, ?, ?)", [lineage, round_, json.dumps(record)])
+            db.execute("delete from round_record where lineage = ? and round <= ?", [lineage, round_ - HISTORY_KEPT])
+
+    def rounds(self, lineage: int, last: int = HISTORY_KEPT) -> list[dict]:
+        """The newest `last` round records of `lineage`, oldest first."""
+        rows = self._journal.read("select record from round_record where lineage = ? order by round desc limit ?",
+                                  lineage, last)
+        return [json.loads(r[0]) for r in reversed(rows)]
+
+    def last_round(self, lineage: int) -> int:
+        rows = self._journal.read("select max(round) from round_record where lineage = ?", lineage)
+        return rows[0][0] if rows and rows[0][0] is not None else -1

@@ -1,74 +1,74 @@
-"""The gateway service: one broker connection, one worker thread, one strategy.
+"""The gateway service: its parts, its threads, and the loop that feeds them.
 
-Lifetimes, top-down:
+    Gateway(config, identity).run(stop)      -> what it writes to result.json
 
-    Gateway(config).run(stop)
-      ├─ Link (MQTT)            paho thread: counts bytes, queues messages
-      ├─ worker thread          the only thread that touches the ledger (SQLite):
-      │                         ledger jobs first, then replies -> MqttGrid.handle_reply,
-      │                         enrollments, online status
-      └─ caller's thread        waits for devices, evaluates round 0, runs
-                                strategy.start(grid=MqttGrid(...)), writes result.json
+Parts (each the one owner of its state):
 
-Ledger records: a `device.enroll` vertex per admitted device, an `updates`
-vertex per training round (the batch of accepted replies with their device
-signatures), and an `aggregate` vertex per new global model.
+    DeviceRegistry, Enrollment   devices.py       who is enrolled, revoked, online; enrollment requests
+    RoundBook                    rounds.py        the exchanges in flight (+ their journal writes)
+    ReplyIntake                  intake.py        replies -> stage 1 -> the book -> receipts
+    MqttGrid                     grid.py          Flower's Grid on the book
+    Lineage, Releases            lineage.py ...   the model chain: journaled, published, on the ledger
+    LedgerKeeper                 ledger_keeper.py the ledger and its gossip
+    StatusBoard                  status.py        status topics and result.json
+    RoundEngine                  engine.py        the rounds, one after another
+
+Threads:
+
+    connection (paho)    queues what arrives (mqttlink)
+    worker               the inbox: replies to the intake, enrollments, online flags; every second the
+                         ledger's news (enrollments, revocations made elsewhere), checkpoints, ingest workers
+    caller's             the round engine
+    gossip               the ledger's own connection (ledger_sync.py)
+
+A restart (SIGTERM, kill -9, power loss, upgrade) goes on from the journal:
+the last release, the round an interruption left open, the strategy's state.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import io
 import json
 import logging
+import os
 import queue
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ledger.vertex import Vertex
-from protocol import envelope, schemas, topics
+from mqttlink import Connection, ConnectionOptions, Will
+from protocol import topics
 from protocol.atomic import write_atomic
-from protocol.errors import ProtocolError
-from protocol.keys import Identity, identity_id, node_id
+from protocol.keys import Identity
 from protocol.logs import event
-from protocol.vouchers import Voucher
 
 from .config import GatewayConfig
-from .grid import MqttGrid, RoundTraffic
-from .ingest import EVALUATE_METRICS_BY_TASK, Accepted, Duplicate, ReplyChecker, Skipped
+from .devices import DeviceRegistry, Enrollment
+from .engine import Beginning, RoundEngine, Schedule
+from .grid import BATCH_SIZE, EPOCHS, LR, MqttGrid
+from .ingest import EVALUATE_METRICS_BY_TASK, Authenticator
 from .ingest_workers import IngestWorkers, WorkerSettings
-from .journal import Journal
-from .ledger_sync import LedgerSync
-from .link import Link
+from .intake import ReplyIntake
+from .journal import Interrupted, Journal
+from .ledger_keeper import LedgerKeeper
+from .lineage import ADOPTED, Lineage, model_family
 from .mcu import McuExporter
-from .models import ModelPublisher, Release
+from .models import KEEP_RETAINED, ModelPublisher
+from .outbox import Outbox
+from .releases import Releases
+from .rounds import RoundBook
+from .status import StatusBoard
 
 log = logging.getLogger("starling.gateway")
-MAX_ENROLL_BYTES = 4096
 LEDGER_SYNC_S = 1.0
-LEDGER_CALL_TIMEOUT_S = 120.0
-INGEST_BATCH = 256  # messages taken from the inbox at once
-MAX_STATUS_REVOKED = 1000  # revoked device ids listed in the status (the count is always exact)
+INGEST_BATCH = 256  # messages taken from the inbox at once: one journal commit for all their replies
 EXPORT_WAIT_S = 120.0  # at the end of a run, how long the last MCU export may still take
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    accuracy: float | None
-    loss: float | None
-    participants: int
-    rejected: int
-    bytes_up: int
-    bytes_down: int
-    seconds: float
-    skipped: int = 0  # devices that sat the round's training out, saying why (see the status' device topics)
+FIRST_START = "first start"
+NEW_FAMILY = "the model family changed"
 
 
 def default_manifest() -> Path:
@@ -90,552 +90,318 @@ def load_initial_weights(manifest_path: Path) -> tuple[dict[str, Any], dict[str,
     return manifest, weights
 
 
+class StateFolderBusy(RuntimeError):
+    """Another gateway process (or `reset-model`) holds the state folder."""
+
+
+class StateLock:
+    """An exclusive lock on `<state_dir>/gateway.lock` for as long as a gateway (or a reset) uses the folder:
+    two processes writing one journal and one ledger as the same gateway would fork its lineage."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "gateway.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> StateLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateFolderBusy(f"another gateway process is using {self.path.parent}") from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+
+def where_to_begin(lineage: Lineage, journal: Journal, architecture: str) -> tuple[Beginning, Interrupted | None]:
+    """A new lineage (and why), or the round to go on with and the exchange to re-open, if any."""
+    start, head = lineage.current, lineage.head
+    if head is None:
+        return Beginning(FIRST_START, 0), None
+    if start.architecture != architecture:
+        return Beginning(NEW_FAMILY, 0), None
+    interrupted = journal.exchanges.interrupted(start.id, head.digest)
+    if interrupted is not None:
+        return Beginning(None, interrupted.round), interrupted
+    recorded = journal.history.last_round(start.id)
+    if head.round == 0 and recorded < 0:  # the first model was never evaluated: round 0 first
+        return Beginning(None, 0), None
+    return Beginning(None, max(head.round, recorded) + 1), None
+
+
 class Gateway:
+    """One gateway: `Gateway(config, identity).run(stop)`. Its parts exist once `run` has built them."""
+
     def __init__(self, config: GatewayConfig, identity: Identity) -> None:
         self.config = config
         self.identity = identity
         self.id = identity.id
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = config.manifest or default_manifest()
+        self.manifest, self.initial_weights = load_initial_weights(self.manifest_path)
+        task = self.manifest.get("task", "classification")
+        if task not in EVALUATE_METRICS_BY_TASK:
+            raise ValueError(f"model task {task!r} is not one of {sorted(EVALUATE_METRICS_BY_TASK)}")
+        self.evaluate_metrics = EVALUATE_METRICS_BY_TASK[task]
         self.ledger_path = config.state_dir / "ledger.db"
-        self.manifest, self.initial_weights = load_initial_weights(config.manifest or default_manifest())
-        self.enrolled: dict[bytes, str] = {}  # public key -> name
-        self.by_node: dict[int, bytes] = {}  # Flower node id -> public key
-        self.by_id: dict[str, bytes] = {}  # device id -> public key
-        self.online: set[str] = set()
-        self.revoked: set[bytes] = set()
-        self.device_stats: dict[str, dict[str, Any]] = {}  # enrolled device id -> last seen, accepted, rejected
-        self._stats_changed: set[str] = set()
-        self._stats_lock = threading.Lock()
-        self.enroll_rejections: dict[str, int] = {}
-        self.history: dict[int, RoundRecord] = {}
-        self.state = "starting"
-        self._jobs: queue.Queue = queue.Queue()
-        self._ledger = None
-        self._round_start: dict[int, tuple[float, int, int]] = {}
-        self._pending_aggregate: tuple[int, bytes, list[bytes]] | None = None
-        self.ingest: IngestWorkers | None = None  # with [ingest] workers: processes that authenticate replies
-        self.sync: LedgerSync | None = None  # ledger gossip with the other gateways
-        self.mcu: McuExporter | None = None  # with [model] mcu_python: int8 exports of each release
-        self._ledger_writes = -1
+        self.board: StatusBoard | None = None
+        self.registry: DeviceRegistry | None = None
+        self.book: RoundBook | None = None
+        self.enrollment: Enrollment | None = None
+        self.keeper: LedgerKeeper | None = None
+        self._ingest: IngestWorkers | None = None
 
-    def _bytes_in(self) -> int:
-        """Bytes received from devices: through the gateway's own connection and its ingest workers."""
-        return self.link.bytes_in + (self.ingest.bytes_in if self.ingest is not None else 0)
-
-    # --- worker thread: the ledger and all inbound messages ---------------------------
-
-    def _call(self, fn, *args):
-        """Run `fn(*args)` on the worker thread (the ledger's only thread) and return its result."""
-        future: Future = Future()
-        self._jobs.put((fn, args, future))
-        return future.result(timeout=LEDGER_CALL_TIMEOUT_S)
-
-    def _admit(self, key: bytes, name: str) -> None:
-        if self.ingest is not None and key not in self.enrolled:
-            self.ingest.enroll(key)
-        self.enrolled[key] = name
-        self.by_node[node_id(key)] = key
-        self.by_id[identity_id(key)] = key
-
-    def _worker(self, stop: threading.Event) -> None:
-        from ledger.store import Ledger
-
-        try:
-            self._ledger = Ledger(self.ledger_path, self.identity)
-            if not self._ledger.is_initialized:
-                if self.config.genesis is not None:  # the city's ledger, rooted in the operator's key
-                    self._ledger.insert_vertex(Vertex.decode(self.config.genesis.read_bytes()))
-                else:  # a ledger of its own: this gateway is its root and only member
-                    self._ledger.init_genesis(self.config.name, [self.identity.public_key])
-            if self.config.gossip:
-                cfg = self.config
-                self.sync = LedgerSync(self._ledger, self.id, cfg.broker_host, cfg.broker_port,
-                                       cfg.broker_auth, bootstrap_s=cfg.bootstrap_s).__enter__()
-                self._ledger.on_append = self.sync.announce
-            if self.identity.public_key not in self._ledger.gateways():
-                raise RuntimeError(f"this gateway ({self.id}) is not a member of the ledger: the operator admits it "
-                                   "with `starling-ledger join`")
-            self._sync_ledger()
-            if self.config.ingest_workers:
-                self.ingest = IngestWorkers(self.config.ingest_workers, self._worker_settings(), self.link.inbox,
-                                            self.enrolled, self.revoked).__enter__()
-        except Exception as exc:  # reported by run(): a gateway without its ledger must not start
-            self._worker_error = exc
-            if self.sync is not None:
-                self.sync.__exit__(None, None, None)
-            return
-        finally:
-            self._worker_ready.set()
-        try:
-            self._work(stop)
-        finally:
-            if self.ingest is not None:
-                self.ingest.__exit__(None, None, None)
-            if self.sync is not None:
-                self.sync.__exit__(None, None, None)
-            self._ledger.close()
-
-    def _worker_settings(self) -> WorkerSettings:
-        cfg = self.config
-        return WorkerSettings(self.id, cfg.broker_host, cfg.broker_port, cfg.broker_auth,
-                              self.grid.checker.authenticator.max_reply_bytes, logging.getLogger().level)
-
-    def _work(self, stop: threading.Event) -> None:
-        prefix = f"{topics.ROOT}/{self.id}/"
-        next_sync = time.monotonic() + LEDGER_SYNC_S
-        while not stop.is_set():
-            if time.monotonic() >= next_sync:  # operators enroll and revoke with starling-ledger, elsewhere
-                self._sync_ledger()
-                self._maybe_checkpoint()
-                if self.ingest is not None:
-                    self.ingest.watch()
-                next_sync = time.monotonic() + LEDGER_SYNC_S
-            # Ledger jobs first: a flood of device messages must not starve round bookkeeping.
-            while not self._jobs.empty():
-                fn, args, future = self._jobs.get()
-                try:
-                    future.set_result(fn(*args))
-                except Exception as exc:  # handed back to the caller
-                    future.set_exception(exc)
-            try:
-                batch = [self.link.inbox.get(timeout=0.05)]
-            except queue.Empty:
-                continue
-            while len(batch) < INGEST_BATCH:  # whatever else already waits: one journal commit for all its replies
-                try:
-                    batch.append(self.link.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            # In arrival order; consecutive replies go through the grid together.
-            replies: list[tuple[str, bytes, object]] = []
-            for topic, payload, first in batch:
-                if topic.startswith(prefix + "reply/"):
-                    replies.append((topic, payload, first))
-                    continue
-                self._ingest_replies(replies)
-                replies = []
-                self._handle_other(prefix, topic, payload)
-            self._ingest_replies(replies)
-
-    def _ingest_replies(self, replies: list[tuple[str, bytes, object]]) -> None:
-        if not replies:
-            return
-        try:
-            for outcome in self.grid.handle_replies(replies):
-                self._note_device(outcome)
-        except Exception:  # nothing a device sends may stop the gateway
-            log.exception("worker.failed topic=%s", replies[0][0])
-
-    def _handle_other(self, prefix: str, topic: str, payload: bytes) -> None:
-        try:
-            if topic.startswith(prefix + "enroll/"):
-                self._handle_enroll(topic, payload)
-            elif topic.startswith(prefix + "online/"):
-                device = topics.device_of(topic)
-                if device in self.by_id:  # liveness of strangers is nobody's business
-                    (self.online.add if payload == b"1" else self.online.discard)(device)
-                    self._note_device(None, device)
-        except Exception:  # nothing a device sends may stop the gateway
-            log.exception("worker.failed topic=%s", topic)
-
-    def _note_device(self, outcome, device: str | None = None) -> None:
-        """Per-device status: last seen, accepted, rejected by reason (enrolled devices only: bounded)."""
-        if device is None:
-            device = outcome.task.device_id if isinstance(outcome, Accepted) else outcome.device_id
-        if device not in self.by_id:
-            return
-        with self._stats_lock:
-            stats = self.device_stats.setdefault(device, {"device": device, "name": self.enrolled.get(
-                self.by_id[device], ""), "last_seen": 0.0, "accepted": 0, "rejected": {}})
-            stats["last_seen"] = round(time.time(), 3)
-            stats["online"] = device in self.online
-            reason = getattr(outcome, "reason", None)
-            if isinstance(outcome, Skipped):
-                stats.setdefault("skipped", {})[reason] = stats.get("skipped", {}).get(reason, 0) + 1
-            elif isinstance(outcome, Duplicate):  # a re-send of an accepted reply: neither accepted twice nor refused
-                stats["duplicates"] = stats.get("duplicates", 0) + 1
-            elif reason is not None:
-                stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
-            elif outcome is not None:
-                stats["accepted"] += 1
-            self._stats_changed.add(device)
-
-    def _publish_device_status(self) -> None:
-        """Retained JSON per device that changed since the last time (starling/<gw>/status/device/<id>)."""
-        with self._stats_lock:
-            changed, self._stats_changed = self._stats_changed, set()
-            docs = [dict(self.device_stats[d], rejected=dict(self.device_stats[d]["rejected"]),
-                         skipped=dict(self.device_stats[d].get("skipped", {}))) for d in changed]
-        for doc in docs:
-            self.link.publish(topics.device_status(self.id, doc["device"]), json.dumps(doc).encode(), retain=True,
-                              counted=False)
-
-    def _sync_ledger(self) -> None:
-        """Take in enrollments and revocations that reached the ledger from elsewhere: an operator's
-        `starling-ledger` (another process) or another gateway (gossip)."""
-        elsewhere = self._ledger.changed_elsewhere()
-        if not elsewhere and self._ledger.writes == self._ledger_writes:
-            return
-        self._ledger_writes = self._ledger.writes
-        for key, name in self._ledger.enrolled_devices().items():
-            if key not in self.enrolled:
-                self._admit(key, name)
-                if self.state != "starting":
-                    event(log, "device.enrolled", device=identity_id(key), name=name, by="ledger")
-        self._sync_revocations()
-
-    def _maybe_checkpoint(self) -> None:
-        """Commit to the ledger's state every `checkpoint_every` vertices (new gateways start from it)."""
-        every = self.config.checkpoint_every
-        if not every or (self.sync is not None and self.sync.gossip.bootstrapping):
-            return
-        try:
-            if self._ledger.since_checkpoint() >= every:
-                vertex = self._ledger.write_checkpoint()
-                event(log, "ledger.checkpoint", vertex=vertex.id_hex[:16], count=vertex.body["count"])
-        except Exception:  # a checkpoint is an optimisation: never worth stopping the gateway for
-            log.exception("ledger.checkpoint_failed")
-
-    def _sync_revocations(self) -> None:
-        """Drop devices the ledger says are revoked: their next reply is refused as `revoked`."""
-        for key, reason in self._ledger.revoked_devices().items():
-            if key in self.revoked:
-                continue
-            self.revoked.add(key)
-            if self.ingest is not None:
-                self.ingest.revoke(key)
-            self.enrolled.pop(key, None)
-            self.by_node.pop(node_id(key), None)
-            device = identity_id(key)
-            self.by_id.pop(device, None)
-            self.online.discard(device)
-            event(log, "device.revoked", device=device, reason=reason)
-
-    def _handle_enroll(self, topic: str, payload: bytes) -> None:
-        def refuse(reason: str, detail: str, env: envelope.Envelope | None = None) -> None:
-            self.enroll_rejections[reason] = self.enroll_rejections.get(reason, 0) + 1
-            event(log, "enroll.rejected", logging.WARNING, device=topics.device_of(topic), reason=reason, detail=detail)
-            if env is not None:  # only a verified sender gets a signed answer
-                self._enroll_receipt(env.ctx.sender_id, False, reason)
-
-        try:
-            env = envelope.decode(payload, max_bytes=MAX_ENROLL_BYTES)
-            if env.type != "enroll":
-                raise schemas.SchemaError(f"a {env.type!r} message on an enroll topic")
-            request = schemas.EnrollRequest.from_body(env.body)
-        except ProtocolError as exc:
-            return refuse(exc.reason, exc.detail)
-        if env.ctx.sender_id != topics.device_of(topic):
-            return refuse("topic_mismatch", "signed by another key")
-        if env.ctx.gateway != self.id:
-            return refuse("wrong_gateway", env.ctx.gateway)
-        try:
-            env.verify()
-        except ProtocolError as exc:
-            return refuse(exc.reason, exc.detail)
-        key = env.ctx.sender
-        if key in self.revoked:
-            return refuse("revoked", "this key was revoked; a device needs a new key", env)
-        if self.config.policy == "allowlist" and key not in self.config.allowlist:
-            return refuse("not_allowed", "key is not on the allow-list", env)
-        if self.config.policy == "voucher" and key not in self.enrolled:
-            if not request.voucher:
-                return refuse("no_voucher", "the voucher policy needs an operator's voucher", env)
-            try:
-                Voucher.decode(request.voucher).check(self.config.operator_keys, key, self.id)
-            except ProtocolError as exc:
-                return refuse(exc.reason, exc.detail, env)
-        if key not in self.enrolled:
-            self._ledger.enroll_device(key, request.name, self.config.policy)
-            self._admit(key, request.name)
-            self.online.add(env.ctx.sender_id)  # it is connected: it just sent this request
-            event(log, "enroll.accepted", device=env.ctx.sender_id, name=request.name, policy=self.config.policy)
-        self._enroll_receipt(env.ctx.sender_id, True, "")
-
-    def _enroll_receipt(self, device_id: str, accepted: bool, reason: str) -> None:
-        ctx = envelope.Context(self.identity.public_key, self.id, 0, "enroll", b"")
-        body = schemas.Receipt(device_id, b"", accepted, reason).to_body()
-        self.link.publish(topics.receipt(self.id, device_id), envelope.seal(self.identity, "receipt", ctx, body))
-
-    # --- round bookkeeping (caller's thread) ----------------------------------------
-
-    def online_nodes(self) -> dict[int, bytes]:
-        return {node_id(self.by_id[d]): self.by_id[d] for d in list(self.online) if d in self.by_id}
-
-    def _on_release(self, release: Release, round_: int) -> None:
-        event(log, "model.released", digest=release.digest.hex()[:16], version=release.version, bytes=release.size)
-        self.journal.record_model(release.digest, schemas.encode_model(release.weights))
-        if self.mcu is not None:  # exported on its own thread: the round goes on
-            self.mcu.submit(release.digest, release.version, release.weights)
-        if self._pending_aggregate is not None:
-            self._record_aggregate(release.digest)
-
-    def _record_aggregate(self, output: bytes) -> None:
-        round_, base, inputs = self._pending_aggregate
-        self._pending_aggregate = None
-        if output != base:
-            self._call(self._ledger.record_aggregate, round_, self.config.strategy, base, inputs, output)
-
-    def _record_updates(self, traffic: RoundTraffic) -> list[bytes]:
-        """Write the round's accepted updates as one `updates` vertex; return the recorded digests,
-        each once (two devices may send byte-identical updates: a free rider's zeros, a replayed file).
-
-        If the ledger refuses the batch (it should not: every reply was checked), the records are
-        tried one by one, so one bad record costs only itself, never the round.
-        """
-        from ledger.errors import LedgerError
-
-        records = [(a.envelope.ctx.sender, a.envelope.body["digest"], a.examples, a.envelope.sig)
-                   for a in traffic.accepted]
-        if not records:
-            return []
-        if self.journal.is_recorded(traffic.task):  # written before a crash: never count an update twice
-            return list(dict.fromkeys(r[1] for r in records))
-        args = (self.id, traffic.round, traffic.task, traffic.base)
-        try:
-            self._call(self._ledger.record_updates, *args, records, True)  # each signature verified at ingest
-            self.journal.mark_recorded(traffic.task)
-            return list(dict.fromkeys(r[1] for r in records))
-        except LedgerError as exc:
-            event(log, "ledger.batch_refused", logging.ERROR, round=traffic.round, reason=str(exc))
-        kept = []
-        for record in records:
-            try:
-                self._call(self._ledger.record_updates, *args, [record])
-                kept.append(record[1])
-            except LedgerError as exc:
-                event(log, "ledger.record_refused", logging.ERROR, device=identity_id(record[0]), reason=str(exc))
-        self.journal.mark_recorded(traffic.task)
-        return list(dict.fromkeys(kept))
-
-    def _on_closed(self, traffic: RoundTraffic) -> None:
-        r = traffic.round
-        record = self.history.get(r)
-        if record is None:
-            record = self.history[r] = RoundRecord(r, None, None, 0, 0, 0, 0, 0.0)
-        record.rejected += sum(traffic.rejected.values())
-        if traffic.kind == "train":
-            record.participants = len(traffic.accepted)
-            record.skipped = sum(traffic.skipped.values())
-            inputs = self._record_updates(traffic)
-            if inputs:
-                self._pending_aggregate = (r, traffic.base, inputs)
-        else:
-            total = sum(a.examples for a in traffic.accepted)
-            if total:  # accuracy on the devices' local test windows, weighted by their number
-                if all("accuracy" in a.metrics for a in traffic.accepted):  # a self-supervised model has none
-                    record.accuracy = sum(a.metrics["accuracy"] * a.examples for a in traffic.accepted) / total
-                record.loss = sum(a.metrics["loss"] * a.examples for a in traffic.accepted) / total
-        started, bytes_in, bytes_out = self._round_start.setdefault(r, (traffic.started, 0, 0))
-        record.bytes_up = self._bytes_in() - bytes_in
-        record.bytes_down = self.link.bytes_out - bytes_out
-        record.seconds = round(time.time() - started, 3)
-        # The next round starts where this one's last exchange ended (its evaluation, if any).
-        self._round_start[r + 1] = (time.time(), self._bytes_in(), self.link.bytes_out)
-        self.journal.record_round(r, asdict(record))
-        if traffic.kind != "train":
-            event(log, "round.done", round=r, accuracy="-" if record.accuracy is None else record.accuracy,
-                  participants=record.participants, rejected=record.rejected, seconds=record.seconds)
-        self._publish_status()
-
-    def _save_model(self, release: Release | None) -> Path | None:
-        """The last released global model as `state_dir/model.npz` (for operators and `export-mcu`)."""
-        if release is None:
-            return None
-        buffer = io.BytesIO()
-        np.savez(buffer, **release.weights)
-        path = self.config.state_dir / "model.npz"
-        try:
-            write_atomic(path, buffer.getvalue())
-        except OSError as exc:  # the run's record matters more than this copy
-            event(log, "model.not_saved", logging.ERROR, reason=str(exc))
-            return None
-        return path
-
-    def _ledger_status(self) -> dict[str, Any] | None:
-        """Height, finality and peers of the ledger, for the status topic (None before it opened)."""
-        try:
-            if self.sync is not None:
-                doc = self.sync.gossip.status()
-                doc.pop("vv", None)
-                doc.pop("gateway", None)
-                return doc
-            return self._ledger.finality() if self._ledger is not None else None
-        except Exception:  # a status must never fail the round
-            log.exception("status.ledger_failed")
-            return None
-
-    def status(self) -> dict[str, Any]:
-        """What the retained status topic carries (README: Status topics)."""
-        history = [asdict(self.history[r]) for r in sorted(self.history)]
-        revoked = sorted(identity_id(key) for key in list(self.revoked))
-        return {
-            "gateway": self.id,
-            "name": self.config.name,
-            "state": self.state,
-            "round": history[-1]["round"] if history else None,
-            "num_rounds": self.config.num_rounds,
-            "enrolled": len(self.enrolled),
-            "online": len(self.online),
-            "rejections": dict(self.grid.rejections),
-            "duplicates": self.grid.duplicates,  # honest re-sends of accepted replies: not rejections
-            "ledger": self._ledger_status(),
-            "history": history,
-            "revoked": {"count": len(revoked), "devices": revoked[:MAX_STATUS_REVOKED]},
-            "time": time.time(),
-        }
-
-    def _publish_status(self) -> None:
-        self._publish_device_status()
-        self.link.publish(topics.status(self.id), json.dumps(self.status()).encode(), retain=True, counted=False)
-
-    # --- the run ------------------------------------------------------------------------
-
-    def _wait_for_devices(self, stop: threading.Event) -> None:
-        end = time.monotonic() + self.config.wait_devices_s
-        while len(self.online_nodes()) < self.config.min_devices:
-            if stop.is_set():
-                raise InterruptedError("stopped while waiting for devices")
-            if time.monotonic() > end:
-                raise TimeoutError(
-                    f"only {len(self.online_nodes())} of {self.config.min_devices} devices enrolled and online "
-                    f"after {self.config.wait_devices_s:.0f} s"
-                )
-            stop.wait(0.2)
-
-    def _rounds(self, strategy, stop: threading.Event) -> None:
-        from flwr.app import Array, ArrayRecord, ConfigRecord
-
-        cfg = self.config
-        resume = self._resume
-        self._wait_for_devices(stop)
-        self.state = "running"
-        num_rounds = cfg.num_rounds
-        if resume is not None:
-            # A crash interrupted round `resume.round`: go on from its base model with its devices and replies.
-            self.grid.run_tag, self.grid.resume, self.grid.round_offset = resume.tag, resume, resume.round - 1
-            weights = schemas.decode_model(resume.model)
-            num_rounds = cfg.num_rounds - resume.round + 1
-            self._round_start[resume.round] = (time.time(), self._bytes_in(), self.link.bytes_out)
-            for doc in self.journal.rounds():  # the rounds before the crash, for status and result.json
-                if doc["round"] < resume.round:
-                    self.history[doc["round"]] = RoundRecord(**doc)
-            event(log, "gateway.resume", round=resume.round, accepted=len(resume.replies), run=resume.tag)
-        else:
-            weights = self.initial_weights
-            self.journal.start_run(self.grid.run_tag, cfg.strategy, cfg.num_rounds)
-        initial = ArrayRecord({k: Array(v) for k, v in weights.items()})
-        if resume is None:
-            self._round_start[0] = (time.time(), self._bytes_in(), self.link.bytes_out)
-            # Round 0: the initial model, evaluated by the devices like every later one.
-            replies = self.grid.send_and_receive(strategy.configure_evaluate(0, initial, ConfigRecord(), self.grid))
-            strategy.aggregate_evaluate(0, replies)
-        train_config = ConfigRecord({"epochs": cfg.epochs, "batch-size": cfg.batch_size, "lr": cfg.lr})
-        result = strategy.start(grid=self.grid, initial_arrays=initial, num_rounds=num_rounds,
-                                timeout=cfg.deadline_s, train_config=train_config)
-        if result.arrays is not None:
-            self.grid.models.release({k: v.numpy() for k, v in result.arrays.items()}, cfg.num_rounds)
-            if self._pending_aggregate is not None:
-                self._record_aggregate(self.grid.models.current.digest)
-        self.journal.finish_run()
+    @property
+    def state(self) -> str:
+        return self.board.state if self.board is not None else "starting"
 
     def run(self, stop: threading.Event) -> dict[str, Any]:
-        """Run every round, write `result.json` in the state folder and return it.
+        """Run rounds until done or stopped; write `result.json` in the state folder and return it.
 
-        Whatever happens (SIGTERM, too few devices, a strategy error), the
-        worker stops, the status says so and `result.json` is written.
+        Whatever happens (SIGTERM, too few devices, a strategy error, no broker), the status says so
+        and `result.json` is written.
         """
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
-        cfg = self.config
-        strategy = cfg.make_strategy()
         # The gateway is the ServerApp task of its run: Flower's Message() reads this identity.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        with StateLock(self.config.state_dir):
+            journal = Journal(self.config.state_dir / "rounds.db")
+            try:
+                return self._run(journal, stop)
+            finally:
+                journal.close()
+
+    def _run(self, journal: Journal, stop: threading.Event) -> dict[str, Any]:
+        cfg = self.config
+        architecture = model_family(self.manifest)
+        lineage = Lineage(journal)
+        if lineage.adopt_legacy(cfg.state_dir / "model_version", architecture) is not None:
+            event(log, "lineage.adopted", version=lineage.head.version, round=lineage.head.round, reason=ADOPTED)
+        beginning, interrupted = where_to_begin(lineage, journal, architecture)
+        inbox: queue.Queue = queue.Queue()
         prefix = f"{topics.ROOT}/{self.id}"
         # With ingest workers, replies reach the gateway through them (a shared subscription), not directly.
         replies = [] if cfg.ingest_workers else [f"{prefix}/reply/+"]
-        self.link = Link(f"gw-{self.id}", cfg.broker_host, cfg.broker_port,
-                         [*replies, f"{prefix}/enroll/+", f"{prefix}/online/+"], topics.status(self.id), cfg.broker_auth)
+        connection = Connection(ConnectionOptions(
+            client_id=f"gw-{self.id}", host=cfg.broker_host, port=cfg.broker_port, auth=cfg.broker_auth,
+            subscriptions=tuple((t, 1) for t in [*replies, f"{prefix}/enroll/+", f"{prefix}/online/+"]),
+            will=Will(topics.status(self.id), b'{"state": "offline"}'), max_inflight=200,
+            log_name="starling.gateway"), deliver=lambda m: inbox.put((m.topic, m.payload, None)))
+        self.registry = registry = DeviceRegistry(on_change=self._tell_ingest_workers)
+        outbox = Outbox(self.identity, self.id, connection.publish)
         # The largest honest reply is an f32 delta of the whole model plus small change.
-        model_bytes = sum(w.nbytes for w in self.initial_weights.values())
-        task = self.manifest.get("task", "classification")
-        if task not in EVALUATE_METRICS_BY_TASK:
-            raise ValueError(f"model task {task!r} is not one of {sorted(EVALUATE_METRICS_BY_TASK)}")
-        checker = ReplyChecker(self.id, lambda key: key in self.enrolled, max_reply_bytes=model_bytes + 64 * 1024,
-                               is_revoked=lambda key: key in self.revoked,
-                               evaluate_metrics=EVALUATE_METRICS_BY_TASK[task])
-        publisher = ModelPublisher(self.identity, self.id, self.manifest["sha256"], self.link.publish,
-                                   cfg.state_dir / "model_version", cfg.release_ttl_s)
-        publisher.on_release = self._on_release
-        if cfg.mcu_python is not None:
-            model_dir = (cfg.manifest or default_manifest()).parent
-            self.mcu = McuExporter(cfg.mcu_python, model_dir, self.identity, self.id, self.link.publish)
-        self.grid = MqttGrid(self.identity, self.id, self.link.publish, checker, publisher, self.online_nodes,
-                             self.by_node.get, cfg.deadline_s, schemas.TrainConfig(cfg.epochs, cfg.batch_size, cfg.lr))
-        self.grid.on_closed = self._on_closed
-        self.grid.stop = stop
-        self.journal = Journal(cfg.state_dir / "rounds.db")
-        self.grid.journal = self.journal
-        # Before the broker hands over what queued for us while we were down: replies to an
-        # interrupted round must wait for it to re-open, not be refused.
-        self._resume = self.journal.resume_point(cfg.strategy, cfg.num_rounds)
-        if self._resume is not None:
-            checker.reopening.add(self._resume.task)
-        self._worker_ready = threading.Event()
-        self._worker_error: Exception | None = None
-        worker_stop = threading.Event()
+        max_reply = sum(w.nbytes for w in self.initial_weights.values()) + 64 * 1024
+        authenticator = Authenticator(self.id, registry.is_enrolled, registry.is_revoked, max_reply)
+        # Before the broker hands over what queued for us while we were down: replies to an interrupted
+        # exchange must wait for it to re-open, not be refused.
+        self.book = book = RoundBook(journal.exchanges, authenticator.authenticate, registry.is_revoked,
+                                     self.evaluate_metrics, lambda items: [inbox.put((t, p, None)) for t, p in items],
+                                     interrupted)
+        self.enrollment = Enrollment(self.id, cfg.policy, cfg.allowlist, cfg.operator_keys, registry, outbox,
+                                     lambda key, name, policy: self.keeper.enroll(key, name, policy))
+        self.board = board = StatusBoard(
+            self.id, cfg.name, cfg.num_rounds, connection.publish, registry, book, journal.history,
+            meter=lambda: (connection.bytes_in + (self._ingest.bytes_in if self._ingest else 0), connection.bytes_out),
+            ledger_status=lambda: self.keeper.status() if self.keeper is not None else None,
+            enroll_rejections=lambda: dict(self.enrollment.rejections))
+        intake = ReplyIntake(authenticator, book, outbox, board.note)
+        if interrupted is not None:
+            event(log, "gateway.resume", round=interrupted.round, accepted=len(interrupted.replies),
+                  task=interrupted.task)
+        failure, mcu, worker, worker_stop = None, None, None, threading.Event()
         started = time.time()
-        height = None
-        failure = None
-        with self.link:
-            worker = threading.Thread(target=self._worker, args=(worker_stop,), name="gateway-worker", daemon=True)
+        try:
+            connection.connect()
+            self.keeper = LedgerKeeper(self.ledger_path, self.identity, cfg.name, cfg.genesis, cfg.gossip,
+                                       (cfg.broker_host, cfg.broker_port, cfg.broker_auth), cfg.bootstrap_s,
+                                       cfg.checkpoint_every)
+            self.keeper.sync(registry, quiet=True)
+            if cfg.ingest_workers:
+                self._ingest = IngestWorkers(cfg.ingest_workers, WorkerSettings(
+                    self.id, cfg.broker_host, cfg.broker_port, cfg.broker_auth, max_reply, logging.getLogger().level),
+                    inbox, registry.keys).__enter__()
+            worker = threading.Thread(target=self._serve, args=(inbox, intake, board, worker_stop),
+                                      name="gateway-worker", daemon=True)
             worker.start()
-            try:
-                if not self._worker_ready.wait(30):
-                    raise RuntimeError("the ledger did not open within 30 s")
-                if self._worker_error is not None:
-                    raise RuntimeError(f"cannot open the ledger {self.ledger_path}: {self._worker_error}")
-                event(log, "gateway.start", id=self.id, name=cfg.name, strategy=cfg.strategy,
-                      rounds=cfg.num_rounds, ledger=str(self.ledger_path), run=self.grid.run_tag)
-                self.state = "waiting"
-                self._publish_status()
-                self._rounds(strategy, stop)
-                self.state = "done"
-            except InterruptedError as exc:
-                self.state = "stopped"
-                event(log, "gateway.stopped", logging.WARNING, reason=str(exc))
-            except Exception as exc:  # too few devices, a strategy's own error ...: say so, keep the record
-                self.state, failure = "failed", f"{type(exc).__name__}: {exc}"
-                log.exception("gateway.failed reason=%s", json.dumps(failure))
-            finally:
+            if cfg.mcu_python is not None:
+                mcu = McuExporter(cfg.mcu_python, self.manifest_path.parent, self.identity, self.id, connection.publish)
+            engine = self._engine(journal, lineage, book, outbox, beginning, mcu, connection, stop)
+            event(log, "gateway.start", id=self.id, name=cfg.name, strategy=cfg.strategy,
+                  rounds=cfg.num_rounds or "-", ledger=str(self.ledger_path), next_round=beginning.next_round,
+                  lineage=beginning.new_lineage or "continues")
+            board.set_state("waiting")
+            final = engine.run()
+        except InterruptedError as exc:
+            final = "stopped"
+            event(log, "gateway.stopped", logging.WARNING, reason=str(exc))
+        except Exception as exc:  # too few devices, a strategy's own error, no broker ...: say so, keep the record
+            final, failure = "failed", f"{type(exc).__name__}: {exc}"
+            log.exception("gateway.failed reason=%s", json.dumps(failure))
+        height = self._close(final, mcu, worker, worker_stop, connection)
+        result = self._result(final, failure, height, lineage, mcu, started)
+        write_atomic(cfg.state_dir / "result.json", json.dumps(result, indent=2).encode())
+        event(log, "gateway.stop", state=final, rounds=len(result["rounds"]))
+        return result
+
+    def _engine(self, journal: Journal, lineage: Lineage, book: RoundBook, outbox: Outbox, beginning: Beginning,
+                mcu: McuExporter | None, connection: Connection, stop: threading.Event) -> RoundEngine:
+        cfg = self.config
+        publisher = ModelPublisher(self.identity, self.id, self.manifest["sha256"], connection.publish,
+                                   cfg.release_ttl_s, retained=lineage.recent(KEEP_RETAINED))
+        releases = Releases(lineage, publisher, self.keeper, model_family(self.manifest), cfg.state_dir / "model.npz",
+                            on_step=(lambda r: mcu.submit(r.digest, r.version, r.weights)) if mcu else (lambda r: None))
+        grid = MqttGrid(book, outbox, releases.release_for, self.registry, cfg.deadline_s, stop)
+        schedule = Schedule(cfg.num_rounds, cfg.interval_s, cfg.min_devices, cfg.wait_devices_s, cfg.evaluate_every,
+                            cfg.deadline_s)
+        train = {EPOCHS: cfg.epochs, BATCH_SIZE: cfg.batch_size, LR: cfg.lr}
+        release_config = {"strategy": cfg.strategy, "params": cfg.strategy_params, "dp": cfg.strategy_dp,
+                          "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}
+        return RoundEngine(cfg.make_strategy(), cfg.strategy, grid, book, releases, self.keeper, journal.exchanges,
+                           self.board, self.registry, schedule, train, release_config, self.initial_weights,
+                           beginning, stop)
+
+    # --- the worker thread ---------------------------------------------------------------------
+
+    def _serve(self, inbox: queue.Queue, intake: ReplyIntake, board: StatusBoard, stop: threading.Event) -> None:
+        """Route what arrives; every second take in the ledger's news. Nothing a device sends stops it."""
+        prefix = f"{topics.ROOT}/{self.id}/"
+        next_sync = time.monotonic() + LEDGER_SYNC_S
+        while not stop.is_set():
+            if time.monotonic() >= next_sync:  # operators enroll and revoke with starling-ledger, elsewhere
                 try:
-                    height = self._call(lambda: self._ledger.height) if worker.is_alive() else None
-                except Exception:
-                    log.exception("gateway.ledger_unavailable")
-                if self.mcu is not None:  # a finished run waits for its last export (what MCUs get); a stop does not
-                    self.mcu.close(timeout=EXPORT_WAIT_S, abort=self.state != "done")
-                self._publish_status()
-                worker_stop.set()
-                worker.join(timeout=30)
-        model_path = self._save_model(publisher.current)
-        result_doc = {
-            "gateway": {"id": self.id, "name": cfg.name, "public_key": self.identity.public_key.hex()},
-            "state": self.state,
+                    self.keeper.sync(self.registry)
+                    self.keeper.maybe_checkpoint()
+                    if self._ingest is not None:
+                        self._ingest.watch()
+                except Exception:  # the ledger's news can wait a second; the replies cannot
+                    log.exception("worker.sync_failed")
+                next_sync = time.monotonic() + LEDGER_SYNC_S
+            try:
+                batch = [inbox.get(timeout=0.05)]
+            except queue.Empty:
+                continue
+            while len(batch) < INGEST_BATCH:
+                try:
+                    batch.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            replies: list[tuple[str, bytes, object]] = []  # consecutive replies go to the intake together
+            for topic, payload, first in batch:
+                if topic.startswith(prefix + "reply/"):
+                    replies.append((topic, payload, first))
+                    continue
+                self._intake(intake, replies)
+                replies = []
+                self._other(prefix, topic, payload, board)
+            self._intake(intake, replies)
+
+    @staticmethod
+    def _intake(intake: ReplyIntake, replies: list[tuple[str, bytes, object]]) -> None:
+        if not replies:
+            return
+        try:
+            intake.handle(replies)
+        except Exception:  # nothing a device sends may stop the gateway
+            log.exception("worker.failed topic=%s", replies[0][0])
+
+    def _other(self, prefix: str, topic: str, payload: bytes, board: StatusBoard) -> None:
+        try:
+            if topic.startswith(prefix + "enroll/"):
+                self.enrollment.handle(topic, payload)
+            elif topic.startswith(prefix + "online/"):
+                device = topics.device_of(topic)
+                if self.registry.set_online(device, payload == b"1"):
+                    board.seen(device)
+        except Exception:  # nothing a device sends may stop the gateway
+            log.exception("worker.failed topic=%s", topic)
+
+    def _tell_ingest_workers(self, what: str, key: bytes) -> None:
+        if self._ingest is not None:
+            (self._ingest.enroll if what == "enroll" else self._ingest.revoke)(key)
+
+    # --- the end ---------------------------------------------------------------------------------
+
+    def _close(self, final: str, mcu: McuExporter | None, worker: threading.Thread | None,
+               worker_stop: threading.Event, connection: Connection) -> int | None:
+        """Say how it ended, then stop everything; return the ledger's height."""
+        height = None
+        try:
+            height = self.keeper.height if self.keeper is not None else None
+        except Exception:  # noqa: BLE001 (the record of the run comes first)
+            log.exception("gateway.ledger_unavailable")
+        if mcu is not None:  # a finished run waits for its last export (what MCUs get); a stop does not
+            mcu.close(timeout=EXPORT_WAIT_S, abort=final != "done")
+        self.board.set_state(final)
+        worker_stop.set()
+        if worker is not None:
+            worker.join(timeout=30)
+        if self._ingest is not None:
+            self._ingest.__exit__(None, None, None)
+        if self.keeper is not None:
+            self.keeper.close()
+        connection.close()
+        return height
+
+    def _result(self, final: str, failure: str | None, height: int | None, lineage: Lineage,
+                mcu: McuExporter | None, started: float) -> dict[str, Any]:
+        head = lineage.head
+        return {
+            "gateway": {"id": self.id, "name": self.config.name, "public_key": self.identity.public_key.hex()},
+            "state": final,
             "failure": failure,
-            "rounds": [asdict(self.history[r]) for r in sorted(self.history)],
-            "rejections": dict(self.grid.rejections),
-            "duplicates": self.grid.duplicates,  # honest re-sends of accepted replies: not rejections
-            "enroll_rejections": dict(self.enroll_rejections),
+            "rounds": self.board.history(),
+            "lineage": self.board.lineage(),
+            "rejections": self.book.rejections,
+            "duplicates": self.book.duplicates,  # honest re-sends of accepted replies: not rejections
+            "enroll_rejections": dict(self.enrollment.rejections),
             "ledger": {"path": str(self.ledger_path), "height": height},
-            "model": {"digest": publisher.current.digest.hex() if publisher.current else None,
-                      "version": publisher.current.version if publisher.current else None,
-                      "path": str(model_path) if model_path else None,
-                      "mcu_exports": None if self.mcu is None else {"published": self.mcu.exported,
-                                                                     "failed": self.mcu.failed}},
+            "model": {"digest": head.digest.hex() if head else None,
+                      "version": head.version if head else None,
+                      "path": str(self.config.state_dir / "model.npz") if head else None,
+                      "mcu_exports": None if mcu is None else {"published": mcu.exported, "failed": mcu.failed}},
             "seconds": round(time.time() - started, 2),
         }
-        write_atomic(cfg.state_dir / "result.json", json.dumps(result_doc, indent=2).encode())
-        self.journal.close()
-        event(log, "gateway.stop", state=self.state, rounds=len(self.history))
-        return result_doc
+
+
+def reset_model(config: GatewayConfig, identity: Identity, reason: str) -> dict[str, Any]:
+    """Start a new lineage from the model family's initial weights (`starling-gateway reset-model`).
+
+    Only while the gateway is stopped (the state lock says so). The start is journaled, logged and
+    recorded on the ledger at once (if the ledger cannot take it now, the gateway records it at its
+    next start); the next `run` evaluates the new first model as round 0 and trains from it.
+    """
+    from ledger.store import Ledger
+
+    manifest_path = config.manifest or default_manifest()
+    manifest, weights = load_initial_weights(manifest_path)
+    with StateLock(config.state_dir):
+        journal = Journal(config.state_dir / "rounds.db")
+        try:
+            lineage = Lineage(journal)
+            previous = lineage.head
+            head = lineage.start(weights, f"reset-model: {reason}", model_family(manifest))
+            event(log, "lineage.start", lineage=head.lineage, digest=head.digest.hex()[:16], version=head.version,
+                  reason=f"reset-model: {reason}")
+            recorded = False
+            ledger_path = config.state_dir / "ledger.db"
+            if ledger_path.exists():
+                with Ledger.open(ledger_path, identity) as ledger:
+                    if ledger.is_initialized:
+                        for item in lineage.unrecorded():
+                            if item.start is not None:
+                                ledger.record_lineage(item.start.root, item.start.version, item.start.previous,
+                                                      item.start.reason, item.start.architecture)
+                                lineage.mark_recorded(item)
+                                recorded = True
+            return {"lineage": head.lineage, "model": head.digest.hex(), "version": head.version,
+                    "previous": previous.digest.hex() if previous else None, "on_ledger": recorded}
+        finally:
+            journal.close()

@@ -167,8 +167,9 @@ def test_the_ledger_verifies_and_holds_every_round(run):
     assert ledger["verified"] is True
     with sqlite3.connect(ledger["path"]) as db:
         kinds = dict(db.execute("select kind, count(*) from vertices group by kind").fetchall())
-    assert kinds == {"genesis": 1, "device.enroll": 5, "updates": 5, "aggregate": 5}
-    assert ledger["height"] == 16
+    # the lineage starts once (its first model), then one aggregate per round
+    assert kinds == {"genesis": 1, "device.enroll": 5, "lineage": 1, "updates": 5, "aggregate": 5}
+    assert ledger["height"] == 17
 
 
 def test_flipping_one_byte_of_an_updates_vertex_makes_verify_name_it(run, tmp_path):

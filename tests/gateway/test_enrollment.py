@@ -107,7 +107,7 @@ def test_a_device_without_a_fitting_voucher_is_refused_with_the_reason(voucher_g
         voucher = issue(signer, key, gateway, valid).encode()
     receipt = voucher_gateway.enroll(device, voucher)
     assert receipt is not None and not receipt.accepted and receipt.reason == reason
-    assert voucher_gateway.gateway.enroll_rejections.get(reason) == 1
+    assert voucher_gateway.gateway.enrollment.rejections.get(reason) == 1
 
 
 def test_the_allowlist_admits_only_listed_keys(broker, tmp_path):
@@ -136,16 +136,16 @@ def test_a_device_revoked_by_the_operator_is_refused_from_its_next_reply_on(brok
         )
         assert done.returncode == 0, done.stderr
         deadline = time.monotonic() + 10
-        while device.public_key not in running.gateway.revoked and time.monotonic() < deadline:
+        while not running.gateway.registry.is_revoked(device.public_key) and time.monotonic() < deadline:
             time.sleep(0.1)  # the gateway picks up revocations from its ledger every second
         ctx = envelope.Context(device.public_key, running.identity.id, 1, "train-1-x.1", b"\x00" * 32)
         reply = envelope.seal(device, "reply", ctx, {"examples": 1}, schemas.encode_update({}, {"loss": 1.0, "accuracy": 0.5}))
         running.client.publish(topics.reply(running.identity.id, device.id), reply, qos=1).wait_for_publish(5)
         deadline = time.monotonic() + 10
-        while not running.gateway.grid.rejections.get("revoked") and time.monotonic() < deadline:
+        while not running.gateway.book.rejections.get("revoked") and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert running.gateway.grid.rejections == {"revoked": 1}
-        assert running.gateway.status()["revoked"] == {"count": 1, "devices": [device.id]}  # for dashboards
+        assert running.gateway.book.rejections == {"revoked": 1}
+        assert running.gateway.board.status()["revoked"] == {"count": 1, "devices": [device.id]}  # for dashboards
         again = running.enroll(device)
         assert not again.accepted and again.reason == "revoked"
     finally:
@@ -167,7 +167,7 @@ def test_a_device_the_operator_enrolls_with_the_cli_is_admitted_by_the_running_g
     )
     assert done.returncode == 0, done.stderr
     deadline = time.monotonic() + 10
-    while device.public_key not in running.gateway.enrolled and time.monotonic() < deadline:
+    while not running.gateway.registry.is_enrolled(device.public_key) and time.monotonic() < deadline:
         time.sleep(0.1)  # the gateway looks at its ledger every second
-    assert running.gateway.enrolled.get(device.public_key) == "by-hand"
+    assert running.gateway.registry.name_of(device.id) == "by-hand"
     assert running.enroll(device).accepted  # known now: no voucher needed

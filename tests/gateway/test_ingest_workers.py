@@ -56,7 +56,7 @@ def workers(broker):
     inbox: queue.Queue = queue.Queue()
     enrolled, revoked = {DEVICE.public_key}, set()
     settings = WorkerSettings(GATEWAY.id, broker.host, broker.port, BrokerAuth(), 1 << 20, logging.INFO)
-    with IngestWorkers(1, settings, inbox, enrolled, revoked) as running:
+    with IngestWorkers(1, settings, inbox, lambda: (list(enrolled), list(revoked))) as running:
         time.sleep(1.5)  # spawned, connected, subscribed
         yield running, inbox, enrolled, revoked
 

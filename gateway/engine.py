@@ -1,0 +1,220 @@
+"""The round engine: a Flower strategy run round after round, for as long as the gateway runs.
+
+Flower's `Strategy.start` runs an experiment: N rounds from initial arrays,
+then it returns. A gateway is a service: rounds go on at an interval until it
+is stopped, and every restart continues from the last release. So the engine
+runs the same steps as `Strategy.start` (configure_train, send_and_receive,
+aggregate_train, configure_evaluate, send_and_receive, aggregate_evaluate) one
+round at a time, with round numbers that go on across restarts (strategies
+such as FedAdam use them), through a template method over a few hooks:
+
+    run()                    begin(), then per round: wait_turn(r), train_round(r),
+                             evaluate_round(r) when due, until the round count (if any) is reached
+    begin()                  start the lineage (first start, reset, new model family) or go on from
+                             the head: restore the strategy's state, publish the head again
+    wait_turn(r)             the interval since the last round's start; enough devices online
+    train_round(r)           one training exchange, its updates on the ledger, the next release
+    evaluate_round(r)        one federated evaluation exchange
+
+`stop` (SIGTERM) ends any wait at once with InterruptedError; the round it
+interrupted re-opens at the next start (the round book and the journal).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from protocol.logs import event
+
+from . import strategy_state
+from .devices import DeviceRegistry
+from .grid import MqttGrid
+from .journal import Exchanges
+from .ledger_keeper import LedgerKeeper
+from .releases import Releases
+from .rounds import RoundBook
+from .status import StatusBoard
+
+log = logging.getLogger("starling.gateway.engine")
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When rounds run (the `[rounds]` section)."""
+
+    num_rounds: int | None = None  # the lineage's last round; None: rounds go on until the gateway is stopped
+    interval_s: float = 0.0  # between round starts
+    min_devices: int = 2  # enrolled and online before a round starts ...
+    wait_devices_s: float = 120.0  # ... waited for this long at a time
+    evaluate_every: int = 1  # federated evaluation after every n-th round (and the last, and round 0)
+    deadline_s: float = 60.0  # an exchange closes when all replied or this passed
+
+    def evaluates(self, round_: int) -> bool:
+        return round_ == 0 or round_ % self.evaluate_every == 0 or round_ == self.num_rounds
+
+    def finished(self, last_round: int) -> bool:
+        return self.num_rounds is not None and last_round >= self.num_rounds
+
+
+@dataclass(frozen=True)
+class Beginning:
+    """Where this run of the gateway starts: a new lineage (and why), or the round to go on with."""
+
+    new_lineage: str | None  # the reason to start a new lineage, or None to go on from the head
+    next_round: int  # the interrupted round, or the one after the last
+
+
+class RoundEngine:
+    def __init__(self, strategy: Any, strategy_name: str, grid: MqttGrid, book: RoundBook, releases: Releases,
+                 keeper: LedgerKeeper, exchanges: Exchanges, board: StatusBoard, devices: DeviceRegistry,
+                 schedule: Schedule, train_config: dict[str, Any], release_config: dict[str, Any],
+                 initial_weights: dict[str, np.ndarray], beginning: Beginning, stop: threading.Event) -> None:
+        """`train_config`: the config record sent with every training task (grid.EPOCHS, BATCH_SIZE, LR);
+        `release_config`: what each release records it came from; `initial_weights`: a new lineage's
+        first model."""
+        self._strategy = strategy
+        self._strategy_name = strategy_name
+        self._grid = grid
+        self._book = book
+        self._releases = releases
+        self._keeper = keeper
+        self._exchanges = exchanges
+        self._board = board
+        self._devices = devices
+        self._schedule = schedule
+        self._train_config = train_config
+        self._release_config = release_config
+        self._initial_weights = initial_weights
+        self._beginning = beginning
+        self._stop = stop
+        self._last_start: float | None = None
+
+    def run(self) -> str:
+        """Rounds until the round count is reached ("done"); raises InterruptedError when stopped."""
+        round_ = self.begin()
+        while not self._schedule.finished(round_ - 1):
+            self.wait_turn(round_)
+            self._board.begin_round(round_)
+            self.train_round(round_)
+            if self._schedule.evaluates(round_):
+                self.evaluate_round(round_)
+            self._board.end_round(round_)
+            round_ += 1
+        return "done"
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def begin(self) -> int:
+        """Start the lineage or go on from its head; return the first round to train."""
+        reason = self._beginning.new_lineage
+        if reason is not None:
+            self.wait_turn(0)  # a lineage starts when its first model goes out, to devices that are there
+            self._board.begin_round(0)  # the first model's bytes are round 0's
+            head = self._releases.start(self._initial_weights, reason)
+        else:
+            head = self._releases.head
+            self._restore_strategy_state()
+            self._releases.record_pending()  # what a crash left between the journal and the ledger
+            self._releases.release_for(None, head.round)  # again, with a fresh expiry: the broker may have lost it
+        self._board.set_lineage(head)
+        if self._beginning.next_round > 0:
+            return self._beginning.next_round
+        if reason is None:  # a lineage an operator started (reset-model) goes out to devices that are there
+            self.wait_turn(0)
+            self._board.begin_round(0)
+        self.evaluate_round(0)  # round 0: the first model, evaluated by the devices like every later one
+        self._board.end_round(0)
+        return 1
+
+    def wait_turn(self, round_: int) -> None:
+        """The interval since the last round's start, then enough devices (InterruptedError on stop)."""
+        schedule = self._schedule
+        if self._last_start is not None and schedule.interval_s > 0:
+            start_at = self._last_start + schedule.interval_s
+            if start_at > time.monotonic():
+                self._board.set_state("idle", next_round_at=time.time() + start_at - time.monotonic())
+                if self._stop.wait(start_at - time.monotonic()):
+                    raise InterruptedError("stopped between rounds")
+        give_up = time.monotonic() + schedule.wait_devices_s
+        waiting = False
+        while len(self._devices.online_nodes()) < schedule.min_devices:
+            if not waiting:
+                self._board.set_state("waiting")
+                waiting = True
+            if self._stop.wait(POLL_S):
+                raise InterruptedError("stopped while waiting for devices")
+            if time.monotonic() > give_up:
+                online = len(self._devices.online_nodes())
+                if schedule.num_rounds is not None:  # a bounded run: say so and end
+                    raise TimeoutError(f"only {online} of {schedule.min_devices} devices enrolled and online "
+                                       f"after {schedule.wait_devices_s:.0f} s")
+                event(log, "round.postponed", logging.WARNING, round=round_, online=online,
+                      needed=schedule.min_devices)  # a service waits on, and says so now and then
+                give_up = time.monotonic() + schedule.wait_devices_s
+        self._board.set_state("running")
+        self._last_start = time.monotonic()
+
+    def train_round(self, round_: int) -> None:
+        head = self._releases.head
+        messages = self._strategy.configure_train(round_, _arrays(head.weights), ConfigRecord(self._train_config),
+                                                  self._grid)
+        replies = list(self._grid.send_and_receive(messages, timeout=self._schedule.deadline_s))
+        closed = self._book.take_closed()
+        inputs: list[bytes] = []
+        for traffic in closed:
+            if traffic.kind == "train":
+                inputs += self._keeper.record_updates(traffic, self._exchanges)
+        self._board.exchanges_closed(round_, closed)
+        exchanges = [t.task for t in closed if t.kind == "train"]
+        try:
+            arrays, _ = self._strategy.aggregate_train(round_, replies)
+        except Exception:  # a strategy's error costs this round's model, not the service
+            log.exception("round.aggregate_failed round=%d replies=%d", round_, len(replies))
+            arrays = None
+        if arrays is None:
+            self._releases.skip_round(exchanges)
+            return
+        release = self._releases.advance({k: v.numpy() for k, v in arrays.items()}, round_, inputs,
+                                         self._strategy_name, self._release_config,
+                                         strategy_state.capture(self._strategy), exchanges)
+        if release is not None:
+            self._board.set_lineage(release)
+
+    def evaluate_round(self, round_: int) -> None:
+        head = self._releases.head
+        messages = self._strategy.configure_evaluate(round_, _arrays(head.weights), ConfigRecord(), self._grid)
+        replies = list(self._grid.send_and_receive(messages, timeout=self._schedule.deadline_s))
+        self._board.exchanges_closed(round_, self._book.take_closed())
+        try:
+            self._strategy.aggregate_evaluate(round_, replies)
+        except Exception:  # a strategy's error in its own metrics must not stop the rounds
+            log.exception("round.evaluate_failed round=%d replies=%d", round_, len(replies))
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _restore_strategy_state(self) -> None:
+        saved, config = self._releases.saved_state()
+        if saved is None:
+            return
+        if config.get("strategy") != self._strategy_name:
+            event(log, "strategy.state_not_restored", logging.WARNING, reason="strategy changed",
+                  was=config.get("strategy"), now=self._strategy_name)
+            return
+        try:
+            restored = strategy_state.restore(self._strategy, saved)
+        except ValueError as exc:
+            event(log, "strategy.state_not_restored", logging.WARNING, reason=str(exc))
+            return
+        event(log, "strategy.state_restored", attributes=",".join(restored) or "-")
+
+
+def _arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in weights.items()})

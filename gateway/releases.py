@@ -1,0 +1,124 @@
+"""Releases: the lineage's models on their way to the devices and the ledger.
+
+    releases.start(weights, reason)     a new lineage: its first model (round 0)
+    releases.release_for(weights, r)    the release a task names (the grid asks): the head, or a model
+                                        a strategy sent that is not the head
+    releases.advance(...)               a round's new model: journaled, published, recorded
+
+Every release is journaled (lineage.py) before it is published, then
+recorded on the ledger (`lineage` / `aggregate` vertices); what a crash left
+unrecorded is recorded at the next start (`record_pending`). The head is also
+kept as `state_dir/model.npz` for operators and `starling-models export-mcu`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ledger.errors import LedgerError
+from protocol.atomic import write_atomic
+from protocol.logs import event
+
+from .ledger_keeper import LedgerKeeper
+from .lineage import Lineage, Release, encode
+from .models import ModelPublisher
+
+log = logging.getLogger("starling.gateway.releases")
+
+
+class Releases:
+    def __init__(self, lineage: Lineage, publisher: ModelPublisher, keeper: LedgerKeeper, architecture: str,
+                 model_path: Path, on_step: Callable[[Release], None] = lambda release: None) -> None:
+        """`on_step(release)`: after each lineage step is out (the MCU exporter's submit)."""
+        self._lineage = lineage
+        self._publisher = publisher
+        self._keeper = keeper
+        self._architecture = architecture
+        self._model_path = model_path
+        self._on_step = on_step
+        self._published: set[bytes] = set()  # digests published by this process (with a fresh expiry)
+
+    @property
+    def head(self) -> Release | None:
+        return self._lineage.head
+
+    def start(self, weights: dict[str, np.ndarray], reason: str) -> Release:
+        """Begin a new lineage from `weights`; logged, published and recorded on the ledger."""
+        release = self._lineage.start(weights, reason, self._architecture)
+        event(log, "lineage.start", lineage=release.lineage, digest=release.digest.hex()[:16], version=release.version,
+              reason=reason)
+        self._out(release)
+        return release
+
+    def release_for(self, weights: dict[str, np.ndarray] | None, round_: int) -> Release:
+        """The release a message's arrays are (None: the head), published by this process at least once."""
+        head = self._lineage.head
+        if head is None:
+            raise ValueError("no model released yet: the lineage has not started")
+        release = head
+        if weights is not None:
+            digest = encode(weights)[2]
+            if digest != head.digest:
+                release = self._lineage.find(digest) or self._lineage.extra(weights, round_)
+        if release.digest not in self._published:
+            self._publish(release)
+        return release
+
+    def advance(self, weights: dict[str, np.ndarray], round_: int, inputs: list[bytes], strategy: str,
+                config: dict, state: bytes | None, exchanges: list[str]) -> Release | None:
+        """A round's new model as the lineage's next step (None: it equals the head)."""
+        release = self._lineage.advance(weights, round_, inputs, strategy, config, state, exchanges)
+        if release is not None:
+            self._out(release)
+        return release
+
+    def skip_round(self, exchanges: list[str]) -> None:
+        """The round made no new model (no replies, or the strategy gave none): its exchanges are done."""
+        for exchange in exchanges:
+            self._lineage.finish_exchange(exchange)
+
+    def saved_state(self) -> tuple[bytes | None, dict]:
+        """The strategy's server-side state saved with the head, and the config the head came from."""
+        head = self._lineage.head
+        if head is None:
+            return None, {}
+        return self._lineage.state_of(head), self._lineage.config_of(head)
+
+    def _out(self, release: Release) -> None:
+        self._publish(release)
+        self.record_pending()
+        self.save(release)
+        self._on_step(release)
+
+    def _publish(self, release: Release) -> None:
+        sent = self._publisher.publish(release)
+        self._published.add(release.digest)
+        event(log, "model.released", digest=release.digest.hex()[:16], version=release.version, round=release.round,
+              lineage=release.lineage, bytes=sent)
+
+    def record_pending(self) -> None:
+        """Write what the ledger has not got yet, oldest first: lineage starts, then steps."""
+        for item in self._lineage.unrecorded():
+            try:
+                if item.start is not None:
+                    self._keeper.record_lineage(item.start)
+                else:
+                    self._keeper.record_aggregate(item.release, item.strategy, list(item.inputs))
+            except LedgerError as exc:  # an aggregate of inputs the ledger refused: the model is out anyway
+                event(log, "ledger.release_refused", logging.ERROR, version=(item.release or item.start).version,
+                      reason=str(exc))
+            self._lineage.mark_recorded(item)
+
+    def save(self, release: Release) -> None:
+        """The head as `model.npz` (atomic: an operator never reads half a model)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **release.weights)
+        try:
+            write_atomic(self._model_path, buffer.getvalue())
+        except OSError as exc:  # the lineage in the journal is the record; this copy is a convenience
+            event(log, "model.not_saved", logging.ERROR, reason=str(exc))

@@ -1,0 +1,225 @@
+"""What the gateway tells its operators: state, rounds, devices, lineage and ledger.
+
+`StatusBoard` keeps each round's record (persisted per lineage in the
+journal, so a restarted gateway reports the rounds before it), each enrolled
+device's counts, and the service's state; it publishes them as retained JSON
+(`starling/<gw>/status`, `starling/<gw>/status/device/<id>`, see the
+README's "Status topics") and writes `result.json` when the gateway stops.
+
+States: `starting`, `waiting` (for devices), `running` (a round), `idle`
+(between rounds, `next_round_at` says until when), `done` (the round count
+was reached), `stopped` (SIGTERM), `failed`; the broker publishes `offline`
+(the connection's last will) if the gateway vanishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from protocol import topics
+from protocol.logs import event
+
+from .devices import DeviceRegistry
+from .ingest import Accepted, Deferred, Duplicate, Outcome, Skipped
+from .journal import HISTORY_KEPT, RoundHistory
+from .lineage import Release
+from .rounds import RoundBook, RoundTraffic
+
+log = logging.getLogger("starling.gateway.status")
+STATUS_HISTORY = 100  # round records in the status message (result.json has up to HISTORY_KEPT)
+MAX_STATUS_REVOKED = 1000  # revoked device ids listed in the status (the count is always exact)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: float | None = None
+    loss: float | None = None
+    participants: int = 0
+    rejected: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    skipped: int = 0  # devices that sat the round's training out, saying why (see the device topics)
+
+
+class StatusBoard:
+    def __init__(self, gateway_id: str, name: str, num_rounds: int | None, publish: Callable[..., object],
+                 registry: DeviceRegistry, book: RoundBook, history: RoundHistory,
+                 meter: Callable[[], tuple[int, int]], ledger_status: Callable[[], dict[str, Any] | None],
+                 enroll_rejections: Callable[[], dict[str, int]]) -> None:
+        """`meter()`: (bytes received from devices, bytes sent to them) so far; `ledger_status()`: height,
+        finality and peers (None before the ledger opened)."""
+        self.gateway_id = gateway_id
+        self.name = name
+        self.num_rounds = num_rounds
+        self._publish = publish
+        self._registry = registry
+        self._book = book
+        self._history = history
+        self._meter = meter
+        self._ledger_status = ledger_status
+        self._enroll_rejections = enroll_rejections
+        self._lock = threading.Lock()
+        self.state = "starting"
+        self._next_round_at: float | None = None
+        self._lineage: Release | None = None
+        self._records: dict[int, RoundRecord] = {}  # the newest rounds of the current lineage
+        self._round_start: dict[int, tuple[float, int, int]] = {}
+        self._devices: dict[str, dict[str, Any]] = {}  # enrolled device id -> its counts
+        self._changed: set[str] = set()
+
+    # --- the engine's side ------------------------------------------------------------------
+
+    def set_state(self, state: str, next_round_at: float | None = None) -> None:
+        self.state, self._next_round_at = state, next_round_at
+        self.publish()
+
+    def set_lineage(self, head: Release) -> None:
+        """The current head; on a new lineage (or at start) the round records are that lineage's."""
+        if self._lineage is None or self._lineage.lineage != head.lineage:
+            begun = self._records if self._lineage is None else {}  # a round that began before the head was known
+            self._records = {r["round"]: RoundRecord(**r) for r in self._history.rounds(head.lineage, STATUS_HISTORY)}
+            self._records.update(begun)
+        self._lineage = head
+
+    def begin_round(self, round_: int) -> None:
+        received, sent = self._meter()
+        self._round_start[round_] = (time.time(), received, sent)
+        self._records.setdefault(round_, RoundRecord(round_))
+
+    def exchanges_closed(self, round_: int, closed: list[RoundTraffic]) -> None:
+        """Participants, skips and rejections after training; accuracy and loss after evaluation."""
+        record = self._records.setdefault(round_, RoundRecord(round_))
+        for traffic in closed:
+            event(log, "round.closed", kind=traffic.kind, round=traffic.round, replies=len(traffic.accepted),
+                  selected=traffic.sent, rejected=sum(traffic.rejected.values()), skipped=sum(traffic.skipped.values()),
+                  duplicates=traffic.duplicates, restored=traffic.restored,
+                  reasons=",".join(f"{r}:{n}" for r, n in sorted(traffic.rejected.items())) or "-")
+            record.rejected += sum(traffic.rejected.values())
+            if traffic.kind == "train":
+                record.participants = len(traffic.accepted)
+                record.skipped = sum(traffic.skipped.values())
+            else:
+                _evaluation(record, traffic.accepted)
+        self._save(round_)
+
+    def end_round(self, round_: int) -> None:
+        self._save(round_)
+        record = self._records[round_]
+        event(log, "round.done", round=round_, accuracy="-" if record.accuracy is None else record.accuracy,
+              participants=record.participants, rejected=record.rejected, seconds=record.seconds)
+        self._round_start.pop(round_, None)
+        for old in sorted(self._records)[:-STATUS_HISTORY]:
+            del self._records[old]
+
+    def _save(self, round_: int) -> None:
+        record = self._records[round_]
+        started, received, sent = self._round_start.get(round_, (time.time(), *self._meter()))
+        now_received, now_sent = self._meter()
+        record.bytes_up, record.bytes_down = now_received - received, now_sent - sent
+        record.seconds = round(time.time() - started, 3)
+        if self._lineage is not None:
+            self._history.record(self._lineage.lineage, round_, asdict(record))
+        self.publish()
+
+    # --- the devices' side (worker thread) ----------------------------------------------------
+
+    def note(self, outcome: Outcome) -> None:
+        """Count one reply outcome for its device (enrolled devices only: bounded)."""
+        if isinstance(outcome, Deferred):
+            return
+        device = outcome.task.device_id if isinstance(outcome, Accepted) else outcome.device_id
+        with self._lock:
+            stats = self._stats(device)
+            if stats is None:
+                return
+            reason = getattr(outcome, "reason", None)
+            if isinstance(outcome, Skipped):
+                stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+            elif isinstance(outcome, Duplicate):  # a re-send of an accepted reply: neither accepted twice nor refused
+                stats["duplicates"] += 1
+            elif isinstance(outcome, Accepted):
+                stats["accepted"] += 1
+            else:
+                stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
+
+    def seen(self, device: str) -> None:
+        """A device said something (it came online or went offline)."""
+        with self._lock:
+            self._stats(device)
+
+    def _stats(self, device: str) -> dict[str, Any] | None:
+        if not self._registry.knows(device):
+            return None
+        stats = self._devices.setdefault(device, {"device": device, "name": self._registry.name_of(device),
+                                                  "last_seen": 0.0, "accepted": 0, "duplicates": 0,
+                                                  "rejected": {}, "skipped": {}})
+        stats["last_seen"] = round(time.time(), 3)
+        stats["online"] = self._registry.is_online(device)
+        self._changed.add(device)
+        return stats
+
+    # --- out ------------------------------------------------------------------------------------
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every kept round record of the current lineage, oldest first (result.json)."""
+        if self._lineage is None:
+            return []
+        return self._history.rounds(self._lineage.lineage, HISTORY_KEPT)
+
+    def lineage(self) -> dict[str, Any] | None:
+        head = self._lineage
+        if head is None:
+            return None
+        return {"id": head.lineage, "model": head.digest.hex(), "version": head.version, "round": head.round}
+
+    def status(self) -> dict[str, Any]:
+        history = [asdict(self._records[r]) for r in sorted(self._records)]
+        revoked = self._registry.revoked_ids()
+        enrolled, online = self._registry.counts()
+        return {
+            "gateway": self.gateway_id,
+            "name": self.name,
+            "state": self.state,
+            "round": history[-1]["round"] if history else None,
+            "num_rounds": self.num_rounds,
+            "next_round_at": self._next_round_at if self.state == "idle" else None,
+            "lineage": self.lineage(),
+            "enrolled": enrolled,
+            "online": online,
+            "rejections": self._book.rejections,
+            "duplicates": self._book.duplicates,  # honest re-sends of accepted replies: not rejections
+            "enroll_rejections": self._enroll_rejections(),
+            "ledger": self._ledger_status(),
+            "history": history,
+            "revoked": {"count": len(revoked), "devices": revoked[:MAX_STATUS_REVOKED]},
+            "time": time.time(),
+        }
+
+    def publish(self) -> None:
+        """The devices whose counts changed since the last time, then the gateway (all retained)."""
+        with self._lock:
+            changed, self._changed = self._changed, set()
+            docs = [dict(self._devices[d], rejected=dict(self._devices[d]["rejected"]),
+                         skipped=dict(self._devices[d]["skipped"])) for d in changed]
+        for doc in docs:
+            self._publish(topics.device_status(self.gateway_id, doc["device"]), json.dumps(doc).encode(),
+                          retain=True, counted=False)
+        self._publish(topics.status(self.gateway_id), json.dumps(self.status()).encode(), retain=True, counted=False)
+
+
+def _evaluation(record: RoundRecord, accepted: list[Accepted]) -> None:
+    """Accuracy and loss on the devices' local test windows, weighted by their number."""
+    total = sum(a.examples for a in accepted)
+    if not total:
+        return
+    if all("accuracy" in a.metrics for a in accepted):  # a self-supervised model has none
+        record.accuracy = sum(a.metrics["accuracy"] * a.examples for a in accepted) / total
+    record.loss = sum(a.metrics["loss"] * a.examples for a in accepted) / total

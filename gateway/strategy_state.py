@@ -1,0 +1,111 @@
+"""A Flower strategy's server-side state, saved with each release and restored after a restart.
+
+Most Flower strategies hold nothing between rounds but the model (which the
+lineage keeps). These do, and lose it on a restart unless it is saved:
+
+    FedAdam, FedYogi, FedAdagrad (FedOpt)   first and second moments `m_t`, `v_t`
+    FedAvgM                                 the server momentum `momentum_vector`
+    the adaptive-clipping DP wrappers       the clipping norm they adapt each round
+
+A user's strategy names its own state in a class attribute,
+`starling_state = ("attribute", ...)`. The DP wrappers' inner strategy is
+walked too (`strategy.strategy`). What is saved: None, numbers, numpy arrays,
+and dicts or lists of arrays, as one `.npz` blob (no pickle). Not saved: the
+fixed-clipping wrappers' privacy accountant (the README says so).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+MAX_DEPTH = 4  # wrappers within wrappers
+
+
+def _declared(strategy: Any) -> tuple[str, ...]:
+    from flwr.serverapp.strategy import FedAvgM
+    from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
+    from flwr.serverapp.strategy.fedopt import FedOpt
+
+    names = tuple(getattr(strategy, "starling_state", ()))
+    if isinstance(strategy, FedOpt):
+        names += ("m_t", "v_t")
+    if isinstance(strategy, FedAvgM):
+        names += ("momentum_vector",)
+    if isinstance(strategy, DifferentialPrivacyAdaptiveBase):
+        names += ("clipping_norm",)
+    return names
+
+
+def _strategies(strategy: Any) -> list[tuple[str, Any]]:
+    """(path, strategy) for the strategy and the ones it wraps."""
+    out, path = [], ""
+    for _ in range(MAX_DEPTH):
+        out.append((path, strategy))
+        inner = getattr(strategy, "strategy", None)
+        if inner is None or inner is strategy:
+            break
+        path, strategy = f"{path}strategy.", inner
+    return out
+
+
+def _flatten(name: str, value: Any, out: dict[str, np.ndarray]) -> None:
+    if value is None:
+        out[f"{name}|none"] = np.zeros(0)
+    elif isinstance(value, dict):
+        out[f"{name}|dict"] = np.array(list(value), dtype=str)
+        for i, key in enumerate(value):
+            out[f"{name}|dict|{i}"] = np.asarray(value[key])
+    elif isinstance(value, (list, tuple)):
+        out[f"{name}|list"] = np.array(len(value))
+        for i, item in enumerate(value):
+            out[f"{name}|list|{i}"] = np.asarray(item)
+    elif isinstance(value, (bool, int, float, np.number, np.ndarray)):
+        out[f"{name}|array"] = np.asarray(value)
+    else:
+        raise TypeError(f"strategy state {name} is a {type(value).__name__}; only numbers and arrays are saved")
+
+
+def capture(strategy: Any) -> bytes | None:
+    """The strategy's state as bytes, or None when it keeps none."""
+    flat: dict[str, np.ndarray] = {}
+    for path, inner in _strategies(strategy):
+        for name in _declared(inner):
+            _flatten(path + name, getattr(inner, name, None), flat)
+    if not flat:
+        return None
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    return buffer.getvalue()
+
+
+def restore(strategy: Any, data: bytes) -> list[str]:
+    """Put saved state back into the strategy (and the ones it wraps); return the attributes set.
+
+    Raises ValueError when the bytes are not a saved state.
+    """
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            flat = {k: npz[k] for k in npz.files}
+    except Exception as exc:  # noqa: BLE001 (whatever numpy raises for a bad file)
+        raise ValueError(f"not a saved strategy state: {exc}") from exc
+    restored = []
+    for path, inner in _strategies(strategy):
+        for name in _declared(inner):
+            key = path + name
+            if f"{key}|none" in flat:
+                value: Any = None
+            elif f"{key}|dict" in flat:
+                value = {str(k): flat[f"{key}|dict|{i}"] for i, k in enumerate(flat[f"{key}|dict"])}
+            elif f"{key}|list" in flat:
+                value = [flat[f"{key}|list|{i}"] for i in range(int(flat[f"{key}|list"]))]
+            elif f"{key}|array" in flat:
+                array = flat[f"{key}|array"]
+                value = array.item() if array.ndim == 0 else array
+            else:
+                continue
+            setattr(inner, name, value)
+            restored.append(key)
+    return restored
