@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ledger.errors import LedgerError
+from ledger.errors import DuplicateUpdate, LedgerError
 from ledger.store import Ledger
 from ledger.vertex import Vertex
 from protocol.keys import Identity, identity_id
@@ -143,6 +143,9 @@ class LedgerKeeper:
             try:
                 self.ledger.record_updates(*args, [record])
                 kept.append(record[1])
+            except DuplicateUpdate:  # the same bytes from the same device, recorded in an earlier round: a device
+                kept.append(record[1])  # whose training is deterministic repeats itself; the update is on record
+                event(log, "ledger.record_known", device=identity_id(record[0]), update=record[1].hex()[:16])
             except LedgerError as exc:
                 event(log, "ledger.record_refused", logging.ERROR, device=identity_id(record[0]), reason=str(exc))
         exchanges.mark_recorded(traffic.task)

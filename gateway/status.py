@@ -90,6 +90,7 @@ class StatusBoard:
         self._lineage = head
 
     def begin_round(self, round_: int) -> None:
+        event(log, "round.start", round=round_)
         received, sent = self._meter()
         self._round_start[round_] = (time.time(), received, sent)
         self._records.setdefault(round_, RoundRecord(round_))
