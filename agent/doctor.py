@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import ssl
 import stat
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +39,9 @@ from protocol.keys import Identity
 from .config import AgentConfig, ConfigError, load_config
 
 BROKER_TIMEOUT_S = 5.0
+MQTT_LOG = "starling.agent.doctor"
+# The report says how the broker answered: no `mqtt.refused` line on stderr too (Python's last-resort handler).
+logging.getLogger(MQTT_LOG).addHandler(logging.NullHandler())
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ def _sensor(options: dict[str, Any]) -> str:
 
 
 def _broker(config: AgentConfig) -> str:
-    import paho.mqtt.client as mqtt
+    from mqttlink import ConnectError, Connection, ConnectionOptions
 
     host, port, auth = config.broker_host, config.broker_port, config.broker_auth
     try:
@@ -187,23 +190,18 @@ def _broker(config: AgentConfig) -> str:
     except OSError as exc:
         raise ConnectionError(f"cannot reach {host}:{port} ({exc.strerror or exc}): broker down, wrong address or "
                               "a firewall") from exc
-    answered = threading.Event()
-    codes: list[Any] = []
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                         client_id=f"doctor-{os.getpid()}", protocol=mqtt.MQTTv311)
-    auth.apply(client)
-    client.on_connect = lambda _c, _u, _f, code, _p: (codes.append(code), answered.set())
-    client.connect(host, port, keepalive=10)
-    client.loop_start()
+    # A clean session under its own client id: the check leaves nothing behind at the broker, and does
+    # not push the running agent's own connection (client id dev-<id>) off it.
+    options = ConnectionOptions(f"doctor-{os.getpid()}", host, port, auth=auth, clean_session=True,
+                                keepalive_s=10, connect_timeout_s=BROKER_TIMEOUT_S, log_name=MQTT_LOG)
     try:
-        if not answered.wait(BROKER_TIMEOUT_S):
-            raise ConnectionError(f"{host}:{port} accepted the connection but sent no MQTT CONNACK")
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    if codes[0].is_failure:
-        raise PermissionError(f"the broker refused the login: {codes[0]} (username {auth.username or '-'}: "
-                              "is it the device id, with the right password?)")
+        with Connection(options):
+            pass
+    except ConnectError as exc:
+        if exc.refused:
+            hint = f"username {auth.username or '-'}: is it the device id, with the right password?"
+            raise PermissionError(f"the broker refused the login: {exc.refused} ({hint})") from None
+        raise ConnectionError(f"{host}:{port} accepted the connection but sent no MQTT CONNACK") from None
     return f"{host}:{port}" + (f" over {protocol}" if auth.tls else " (plain MQTT, no TLS)") + ", MQTT login accepted"
 
 

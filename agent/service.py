@@ -1,8 +1,9 @@
 """The agent's MQTT loop: enroll, take signed tasks, answer with signed replies.
 
-Threads: paho's network thread only parses and queues; one worker thread
-does the slow things (fetching and checking models, training, signing); the
-caller's thread re-sends unacknowledged replies until `stop` is set.
+Threads: paho's network thread (inside `mqttlink.Connection`) only saves tasks
+to disk and queues; one worker thread does the slow things (fetching and
+checking models, training, signing); the caller's thread re-sends
+unacknowledged replies until `stop` is set.
 
 Trust: every task, model and receipt must be signed by the gateway key named
 in the config and bound to this gateway and this device; a model must hash to
@@ -20,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
+from mqttlink import Connection, ConnectionOptions, Message, Will
 from protocol import envelope, schemas, topics
 from protocol.digest import sha256
 from protocol.errors import ProtocolError
@@ -75,53 +76,35 @@ class Agent:
         self._model_arrived = threading.Condition()
         self._raw_models: dict[int, bytes] = {}  # -1: the release; 0..n-1: its chunks
         self._wanted: bytes | None = None
-        self._connected = threading.Event()
         gw = config.gateway_id
         self.t_task = topics.task(gw, identity.id)
         self.t_receipt = topics.receipt(gw, identity.id)
         self.t_reply = topics.reply(gw, identity.id)
         self.t_online = topics.online(gw, identity.id)
-        self.client = self._make_client()
+        self.conn = self._make_connection()
 
     # --- MQTT plumbing -------------------------------------------------------------
 
-    def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"dev-{self.identity.id}",
-            clean_session=False,  # a persistent session keeps QoS 1 tasks while we are away
-            protocol=mqtt.MQTTv311,
-        )
-        self.config.broker_auth.apply(client)  # TLS and the device's MQTT credentials, when configured
-        client.will_set(self.t_online, b"0", qos=1, retain=True)
+    def _make_connection(self) -> Connection:
         # Backoff with per-device jitter: after a broker restart, a fleet must not reconnect in lockstep.
         jitter = random.Random(self.identity.id)
-        client.reconnect_delay_set(min_delay=1 + jitter.randint(0, 2), max_delay=30 + jitter.randint(0, 30))
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.max_queued_messages_set(1000)
-        return client
+        options = ConnectionOptions(
+            client_id=f"dev-{self.identity.id}",
+            host=self.config.broker_host,
+            port=self.config.broker_port,
+            auth=self.config.broker_auth,  # TLS and the device's MQTT credentials, when configured
+            clean_session=False,  # a persistent session keeps QoS 1 tasks while we are away
+            subscriptions=((self.t_task, 1), (self.t_receipt, 1)),
+            will=Will(self.t_online, b"0"),
+            birth=Will(self.t_online, b"1"),
+            reconnect_min_s=1 + jitter.randint(0, 2),
+            reconnect_max_s=30 + jitter.randint(0, 30),
+            max_queued=1000,
+            log_name=log.name,
+        )
+        return Connection(options, deliver=self._on_message)
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            event(log, "mqtt.refused", logging.WARNING, reason=str(reason_code))
-            return
-        client.subscribe([(self.t_task, 1), (self.t_receipt, 1)])
-        with self._model_arrived:
-            wanted = self._wanted
-        if wanted is not None:  # a model fetch started while offline (a task saved before a power cut)
-            address = topics.model(self.config.gateway_id, wanted.hex())
-            client.subscribe([(address, 1), (address + "/+", 1)])
-        client.publish(self.t_online, b"1", qos=1, retain=True)
-        self._connected.set()
-        event(log, "mqtt.connected", broker=f"{self.config.broker_host}:{self.config.broker_port}")
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._connected.clear()
-        event(log, "mqtt.disconnected", logging.WARNING, reason=str(reason_code))
-
-    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, msg: Message) -> None:
         # Never do real work on paho's thread: queue it, or file a model piece we wait for.
         prefix = topics.model(self.config.gateway_id, "")
         if msg.topic == self.t_task:
@@ -173,8 +156,8 @@ class Agent:
         address = topics.model(self.config.gateway_id, digest.hex())
         with self._model_arrived:
             self._wanted, self._raw_models = digest, {}
-        # Offline (paho refuses to queue a subscribe), on_connect subscribes to the wanted model instead.
-        self.client.subscribe([(address, 1), (address + "/+", 1)])
+        # Offline (a task saved before a power cut), the connection subscribes once it is up.
+        self.conn.subscribe([(address, 1), (address + "/+", 1)])
         deadline = time.monotonic() + MODEL_WAIT_S
         try:
             self._wait_for(lambda: -1 in self._raw_models, deadline)
@@ -196,7 +179,7 @@ class Agent:
             if model is None or len(model) != release.size or sha256(model) != digest:
                 raise _Refused("model_digest_mismatch")
         finally:
-            self.client.unsubscribe([address, address + "/+"])
+            self.conn.unsubscribe([address, address + "/+"])
             with self._model_arrived:
                 self._wanted, self._raw_models = None, {}
         weights = schemas.decode_model(model)
@@ -253,7 +236,7 @@ class Agent:
         self.store.save(self.state)  # ... and the task marked answered: a redelivery is not trained again
         if saved:
             self.store.drop_task(saved)
-        self.client.publish(self.t_reply, wire, qos=1)
+        self.conn.publish(self.t_reply, wire, qos=1)
         self.counters.replies_sent += 1
         event(
             log, "reply.sent", round=env.ctx.round, task=env.ctx.task, kind=task.kind,
@@ -324,7 +307,7 @@ class Agent:
         voucher = self.config.voucher.read_bytes() if self.config.voucher else b""
         body = schemas.EnrollRequest(self.config.name, time.time(), voucher).to_body()
         wire = envelope.seal(self.identity, "enroll", ctx, body)
-        self.client.publish(topics.enroll(self.config.gateway_id, self.identity.id), wire, qos=1)
+        self.conn.publish(topics.enroll(self.config.gateway_id, self.identity.id), wire, qos=1)
         event(log, "enroll.sent", device=self.identity.id, name=self.config.name)
 
     def _resend_pending(self) -> None:
@@ -337,7 +320,7 @@ class Agent:
             if wire is None:
                 continue
             self._sent_at[key] = now
-            self.client.publish(self.t_reply, wire, qos=1)
+            self.conn.publish(self.t_reply, wire, qos=1)
             event(log, "reply.resent", key=key)
 
     # --- lifetime --------------------------------------------------------------------
@@ -350,8 +333,7 @@ class Agent:
         else:
             event(log, "agent.start", device=self.identity.id, name=self.config.name, data="replay",
                   train_windows=len(self.data.x_train), test_windows=len(self.data.x_test))
-        self.client.connect_async(self.config.broker_host, self.config.broker_port, keepalive=30)
-        self.client.loop_start()
+        self.conn.start()
         for name, wire in self.store.saved_tasks():  # received before a power cut, not answered then
             self._inbox.put((self.t_task, wire, name))
         worker = threading.Thread(target=self._worker, args=(stop,), name="agent-worker", daemon=True)
@@ -363,7 +345,7 @@ class Agent:
             while not stop.wait(0.5):
                 if worker.is_alive():  # a dead worker stops the pings: systemd's watchdog restarts us
                     systemd.watchdog()
-                if not self._connected.is_set():
+                if not self.conn.connected.is_set():
                     continue
                 now = time.monotonic()
                 if not self.state.enrolled and now >= next_enroll:
@@ -378,10 +360,7 @@ class Agent:
         finally:
             systemd.stopping()
             worker.join(timeout=30)
-            if self._connected.is_set():
-                self.client.publish(self.t_online, b"0", qos=1, retain=True).wait_for_publish(timeout=2)
-            self.client.disconnect()
-            self.client.loop_stop()
+            self.conn.close(goodbye=Will(self.t_online, b"0"))  # waited for briefly; else the will says it
             event(log, "agent.stop", tasks=self.counters.tasks, replies=self.counters.replies_sent,
                   accepted=self.counters.accepted)
 

@@ -597,24 +597,19 @@ class StatusWatch:
     """Follows the gateway's retained status topic; notes when each round is complete (its evaluation in)."""
 
     def __init__(self, port: int, gateway_id: str, rounds: int) -> None:
-        import paho.mqtt.client as mqtt
-
+        from mqttlink import Connection, ConnectionOptions
         from protocol import topics
 
         self.rounds = rounds
         self.done_at: dict[int, float] = {}
         self.history: list[dict[str, Any]] = []
         self.state = "starting"
-        self._topic = topics.status(gateway_id)
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"vs-flower-{os.getpid()}")
-        self.client.on_connect = lambda c, *_: c.subscribe(self._topic, qos=1)
-        self.client.on_message = self._on_message
-        self.client.connect_async("127.0.0.1", port)
-        self.client.loop_start()
+        options = ConnectionOptions(f"vs-flower-{os.getpid()}", "127.0.0.1", port, clean_session=True,
+                                    subscriptions=((topics.status(gateway_id), 1),))
+        self.conn = Connection(options, deliver=self._on_message).start()
 
-    def _on_message(self, client, userdata, msg) -> None:
-        now = time.time()
+    def _on_message(self, msg) -> None:
+        now = msg.at
         try:
             status = json.loads(msg.payload)
         except ValueError:
@@ -632,8 +627,7 @@ class StatusWatch:
                     f"participants {record['participants']} {record['seconds']:.1f} s")
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.conn.close()
 
 
 ROUND_DONE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)Z? .*\bround\.done round=(\d+)\b")

@@ -8,10 +8,10 @@ Parts, each in its own module:
     fleet.py    the in-memory model of the fleet, built from status messages (never raises on input)
     alerts.py   the alert rules, one function each, evaluated on the model
     chart.py    the small inline SVG accuracy chart
-    feed.py     the MQTT subscription (paho), with TLS and credentials
+    feed.py     the MQTT subscription (mqttlink), with TLS and credentials
     server.py   the HTTP server: the page, a JSON snapshot and a server-sent-events stream
     page.py     the page itself (HTML, CSS, JS as constants: no package data to install)
     cli.py      `starling-dashboard`
 
-Imports only `protocol`, paho-mqtt and the standard library (see DESIGN.md's layout).
+Imports only `protocol`, `mqttlink` (paho-mqtt) and the standard library (see DESIGN.md's layout).
 """

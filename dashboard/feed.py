@@ -1,8 +1,8 @@
 """The dashboard's MQTT subscription: status topics in, `Fleet.apply` out.
 
-One paho client, read-only: it subscribes to the status and ledger topics,
-never publishes and has no last will. It connects in the background and
-reconnects by itself, so the page is up (saying "no broker connection")
+One `mqttlink.Connection`, read-only: it subscribes to the status and ledger
+topics, never publishes and has no last will. It connects in the background
+and reconnects by itself, so the page is up (saying "no broker connection")
 even while the broker is not. The broker's ACL must let its user read:
 
     starling/+/status   starling/+/status/device/+   starling/ledger/vv/+   starling/ledger/vertex/+
@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import paho.mqtt.client as mqtt
-
+from mqttlink import Connection, ConnectionOptions, Message
 from protocol.logs import event
 from protocol.transport import BrokerAuth
 
@@ -63,43 +61,35 @@ class Feed:
     def __init__(self, fleet: Fleet, broker: BrokerURL, auth: BrokerAuth | None = None) -> None:
         self.fleet = fleet
         self.broker = broker
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"dashboard-{os.getpid()}-{os.urandom(3).hex()}",
-                                  clean_session=True, protocol=mqtt.MQTTv311)
-        auth = auth or BrokerAuth()
-        if broker.tls and not auth.tls:  # mqtts:// without --tls-ca: the system's trusted CAs
-            self.client.tls_set(cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        auth.apply(self.client)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=10)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
+        options = ConnectionOptions(
+            client_id=f"dashboard-{os.getpid()}-{os.urandom(3).hex()}",
+            host=broker.host,
+            port=broker.port,
+            auth=auth or BrokerAuth(),
+            tls_system_ca=broker.tls,  # mqtts:// without --tls-ca: the system's trusted CAs
+            clean_session=True,
+            subscriptions=tuple((topic, 1) for topic in SUBSCRIPTIONS),
+            reconnect_min_s=1,
+            reconnect_max_s=10,
+            log_name=log.name,
+        )
+        self.conn = Connection(options, deliver=self._on_message, on_state=self._on_state)
         self._logged: dict[str, int] = {}
 
     def start(self) -> None:
         event(log, "mqtt.connecting", broker=str(self.broker))
-        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
-        self.client.loop_start()
+        self.conn.start()
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.conn.close()
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            event(log, "mqtt.refused", logging.WARNING, reason=str(reason_code))
-            self.fleet.set_connection(False, time.time(), f"refused: {reason_code}")
-            return
-        client.subscribe([(topic, 1) for topic in SUBSCRIPTIONS])
-        self.fleet.set_connection(True, time.time(), str(self.broker))
-        event(log, "mqtt.connected", broker=str(self.broker))
+    # Both on paho's thread: the fleet model is thread-safe, and applying a status message is cheap.
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.fleet.set_connection(False, time.time(), f"disconnected: {reason_code}")
-        event(log, "mqtt.disconnected", logging.WARNING, reason=str(reason_code))
+    def _on_state(self, connected: bool, detail: str) -> None:
+        self.fleet.set_connection(connected, time.time(), detail)
 
-    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        reason = self.fleet.apply(msg.topic, msg.payload, time.time())
+    def _on_message(self, msg: Message) -> None:
+        reason = self.fleet.apply(msg.topic, msg.payload, msg.at)
         if reason is not None:
             seen = self._logged[reason] = self._logged.get(reason, 0) + 1
             if seen == 1 or seen % LOG_EVERY == 0:

@@ -289,7 +289,7 @@ class Replay(Attack):
         agent.counters.tasks += 1
         agent.state.answered = [*agent.state.answered, key][-_service.ANSWERED_KEPT:]
         agent.store.save(agent.state)  # a redelivered task is not replayed twice
-        agent.client.publish(agent.t_reply, self.captured, qos=1)
+        agent.conn.publish(agent.t_reply, self.captured, qos=1)
         agent.counters.replies_sent += 1
         self.replayed += 1
         old = envelope.decode(self.captured).ctx
@@ -387,8 +387,8 @@ class Sybil(Attack):
         if self.enroll_attempts < 2 or agent.state.enrolled:
             return  # the first request may well be admitted (policy "open"): push only once refused
         self.pushed += 1
-        agent.client.publish(agent.t_reply, unsolicited_reply(agent.identity, agent.config.gateway_id,
-                                                                agent.weight_shapes, self.pushed), qos=1)
+        agent.conn.publish(agent.t_reply, unsolicited_reply(agent.identity, agent.config.gateway_id,
+                                                              agent.weight_shapes, self.pushed), qos=1)
         event(log, "attack.sybil_push", n=self.pushed)
 
 

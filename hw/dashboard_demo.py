@@ -93,17 +93,11 @@ def start_dashboard(broker_url: str, log: Path, listen: str = "127.0.0.1:0", tim
 
 def publish_bad_replies(host: str, port: int, gateway_id: str, device_id: str, count: int = 3) -> None:
     """Publish `count` replies that are not CBOR on `device_id`'s reply topic: each a `malformed` rejection."""
-    import paho.mqtt.client as mqtt
+    from mqttlink import Connection, ConnectionOptions
 
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"bad-{os.getpid()}")
-    client.connect(host, port)
-    client.loop_start()
-    try:
+    with Connection(ConnectionOptions(f"bad-{os.getpid()}", host, port, clean_session=True)) as conn:
         for i in range(count):
-            client.publish(topics.reply(gateway_id, device_id), b"\x1c not a reply %d" % i, qos=1).wait_for_publish(10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
+            conn.publish(topics.reply(gateway_id, device_id), b"\x1c not a reply %d" % i).wait_for_publish(10)
 
 
 class EmulatorRun:

@@ -148,7 +148,7 @@ class Monitor:
 
     def __init__(self, endpoints: list[tuple[str, int]], gateways: list[GatewayRun], rounds: int, started: float,
                  stream=sys.stderr) -> None:
-        import paho.mqtt.client as mqtt
+        from mqttlink import Connection, ConnectionOptions
 
         self.rounds = rounds
         self.started = started
@@ -164,16 +164,12 @@ class Monitor:
         subscriptions = [(LEDGER_VV, 0)]
         for g in gateways:
             subscriptions += [(topics.status(g.identity.id), 1), (topics.device_status(g.identity.id, "+"), 1)]
-        self.clients = []
+        self.connections = []
         for i, (host, port) in enumerate(endpoints):  # one per broker when every gateway has its own
-            client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                 client_id=f"emu-{os.getpid()}-{i}")
-            client.on_connect = lambda c, *_: c.subscribe(subscriptions)
-            client.on_message = self._on_message
-            client.reconnect_delay_set(0.2, 2.0)  # back quickly after a broker restart
-            client.connect_async(host, port)
-            client.loop_start()
-            self.clients.append(client)
+            options = ConnectionOptions(f"emu-{os.getpid()}-{i}", host, port, clean_session=True,
+                                        subscriptions=tuple(subscriptions), log_name="starling.emulate.monitor",
+                                        reconnect_min_s=0.2, reconnect_max_s=2.0)  # back quickly after a restart
+            self.connections.append(Connection(options, deliver=self._on_message).start())
 
     def rounds_done(self, gateway_name: str) -> int:
         """The last round the named gateway finished (-1 before any)."""
@@ -191,7 +187,7 @@ class Monitor:
             with self.lock:
                 self.series[gateway].append((self._t(when), height, lag))
 
-    def _on_message(self, client, userdata, msg) -> None:
+    def _on_message(self, msg) -> None:
         try:
             if msg.topic.startswith("starling/ledger/vv/"):
                 doc = cbor.loads(msg.payload)
@@ -233,9 +229,8 @@ class Monitor:
                 )
 
     def close(self) -> None:
-        for client in self.clients:
-            client.loop_stop()
-            client.disconnect()
+        for connection in self.connections:
+            connection.close()
 
 
 def _stop(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:

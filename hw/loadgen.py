@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
+from mqttlink import Connection, ConnectionOptions
 from protocol import envelope, schemas, topics
 from protocol.keys import Identity
 
@@ -29,6 +29,8 @@ from .synthetic import write_manifest
 
 @dataclass
 class Timeline:
+    """When things happened (`time.time()`, as `mqttlink.Message.at`), and what the gateway answered."""
+
     first_reply: float = 0.0
     last_reply: float = 0.0
     last_receipt: float = 0.0
@@ -51,14 +53,11 @@ class LoadGenerator:
             for _ in range(8)
         ]
         self.timeline = Timeline()
-        self.inbox: queue.Queue = queue.Queue()
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=f"load-{seed}")
-        self.client.max_inflight_messages_set(1000)
-        self.client.on_message = lambda _c, _u, m: self.inbox.put((m.topic, m.payload, time.perf_counter()))
-        self.client.connect(host, port)
-        self.client.subscribe([(topics.task(gateway_id, "+"), 1), (topics.receipt(gateway_id, "+"), 1),
-                               (topics.model(gateway_id, "+"), 1)])
-        self.client.loop_start()
+        subscriptions = ((topics.task(gateway_id, "+"), 1), (topics.receipt(gateway_id, "+"), 1),
+                         (topics.model(gateway_id, "+"), 1))
+        options = ConnectionOptions(f"load-{seed}", host, port, clean_session=True, max_inflight=1000,
+                                    subscriptions=subscriptions, log_name="starling.loadgen")
+        self.client = Connection(options).connect()  # what arrives is on `self.client.inbox`
         self._stop = threading.Event()
 
     def enroll_all(self) -> None:
@@ -73,7 +72,7 @@ class LoadGenerator:
         end = time.monotonic() + timeout
         while len(tasks) < count and time.monotonic() < end:
             try:
-                topic, payload, at = self.inbox.get(timeout=0.5)
+                topic, payload, at = self.client.inbox.get(timeout=0.5)
             except queue.Empty:
                 continue
             self._note(topic, payload, at)
@@ -91,10 +90,10 @@ class LoadGenerator:
         return wires
 
     def send(self, wires: list[tuple[str, bytes]]) -> None:
-        self.timeline.first_reply = time.perf_counter()
+        self.timeline.first_reply = time.time()
         for topic, wire in wires:
             self.client.publish(topic, wire, qos=1)
-        self.timeline.last_reply = time.perf_counter()
+        self.timeline.last_reply = time.time()
 
     def _note(self, topic: str, payload: bytes, at: float) -> None:
         if "/receipt/" in topic:
@@ -117,16 +116,15 @@ class LoadGenerator:
 
     def drain(self, wait: float) -> None:
         try:
-            topic, payload, at = self.inbox.get(timeout=wait)
+            topic, payload, at = self.client.inbox.get(timeout=wait)
         except queue.Empty:
             return
         self._note(topic, payload, at)
-        while not self.inbox.empty():
-            self._note(*self.inbox.get())
+        while not self.client.inbox.empty():
+            self._note(*self.client.inbox.get())
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.client.close()
 
 
 def finished_gateway(process: subprocess.Popen, workdir: Path, timeout: float) -> dict:

@@ -135,7 +135,7 @@ def start_agent(broker, model, data, tmp_path):
         thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
         thread.start()
         running.append((stop, thread))
-        assert agent._connected.wait(10), "agent did not connect"
+        assert agent.conn.connected.wait(10), "agent did not connect"
         time.sleep(0.3)  # let its SUBSCRIBE reach the broker before the test publishes tasks
         return agent
 
@@ -243,7 +243,7 @@ def test_a_model_over_256_kb_arrives_in_chunks_and_is_used(peer, broker, tmp_pat
     thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        assert agent._connected.wait(10)
+        assert agent.conn.connected.wait(10)
         time.sleep(0.3)
         publisher = ModelPublisher(GATEWAY, GATEWAY.id, "", peer.publish, tmp_path / "version")
         release = publisher.release({k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}, 1)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tomllib
 
-from hw.broker import Broker, free_port
+from hw.broker import Broker, find_mosquitto, free_port
 from protocol.keys import Identity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,6 +68,37 @@ def test_each_problem_is_named_with_what_to_do(broker, tmp_path):
     assert not checks["broker"]["ok"] and "cannot reach" in checks["broker"]["detail"]
     assert not checks["sensor[1]"]["ok"] and "/dev/i2c-97" in checks["sensor[1]"]["detail"]
     assert checks["model"]["ok"] and checks["sensor[0]"]["ok"]  # the rest is still checked
+
+
+@pytest.fixture
+def refusing_broker(tmp_path):
+    """A Mosquitto that refuses every login: no anonymous access and no password file."""
+    if find_mosquitto() is None:
+        pytest.skip("needs mosquitto")
+    port = free_port()
+    (tmp_path / "refusing.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n")
+    process = subprocess.Popen([find_mosquitto(), "-c", str(tmp_path / "refusing.conf")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "mosquitto did not listen"
+                time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_a_refused_login_is_named_with_the_broker_s_reason(refusing_broker, tmp_path):
+    code, checks = doctor(setup(tmp_path, refusing_broker))
+    assert code == 1
+    assert not checks["broker"]["ok"]
+    assert checks["broker"]["detail"].startswith("the broker refused the login: Not authorized (username -: ")
 
 
 def test_a_bad_config_is_the_only_thing_reported(tmp_path):

@@ -1,5 +1,5 @@
 """An `agent.service.Agent` driven without a broker: messages go in through its MQTT callback
-(`Agent._on_message`), its own worker thread (`Agent._worker`) handles them.
+(`Agent._on_message`, what its connection delivers), its own worker thread (`Agent._worker`) handles them.
 
 `Rig.settle` answers the agent's model fetch with whatever release the test
 gives, so a task that gets as far as fetching its model never waits out
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import world
@@ -18,14 +17,9 @@ import world
 from agent.config import AgentConfig
 from agent.service import Agent
 from hw.synthetic import SyntheticModel, synthetic_data
+from mqttlink import Message
 from protocol import envelope, schemas, topics
 from protocol.errors import ProtocolError
-
-
-@dataclass
-class Msg:
-    topic: str
-    payload: bytes
 
 
 def agent_config(state_dir: Path, host: str = "127.0.0.1", port: int = 1) -> AgentConfig:
@@ -86,7 +80,7 @@ class Rig:
         self.worker.start()
 
     def deliver(self, topic: str, payload: bytes) -> None:
-        self.agent._on_message(None, None, Msg(topic, payload))
+        self.agent._on_message(Message(topic, payload, time.time()))
 
     def idle(self, timeout: float = 30.0) -> None:
         """Wait until the worker has taken everything delivered (and a moment for the last one)."""

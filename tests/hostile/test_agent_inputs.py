@@ -177,7 +177,7 @@ def test_an_agent_on_a_real_broker_refuses_a_flood_on_its_task_and_receipt_topic
     attacker.loop_start()
     try:
         deadline = time.monotonic() + 15
-        while not agent._connected.is_set():
+        while not agent.conn.connected.is_set():
             assert time.monotonic() < deadline, "the agent did not connect"
             time.sleep(0.05)
         time.sleep(0.3)

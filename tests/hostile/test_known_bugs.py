@@ -22,6 +22,7 @@ from gateway.config import load_config as load_gateway
 from hw.scenario import ScenarioError, load_scenario
 from ledger import gossip as g
 from ledger.store import Ledger
+from mqttlink import Message
 from protocol import cbor
 
 
@@ -75,7 +76,7 @@ def test_a_task_is_saved_even_when_a_saved_task_vanishes_meanwhile(tmp_path, no_
     tasks.mkdir(parents=True, exist_ok=True)
     # Deterministic stand-in for the race: a listed task file that is gone by the time it is stat'ed.
     os.symlink(tasks / "gone-meanwhile", tasks / ("0" * 32 + ".task"))
-    agent._on_message(None, None, type("Msg", (), {"topic": agent.t_task, "payload": world.task(world.STRANGER)}))
+    agent._on_message(Message(agent.t_task, world.task(world.STRANGER), time.time()))
     logged = _tracebacks(no_tracebacks_in_logs)
     saved = [p for p in tasks.glob("*.task") if not p.is_symlink()]
     assert saved and not logged, logged
