@@ -229,8 +229,10 @@ def test_an_expired_release_is_refused(peer, start_agent, model):
 
 
 def test_a_model_over_256_kb_arrives_in_chunks_and_is_used(peer, broker, tmp_path):
-    from gateway.models import ModelPublisher
+    from gateway.lineage import Release
+    from gateway.models import ModelPublisher, chunk_count
     from hw.synthetic import SyntheticModel, synthetic_data
+    from protocol.digest import sha256
 
     shapes = {"big": (300, 300), "b": (7,)}  # 360 KB of float32: two chunks
     device = Identity.generate()
@@ -245,9 +247,12 @@ def test_a_model_over_256_kb_arrives_in_chunks_and_is_used(peer, broker, tmp_pat
     try:
         assert agent.conn.connected.wait(10)
         time.sleep(0.3)
-        publisher = ModelPublisher(GATEWAY, GATEWAY.id, "", peer.publish, tmp_path / "version")
-        release = publisher.release({k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}, 1)
-        assert release.chunks == 2
+        weights = {k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}
+        model = schemas.encode_model(weights)
+        release = Release(sha256(model), 1, 1, 1, b"", weights, len(model))
+        publisher = ModelPublisher(GATEWAY, GATEWAY.id, "", peer.publish)
+        publisher.publish(release)
+        assert chunk_count(release.size) == 2
         peer.task(device, release.digest)
         reply = peer.next("reply")
         assert reply.ctx.base == release.digest

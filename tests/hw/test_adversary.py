@@ -14,7 +14,7 @@ from agent.config import AgentConfig
 from agent.samples import LocalData
 from agent.service import Agent
 from gateway.config import GatewayConfig
-from gateway.ingest import ReplyChecker
+from gateway.ingest import Authenticator
 from gateway.service import Gateway
 from hw import adversary
 from hw.adversary import (
@@ -137,13 +137,13 @@ def test_a_forging_identity_breaks_reply_signatures_only():
     enroll_ctx = envelope.Context(device.public_key, gw.id, 0, "enroll", b"")
     envelope.decode(envelope.seal(forging, "enroll", enroll_ctx, {"name": "x", "time": 1.0})).verify()
     # The gateway's first stage refuses it as bad_signature; a sybil's push as unknown_device.
-    checker = ReplyChecker(gw.id, lambda key: key == device.public_key)
+    checker = Authenticator(gw.id, lambda key: key == device.public_key)
     wire = envelope.seal(forging, "reply", ctx, {"examples": 64}, attachment)
-    assert checker.check(topics.reply(gw.id, device.id), wire).reason == "bad_signature"
+    assert checker.authenticate(topics.reply(gw.id, device.id), wire).reason == "bad_signature"
     sybil = Identity.generate()
     push = adversary.unsolicited_reply(sybil, gw.id, {"w": (6, 3)}, 1)
     envelope.decode(push).verify()  # validly signed, by a key the gateway does not know
-    assert checker.check(topics.reply(gw.id, sybil.id), push).reason == "unknown_device"
+    assert checker.authenticate(topics.reply(gw.id, sybil.id), push).reason == "unknown_device"
 
 
 def test_honest_agents_in_the_same_process_train_unchanged():
