@@ -43,6 +43,8 @@ from .ingest import Authenticator
 log = logging.getLogger("starling.gateway.ingest")
 SEND_BATCH = 128  # outcomes per pipe message: one pickle for many replies
 SESSION_EXPIRY_S = 3600  # a restarted worker gets the replies queued for it within this time
+READY_WAIT_S = 30.0  # how long the gateway waits at start for its workers to hold the shared subscription
+READY = ("ready",)  # a worker's first message on its pipe, once the broker acknowledged its subscription
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ def worker_main(index: int, settings: WorkerSettings, enrolled: list[bytes], rev
         mqtt5=True, session_expiry_s=SESSION_EXPIRY_S, subscriptions=((settings.subscription, 1),),
         log_name=f"starling.gateway.ingest-{index}"), deliver=deliver)
     broker.start()  # connects in the background, and again after any drop
+    if broker.subscribed.wait(READY_WAIT_S):  # a shared subscription nobody holds yet drops what is sent to it
+        conn.send(READY)
     try:
         while not stop.is_set():
             while conn.poll(0):  # key set changes from the gateway
@@ -137,6 +141,7 @@ class IngestWorkers:
         self._workers: list[tuple[multiprocessing.Process, Connection]] = []
         self._send_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._ready = threading.Semaphore(0)  # one release per worker that holds its subscription
         self.restarts = 0
 
     def _start(self, index: int) -> tuple[multiprocessing.Process, Connection]:
@@ -157,6 +162,9 @@ class IngestWorkers:
                 batch = conn.recv()
             except (EOFError, OSError):
                 return
+            if batch == READY:
+                self._ready.release()
+                continue
             for topic, payload, outcome in batch:
                 self.bytes_in += len(payload)
                 self.inbox.put((topic, payload, outcome))
@@ -188,9 +196,14 @@ class IngestWorkers:
                     self.restarts += 1
 
     def __enter__(self) -> IngestWorkers:
+        """Start the workers and wait (at most READY_WAIT_S) until each holds the shared subscription: the
+        broker drops replies sent to a share group nobody has joined yet, so no round may start before."""
         with self._send_lock:
             self._workers = [self._start(i) for i in range(self.count)]
-        event(log, "ingest.workers", count=self.count, subscription=self.settings.subscription)
+        end = time.monotonic() + READY_WAIT_S
+        ready = sum(self._ready.acquire(timeout=max(0.0, end - time.monotonic())) for _ in range(self.count))
+        event(log, "ingest.workers", logging.INFO if ready == self.count else logging.WARNING, count=self.count,
+              ready=ready, subscription=self.settings.subscription)
         return self
 
     def __exit__(self, *exc) -> None:

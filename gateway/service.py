@@ -65,6 +65,7 @@ from .status import StatusBoard
 
 log = logging.getLogger("starling.gateway")
 LEDGER_SYNC_S = 1.0
+SUBSCRIBE_WAIT_S = 10.0
 INGEST_BATCH = 256  # messages taken from the inbox at once: one journal commit for all their replies
 EXPORT_WAIT_S = 120.0  # at the end of a run, how long the last MCU export may still take
 FIRST_START = "first start"
@@ -220,6 +221,7 @@ class Gateway:
         started = time.time()
         try:
             connection.connect()
+            connection.subscribed.wait(SUBSCRIBE_WAIT_S)  # replies sent before the broker routes them to us are lost
             self.keeper = LedgerKeeper(self.ledger_path, self.identity, cfg.name, cfg.genesis, cfg.gossip,
                                        (cfg.broker_host, cfg.broker_port, cfg.broker_auth), cfg.bootstrap_s,
                                        cfg.checkpoint_every)

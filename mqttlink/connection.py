@@ -112,6 +112,8 @@ class Connection:
         self._on_state = on_state
         self._log = logging.getLogger(options.log_name)
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker acknowledged the subscriptions of the current connect
+        self._connect_subscription: int | None = None  # the message id of that SUBSCRIBE
         self.bytes_in = 0  # payload bytes received
         self.bytes_out = 0  # payload bytes of `counted` publishes
         self._lock = threading.Lock()
@@ -141,6 +143,7 @@ class Connection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     # --- paho's thread: convert and queue ------------------------------------------------
@@ -159,7 +162,9 @@ class Connection:
         # the next connect.
         with self._lock:
             if self._subscriptions:
-                client.subscribe(list(self._subscriptions.items()))
+                self._connect_subscription = client.subscribe(list(self._subscriptions.items()))[1]
+            else:
+                self.subscribed.set()
             birth = self.options.birth
             if birth is not None:
                 client.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
@@ -170,8 +175,13 @@ class Connection:
         if self._on_state is not None:
             self._on_state(True, self.options.broker)
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid == self._connect_subscription:  # from now on the broker routes those topics to us
+            self.subscribed.set()
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         # Paho closes a refused attempt with an "Unspecified error" disconnect: `mqtt.refused` said it better.
         if self._closing or self.refused:
             return

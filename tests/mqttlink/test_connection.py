@@ -179,13 +179,16 @@ def test_subscriptions_are_made_again_after_a_broker_restart_that_forgot_the_ses
                           on_state=lambda *state: states.put(state))
         with conn:
             assert states.get(timeout=WAIT) == (True, f"mqtt://127.0.0.1:{broker.port}")
+            assert conn.subscribed.wait(WAIT)  # the broker acknowledged the connect's subscriptions
             conn.subscribe([("t/restart/later", 1), ("t/restart/gone", 1)])  # while connected
             conn.unsubscribe(["t/restart/gone"])
             broker.stop()
             connected, detail = states.get(timeout=WAIT)
             assert not connected and detail.startswith("disconnected: ")
+            assert not conn.subscribed.is_set()
             broker.start()
             assert states.get(timeout=WAIT)[0] is True
+            assert conn.subscribed.wait(WAIT)  # ... and again after the restart
             conn.publish("t/restart/gone", b"0")
             conn.publish("t/restart/opt", b"1")
             conn.publish("t/restart/later", b"2")
