@@ -97,7 +97,10 @@ class GatewayView:
     name: str = ""
     state: str = "unknown"
     round: int | None = None
-    num_rounds: int | None = None
+    num_rounds: int | None = None  # None: a gateway whose rounds go on until it is stopped
+    model_version: int | None = None  # its current model release (its lineage's head)
+    lineage: int | None = None  # which lineage of models (a new one after reset-model or a new model family)
+    next_round_at: float | None = None  # while idle: when its next round starts (its clock)
     enrolled: int | None = None
     devices_online: int | None = None
     rejections: dict[str, int] = field(default_factory=dict)
@@ -228,6 +231,11 @@ class Fleet:
         name = _text(doc, "name", None)
         round_ = _int(doc, "round")
         num_rounds = _int(doc, "num_rounds")
+        lineage = doc.get("lineage")
+        if lineage is not None and not isinstance(lineage, dict):
+            raise Malformed("bad_field", "lineage must be an object")
+        model_version, lineage_id = (_int(lineage, "version"), _int(lineage, "id")) if lineage else (None, None)
+        next_round_at = _number(doc, "next_round_at")
         enrolled = _int(doc, "enrolled")
         online = _int(doc, "online")
         rejections = _counts(doc.get("rejections"), "rejections") if "rejections" in doc else None
@@ -246,6 +254,7 @@ class Fleet:
             return
         view.name = name if name is not None else view.name
         view.round, view.num_rounds = round_, num_rounds
+        view.model_version, view.lineage, view.next_round_at = model_version, lineage_id, next_round_at
         view.enrolled, view.devices_online = enrolled, online
         view.status_time = status_time
         if ledger is not None and (view.ledger is None or ledger.time >= view.ledger.time):

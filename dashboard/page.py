@@ -108,7 +108,7 @@ function reasons(table) {
 
 const num = (v, digits) => v == null ? "–" : (digits == null ? String(v) : Number(v).toFixed(digits));
 const short = (id) => id ? id.slice(0, 8) : "–";
-const STATE_CLASS = { running: "ok", waiting: "warn", starting: "warn", done: "", stopped: "warn",
+const STATE_CLASS = { running: "ok", idle: "ok", waiting: "warn", starting: "warn", done: "", stopped: "warn",
                       failed: "bad", offline: "bad" };
 
 function renderAlerts(alerts, now) {
@@ -139,7 +139,10 @@ function renderGateways(gateways, now) {
       el("span", { class: "badge " + (STATE_CLASS[g.state] || ""), "data-field": "state" }, g.state)));
     const dl = el("dl");
     field(dl, "online", "online", g.online == null ? "run ended" : (g.online ? "yes" : "no"));
-    field(dl, "round", "round", num(g.round) + (g.num_rounds != null ? " / " + g.num_rounds : ""));
+    field(dl, "round", "round", num(g.round) + (g.num_rounds != null ? " / " + g.num_rounds : "") +
+          (g.state === "idle" && g.next_round_at != null && g.status_time != null
+           ? " (next in " + num(Math.max(0, g.next_round_at - g.status_time), 0) + " s)" : ""));
+    field(dl, "model", "model", g.model_version == null ? "–" : "v" + g.model_version + " (lineage " + num(g.lineage) + ")");
     field(dl, "participants", "participants", num(g.participants));
     field(dl, "devices", "devices online", num(g.devices_online) + " of " + num(g.enrolled));
     field(dl, "accuracy", "accuracy", num(g.accuracy, 3));

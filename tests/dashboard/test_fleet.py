@@ -184,3 +184,14 @@ def test_a_device_shows_the_name_it_enrolled_with():
          "rejected": {}}).encode(), 2.0)
     [row] = snapshot(fleet, 3.0)["devices"]
     assert row["name"] == "pole-17 <b>"  # shown as text by the page, never as markup
+
+
+def test_an_idle_continuous_gateway_shows_its_model_version_lineage_and_next_round():
+    fleet = Fleet()
+    doc = dict(last_status(), state="idle", num_rounds=None, next_round_at=2030.0, time=2000.0,
+               lineage={"id": 2, "model": "ab" * 32, "version": 41, "round": 17})
+    assert _status(fleet, doc) is None
+    gw = fleet.gateways[GW]
+    assert (gw.state, gw.num_rounds, gw.model_version, gw.lineage, gw.next_round_at) == ("idle", None, 41, 2, 2030.0)
+    assert _status(fleet, dict(doc, lineage="v41")) == "bad_field"  # refused, counted, nothing half-applied
+    assert fleet.gateways[GW].model_version == 41

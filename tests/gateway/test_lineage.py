@@ -222,3 +222,23 @@ def test_a_users_strategy_names_its_own_state_and_garbage_is_refused():
     assert strategy_state.capture(make_strategy("FedAvg", {})) is None  # FedAvg keeps nothing between rounds
     with pytest.raises(ValueError):
         strategy_state.restore(after, b"not an npz")
+
+
+def test_where_a_restarted_gateway_begins(tmp_path):
+    from gateway.service import FIRST_START, NEW_FAMILY, where_to_begin
+
+    journal = Journal(tmp_path / "rounds.db")
+    lineage = Lineage(journal)
+    assert where_to_begin(lineage, journal, "fam/1")[0].new_lineage == FIRST_START
+    root = lineage.start(WEIGHTS, FIRST_START, "fam/1")
+    assert where_to_begin(lineage, journal, "fam/1")[0].next_round == 0  # round 0 was never evaluated
+    journal.history.record(root.lineage, 0, {"round": 0})
+    assert where_to_begin(lineage, journal, "fam/1")[0].next_round == 1
+    journal.exchanges.open("train-1-a.1", root.lineage, 1, root.digest, [3])
+    beginning, interrupted = where_to_begin(lineage, journal, "fam/1")
+    assert (beginning.new_lineage, beginning.next_round, interrupted.task) == (None, 1, "train-1-a.1")
+    lineage.advance(shifted(1), 1, [b"\x01" * 32], "FedAvg", {}, None, ["train-1-a.1"])
+    journal.history.record(root.lineage, 2, {"round": 2})  # a round that made no new model
+    beginning, interrupted = where_to_begin(lineage, journal, "fam/1")
+    assert (beginning.new_lineage, beginning.next_round, interrupted) == (None, 3, None)
+    assert where_to_begin(lineage, journal, "fam/2")[0].new_lineage == NEW_FAMILY  # another model family
