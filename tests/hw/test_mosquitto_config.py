@@ -330,22 +330,26 @@ def _gateway_auth(broker, tmp_path: Path, password: str | None = None):
     return BrokerAuth(tls_ca=broker.ca, username=GW_USER, password_file=secret)
 
 
-def test_the_gateway_link_connects_over_tls_with_its_password_file_and_hears_a_device(broker, clients, tmp_path):
-    from gateway.link import Link
+def test_the_gateway_connection_goes_over_tls_with_its_password_file_and_hears_a_device(broker, clients, tmp_path):
+    from mqttlink import Connection, ConnectionOptions
 
-    with Link(GW_USER, HOST, broker.port, [t("reply", "+")], t("status"), _gateway_auth(broker, tmp_path)) as link:
+    options = ConnectionOptions(GW_USER, HOST, broker.port, _gateway_auth(broker, tmp_path),
+                                subscriptions=((t("reply", "+"), 1),))
+    with Connection(options) as link:  # as the gateway's service makes its connection
         assert isinstance(link.client.socket(), ssl.SSLSocket)
+        assert link.subscribed.wait(WAIT)
         clients(DEV_A).publish(t("reply", DEV_A), b"update")
-        topic, payload, _ = link.inbox.get(timeout=WAIT)
-        assert (topic, payload) == (t("reply", DEV_A), b"update")
+        message = link.inbox.get(timeout=WAIT)
+        assert (message.topic, message.payload) == (t("reply", DEV_A), b"update")
 
 
-def test_the_gateway_link_with_a_wrong_password_does_not_connect(broker, tmp_path):
-    from gateway.link import Link
+def test_the_gateway_connection_with_a_wrong_password_does_not_connect(broker, tmp_path):
+    from mqttlink import Connection, ConnectionOptions, ConnectError
 
-    with pytest.raises(ConnectionError):
-        with Link(GW_USER, HOST, broker.port, [], t("status"), _gateway_auth(broker, tmp_path, "wrong")):
+    with pytest.raises(ConnectError) as refused:
+        with Connection(ConnectionOptions(GW_USER, HOST, broker.port, _gateway_auth(broker, tmp_path, "wrong"))):
             pass
+    assert refused.value.refused  # the broker said no (not a timeout)
 
 
 def test_the_agent_connects_over_tls_as_its_device_id_and_its_enroll_request_reaches_the_gateway(
