@@ -25,7 +25,7 @@ from pathlib import Path
 MOSQUITTO_CONF = """\
 # Written by the Starling emulator: loopback only, anonymous, generous queues.
 listener {port} 127.0.0.1
-allow_anonymous true
+allow_anonymous {anonymous}
 {persistence}
 max_queued_messages 100000
 max_queued_bytes 0
@@ -69,7 +69,9 @@ class Broker:
 
     def __init__(self, workdir: Path, kind: str = "auto", port: int | None = None, persistent: bool = False,
                  bridge_to: tuple[str, int] | None = None, bridge_topics: tuple[str, ...] = ("starling/ledger/#",),
-                 listen: tuple[str, int] | None = None) -> None:
+                 listen: tuple[str, int] | None = None, anonymous: bool = True) -> None:
+        """`anonymous=False` (Mosquitto): a broker with no password file that refuses every login, for
+        tests of what a refused client does."""
         if kind not in ("auto", "mosquitto", "embedded"):
             raise ValueError(f"broker kind must be auto, mosquitto or embedded, not {kind!r}")
         self.workdir = Path(workdir)
@@ -91,6 +93,9 @@ class Broker:
                              "serves loopback only (apt-get install mosquitto)")
         if listen is not None and listen[1] == self.port:
             raise ValueError(f"the listen port {listen[1]} is the broker's loopback port; choose another")
+        self.anonymous = anonymous
+        if not anonymous and self.kind != "mosquitto":
+            raise ValueError("a broker that refuses every login needs Mosquitto")
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -103,7 +108,8 @@ class Broker:
                 persistence = f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1"
                 if os.geteuid() == 0:  # mosquitto drops to its own user, which cannot write here
                     persistence += "\nuser root"
-            text = MOSQUITTO_CONF.format(port=self.port, log=log, persistence=persistence)
+            text = MOSQUITTO_CONF.format(port=self.port, log=log, persistence=persistence,
+                                         anonymous="true" if self.anonymous else "false")
             if self.listen is not None:
                 _check_bindable(*self.listen)  # a clear message now, rather than a dead broker and its log
                 text += f"listener {self.listen[1]} {self.listen[0]}\n"  # before any bridge section

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -75,23 +73,8 @@ def refusing_broker(tmp_path):
     """A Mosquitto that refuses every login: no anonymous access and no password file."""
     if find_mosquitto() is None:
         pytest.skip("needs mosquitto")
-    port = free_port()
-    (tmp_path / "refusing.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n")
-    process = subprocess.Popen([find_mosquitto(), "-c", str(tmp_path / "refusing.conf")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None, "mosquitto did not listen"
-                time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(10)
+    with Broker(tmp_path / "refusing", kind="mosquitto", anonymous=False) as broker:
+        yield broker.port
 
 
 def test_a_refused_login_is_named_with_the_broker_s_reason(refusing_broker, tmp_path):

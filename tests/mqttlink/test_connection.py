@@ -210,23 +210,8 @@ def test_connect_raises_connect_error_within_its_timeout_when_nothing_listens():
 @pytest.fixture
 def closed_broker(tmp_path):
     """A Mosquitto that refuses every client: no anonymous access and no password file."""
-    port = free_port()
-    (tmp_path / "m.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n")
-    process = subprocess.Popen([find_mosquitto(), "-c", str(tmp_path / "m.conf")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + WAIT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None, "mosquitto did not listen"
-                time.sleep(0.05)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(10)
+    with Broker(tmp_path / "closed", kind="mosquitto", anonymous=False) as broker:
+        yield broker.port
 
 
 def test_a_refusal_is_a_connect_error_at_once_naming_the_reason(closed_broker):
