@@ -14,45 +14,22 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
+from gateway_helpers import ROOT, AgentFleet, gateway_config, start_gateway
 
-from agent.config import AgentConfig
-from agent.service import Agent
 from hw.broker import Broker
-from hw.synthetic import SyntheticModel, synthetic_data, write_manifest
 from ledger.store import Ledger
 from protocol import topics
 from protocol.keys import Identity
 
-ROOT = Path(__file__).resolve().parents[2]
-SHAPES = {"w": (16, 4), "b": (4,)}
 STAMP = r"^(\S+)Z INFO gateway "
-
-
-class Devices:
-    """Two agents in threads: they outlive every restart of the gateway (the broker keeps their sessions)."""
-
-    def __init__(self, tmp: Path, broker: Broker, gateway: Identity) -> None:
-        self.stop = threading.Event()
-        self.threads = []
-        for i in range(2):
-            config = AgentConfig(name=f"d{i}", key=tmp / f"d{i}.key", state_dir=tmp / f"d{i}", gateway_id=gateway.id,
-                                 gateway_public_key=gateway.public_key, broker_host=broker.host,
-                                 broker_port=broker.port, replay=tmp / "none.npz", resend_s=1.0, enroll_retry_s=0.5)
-            agent = Agent(config, Identity.generate(), SyntheticModel(SHAPES, seed=i + 1), synthetic_data(32))
-            thread = threading.Thread(target=agent.run, args=(self.stop,), daemon=True)
-            thread.start()
-            self.threads.append(thread)
-
-    def close(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(20)
+STRATEGY = 'name = "FedAdam"\nparams = { eta = 0.05, min_available_nodes = 2, min_train_nodes = 2, min_evaluate_nodes = 2 }'
+ROUNDS = "interval_s = 1.0\ndeadline_s = 30\nmin_devices = 2\nwait_devices_s = 30\nepochs = 1"
 
 
 class Status:
@@ -82,29 +59,9 @@ class Status:
         self.client.disconnect()
 
 
-def write_config(tmp: Path, broker: Broker, gateway: Identity) -> Path:
-    gateway.save(tmp / "gw.key")
-    manifest = write_manifest(tmp / "model", SHAPES)
-    conf = tmp / "gw.toml"
-    conf.write_text(
-        f'[gateway]\nname = "gw"\nkey = "gw.key"\nstate_dir = "state"\n'
-        f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[model]\nmanifest = "{manifest}"\n'
-        '[strategy]\nname = "FedAdam"\nparams = { eta = 0.05, min_available_nodes = 2, min_train_nodes = 2, '
-        "min_evaluate_nodes = 2 }\n"
-        "[rounds]\ninterval_s = 1.0\ndeadline_s = 30\nmin_devices = 2\nwait_devices_s = 30\nepochs = 1\n"
-        '[enrollment]\npolicy = "open"\n'
-    )
-    return conf
-
-
 def gateway_cli(conf: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args, "--config", str(conf)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def start(conf: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], cwd=ROOT,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 def stop(process: subprocess.Popen, log: Path) -> dict:
@@ -131,31 +88,52 @@ def lineage(state: Path, digest: str) -> tuple[int, dict]:
     return done.returncode, json.loads(done.stdout) if done.stdout.strip() else {}
 
 
-def test_rounds_go_on_at_their_interval_and_a_restart_continues_the_version_and_the_lineage(tmp_path):
+class GatewayRig:
+    """A broker, a gateway's config, its retained status and two agents; the gateway processes a test starts."""
+
+    def __init__(self, tmp: Path, broker: Broker) -> None:
+        self.gateway = Identity.generate()
+        self.conf = gateway_config(tmp, broker, self.gateway, STRATEGY, ROUNDS)
+        self.status = Status(broker, self.gateway)
+        self.devices = AgentFleet(tmp, broker, self.gateway, delays=[0, 0])
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, log: Path) -> subprocess.Popen:
+        self.processes.append(start_gateway(self.conf, log))
+        return self.processes[-1]
+
+    def close(self) -> None:
+        self.devices.close()
+        self.status.close()
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+
+
+@pytest.fixture
+def rig(tmp_path):
     with Broker(tmp_path / "broker", kind="mosquitto") as broker:
-        gateway = Identity.generate()
-        conf = write_config(tmp_path, broker, gateway)
-        status = Status(broker, gateway)
-        devices = Devices(tmp_path, broker, gateway)
-        first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-        processes = []
+        running = GatewayRig(tmp_path, broker)
         try:
-            processes.append(start(conf, first_log))
-            seen = status.wait_round(6, time.time())
-            assert seen["num_rounds"] is None and seen["state"] in ("idle", "running")
-            busy = gateway_cli(conf, "reset-model", "--reason", "while running")
-            assert busy.returncode == 2 and "stop the gateway first" in busy.stderr  # one writer per state folder
-            first = stop(processes[0], first_log)
-            assert first["state"] == "stopped"
-            processes.append(start(conf, second_log))
-            status.wait_round(first["rounds"][-1]["round"] + 2, time.time())
-            second = stop(processes[1], second_log)
+            yield running
         finally:
-            devices.close()
-            status.close()
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
+            running.close()
+
+
+def test_rounds_go_on_at_their_interval_and_a_restart_continues_the_version_and_the_lineage(rig, tmp_path):
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    since = time.time()
+    rig.start(first_log)
+    seen = rig.status.wait_round(6, since)
+    assert seen["num_rounds"] is None and seen["state"] in ("idle", "running")
+    busy = gateway_cli(rig.conf, "reset-model", "--reason", "while running")
+    assert busy.returncode == 2 and "stop the gateway first" in busy.stderr  # one writer per state folder
+    first = stop(rig.processes[0], first_log)
+    assert first["state"] == "stopped"
+    since = time.time()
+    rig.start(second_log)
+    rig.status.wait_round(first["rounds"][-1]["round"] + 2, since)
+    second = stop(rig.processes[1], second_log)
 
     # Rounds: one after another, at least interval_s apart, numbered on across the restart.
     before, after = starts(first_log), starts(second_log)
@@ -185,34 +163,24 @@ def test_rounds_go_on_at_their_interval_and_a_restart_continues_the_version_and_
     assert chain["releases"][-1]["reason"] == "first start"
 
 
-def test_an_operator_starts_a_new_lineage_and_the_gateway_evaluates_it_as_round_0(tmp_path):
-    with Broker(tmp_path / "broker", kind="mosquitto") as broker:
-        gateway = Identity.generate()
-        conf = write_config(tmp_path, broker, gateway)
-        status = Status(broker, gateway)
-        devices = Devices(tmp_path, broker, gateway)
-        first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-        processes = []
-        try:
-            processes.append(start(conf, first_log))
-            status.wait_round(2, time.time())
-            first = stop(processes[0], first_log)
-            conf.write_text(conf.read_text().replace("epochs = 1", "epochs = 1\nlr = 0.2"))  # and a new lr
-            reset = gateway_cli(conf, "reset-model", "--reason", "sensor recalibration")
-            assert reset.returncode == 0, reset.stderr
-            started = json.loads(reset.stdout)
-            assert "lineage.start" in reset.stderr and "sensor recalibration" in reset.stderr  # logged
-            assert started["previous"] == first["model"]["digest"] and started["on_ledger"]
-            assert started["version"] == first["model"]["version"] + 1
-            processes.append(start(conf, second_log))
-            status.wait_round(1, time.time())
-            second = stop(processes[1], second_log)
-        finally:
-            devices.close()
-            status.close()
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
+def test_an_operator_starts_a_new_lineage_and_the_gateway_evaluates_it_as_round_0(rig, tmp_path):
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    since = time.time()
+    rig.start(first_log)
+    rig.status.wait_round(2, since)
+    first = stop(rig.processes[0], first_log)
+    conf = rig.conf
+    conf.write_text(conf.read_text().replace("epochs = 1", "epochs = 1\nlr = 0.2"))  # and a new lr
+    reset = gateway_cli(conf, "reset-model", "--reason", "sensor recalibration")
+    assert reset.returncode == 0, reset.stderr
+    started = json.loads(reset.stdout)
+    assert "lineage.start" in reset.stderr and "sensor recalibration" in reset.stderr  # logged
+    assert started["previous"] == first["model"]["digest"] and started["on_ledger"]
+    assert started["version"] == first["model"]["version"] + 1
+    since = time.time()
+    rig.start(second_log)
+    rig.status.wait_round(1, since)
+    second = stop(rig.processes[1], second_log)
     assert [r["round"] for r in second["rounds"]][:2] == [0, 1]  # the new lineage's own rounds
     assert second["lineage"]["id"] == first["lineage"]["id"] + 1
     code, chain = lineage(tmp_path / "state", second["model"]["digest"])
