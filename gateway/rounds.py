@@ -141,6 +141,8 @@ class RoundBook:
         """Open an exchange; return the devices whose replies were restored from the journal (not to be
         tasked again). Re-opening an interrupted exchange also hands its deferred replies back."""
         resumed = self.is_reopening(task_id)
+        restored: set[str] = set()
+        deferred: list[tuple[str, bytes]] = []
         with self._cv:
             if round_ > self.current_round:
                 self.current_round = round_
@@ -150,14 +152,23 @@ class RoundBook:
                 self._open[(task.device_id, task.task)] = task
                 self._task_of[task.message_id] = task_id
                 traffic.sent += 1
+            if resumed:
+                # Restored under the lock that opened the tasks: a device re-sending its journaled reply in
+                # between (its receipt never left) would otherwise be accepted live, turn the restored copy
+                # into a duplicate and be tasked again.
+                restored = self._restore(self._interrupted.replies)
+                traffic.restored = len(restored)
+                self._interrupted, deferred, self._deferred = None, self._deferred, []
+            # No device could be tasked (all gone since sampling, or a resumed exchange that had closed with
+            # no reply): close() by message ids would never find this exchange, so it is over at once and
+            # still reaches take_closed (the engine finishes it in the journal; else a restart resumes it).
+            empty = not traffic.sent
+            if empty:
+                self._done.append(self._traffic.pop(task_id))
         if kind == "train" and self._exchanges is not None:
             self._exchanges.open(task_id, lineage, round_, base, [node_id(t.device_key) for t in tasks])
-        if not resumed:
-            return set()
-        restored = self._restore(self._interrupted.replies)
-        with self._cv:
-            traffic.restored = len(restored)
-            self._interrupted, deferred, self._deferred = None, self._deferred, []
+            if empty:
+                self._exchanges.close(task_id)
         if deferred:
             self._requeue(deferred)  # replies that came while the exchange was re-opening
         return restored

@@ -52,7 +52,8 @@ class Running:
         self.client.connect(broker.host, broker.port)
         self.client.subscribe(topics.receipt(identity.id, "+"), qos=1)
         self.client.loop_start()
-        assert eventually(lambda: self.gateway.sync is not None and self.gateway.state == "waiting")
+        assert eventually(lambda: self.gateway.keeper is not None and self.gateway.keeper.sync_link is not None
+                          and self.gateway.state == "waiting")
 
     def enroll(self, device: Identity) -> schemas.Receipt:
         ctx = envelope.Context(device.public_key, self.identity.id, 0, "enroll", b"")
@@ -87,18 +88,21 @@ def test_a_revocation_at_one_gateway_is_honoured_by_the_other(two_gateways):
     a, b = two_gateways
     device = Identity.generate()
     assert a.enroll(device).accepted
-    assert eventually(lambda: device.public_key in b.gateway.enrolled), "the enrollment reached the other gateway"
+    assert eventually(lambda: b.gateway.registry.is_enrolled(device.public_key)), \
+        "the enrollment reached the other gateway"
     done = subprocess.run(
         [sys.executable, "-m", "ledger.cli", "revoke", "--db", str(a.config.state_dir / "ledger.db"),
          "--key", str(a.config.key), "--device", device.id, "--reason", "stolen"],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert eventually(lambda: device.public_key in b.gateway.revoked), "the revocation reached the other gateway"
+    assert eventually(lambda: b.gateway.registry.is_revoked(device.public_key)), \
+        "the revocation reached the other gateway"
     refused = b.enroll(device)
     assert not refused.accepted and refused.reason == "revoked"
-    status = b.gateway._ledger_status()
+    status = b.gateway.keeper.status()
     assert status["peers"] == [a.identity.id] and status["equivocators"] == []
+    assert b.gateway.board.status()["ledger"]["peers"] == [a.identity.id]  # what the status topic carries
     from ledger.store import Ledger
     from ledger.verify import verify_store
 

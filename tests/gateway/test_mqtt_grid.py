@@ -1,13 +1,17 @@
 """MqttGrid under real Flower strategies, with devices answering through the real protocol.
 
-No broker here: the grid's publish goes to an in-process "fleet" that signs
-replies the way agents do, so these tests pin the Grid's own logic (task
-binding, reply conversion, closing rounds, restarts) quickly and exactly.
+No broker here: the gateway's publish goes to an in-process "fleet" that signs
+replies the way agents do and hands them straight to the reply intake (as the
+gateway's worker thread would), so these tests pin the Grid's own logic (task
+binding, reply conversion, closing exchanges, restarts) quickly and exactly.
+The parts are the gateway's own: a `RoundBook` on a real journal, an `Outbox`,
+and releases from a real `Lineage` published by a `ModelPublisher`.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,8 +21,14 @@ from flwr.serverapp.strategy import FedAvg, FedMedian
 from flwr.supercore.task_identity import TaskIdentity
 
 from gateway.grid import MqttGrid
-from gateway.ingest import ReplyChecker
-from gateway.models import ModelPublisher
+from gateway.ingest import EVALUATE_METRICS, Accepted, Authenticator, Deferred, Duplicate, Rejected
+from gateway.intake import ReplyIntake
+from gateway.journal import Interrupted, Journal
+from gateway.lineage import Lineage, Release, encode
+from gateway.models import ModelPublisher, chunk_count
+from gateway.outbox import Outbox
+from gateway.releases import Releases
+from gateway.rounds import RoundBook
 from protocol import envelope, schemas, topics
 from protocol.keys import Identity
 
@@ -31,23 +41,39 @@ TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_N
 class Fleet:
     """Devices that answer every task at once: train adds (device index) to every weight.
 
-    With `resend`, each device sends its reply a second time, as an agent does whose receipt is slow."""
+    `answer`: True (all), False (none) or the devices that answer. With `resend`, each device sends its
+    reply a second time, as an agent does whose receipt is slow; without `deliver`, replies are only
+    recorded (`replies`), for a test to hand in. It is also the grid's view of the
+    devices (`online_nodes`, `key_of`)."""
 
-    def __init__(self, online=DEVICES, answer=True, resend=False):
+    def __init__(self, online=DEVICES, answer=True, resend=False, deliver=True):
         self.online = {d.node_id: d for d in online}
         self.known = {d.node_id: d for d in DEVICES}
         self.answer = answer
         self.resend = resend
-        self.grid: MqttGrid | None = None
+        self.deliver = deliver
+        self.intake: ReplyIntake | None = None
+        self.after_reply = lambda: None
         self.published: list[tuple[str, bytes]] = []
         self.replies: list[tuple[str, bytes]] = []
 
+    def online_nodes(self) -> dict[int, bytes]:
+        return {n: d.public_key for n, d in self.online.items()}
+
+    def key_of(self, node: int) -> bytes | None:
+        return self.known[node].public_key if node in self.known else None
+
+    def answers(self, device: Identity) -> bool:
+        return self.answer if isinstance(self.answer, bool) else device in self.answer
+
     def publish(self, topic, payload, retain=False, counted=True):
         self.published.append((topic, payload))
-        if "/task/" not in topic or not self.answer:
+        if "/task/" not in topic:
+            return
+        device = next(d for d in DEVICES if d.id == topics.device_of(topic))
+        if not self.answers(device):
             return
         task_env = envelope.decode(payload)
-        device = next(d for d in DEVICES if d.id == topics.device_of(topic))
         task = schemas.Task.from_body(task_env.body)
         index = DEVICES.index(device) + 1
         if task.kind == "train":
@@ -58,9 +84,17 @@ class Fleet:
         ctx = envelope.Context(device.public_key, GATEWAY.id, task_env.ctx.round, task_env.ctx.task, task_env.ctx.base)
         wire = envelope.seal(device, "reply", ctx, {"examples": 10 * index}, update)
         self.replies.append((topics.reply(GATEWAY.id, device.id), wire))
-        self.grid.handle_reply(topics.reply(GATEWAY.id, device.id), wire)
+        if not self.deliver:
+            return
+        self.send(topics.reply(GATEWAY.id, device.id), wire)
         if self.resend:
-            self.grid.handle_reply(topics.reply(GATEWAY.id, device.id), wire)
+            self.send(topics.reply(GATEWAY.id, device.id), wire)
+        self.after_reply()
+
+    def send(self, topic: str, wire: bytes):
+        """A reply reaches the gateway (its worker thread runs the intake)."""
+        (outcome,) = self.intake.handle([(topic, wire, None)])
+        return outcome
 
     def receipts(self, device: Identity) -> list[tuple[str, schemas.Receipt]]:
         """(task id, receipt) for each receipt the gateway sent this device, in order."""
@@ -68,29 +102,78 @@ class Fleet:
         for topic, payload in self.published:
             if topic == topics.receipt(GATEWAY.id, device.id):
                 env = envelope.decode(payload)
-                env.verify()
+                env.verify(GATEWAY.public_key)
                 out.append((env.ctx.task, schemas.Receipt.from_body(env.body)))
         return out
 
 
-def make_grid(fleet: Fleet, tmp_path, deadline_s=5.0) -> MqttGrid:
-    checker = ReplyChecker(GATEWAY.id, lambda key: any(key == d.public_key for d in DEVICES))
-    models = ModelPublisher(GATEWAY, GATEWAY.id, "arch", fleet.publish, tmp_path / "model_version")
-    grid = MqttGrid(GATEWAY, GATEWAY.id, fleet.publish, checker, models,
-                    lambda: {n: d.public_key for n, d in fleet.online.items()},
-                    lambda n: fleet.known[n].public_key if n in fleet.known else None,
-                    deadline_s, schemas.TrainConfig())
-    fleet.grid = grid
-    return grid
+class Keeper:
+    """The ledger's side of releases (not under test here): what would be recorded."""
+
+    def __init__(self) -> None:
+        self.recorded: list = []
+
+    def record_lineage(self, start) -> None:
+        self.recorded.append(start)
+
+    def record_aggregate(self, release, strategy, inputs) -> None:
+        self.recorded.append(release)
+
+
+class Gateway:
+    """The parts of a gateway the grid works with, wired as gateway/service.py wires them."""
+
+    def __init__(self, fleet: Fleet, tmp_path, deadline_s: float = 5.0, interrupted: Interrupted | None = None,
+                 is_revoked=lambda key: False, restore_hook=lambda: None) -> None:
+        """`restore_hook()`: called as the book authenticates a journaled reply it restores."""
+        self.journal = Journal(tmp_path / "rounds.db")
+        self.lineage = Lineage(self.journal)
+        publisher = ModelPublisher(GATEWAY, GATEWAY.id, "arch", fleet.publish)
+        self.releases = Releases(self.lineage, publisher, Keeper(), "family", tmp_path / "model.npz")
+        if self.lineage.head is None:
+            self.releases.start(WEIGHTS, "first start")
+        self.authenticator = Authenticator(GATEWAY.id, lambda key: any(key == d.public_key for d in DEVICES),
+                                           is_revoked)
+        def restore_authenticate(topic, payload):
+            restore_hook()
+            return self.authenticator.authenticate(topic, payload)
+
+        self.book = RoundBook(self.journal.exchanges, restore_authenticate, is_revoked, EVALUATE_METRICS,
+                              self.requeue, interrupted)
+        self.outbox = Outbox(GATEWAY, GATEWAY.id, fleet.publish)
+        self.intake = ReplyIntake(self.authenticator, self.book, self.outbox)
+        self.stop = threading.Event()
+        self.grid = MqttGrid(self.book, self.outbox, self.releases.release_for, fleet, deadline_s, self.stop)
+        fleet.intake = self.intake
+
+    def requeue(self, items: list[tuple[str, bytes]]) -> None:
+        """Deferred replies back to the intake (the service puts them in its inbox)."""
+        self.intake.handle([(topic, payload, None) for topic, payload in items])
+
+    def close(self) -> None:
+        self.journal.close()
+
+
+@pytest.fixture
+def gateways(tmp_path):
+    made: list[Gateway] = []
+
+    def make(fleet: Fleet, deadline_s: float = 5.0, **kwargs) -> Gateway:
+        made.append(Gateway(fleet, tmp_path, deadline_s, **kwargs))
+        return made[-1]
+
+    yield make
+    for gateway in made:
+        gateway.close()
 
 
 def arrays(value=0.0):
     return ArrayRecord({k: Array(np.full_like(v, value)) for k, v in WEIGHTS.items()})
 
 
-def test_fedavg_through_the_grid_averages_full_weights_by_example_count(tmp_path):
+def test_fedavg_through_the_grid_averages_full_weights_by_example_count(gateways):
     fleet = Fleet()
-    grid = make_grid(fleet, tmp_path)
+    grid = gateways(fleet).grid
     strategy = FedAvg(min_available_nodes=3, min_train_nodes=3)
     replies = grid.send_and_receive(strategy.configure_train(1, arrays(), ConfigRecord({"lr": 0.1}), grid))
     assert len(replies) == 3 and all(r.metadata.message_id for r in replies)
@@ -99,18 +182,18 @@ def test_fedavg_through_the_grid_averages_full_weights_by_example_count(tmp_path
     np.testing.assert_allclose(aggregated["w"].numpy(), 140 / 60, rtol=1e-6)
 
 
-def test_fedmedian_takes_the_median_of_the_devices_weights(tmp_path):
+def test_fedmedian_takes_the_median_of_the_devices_weights(gateways):
     fleet = Fleet()
-    grid = make_grid(fleet, tmp_path)
+    grid = gateways(fleet).grid
     strategy = FedMedian(min_available_nodes=3, min_train_nodes=3)
     replies = grid.send_and_receive(strategy.configure_train(1, arrays(), ConfigRecord(), grid))
     aggregated, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(aggregated["b"].numpy(), 2.0)
 
 
-def test_the_model_is_published_once_for_all_devices_and_tasks_name_it(tmp_path):
+def test_the_model_is_published_once_for_all_devices_and_tasks_name_it(gateways):
     fleet = Fleet()
-    grid = make_grid(fleet, tmp_path)
+    grid = gateways(fleet).grid
     grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), grid))
     models = [t for t, _ in fleet.published if "/model/" in t]
     tasks = [envelope.decode(p) for t, p in fleet.published if "/task/" in t]
@@ -118,131 +201,172 @@ def test_the_model_is_published_once_for_all_devices_and_tasks_name_it(tmp_path)
     assert {t.ctx.base.hex() for t in tasks} == {models[0].rsplit("/", 1)[1]}
 
 
-def test_a_closed_round_reports_its_traffic_once(tmp_path):
+def test_a_closed_round_reports_its_traffic_once(gateways):
     fleet = Fleet()
-    grid = make_grid(fleet, tmp_path)
-    closed = []
-    grid.on_closed = closed.append
+    gateway = gateways(fleet)
+    grid = gateway.grid
     grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(2, arrays(), ConfigRecord(), grid))
+    closed = gateway.book.take_closed()
     assert [(t.kind, t.round, len(t.accepted), t.sent) for t in closed] == [("train", 2, 3, 3)]
-    assert grid.traffic == {}  # nothing of a closed round is kept
+    assert gateway.book.take_closed() == []  # taken once: nothing of a closed exchange is kept
+    assert all(gateway.book.open_task(d.id, closed[0].task) is None for d in DEVICES)
 
 
-def test_a_sub_typed_message_closes_its_round(tmp_path):
+def test_a_sub_typed_message_closes_its_round(gateways):
     fleet = Fleet()
-    grid = make_grid(fleet, tmp_path)
-    closed = []
-    grid.on_closed = closed.append
+    gateway = gateways(fleet)
     messages = [Message(RecordDict({"arrays": arrays(), "config": ConfigRecord({"server-round": 1})}), d.node_id,
                         "train.custom") for d in DEVICES]
-    assert len(list(grid.send_and_receive(messages))) == 3
-    assert [t.kind for t in closed] == ["train"]
+    assert len(list(gateway.grid.send_and_receive(messages))) == 3
+    assert [t.kind for t in gateway.book.take_closed()] == ["train"]
 
 
-def test_a_device_that_went_offline_after_sampling_gets_its_task_without_crashing_the_round(tmp_path):
+def test_a_device_that_went_offline_after_sampling_gets_its_task_without_crashing_the_round(gateways):
     fleet = Fleet()
-    grid = make_grid(fleet, tmp_path)
+    grid = gateways(fleet).grid
     messages = FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), grid)
     del fleet.online[DEVICES[0].node_id]  # its last will arrives between sampling and push
     assert len(list(grid.send_and_receive(messages))) == 3
 
 
-def test_a_round_without_replies_closes_at_its_deadline(tmp_path):
+def test_a_round_without_replies_closes_at_its_deadline(gateways):
     fleet = Fleet(answer=False)
-    grid = make_grid(fleet, tmp_path, deadline_s=0.3)
+    gateway = gateways(fleet, deadline_s=0.3)
+    grid = gateway.grid
+    started = time.monotonic()
     replies = grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), grid))
     assert list(replies) == []
+    assert 0.25 <= time.monotonic() - started < 3
+    assert [(len(t.accepted), t.sent) for t in gateway.book.take_closed()] == [(0, 3)]
 
 
-def test_replies_recorded_in_an_earlier_run_are_refused_after_a_restart(tmp_path):
+def test_replies_recorded_in_an_earlier_run_are_refused_after_a_restart(gateways):
     first = Fleet()
-    grid = make_grid(first, tmp_path)
-    grid.send_and_receive(FedAvg(min_available_nodes=3).configure_evaluate(0, arrays(), ConfigRecord(), grid))
+    earlier = gateways(first)
+    earlier.grid.send_and_receive(FedAvg(min_available_nodes=3).configure_evaluate(0, arrays(), ConfigRecord(),
+                                                                                   earlier.grid))
+    earlier.close()
     restarted_fleet = Fleet(answer=False)
-    restarted = make_grid(restarted_fleet, tmp_path, deadline_s=0.5)
-    waiter = threading.Thread(target=lambda: restarted.send_and_receive(
-        FedAvg(min_available_nodes=3).configure_evaluate(0, arrays(), ConfigRecord(), restarted)))
+    restarted = gateways(restarted_fleet, deadline_s=0.5)
+    waiter = threading.Thread(target=lambda: restarted.grid.send_and_receive(
+        FedAvg(min_available_nodes=3).configure_evaluate(0, arrays(), ConfigRecord(), restarted.grid)))
     waiter.start()
-    import time
-
     time.sleep(0.1)
-    outcomes = [restarted.handle_reply(topic, wire) for topic, wire in first.replies]
+    outcomes = [restarted_fleet.send(topic, wire) for topic, wire in first.replies]
     waiter.join()
     assert [o.reason for o in outcomes] == ["not_selected"] * 3
-    assert restarted.run_tag != grid.run_tag
+    assert restarted.grid.run_tag != earlier.grid.run_tag
 
 
 def test_model_versions_keep_growing_across_restarts(tmp_path):
-    fleet = Fleet()
-    first = ModelPublisher(GATEWAY, GATEWAY.id, "arch", fleet.publish, tmp_path / "v")
-    assert first.release(WEIGHTS, 0).version == 0
-    assert first.release({k: v + 1 for k, v in WEIGHTS.items()}, 1).version == 1
-    again = ModelPublisher(GATEWAY, GATEWAY.id, "arch", fleet.publish, tmp_path / "v")
-    assert again.release(WEIGHTS, 0).version == 2
+    journal = Journal(tmp_path / "rounds.db")
+    lineage = Lineage(journal)
+    assert lineage.start(WEIGHTS, "first start", "arch").version == 0
+    step = lineage.advance({k: v + 1 for k, v in WEIGHTS.items()}, 1, [], "FedAvg", {}, None, [])
+    assert step.version == 1
+    journal.close()
+    journal = Journal(tmp_path / "rounds.db")  # the gateway restarted
+    try:
+        again = Lineage(journal)
+        assert again.head.version == 1 and again.head.digest == step.digest
+        back = again.advance(WEIGHTS, 2, [], "FedAvg", {}, None, [])  # the very model of version 0 again
+        assert back.version == 2
+        assert again.start(WEIGHTS, "reset-model: test", "arch").version == 3  # a new lineage goes on counting
+    finally:
+        journal.close()
 
 
-def test_exchanges_without_a_server_round_still_get_their_own_tasks(tmp_path):
+def test_exchanges_without_a_server_round_still_get_their_own_tasks(gateways):
     fleet = Fleet()
-    grid = make_grid(fleet, tmp_path)
+    gateway = gateways(fleet)
+    task_ids = set()
     for _ in range(2):
         messages = [Message(RecordDict({"arrays": arrays(), "config": ConfigRecord()}), d.node_id, "train")
                     for d in DEVICES]
-        assert len(list(grid.send_and_receive(messages))) == 3
-    assert grid.rejections == {}
+        assert len(list(gateway.grid.send_and_receive(messages))) == 3
+        task_ids |= {t.task for t in gateway.book.take_closed()}
+    assert gateway.book.rejections == {} and len(task_ids) == 2
 
 
-def test_sigterm_ends_flowers_wait_for_nodes(tmp_path):
+def test_sigterm_ends_flowers_wait_for_nodes(gateways):
     fleet = Fleet(online=[])
-    grid = make_grid(fleet, tmp_path)
-    grid.stop.set()
+    gateway = gateways(fleet)
+    gateway.stop.set()
     with pytest.raises(InterruptedError):
-        FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), grid)
+        FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), gateway.grid)
 
 
 def test_a_model_over_256_kb_is_published_as_retained_chunks_before_its_release(tmp_path):
     fleet = Fleet(answer=False)
-    publisher = ModelPublisher(GATEWAY, GATEWAY.id, "arch", fleet.publish, tmp_path / "v", ttl_s=60)
+    publisher = ModelPublisher(GATEWAY, GATEWAY.id, "arch", fleet.publish, ttl_s=60)
+
+    def release(weights, version) -> Release:
+        weights, model, digest = encode(weights)
+        return Release(digest, version, 1, version, b"", weights, len(model))
+
     big = {"w": np.ones((400, 400), np.float32)}  # 640 KB: three chunks
-    release = publisher.release(big, 1)
-    assert release.chunks == 3
-    address = topics.model(GATEWAY.id, release.digest.hex())
+    first = release(big, 1)
+    publisher.publish(first)
+    assert chunk_count(first.size) == 3
+    address = topics.model(GATEWAY.id, first.digest.hex())
     assert [t for t, _ in fleet.published] == [f"{address}/0", f"{address}/1", f"{address}/2", address]
     env = envelope.decode(fleet.published[-1][1])
     env.verify()
     body = schemas.ModelRelease.from_body(env.body)
-    assert body.chunks == 3 and env.attachment is None
-    assert 0 < body.expires - __import__("time").time() <= 60
+    assert body.chunks == 3 and env.attachment is None and body.version == 1
+    assert 0 < body.expires - time.time() <= 60
     assert b"".join(p for _, p in fleet.published[:3]) == schemas.encode_model(big)
     for i in range(2, 4):  # two newer releases push it out: every piece is cleared
-        publisher.release({"w": np.full((2,), float(i), np.float32)}, i)
+        publisher.publish(release({"w": np.full((2,), float(i), np.float32)}, i))
     cleared = {t for t, p in fleet.published if p == b""}
     assert {address, f"{address}/0", f"{address}/1", f"{address}/2"} <= cleared
 
 
-def test_a_check_that_fails_costs_only_its_reply_not_the_rest_of_the_batch(tmp_path):
+def test_a_check_that_fails_in_stage_one_costs_only_its_reply_not_the_rest_of_the_batch(gateways):
     fleet = Fleet(answer=False)
-    grid = make_grid(fleet, tmp_path)
-    real_check = grid.checker.check
+    gateway = gateways(fleet)
+    real = gateway.authenticator.authenticate
     calls = {"n": 0}
 
-    def failing_first(topic, payload, now=None, first=None):
+    def failing_first(topic, payload):
         calls["n"] += 1
         if calls["n"] == 1:
             raise KeyError("a bug in a check")
-        return real_check(topic, payload, now, first)
+        return real(topic, payload)
 
-    grid.checker.check = failing_first
-    outcomes = grid.handle_replies([("starling/x/reply/a", b"\x00", None), ("starling/x/reply/b", b"\x01", None)])
+    gateway.authenticator.authenticate = failing_first
+    outcomes = gateway.intake.handle([("starling/x/reply/a", b"\x00", None), ("starling/x/reply/b", b"\x01", None)])
     assert [o.reason for o in outcomes] == ["internal_error", "schema"]
     assert "KeyError" in outcomes[0].detail and outcomes[0].device_id == "a"
-    assert grid.rejections == {"internal_error": 1, "schema": 1}
+    assert gateway.book.rejections == {"internal_error": 1, "schema": 1}
 
 
-def test_a_reply_sent_again_in_its_round_is_acknowledged_again_and_counted_as_a_duplicate(tmp_path):
+def test_a_check_that_fails_in_stage_two_costs_only_its_reply_not_the_rest_of_the_batch(gateways):
+    calls = {"n": 0}
+
+    def failing_first(key):  # stage 2 first asks whether the sender was revoked meanwhile
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("a bug in a check")
+        return False
+
+    fleet = Fleet(deliver=False)  # the devices answer; their replies are handed in below, in one batch
+    gateway = gateways(fleet, is_revoked=failing_first)
+    gateway.authenticator.is_revoked = lambda key: False  # stage 1 is not the one with the bug
+    grid = gateway.grid
+    grid.push_messages(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), grid))
+    assert len(fleet.replies) == 3
+    outcomes = gateway.intake.handle([(t, p, None) for t, p in fleet.replies])
+    assert isinstance(outcomes[0], Rejected) and outcomes[0].reason == "internal_error"
+    assert "KeyError" in outcomes[0].detail and outcomes[0].device_id == topics.device_of(fleet.replies[0][0])
+    assert all(isinstance(o, Accepted) for o in outcomes[1:])
+    assert gateway.book.rejections == {"internal_error": 1}
+
+
+def test_a_reply_sent_again_in_its_round_is_acknowledged_again_and_counted_as_a_duplicate(gateways):
     fleet = Fleet(resend=True)
-    grid = make_grid(fleet, tmp_path)
-    closed = []
-    grid.on_closed = closed.append
+    gateway = gateways(fleet)
+    grid = gateway.grid
     strategy = FedAvg(min_available_nodes=3, min_train_nodes=3)
     replies = grid.send_and_receive(strategy.configure_train(1, arrays(), ConfigRecord(), grid))
     assert len(replies) == 3  # each device's update counts once
@@ -251,45 +375,118 @@ def test_a_reply_sent_again_in_its_round_is_acknowledged_again_and_counted_as_a_
     for device in DEVICES:
         (first, r1), (second, r2) = fleet.receipts(device)
         assert first == second and r1.accepted and r2.accepted and r1.reply == r2.reply
-    assert grid.duplicates == 3 and grid.rejections == {}
-    assert [(t.rejected, t.duplicates) for t in closed] == [({}, 3)]
+    assert gateway.book.duplicates == 3 and gateway.book.rejections == {}
+    assert [(t.rejected, t.duplicates) for t in gateway.book.take_closed()] == [({}, 3)]
 
 
-def test_a_reply_sent_again_after_its_round_is_a_replay_rejection(tmp_path):
+def test_a_reply_sent_again_after_its_round_is_a_replay_rejection(gateways):
     fleet = Fleet()
-    grid = make_grid(fleet, tmp_path)
+    gateway = gateways(fleet)
+    grid = gateway.grid
     strategy = FedAvg(min_available_nodes=3, min_train_nodes=3)
     grid.send_and_receive(strategy.configure_train(1, arrays(), ConfigRecord(), grid))
     topic, old = fleet.replies[0]
     grid.send_and_receive(strategy.configure_train(2, arrays(), ConfigRecord(), grid))
-    outcome = grid.handle_reply(topic, old)
+    outcome = fleet.send(topic, old)
     assert outcome.reason == "replay"
-    assert grid.rejections == {"replay": 1} and grid.duplicates == 0
+    assert gateway.book.rejections == {"replay": 1} and gateway.book.duplicates == 0
     device = next(d for d in DEVICES if d.id == topics.device_of(topic))
     task, receipt = fleet.receipts(device)[-1]
     assert task == envelope.decode(old).ctx.task and receipt.accepted  # acknowledged: its device stops re-sending
 
 
-def test_a_reply_re_sent_across_a_crash_is_a_duplicate_of_the_journaled_one(tmp_path):
+def crash_after_the_first_reply(gateways) -> tuple[str, bytes, Interrupted]:
+    """A gateway journals DEVICES[0]'s reply, then dies (here: is stopped) before the round ends; return that
+    reply (topic, wire) and what the journal says is to be re-opened."""
+    before = Fleet(answer=[DEVICES[0]])
+    crashed = gateways(before)
+    before.after_reply = crashed.stop.set
+    with pytest.raises(InterruptedError):
+        crashed.grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(),
+                                                                                    crashed.grid))
+    (topic, journaled), = before.replies
+    head = crashed.lineage.head
+    crashed.close()
+    probe = Journal(crashed.journal.path)
+    try:
+        interrupted = probe.exchanges.interrupted(head.lineage, head.digest)
+    finally:
+        probe.close()
+    task = envelope.decode(journaled).ctx
+    assert interrupted == Interrupted(task.task, head.lineage, 1, head.digest, sorted(d.node_id for d in DEVICES),
+                                      [journaled], closed=False, recorded=False)
+    return topic, journaled, interrupted
+
+
+def test_a_reply_re_sent_across_a_crash_is_a_duplicate_of_the_journaled_one(gateways):
     """The gateway journaled a reply, then died before its receipt left: the device sends it again,
     while the round re-opens. The restored reply counts once; the re-send is acknowledged as a duplicate."""
-    from gateway.journal import Resume
-
-    before = Fleet()
-    crashed = make_grid(before, tmp_path)
-    crashed.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), crashed))
-    topic, journaled = before.replies[0]
+    early = DEVICES[0]
+    topic, journaled, interrupted = crash_after_the_first_reply(gateways)
     task = envelope.decode(journaled).ctx
-    device = next(d for d in DEVICES if d.id == topics.device_of(topic))
+    # The restart: the journal says which exchange to re-open, with its devices and its accepted reply.
     fleet = Fleet()
-    grid = make_grid(fleet, tmp_path)
-    grid.run_tag = crashed.run_tag
-    grid.resume = Resume(crashed.run_tag, 1, task.task, task.base, b"", [d.node_id for d in DEVICES], [journaled],
-                         closed=False, recorded=False)
-    grid.checker.reopening.add(task.task)
-    assert grid.handle_reply(topic, journaled).reason == "deferred"  # the re-send, before the round re-opens
-    replies = grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), grid))
+    gateway = gateways(fleet, interrupted=interrupted)
+    deferred = fleet.send(topic, journaled)  # the re-send, before the round re-opens
+    assert isinstance(deferred, Deferred) and gateway.book.rejections == {} and fleet.receipts(early) == []
+    replies = gateway.grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(),
+                                                                                          gateway.grid))
     assert len(replies) == 3
-    assert [t for t, _ in fleet.published if t == topics.task(GATEWAY.id, device.id)] == []  # not re-tasked
-    assert [(t, r.accepted) for t, r in fleet.receipts(device)] == [(task.task, True)]
-    assert grid.duplicates == 1 and grid.rejections == {}
+    assert [t for t, _ in fleet.published if t == topics.task(GATEWAY.id, early.id)] == []  # not re-tasked
+    assert [(t, r.accepted) for t, r in fleet.receipts(early)] == [(task.task, True)]
+    assert gateway.book.duplicates == 1 and gateway.book.rejections == {}
+    (traffic,) = gateway.book.take_closed()
+    assert (traffic.task, traffic.restored, len(traffic.accepted), traffic.duplicates) == (task.task, 1, 3, 1)
+
+
+def test_a_re_send_while_the_interrupted_exchange_re_opens_does_not_displace_the_journaled_reply(gateways):
+    """The device's re-send arrives (on the worker thread) just as the re-opened exchange restores the journaled
+    replies: it waits for the restore, so it is a duplicate of the restored reply, and the device is not tasked
+    again for a round it already answered."""
+    early = DEVICES[0]
+    topic, journaled, interrupted = crash_after_the_first_reply(gateways)
+    fleet = Fleet()
+    live: dict = {}
+    threads: list[threading.Thread] = []
+
+    def re_send_now():
+        if not threads:
+            threads.append(threading.Thread(target=lambda: live.setdefault("outcome", fleet.send(topic, journaled))))
+            threads[0].start()
+            threads[0].join(0.3)  # (it may only finish once the restore is done)
+
+    gateway = gateways(fleet, interrupted=interrupted, restore_hook=re_send_now)
+    replies = gateway.grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(),
+                                                                                          gateway.grid))
+    threads[0].join(5)
+    assert len(replies) == 3 and isinstance(live["outcome"], Duplicate)
+    assert [t for t, _ in fleet.published if t == topics.task(GATEWAY.id, early.id)] == []  # not re-tasked
+    (traffic,) = gateway.book.take_closed()
+    assert (traffic.restored, len(traffic.accepted), traffic.duplicates) == (1, 3, 1)
+    assert gateway.book.duplicates == 1 and gateway.book.rejections == {}
+
+
+@pytest.mark.parametrize("case", ["every sampled device is gone", "a resumed exchange that closed with no reply"])
+def test_an_exchange_no_device_could_be_tasked_for_closes_at_once_and_is_reported(gateways, case):
+    """Nothing to wait for: the exchange is over at once, and its traffic still reaches `take_closed` (which the
+    engine needs to finish the exchange in the journal: else a restart would resume it)."""
+    fleet = Fleet()
+    interrupted = None
+    if case != "every sampled device is gone":
+        gateway = gateways(fleet)
+        head = gateway.lineage.head
+        gateway.close()
+        interrupted = Interrupted("train-1-dead.1", head.lineage, 1, head.digest, [d.node_id for d in DEVICES], [],
+                                  closed=True, recorded=False)
+    gateway = gateways(fleet, deadline_s=5.0, interrupted=interrupted)
+    grid = gateway.grid
+    messages = FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(), grid)
+    if interrupted is None:
+        fleet.known.clear()  # revoked (or gone) between sampling and push
+    started = time.monotonic()
+    assert list(grid.send_and_receive(messages)) == []
+    assert time.monotonic() - started < 2  # not the deadline
+    (traffic,) = gateway.book.take_closed()
+    assert (traffic.kind, traffic.round, traffic.sent, traffic.accepted) == ("train", 1, 0, [])
+    assert gateway.journal.read("select closed from exchange where task = ?", traffic.task) == [(1,)]
+    assert [t for t, _ in fleet.published if "/task/" in t] == []

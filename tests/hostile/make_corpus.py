@@ -12,8 +12,9 @@ and, for a reply, the round the gateway moved on to before the file arrives
 (`moved_on_to`: the same reply in its own round is an honest duplicate, not a
 replay).
 
-Surfaces: `reply` (gateway/ingest.py's reasons), `enroll` (gateway/service.py
-`_handle_enroll`), `gossip` (ledger gossip refusals: ledger/errors.py reasons
+Surfaces: `reply` (gateway/ingest.py's reasons: stage 1 `Authenticator`, stage 2
+`admission.admit` on a `RoundBook`, through the `ReplyIntake`), `enroll` (gateway/devices.py
+`Enrollment`), `gossip` (ledger gossip refusals: ledger/errors.py reasons
 and decoding reasons), `agent` (task, receipt and model-release refusals).
 Reasons no message can produce are listed in `index.json` under
 "not_producible" with why.
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cbor2
@@ -36,7 +38,11 @@ sys.path.insert(0, str(HERE))
 
 import world
 
-from gateway.ingest import OpenTask, ReplyChecker
+from gateway.devices import DeviceRegistry, Enrollment
+from gateway.ingest import EVALUATE_METRICS, Authenticator, OpenTask, Outcome
+from gateway.intake import ReplyIntake
+from gateway.outbox import Outbox
+from gateway.rounds import RoundBook
 from ledger import gossip as g
 from ledger.store import Ledger
 from ledger.vertex import sign as sign_vertex
@@ -47,8 +53,9 @@ CORPUS = HERE / "corpus"
 VERTEX_TIME = 1_800_000_000.0
 
 NOT_PRODUCIBLE = {
-    "reply/internal_error": "the grid's catch-all for a bug in the checker itself: no well-behaved checker "
-                            "raises, so no message produces it (the floods assert it never appears)",
+    "reply/internal_error": "the intake's and the round book's catch-all for a bug in a check itself: no "
+                            "well-behaved check raises, so no message produces it (the floods assert it never "
+                            "appears)",
     "enroll/digest_mismatch": "an enroll body may not carry `digest`, so a request with an attachment is refused "
                               "as schema before its attachment is ever hashed",
     "reply/deferred": "not a rejection: a reply to a round a crash interrupted, kept until the round re-opens "
@@ -70,33 +77,6 @@ NOT_PRODUCIBLE = {
 # --- the states each surface's files are made for ------------------------------------------------
 
 
-def reply_state() -> ReplyChecker:
-    """A gateway in round 3: DEVICE has an open train task, HOSTILE one whose deadline passed."""
-    enrolled = {world.DEVICE.public_key, world.HOSTILE.public_key, world.REVOKED.public_key}
-    checker = ReplyChecker(world.GATEWAY.id, enrolled.__contains__, max_reply_bytes=64 * 1024,
-                           is_revoked=lambda key: key == world.REVOKED.public_key)
-    checker.current_round = world.ROUND
-    for device, deadline in ((world.DEVICE, world.FAR), (world.HOSTILE, world.NOW - 1)):
-        checker.open[(device.id, world.TASK)] = OpenTask(f"m-{device.id}", device.id, device.public_key, "train",
-                                                         world.ROUND, world.TASK, world.BASE,
-                                                         world.BASE_WEIGHTS, deadline)
-    return checker
-
-
-def check_reply(checker: ReplyChecker, topic: str, payload: bytes):
-    return checker.check(topic, payload, now=world.NOW)
-
-
-def reply_outcome(entry: dict, by_file: dict[str, dict], payload_of: Callable[[str], bytes]):
-    """A reply file's outcome in a fresh `reply_state`: after the messages that go first and, if the entry
-    says so, after the gateway moved on to a later round (as it does when it pushes that round's tasks)."""
-    checker = reply_state()
-    for name in entry["before"]:
-        check_reply(checker, by_file[name]["topic"], payload_of(name))
-    checker.current_round = entry.get("moved_on_to", checker.current_round)
-    return check_reply(checker, entry["topic"], payload_of(entry["file"]))
-
-
 class _Link:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
@@ -105,29 +85,87 @@ class _Link:
         self.sent.append((topic, payload))
 
 
-def enroll_state(folder: Path, policy: str):
-    """A gateway (not running: its enroll handler only) with the voucher or allow-list policy."""
-    from gateway.config import GatewayConfig
-    from gateway.service import Gateway
-    from hw.synthetic import write_manifest
+@dataclass
+class ReplyState:
+    """The gateway's reply path (stage 1, the round book, the intake with its receipts) in one state."""
 
+    book: RoundBook
+    intake: ReplyIntake
+    link: _Link
+
+    def open(self, round_: int, task: str, deadlines: dict) -> None:
+        """An exchange of `round_`, as the grid opens it when it pushes that round's tasks."""
+        self.book.open("train", round_, task, world.BASE, 1, [
+            OpenTask(f"m-{device.id}-{task}", device.id, device.public_key, "train", round_, task, world.BASE,
+                     world.BASE_WEIGHTS, deadline) for device, deadline in deadlines.items()])
+
+
+def reply_state() -> ReplyState:
+    """A gateway in round 3: DEVICE has an open train task, HOSTILE one whose deadline passed."""
+    enrolled = {world.DEVICE.public_key, world.HOSTILE.public_key, world.REVOKED.public_key}
+    is_revoked = lambda key: key == world.REVOKED.public_key
+    authenticator = Authenticator(world.GATEWAY.id, enrolled.__contains__, is_revoked, max_reply_bytes=64 * 1024)
+    book = RoundBook(None, authenticator.authenticate, is_revoked, EVALUATE_METRICS, lambda items: None)
+    link = _Link()
+    state = ReplyState(book, ReplyIntake(authenticator, book, Outbox(world.GATEWAY, world.GATEWAY.id, link.publish)),
+                       link)
+    # The gateway's clock is the real one: PAST is a deadline that always passed, FAR one that never does.
+    state.open(world.ROUND, world.TASK, {world.DEVICE: world.FAR, world.HOSTILE: world.PAST})
+    return state
+
+
+def check_reply(state: ReplyState, topic: str, payload: bytes) -> Outcome:
+    (outcome,) = state.intake.handle([(topic, payload, None)])
+    return outcome
+
+
+def replay_reply(entry: dict, by_file: dict[str, dict], payload_of: Callable[[str], bytes]) -> tuple[Outcome, ReplyState]:
+    """A reply file's outcome in a fresh `reply_state`, and that state: after the messages that go first and,
+    if the entry says so, after the gateway moved on to a later round (it pushed that round's tasks)."""
+    state = reply_state()
+    for name in entry["before"]:
+        check_reply(state, by_file[name]["topic"], payload_of(name))
+    if "moved_on_to" in entry:
+        later = entry["moved_on_to"]
+        state.open(later, f"train-{later}-hostile", {world.DEVICE: world.FAR})
+    return check_reply(state, entry["topic"], payload_of(entry["file"])), state
+
+
+def reply_outcome(entry: dict, by_file: dict[str, dict], payload_of: Callable[[str], bytes]) -> Outcome:
+    return replay_reply(entry, by_file, payload_of)[0]
+
+
+@dataclass
+class EnrollState:
+    """A gateway's enrollment handler with its device registry, its ledger and a recording publish."""
+
+    enrollment: Enrollment
+    registry: DeviceRegistry
+    ledger: Ledger
+    link: _Link
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def enroll_state(folder: Path, policy: str) -> EnrollState:
+    """The gateway's enrollment (not a running gateway: its enroll handler only) with the voucher or
+    allow-list policy; REVOKED was enrolled once and revoked."""
     folder.mkdir(parents=True, exist_ok=True)
-    world.GATEWAY.save(folder / "gw.key")
-    config = GatewayConfig(name="gw", key=folder / "gw.key", state_dir=folder / "state",
-                           manifest=write_manifest(folder / "model", world.SHAPES), policy=policy,
-                           operator_keys=(world.OPERATOR.public_key,), allowlist=(world.DEVICE.public_key,))
-    gateway = Gateway(config, world.GATEWAY)
-    gateway._ledger = Ledger(folder / "state" / "ledger.db", world.GATEWAY)
-    gateway._ledger.init_genesis("gw", [world.GATEWAY.public_key])
-    gateway.link = _Link()
-    gateway.revoked.add(world.REVOKED.public_key)
-    return gateway
+    ledger = Ledger(folder / "ledger.db", world.GATEWAY)
+    ledger.init_genesis("gw", [world.GATEWAY.public_key])
+    registry = DeviceRegistry()
+    registry.revoke(world.REVOKED.public_key)
+    link = _Link()
+    enrollment = Enrollment(world.GATEWAY.id, policy, (world.DEVICE.public_key,), (world.OPERATOR.public_key,),
+                            registry, Outbox(world.GATEWAY, world.GATEWAY.id, link.publish), ledger.enroll_device)
+    return EnrollState(enrollment, registry, ledger, link)
 
 
-def enroll_outcome(gateway, topic: str, payload: bytes) -> str:
-    before = dict(gateway.enroll_rejections)
-    gateway._handle_enroll(topic, payload)
-    new = {k: v - before.get(k, 0) for k, v in gateway.enroll_rejections.items() if v != before.get(k, 0)}
+def enroll_outcome(state: EnrollState, topic: str, payload: bytes) -> str:
+    before = dict(state.enrollment.rejections)
+    state.enrollment.handle(topic, payload)
+    new = {k: v - before.get(k, 0) for k, v in state.enrollment.rejections.items() if v != before.get(k, 0)}
     return next(iter(new)) if new else "accepted"
 
 
@@ -409,9 +447,9 @@ def verify(entries: list[dict], folder: Path) -> None:
             outcome = reply_outcome(e, by_file, lambda name: by_file[name]["bytes"])
             assert getattr(outcome, "reason", "accepted") == e["reason"], (e["file"], outcome)
         elif e["surface"] == "enroll":
-            gateway = enroll_state(folder / "enroll" / e["reason"], e["policy"])
-            got = enroll_outcome(gateway, e["topic"], e["bytes"])
-            gateway._ledger.close()
+            state = enroll_state(folder / "enroll" / e["reason"], e["policy"])
+            got = enroll_outcome(state, e["topic"], e["bytes"])
+            state.close()
             assert got == e["reason"], (e["file"], got)
         elif e["surface"] == "gossip":
             a, gossip, b, _ = gossip_state(folder / "verify" / e["reason"])

@@ -62,17 +62,18 @@ def replay_agent(entry: dict, tmp_path: Path) -> dict[str, int]:
 def test_each_corpus_file_is_refused_for_exactly_its_reason(entry, tmp_path):
     reason, payload = entry["reason"], read(entry["file"])
     if entry["surface"] == "reply":
-        outcome = make_corpus.reply_outcome(entry, BY_FILE, read)
+        outcome, state = make_corpus.replay_reply(entry, BY_FILE, read)
         assert getattr(outcome, "reason", "accepted") == reason, outcome
         assert reason in REPLY_REASONS
+        assert state.book.rejections == {reason: 1} and state.book.duplicates == 0  # counted once, nothing else
     elif entry["surface"] == "enroll":
-        gateway = make_corpus.enroll_state(tmp_path, entry["policy"])
+        state = make_corpus.enroll_state(tmp_path, entry["policy"])
         try:
-            make_corpus.enroll_outcome(gateway, entry["topic"], payload)
-            assert gateway.enroll_rejections == {reason: 1}
-            assert not gateway.enrolled
+            make_corpus.enroll_outcome(state, entry["topic"], payload)
+            assert state.enrollment.rejections == {reason: 1}
+            assert state.registry.keys()[0] == [] and state.ledger.enrolled_devices() == {}  # nobody enrolled
         finally:
-            gateway._ledger.close()
+            state.close()
     elif entry["surface"] == "gossip":
         a, gossip, b, _ = make_corpus.gossip_state(tmp_path)
         try:
@@ -91,7 +92,9 @@ def test_the_replayed_reply_in_its_own_round_is_a_duplicate_not_a_rejection():
     from gateway.ingest import Duplicate
 
     entry = {k: v for k, v in BY_FILE["reply/replay.cbor"].items() if k != "moved_on_to"}
-    assert isinstance(make_corpus.reply_outcome(entry, BY_FILE, read), Duplicate)
+    outcome, state = make_corpus.replay_reply(entry, BY_FILE, read)
+    assert isinstance(outcome, Duplicate)
+    assert state.book.duplicates == 1 and state.book.rejections == {}
 
 
 def test_a_model_that_never_arrives_is_refused_as_unavailable(tmp_path, monkeypatch):

@@ -7,12 +7,14 @@ enrollment requests with real vouchers). The gateway must count every refusal
 by reason (compared with what was sent), log no traceback, keep its ledger and
 its enrolled devices exactly as they were, and still admit an honest device
 and answer it afterwards. A second share of enrollment mutants goes straight
-to the worker thread's enroll handler (`Gateway._handle_enroll` via
-`Gateway._call`, the thread it always runs on), which is faster than a broker.
+to the gateway's enroll handler (`gateway.enrollment.handle`), which is faster
+than a broker; it is called once the broker's share has all been counted, so
+the worker thread (which otherwise runs it) is not in it at the same time.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +38,7 @@ ENROLLS_BY_BROKER = 3_000
 ENROLLS_IN_PROCESS = 10_000
 VERTICES_BY_BROKER = 3_000
 CONTROL_BY_BROKER = 2_000
-# gateway/service.py `_handle_enroll`: any ProtocolError's reason, then its own checks.
+# gateway/devices.py `Enrollment.handle`: any ProtocolError's reason, then its own checks.
 ENROLL_REASONS = {"malformed", "non_canonical", "schema", "limits", "non_finite", "bad_signature", "digest_mismatch",
                   "topic_mismatch", "wrong_gateway", "revoked", "not_allowed", "no_voucher", "bad_voucher"}
 
@@ -87,13 +89,14 @@ def running(mosquitto, tmp_path_factory):
     stop = threading.Event()
     thread = threading.Thread(target=gateway.run, args=(stop,), daemon=True)
     thread.start()
-    wait_until(lambda: gateway.state == "waiting" and gateway.sync is not None, 30, "the gateway to start")
+    wait_until(lambda: gateway.state == "waiting" and gateway.keeper is not None
+               and gateway.keeper.sync_link is not None, 30, "the gateway to start")
     time.sleep(0.5)  # its subscriptions are acknowledged
     attacker = Attacker(mosquitto)
     # The attacker is an enrolled device with a real voucher: its replies reach the signature check.
     attacker.flood([(topics.enroll(world.GATEWAY.id, world.HOSTILE.id),
                      world.enroll(world.HOSTILE, voucher_bytes=world.voucher(world.HOSTILE), when=time.time()))])
-    wait_until(lambda: world.HOSTILE.public_key in gateway.enrolled, 20, "the attacker's enrollment")
+    wait_until(lambda: gateway.registry.is_enrolled(world.HOSTILE.public_key), 20, "the attacker's enrollment")
     yield gateway, attacker
     attacker.close()
     stop.set()
@@ -102,7 +105,18 @@ def running(mosquitto, tmp_path_factory):
 
 
 def ledger_view(gateway: Gateway) -> tuple[list[bytes], str]:
-    return gateway._call(lambda: (gateway._ledger.ids(), gateway._ledger.state_digest()))
+    ledger = gateway.keeper.ledger  # thread-safe: read from the test's thread
+    return ledger.ids(), ledger.state_digest()
+
+
+def enrolled(gateway: Gateway) -> set[bytes]:
+    return set(gateway.registry.keys()[0])
+
+
+def journaled_replies(gateway: Gateway) -> int:
+    """Accepted training replies in the gateway's journal (each is written there before its receipt)."""
+    with sqlite3.connect(gateway.config.state_dir / "rounds.db", timeout=10) as db:
+        return db.execute("select count(*) from accepted").fetchone()[0]
 
 
 def test_a_reply_flood_through_the_broker_is_counted_reply_for_reply_and_accepts_nothing(running):
@@ -118,16 +132,18 @@ def test_a_reply_flood_through_the_broker_is_counted_reply_for_reply_and_accepts
             messages.append((topics.reply(world.GATEWAY.id, world.HOSTILE.id),
                              mutator.mutate(mutator.rng.choice(seeds), world.HOSTILE, 0.3)))
     before = ledger_view(gateway)
-    counted = lambda: sum(dict(gateway.grid.rejections).values())
-    start = counted()
+    counted = lambda: sum(gateway.book.rejections.values())
+    start, duplicates = counted(), gateway.book.duplicates
     attacker.flood(messages, pace=lambda n: wait_until(lambda: counted() - start >= n - 3000, 30, "the gateway"))
     tally.count("gateway reply (broker)", len(messages))
     wait_until(lambda: counted() - start >= len(messages), 60, f"{len(messages)} counted rejections")
     time.sleep(0.2)
     assert counted() - start == len(messages)  # nothing lost, nothing counted twice: nothing accepted
-    assert not gateway.grid._replies and not gateway.grid.checker.accepted
+    assert gateway.book.duplicates == duplicates
+    assert all(gateway.book.accepted_reply(d.id, world.TASK) is None for d in (world.DEVICE, world.HOSTILE))
+    assert journaled_replies(gateway) == 0
     assert ledger_view(gateway) == before
-    assert set(gateway.enrolled) == {world.HOSTILE.public_key}
+    assert enrolled(gateway) == {world.HOSTILE.public_key}
     assert gateway.state == "waiting"
 
 
@@ -150,7 +166,7 @@ def test_enrollment_mutants_are_refused_by_reason_and_enroll_nobody(running):
     gateway, attacker = running
     mutator = Mutator(seed=82)
     before = ledger_view(gateway)
-    counted = lambda: sum(dict(gateway.enroll_rejections).values())
+    counted = lambda: sum(dict(gateway.enrollment.rejections).values())
     start = counted()
     by_broker = enroll_mutants(mutator, ENROLLS_BY_BROKER)
     attacker.flood(by_broker)
@@ -158,22 +174,21 @@ def test_enrollment_mutants_are_refused_by_reason_and_enroll_nobody(running):
     wait_until(lambda: counted() - start >= len(by_broker), 60, "counted enrollment refusals")
 
     in_process = enroll_mutants(mutator, ENROLLS_IN_PROCESS)
-    for i in range(0, len(in_process), 500):
-        chunk = in_process[i:i + 500]
-        gateway._call(lambda chunk=chunk: [gateway._handle_enroll(t, p) for t, p in chunk])
+    for topic, payload in in_process:
+        gateway.enrollment.handle(topic, payload)
     tally.count("gateway enroll (in-process)", len(in_process))
     time.sleep(0.2)
+    rejections = dict(gateway.enrollment.rejections)
     assert counted() - start == len(by_broker) + len(in_process)
-    assert set(gateway.enroll_rejections) <= ENROLL_REASONS, gateway.enroll_rejections
-    assert {"bad_signature", "bad_voucher", "no_voucher", "topic_mismatch", "malformed"} <= set(
-        gateway.enroll_rejections)
-    assert set(gateway.enrolled) == {world.HOSTILE.public_key}
+    assert set(rejections) <= ENROLL_REASONS, rejections
+    assert {"bad_signature", "bad_voucher", "no_voucher", "topic_mismatch", "malformed"} <= set(rejections)
+    assert enrolled(gateway) == {world.HOSTILE.public_key}
     assert ledger_view(gateway) == before
 
     # The honest request itself is still good.
     attacker.flood([(topics.enroll(world.GATEWAY.id, world.DEVICE.id),
                      world.enroll(world.DEVICE, voucher_bytes=world.voucher(world.DEVICE)))])
-    wait_until(lambda: world.DEVICE.public_key in gateway.enrolled, 20, "the honest enrollment")
+    wait_until(lambda: gateway.registry.is_enrolled(world.DEVICE.public_key), 20, "the honest enrollment")
     assert len(ledger_view(gateway)[0]) == len(before[0]) + 1
 
 
@@ -191,9 +206,9 @@ def expected_vertex_refusals(payloads: list[bytes], held: set[bytes]) -> int:
 
 def test_gossip_mutants_through_the_broker_are_refused_and_leave_the_ledger_alone(running):
     gateway, attacker = running
-    gossip = gateway.sync.gossip
+    gossip = gateway.keeper.sync_link.gossip
     mutator = Mutator(seed=83)
-    vertices = gateway._call(lambda: [v.encode() for v in gateway._ledger.vertices()])
+    vertices = [v.encode() for v in gateway.keeper.ledger.vertices()]
     ids, digest = ledger_view(gateway)
     refused = lambda: sum(dict(gossip.refused).values())
 

@@ -1,4 +1,4 @@
-"""Hostile replies against the gateway's ingest path (`MqttGrid.handle_replies`, what the worker thread calls).
+"""Hostile replies against the gateway's ingest path (`ReplyIntake.handle`, what the worker thread calls).
 
 Mutants of a real, signed reply (bytes flipped, cut, CBOR restructured, or
 re-signed by an enrolled attacker with a hostile update) must each come back as
@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mutants import Mutator
 
-from gateway.grid import MqttGrid, RoundTraffic
-from gateway.ingest import Accepted, Duplicate, OpenTask, Rejected, ReplyChecker, Skipped
+from gateway.ingest import EVALUATE_METRICS, Accepted, Authenticator, Duplicate, OpenTask, Rejected, Skipped
+from gateway.intake import ReplyIntake
 from gateway.journal import Journal
-from gateway.models import ModelPublisher
+from gateway.outbox import Outbox
+from gateway.rounds import RoundBook
 from protocol import schemas, topics
 
 # The reasons gateway/ingest.py defines (its module docstring); internal_error means a checker bug.
@@ -33,42 +34,34 @@ REPLY_REASONS = {
 }
 FLOOD = 160 * 256  # 40,960
 BATCH = 256  # what the gateway worker takes from its inbox at once
+LINEAGE = 1
 
 
-class Outbox:
-    """Stands in for the MQTT publish: counts the signed receipts the gateway sends."""
+class Recorder:
+    """Stands in for the MQTT publish: keeps the signed receipts the gateway sends."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
 
-    def __call__(self, topic: str, payload: bytes, retain: bool = False):
+    def __call__(self, topic: str, payload: bytes, retain: bool = False, counted: bool = True):
         self.sent.append((topic, payload))
 
 
-def make_grid(tmp_path, outbox: Outbox) -> MqttGrid:
+def make_authenticator() -> Authenticator:
     enrolled = {world.DEVICE.public_key, world.HOSTILE.public_key}
-    checker = ReplyChecker(world.GATEWAY.id, enrolled.__contains__, max_reply_bytes=64 * 1024,
-                           is_revoked=lambda key: key == world.REVOKED.public_key)
-    checker.current_round = world.ROUND
-    models = ModelPublisher(world.GATEWAY, world.GATEWAY.id, "", outbox, tmp_path / "model_version")
-    grid = MqttGrid(world.GATEWAY, world.GATEWAY.id, outbox, checker, models, dict, lambda node: None, 60.0,
-                    schemas.TrainConfig())
-    grid.journal = Journal(tmp_path / "rounds.db")
-    for device in (world.DEVICE, world.HOSTILE):
-        checker.open[(device.id, world.TASK)] = OpenTask(
-            f"m-{device.id}", device.id, device.public_key, "train", world.ROUND, world.TASK, world.BASE,
-            world.BASE_WEIGHTS, time.time() + 3600)
-    grid.traffic[world.TASK] = RoundTraffic("train", world.ROUND, world.TASK, world.BASE, sent=2)
-    return grid
+    return Authenticator(world.GATEWAY.id, enrolled.__contains__, lambda key: key == world.REVOKED.public_key,
+                         max_reply_bytes=64 * 1024)
 
 
-def reopen_attackers_task(grid: MqttGrid) -> None:
-    """A new exchange for the attacker after each batch, so its re-signed mutants keep reaching task matching."""
-    key = (world.HOSTILE.id, world.TASK)
-    grid.checker.accepted.pop(key, None)
-    grid.checker.closed.pop(key, None)
-    grid.checker.open[key] = OpenTask(f"m-{world.HOSTILE.id}", world.HOSTILE.id, world.HOSTILE.public_key, "train",
-                                      world.ROUND, world.TASK, world.BASE, world.BASE_WEIGHTS, time.time() + 3600)
+def open_round(journal: Journal, authenticator: Authenticator, recorder: Recorder) -> tuple[RoundBook, ReplyIntake]:
+    """A gateway in round 3 whose exchange has an open task for the honest device and one for the attacker."""
+    book = RoundBook(journal.exchanges, authenticator.authenticate, authenticator.is_revoked, EVALUATE_METRICS,
+                     lambda items: None)
+    book.open("train", world.ROUND, world.TASK, world.BASE, LINEAGE, [
+        OpenTask(f"m-{device.id}", device.id, device.public_key, "train", world.ROUND, world.TASK, world.BASE,
+                 world.BASE_WEIGHTS, time.time() + 3600)
+        for device in (world.DEVICE, world.HOSTILE)])
+    return book, ReplyIntake(authenticator, book, Outbox(world.GATEWAY, world.GATEWAY.id, recorder))
 
 
 def hostile_updates() -> list[bytes]:
@@ -84,8 +77,9 @@ def hostile_updates() -> list[bytes]:
 
 
 def test_a_flood_of_mutated_replies_is_refused_by_reason_and_the_honest_reply_still_counts(tmp_path):
-    outbox = Outbox()
-    grid = make_grid(tmp_path, outbox)
+    recorder = Recorder()
+    journal = Journal(tmp_path / "rounds.db")
+    authenticator = make_authenticator()
     honest = world.reply(world.DEVICE)
     attacker_seeds = [world.reply(world.HOSTILE, update=u) for u in hostile_updates()]
     attacker_seeds += [world.reply(world.HOSTILE, round_=world.ROUND + 1), world.reply(world.HOSTILE, base=bytes(32)),
@@ -94,8 +88,13 @@ def test_a_flood_of_mutated_replies_is_refused_by_reason_and_the_honest_reply_st
     honest_topic = topics.reply(world.GATEWAY.id, world.DEVICE.id)
     attacker_topic = topics.reply(world.GATEWAY.id, world.HOSTILE.id)
     outcomes: list = []
+    books: list[RoundBook] = []
     started = time.monotonic()
     for start in range(0, FLOOD, BATCH):
+        # A new exchange for each batch (both tasks opened again), so the attacker's re-signed mutants keep
+        # reaching task matching; the honest device's task must come through every batch still open.
+        book, intake = open_round(journal, authenticator, recorder)
+        books.append(book)
         batch = []
         for _ in range(BATCH):
             if mutator.rng.random() < 0.5:  # the honest device's reply, bent: it can never verify again
@@ -103,33 +102,44 @@ def test_a_flood_of_mutated_replies_is_refused_by_reason_and_the_honest_reply_st
             else:  # the attacker's own replies, often re-signed so that only their meaning is hostile
                 batch.append((attacker_topic, mutator.mutate(mutator.rng.choice(attacker_seeds), world.HOSTILE, 0.4),
                               None))
-        outcomes += grid.handle_replies(batch)
-        reopen_attackers_task(grid)
+        outcomes += intake.handle(batch)
+        assert book.open_task(world.DEVICE.id, world.TASK) is not None
+        assert book.accepted_reply(world.DEVICE.id, world.TASK) is None
     tally.count("gateway reply (in-process)", FLOOD)
     took = time.monotonic() - started
 
+    rejections: dict[str, int] = {}
+    for book in books:
+        for reason, n in book.rejections.items():
+            rejections[reason] = rejections.get(reason, 0) + n
     rejected = [o for o in outcomes if isinstance(o, Rejected)]
     duplicates = [o for o in outcomes if isinstance(o, Duplicate)]
     assert len(outcomes) == FLOOD and all(isinstance(o, Accepted | Skipped | Duplicate | Rejected) for o in outcomes)
     assert {o.reason for o in rejected} <= REPLY_REASONS, {o.reason for o in rejected} - REPLY_REASONS
-    assert sum(grid.rejections.values()) == len(rejected)  # every refusal counted, by its reason
-    assert grid.duplicates == len(duplicates) and all(o.device_id == world.HOSTILE.id for o in duplicates)
-    assert sum(grid.traffic[world.TASK].rejected.values()) <= len(rejected)
+    assert sum(rejections.values()) == len(rejected)  # every refusal counted, by its reason
+    assert sum(b.duplicates for b in books) == len(duplicates) and all(o.device_id == world.HOSTILE.id
+                                                                       for o in duplicates)
     # Only the attacker's own task may have been answered (a re-signed mutant can be a valid reply).
     settled = [o for o in outcomes if isinstance(o, Accepted | Skipped)]
     assert all(o.task.device_id == world.HOSTILE.id for o in settled)
-    assert (world.DEVICE.id, world.TASK) in grid.checker.open
-    assert all(device == world.HOSTILE.id for device, _ in grid.checker.accepted)
     # Negative receipts go to authenticated senders only: the honest device's bent replies never verify.
-    assert not [t for t, _ in outbox.sent if t == topics.receipt(world.GATEWAY.id, world.DEVICE.id)]
+    assert not [t for t, _ in recorder.sent if t == topics.receipt(world.GATEWAY.id, world.DEVICE.id)]
     # The flood reached deep: signature checks, update checks and task matching all refused something.
-    assert {"bad_signature", "malformed", "schema", "non_canonical"} <= set(grid.rejections)
-    assert len(set(grid.rejections)) >= 10, grid.rejections
+    assert {"bad_signature", "malformed", "schema", "non_canonical"} <= set(rejections)
+    assert len(set(rejections)) >= 10, rejections
 
-    (after,) = grid.handle_replies([(honest_topic, honest, None)])
+    (after,) = intake.handle([(honest_topic, honest, None)])
     assert isinstance(after, Accepted) and after.task.device_id == world.DEVICE.id
-    print(f"\ngateway reply (in-process): {FLOOD} mutants in {took:.1f} s; rejections {dict(grid.rejections)}")
-    grid.journal.close()
+    # Each exchange's traffic counts only the refusals bound to its task, never more than were refused.
+    traffic_rejected = 0
+    for book in books:
+        book.close({f"m-{world.DEVICE.id}", f"m-{world.HOSTILE.id}"})
+        (traffic,) = book.take_closed()
+        traffic_rejected += sum(traffic.rejected.values())
+    assert 0 < traffic_rejected <= len(rejected)
+    assert [a.task.device_id for a in traffic.accepted][-1] == world.DEVICE.id  # the last exchange has its reply
+    print(f"\ngateway reply (in-process): {FLOOD} mutants in {took:.1f} s; rejections {rejections}")
+    journal.close()
 
 
 ANY_CBOR = st.recursive(
@@ -144,13 +154,15 @@ ANY_CBOR = st.recursive(
           derandomize=True)
 @given(ctx=ANY_CBOR, body=ANY_CBOR, att=st.none() | st.binary(max_size=64) | ANY_CBOR)
 def test_any_signed_envelope_shape_on_the_reply_topic_is_a_counted_rejection(ctx, body, att):
-    """Property: whatever ctx/body/attachment an enrolled device signs, the checker answers with a reason."""
+    """Property: whatever ctx/body/attachment an enrolled device signs, the intake answers with a reason."""
     import cbor2
 
     from protocol import envelope
 
     tally.count("gateway reply (property)", 1)
-    checker = ReplyChecker(world.GATEWAY.id, lambda key: key == world.HOSTILE.public_key)
+    authenticator = Authenticator(world.GATEWAY.id, lambda key: key == world.HOSTILE.public_key)
+    book = RoundBook(None, authenticator.authenticate, authenticator.is_revoked, EVALUATE_METRICS, lambda items: None)
+    intake = ReplyIntake(authenticator, book, Outbox(world.GATEWAY, world.GATEWAY.id, Recorder()))
     doc = {"v": 1, "type": "reply", "ctx": ctx, "body": body, "sig": bytes(64)}
     if att is not None:
         doc["att"] = att
@@ -160,5 +172,6 @@ def test_any_signed_envelope_shape_on_the_reply_topic_is_a_counted_rejection(ctx
         wire = cbor2.dumps(doc, canonical=True)
     except Exception:  # noqa: BLE001 (an arbitrary tree: encoding it fails in many ways)
         wire = b"\xa0"
-    outcome = checker.check(topics.reply(world.GATEWAY.id, world.HOSTILE.id), wire)
+    (outcome,) = intake.handle([(topics.reply(world.GATEWAY.id, world.HOSTILE.id), wire, None)])
     assert isinstance(outcome, Rejected) and outcome.reason in REPLY_REASONS
+    assert book.rejections == {outcome.reason: 1}
