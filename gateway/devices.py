@@ -44,7 +44,7 @@ class DeviceRegistry:
         self._by_id: dict[str, bytes] = {}  # device id -> public key
         self._online: set[str] = set()
         self._revoked: set[bytes] = set()
-        self.on_change = on_change
+        self._on_change = on_change
 
     # --- questions (any thread) ----------------------------------------------------------
 
@@ -96,8 +96,8 @@ class DeviceRegistry:
             self._names[key] = name
             self._by_node[node_id(key)] = key
             self._by_id[identity_id(key)] = key
-        if self.on_change is not None:
-            self.on_change("enroll", key)
+        if self._on_change is not None:
+            self._on_change("enroll", key)
         return True
 
     def revoke(self, key: bytes) -> bool:
@@ -111,8 +111,8 @@ class DeviceRegistry:
             device = identity_id(key)
             self._by_id.pop(device, None)
             self._online.discard(device)
-        if self.on_change is not None:
-            self.on_change("revoke", key)
+        if self._on_change is not None:
+            self._on_change("revoke", key)
         return True
 
     def set_online(self, device: str, online: bool) -> bool:
