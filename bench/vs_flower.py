@@ -97,6 +97,7 @@ sys.path.insert(0, str(ROOT))
 from hw.broker import Broker, _child_env, free_port  # noqa: E402
 from hw.emulate import prepare_devices  # noqa: E402
 from hw.scenario import Scenario  # noqa: E402
+from hw.toml_files import write_toml  # noqa: E402
 
 FLOWER_APP = ROOT / "bench" / "flower_app"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -525,8 +526,8 @@ def run_flower(devices: list[tuple[str, Path]], args: argparse.Namespace, workdi
     link_log = logs / "superlink.log"
     out_file = workdir / "serverapp.json"
     port = free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    write_toml(home / "config.toml", {"superlink": {"default": "bench",
+                                                     "bench": {"address": f"127.0.0.1:{port}", "insecure": True}}})
     deadline = time.monotonic() + args.timeout_s
     with contextlib.ExitStack() as stack:
         sampler = stack.enter_context(Sampler())
@@ -581,16 +582,6 @@ def run_flower(devices: list[tuple[str, Path]], args: argparse.Namespace, workdi
 
 
 # --------------------------------------------------------------------------- Starling
-
-
-def _toml(doc: dict[str, dict[str, Any]]) -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
-        return json.dumps(v)
-
-    return "\n".join(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items())
-                     for section, table in doc.items())
 
 
 class StatusWatch:
@@ -654,7 +645,7 @@ def _starling_configs(workdir: Path, gateway, gateway_key: Path, broker: Broker,
     """The gateway's config (talking to the broker directly) and one per agent (through the relay)."""
     n = len(devices)
     conf = workdir / "gateway" / "gateway.toml"
-    conf.write_text(_toml({
+    write_toml(conf, {
         "gateway": {"name": "gw-1", "key": str(gateway_key), "state_dir": str(workdir / "gateway")},
         "broker": {"host": broker.host, "port": broker.port},
         "strategy": {"name": "FedAvg",
@@ -662,17 +653,17 @@ def _starling_configs(workdir: Path, gateway, gateway_key: Path, broker: Broker,
         "rounds": {"num_rounds": args.rounds, "deadline_s": args.deadline_s, "epochs": args.epochs,
                    "batch_size": args.batch_size, "lr": args.lr, "min_devices": n, "wait_devices_s": 120.0},
         "enrollment": {"policy": "open"},  # as in the emulator: the devices are our own
-    }))
+    })
     agents = []
     for name, data in devices:
         home = workdir / "devices" / name
         home.mkdir(parents=True, exist_ok=True)
-        (home / "agent.toml").write_text(_toml({
+        write_toml(home / "agent.toml", {
             "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state")},
             "gateway": {"id": gateway.id, "public_key": gateway.public_key.hex()},
             "broker": {"host": "127.0.0.1", "port": relay_port},
             "data": {"replay": str(data)},
-        }))
+        })
         agents.append(home / "agent.toml")
     return conf, agents
 

@@ -30,7 +30,9 @@ report.html there; the report at `--report` holds them all (`variants`) and
 the `comparison` of their accuracy.
 
 Faults (`[[fault]]`, hw/faults.py): a `FaultRunner` kills and restarts
-gateways, restarts brokers, cuts a gateway's broker off the hub (a scenario
+gateways, stops them (SIGTERM) and starts them again, with new config values
+if the fault says so (written here: `GatewayRun` owns the gateway's config
+file), restarts brokers, cuts a gateway's broker off the hub (a scenario
 with a partition gives every gateway its own broker, hw/fleet.py) and
 powers devices off and on, each at a round or a time; the report's `faults`
 says when each began and ended and which rounds ran meanwhile.
@@ -46,10 +48,13 @@ join kit for a real device is written to `<workdir>/hil/kit`.
 
 The report (see hw/report.py for how it is drawn): the first gateway's
 `rounds` (each with `t`, seconds since the run started, when its evaluation
-was in), `rejections`, `ledger`, `gateway`; `gateways` {name: rounds,
-rejections, state, ledger (height, verified, height_series and
-finality_lag_series sampled from the gateway's status and ledger gossip
-while it ran)}; `ledger_check` (cities); `attacks`; `faults`;
+was in; the whole history of its model lineage, so round numbers go on
+across restarts), `rejections`, `ledger`, `gateway`, `model`, `lineage`
+(the final model's chain of releases on the ledger, back to the lineage's
+first model, and the restarts it crossed: `_lineage_section`); `gateways`
+{name: rounds, rejections, state, model, lineage, ledger (height, verified,
+height_series and finality_lag_series sampled from the gateway's status and
+ledger gossip while it ran)}; `ledger_check` (cities); `attacks`; `faults`;
 `device_profiles` and `links`; `real_devices` (--listen); `comparison` (variants).
 
 The run folder (`--workdir`, default next to the report) keeps every log,
@@ -78,32 +83,21 @@ from protocol.atomic import write_atomic
 from protocol.keys import Identity
 
 from .broker import _child_env
-from .faults import FaultRunner, fault_sections
+from .faults import FaultRunner, apply_overrides, fault_sections
 from .fleet import Fleet, Network, Process, describe
 from .links import LinkRelay
 from .partition import prepare_devices
 from .profiles import CpuThrottle, DeviceProfile, assign, memory_cap
 from .scenario import Adversary, Scenario, ScenarioError, load_scenario
+from .toml_files import write_toml
 
 __all__ = ["main", "prepare_devices", "run"]
 
-FINISHED = ("done", "stopped", "failed")
+# A gateway in these states will report nothing more for its last round. Not "stopped": a stopped
+# gateway that starts again re-opens the round its stop interrupted, and evaluates it then.
+FINISHED = ("done", "failed")
 SETTLE_S = 30.0  # at most this long for the ledgers to agree after the rounds
 LEDGER_VV = "starling/ledger/vv/+"
-
-
-def _toml_value(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, dict) else "{ " + ", ".join(
-        f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-
-
-def _toml(doc: dict[str, dict[str, Any]]) -> str:
-    lines = []
-    for section, table in doc.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
-        lines.append("")
-    return "\n".join(lines)
 
 
 @dataclass
@@ -117,10 +111,31 @@ class GatewayRun:
     log: Path
     devices: list[str] = field(default_factory=list)
     proc: Process | None = None  # set once its config is written; a fault may kill and restart it
+    config: dict[str, Any] = field(default_factory=dict)  # its gateway.toml as last written (only here)
+    _config_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def process(self) -> subprocess.Popen | None:
         return self.proc.popen if self.proc is not None else None
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / "gateway.toml"
+
+    def write_config(self, doc: dict[str, Any]) -> Path:
+        """Write the gateway's config file (the one writer of it); the gateway reads it when it starts."""
+        with self._config_lock:
+            write_toml(self.config_path, doc)
+            self.config = doc
+        return self.config_path
+
+    def reconfigure(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """A gateway_stop's `overrides` into the config file, for its next start; the values they replaced."""
+        with self._config_lock:
+            doc, previous = apply_overrides(self.config, overrides)
+            write_toml(self.config_path, doc)
+            self.config = doc
+        return previous
 
     @property
     def key(self) -> Path:
@@ -303,9 +318,7 @@ def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], 
     if genesis is not None:
         # Every gateway starts from the same genesis at the same time: nobody has a checkpoint to wait for.
         doc["ledger"] = {"genesis": str(genesis), "gossip": True, "bootstrap_s": 0.0}
-    path = g.home / "gateway.toml"
-    path.write_text(_toml(doc))
-    return path
+    return g.write_config(doc)
 
 
 def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event,
@@ -403,7 +416,9 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
         agents = list({id(p): p for p in device_procs.values()}.values())  # a pool once, not per device
         for proc in agents:
             proc.start()
-        fleet = Fleet(network, {g.name: g.proc for g in gateways}, device_procs, monitor.rounds_done, scenario.seed)
+        by_name = {g.name: g for g in gateways}
+        fleet = Fleet(network, {g.name: g.proc for g in gateways}, device_procs, monitor.rounds_done, scenario.seed,
+                      reconfigure=lambda name, overrides: by_name[name].reconfigure(overrides))
         runner = FaultRunner(faults, fleet, started, len(devices), _say)
         deadline = time.monotonic() + scenario.timeout_s
         timed_out = False
@@ -488,14 +503,14 @@ def _device_processes(scenario: Scenario, devices: list[tuple[str, Path]], gatew
         if name in link_of:  # through its emulated link
             host, port = "127.0.0.1", relays[link_of[name].name, (host, port)].port
         profile = profile_of.get(name)
-        conf.write_text(_toml({
+        write_toml(conf, {
             "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state"),
                        **({"voucher": str(home / "voucher.cbor")} if desk else {})},
             "gateway": {"id": g.identity.id, "public_key": g.identity.public_key.hex()},
             "broker": {"host": host, "port": port},
             "data": {"replay": str(data)},
             **({"budget": profile.budget_toml()} if profile and profile.budget_toml() else {}),
-        }))
+        })
         if name in attackers:
             cmd = attackers[name][1].command(conf)
         elif scenario.runner == "pool":  # pools are made per profile: a pool's process has one CPU share
@@ -538,6 +553,55 @@ def _ledger_section(g: GatewayRun, result: dict[str, Any], monitor: Monitor, ver
         "height_series": [[t, h] for t, h, _ in series],
         "finality_lag_series": [[t, lag] for t, _, lag in series],
     }
+
+
+GATEWAY_FAULTS = ("gateway_restart", "gateway_stop")  # the faults a gateway's model lineage must outlive
+
+
+def _lineage_section(g: GatewayRun, result: dict[str, Any], started: float,
+                     timeline: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The chain of the gateway's final model on its ledger (ledger.audit.lineage), and each restart it crossed.
+
+    {"model", "version", "complete", "length", "gap", "releases": [{"model", "round", "strategy",
+    "inputs", "t"} newest first, the lineage's first model last with its "version" and "reason"],
+    "restarts_crossed": [{"kind", "t", "before": {"model", "round"}, "after": {...}, "crossed"}]}:
+    `t` in seconds since the run started (the vertex's time); per gateway_restart or gateway_stop of
+    this gateway, the last release before it went down and the first after it came back, and whether
+    the final model's chain holds both (then it runs through the restart: a new lineage would not).
+    None when there is no final model or ledger.
+    """
+    from ledger.audit import lineage
+    from ledger.store import Ledger
+
+    model = (result.get("model") or {}).get("digest")
+    if not model or not g.ledger.exists():
+        return None
+    try:
+        with Ledger.open(g.ledger, read_only=True) as ledger:
+            walk = lineage(ledger, bytes.fromhex(model))
+    except Exception as exc:  # noqa: BLE001 (the report says so; the run's record comes first)
+        return {"model": model, "complete": False, "error": f"{type(exc).__name__}: {exc}"}
+    releases = []
+    for r in walk["releases"]:
+        entry = {"model": r["model"], "round": r["round"], "strategy": r["strategy"], "inputs": r["inputs"],
+                 "t": round(r["time"] - started, 3)}
+        if r["base"] is None:  # the lineage's first model: where it started, and why
+            entry.update(version=r.get("version"), reason=r.get("reason"))
+        releases.append(entry)
+    crossed = []
+    for fault in sorted(timeline, key=lambda f: f["t"]):
+        if fault["kind"] not in GATEWAY_FAULTS or fault["target"] != g.name or fault["t_end"] is None \
+                or fault["detail"].get("restarted") is False or "skipped" in fault["detail"]:
+            continue
+        before = next((i for i, r in enumerate(releases) if r["t"] <= fault["t"]), None)  # newest first
+        after = next((i for i in reversed(range(len(releases))) if releases[i]["t"] >= fault["t_end"]), None)
+        crossed.append({"kind": fault["kind"], "t": fault["t"],
+                        "before": None if before is None else {k: releases[before][k] for k in ("model", "round")},
+                        "after": None if after is None else {k: releases[after][k] for k in ("model", "round")},
+                        # both in the chain: it runs from the one to the other (each release names its base)
+                        "crossed": before is not None and after is not None})
+    return {"model": model, "version": (result.get("model") or {}).get("version"), "complete": walk["complete"],
+            "length": walk["length"], "gap": walk["gap"], "releases": releases, "restarts_crossed": crossed}
 
 
 def _link_outages(links, offset: float) -> list[dict[str, Any]]:
@@ -648,6 +712,7 @@ def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str,
             "enroll_rejections": result.get("enroll_rejections", {}),
             "model": result.get("model", {}),
             "ledger": _ledger_section(g, result, monitor, verify_store),
+            "lineage": _lineage_section(g, result, started, faults or []),
         }
     first = gateways[0]
     main_section = sections[first.name]
@@ -662,6 +727,7 @@ def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str,
         "gateway": {**main_result.get("gateway", {}), "state": main_section["state"],
                     "exit_code": main_section["exit_code"], "enroll_rejections": main_section["enroll_rejections"]},
         "model": main_section["model"],
+        "lineage": main_section["lineage"],
         "gateways": sections,
         "broker": broker_kind,
         "workdir": str(workdir),

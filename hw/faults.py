@@ -7,6 +7,12 @@
     # at_s = 40.0              # ... or this many seconds after the fleet started
     down_s = 5.0               # how long it stays broken
 
+    kind = "gateway_stop"      # SIGTERM the gateway (an operator's stop, an upgrade): wait for it to
+    target = "gw-1"            #   exit (SIGKILL after STOP_TIMEOUT_S, and the detail says so), start it
+    overrides = { lr = 0.1 }   #   again after down_s, optionally with new config values (OVERRIDES:
+                               #   [rounds] lr, epochs, batch_size, deadline_s, interval_s,
+                               #   evaluate_every; strategy_params merged into [strategy] params)
+
     kind = "broker_restart"    # stop a broker (every connection drops), start it again after down_s;
     target = "hub"             #   "hub", or "gw-N" for that gateway's own broker (default: the one broker)
     kind = "partition"         # cut the target gateway's broker off the others for down_s: its ledger
@@ -20,29 +26,50 @@ cuts, as gateways in different districts would be; otherwise the whole
 fleet shares one broker. Brokers keep their sessions and retained messages
 across a restart (Mosquitto persistence), as a city's brokers would.
 
+After a gateway_restart or a gateway_stop the gateway goes on from its last
+release: its rounds, model versions and the model's lineage on the ledger
+continue across the restart (the report's `lineage` says whether they did).
+A stop's overrides are applied by the emulator, which owns the gateway's
+config file (`FleetControl.restart_gateway`); the runner only says which.
+
 `FaultRunner` injects each fault from its own thread through a `FleetControl`
 (the emulator's handle on its processes, brokers and relays) and keeps the
 timeline the report draws: {t, t_end, kind, target, detail}, in seconds
-since the run started. Closing it heals what is still broken (the ledgers
-must be able to settle afterwards) without restarting what was killed.
+since the run started. A gateway fault's detail says how it went down
+(`signal`; for a stop also `exit`: "exited" or "killed", `exit_code`,
+`stop_s`) and, once it is back, the `overrides` applied and the `previous`
+values they replaced. Closing it heals what is still broken (the ledgers
+must be able to settle afterwards) without restarting what was killed or stopped.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from protocol.config import ConfigError
 
 from .tables import array_of_tables, check_share, check_table, share_size
 
-KINDS = ("gateway_restart", "broker_restart", "partition", "device_churn")
+if TYPE_CHECKING:
+    from .fleet import Ending
+
+KINDS = ("gateway_restart", "gateway_stop", "broker_restart", "partition", "device_churn")
 MAX_DOWN_S = 100.0  # under the emulator's gateways' wait_devices_s (120 s)
-KEYS = {"kind": str, "target": str, "at_round": int, "at_s": (int, float), "down_s": (int, float),
-        "fraction": (int, float), "count": int}
+TRIGGER_POLL_S = 0.05  # a round ends in well under a second on a small fleet: "after round N" must not be N+1
+STOP_TIMEOUT_S = 30.0  # a gateway that has not exited this long after SIGTERM is killed (and the report says so)
+NUMBER = (int, float)
+KEYS = {"kind": str, "target": str, "at_round": int, "at_s": NUMBER, "down_s": NUMBER,
+        "fraction": NUMBER, "count": int, "overrides": dict}
+# What a gateway_stop may change before the gateway starts again: the [rounds] values an operator
+# would retune on a running service, and strategy parameters (merged into [strategy] params).
+OVERRIDES = {"lr": NUMBER, "epochs": int, "batch_size": int, "deadline_s": NUMBER, "interval_s": NUMBER,
+             "evaluate_every": int, "strategy_params": dict}
+ROUNDS_OVERRIDES = ("lr", "epochs", "batch_size", "deadline_s", "interval_s", "evaluate_every")
 
 
 @dataclass(frozen=True)
@@ -54,6 +81,7 @@ class Fault:
     down_s: float = 5.0
     fraction: float | None = None  # device_churn: of all devices; or
     count: int | None = None  # this many
+    overrides: dict[str, Any] = field(default_factory=dict)  # gateway_stop: config values for its next start
 
     def devices(self, total: int) -> int:
         return min(share_size(total, self.fraction, self.count), total)
@@ -61,7 +89,59 @@ class Fault:
     def label(self) -> str:
         when = f"after round {self.at_round}" if self.at_round is not None else f"at {self.at_s:g} s"
         what = self.target or (f"{self.fraction:.0%}" if self.fraction is not None else f"{self.count} devices")
-        return f"{self.kind} {what} {when} for {self.down_s:g} s"
+        changes = ", ".join(f"{k}={v}" for k, v in _flat(self.overrides).items())
+        return f"{self.kind} {what} {when} for {self.down_s:g} s" + (f", then {changes}" if changes else "")
+
+
+def _flat(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides as one level: strategy_params' entries as strategy_params.<name>."""
+    out = {k: v for k, v in overrides.items() if k != "strategy_params"}
+    out.update({f"strategy_params.{k}": v for k, v in overrides.get("strategy_params", {}).items()})
+    return out
+
+
+def _overrides(at: str, table: Any) -> dict[str, Any]:
+    """A gateway_stop's `overrides` table, checked: known keys, their types and ranges."""
+    check_table(at, table, OVERRIDES)
+    for key in ("lr", "epochs", "batch_size", "deadline_s", "evaluate_every"):
+        if key in table and not table[key] > 0:
+            raise ConfigError(f"{at}.{key} must be positive, got {table[key]}")
+    if table.get("interval_s", 0) < 0:
+        raise ConfigError(f"{at}.interval_s must not be negative, got {table['interval_s']}")
+    params = table.get("strategy_params", {})
+    for name, value in params.items():  # a constructor argument: a number, a string, a flag or a list of them
+        where = f"{at}.strategy_params.{name}"
+        if isinstance(value, dict):
+            raise ConfigError(f"{where}: a strategy parameter is a value, not a table")
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, (str, int, float)):
+                raise ConfigError(f"{where} has the wrong type ({type(item).__name__})")
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{where} must be a finite number, got {item}")
+    out = {k: float(v) if k in ("lr", "deadline_s", "interval_s") else v for k, v in table.items()
+           if k != "strategy_params"}
+    if params:
+        out["strategy_params"] = dict(params)
+    return out
+
+
+def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A gateway config document with a stop's `overrides` applied, and the values they replaced
+    (None: it was not set). Pure: whoever owns the config file writes the new document."""
+    new = {section: dict(table) if isinstance(table, dict) else table for section, table in config.items()}
+    previous: dict[str, Any] = {}
+    rounds = new.setdefault("rounds", {})
+    for key in ROUNDS_OVERRIDES:
+        if key in overrides:
+            previous[key] = rounds.get(key)
+            rounds[key] = overrides[key]
+    if overrides.get("strategy_params"):
+        strategy = new.setdefault("strategy", {})
+        params = dict(strategy.get("params", {}))
+        previous["strategy_params"] = {k: params.get(k) for k in overrides["strategy_params"]}
+        params.update(overrides["strategy_params"])
+        strategy["params"] = params
+    return new, previous
 
 
 def parse_faults(items: Any, gateways: int, where: str = "fault") -> tuple[Fault, ...]:
@@ -83,6 +163,10 @@ def parse_faults(items: Any, gateways: int, where: str = "fault") -> tuple[Fault
             raise ConfigError(f"{at}.down_s must be in (0, {MAX_DOWN_S:g}] (a restarted gateway waits "
                               f"{MAX_DOWN_S:g} s at most for its devices), got {down_s}")
         target = table.get("target", "")
+        if "overrides" in table and kind != "gateway_stop":
+            raise ConfigError(f"{at}.overrides: only a gateway_stop starts the gateway again with new config "
+                              f"(this fault is a {kind})")
+        overrides = _overrides(f"{at}.overrides", table["overrides"]) if "overrides" in table else {}
         if kind == "device_churn":
             if target:
                 raise ConfigError(f"{at}.target: device_churn picks its devices by fraction or count")
@@ -102,7 +186,8 @@ def parse_faults(items: Any, gateways: int, where: str = "fault") -> tuple[Fault
                 raise ConfigError(f"{at}: a partition needs at least 2 gateways (fleet.gateways = {gateways})")
         out.append(Fault(kind, target, table.get("at_round"),
                          None if "at_s" not in table else float(table["at_s"]), down_s,
-                         None if "fraction" not in table else float(table["fraction"]), table.get("count")))
+                         None if "fraction" not in table else float(table["fraction"]), table.get("count"),
+                         overrides))
     partitioned = any(f.kind == "partition" for f in out)
     for i, f in enumerate(out):
         if f.kind == "broker_restart" and f.target and not partitioned:
@@ -117,6 +202,10 @@ class FleetControl(Protocol):
     def rounds_done(self, gateway: str) -> int: ...  # the last round the gateway finished, -1 before any
     def kill_gateway(self, name: str) -> bool: ...  # False: it had already finished
     def start_gateway(self, name: str) -> None: ...
+    # SIGTERM, wait up to `timeout` s for it to exit, else SIGKILL: how it ended (hw.fleet.Ending)
+    def stop_gateway(self, name: str, timeout: float) -> Ending: ...
+    # apply `overrides` to its config (the emulator owns the file), start it; the values they replaced
+    def restart_gateway(self, name: str, overrides: dict[str, Any]) -> dict[str, Any]: ...
     def stop_broker(self, target: str) -> None: ...
     def start_broker(self, target: str) -> None: ...
     def cut(self, gateway: str) -> None: ...
@@ -168,7 +257,7 @@ class FaultRunner:
 
     def _run(self, index: int, fault: Fault) -> None:
         while not self._triggered(fault):
-            if self._stop.wait(0.2):
+            if self._stop.wait(TRIGGER_POLL_S):
                 return
         with self._lock:
             if self._stop.is_set():
@@ -184,12 +273,14 @@ class FaultRunner:
             if up is None:
                 return
             self._stop.wait(fault.down_s)
-            if self._stop.is_set() and fault.kind in ("gateway_restart", "device_churn"):
+            if self._stop.is_set() and fault.kind in ("gateway_restart", "gateway_stop", "device_churn"):
                 entry["detail"]["restarted"] = False  # the run is over: nothing to come back to
             else:
                 up()  # a closing run still heals the network: the ledgers must settle afterwards
             entry["t_end"] = self._t()
-            self.say(f"starling-emulate: fault over at {entry['t_end']:.1f} s: {fault.kind} {fault.target}".rstrip())
+            changed = ", ".join(f"{k}={v}" for k, v in _flat(entry["detail"].get("overrides", {})).items())
+            self.say(f"starling-emulate: fault over at {entry['t_end']:.1f} s: {fault.kind} {fault.target}".rstrip()
+                     + (f", started again with {changed}" if changed else ""))
         except Exception as exc:  # noqa: BLE001 (a fault that cannot be injected is reported, not fatal)
             entry["detail"]["error"] = f"{type(exc).__name__}: {exc}"
             with self._lock:
@@ -208,6 +299,21 @@ class FaultRunner:
                 return None
             entry["detail"]["signal"] = "SIGKILL"
             return lambda: fleet.start_gateway(fault.target)
+        if fault.kind == "gateway_stop":
+            ending = fleet.stop_gateway(fault.target, STOP_TIMEOUT_S)
+            if ending.how == "not running":
+                entry["detail"]["skipped"] = "the gateway had already finished"
+                return None
+            entry["detail"].update(signal="SIGTERM", exit=ending.how, exit_code=ending.code, stop_s=ending.seconds)
+            if ending.how == "killed":  # a clean stop that did not happen is a finding, not a detail to hide
+                entry["detail"]["killed"] = f"still running {STOP_TIMEOUT_S:g} s after SIGTERM: SIGKILL"
+
+            def up() -> None:
+                previous = fleet.restart_gateway(fault.target, fault.overrides)
+                if fault.overrides:
+                    entry["detail"].update(overrides=fault.overrides, previous=previous)
+
+            return up
         if fault.kind == "broker_restart":
             fleet.stop_broker(fault.target)
             return lambda: fleet.start_broker(fault.target)

@@ -4,11 +4,14 @@
         host, port = net.endpoint("gw-1")       # where gw-1 and its devices connect
         gateway = Process([sys.executable, "-m", "gateway.cli", ...], log, env)
         gateway.start(); gateway.kill(); gateway.start()   # a crash and a restart, same command line
+        gateway.terminate(30.0)                            # a clean stop: Ending("exited", 0, 1.2)
 
 `Network` is one broker for the whole fleet, or, when gateways must be
 partitioned from each other, one broker per gateway, each bridged (ledger
 gossip only) to a hub broker through a TCP relay that `cut` and `heal` open
-and close. `Fleet` is the `hw.faults.FleetControl` the fault runner drives.
+and close. `Fleet` is the `hw.faults.FleetControl` the fault runner drives;
+it changes a gateway's config only through the `reconfigure` callback the
+emulator gives it (the emulator writes the config files, and only it does).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,15 @@ from .broker import Broker
 from .netem import TcpRelay
 
 HUB = "hub"
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a `Process.terminate` went."""
+
+    how: str  # "exited" (within the timeout after SIGTERM), "killed" (SIGKILL after it), "not running"
+    code: int | None  # its exit status (negative: the signal that ended it); None if it never ran
+    seconds: float  # from SIGTERM to its end
 
 
 @dataclass
@@ -58,6 +71,21 @@ class Process:
         self.popen.send_signal(signal.SIGKILL)
         self.popen.wait()
         return True
+
+    def terminate(self, timeout: float) -> Ending:
+        """SIGTERM (a clean stop: the process finishes what it must), wait up to `timeout` s, else SIGKILL."""
+        if not self.alive():
+            return Ending("not running", None if self.popen is None else self.popen.returncode, 0.0)
+        began = time.monotonic()
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+            how = "exited"
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            how = "killed"
+        return Ending(how, self.popen.returncode, round(time.monotonic() - began, 3))
 
 
 class Network:
@@ -124,10 +152,14 @@ class Fleet:
     """The `hw.faults.FleetControl` of one emulator run."""
 
     def __init__(self, network: Network, gateways: dict[str, Process], devices: dict[str, Process],
-                 rounds_done: Callable[[str], int], seed: int) -> None:
+                 rounds_done: Callable[[str], int], seed: int,
+                 reconfigure: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        """`reconfigure(gateway, overrides)`: the emulator applies a fault's overrides to the gateway's
+        config file and returns the values they replaced (None: this fleet cannot change configs)."""
         self.network, self.gateways, self.devices = network, gateways, devices
         self.rounds_done = rounds_done
         self.seed = seed
+        self._reconfigure = reconfigure
         self._lock = threading.Lock()
 
     def kill_gateway(self, name: str) -> bool:
@@ -135,6 +167,19 @@ class Fleet:
 
     def start_gateway(self, name: str) -> None:
         self.gateways[name].start()
+
+    def stop_gateway(self, name: str, timeout: float) -> Ending:
+        return self.gateways[name].terminate(timeout)
+
+    def restart_gateway(self, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Start a stopped gateway again, first with `overrides` in its config; the values they replaced."""
+        previous = {}
+        if overrides:
+            if self._reconfigure is None:
+                raise ValueError(f"this fleet cannot change {name}'s config")
+            previous = self._reconfigure(name, overrides)
+        self.gateways[name].start()
+        return previous
 
     def stop_broker(self, target: str) -> None:
         self.network.stop_broker(target)

@@ -36,6 +36,8 @@ from protocol.atomic import write_atomic
 from protocol.keys import Identity, identity_id, load_or_create
 from protocol.vouchers import issue
 
+from .toml_files import toml_value
+
 __all__ = ["DEFAULT_PORT", "JoinKit", "VoucherDesk", "advertised_address", "instructions", "parse_listen",
            "write_join_kit"]
 
@@ -263,7 +265,8 @@ def _device_public_key(device_key: bytes | str | Path | None) -> bytes | None:
 
 def _agent_toml(kit: JoinKit, model: str, sensors: tuple[str, ...], name: str,
                 etc: PurePosixPath, state: PurePosixPath) -> str:
-    q = json.dumps  # a JSON string is a valid TOML basic string
+    # Laid out by hand (the comments are for the person at the device); every value through the one writer.
+    q = toml_value
     lines = [
         "# A real device in an emulated Starling fleet: copy to /etc/starling/agent.toml (see JOIN.txt).",
         "# The gateway's keys are new in every emulator run: copy this file again for each run.",
@@ -274,12 +277,13 @@ def _agent_toml(kit: JoinKit, model: str, sensors: tuple[str, ...], name: str,
         f"voucher = {q(str(etc / 'voucher.cbor'))}   # the operator's voucher for this device's key",
         "",
         "[gateway]",
-        f"id = {q(kit.gateway['id'])}   # {kit.gateway.get('name', '')}",
+        # (the name as one line: a line break in it would end the comment and start a line of TOML)
+        f"id = {q(kit.gateway['id'])}   # {' '.join(str(kit.gateway.get('name', '')).split())}",
         f"public_key = {q(kit.gateway['public_key'])}",
         "",
         "[broker]   # the emulator's exposed listener: plain MQTT, anonymous",
         f"host = {q(kit.address)}",
-        f"port = {kit.port}",
+        f"port = {q(kit.port)}",
         "",
         "[model]",
         f"name = {q(model)}",

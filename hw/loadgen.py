@@ -16,15 +16,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mqttlink import Connection, ConnectionOptions
 from protocol import envelope, schemas, topics
+from protocol.config import tomllib  # the stdlib's, or tomli on Python 3.10
 from protocol.keys import Identity
 
 from .broker import Broker, _child_env
 from .synthetic import write_manifest
+from .toml_files import write_toml
 
 
 @dataclass
@@ -141,23 +144,29 @@ def finished_gateway(process: subprocess.Popen, workdir: Path, timeout: float) -
 
 
 def start_gateway(workdir: Path, broker: Broker, shapes: dict[str, tuple[int, ...]], devices: int, timeout: float,
-                  strategy: str = "FedAvg", params: str = "", workers: int = 0) -> tuple[subprocess.Popen, Identity]:
+                  strategy: str = "FedAvg", params: dict[str, Any] | str | None = None,
+                  workers: int = 0) -> tuple[subprocess.Popen, Identity]:
     """A real `starling-gateway` process for one round of `devices` load-generated devices, no evaluation.
 
-    `params` is extra TOML for the strategy's inline params table ("beta = 0.1, "); `workers`
-    is `[ingest] workers` (processes sharing the reply topic; 0 = none).
+    `params`: extra parameters of the strategy ({"beta": 0.1}; the older form, inline TOML such as
+    "beta = 0.1, ", is read as such); `workers` is `[ingest] workers` (processes sharing the reply
+    topic; 0 = none).
     """
+    if isinstance(params, str):
+        params = tomllib.loads(f"params = {{ {params.strip().rstrip(',')} }}")["params"]
     manifest = write_manifest(workdir / "model", shapes)
     gateway = Identity.generate()
     gateway.save(workdir / "gw.key")
-    (workdir / "gw.toml").write_text(
-        f'[gateway]\nname = "load"\nkey = "gw.key"\nstate_dir = "state"\n'
-        f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n[model]\nmanifest = "{manifest}"\n'
-        f'[strategy]\nname = "{strategy}"\nparams = {{ {params}fraction_evaluate = 0.0, '
-        f"min_available_nodes = {devices}, min_train_nodes = {devices} }}\n"
-        f"[rounds]\nnum_rounds = 1\ndeadline_s = {timeout}\nmin_devices = {devices}\nwait_devices_s = {timeout}\n"
-        f'[enrollment]\npolicy = "open"\n[ingest]\nworkers = {workers}\n'
-    )
+    write_toml(workdir / "gw.toml", {
+        "gateway": {"name": "load", "key": "gw.key", "state_dir": "state"},  # relative to the config's folder
+        "broker": {"host": broker.host, "port": broker.port},
+        "model": {"manifest": str(manifest)},
+        "strategy": {"name": strategy, "params": {**(params or {}), "fraction_evaluate": 0.0,
+                                                  "min_available_nodes": devices, "min_train_nodes": devices}},
+        "rounds": {"num_rounds": 1, "deadline_s": timeout, "min_devices": devices, "wait_devices_s": timeout},
+        "enrollment": {"policy": "open"},
+        "ingest": {"workers": workers},
+    })
     root = Path(__file__).resolve().parent.parent
     with open(workdir / "gateway.log", "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(workdir / "gw.toml")],

@@ -15,8 +15,10 @@ holds and says "not in this report" for what it does not:
                                                the (first) gateway's rounds
     rejections {reason: count}                 its rejected updates
     ledger {height, verified, problem}         its ledger
+    lineage {length, complete, gap, restarts_crossed: [{crossed}]}
+                                               its final model's chain of releases on the ledger
     gateway {name, id, state, exit_code}       it
-    gateways {name: {rounds: [...], rejections: {...}, state?,
+    gateways {name: {rounds: [...], rejections: {...}, state?, lineage?,
                      ledger: {height?, verified?,
                               height_series: [[t, height], ...],
                               finality_lag_series: [[t, lag], ...]}}}
@@ -62,8 +64,10 @@ MAX_LABEL = 40  # characters of a name shown in a plot legend or label
 DPI = 100
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
-FAULT_COLOURS = {"kill": "#d62728", "restart": "#2ca02c", "partition": "#9467bd", "heal": "#17becf",
-                 "broker": "#ff7f0e", "churn": "#8c564b"}
+# By kind, else by the kind's first word: a crash (kill -9) and a clean stop of a gateway look different.
+FAULT_COLOURS = {"gateway_restart": "#d62728", "gateway_stop": "#b8860b", "kill": "#d62728",
+                 "restart": "#2ca02c", "partition": "#9467bd", "heal": "#17becf", "broker": "#ff7f0e",
+                 "churn": "#8c564b"}
 
 
 # --- reading the report, tolerantly -------------------------------------------------------------------------
@@ -153,7 +157,8 @@ def _gateways(report: dict) -> dict[str, dict]:
         return {}
     name = _dict(report.get("gateway")).get("name") or "gateway"
     return {str(name): {"rounds": report.get("rounds"), "rejections": report.get("rejections"),
-                        "ledger": report.get("ledger"), "state": _dict(report.get("gateway")).get("state")}}
+                        "ledger": report.get("ledger"), "state": _dict(report.get("gateway")).get("state"),
+                        "lineage": report.get("lineage")}}
 
 
 def _final_accuracy(rounds: list[dict]) -> float | None:
@@ -205,6 +210,25 @@ def fmt(value: Any, digits: int = 3) -> str:
             return f"{int(value):,}"
         return f"{value:.{digits}f}"
     return esc(value)
+
+
+def fmt_lineage(value: Any) -> str:
+    """A model's lineage on the ledger in a table cell: its releases, whether it is whole, the restarts it
+    ran through (HTML)."""
+    lineage = _dict(value)
+    if not lineage:
+        return "–"
+    text = f"{fmt(_num(lineage.get('length')), 0)} releases"
+    if lineage.get("complete") is True:
+        text += ', <span class="good">complete</span>'
+    elif lineage.get("complete") is False:
+        gap = _dict(lineage.get("gap")).get("model")
+        text += ', <span class="bad">broken</span>' + (f" at {esc(str(gap)[:16])}…" if gap else "")
+    restarts = [r for r in _list(lineage.get("restarts_crossed")) if isinstance(r, dict)]
+    if restarts:
+        crossed = sum(1 for r in restarts if r.get("crossed") is True)
+        text += f", through {crossed} of {len(restarts)} restarts"
+    return text
 
 
 def fmt_bytes(value: float | None) -> str:
@@ -271,7 +295,8 @@ class _Plotter:
             x = to_x(f["t"])
             if x is None:
                 continue
-            colour = FAULT_COLOURS.get(str(f["kind"]).split("_")[0].lower(), "#555555")
+            kind_key = str(f["kind"]).lower()
+            colour = FAULT_COLOURS.get(kind_key) or FAULT_COLOURS.get(kind_key.split("_")[0], "#555555")
             kind = _label(f["kind"] or "fault")
             ax.axvline(x, color=colour, linestyle="--", linewidth=1.1, alpha=0.85,
                        label=f"fault: {kind}" if kind not in seen else None)
@@ -570,6 +595,7 @@ def _summary(report: dict) -> list[tuple[str, str]]:
          ('<span class="good">yes</span>' if verified else
           f'<span class="bad">no</span> {esc(ledger.get("problem") or "")}')),
         ("gateway state", esc(gateway.get("state") or "–")),
+        ("model lineage", fmt_lineage(report.get("lineage"))),
         ("faults", fmt(len(_list(report.get("faults")))) if "faults" in report else "–"),
         ("run time", f"{fmt(_num(report.get('seconds')), 1)} s"),
     ]
@@ -643,9 +669,10 @@ def render_html(report: dict, plots: dict[str, Path], folder_rel: str, plot_note
                          fmt(_final_accuracy(rs)), fmt(_total(rs, "participants"), 0),
                          fmt(sum(_counts(g.get("rejections")).values()), 0) if "rejections" in g else "–",
                          fmt(height, 0), fmt(max(v for _, v in lags), 1) if lags else "–",
-                         fmt(led.get("verified"))])
+                         fmt(led.get("verified")), fmt_lineage(g.get("lineage"))])
         parts.append(_table(["gateway", "state", "rounds", "final accuracy", "accepted", "rejected",
-                             "ledger height", "max finality lag", "verified"], rows, [2, 3, 4, 5, 6, 7]))
+                             "ledger height", "max finality lag", "verified", "model lineage"], rows,
+                            [2, 3, 4, 5, 6, 7]))
     else:
         parts.append(_absent("per-gateway results"))
     parts.append(_img(plots, "ledger", "ledger height and finality lag per gateway", folder_rel)

@@ -63,10 +63,11 @@
     outages = [[30.0, 40.0]]   # the disconnect schedule: seconds after the devices started
 
     [[fault]]                  # any number: the fault timeline (see hw/faults.py for every kind)
-    kind = "gateway_restart"   # gateway_restart, broker_restart, partition, device_churn
-    target = "gw-2"
+    kind = "gateway_restart"   # gateway_restart (kill -9), gateway_stop (SIGTERM), broker_restart,
+    target = "gw-2"            # partition, device_churn
     at_round = 2               # after that gateway's round 2 (or at_s = seconds after the start)
     down_s = 5.0
+    # overrides = { lr = 0.1 } # gateway_stop only: config values for its next start
 
     [[variant]]                # optional: run the scenario once per variant, one after another,
     name = "fedavg"            # results merged into one report under "comparison"
@@ -201,7 +202,7 @@ class Scenario:
         doc["subjects"] = list(self.subjects)
         doc["adversaries"] = [{k: v for k, v in asdict(a).items() if v is not None} for a in self.adversaries]
         doc["variants"] = [v.name for v in self.variants]
-        doc["faults"] = [{k: v for k, v in asdict(f).items() if v not in (None, "")} for f in self.faults]
+        doc["faults"] = [{k: v for k, v in asdict(f).items() if v not in (None, "", {})} for f in self.faults]
         doc["device_profiles"] = [{k: v for k, v in asdict(p).items() if v is not None} for p in self.device_profiles]
         doc["links"] = [{k: v for k, v in asdict(link).items() if v is not None} for link in self.links]
         return doc
@@ -354,9 +355,25 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
             raise ScenarioError(f"{name} must be positive, got {value}")
     if scenario.broker not in ("auto", "mosquitto", "embedded"):
         raise ScenarioError(f"broker.kind must be auto, mosquitto or embedded, not {scenario.broker!r}")
+    _check_strategy_overrides(scenario)
     if "variant" in doc:
         scenario = _with_variants(scenario, doc, base_dir)
     return scenario
+
+
+def _check_strategy_overrides(scenario: Scenario) -> None:
+    """A gateway_stop's strategy_params must make a strategy the restarted gateway accepts: check them now
+    (with the gateway's own check), not when the gateway fails to start mid-run."""
+    for i, fault in enumerate(scenario.faults):
+        params = fault.overrides.get("strategy_params")
+        if not params:
+            continue
+        from gateway.strategies import make_strategy  # noqa: PLC0415 (Flower: only when there is something to check)
+
+        try:
+            make_strategy(scenario.strategy, {**scenario.strategy_params, **params}, scenario.strategy_dp or None)
+        except ConfigError as exc:
+            raise ScenarioError(f"fault[{i}].overrides.strategy_params: {exc}") from exc
 
 
 def _merge(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import sys
 import threading
@@ -12,8 +13,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from hw.broker import _child_env, find_mosquitto
-from hw.faults import FaultRunner, fault_sections, parse_faults
-from hw.fleet import Fleet, Network, Process
+from hw.faults import STOP_TIMEOUT_S, FaultRunner, apply_overrides, fault_sections, parse_faults
+from hw.fleet import Ending, Fleet, Network, Process
 from protocol.config import ConfigError
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
@@ -60,12 +61,81 @@ def test_a_bad_fault_table_is_refused_naming_the_field(table, gateways, message)
         parse_faults([table], gateways)
 
 
+def test_a_gateway_stop_parses_with_its_overrides():
+    [stop, plain] = parse_faults([
+        {"kind": "gateway_stop", "target": "gw-1", "at_round": 10, "down_s": 2,
+         "overrides": {"lr": 1, "epochs": 3, "batch_size": 16, "deadline_s": 20, "interval_s": 0,
+                       "evaluate_every": 2, "strategy_params": {"fraction_train": 0.5}}},
+        {"kind": "gateway_stop", "target": "gw-2", "at_s": 5},
+    ], gateways=2)
+    assert stop.kind == "gateway_stop" and stop.at_round == 10 and stop.down_s == 2.0
+    assert stop.overrides == {"lr": 1.0, "epochs": 3, "batch_size": 16, "deadline_s": 20.0, "interval_s": 0.0,
+                              "evaluate_every": 2, "strategy_params": {"fraction_train": 0.5}}
+    assert isinstance(stop.overrides["lr"], float)  # as the gateway's config reads it
+    assert stop.label().endswith("then lr=1.0, epochs=3, batch_size=16, deadline_s=20.0, interval_s=0.0, "
+                                 "evaluate_every=2, strategy_params.fraction_train=0.5")
+    assert plain.overrides == {} and plain.label() == "gateway_stop gw-2 at 5 s for 5 s"
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"overrides": {"learning_rate": 0.1}}, "unknown key fault[0].overrides.learning_rate; known: lr, epochs"),
+    ({"overrides": {"lr": "0.1"}}, "fault[0].overrides.lr has the wrong type (str)"),
+    ({"overrides": {"epochs": 1.5}}, "fault[0].overrides.epochs has the wrong type (float)"),
+    ({"overrides": {"epochs": True}}, "fault[0].overrides.epochs has the wrong type (bool)"),
+    ({"overrides": {"lr": 0}}, "fault[0].overrides.lr must be positive"),
+    ({"overrides": {"lr": float("inf")}}, "fault[0].overrides.lr must be a finite number"),
+    ({"overrides": {"interval_s": -1}}, "fault[0].overrides.interval_s must not be negative"),
+    ({"overrides": {"strategy_params": {"x": {"y": 1}}}},
+     "fault[0].overrides.strategy_params.x: a strategy parameter is a value, not a table"),
+    ({"overrides": {"strategy_params": {"x": float("nan")}}}, "fault[0].overrides.strategy_params.x must be a finite"),
+    ({"overrides": {"strategy_params": 3}}, "fault[0].overrides.strategy_params has the wrong type (int)"),
+    ({"overrides": [1]}, "fault[0].overrides has the wrong type (list)"),
+    ({"kind": "gateway_restart", "overrides": {"lr": 0.1}},
+     "starts the gateway again with new config (this fault is a gateway_restart)"),
+    ({"kind": "device_churn", "target": "", "count": 1, "overrides": {"lr": 0.1}},
+     "fault[0].overrides: only a gateway_stop"),
+    ({"target": "gw-7"}, "fault[0].target must be one of gw-1, gw-2"),
+])
+def test_a_bad_gateway_stop_is_refused_naming_the_field(table, message):
+    base = {"kind": "gateway_stop", "target": "gw-1", "at_round": 1}
+    if table.get("kind") == "device_churn":
+        base = {"at_s": 1}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_faults([{**base, **table}], gateways=2)
+
+
+def test_strategy_overrides_are_checked_against_the_strategy_at_scenario_load():
+    from hw.scenario import ScenarioError, parse_scenario
+
+    fault = {"kind": "gateway_stop", "target": "gw-1", "at_round": 1}
+    ok = parse_scenario({"fault": [{**fault, "overrides": {"strategy_params": {"fraction_train": 0.5}}}]})
+    assert ok.faults[0].overrides == {"strategy_params": {"fraction_train": 0.5}}
+    assert ok.to_dict()["faults"][0]["overrides"] == {"strategy_params": {"fraction_train": 0.5}}
+    with pytest.raises(ScenarioError, match=r"fault\[0\]\.overrides\.strategy_params: .*takes no parameter"):
+        parse_scenario({"fault": [{**fault, "overrides": {"strategy_params": {"no_such_parameter": 1}}}]})
+
+
+def test_overrides_make_a_new_config_and_say_what_they_replaced():
+    config = {"gateway": {"name": "gw-1"}, "strategy": {"name": "FedAvg", "params": {"fraction_train": 1.0}},
+              "rounds": {"num_rounds": 20, "lr": 0.2, "epochs": 1}}
+    new, previous = apply_overrides(config, {"lr": 0.1, "interval_s": 5.0,
+                                             "strategy_params": {"fraction_train": 0.5, "min_train_nodes": 3}})
+    assert new["rounds"] == {"num_rounds": 20, "lr": 0.1, "epochs": 1, "interval_s": 5.0}
+    assert new["strategy"] == {"name": "FedAvg", "params": {"fraction_train": 0.5, "min_train_nodes": 3}}
+    assert previous == {"lr": 0.2, "interval_s": None,  # None: it was not set (the gateway's default)
+                        "strategy_params": {"fraction_train": 1.0, "min_train_nodes": None}}
+    assert config["rounds"]["lr"] == 0.2 and config["strategy"]["params"] == {"fraction_train": 1.0}  # untouched
+
+
 def test_a_scenario_with_faults_is_checked_by_the_scenario_loader():
     from hw.scenario import ScenarioError, load_scenario, parse_scenario
 
     shipped = load_scenario(Path(__file__).resolve().parents[2] / "hw" / "scenarios" / "faults.toml")
     assert {f.kind for f in shipped.faults} == {"gateway_restart", "broker_restart", "partition", "device_churn"}
     assert shipped.gateways >= 3
+    continuity = load_scenario(Path(__file__).resolve().parents[2] / "hw" / "scenarios" / "continuity.toml")
+    assert [(f.kind, f.at_round) for f in continuity.faults] == [("gateway_stop", 10), ("gateway_restart", 15)]
+    assert continuity.faults[0].overrides["lr"] < continuity.lr and continuity.rounds == 20
     with pytest.raises(ScenarioError, match="fault.0..kind"):
         parse_scenario({"fault": [{"kind": "nope", "at_s": 1}]})
 
@@ -90,6 +160,20 @@ class RecordingFleet:
     def start_gateway(self, name):
         self.calls.append(("start_gateway", name))
         self.gateway_alive = True
+
+    ending = "exited"  # how a SIGTERM'd gateway ends here
+
+    def stop_gateway(self, name, timeout):
+        self.calls.append(("stop_gateway", name))
+        if not self.gateway_alive:
+            return Ending("not running", 0, 0.0)
+        self.gateway_alive = False
+        return Ending(self.ending, 0 if self.ending == "exited" else -9, 0.5 if self.ending == "exited" else timeout)
+
+    def restart_gateway(self, name, overrides):
+        self.calls.append(("restart_gateway", name, overrides))
+        self.gateway_alive = True
+        return {key: "old" for key in overrides}
 
     def stop_broker(self, target):
         self.calls.append(("stop_broker", target))
@@ -135,6 +219,56 @@ def test_a_round_triggered_fault_waits_for_the_round_then_breaks_and_restores_on
     assert entry["kind"] == "gateway_restart" and entry["target"] == "gw-2"
     assert 0.45 <= entry["t_end"] - entry["t"] < 5.0
     assert entry["detail"]["signal"] == "SIGKILL"
+
+
+def test_a_gateway_stop_terminates_then_restarts_the_gateway_with_its_overrides():
+    fleet = RecordingFleet()
+    said: list[str] = []
+    faults = parse_faults([{"kind": "gateway_stop", "target": "gw-1", "at_round": 3, "down_s": 0.3,
+                            "overrides": {"lr": 0.05}}], 1)
+    with FaultRunner(faults, fleet, time.time(), devices=2, say=said.append) as runner:
+        time.sleep(0.3)
+        assert fleet.calls == []
+        fleet.round = 3
+        _wait_for(lambda: len(fleet.calls) == 2)
+        _wait_for(lambda: not runner.busy())
+    assert fleet.calls == [("stop_gateway", "gw-1"), ("restart_gateway", "gw-1", {"lr": 0.05})]
+    [entry] = runner.timeline
+    assert entry["kind"] == "gateway_stop" and entry["target"] == "gw-1" and entry["t_end"] - entry["t"] >= 0.25
+    assert entry["detail"] == {"down_s": 0.3, "signal": "SIGTERM", "exit": "exited", "exit_code": 0, "stop_s": 0.5,
+                               "overrides": {"lr": 0.05}, "previous": {"lr": "old"}}
+    begin, end = said
+    assert begin.startswith("starling-emulate: fault at ") and "gateway_stop gw-1 after round 3" in begin
+    assert end.startswith("starling-emulate: fault over at ") and end.endswith("gateway_stop gw-1, started again "
+                                                                               "with lr=0.05")
+
+
+def test_a_gateway_that_ignores_sigterm_is_killed_and_the_fault_says_so():
+    fleet = RecordingFleet()
+    fleet.ending = "killed"
+    faults = parse_faults([{"kind": "gateway_stop", "target": "gw-1", "at_s": 0, "down_s": 0.1}], 1)
+    with FaultRunner(faults, fleet, time.time(), devices=1) as runner:
+        _wait_for(lambda: runner.timeline and runner.timeline[0]["t_end"] is not None)
+    detail = runner.timeline[0]["detail"]
+    assert detail["exit"] == "killed" and detail["exit_code"] == -9 and str(int(STOP_TIMEOUT_S)) in detail["killed"]
+    assert "overrides" not in detail  # none given: the gateway starts again as it was
+    assert fleet.calls == [("stop_gateway", "gw-1"), ("restart_gateway", "gw-1", {})]
+
+
+def test_a_stop_of_a_finished_gateway_is_skipped_and_one_the_run_outlives_is_not_restarted():
+    fleet = RecordingFleet()
+    fleet.gateway_alive = False
+    with FaultRunner(parse_faults([{"kind": "gateway_stop", "target": "gw-1", "at_s": 0}], 1), fleet,
+                     time.time(), devices=1) as runner:
+        _wait_for(lambda: runner.timeline)
+    assert runner.timeline[0]["detail"]["skipped"] and fleet.calls == [("stop_gateway", "gw-1")]
+    fleet = RecordingFleet()
+    runner = FaultRunner(parse_faults([{"kind": "gateway_stop", "target": "gw-1", "at_s": 0, "down_s": 60,
+                                        "overrides": {"lr": 0.1}}], 1), fleet, time.time(), devices=1)
+    with runner:
+        _wait_for(lambda: runner.timeline)
+    assert fleet.calls == [("stop_gateway", "gw-1")]  # the run ended while it was down
+    assert runner.timeline[0]["detail"]["restarted"] is False and "overrides" not in runner.timeline[0]["detail"]
 
 
 def test_closing_the_runner_heals_the_network_but_does_not_restart_what_was_killed():
@@ -186,6 +320,93 @@ def test_a_killed_process_starts_again_with_the_same_command_and_an_appended_log
     _wait_for(lambda: log.read_text().count("up") == 2)
     assert process.starts == 2
     process.kill()
+
+
+TERM_AWARE = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *_: (print('clean stop', flush=True), sys.exit(0)))\n"
+              "print('up', flush=True)\n"
+              "time.sleep(60)\n")
+
+
+def test_a_sigtermed_process_exits_cleanly_and_starts_again(tmp_path: Path):
+    log = tmp_path / "p.log"
+    process = Process([sys.executable, "-c", TERM_AWARE], log, _child_env())
+    process.start()
+    _wait_for(lambda: log.read_text().count("up") == 1)
+    ending = process.terminate(10.0)
+    assert ending.how == "exited" and ending.code == 0 and 0 <= ending.seconds < 10
+    assert "clean stop" in log.read_text() and not process.alive()
+    assert process.terminate(10.0).how == "not running"
+    process.start()
+    _wait_for(lambda: log.read_text().count("up") == 2)
+    assert process.starts == 2 and process.alive()
+    process.kill()
+
+
+def test_a_process_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path: Path):
+    log = tmp_path / "p.log"
+    stubborn = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "print('up', flush=True)\ntime.sleep(60)\n")
+    process = Process([sys.executable, "-c", stubborn], log, _child_env())
+    process.start()
+    _wait_for(lambda: "up" in log.read_text())
+    ending = process.terminate(0.5)
+    assert ending.how == "killed" and ending.code == -9 and ending.seconds >= 0.5 and not process.alive()
+
+
+def test_the_fleet_rewrites_the_config_before_the_gateway_starts_again(tmp_path: Path):
+    from hw.emulate import GatewayRun
+    from protocol.config import read_toml
+    from protocol.keys import Identity
+
+    g = GatewayRun(0, "gw-1", Identity.generate(), tmp_path, tmp_path / "gw.log")
+    conf = g.write_config({"gateway": {"name": "gw-1 \U0001f426"}, "strategy": {"name": "FedAvg", "params": {}},
+                           "rounds": {"num_rounds": 20, "lr": 0.2}})
+    # The "gateway" reads its config when it starts: what it read is in its log.
+    reader = f"import tomllib; print(tomllib.load(open({str(conf)!r}, 'rb'))['rounds'], flush=True)"
+    process = Process([sys.executable, "-c", reader + "; import time; time.sleep(60)"], tmp_path / "gw.log",
+                      _child_env())
+    g.proc = process
+    fleet = Fleet(None, {"gw-1": process}, {}, lambda _: 0, seed=0,  # type: ignore[arg-type]
+                  reconfigure=lambda name, overrides: g.reconfigure(overrides))
+    fleet.start_gateway("gw-1")
+    _wait_for(lambda: "'lr': 0.2" in (tmp_path / "gw.log").read_text())
+    assert fleet.stop_gateway("gw-1", 10.0).how == "exited"  # no handler: SIGTERM's default ends it
+    assert fleet.restart_gateway("gw-1", {"lr": 0.1, "strategy_params": {"fraction_train": 0.5}}) == {
+        "lr": 0.2, "strategy_params": {"fraction_train": None}}
+    _wait_for(lambda: "'lr': 0.1" in (tmp_path / "gw.log").read_text())
+    process.kill()
+    doc = read_toml(conf)
+    assert doc == g.config and doc["rounds"] == {"num_rounds": 20, "lr": 0.1}
+    assert doc["strategy"]["params"] == {"fraction_train": 0.5} and doc["gateway"]["name"] == "gw-1 \U0001f426"
+    with pytest.raises(ValueError, match="cannot change gw-1's config"):
+        Fleet(None, {"gw-1": process}, {}, lambda _: 0, seed=0).restart_gateway("gw-1", {"lr": 0.1})  # type: ignore[arg-type]
+
+
+def test_the_monitor_does_not_end_a_round_that_a_stop_interrupted():
+    """A stopped gateway's last round (begun, not evaluated) re-opens when it starts again: its `t` is
+    when it really ended, after the restart, not when the gateway stopped."""
+    import io
+
+    from hw.emulate import GatewayRun, Monitor
+    from protocol.keys import Identity
+
+    g = GatewayRun(0, "gw-1", Identity.generate(), Path("."), Path("gw.log"))
+    monitor = Monitor([], [g], 20, started=1000.0, stream=io.StringIO())
+
+    def record(round_, accuracy):
+        return {"round": round_, "accuracy": accuracy, "participants": 5, "rejected": 0, "seconds": 0.3}
+
+    def status(state, t, history):
+        return {"gateway": g.identity.id, "state": state, "time": t, "history": history}
+
+    monitor._on_gateway_status(status("running", 1010.0, [record(10, 0.8), record(11, None)]))
+    monitor._on_gateway_status(status("stopped", 1010.5, [record(10, 0.8), record(11, None)]))
+    assert monitor.rounds_done("gw-1") == 10  # round 11 was interrupted, not finished
+    monitor._on_gateway_status(status("running", 1014.0, [record(10, 0.8), record(11, 0.81), record(12, None)]))
+    assert monitor.rounds_done("gw-1") == 11 and monitor.round_t[g.identity.id][11] == 14.0
+    monitor._on_gateway_status(status("done", 1015.0, [record(11, 0.81), record(12, None)]))
+    assert monitor.rounds_done("gw-1") == 12  # done: nothing more will come for it
 
 
 def test_churn_in_device_pools_takes_down_every_device_of_the_pools_hit(tmp_path: Path):

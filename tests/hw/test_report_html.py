@@ -289,3 +289,29 @@ def test_odd_output_name_gives_working_relative_links(tmp_path):
     srcs = _img_srcs(out.read_text())
     assert srcs and all(" " not in s and "#" not in s for s in srcs)
     assert sorted(tmp_path / unquote(s) for s in srcs) == sorted(written[1:])
+
+
+def test_a_lineage_through_a_stop_and_a_crash_is_shown_with_both_faults_marked(tmp_path):
+    report = copy.deepcopy(QUICKSTART)
+    for r in report["rounds"]:
+        r["t"] = 2.0 + r["round"]
+    report["faults"] = [
+        {"t": 3.2, "t_end": 4.5, "kind": "gateway_stop", "target": "gw-1",
+         "detail": {"signal": "SIGTERM", "exit": "exited", "overrides": {"lr": 0.1}, "previous": {"lr": 0.2}}},
+        {"t": 5.1, "t_end": 6.0, "kind": "gateway_restart", "target": "gw-1", "detail": {"signal": "SIGKILL"}},
+    ]
+    report["lineage"] = {"model": "94dd6b53" * 8, "version": 5, "complete": True, "length": 6, "gap": None,
+                         "releases": [], "restarts_crossed": [{"kind": "gateway_stop", "crossed": True},
+                                                              {"kind": "gateway_restart", "crossed": True}]}
+    page = write_html_report(report, tmp_path / "report.html")[0].read_text()
+    assert re.search(r'model lineage</td><td>6 releases, <span class="good">complete</span>, through 2 of 2 '
+                     r"restarts<", page)
+    assert "gateway_stop" in page and "&quot;overrides&quot;: {&quot;lr&quot;: 0.1}" in page
+    without = copy.deepcopy(report)
+    without["faults"] = [f for f in report["faults"] if f["kind"] != "gateway_stop"]
+    plots = {p.stem: p.read_bytes() for p in write_html_report(without, tmp_path / "b" / "r.html")[1:]}
+    assert (plots_folder(tmp_path / "report.html") / "accuracy.png").read_bytes() != plots["accuracy"]
+    broken = copy.deepcopy(report)
+    broken["lineage"].update(complete=False, gap={"model": "ab" * 32, "after": None})
+    page = write_html_report(broken, tmp_path / "c" / "r.html")[0].read_text()
+    assert '<span class="bad">broken</span> at abababababababab…' in page
