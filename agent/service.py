@@ -200,7 +200,13 @@ class Agent:
         if task.device != self.identity.id:
             raise _Refused("not_for_this_device")
         key = f"{env.ctx.round:06d}-{env.ctx.task}"
-        if key in self.state.answered or self.store.read_pending(key) is not None:
+        pending = self.store.read_pending(key)
+        if pending is not None:  # asked again while our reply has no receipt: a restarted gateway lacks it
+            self._sent_at[key] = time.monotonic()
+            self.conn.publish(self.t_reply, pending, qos=1)  # now, not at the next resend period
+            event(log, "reply.resent", key=key, why="task_again")
+            return
+        if key in self.state.answered:
             event(log, "task.duplicate", round=env.ctx.round, task=env.ctx.task)  # answered once: never again
             return
         if task.config.deadline and time.time() > task.config.deadline:

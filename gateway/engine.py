@@ -78,8 +78,8 @@ class RoundEngine:
                  schedule: Schedule, train_config: dict[str, Any], release_config: dict[str, Any],
                  initial_weights: dict[str, np.ndarray], beginning: Beginning, stop: threading.Event) -> None:
         """`train_config`: the config record sent with every training task (grid.EPOCHS, BATCH_SIZE, LR);
-        `release_config`: what each release records it came from; `initial_weights`: a new lineage's
-        first model."""
+        `release_config`: what each release records it came from, besides the task config its updates
+        were trained with; `initial_weights`: a new lineage's first model."""
         self._strategy = strategy
         self._strategy_name = strategy_name
         self._grid = grid
@@ -173,7 +173,8 @@ class RoundEngine:
             if traffic.kind == "train":
                 inputs += self._keeper.record_updates(traffic, self._exchanges)
         self._board.exchanges_closed(round_, closed)
-        exchanges = [t.task for t in closed if t.kind == "train"]
+        trained = [t for t in closed if t.kind == "train"]
+        exchanges = [t.task for t in trained]
         try:
             arrays, _ = self._strategy.aggregate_train(round_, replies)
         except Exception:  # a strategy's error costs this round's model, not the service
@@ -182,9 +183,12 @@ class RoundEngine:
         if arrays is None:
             self._releases.skip_round(exchanges)
             return
+        # The release records what its updates were trained with: the config the exchange's devices got
+        # (a round re-opened after a restart keeps the config it began with).
+        config = {**self._release_config, **(trained[0].config if trained else {})}
         release = self._releases.advance({k: v.numpy() for k, v in arrays.items()}, round_, inputs,
-                                         self._strategy_name, self._release_config,
-                                         strategy_state.capture(self._strategy), exchanges)
+                                         self._strategy_name, config, strategy_state.capture(self._strategy),
+                                         exchanges)
         if release is not None:
             self._board.set_lineage(release)
 

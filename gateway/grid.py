@@ -141,12 +141,12 @@ class MqttGrid(Grid):
 
     def _push_exchange(self, kind: str, round_: int, messages: list[Message]) -> list[str]:
         """One exchange: its release, its open tasks in the book, then the tasks on the wire."""
-        resume = self._book.resume_for(kind, round_)
-        if resume is not None:  # the interrupted exchange: its own id and devices, not the strategy's sample
-            task_id, nodes = resume
+        reopen = self._book.resume_for(kind, round_)
+        if reopen is not None:  # the interrupted exchange: its own id, devices and config, not today's
+            task_id = reopen.task
             template = messages[0]
             messages = [Message(template.content, n, template.metadata.message_type,
-                                group_id=template.metadata.group_id) for n in nodes]
+                                group_id=template.metadata.group_id) for n in reopen.nodes]
         else:
             task_id = f"{kind}-{round_}-{self.run_tag}.{self._pushes}"
         releases, seen = {}, {}
@@ -169,7 +169,10 @@ class MqttGrid(Grid):
             if device_key is None:
                 event(log, "task.skipped", logging.WARNING, node=message.metadata.dst_node_id, reason="not_enrolled")
                 continue
-            config = task_config(next(iter(message.content.config_records.values()), {}), deadline)
+            if reopen is not None and reopen.config:  # (a journal of the first version kept no config)
+                config = schemas.TrainConfig.from_wire({**reopen.config, "deadline": deadline})
+            else:
+                config = task_config(next(iter(message.content.config_records.values()), {}), deadline)
             message_id = str(uuid4())
             message.metadata.__dict__["_message_id"] = message_id  # as Flower's own grids do
             tasks.append(OpenTask(message_id, identity_id(device_key), device_key, kind, round_, task_id,
@@ -177,7 +180,10 @@ class MqttGrid(Grid):
             wires.append(config)
             with self._lock:
                 self._instructions[message_id] = message
-        restored = self._book.open(kind, round_, task_id, release.digest, release.lineage, tasks)
+        # What the exchange's devices are asked (the same for all of them with Flower's strategies): journaled,
+        # so that a re-opened round asks the rest the same, and recorded with the round's release.
+        exchange_config = {k: v for k, v in wires[0].to_wire().items() if k != "deadline"} if wires else {}
+        restored = self._book.open(kind, round_, task_id, release.digest, release.lineage, tasks, exchange_config)
         for task, config in zip(tasks, wires):
             if task.device_id not in restored:  # answered before the interruption: the journal kept its reply
                 self._outbox.task(task.device_id, kind, round_, task_id, release.digest, config)

@@ -116,6 +116,12 @@ def worker_main(index: int, settings: WorkerSettings, enrolled: list[bytes], rev
                 except queue.Empty:
                     break
             conn.send(batch)
+        broker.close()  # nothing more arrives; what did was acknowledged to the broker: hand it over
+        rest = []
+        while not outbox.empty():
+            rest.append(outbox.get_nowait())
+        if rest:
+            conn.send(rest)
     except (EOFError, BrokenPipeError, OSError):  # the gateway is gone: nothing to hand replies to
         pass
     finally:

@@ -13,9 +13,9 @@ the others re-tasked; and no round's updates are written to the ledger twice.
 transaction idiom, registered migrations: sqlite-utils `Migrations`); the
 table objects read and write it:
 
-    Exchanges     exchange  a training exchange: task id, lineage, round, base digest, selected nodes,
-                            closed (no more replies), recorded (its updates are on the ledger),
-                            finished (aggregated: the round's release, if any, is written)
+    Exchanges     exchange  a training exchange: task id, lineage, round, base digest, selected nodes, the
+                            task config its devices got, closed (no more replies), recorded (its updates
+                            are on the ledger), finished (aggregated: the round's release, if any, is written)
                   accepted  (task id, device id) -> the reply's wire bytes (an update, or a signed skip)
     RoundHistory  round_record  (lineage, round) -> the round's record (JSON), for status and result.json
     lineage.py    lineage, release, model, strategy_state: the chain of released models
@@ -30,7 +30,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlite_utils import Database
@@ -88,6 +88,13 @@ def _lineage(db: Database) -> None:
     db.execute("create table strategy_state (version integer primary key, data blob not null)")
 
 
+@MIGRATIONS(name="003_exchange_config")
+def _exchange_config(db: Database) -> None:
+    """The task config an exchange's devices got: a re-opened round asks the rest of them for the same,
+    and its release records what its updates were trained with."""
+    db.execute("alter table exchange add column config text not null default '{}'")
+
+
 class Journal:
     """The database: one connection shared by the gateway's threads under one lock.
 
@@ -132,6 +139,7 @@ class Interrupted:
     replies: list[bytes]  # accepted replies (and signed skips), as they arrived
     closed: bool  # it had closed: only the replies it had then count
     recorded: bool  # its updates are on the ledger already
+    config: dict = field(default_factory=dict)  # the task config its devices got (TrainConfig wire, no deadline)
 
 
 class Exchanges:
@@ -140,10 +148,12 @@ class Exchanges:
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
 
-    def open(self, task: str, lineage: int, round_: int, base: bytes, nodes: list[int]) -> None:
+    def open(self, task: str, lineage: int, round_: int, base: bytes, nodes: list[int], config: dict | None = None
+             ) -> None:
         with self._journal.atomic() as db:
-            db.execute("insert or ignore into exchange (task, lineage, round, base, nodes, finished) "
-                       "values (?, ?, ?, ?, ?, 0)", [task, lineage, round_, base, json.dumps(sorted(nodes))])
+            db.execute("insert or ignore into exchange (task, lineage, round, base, nodes, config, finished) "
+                       "values (?, ?, ?, ?, ?, ?, 0)",
+                       [task, lineage, round_, base, json.dumps(sorted(nodes)), json.dumps(config or {}, sort_keys=True)])
 
     def accept_many(self, rows: list[tuple[str, str, bytes]]) -> None:
         """Journal accepted replies (task, device, wire bytes) in one transaction: one fsync for the batch."""
@@ -181,7 +191,7 @@ class Exchanges:
         they are marked finished here.
         """
         with self._journal.atomic() as db:
-            rows = db.execute("select task, lineage, round, base, nodes, closed, recorded from exchange "
+            rows = db.execute("select task, lineage, round, base, nodes, closed, recorded, config from exchange "
                               "where finished = 0 order by round desc, rowid desc").fetchall()
             resumable = [r for r in rows if r[1] == lineage and r[3] == base]
             for row in rows:
@@ -189,9 +199,10 @@ class Exchanges:
                     db.execute("update exchange set finished = 1 where task = ?", [row[0]])
             if not resumable:
                 return None
-            task, lineage_, round_, base_, nodes, closed, recorded = resumable[0]
+            task, lineage_, round_, base_, nodes, closed, recorded, config = resumable[0]
             replies = [r[0] for r in db.execute("select reply from accepted where task = ?", [task]).fetchall()]
-        return Interrupted(task, lineage_, round_, base_, json.loads(nodes), replies, bool(closed), bool(recorded))
+        return Interrupted(task, lineage_, round_, base_, json.loads(nodes), replies, bool(closed), bool(recorded),
+                           json.loads(config))
 
     def last_round(self, lineage: int) -> int:
         rows = self._journal.read("select max(round) from exchange where lineage = ?", lineage)

@@ -55,6 +55,17 @@ class RoundTraffic:
     duplicates: int = 0  # accepted replies sent again (at-least-once delivery): not rejections
     started: float = field(default_factory=time.time)
     restored: int = 0  # replies journaled before an interruption, restored when it re-opened
+    config: dict = field(default_factory=dict)  # the task config its devices got (without the deadline)
+
+
+@dataclass(frozen=True)
+class Reopening:
+    """The exchange an interrupted run left, re-opened as it was: its task id, its devices (only those that
+    had answered, if it had closed) and the task config they got."""
+
+    task: str
+    nodes: list[int]
+    config: dict
 
 
 def _count(counter: dict[str, int], reason: str) -> None:
@@ -126,20 +137,22 @@ class RoundBook:
 
     # --- the grid's side ----------------------------------------------------------------------
 
-    def resume_for(self, kind: str, round_: int) -> tuple[str, list[int]] | None:
-        """(task id, nodes) when this exchange is the one an interrupted run left: its devices, not a new
-        sample (only those that had answered, if it had closed)."""
+    def resume_for(self, kind: str, round_: int) -> Reopening | None:
+        """How to re-open this exchange when it is the one an interrupted run left (its devices, not a new
+        sample; the config they got, not today's), else None."""
         resume = self._interrupted
         if resume is None or kind != "train" or round_ != resume.round:
             return None
-        if not resume.closed:
-            return resume.task, list(resume.nodes)
-        return resume.task, sorted({node_id(envelope.decode(w).ctx.sender) for w in resume.replies})
+        nodes = list(resume.nodes) if not resume.closed else sorted(
+            {node_id(envelope.decode(w).ctx.sender) for w in resume.replies})
+        return Reopening(resume.task, nodes, resume.config)
 
     def open(self, kind: str, round_: int, task_id: str, base: bytes, lineage: int,
-             tasks: list[OpenTask]) -> set[str]:
+             tasks: list[OpenTask], config: dict | None = None) -> set[str]:
         """Open an exchange; return the devices whose replies were restored from the journal (not to be
-        tasked again). Re-opening an interrupted exchange also hands its deferred replies back."""
+        tasked again). Re-opening an interrupted exchange also hands its deferred replies back. `config`:
+        the task config its devices get (without the deadline), journaled with the exchange."""
+        config = config or {}
         resumed = self.is_reopening(task_id)
         restored: set[str] = set()
         deferred: list[tuple[str, bytes]] = []
@@ -147,7 +160,7 @@ class RoundBook:
             if round_ > self.current_round:
                 self.current_round = round_
                 self._forget_before(round_ - REMEMBER_ROUNDS)
-            traffic = self._traffic.setdefault(task_id, RoundTraffic(kind, round_, task_id, base))
+            traffic = self._traffic.setdefault(task_id, RoundTraffic(kind, round_, task_id, base, config=config))
             for task in tasks:
                 self._open[(task.device_id, task.task)] = task
                 self._task_of[task.message_id] = task_id
@@ -166,7 +179,7 @@ class RoundBook:
             if empty:
                 self._done.append(self._traffic.pop(task_id))
         if kind == "train" and self._exchanges is not None:
-            self._exchanges.open(task_id, lineage, round_, base, [node_id(t.device_key) for t in tasks])
+            self._exchanges.open(task_id, lineage, round_, base, [node_id(t.device_key) for t in tasks], config)
             if empty:
                 self._exchanges.close(task_id)
         if deferred:

@@ -27,6 +27,7 @@ the last release, the round an interruption left open, the strategy's state.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -66,6 +67,8 @@ from .status import StatusBoard
 log = logging.getLogger("starling.gateway")
 LEDGER_SYNC_S = 1.0
 SUBSCRIBE_WAIT_S = 10.0
+DRAIN_S = 5.0  # at a stop, how long the worker may still take in what already arrived
+STATUS_WAIT_S = 2.0  # at a stop, how long the last status may take to reach the broker
 INGEST_BATCH = 256  # messages taken from the inbox at once: one journal commit for all their replies
 EXPORT_WAIT_S = 120.0  # at the end of a run, how long the last MCU export may still take
 FIRST_START = "first start"
@@ -264,8 +267,7 @@ class Gateway:
         schedule = Schedule(cfg.num_rounds, cfg.interval_s, cfg.min_devices, cfg.wait_devices_s, cfg.evaluate_every,
                             cfg.deadline_s)
         train = {EPOCHS: cfg.epochs, BATCH_SIZE: cfg.batch_size, LR: cfg.lr}
-        release_config = {"strategy": cfg.strategy, "params": cfg.strategy_params, "dp": cfg.strategy_dp,
-                          "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr}
+        release_config = {"strategy": cfg.strategy, "params": cfg.strategy_params, "dp": cfg.strategy_dp}
         return RoundEngine(cfg.make_strategy(), cfg.strategy, grid, book, releases, self.keeper, journal.exchanges,
                            self.board, self.registry, schedule, train, release_config, self.initial_weights,
                            beginning, stop)
@@ -273,10 +275,19 @@ class Gateway:
     # --- the worker thread ---------------------------------------------------------------------
 
     def _serve(self, inbox: queue.Queue, intake: ReplyIntake, board: StatusBoard, stop: threading.Event) -> None:
-        """Route what arrives; every second take in the ledger's news. Nothing a device sends stops it."""
+        """Route what arrives; every second take in the ledger's news. Nothing a device sends stops it.
+
+        Once `stop` is set it goes on until the inbox is empty (at most DRAIN_S): what arrived was
+        acknowledged to the broker already, so it is journaled and answered now or lost until the
+        device re-sends it."""
         prefix = f"{topics.ROOT}/{self.id}/"
         next_sync = time.monotonic() + LEDGER_SYNC_S
-        while not stop.is_set():
+        drain_until = None
+        while True:
+            if stop.is_set():
+                drain_until = drain_until or time.monotonic() + DRAIN_S
+                if inbox.empty() or time.monotonic() > drain_until:
+                    return
             if time.monotonic() >= next_sync:  # operators enroll and revoke with starling-ledger, elsewhere
                 try:
                     self.keeper.sync(self.registry)
@@ -341,12 +352,14 @@ class Gateway:
             log.exception("gateway.ledger_unavailable")
         if mcu is not None:  # a finished run waits for its last export (what MCUs get); a stop does not
             mcu.close(timeout=EXPORT_WAIT_S, abort=final != "done")
-        self.board.set_state(final)
-        worker_stop.set()
-        if worker is not None:
-            worker.join(timeout=30)
-        if self._ingest is not None:
+        if self._ingest is not None:  # first: they hand over what they took from the broker
             self._ingest.__exit__(None, None, None)
+        worker_stop.set()  # the worker takes in what already arrived, then ends
+        if worker is not None:
+            worker.join(timeout=DRAIN_S + 30)
+        last = self.board.set_state(final)
+        with contextlib.suppress(Exception):  # its acknowledgement says the broker has every receipt before it
+            last.wait_for_publish(timeout=STATUS_WAIT_S)
         if self.keeper is not None:
             self.keeper.close()
         connection.close()

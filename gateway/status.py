@@ -77,9 +77,10 @@ class StatusBoard:
 
     # --- the engine's side ------------------------------------------------------------------
 
-    def set_state(self, state: str, next_round_at: float | None = None) -> None:
+    def set_state(self, state: str, next_round_at: float | None = None) -> object:
+        """Change the state and publish the status; return what the publish returned (paho's MQTTMessageInfo)."""
         self.state, self._next_round_at = state, next_round_at
-        self.publish()
+        return self.publish()
 
     def set_lineage(self, head: Release) -> None:
         """The current head; on a new lineage (or at start) the round records are that lineage's."""
@@ -204,8 +205,9 @@ class StatusBoard:
             "time": time.time(),
         }
 
-    def publish(self) -> None:
-        """The devices whose counts changed since the last time, then the gateway (all retained)."""
+    def publish(self) -> object:
+        """The devices whose counts changed since the last time, then the gateway (all retained); return what
+        the gateway status's publish returned."""
         with self._lock:
             changed, self._changed = self._changed, set()
             docs = [dict(self._devices[d], rejected=dict(self._devices[d]["rejected"]),
@@ -213,7 +215,8 @@ class StatusBoard:
         for doc in docs:
             self._publish(topics.device_status(self.gateway_id, doc["device"]), json.dumps(doc).encode(),
                           retain=True, counted=False)
-        self._publish(topics.status(self.gateway_id), json.dumps(self.status()).encode(), retain=True, counted=False)
+        return self._publish(topics.status(self.gateway_id), json.dumps(self.status()).encode(), retain=True,
+                             counted=False)
 
 
 def _evaluation(record: RoundRecord, accepted: list[Accepted]) -> None:

@@ -199,6 +199,23 @@ def test_a_reply_is_sent_once_while_its_state_is_still_being_saved(peer, start_a
     peer.nothing("reply", wait=2.0)
 
 
+def test_the_same_task_again_brings_the_unreceipted_reply_at_once_not_at_the_next_resend(peer, start_agent, model):
+    # A gateway that restarted re-tasks the devices whose replies it has not journaled, under the same task:
+    # the device answers with its stored reply right away (its resend period here is 60 s), never trains again.
+    device = Identity.generate()
+    agent = start_agent(device, resend_s=60.0)
+    enrolled(peer, device)
+    digest = peer.release(model.get_weights(), version=1)
+    peer.task(device, digest)
+    reply = peer.next("reply")
+    peer.nothing("reply", wait=1.5)  # no receipt, but nothing until the resend period
+    asked = time.monotonic()
+    peer.task(device, digest)
+    again = peer.next("reply", timeout=5)
+    assert time.monotonic() - asked < 5 and again.sig == reply.sig  # the same signed bytes: not trained again
+    assert agent.counters.replies_sent == 1
+
+
 def test_a_task_signed_by_another_key_is_refused(peer, start_agent, model):
     device = Identity.generate()
     agent = start_agent(device)

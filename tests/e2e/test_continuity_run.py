@@ -126,6 +126,10 @@ def test_the_lr_override_reached_the_rounds_after_the_stop(run):
     assert resumed in (11, 12)
     assert {lr[r] for r in range(1, resumed)} == {0.2}
     assert {lr[r] for r in range(resumed + 1, 21)} == {0.1}
+    # That round records what its updates were trained with: a round the stop interrupted re-opened with the
+    # config its tasks had (0.2); one that began after the restart got the override.
+    interrupted = f"gateway.resume round={resumed} " in log  # (logged just before its gateway.start)
+    assert lr[resumed] == (0.2 if interrupted else 0.1)
     assert read_toml(home / "gateway.toml")["rounds"]["lr"] == 0.1  # the emulator rewrote it, once
 
 

@@ -16,7 +16,7 @@ from gateway.ingest import EVALUATE_METRICS, Accepted, Authenticator, Deferred, 
 from gateway.intake import ReplyIntake
 from gateway.journal import Interrupted
 from gateway.outbox import Outbox
-from gateway.rounds import REMEMBER_ROUNDS, RoundBook
+from gateway.rounds import REMEMBER_ROUNDS, Reopening, RoundBook
 from protocol import envelope, schemas, topics
 from protocol.keys import Identity
 
@@ -305,7 +305,7 @@ def test_a_reply_to_an_interrupted_exchange_is_deferred_until_it_re_opens_then_a
     assert (outcome.device_id, outcome.task) == (DEVICE.id, "train-3-old.1")
     assert harness.published == [] and harness.book.rejections == {} and harness.requeued == []
     # The grid asks whether the round it is about to push is the interrupted one: its own id and devices.
-    assert harness.book.resume_for("train", 3) == ("train-3-old.1", [DEVICE.node_id])
+    assert harness.book.resume_for("train", 3) == Reopening("train-3-old.1", [DEVICE.node_id], {})
     restored = harness.book.open("train", 3, "train-3-old.1", BASE, LINEAGE, [OpenTask(
         "m-resumed", DEVICE.id, DEVICE.public_key, "train", 3, "train-3-old.1", BASE, BASE_WEIGHTS, time.time() + 60)])
     assert restored == set()  # nothing was journaled before the interruption

@@ -402,8 +402,8 @@ def crash_after_the_first_reply(gateways) -> tuple[str, bytes, Interrupted]:
     crashed = gateways(before)
     before.after_reply = crashed.stop.set
     with pytest.raises(InterruptedError):
-        crashed.grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(),
-                                                                                    crashed.grid))
+        crashed.grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(
+            {"lr": 0.3}), crashed.grid))
     (topic, journaled), = before.replies
     head = crashed.lineage.head
     crashed.close()
@@ -414,7 +414,8 @@ def crash_after_the_first_reply(gateways) -> tuple[str, bytes, Interrupted]:
         probe.close()
     task = envelope.decode(journaled).ctx
     assert interrupted == Interrupted(task.task, head.lineage, 1, head.digest, sorted(d.node_id for d in DEVICES),
-                                      [journaled], closed=False, recorded=False)
+                                      [journaled], closed=False, recorded=False,
+                                      config={"epochs": 1, "batch_size": 32, "lr": 0.3, "options": {}})
     return topic, journaled, interrupted
 
 
@@ -429,14 +430,18 @@ def test_a_reply_re_sent_across_a_crash_is_a_duplicate_of_the_journaled_one(gate
     gateway = gateways(fleet, interrupted=interrupted)
     deferred = fleet.send(topic, journaled)  # the re-send, before the round re-opens
     assert isinstance(deferred, Deferred) and gateway.book.rejections == {} and fleet.receipts(early) == []
-    replies = gateway.grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(),
-                                                                                          gateway.grid))
+    # Restarted with another learning rate: the re-opened round still asks for the one it began with.
+    replies = gateway.grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(
+        {"lr": 0.05}), gateway.grid))
     assert len(replies) == 3
     assert [t for t, _ in fleet.published if t == topics.task(GATEWAY.id, early.id)] == []  # not re-tasked
+    retasked = [schemas.Task.from_body(envelope.decode(p).body) for t, p in fleet.published if "/task/" in t]
+    assert len(retasked) == 2 and {t.config.lr for t in retasked} == {0.3}
     assert [(t, r.accepted) for t, r in fleet.receipts(early)] == [(task.task, True)]
     assert gateway.book.duplicates == 1 and gateway.book.rejections == {}
     (traffic,) = gateway.book.take_closed()
     assert (traffic.task, traffic.restored, len(traffic.accepted), traffic.duplicates) == (task.task, 1, 3, 1)
+    assert traffic.config["lr"] == 0.3  # what the round's release will record its updates were trained with
 
 
 def test_a_re_send_while_the_interrupted_exchange_re_opens_does_not_displace_the_journaled_reply(gateways):
