@@ -107,6 +107,7 @@ class RoundEngine:
             if self._schedule.evaluates(round_):
                 self.evaluate_round(round_)
             self._board.end_round(round_)
+            self._exchanges.prune()
             round_ += 1
         return "done"
 

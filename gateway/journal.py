@@ -38,7 +38,7 @@ from sqlite_utils.migrations import Migrations
 
 BUSY_TIMEOUT_S = 10.0
 HISTORY_KEPT = 10_000  # round records kept per lineage (a round a minute is a week of them)
-EXCHANGES_KEPT = 8  # finished training exchanges kept (their replies only matter until aggregated)
+EXCHANGES_KEPT = 2  # finished training exchanges kept (their replies only matter until aggregated)
 
 MIGRATIONS = Migrations("starling-gateway-journal")
 
@@ -174,10 +174,14 @@ class Exchanges:
         return bool(rows and rows[0][0])
 
     def finish(self, task: str) -> None:
-        """The exchange is aggregated (called inside the transaction that writes the round's release);
-        the oldest finished exchanges and their replies are dropped."""
+        """The exchange is aggregated (called inside the transaction that writes the round's release)."""
         with self._journal.atomic() as db:
             db.execute("update exchange set finished = 1 where task = ?", [task])
+
+    def prune(self) -> None:
+        """Drop the replies of all but the newest finished exchanges: they only matter until aggregated, and
+        a round of a big fleet holds many megabytes of them. (Off the round's critical path.)"""
+        with self._journal.atomic() as db:
             old = [r[0] for r in db.execute("select task from exchange where finished = 1 order by round desc, "
                                              "rowid desc limit -1 offset ?", [EXCHANGES_KEPT]).fetchall()]
             for name in old:

@@ -52,6 +52,7 @@ class Release:
     weights: dict[str, np.ndarray]
     size: int  # bytes of the encoded model
     step: bool = True  # a step of the lineage (else a model a strategy sent that did not become the head)
+    model: bytes = b""  # the encoded model (schemas.encode_model), when at hand: publishing needs no second encoding
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class Lineage:
             "select digest, lineage, round, parent, size, step from release where version = ?", version)[0]
         data = self._journal.read("select data from model where digest = ?", digest)
         weights = schemas.decode_model(data[0][0]) if data else {}
-        return Release(digest, version, lineage, round_, parent, weights, size, bool(step))
+        return Release(digest, version, lineage, round_, parent, weights, size, bool(step), data[0][0] if data else b"")
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class Lineage:
                 [digest, version, reason, previous.digest if previous else b"", architecture, time.time()])
             lineage = cursor.lastrowid
             self._insert(db, version, digest, lineage, 0, b"", model, step=True, on_ledger=True)
-        self._head = Release(digest, version, lineage, 0, b"", weights, len(model))
+        self._head = Release(digest, version, lineage, 0, b"", weights, len(model), model=model)
         return self._head
 
     def advance(self, weights: dict[str, np.ndarray], round_: int, inputs: list[bytes], strategy: str,
@@ -190,7 +191,8 @@ class Lineage:
                 db.execute("insert into strategy_state values (?, ?)", [version, state])
             db.execute("delete from strategy_state where version < ?", [version])
             self._prune(db)
-        self._head = Release(digest, version, lineage, round_, head.digest if head else b"", weights, len(model))
+        self._head = Release(digest, version, lineage, round_, head.digest if head else b"", weights, len(model),
+                             model=model)
         return self._head
 
     def finish_exchange(self, exchange: str) -> None:
@@ -206,7 +208,7 @@ class Lineage:
             self._insert(db, version, digest, head.lineage if head else 0, round_, head.digest if head else b"",
                          model, step=False, on_ledger=True)
         return Release(digest, version, head.lineage if head else 0, round_, head.digest if head else b"",
-                       weights, len(model), step=False)
+                       weights, len(model), step=False, model=model)
 
     def _insert(self, db, version: int, digest: bytes, lineage: int, round_: int, parent: bytes, model: bytes,
                 step: bool, strategy: str = "", config: dict | None = None, inputs: list[bytes] = (),

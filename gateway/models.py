@@ -45,7 +45,7 @@ class ModelPublisher:
 
     def publish(self, release: Release) -> int:
         """Sign and publish `release` (again, if it was: with a fresh expiry); return the bytes sent."""
-        model = schemas.encode_model(release.weights)
+        model = release.model or schemas.encode_model(release.weights)
         chunks = [model[i : i + schemas.CHUNK_BYTES] for i in range(0, len(model), schemas.CHUNK_BYTES)]
         body = schemas.ModelRelease(release.digest, release.version, self.architecture, time.time() + self.ttl_s,
                                     len(model), len(chunks)).to_body()

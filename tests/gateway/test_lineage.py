@@ -242,3 +242,18 @@ def test_where_a_restarted_gateway_begins(tmp_path):
     beginning, interrupted = where_to_begin(lineage, journal, "fam/1")
     assert (beginning.new_lineage, beginning.next_round, interrupted) == (None, 3, None)
     assert where_to_begin(lineage, journal, "fam/2")[0].new_lineage == NEW_FAMILY  # another model family
+
+
+def test_only_the_newest_finished_exchanges_keep_their_replies(tmp_path):
+    from gateway.journal import EXCHANGES_KEPT
+
+    journal = Journal(tmp_path / "rounds.db")
+    for r in range(1, 6):
+        journal.exchanges.open(f"train-{r}-a.{r}", 1, r, b"\x01" * 32, [1])
+        journal.exchanges.accept_many([(f"train-{r}-a.{r}", "dev", b"x" * 1000)])
+        if r < 5:
+            journal.exchanges.finish(f"train-{r}-a.{r}")
+    journal.exchanges.prune()
+    kept = [r[0] for r in journal.read("select task from exchange order by round")]
+    assert kept == [f"train-{r}-a.{r}" for r in range(5 - EXCHANGES_KEPT, 6)]  # the unfinished one stays too
+    assert journal.read("select count(*) from accepted")[0][0] == EXCHANGES_KEPT + 1
