@@ -68,6 +68,7 @@ log = logging.getLogger("starling.adversary")
 ATTACKS = ("sign_flip", "scaling", "gaussian_noise", "label_flip", "free_rider", "replay", "forged_signature", "sybil")
 # What a sybil does once a gateway with policy "open" has enrolled it.
 SYBIL_PAYLOADS = ("none", "sign_flip", "scaling", "gaussian_noise", "label_flip", "free_rider")
+SYBIL_RETRY_S = 0.5  # how often a sybil asks to enroll (and pushes an update) again
 
 # What the gateway should do with each attacker's replies, for the emulator's per-attack report:
 # "accepted" (validly signed: only the strategy can defend), or the rejection reasons expected.
@@ -365,7 +366,9 @@ class Sybil(Attack):
         self.pushed = 0
 
     def config(self, config):
-        return dataclasses.replace(self.payload.config(config), voucher=None)
+        # An attacker hammers: it asks again twice a second, where an honest device waits enroll_retry_s.
+        return dataclasses.replace(self.payload.config(config), voucher=None,
+                                   enroll_retry_s=min(config.enroll_retry_s, SYBIL_RETRY_S))
 
     def identity(self, identity):
         return self.payload.identity(identity)

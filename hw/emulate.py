@@ -414,6 +414,8 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                                         stack, workdir)
         device_procs = devices_run.processes
         agents = list({id(p): p for p in device_procs.values()}.values())  # a pool once, not per device
+        attacking = {id(device_procs[name]) for name in attackers}
+        agents.sort(key=lambda p: id(p) not in attacking)  # attackers first: the gateways wait for no attacker
         for proc in agents:
             proc.start()
         by_name = {g.name: g for g in gateways}

@@ -69,7 +69,8 @@ def test_a_two_gateway_run_completes(city):
         assert ledger["verified"] is True
         assert ledger["height_series"] and len(ledger["height_series"]) == len(ledger["finality_lag_series"])
         heights = [h for _, h in ledger["height_series"]]
-        assert heights[-1] == max(heights) == 1 + 4 + 4 + 4  # genesis, 4 enrollments, 4 updates, 4 aggregates
+        # genesis, 4 enrollments, 2 lineage starts (one per gateway), 4 updates, 4 aggregates
+        assert heights[-1] == max(heights) == 1 + 4 + 2 + 4 + 4
         assert all(0 <= lag <= h for (_, lag), (_, h) in zip(ledger["finality_lag_series"], ledger["height_series"]))
     assert report["rounds"] == report["gateways"]["gw-1"]["rounds"]  # the first gateway, as for one gateway
 
@@ -87,8 +88,8 @@ def test_the_gateways_end_with_identical_ledgers_holding_every_accepted_update(c
             ids.append(sorted(i for (i,) in db.execute("select id from vertices")))
             kinds.append(dict(db.execute("select kind, count(*) from vertices group by kind").fetchall()))
     assert ids[0] == ids[1]
-    # One genesis naming both gateways; each gateway's 2 enrollments, 2 updates and 2 aggregates.
-    assert kinds[0] == {"genesis": 1, "device.enroll": 4, "updates": 4, "aggregate": 4}
+    # One genesis naming both gateways; each gateway's 2 enrollments, its lineage's start, 2 updates and 2 aggregates.
+    assert kinds[0] == {"genesis": 1, "device.enroll": 4, "lineage": 2, "updates": 4, "aggregate": 4}
     html = (tmp_path / "report.html").read_text()
     assert "gw-1" in html and "gw-2" in html
 
@@ -128,7 +129,7 @@ def test_under_voucher_enrollment_a_sybil_is_never_enrolled_and_the_honest_devic
     done, report = _emulate(tmp_path, """
 [run]
 name = "tiny-sybil"
-rounds = 1
+rounds = 2
 seed = 3
 timeout_s = 120
 [fleet]

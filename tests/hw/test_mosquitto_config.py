@@ -393,7 +393,7 @@ def test_ingest_workers_share_the_reply_topic_through_tls_and_the_acl(broker, cl
 
     inbox: queue.Queue = queue.Queue()
     settings = WorkerSettings(GW, HOST, broker.port, _gateway_auth(broker, tmp_path), 1 << 20, logging.INFO)
-    with IngestWorkers(2, settings, inbox, set(), set()):
+    with IngestWorkers(2, settings, inbox, lambda: ([], [])):
         time.sleep(2.0)  # spawned, connected over TLS, subscribed
         device = clients(DEV_A)
         for i in range(6):
