@@ -46,12 +46,13 @@ Hardware in the loop (`--listen ADDR`, hw/hil.py): the broker gets a second
 listener, the gateways admit devices by the run's operator vouchers, and a
 join kit for a real device is written to `<workdir>/hil/kit`.
 
-The report (see hw/report.py for how it is drawn): the first gateway's
+The report (built by hw/run_report.py from the gateways' result.json, the
+monitor (hw/monitor.py) and the ledgers; hw/report.py draws it): the first gateway's
 `rounds` (each with `t`, seconds since the run started, when its evaluation
 was in; the whole history of its model lineage, so round numbers go on
 across restarts), `rejections`, `ledger`, `gateway`, `model`, `lineage`
 (the final model's chain of releases on the ledger, back to the lineage's
-first model, and the restarts it crossed: `_lineage_section`); `gateways`
+first model, and the restarts it crossed: `hw.run_report.lineage_section`); `gateways`
 {name: rounds, rejections, state, model, lineage, ledger (height, verified,
 height_series and finality_lag_series sampled from the gateway's status and
 ledger gossip while it ran)}; `ledger_check` (cities); `attacks`; `faults`;
@@ -66,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -74,76 +74,27 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import cbor, topics
 from protocol.atomic import write_atomic
 from protocol.keys import Identity
 
 from .broker import _child_env
-from .faults import FaultRunner, apply_overrides, fault_sections
-from .fleet import Fleet, Network, Process, describe
+from .faults import FaultRunner
+from .fleet import Fleet, GatewayRun, Network, Process, describe
 from .links import LinkRelay
+from .monitor import Monitor
 from .partition import prepare_devices
 from .profiles import CpuThrottle, DeviceProfile, assign, memory_cap
+from .run_report import build_report, final_accuracy, link_outages, profile_sections, write_report
 from .scenario import Adversary, Scenario, ScenarioError, load_scenario
 from .toml_files import write_toml
 
 __all__ = ["main", "prepare_devices", "run"]
 
-# A gateway in these states will report nothing more for its last round. Not "stopped": a stopped
-# gateway that starts again re-opens the round its stop interrupted, and evaluates it then.
-FINISHED = ("done", "failed")
 SETTLE_S = 30.0  # at most this long for the ledgers to agree after the rounds
-LEDGER_VV = "starling/ledger/vv/+"
-
-
-@dataclass
-class GatewayRun:
-    """One gateway of the run: its identity, folder, devices and process."""
-
-    index: int
-    name: str
-    identity: Identity
-    home: Path
-    log: Path
-    devices: list[str] = field(default_factory=list)
-    proc: Process | None = None  # set once its config is written; a fault may kill and restart it
-    config: dict[str, Any] = field(default_factory=dict)  # its gateway.toml as last written (only here)
-    _config_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def process(self) -> subprocess.Popen | None:
-        return self.proc.popen if self.proc is not None else None
-
-    @property
-    def config_path(self) -> Path:
-        return self.home / "gateway.toml"
-
-    def write_config(self, doc: dict[str, Any]) -> Path:
-        """Write the gateway's config file (the one writer of it); the gateway reads it when it starts."""
-        with self._config_lock:
-            write_toml(self.config_path, doc)
-            self.config = doc
-        return self.config_path
-
-    def reconfigure(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        """A gateway_stop's `overrides` into the config file, for its next start; the values they replaced."""
-        with self._config_lock:
-            doc, previous = apply_overrides(self.config, overrides)
-            write_toml(self.config_path, doc)
-            self.config = doc
-        return previous
-
-    @property
-    def key(self) -> Path:
-        return self.home / "gateway.key"
-
-    @property
-    def ledger(self) -> Path:
-        return self.home / "ledger.db"
 
 
 def choose_attackers(scenario: Scenario, names: list[str]) -> dict[str, tuple[int, Adversary]]:
@@ -151,101 +102,6 @@ def choose_attackers(scenario: Scenario, names: list[str]) -> dict[str, tuple[in
     chosen = assign(names, scenario.adversaries, scenario.seed, salt=7)
     index = {id(adversary): i for i, adversary in enumerate(scenario.adversaries)}  # equal tables stay apart
     return {name: (index[id(adversary)], adversary) for name, adversary in chosen.items()}
-
-
-class Monitor:
-    """Follows every gateway's retained status, the devices' statuses and the ledger gossip.
-
-    Prints one line per finished round (prefixed by the gateway's name in a city), notes when
-    each round ended (`t`, seconds since `started`) and samples every gateway's ledger height and
-    finality lag over time.
-    """
-
-    def __init__(self, endpoints: list[tuple[str, int]], gateways: list[GatewayRun], rounds: int, started: float,
-                 stream=sys.stderr) -> None:
-        from mqttlink import Connection, ConnectionOptions
-
-        self.rounds = rounds
-        self.started = started
-        self.stream = stream
-        self.names = {g.identity.id: g.name for g in gateways}
-        self.prefix = len(gateways) > 1
-        self.lock = threading.RLock()  # one paho thread per broker feeds it
-        self.seen = {g.identity.id: -1 for g in gateways}
-        self.status: dict[str, dict[str, Any]] = {}
-        self.round_t: dict[str, dict[int, float]] = {g.identity.id: {} for g in gateways}
-        self.series: dict[str, list[tuple[float, int, int]]] = {g.identity.id: [] for g in gateways}
-        self.devices: dict[str, dict[str, Any]] = {}  # device id -> its latest status at its gateway
-        subscriptions = [(LEDGER_VV, 0)]
-        for g in gateways:
-            subscriptions += [(topics.status(g.identity.id), 1), (topics.device_status(g.identity.id, "+"), 1)]
-        self.connections = []
-        for i, (host, port) in enumerate(endpoints):  # one per broker when every gateway has its own
-            options = ConnectionOptions(f"emu-{os.getpid()}-{i}", host, port, clean_session=True,
-                                        subscriptions=tuple(subscriptions), log_name="starling.emulate.monitor",
-                                        reconnect_min_s=0.2, reconnect_max_s=2.0)  # back quickly after a restart
-            self.connections.append(Connection(options, deliver=self._on_message).start())
-
-    def rounds_done(self, gateway_name: str) -> int:
-        """The last round the named gateway finished (-1 before any)."""
-        ids = [gid for gid, name in self.names.items() if name == gateway_name]
-        return self.seen.get(ids[0], -1) if ids else -1
-
-    def _t(self, when: Any) -> float:
-        return round((when if isinstance(when, (int, float)) else time.time()) - self.started, 3)
-
-    def _sample(self, gateway: str, when: Any, ledger: Any) -> None:
-        if gateway not in self.series or not isinstance(ledger, dict):
-            return
-        height, lag = ledger.get("height"), ledger.get("lag")
-        if isinstance(height, int) and isinstance(lag, int):
-            with self.lock:
-                self.series[gateway].append((self._t(when), height, lag))
-
-    def _on_message(self, msg) -> None:
-        try:
-            if msg.topic.startswith("starling/ledger/vv/"):
-                doc = cbor.loads(msg.payload)
-                if isinstance(doc, dict):
-                    self._sample(msg.topic.rsplit("/", 1)[-1], doc.get("time"), doc)
-                return
-            doc = json.loads(msg.payload)
-        except Exception:  # noqa: BLE001 (whatever is on the wire must not stop the monitor)
-            return
-        if not isinstance(doc, dict):
-            return
-        if "/status/device/" in msg.topic:
-            with self.lock:
-                self.devices[msg.topic.rsplit("/", 1)[-1]] = doc
-            return
-        with self.lock:
-            self._on_gateway_status(doc)
-
-    def _on_gateway_status(self, doc: dict[str, Any]) -> None:
-        gateway = doc.get("gateway")
-        if gateway not in self.seen:
-            return
-        self.status[gateway] = doc
-        self._sample(gateway, doc.get("time"), doc.get("ledger"))
-        history = doc.get("history", [])
-        finished = doc.get("state") in FINISHED
-        for i, record in enumerate(history):
-            # A round is shown once its evaluation is in (or nothing more will come for it).
-            complete = record["accuracy"] is not None or i + 1 < len(history) or finished
-            if record["round"] > self.seen[gateway] and complete:
-                self.seen[gateway] = record["round"]
-                self.round_t[gateway].setdefault(record["round"], self._t(doc.get("time")))
-                acc = record["accuracy"]
-                print(
-                    f"  {self.names[gateway] + ' ' if self.prefix else ''}round {record['round']}/{self.rounds}"
-                    f"  accuracy {'  -  ' if acc is None else f'{acc:.3f}'}  participants {record['participants']}"
-                    f"  rejected {record['rejected']}  {record['seconds']:.1f} s",
-                    file=self.stream, flush=True,
-                )
-
-    def close(self) -> None:
-        for connection in self.connections:
-            connection.close()
 
 
 def _stop(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
@@ -450,12 +306,12 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                 except Exception as exc:  # noqa: BLE001 (the report says so; the run's record comes first)
                     settled = {"agreed": False, "error": f"{type(exc).__name__}: {exc}"}
             monitor.close()
-    timeline = runner.timeline + _link_outages(scenario.links, devices_run.links_started - started)
-    report = _report(scenario, workdir, started, network.kind, gateways, monitor, attackers, device_ids,
+    timeline = runner.timeline + link_outages(scenario.links, devices_run.links_started - started)
+    report = build_report(scenario, workdir, started, network.kind, gateways, monitor, attackers, device_ids,
                      timed_out, settled, verify_store, timeline, vouchers=desk is not None)
-    report.update(_profile_sections(scenario, devices_run.profile_of, devices_run.link_of, devices_run.relays,
+    report.update(profile_sections(scenario, devices_run.profile_of, devices_run.link_of, devices_run.relays,
                                     monitor, device_ids))
-    _write_report(report, report_path)
+    _say(f"starling-emulate: report {report_path}, {write_report(report, report_path)}")
     return report
 
 
@@ -536,251 +392,6 @@ def _device_processes(scenario: Scenario, devices: list[tuple[str, Path]], gatew
     return DevicesRun(device_procs, profile_of, link_of, relays, links_started)
 
 
-def _ledger_section(g: GatewayRun, result: dict[str, Any], monitor: Monitor, verify_store) -> dict[str, Any]:
-    from ledger.store import Ledger
-
-    verified = verify_store(g.ledger) if g.ledger.exists() else None
-    series = sorted(monitor.series.get(g.identity.id, []))
-    if g.ledger.exists():  # where the ledger ended (after a city's gossip settled)
-        with Ledger.open(g.ledger, read_only=True) as ledger:
-            end = ledger.finality()
-        series.append((round(time.time() - monitor.started, 3), end["height"], end["lag"]))
-    # Only the samples where something changed (the version vector comes every second), and the last.
-    series = [p for i, p in enumerate(series) if i in (0, len(series) - 1) or p[1:] != series[i - 1][1:]]
-    return {
-        "path": str(g.ledger),
-        "height": result.get("ledger", {}).get("height"),
-        "verified": bool(verified and verified.ok),
-        "problem": None if verified is None or verified.ok else f"{verified.bad_vertex}: {verified.reason}",
-        "height_series": [[t, h] for t, h, _ in series],
-        "finality_lag_series": [[t, lag] for t, _, lag in series],
-    }
-
-
-GATEWAY_FAULTS = ("gateway_restart", "gateway_stop")  # the faults a gateway's model lineage must outlive
-
-
-def _lineage_section(g: GatewayRun, result: dict[str, Any], started: float,
-                     timeline: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The chain of the gateway's final model on its ledger (ledger.audit.lineage), and each restart it crossed.
-
-    {"model", "version", "complete", "length", "gap", "releases": [{"model", "round", "strategy",
-    "inputs", "t"} newest first, the lineage's first model last with its "version" and "reason"],
-    "restarts_crossed": [{"kind", "t", "before": {"model", "round"}, "after": {...}, "crossed"}]}:
-    `t` in seconds since the run started (the vertex's time); per gateway_restart or gateway_stop of
-    this gateway, the last release before it went down and the first after it came back, and whether
-    the final model's chain holds both (then it runs through the restart: a new lineage would not).
-    None when there is no final model or ledger.
-    """
-    from ledger.audit import lineage
-    from ledger.store import Ledger
-
-    model = (result.get("model") or {}).get("digest")
-    if not model or not g.ledger.exists():
-        return None
-    try:
-        with Ledger.open(g.ledger, read_only=True) as ledger:
-            walk = lineage(ledger, bytes.fromhex(model))
-    except Exception as exc:  # noqa: BLE001 (the report says so; the run's record comes first)
-        return {"model": model, "complete": False, "error": f"{type(exc).__name__}: {exc}"}
-    releases = []
-    for r in walk["releases"]:
-        entry = {"model": r["model"], "round": r["round"], "strategy": r["strategy"], "inputs": r["inputs"],
-                 "t": round(r["time"] - started, 3)}
-        if r["base"] is None:  # the lineage's first model: where it started, and why
-            entry.update(version=r.get("version"), reason=r.get("reason"))
-        releases.append(entry)
-    crossed = []
-    for fault in sorted(timeline, key=lambda f: f["t"]):
-        if fault["kind"] not in GATEWAY_FAULTS or fault["target"] != g.name or fault["t_end"] is None \
-                or fault["detail"].get("restarted") is False or "skipped" in fault["detail"]:
-            continue
-        before = next((i for i, r in enumerate(releases) if r["t"] <= fault["t"]), None)  # newest first
-        after = next((i for i in reversed(range(len(releases))) if releases[i]["t"] >= fault["t_end"]), None)
-        crossed.append({"kind": fault["kind"], "t": fault["t"],
-                        "before": None if before is None else {k: releases[before][k] for k in ("model", "round")},
-                        "after": None if after is None else {k: releases[after][k] for k in ("model", "round")},
-                        # both in the chain: it runs from the one to the other (each release names its base)
-                        "crossed": before is not None and after is not None})
-    return {"model": model, "version": (result.get("model") or {}).get("version"), "complete": walk["complete"],
-            "length": walk["length"], "gap": walk["gap"], "releases": releases, "restarts_crossed": crossed}
-
-
-def _link_outages(links, offset: float) -> list[dict[str, Any]]:
-    """A link's disconnect schedule as entries of the fault timeline (so the plots mark them too)."""
-    return [{"t": round(offset + start, 3), "t_end": round(offset + end, 3), "kind": "link_outage",
-             "target": spec.name, "detail": {"devices": spec.fraction if spec.fraction is not None else spec.count}}
-            for spec in links for start, end in spec.outages]
-
-
-def _device_totals(ids: list[str], monitor: Monitor) -> dict[str, Any]:
-    accepted, duplicates, rejected, skipped = 0, 0, {}, {}
-    with monitor.lock:
-        docs = [monitor.devices.get(d, {}) for d in ids]
-    for doc in docs:
-        accepted += int(doc.get("accepted", 0))
-        duplicates += int(doc.get("duplicates", 0))
-        for target, key in ((rejected, "rejected"), (skipped, "skipped")):
-            for reason, n in (doc.get(key) or {}).items():
-                target[reason] = target.get(reason, 0) + int(n)
-    return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected, "skipped": skipped}
-
-
-def _profile_sections(scenario: Scenario, profile_of: dict, link_of: dict, relays: dict, monitor: Monitor,
-                      device_ids: dict[str, str]) -> dict[str, Any]:
-    """What each device profile and each link did: its devices' replies, and the link's traffic."""
-    out: dict[str, Any] = {}
-    if scenario.device_profiles:
-        out["device_profiles"] = []
-        for spec in scenario.device_profiles:
-            names = sorted(n for n, p in profile_of.items() if p.name == spec.name)
-            out["device_profiles"].append({**{k: v for k, v in asdict(spec).items() if v is not None},
-                                           "devices": names, **_device_totals([device_ids[n] for n in names], monitor)})
-    if scenario.links:
-        out["links"] = []
-        for spec in scenario.links:
-            names = sorted(n for n, link in link_of.items() if link.name == spec.name)
-            stats = [asdict(r.stats) for (link, _), r in relays.items() if link == spec.name]
-            traffic = {key: sum(s[key] for s in stats) for key in
-                       ("connections", "refused", "dropped", "bytes_up", "bytes_down", "delayed_chunks")}
-            out["links"].append({**{k: v for k, v in asdict(spec).items() if v is not None}, "devices": names,
-                                 **traffic, **_device_totals([device_ids[n] for n in names], monitor)})
-    return out
-
-
-def _attack_outcome(expected: tuple[str, ...], accepted: int, rejected: dict[str, int]) -> bool:
-    if "accepted" in expected:
-        return accepted > 0 and not rejected
-    return sum(rejected.values()) > 0 and set(rejected) <= set(expected)
-
-
-def _attacks(scenario: Scenario, attackers: dict[str, tuple[int, Adversary]], device_ids: dict[str, str],
-             gateway_of: dict[str, str], monitor: Monitor, sections: dict[str, dict[str, Any]],
-             vouchers: bool) -> list[dict[str, Any]]:
-    from .adversary import EXPECTED
-
-    out = []
-    for i, adv in enumerate(scenario.adversaries):
-        names = sorted(name for name, (j, _) in attackers.items() if j == i)
-        totals = _device_totals([device_ids[name] for name in names], monitor)
-        accepted, rejected, skipped = totals["accepted"], totals["rejected"], totals["skipped"]
-        with monitor.lock:
-            docs = {name: monitor.devices.get(device_ids[name], {}) for name in names}
-        per_device = {name: {"id": device_ids[name], "gateway": gateway_of[name],
-                             "accepted": int(doc.get("accepted", 0)), "rejected": dict(doc.get("rejected") or {})}
-                      for name, doc in docs.items()}
-        # Under "open" enrollment a sybil is enrolled and acts as its payload: accepted. Under vouchers it
-        # never is, so it has no device status: its refusals are the gateways' (no other device causes them).
-        expected = ("accepted",) if adv.attack == "sybil" and not vouchers else tuple(EXPECTED[adv.attack])
-        if adv.attack == "sybil" and vouchers:
-            expected = ("no_voucher", *expected)
-            for section in sections.values():
-                for reason, n in {**section["enroll_rejections"], **section["rejections"]}.items():
-                    if reason in expected:
-                        rejected[reason] = rejected.get(reason, 0) + int(n)
-        entry = {"attack": adv.attack, "fraction": adv.fraction if adv.fraction is not None
-                 else round(len(names) / max(1, scenario.devices), 4),
-                 "devices": names, "accepted": accepted, "rejected": rejected, "skipped": skipped,
-                 "expected": list(expected), "as_expected": _attack_outcome(expected, accepted, rejected),
-                 "per_device": per_device}
-        for key in ("scale", "sigma", "payload"):
-            if getattr(adv, key) is not None:
-                entry[key] = getattr(adv, key)
-        out.append(entry)
-    return out
-
-
-def _report(scenario: Scenario, workdir: Path, started: float, broker_kind: str, gateways: list[GatewayRun],
-            monitor: Monitor, attackers: dict[str, tuple[int, Adversary]], device_ids: dict[str, str],
-            timed_out: bool, settled: dict[str, Any] | None, verify_store,
-            faults: list[dict[str, Any]] | None = None, vouchers: bool = False) -> dict[str, Any]:
-    sections: dict[str, dict[str, Any]] = {}
-    results = {}
-    for g in gateways:
-        result_file = g.home / "result.json"
-        result = json.loads(result_file.read_text()) if result_file.exists() else {}
-        results[g.name] = result
-        round_t = monitor.round_t.get(g.identity.id, {})
-        rounds = [{**r, "t": round_t[r["round"]]} if r.get("round") in round_t else r for r in result.get("rounds", [])]
-        sections[g.name] = {
-            "id": g.identity.id,
-            "state": result.get("state", "no result"),
-            "failure": result.get("failure"),
-            "exit_code": g.process.returncode if g.process is not None else None,
-            "devices": g.devices,
-            "rounds": rounds,
-            "rejections": result.get("rejections", {}),
-            "duplicates": result.get("duplicates", 0),  # honest re-sends of accepted replies, acknowledged again
-            "enroll_rejections": result.get("enroll_rejections", {}),
-            "model": result.get("model", {}),
-            "ledger": _ledger_section(g, result, monitor, verify_store),
-            "lineage": _lineage_section(g, result, started, faults or []),
-        }
-    first = gateways[0]
-    main_section = sections[first.name]
-    main_result = results[first.name]
-    report: dict[str, Any] = {
-        "scenario": scenario.name,
-        "rounds": main_section["rounds"],
-        "rejections": main_section["rejections"],
-        "duplicates": main_section["duplicates"],  # re-sends of accepted replies in their round: not rejections
-        "ledger": {k: main_section["ledger"][k] for k in ("path", "height", "verified", "problem")},
-        "config": scenario.to_dict(),
-        "gateway": {**main_result.get("gateway", {}), "state": main_section["state"],
-                    "exit_code": main_section["exit_code"], "enroll_rejections": main_section["enroll_rejections"]},
-        "model": main_section["model"],
-        "lineage": main_section["lineage"],
-        "gateways": sections,
-        "broker": broker_kind,
-        "workdir": str(workdir),
-        "seconds": round(time.time() - started, 1),
-        "timed_out": timed_out,
-    }
-    if len(gateways) > 1:
-        from .city import GatewayLedger, compare_ledgers
-
-        accepted = {g.name: sum(r.get("participants", 0) for r in sections[g.name]["rounds"] if r.get("round", 0) > 0)
-                    for g in gateways}
-        check = compare_ledgers([GatewayLedger(g.name, g.ledger, g.key) for g in gateways], accepted,
-                                {g.name: g.identity.public_key for g in gateways})
-        report["ledger_check"] = {**check, "settle": settled}
-    if scenario.faults or faults:
-        report["faults"] = fault_sections(faults or [], {name: s["rounds"] for name, s in sections.items()})
-    if scenario.adversaries:
-        gateway_of = {name: g.name for g in gateways for name in g.devices}
-        report["attacks"] = _attacks(scenario, attackers, device_ids, gateway_of, monitor, sections,
-                                     vouchers)
-    ours = set(device_ids.values())
-    with monitor.lock:
-        others = {d: dict(doc) for d, doc in monitor.devices.items() if d not in ours}
-    if others:  # real devices that joined through --listen
-        report["real_devices"] = others
-    report["devices"] = {name: {"id": device_ids[name], "gateway": g.name,
-                                **({"attack": attackers[name][1].attack} if name in attackers else {})}
-                         for g in gateways for name in g.devices}
-    return report
-
-
-def _write_report(report: dict[str, Any], report_path: Path) -> None:
-    from hw.report import write_html_report
-
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(report_path, (json.dumps(report, indent=2) + "\n").encode())
-    html = report_path.with_suffix(".html")
-    write_html_report(report, html)
-    _say(f"starling-emulate: report {report_path}, {html}")
-
-
-def _final_accuracy(report: dict[str, Any]) -> float | None:
-    """The mean over the gateways of each one's last evaluated accuracy."""
-    finals = []
-    for section in report.get("gateways", {}).values():
-        accs = [r.get("accuracy") for r in section.get("rounds", []) if r.get("accuracy") is not None]
-        if accs:
-            finals.append(accs[-1])
-    return sum(finals) / len(finals) if finals else None
-
-
 def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event,
                   hil: Hil | None = None) -> dict[str, Any]:
     started = time.time()
@@ -798,7 +409,7 @@ def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: th
         accuracy = [r.get("accuracy") for r in sub.get("rounds", [])]
         comparison.append({
             "name": variant.name, "strategy": variant.strategy, "attack": variant.attack_label(),
-            "final_accuracy": _final_accuracy(sub),  # the last evaluated round's
+            "final_accuracy": final_accuracy(sub),  # the last evaluated round's
             # False when the last rounds got no evaluation (e.g. the devices refused a diverged model)
             "last_round_evaluated": bool(accuracy) and accuracy[-1] is not None,
             "accuracy": accuracy,
@@ -817,7 +428,7 @@ def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: th
         "seconds": round(time.time() - started, 1),
         "timed_out": any(r["timed_out"] for r in reports),
     }
-    _write_report(report, report_path)
+    _say(f"starling-emulate: report {report_path}, {write_report(report, report_path)}")
     return report
 
 

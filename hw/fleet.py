@@ -11,7 +11,9 @@ partitioned from each other, one broker per gateway, each bridged (ledger
 gossip only) to a hub broker through a TCP relay that `cut` and `heal` open
 and close. `Fleet` is the `hw.faults.FleetControl` the fault runner drives;
 it changes a gateway's config only through the `reconfigure` callback the
-emulator gives it (the emulator writes the config files, and only it does).
+emulator gives it. `GatewayRun` is the emulator's handle on one gateway: its
+identity, folder, devices, process, and its config file (whose only writer
+it is).
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol.keys import Identity
+
 from .broker import Broker
+from .faults import apply_overrides
 from .netem import TcpRelay
+from .toml_files import write_toml
 
 HUB = "hub"
 
@@ -216,3 +222,50 @@ class Fleet:
 def describe(network: Network) -> dict[str, Any]:
     """The brokers for run.json: where each listens."""
     return {name: {"host": b.host, "port": b.port} for name, b in network.brokers.items()}
+
+
+@dataclass
+class GatewayRun:
+    """One gateway of the run: its identity, folder, devices and process."""
+
+    index: int
+    name: str
+    identity: Identity
+    home: Path
+    log: Path
+    devices: list[str] = field(default_factory=list)
+    proc: Process | None = None  # set once its config is written; a fault may kill and restart it
+    config: dict[str, Any] = field(default_factory=dict)  # its gateway.toml as last written (only here)
+    _config_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self.proc.popen if self.proc is not None else None
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / "gateway.toml"
+
+    def write_config(self, doc: dict[str, Any]) -> Path:
+        """Write the gateway's config file (the one writer of it); the gateway reads it when it starts."""
+        with self._config_lock:
+            write_toml(self.config_path, doc)
+            self.config = doc
+        return self.config_path
+
+    def reconfigure(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """A gateway_stop's `overrides` into the config file, for its next start; the values they replaced."""
+        with self._config_lock:
+            doc, previous = apply_overrides(self.config, overrides)
+            write_toml(self.config_path, doc)
+            self.config = doc
+        return previous
+
+    @property
+    def key(self) -> Path:
+        return self.home / "gateway.key"
+
+    @property
+    def ledger(self) -> Path:
+        return self.home / "ledger.db"
+

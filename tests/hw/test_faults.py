@@ -355,7 +355,7 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path: Pa
 
 
 def test_the_fleet_rewrites_the_config_before_the_gateway_starts_again(tmp_path: Path):
-    from hw.emulate import GatewayRun
+    from hw.fleet import GatewayRun
     from protocol.config import read_toml
     from protocol.keys import Identity
 
@@ -388,7 +388,8 @@ def test_the_monitor_does_not_end_a_round_that_a_stop_interrupted():
     when it really ended, after the restart, not when the gateway stopped."""
     import io
 
-    from hw.emulate import GatewayRun, Monitor
+    from hw.fleet import GatewayRun
+    from hw.monitor import Monitor
     from protocol.keys import Identity
 
     g = GatewayRun(0, "gw-1", Identity.generate(), Path("."), Path("gw.log"))

@@ -33,7 +33,8 @@ def test_configs_read_back_equal_whatever_their_strings_hold(tmp_path: Path):
 
 def test_the_emulators_gateway_config_is_written_through_it_and_read_by_the_gateway(tmp_path: Path):
     from gateway.config import load_config
-    from hw.emulate import GatewayRun, _gateway_config
+    from hw.emulate import _gateway_config
+    from hw.fleet import GatewayRun
     from hw.scenario import parse_scenario
     from protocol.keys import Identity
 
