@@ -49,14 +49,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from protocol.config import ConfigError
 
 from .tables import array_of_tables, check_share, check_table, share_size
-
-if TYPE_CHECKING:
-    from .fleet import Ending
 
 KINDS = ("gateway_restart", "gateway_stop", "broker_restart", "partition", "device_churn")
 MAX_DOWN_S = 100.0  # under the emulator's gateways' wait_devices_s (120 s)
@@ -70,6 +67,15 @@ KEYS = {"kind": str, "target": str, "at_round": int, "at_s": NUMBER, "down_s": N
 OVERRIDES = {"lr": NUMBER, "epochs": int, "batch_size": int, "deadline_s": NUMBER, "interval_s": NUMBER,
              "evaluate_every": int, "strategy_params": dict}
 ROUNDS_OVERRIDES = ("lr", "epochs", "batch_size", "deadline_s", "interval_s", "evaluate_every")
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a `Process.terminate` went."""
+
+    how: str  # "exited" (within the timeout after SIGTERM), "killed" (SIGKILL after it), "not running"
+    code: int | None  # its exit status (negative: the signal that ended it); None if it never ran
+    seconds: float  # from SIGTERM to its end
 
 
 @dataclass(frozen=True)

@@ -31,20 +31,11 @@ from typing import Any
 from protocol.keys import Identity
 
 from .broker import Broker
-from .faults import apply_overrides
+from .faults import Ending, apply_overrides
 from .netem import TcpRelay
 from .toml_files import write_toml
 
 HUB = "hub"
-
-
-@dataclass(frozen=True)
-class Ending:
-    """How a `Process.terminate` went."""
-
-    how: str  # "exited" (within the timeout after SIGTERM), "killed" (SIGKILL after it), "not running"
-    code: int | None  # its exit status (negative: the signal that ended it); None if it never ran
-    seconds: float  # from SIGTERM to its end
 
 
 @dataclass
