@@ -29,9 +29,22 @@ class _Formatter(logging.Formatter):
         return line
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line is logged, not when logging was set up: a test
+    framework that swaps stderr per test (and closes the old one) must not break later lines."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it; stderr is looked up instead
+        pass
+
+
 def setup(role: str, level: str | int = "INFO", stream: Any = None) -> None:
     """Send all logging to `stream` (stderr by default) in the one-line format."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _Stderr()
     handler.setFormatter(_Formatter(role))
     root = logging.getLogger()
     root.handlers[:] = [handler]
