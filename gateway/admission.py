@@ -11,16 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .ingest import (
-    Accepted,
-    Authenticated,
-    Deferred,
-    Duplicate,
-    EVALUATE_METRICS,
-    OpenTask,
-    Rejected,
-    Skipped,
-)
+from .ingest import Accepted, Authenticated, Deferred, Duplicate, OpenTask, Rejected, Skipped
 
 
 class RoundView(Protocol):
@@ -84,6 +75,3 @@ def admit(book: RoundView, auth: Authenticated, now: float) -> Accepted | Skippe
         if not 0.0 <= metrics.get("accuracy", 0.0) <= 1.0 or any(metrics[k] < 0 for k in metrics):
             return refuse("wrong_metrics", "accuracy, loss or error out of range")
     return Accepted(task, env, metrics, reply.examples)
-
-
-__all__ = ["EVALUATE_METRICS", "RoundView", "admit"]

@@ -38,7 +38,7 @@ from protocol.keys import identity_id
 from protocol.logs import event
 
 from .ingest import Accepted, OpenTask
-from .lineage import Release
+from .models import Release
 from .outbox import Outbox
 from .rounds import RoundBook
 

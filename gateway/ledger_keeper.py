@@ -28,8 +28,9 @@ from protocol.transport import BrokerAuth
 
 from .devices import DeviceRegistry
 from .journal import Exchanges
-from .lineage import LineageStart, Release
 from .ledger_sync import LedgerSync
+from .lineage import LineageStart
+from .models import Release
 from .rounds import RoundTraffic
 
 log = logging.getLogger("starling.gateway.ledger")

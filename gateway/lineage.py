@@ -35,24 +35,10 @@ from protocol import schemas
 from protocol.digest import sha256
 
 from .journal import Journal
+from .models import Release
 
 MODELS_KEPT = 3  # step releases whose bytes stay in the journal (the head and the two before it)
 ADOPTED = "adopted from a journal of an earlier gateway version"
-
-
-@dataclass(frozen=True)
-class Release:
-    """One released model."""
-
-    digest: bytes
-    version: int
-    lineage: int
-    round: int
-    parent: bytes  # the model it was built from; b"" for a lineage's first model
-    weights: dict[str, np.ndarray]
-    size: int  # bytes of the encoded model
-    step: bool = True  # a step of the lineage (else a model a strategy sent that did not become the head)
-    model: bytes = b""  # the encoded model (schemas.encode_model), when at hand: publishing needs no second encoding
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 
 from protocol import envelope, schemas, topics
 from protocol.keys import Identity
 
-from .lineage import Release
-
 KEEP_RETAINED = 2
 DEFAULT_TTL_S = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class Release:
+    """One released model."""
+
+    digest: bytes
+    version: int
+    lineage: int
+    round: int
+    parent: bytes  # the model it was built from; b"" for a lineage's first model
+    weights: dict[str, np.ndarray]
+    size: int  # bytes of the encoded model
+    step: bool = True  # a step of the lineage (else a model a strategy sent that did not become the head)
+    model: bytes = b""  # the encoded model (schemas.encode_model), when at hand: publishing needs no second encoding
 
 
 def chunk_count(size: int) -> int:

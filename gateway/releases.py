@@ -25,8 +25,8 @@ from protocol.atomic import write_atomic
 from protocol.logs import event
 
 from .ledger_keeper import LedgerKeeper
-from .lineage import Lineage, Release, encode
-from .models import ModelPublisher
+from .lineage import Lineage, encode
+from .models import ModelPublisher, Release
 
 log = logging.getLogger("starling.gateway.releases")
 

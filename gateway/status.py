@@ -28,7 +28,7 @@ from protocol.logs import event
 from .devices import DeviceRegistry
 from .ingest import Accepted, Deferred, Duplicate, Outcome, Skipped
 from .journal import HISTORY_KEPT, RoundHistory
-from .lineage import Release
+from .models import Release
 from .rounds import RoundBook, RoundTraffic
 
 log = logging.getLogger("starling.gateway.status")

@@ -22,6 +22,7 @@ from .fleet import GatewayRun
 from .monitor import Monitor
 from .scenario import Adversary, Scenario
 
+
 def ledger_section(g: GatewayRun, result: dict[str, Any], monitor: Monitor, verify_store) -> dict[str, Any]:
     from ledger.store import Ledger
 

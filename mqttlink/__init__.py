@@ -17,6 +17,6 @@ Imports only paho-mqtt and `protocol`: the agent (512 MB devices), the
 dashboard, the gateway and the emulator all use it.
 """
 
-from .connection import Connection, ConnectionOptions, ConnectError, Message, MqttError, Will
+from .connection import ConnectError, Connection, ConnectionOptions, Message, MqttError, Will
 
 __all__ = ["Connection", "ConnectionOptions", "ConnectError", "Message", "MqttError", "Will"]

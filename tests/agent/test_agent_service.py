@@ -246,8 +246,7 @@ def test_an_expired_release_is_refused(peer, start_agent, model):
 
 
 def test_a_model_over_256_kb_arrives_in_chunks_and_is_used(peer, broker, tmp_path):
-    from gateway.lineage import Release
-    from gateway.models import ModelPublisher, chunk_count
+    from gateway.models import ModelPublisher, Release, chunk_count
     from hw.synthetic import SyntheticModel, synthetic_data
     from protocol.digest import sha256
 

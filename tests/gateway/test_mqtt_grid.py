@@ -24,8 +24,8 @@ from gateway.grid import MqttGrid
 from gateway.ingest import EVALUATE_METRICS, Accepted, Authenticator, Deferred, Duplicate, Rejected
 from gateway.intake import ReplyIntake
 from gateway.journal import Interrupted, Journal
-from gateway.lineage import Lineage, Release, encode
-from gateway.models import ModelPublisher, chunk_count
+from gateway.lineage import Lineage, encode
+from gateway.models import ModelPublisher, Release, chunk_count
 from gateway.outbox import Outbox
 from gateway.releases import Releases
 from gateway.rounds import RoundBook

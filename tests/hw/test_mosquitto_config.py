@@ -344,7 +344,7 @@ def test_the_gateway_connection_goes_over_tls_with_its_password_file_and_hears_a
 
 
 def test_the_gateway_connection_with_a_wrong_password_does_not_connect(broker, tmp_path):
-    from mqttlink import Connection, ConnectionOptions, ConnectError
+    from mqttlink import ConnectError, Connection, ConnectionOptions
 
     with pytest.raises(ConnectError) as refused:
         with Connection(ConnectionOptions(GW_USER, HOST, broker.port, _gateway_auth(broker, tmp_path, "wrong"))):
