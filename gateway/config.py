@@ -44,6 +44,17 @@
     wait_devices_s = 120.0                # ... this long at a time: then a bounded run (num_rounds) fails,
                                           # a service says so in its log and waits on
 
+    [aggregation]
+    weights = "capped"                    # what a reply weighs: "capped" (min(claim, cap)), "uniform", or
+                                          # "reported" (the device's own claim: trusted devices only)
+    max_examples = 100000                 # "capped": at most this many examples ...
+    median_multiple = 2.0                 # ... and at most this many times the exchange's median claim
+
+    [defense]                             # optional: every update bounded before the strategy sees it
+    median_multiple = 2.0                 # no update longer than this many times the round's median (0: none)
+    norm_bound = 0.0                      # nor than this L2 norm (0: none)
+    centered_clipping = false             # clip around the previous round's direction (gateway/defense.py)
+
     [enrollment]
     policy = "voucher"                    # required: "voucher", "allowlist", or "open" (emulator only)
     operator_keys = ["<64 hex>"]          # "voucher": operator public keys whose vouchers admit devices
@@ -57,10 +68,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.config import ConfigError, is_file, read_toml, resolve_path, setting
+from protocol.config import ConfigError, is_file, read_toml, resolve_path, setting, table
 from protocol.transport import BrokerAuth, read_broker_auth
 
 from .strategies import make_strategy
+from .weights import RULES, WeightRule
 
 POLICIES = ("voucher", "allowlist", "open")
 MAX_INGEST_WORKERS = 64
@@ -85,6 +97,7 @@ class GatewayConfig:
     strategy: str = "FedAvg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
     strategy_dp: dict[str, Any] | None = None
+    defense: dict[str, Any] | None = None  # [defense]: gateway/defense.py's UpdateBound parameters
     num_rounds: int | None = None  # the lineage's last round; None: rounds go on until the gateway is stopped
     interval_s: float = 0.0  # between round starts
     evaluate_every: int = 1  # federated evaluation after every n-th round (and round 0 and the last)
@@ -94,13 +107,14 @@ class GatewayConfig:
     lr: float = 0.05
     min_devices: int = 2
     wait_devices_s: float = 120.0
+    weights: WeightRule = field(default_factory=WeightRule)  # [aggregation]: what a reply weighs
     policy: str = "open"
     allowlist: tuple[bytes, ...] = ()
     operator_keys: tuple[bytes, ...] = ()  # who may sign vouchers
 
-    def make_strategy(self):
+    def make_strategy(self, selection_recorder=None):
         """Instantiate the configured Flower strategy; a bad name or parameter is a ConfigError."""
-        return make_strategy(self.strategy, self.strategy_params, self.strategy_dp)
+        return make_strategy(self.strategy, self.strategy_params, self.strategy_dp, selection_recorder, self.defense)
 
 
 def _positive(name: str, value: float) -> float:
@@ -169,6 +183,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         strategy=setting(doc, "strategy", "name", str, "FedAvg"),
         strategy_params=dict(setting(doc, "strategy", "params", dict, {})),
         strategy_dp=setting(doc, "strategy", "dp", dict, None),
+        defense=dict(table(doc, "defense")) or None,
         num_rounds=_optional_positive("rounds.num_rounds", setting(doc, "rounds", "num_rounds", int, None)),
         interval_s=_non_negative("rounds.interval_s", setting(doc, "rounds", "interval_s", float, 0.0)),
         evaluate_every=int(_positive("rounds.evaluate_every", setting(doc, "rounds", "evaluate_every", int, 1))),
@@ -178,6 +193,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         lr=_positive("rounds.lr", setting(doc, "rounds", "lr", float, 0.05)),
         min_devices=int(_positive("rounds.min_devices", setting(doc, "rounds", "min_devices", int, 2))),
         wait_devices_s=_positive("rounds.wait_devices_s", setting(doc, "rounds", "wait_devices_s", float, 120.0)),
+        weights=_weight_rule(doc),
         policy=policy,
         allowlist=tuple(allowlist),
         operator_keys=tuple(operator_keys),
@@ -190,6 +206,19 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     return parse_config(read_toml(path), Path(path).parent)
+
+
+def _weight_rule(doc: dict[str, Any]) -> WeightRule:
+    rule = setting(doc, "aggregation", "weights", str, "capped")
+    if rule not in RULES:
+        raise ConfigError(f"aggregation.weights must be one of {RULES}, got {rule!r}")
+    max_examples = setting(doc, "aggregation", "max_examples", int, 100_000)
+    if max_examples < 1:
+        raise ConfigError(f"aggregation.max_examples must be at least 1, got {max_examples}")
+    multiple = setting(doc, "aggregation", "median_multiple", float, 2.0)
+    if multiple < 1:
+        raise ConfigError(f"aggregation.median_multiple must be at least 1, got {multiple}")
+    return WeightRule(rule, max_examples, multiple)
 
 
 def _mcu_python(path: Path | None) -> Path | None:

@@ -29,17 +29,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from protocol.logs import event
 
 from . import strategy_state
 from .devices import DeviceRegistry
-from .grid import MqttGrid
+from .grid import NUM_EXAMPLES, MqttGrid
 from .journal import Exchanges
 from .ledger_keeper import LedgerKeeper
 from .releases import Releases
-from .rounds import RoundBook
+from .provenance import SelectionRecorder, Source, provenance, rule_kind
+from .rounds import RoundBook, RoundTraffic
 from .status import StatusBoard
 
 log = logging.getLogger("starling.gateway.engine")
@@ -76,10 +77,12 @@ class RoundEngine:
     def __init__(self, strategy: Any, strategy_name: str, grid: MqttGrid, book: RoundBook, releases: Releases,
                  keeper: LedgerKeeper, exchanges: Exchanges, board: StatusBoard, devices: DeviceRegistry,
                  schedule: Schedule, train_config: dict[str, Any], release_config: dict[str, Any],
-                 initial_weights: dict[str, np.ndarray], beginning: Beginning, stop: threading.Event) -> None:
+                 initial_weights: dict[str, np.ndarray], beginning: Beginning, stop: threading.Event,
+                 recorder: SelectionRecorder | None = None) -> None:
         """`train_config`: the config record sent with every training task (grid.EPOCHS, BATCH_SIZE, LR);
         `release_config`: what each release records it came from, besides the task config its updates
-        were trained with; `initial_weights`: a new lineage's first model."""
+        were trained with; `initial_weights`: a new lineage's first model; `recorder`: the strategy's
+        `train_metrics_aggr_fn` (which replies it aggregated: provenance.py)."""
         self._strategy = strategy
         self._strategy_name = strategy_name
         self._grid = grid
@@ -95,6 +98,8 @@ class RoundEngine:
         self._initial_weights = initial_weights
         self._beginning = beginning
         self._stop = stop
+        self._recorder = recorder or SelectionRecorder()  # (a strategy without the hook: all replies count)
+        self._rule = rule_kind(strategy)
         self._last_start: float | None = None
 
     def run(self) -> str:
@@ -181,17 +186,22 @@ class RoundEngine:
         except Exception:  # a strategy's error costs this round's model, not the service
             log.exception("round.aggregate_failed round=%d replies=%d", round_, len(replies))
             arrays = None
+        selected = self._recorder.take()  # the replies the strategy aggregated, by its own computation
         if arrays is None:
             self._releases.skip_round(exchanges)
             return
+        weights = {k: v.numpy() for k, v in arrays.items()}
+        shaped = provenance(self._rule, _sources(replies, trained), selected, NUM_EXAMPLES, head.weights, weights)
+        recorded = set(inputs)  # (an update the ledger refused cannot be named as an input)
         # The release records what its updates were trained with: the config the exchange's devices got
         # (a round re-opened after a restart keeps the config it began with).
         config = {**self._release_config, **(trained[0].config if trained else {})}
-        release = self._releases.advance({k: v.numpy() for k, v in arrays.items()}, round_, inputs,
+        release = self._releases.advance(weights, round_, shaped.kind, [i for i in shaped.inputs if i[0] in recorded],
                                          self._strategy_name, config, strategy_state.capture(self._strategy),
                                          exchanges)
         if release is not None:
             self._board.set_lineage(release)
+            self._keeper.record_contributions(round_, release.digest, shaped.scores)
 
     def evaluate_round(self, round_: int) -> None:
         head = self._releases.head
@@ -223,3 +233,10 @@ class RoundEngine:
 
 def _arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in weights.items()})
+
+
+def _sources(replies: list[Message], trained: list[RoundTraffic]) -> list[Source]:
+    """Who sent each Flower reply, with which update: found through the task it answers."""
+    by_task = {a.task.message_id: a for t in trained for a in t.accepted}
+    return [Source(a.task.device_key, a.envelope.body["digest"], r.content, lambda a=a: a.delta)
+            for r in replies if (a := by_task.get(r.metadata.reply_to_message_id)) is not None]

@@ -41,6 +41,7 @@ from .ingest import Accepted, OpenTask
 from .models import Release
 from .outbox import Outbox
 from .rounds import RoundBook
+from .weights import WeightRule
 
 log = logging.getLogger("starling.gateway.grid")
 
@@ -51,6 +52,7 @@ BATCH_SIZE = "batch-size"
 LR = "lr"
 LEARNING_RATE = "learning-rate"
 SERVER_ROUND = "server-round"
+NUM_EXAMPLES = "num-examples"  # what Flower's weighted strategies weigh a reply by (their `weighted_by_key`)
 CONFIG_FIELDS = frozenset({EPOCHS, BATCH_SIZE, LR, LEARNING_RATE, SERVER_ROUND})
 
 
@@ -93,10 +95,12 @@ class MqttGrid(Grid):
     """A Flower Grid whose nodes are enrolled, online devices reached over MQTT."""
 
     def __init__(self, book: RoundBook, outbox: Outbox, release_for: Callable[[dict[str, np.ndarray] | None, int], Release],
-                 devices: Devices, deadline_s: float, stop: threading.Event) -> None:
+                 devices: Devices, deadline_s: float, stop: threading.Event, weights: WeightRule = WeightRule()) -> None:
         """`release_for(weights or None, round)`: the release a message's arrays are (None: the current
-        model), published if it is new. `stop` (SIGTERM) ends every wait at once."""
+        model), published if it is new. `stop` (SIGTERM) ends every wait at once. `weights`: what each
+        reply weighs for the strategy (its "num-examples"), never simply the device's claim."""
         self._book = book
+        self._weights = weights
         self._outbox = outbox
         self._release_for = release_for
         self._devices = devices
@@ -190,12 +194,15 @@ class MqttGrid(Grid):
         return [task.message_id for task in tasks]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Flower reply messages for the accepted replies; built here, off the ingest path."""
+        """Flower reply messages for the accepted replies; built here, off the ingest path. Each weighs
+        what the weight rule gives it, from all the claims pulled together (an exchange's, at its close)."""
         out = []
-        for message_id, accepted in self._book.take_replies(message_ids):
+        pulled = self._book.take_replies(message_ids)
+        weights = self._weights.effective([accepted.examples for _, accepted in pulled])
+        for (message_id, accepted), weight in zip(pulled, weights):
             with self._lock:
                 instruction = self._instructions.pop(message_id, None)
-            reply = Message(self._to_flower(accepted), reply_to=instruction)
+            reply = Message(self._to_flower(accepted, weight), reply_to=instruction)
             reply.metadata.__dict__["_message_id"] = str(uuid4())
             out.append(reply)
         return out
@@ -217,8 +224,8 @@ class MqttGrid(Grid):
         return replies
 
     @staticmethod
-    def _to_flower(accepted: Accepted) -> RecordDict:
-        metrics = MetricRecord({"num-examples": accepted.examples, **accepted.metrics})
+    def _to_flower(accepted: Accepted, weight: int) -> RecordDict:
+        metrics = MetricRecord({NUM_EXAMPLES: weight, **accepted.metrics})
         if accepted.task.kind != "train":
             return RecordDict({"metrics": metrics})
         base = accepted.task.base_weights

@@ -155,5 +155,10 @@ class LedgerKeeper:
     def record_lineage(self, start: LineageStart) -> None:
         self.ledger.record_lineage(start.root, start.version, start.previous, start.reason, start.architecture)
 
-    def record_aggregate(self, release: Release, strategy: str, inputs: list[bytes]) -> None:
-        self.ledger.record_aggregate(release.round, strategy, release.parent, inputs, release.digest)
+    def record_aggregate(self, release: Release, strategy: str, rule: str,
+                         inputs: list[tuple[bytes, float | None]]) -> None:
+        self.ledger.record_aggregate(release.round, strategy, release.parent, [d for d, _ in inputs], release.digest)
+
+    def record_contributions(self, round_: int, model: bytes, scores: tuple[tuple[bytes, bytes, float], ...]) -> None:
+        """Each accepted update's contribution to the round's model (gateway/provenance.py). Not written yet:
+        the ledger gets its `contributions` kind with the ledger's split (work in progress)."""

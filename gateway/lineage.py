@@ -28,6 +28,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,8 @@ class Unrecorded:
     start: LineageStart | None  # a `lineage` vertex to write ...
     release: Release | None  # ... or an `aggregate` vertex: parent -> digest
     strategy: str = ""
-    inputs: tuple[bytes, ...] = ()
+    rule: str = ""  # how the strategy combined its inputs (gateway/provenance.py)
+    inputs: tuple[tuple[bytes, float | None], ...] = ()  # (update digest, effective weight) that shaped it
 
 
 def model_family(manifest: dict) -> str:
@@ -155,8 +157,9 @@ class Lineage:
         self._head = Release(digest, version, lineage, 0, b"", weights, len(model), model=model)
         return self._head
 
-    def advance(self, weights: dict[str, np.ndarray], round_: int, inputs: list[bytes], strategy: str,
-                config: dict, state: bytes | None, exchanges: list[str]) -> Release | None:
+    def advance(self, weights: dict[str, np.ndarray], round_: int, rule: str,
+                inputs: list[tuple[bytes, float | None]], strategy: str, config: dict, state: bytes | None,
+                exchanges: list[str]) -> Release | None:
         """The round's new model, as the next step (None if it equals the head: nothing to release).
 
         One transaction writes the release, its bytes, the strategy's state and marks the round's
@@ -172,7 +175,7 @@ class Lineage:
             version = self.last_version() + 1
             lineage = head.lineage if head else self.current.id
             self._insert(db, version, digest, lineage, round_, head.digest if head else b"", model, step=True,
-                         strategy=strategy, config=config, inputs=inputs)
+                         strategy=strategy, config=config, rule=rule, inputs=inputs)
             if state is not None:
                 db.execute("insert into strategy_state values (?, ?)", [version, state])
             db.execute("delete from strategy_state where version < ?", [version])
@@ -197,12 +200,13 @@ class Lineage:
                        weights, len(model), step=False, model=model)
 
     def _insert(self, db, version: int, digest: bytes, lineage: int, round_: int, parent: bytes, model: bytes,
-                step: bool, strategy: str = "", config: dict | None = None, inputs: list[bytes] = (),
-                on_ledger: bool = False) -> None:
+                step: bool, strategy: str = "", config: dict | None = None, rule: str = "",
+                inputs: list[tuple[bytes, float | None]] = (), on_ledger: bool = False) -> None:
         db.execute("insert into release (version, digest, lineage, round, parent, size, strategy, config, inputs, "
                    "time, step, on_ledger) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    [version, digest, lineage, round_, parent, len(model), strategy, json.dumps(config or {}),
-                    json.dumps([d.hex() for d in inputs]), time.time(), int(step), int(on_ledger)])
+                    json.dumps({"rule": rule, "inputs": [[d.hex(), w] for d, w in inputs]}), time.time(), int(step),
+                    int(on_ledger)])
         db.execute("insert or replace into model (digest, data, added) values (?, ?, ?)", [digest, model, version])
 
     def _prune(self, db) -> None:
@@ -225,7 +229,7 @@ class Lineage:
                 "where on_ledger = 0 and step = 1"):
             release = Release(digest, version, lineage, round_, parent, {}, size)
             out.append((version, Unrecorded(None, release, strategy,
-                                            tuple(bytes.fromhex(d) for d in json.loads(inputs)))))
+                                            *_provenance(json.loads(inputs)))))
         return [u for _, u in sorted(out, key=lambda item: (item[0], item[1].release is not None))]
 
     def mark_recorded(self, item: Unrecorded) -> None:
@@ -265,3 +269,10 @@ class Lineage:
         if rows:
             return max(0, rows[0][0] - 1)
         return max(0, self._journal.history.last_round(1))
+
+
+def _provenance(stored: Any) -> tuple[str, tuple[tuple[bytes, float | None], ...]]:
+    """(rule, inputs) as a release row keeps them; a row of the first lineage version kept digests only."""
+    if isinstance(stored, list):
+        return "", tuple((bytes.fromhex(d), None) for d in stored)
+    return stored["rule"], tuple((bytes.fromhex(d), w) for d, w in stored["inputs"])

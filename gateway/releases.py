@@ -69,10 +69,12 @@ class Releases:
             self._publish(release)
         return release
 
-    def advance(self, weights: dict[str, np.ndarray], round_: int, inputs: list[bytes], strategy: str,
-                config: dict, state: bytes | None, exchanges: list[str]) -> Release | None:
-        """A round's new model as the lineage's next step (None: it equals the head)."""
-        release = self._lineage.advance(weights, round_, inputs, strategy, config, state, exchanges)
+    def advance(self, weights: dict[str, np.ndarray], round_: int, rule: str,
+                inputs: list[tuple[bytes, float | None]], strategy: str, config: dict, state: bytes | None,
+                exchanges: list[str]) -> Release | None:
+        """A round's new model as the lineage's next step (None: it equals the head); `rule` and `inputs`
+        (update digest, effective weight) say what shaped it."""
+        release = self._lineage.advance(weights, round_, rule, inputs, strategy, config, state, exchanges)
         if release is not None:
             self._out(release)
         return release
@@ -108,7 +110,7 @@ class Releases:
                 if item.start is not None:
                     self._keeper.record_lineage(item.start)
                 else:
-                    self._keeper.record_aggregate(item.release, item.strategy, list(item.inputs))
+                    self._keeper.record_aggregate(item.release, item.strategy, item.rule, list(item.inputs))
             except LedgerError as exc:  # an aggregate of inputs the ledger refused: the model is out anyway
                 event(log, "ledger.release_refused", logging.ERROR, version=(item.release or item.start).version,
                       reason=str(exc))

@@ -60,6 +60,7 @@ from .lineage import ADOPTED, Lineage, model_family
 from .mcu import McuExporter
 from .models import KEEP_RETAINED, ModelPublisher
 from .outbox import Outbox
+from .provenance import SelectionRecorder
 from .releases import Releases
 from .rounds import RoundBook
 from .status import StatusBoard
@@ -215,7 +216,7 @@ class Gateway:
             self.id, cfg.name, cfg.num_rounds, connection.publish, registry, book, journal.history,
             meter=lambda: (connection.bytes_in + (self._ingest.bytes_in if self._ingest else 0), connection.bytes_out),
             ledger_status=lambda: self.keeper.status() if self.keeper is not None else None,
-            enroll_rejections=lambda: dict(self.enrollment.rejections))
+            enroll_rejections=lambda: dict(self.enrollment.rejections), weights=cfg.weights)
         intake = ReplyIntake(authenticator, book, outbox, board.note)
         if interrupted is not None:
             event(log, "gateway.resume", round=interrupted.round, accepted=len(interrupted.replies),
@@ -263,14 +264,15 @@ class Gateway:
                                    cfg.release_ttl_s, retained=lineage.recent(KEEP_RETAINED))
         releases = Releases(lineage, publisher, self.keeper, model_family(self.manifest), cfg.state_dir / "model.npz",
                             on_step=(lambda r: mcu.submit(r.digest, r.version, r.weights)) if mcu else (lambda r: None))
-        grid = MqttGrid(book, outbox, releases.release_for, self.registry, cfg.deadline_s, stop)
+        grid = MqttGrid(book, outbox, releases.release_for, self.registry, cfg.deadline_s, stop, cfg.weights)
         schedule = Schedule(cfg.num_rounds, cfg.interval_s, cfg.min_devices, cfg.wait_devices_s, cfg.evaluate_every,
                             cfg.deadline_s)
         train = {EPOCHS: cfg.epochs, BATCH_SIZE: cfg.batch_size, LR: cfg.lr}
         release_config = {"strategy": cfg.strategy, "params": cfg.strategy_params, "dp": cfg.strategy_dp}
-        return RoundEngine(cfg.make_strategy(), cfg.strategy, grid, book, releases, self.keeper, journal.exchanges,
-                           self.board, self.registry, schedule, train, release_config, self.initial_weights,
-                           beginning, stop)
+        recorder = SelectionRecorder()  # the strategy tells it which replies it aggregated (provenance.py)
+        return RoundEngine(cfg.make_strategy(recorder), cfg.strategy, grid, book, releases, self.keeper,
+                           journal.exchanges, self.board, self.registry, schedule, train, release_config,
+                           self.initial_weights, beginning, stop, recorder)
 
     # --- the worker thread ---------------------------------------------------------------------
 

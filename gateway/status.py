@@ -30,6 +30,7 @@ from .ingest import Accepted, Deferred, Duplicate, Outcome, Skipped
 from .journal import HISTORY_KEPT, RoundHistory
 from .models import Release
 from .rounds import RoundBook, RoundTraffic
+from .weights import WeightRule
 
 log = logging.getLogger("starling.gateway.status")
 STATUS_HISTORY = 100  # round records in the status message (result.json has up to HISTORY_KEPT)
@@ -53,9 +54,11 @@ class StatusBoard:
     def __init__(self, gateway_id: str, name: str, num_rounds: int | None, publish: Callable[..., object],
                  registry: DeviceRegistry, book: RoundBook, history: RoundHistory,
                  meter: Callable[[], tuple[int, int]], ledger_status: Callable[[], dict[str, Any] | None],
-                 enroll_rejections: Callable[[], dict[str, int]]) -> None:
+                 enroll_rejections: Callable[[], dict[str, int]], weights: WeightRule = WeightRule()) -> None:
         """`meter()`: (bytes received from devices, bytes sent to them) so far; `ledger_status()`: height,
-        finality and peers (None before the ledger opened)."""
+        finality and peers (None before the ledger opened); `weights`: how the evaluation averages weigh
+        each device (the rule the strategy's replies are weighed by)."""
+        self._weights = weights
         self.gateway_id = gateway_id
         self.name = name
         self.num_rounds = num_rounds
@@ -109,7 +112,7 @@ class StatusBoard:
                 record.participants = len(traffic.accepted)
                 record.skipped = sum(traffic.skipped.values())
             else:
-                _evaluation(record, traffic.accepted)
+                _evaluation(record, traffic.accepted, self._weights.effective([a.examples for a in traffic.accepted]))
         self._save(round_)
 
     def end_round(self, round_: int) -> None:
@@ -219,11 +222,11 @@ class StatusBoard:
                              counted=False)
 
 
-def _evaluation(record: RoundRecord, accepted: list[Accepted]) -> None:
-    """Accuracy and loss on the devices' local test windows, weighted by their number."""
-    total = sum(a.examples for a in accepted)
+def _evaluation(record: RoundRecord, accepted: list[Accepted], weights: list[int]) -> None:
+    """Accuracy and loss on the devices' local test windows, each device weighing what the rule gives it."""
+    total = sum(weights)
     if not total:
         return
     if all("accuracy" in a.metrics for a in accepted):  # a self-supervised model has none
-        record.accuracy = sum(a.metrics["accuracy"] * a.examples for a in accepted) / total
-    record.loss = sum(a.metrics["loss"] * a.examples for a in accepted) / total
+        record.accuracy = sum(a.metrics["accuracy"] * w for a, w in zip(accepted, weights)) / total
+    record.loss = sum(a.metrics["loss"] * w for a, w in zip(accepted, weights)) / total

@@ -71,9 +71,31 @@ def _construct(cls: type, params: dict[str, Any], field: str, **given: Any):
         raise ConfigError(f"{field}: {cls.__name__} refused them: {exc}") from exc
 
 
-def make_strategy(name: str, params: dict[str, Any], dp: dict[str, Any] | None = None):
-    """Instantiate the strategy (and its DP wrapper); every problem is a `ConfigError`."""
-    strategy = _construct(resolve(name), params, "strategy.params")
+METRICS_HOOK = "train_metrics_aggr_fn"  # Flower strategies' hook over the replies they aggregated
+
+
+def make_strategy(name: str, params: dict[str, Any], dp: dict[str, Any] | None = None,
+                  selection_recorder: Any = None, defense: dict[str, Any] | None = None):
+    """Instantiate the strategy (and its DP wrapper, and the update bound of `[defense]` around both);
+    every problem is a `ConfigError`.
+
+    `selection_recorder` (gateway/provenance.py) becomes the strategy's `train_metrics_aggr_fn` when its
+    constructor takes one and the config does not set it: the gateway learns which replies it aggregated.
+    """
+    cls = resolve(name)
+    given = {}
+    if selection_recorder is not None and METRICS_HOOK not in params:
+        if METRICS_HOOK in inspect.signature(cls.__init__).parameters:  # (every Flower strategy's FedAvg base)
+            given[METRICS_HOOK] = selection_recorder
+    strategy = _wrap_dp(_construct(cls, params, "strategy.params", **given), dp)
+    if not defense:
+        return strategy
+    from .defense import UpdateBound
+
+    return _construct(UpdateBound, defense, "defense", strategy=strategy)
+
+
+def _wrap_dp(strategy, dp: dict[str, Any] | None):
     if not dp:
         return strategy
     wrapper = dp.get("wrapper")

@@ -32,23 +32,23 @@ def test_a_lineage_goes_on_across_a_reopened_journal(tmp_path):
     assert lineage.head is None and lineage.current is None
     root = lineage.start(WEIGHTS, "first start", "fam/1")
     journal.exchanges.open("train-1-a.1", root.lineage, 1, root.digest, [1, 2])
-    one = lineage.advance(shifted(1), 1, [b"\x01" * 32], "FedAvg", {"lr": 0.1}, None, ["train-1-a.1"])
+    one = lineage.advance(shifted(1), 1, "weighted", [(b"\x01" * 32, 1.0)], "FedAvg", {"lr": 0.1}, None, ["train-1-a.1"])
     journal.close()
 
     again = Lineage(Journal(tmp_path / "rounds.db"))
     head = again.head
     assert (head.digest, head.version, head.round, head.parent) == (one.digest, 1, 1, root.digest)
     np.testing.assert_array_equal(head.weights["w"], shifted(1)["w"])
-    two = again.advance(shifted(2), 2, [b"\x02" * 32], "FedAvg", {"lr": 0.1}, None, [])
+    two = again.advance(shifted(2), 2, "weighted", [(b"\x02" * 32, 1.0)], "FedAvg", {"lr": 0.1}, None, [])
     assert (two.version, two.parent, two.lineage) == (2, one.digest, root.lineage)
-    assert again.advance(shifted(2), 3, [], "FedAvg", {}, None, []) is None  # unchanged: nothing to release
+    assert again.advance(shifted(2), 3, "weighted", [], "FedAvg", {}, None, []) is None  # unchanged: nothing to release
     assert again.config_of(two) == {"lr": 0.1}
 
 
 def test_a_new_lineage_names_the_head_it_replaces_and_versions_never_go_back(tmp_path):
     lineage = Lineage(Journal(tmp_path / "rounds.db"))
     root = lineage.start(WEIGHTS, "first start", "fam/1")
-    step = lineage.advance(shifted(1), 1, [b"\x01" * 32], "FedAvg", {}, None, [])
+    step = lineage.advance(shifted(1), 1, "weighted", [(b"\x01" * 32, 1.0)], "FedAvg", {}, None, [])
     again = lineage.start(WEIGHTS, "reset-model: drifted", "fam/1")
     assert again.digest == root.digest and again.version == step.version + 1  # same weights, a new release
     assert (again.lineage, again.round, again.parent) == (root.lineage + 1, 0, b"")
@@ -60,10 +60,10 @@ def test_a_new_lineage_names_the_head_it_replaces_and_versions_never_go_back(tmp
 def test_what_the_ledger_has_not_got_comes_out_oldest_first_until_marked(tmp_path):
     lineage = Lineage(Journal(tmp_path / "rounds.db"))
     lineage.start(WEIGHTS, "first start", "fam/1")
-    lineage.advance(shifted(1), 1, [b"\x01" * 32], "FedAvg", {}, None, [])
+    lineage.advance(shifted(1), 1, "weighted", [(b"\x01" * 32, 1.0)], "FedAvg", {}, None, [])
     pending = lineage.unrecorded()
     assert [(p.start is not None, p.release is not None) for p in pending] == [(True, False), (False, True)]
-    assert pending[1].inputs == (b"\x01" * 32,) and pending[1].strategy == "FedAvg"
+    assert pending[1].inputs == ((b"\x01" * 32, 1.0),) and (pending[1].strategy, pending[1].rule) == ("FedAvg", "weighted")
     lineage.mark_recorded(pending[0])
     assert [p.release.version for p in lineage.unrecorded()] == [1]
 
@@ -73,7 +73,7 @@ def test_old_model_bytes_are_pruned_but_the_head_and_its_parents_stay(tmp_path):
     lineage = Lineage(journal)
     lineage.start(WEIGHTS, "first start", "fam/1")
     for r in range(1, 8):
-        lineage.advance(shifted(r), r, [bytes([r]) * 32], "FedAvg", {}, None, [])
+        lineage.advance(shifted(r), r, "weighted", [(bytes([r]) * 32, 1.0)], "FedAvg", {}, None, [])
     kept = [r.round for r in lineage.recent(10)]
     assert kept == [5, 6, 7]
     assert journal.read("select count(*) from release")[0][0] == 8  # every release stays on record
@@ -91,7 +91,7 @@ def test_a_finished_exchange_is_never_resumed_and_an_unfinished_one_is(tmp_path)
         "train-1-a.1", 1, [7, 8], [b"reply bytes"])
     assert journal.exchanges.interrupted(root.lineage, b"\x09" * 32) is None  # another base: never resumable
     journal.exchanges.open("train-1-b.1", root.lineage, 1, root.digest, [7])
-    lineage.advance(shifted(1), 1, [b"\x01" * 32], "FedAvg", {}, None, ["train-1-b.1"])
+    lineage.advance(shifted(1), 1, "weighted", [(b"\x01" * 32, 1.0)], "FedAvg", {}, None, ["train-1-b.1"])
     assert journal.exchanges.interrupted(root.lineage, lineage.head.digest) is None
 
 
@@ -128,7 +128,7 @@ def test_a_journal_of_the_first_version_upgrades_and_goes_on_from_its_newest_mod
     resumed = journal.exchanges.interrupted(head.lineage, head.digest)
     assert (resumed.task, resumed.round, resumed.replies) == ("train-3-abcd.3", 3, [b"\x00"])
     assert lineage.adopt_legacy(tmp_path / "model_version", "fam/1") is None  # once
-    assert lineage.advance(shifted(3), 3, [b"\x03" * 32], "FedAvg", {}, None, []).version == 8
+    assert lineage.advance(shifted(3), 3, "weighted", [(b"\x03" * 32, 1.0)], "FedAvg", {}, None, []).version == 8
 
 
 def test_the_model_family_is_the_family_and_the_weights_shapes():
@@ -237,7 +237,7 @@ def test_where_a_restarted_gateway_begins(tmp_path):
     journal.exchanges.open("train-1-a.1", root.lineage, 1, root.digest, [3])
     beginning, interrupted = where_to_begin(lineage, journal, "fam/1")
     assert (beginning.new_lineage, beginning.next_round, interrupted.task) == (None, 1, "train-1-a.1")
-    lineage.advance(shifted(1), 1, [b"\x01" * 32], "FedAvg", {}, None, ["train-1-a.1"])
+    lineage.advance(shifted(1), 1, "weighted", [(b"\x01" * 32, 1.0)], "FedAvg", {}, None, ["train-1-a.1"])
     journal.history.record(root.lineage, 2, {"round": 2})  # a round that made no new model
     beginning, interrupted = where_to_begin(lineage, journal, "fam/1")
     assert (beginning.new_lineage, beginning.next_round, interrupted) == (None, 3, None)

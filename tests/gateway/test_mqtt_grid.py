@@ -262,14 +262,14 @@ def test_model_versions_keep_growing_across_restarts(tmp_path):
     journal = Journal(tmp_path / "rounds.db")
     lineage = Lineage(journal)
     assert lineage.start(WEIGHTS, "first start", "arch").version == 0
-    step = lineage.advance({k: v + 1 for k, v in WEIGHTS.items()}, 1, [], "FedAvg", {}, None, [])
+    step = lineage.advance({k: v + 1 for k, v in WEIGHTS.items()}, 1, "weighted", [], "FedAvg", {}, None, [])
     assert step.version == 1
     journal.close()
     journal = Journal(tmp_path / "rounds.db")  # the gateway restarted
     try:
         again = Lineage(journal)
         assert again.head.version == 1 and again.head.digest == step.digest
-        back = again.advance(WEIGHTS, 2, [], "FedAvg", {}, None, [])  # the very model of version 0 again
+        back = again.advance(WEIGHTS, 2, "weighted", [], "FedAvg", {}, None, [])  # the very model of version 0 again
         assert back.version == 2
         assert again.start(WEIGHTS, "reset-model: test", "arch").version == 3  # a new lineage goes on counting
     finally:
