@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +43,7 @@ class Releases:
         self._architecture = architecture
         self._model_path = model_path
         self._on_step = on_step
-        self._published: set[bytes] = set()  # digests published by this process (with a fresh expiry)
+        self._published: dict[bytes, float] = {}  # digest -> when this process last signed and published it
 
     @property
     def head(self) -> Release | None:
@@ -65,7 +67,9 @@ class Releases:
             digest = encode(weights)[2]
             if digest != head.digest:
                 release = self._lineage.find(digest) or self._lineage.extra(weights, round_)
-        if release.digest not in self._published:
+        # Signed again once half its expiry has passed: a model no round changes for days (a fleet that
+        # stays away, a strategy that skips) must not expire on the devices that are asked to train on it.
+        if time.monotonic() - self._published.get(release.digest, -math.inf) > self._publisher.ttl_s / 2:
             self._publish(release)
         return release
 
@@ -99,7 +103,7 @@ class Releases:
 
     def _publish(self, release: Release) -> None:
         sent = self._publisher.publish(release)
-        self._published.add(release.digest)
+        self._published[release.digest] = time.monotonic()
         event(log, "model.released", digest=release.digest.hex()[:16], version=release.version, round=release.round,
               lineage=release.lineage, bytes=sent)
 

@@ -257,3 +257,29 @@ def test_only_the_newest_finished_exchanges_keep_their_replies(tmp_path):
     kept = [r[0] for r in journal.read("select task from exchange order by round")]
     assert kept == [f"train-{r}-a.{r}" for r in range(5 - EXCHANGES_KEPT, 6)]  # the unfinished one stays too
     assert journal.read("select count(*) from accepted")[0][0] == EXCHANGES_KEPT + 1
+
+
+def test_the_head_is_signed_again_once_half_its_expiry_has_passed(tmp_path):
+    import time
+
+    from gateway.models import ModelPublisher
+    from gateway.releases import Releases
+    from protocol import envelope
+    from protocol.keys import Identity
+
+    class Keeper:  # the ledger's side is not what this test is about
+        def record_lineage(self, start): ...
+        def record_aggregate(self, release, strategy, rule, inputs): ...
+
+    published = []
+    gateway = Identity.from_seed(b"r" * 32)
+    publisher = ModelPublisher(gateway, gateway.id, "arch", lambda t, p, retain=False: published.append((t, p)),
+                               ttl_s=0.4)
+    releases = Releases(Lineage(Journal(tmp_path / "rounds.db")), publisher, Keeper(), "fam/1", tmp_path / "m.npz")
+    head = releases.start(WEIGHTS, "first start")
+    releases.release_for(None, 0)  # just published: not again
+    time.sleep(0.25)  # more than half of the 0.4 s expiry
+    releases.release_for(None, 0)
+    models = [envelope.decode(p) for t, p in published if p and t.endswith(head.digest.hex())]
+    assert len(models) == 2 and models[1].body["expires"] > models[0].body["expires"]
+    assert {m.body["version"] for m in models} == {head.version}  # the same release, a fresh expiry
