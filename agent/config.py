@@ -27,6 +27,8 @@
 
     [model]
     name = "imu_cnn"                 # a model shipped in firmware_models
+    freeze_window_s = 86400.0        # refuse a release (model_frozen) whose expiry is more than this older
+                                     # than the newest expiry accepted from the gateway (600 s .. 365 days)
 
     [budget]                         # see agent/budget.py: time and sample limits, when to skip a round
     max_train_s = 120.0
@@ -54,6 +56,9 @@ from .budget import DEFAULT_THERMAL_ZONE, Budget
 
 __all__ = ["AgentConfig", "ConfigError", "Sampling", "load_config", "parse_config"]
 
+DEFAULT_FREEZE_WINDOW_S = 86400.0
+FREEZE_WINDOW_BOUNDS_S = (600.0, 365 * 86400.0)
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -73,6 +78,9 @@ class AgentConfig:
     sensors: tuple[dict[str, Any], ...] = ()  # [[sensor]] tables, checked: kind plus its driver's options
     budget: Budget = field(default_factory=Budget)  # how much a round may take; when to sit one out
     sampling: Sampling = field(default_factory=lambda: Sampling())  # live sampling, when there is no replay
+    # A release whose expiry is more than this older than the newest expiry accepted from the gateway is
+    # refused (model_frozen): it was signed that much before a release the device already knows.
+    freeze_window_s: float = DEFAULT_FREEZE_WINDOW_S
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,10 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
     resend = setting(doc, "device", "resend_s", float, 10.0)
     if resend <= 0:
         raise ConfigError("device.resend_s must be positive")
+    freeze_window = setting(doc, "model", "freeze_window_s", float, DEFAULT_FREEZE_WINDOW_S)
+    low, high = FREEZE_WINDOW_BOUNDS_S
+    if not low <= freeze_window <= high:
+        raise ConfigError(f"model.freeze_window_s must be between {low:.0f} and {high:.0f} seconds, got {freeze_window}")
     return AgentConfig(
         name=setting(doc, "device", "name", str),
         key=path("device", "key"),
@@ -130,6 +142,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         sensors=sensors,
         budget=_budget(doc, base_dir),
         sampling=_sampling(doc, base_dir),
+        freeze_window_s=freeze_window,
     )
 
 

@@ -6,8 +6,15 @@ checking models, training, signing); the caller's thread re-sends
 unacknowledged replies until `stop` is set.
 
 Trust: every task, model and receipt must be signed by the gateway key named
-in the config and bound to this gateway and this device; a model must hash to
-the digest the task names and must not be older than one already trusted.
+in the config (`Agent._trusted_gateway_key`, the one place that says which keys
+count) and bound to this gateway and this device; a model must hash to the
+digest the task names, and its signed release must pass `Agent._check_release`:
+it expires (`model_no_expiry`, from the schema) and has not expired
+(`model_expired`), fits this device's model (`model_architecture_mismatch`), is
+not older than the version already trusted (`model_rollback`), names the digest
+already trusted under its version (`model_version_conflict`), and was not signed
+long before the newest release this device knows (`model_frozen`: its expiry is
+more than `[model] freeze_window_s` older than the newest expiry accepted).
 """
 
 from __future__ import annotations
@@ -130,11 +137,18 @@ class Agent:
 
     # --- checks ----------------------------------------------------------------------
 
+    def _trusted_gateway_key(self, key: bytes) -> bool:
+        """Whether `key` may sign for the gateway: today only `[gateway] public_key`.
+
+        The one place that decides which keys count (a gateway key rotation adds its next key here).
+        """
+        return key == self.config.gateway_public_key
+
     def _open_from_gateway(self, payload: bytes, expected_type: str) -> envelope.Envelope:
         env = envelope.decode(payload)
         if env.type != expected_type:
             raise ProtocolError(f"expected {expected_type}, got {env.type}")
-        if env.ctx.sender != self.config.gateway_public_key:
+        if not self._trusted_gateway_key(env.ctx.sender):
             raise _Refused("not_from_gateway")
         if env.ctx.gateway != self.config.gateway_id:
             raise _Refused("wrong_gateway")
@@ -162,15 +176,8 @@ class Agent:
         try:
             self._wait_for(lambda: -1 in self._raw_models, deadline)
             env = self._open_from_gateway(self._raw_models[-1], "model")
-            release = schemas.ModelRelease.from_body(env.body)
-            if release.digest != digest:
-                raise _Refused("model_digest_mismatch")
-            if release.expires and time.time() > release.expires:
-                raise _Refused("model_expired")
-            if self.architecture and release.architecture != self.architecture:
-                raise _Refused("model_architecture_mismatch")
-            if release.version < self.state.trusted_version:
-                raise _Refused("model_rollback")
+            release = schemas.ModelRelease.from_body(env.body)  # expires == 0: NoExpiry, "model_no_expiry"
+            self._check_release(release, digest)
             if release.chunks == 1:
                 model = env.attachment
             else:
@@ -185,11 +192,47 @@ class Agent:
         weights = schemas.decode_model(model)
         if {k: v.shape for k, v in weights.items()} != self.weight_shapes:
             raise _Refused("model_shape_mismatch")
-        if release.version > self.state.trusted_version:
-            self.state.trusted_version = release.version
-            self.store.save(self.state)
+        self._remember(release)
         self._models = {digest: weights}  # keep only the newest: memory is scarce
         return weights
+
+    def _check_release(self, release: schemas.ModelRelease, digest: bytes) -> None:
+        """Refuse (raise `_Refused`) a gateway-signed release this device must not act on, each for its reason.
+
+        The freeze window (`model_frozen`): the rollback rule and one digest per version already keep a
+        device from being moved back to an older model, and an honest gateway signs versions in order, so a
+        stale release of a higher version still carries a newer model than the device trusts: the window
+        guards no model choice of its own. What it adds is a staleness bound that does not rest on the
+        device's clock (a Pi has no battery-backed clock: booted behind, it takes an expired release for a
+        live one): a release whose expiry is more than `freeze_window_s` older than the newest expiry this
+        device accepted from its gateway was signed that long before a release it already knows, so it is
+        refused at any version: an old signed copy a broker replays, or a release from a gateway whose clock
+        went back. A gateway with a sane clock and a constant `release_ttl_s` that signs its models in
+        version order never trips it (README, "Enrollment, revocation, releases", says what does).
+        """
+        state = self.state
+        if release.digest != digest:
+            raise _Refused("model_digest_mismatch")  # not the model the task names
+        if time.time() > release.expires:
+            raise _Refused("model_expired")
+        if self.architecture and release.architecture != self.architecture:
+            raise _Refused("model_architecture_mismatch")
+        if release.version < state.trusted_version:
+            raise _Refused("model_rollback")
+        if release.version == state.trusted_version and state.trusted_digest not in ("", release.digest.hex()):
+            raise _Refused("model_version_conflict")
+        if release.expires < state.newest_expires - self.config.freeze_window_s:
+            raise _Refused("model_frozen")
+
+    def _remember(self, release: schemas.ModelRelease) -> None:
+        """An accepted release: trust its version and digest, and keep the newest expiry seen (on disk)."""
+        state = self.state
+        before = (state.trusted_version, state.trusted_digest, state.newest_expires)
+        if release.version > state.trusted_version or not state.trusted_digest:  # "": a state from before digests
+            state.trusted_version, state.trusted_digest = release.version, release.digest.hex()
+        state.newest_expires = max(state.newest_expires, release.expires)
+        if (state.trusted_version, state.trusted_digest, state.newest_expires) != before:
+            self.store.save(state)  # only on a change: a republished release with the same expiry writes nothing
 
     # --- handlers --------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """What the agent must remember across power cuts, written atomically.
 
-    <state_dir>/state.json          enrolled flag, highest model version trusted, tasks answered lately
+    <state_dir>/state.json          enrolled flag, highest model version trusted (and its digest), newest
+                                    release expiry seen, tasks answered lately
     <state_dir>/tasks/*.task        tasks received and not answered yet (saved before MQTT acks them)
     <state_dir>/pending/*.reply     signed replies not yet acknowledged by a receipt
 
@@ -12,12 +13,16 @@ arrives. So a power cut at any instant either loses nothing or re-sends a
 reply the gateway already has (which it acknowledges again), and a task is
 never answered twice with different replies. The state belongs to one gateway: a device pointed at
 another gateway starts over (enrolls again, trusts no model version yet).
+A state file written before a field existed still loads: the missing field
+takes its default (`trusted_digest` "": the next release at `trusted_version`
+is taken as that version's digest; `newest_expires` 0: no freeze bound yet).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +39,15 @@ class AgentState:
     enrolled: bool = False
     trusted_version: int = -1  # highest model version accepted so far (rollback guard)
     answered: list[str] = field(default_factory=list)  # keys of the latest tasks answered
+    trusted_digest: str = ""  # hex digest of the release accepted at trusted_version ("": not known yet)
+    newest_expires: float = 0.0  # the latest expiry of any release accepted from this gateway (freeze bound)
+
+
+def _digest_hex(value: object) -> str:
+    """A digest kept as hex: "" or 64 lowercase hex characters (anything else is nonsense: ValueError)."""
+    if not isinstance(value, str) or value and (len(value) != 64 or bytes.fromhex(value).hex() != value):
+        raise ValueError(f"not a digest: {value!r:.80}")
+    return value
 
 
 class StateStore:
@@ -50,7 +64,10 @@ class StateStore:
         try:
             doc = json.loads(self._state_file.read_text())
             state = AgentState(str(doc["gateway"]), bool(doc["enrolled"]), int(doc["trusted_version"]),
-                               [str(k) for k in doc.get("answered", [])][-ANSWERED_KEPT:])
+                               [str(k) for k in doc.get("answered", [])][-ANSWERED_KEPT:],
+                               _digest_hex(doc.get("trusted_digest", "")), float(doc.get("newest_expires", 0.0)))
+            if not math.isfinite(state.newest_expires):
+                raise ValueError("newest_expires is not finite")
         except (OSError, ValueError, KeyError, TypeError):
             # Missing, or hand-edited into nonsense (atomic writes never tear it): start over.
             return AgentState(gateway)

@@ -21,18 +21,21 @@ The snapshot (deterministic CBOR map) holds what the rules need to go on:
 
 Indices point into `vertices` (and `devices`), which keeps a record at about
 40 bytes instead of the vertex's 135.
+
+This module is the format: `encode` a replayed state, `decode` and check one
+that came from elsewhere, `memory_state` to audit from it. The snapshot of a
+past is `ledger.kind_rules.snapshot_of`, which replays the kinds' effects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from protocol import cbor
 from protocol.digest import sha256
 from protocol.errors import SchemaError
+from protocol.fields import is_int
 
-from . import validate
 from .state import MemoryState
 from .vertex import Vertex
 
@@ -40,16 +43,8 @@ MAX_SNAPSHOT_BYTES = 1 << 30
 FIELDS = frozenset({"vertices", "root", "members", "devices", "revocations", "records", "equivocations", "tips"})
 
 
-def replay(past: Iterable[Vertex]) -> tuple[MemoryState, list[Vertex]]:
-    """The state the vertices (in canonical order, each already admitted once) add up to."""
-    state, order = MemoryState(), []
-    for vertex in past:
-        validate.apply(vertex, state)
-        order.append(vertex)
-    return state, order
-
-
 def encode(state: MemoryState, order: list[Vertex]) -> bytes:
+    """The snapshot of `state`, replayed from the vertices `order` (in canonical order)."""
     index = {v.id: i for i, v in enumerate(order)}
     devices = sorted(state.devices)
     device_index = {key: i for i, key in enumerate(devices)}
@@ -68,11 +63,6 @@ def encode(state: MemoryState, order: list[Vertex]) -> bytes:
     return cbor.dumps(doc)
 
 
-def snapshot_of(past: Iterable[Vertex]) -> bytes:
-    """The snapshot of a causal past given as its vertices in canonical order."""
-    return encode(*replay(past))
-
-
 def digest_of(snapshot: bytes) -> bytes:
     return sha256(snapshot)
 
@@ -83,7 +73,7 @@ def _rows(doc: dict[str, Any], name: str, shape: tuple[type | tuple[type, ...], 
         raise SchemaError(f"snapshot: {name} must be a list")
     for row in rows:
         if not isinstance(row, list) or len(row) != len(shape) or not all(
-            isinstance(value, kind) and not (kind is int and isinstance(value, bool)) for value, kind in zip(row, shape)
+            is_int(value) if kind is int else isinstance(value, kind) for value, kind in zip(row, shape)
         ):
             raise SchemaError(f"snapshot: a row of {name} is not {[getattr(k, '__name__', k) for k in shape]}")
     return rows
@@ -106,7 +96,7 @@ def decode(snapshot: bytes) -> dict[str, Any]:
     count, ndevices = len(vertices), len(devices)
     indices = ([m[1] for m in members] + [m[2] for m in members if m[2] is not None] + [d[3] for d in devices]
                + [r[2] for r in revocations] + [r[2] for r in records] + list(tips))
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in indices):
+    if not all(is_int(i) and 0 <= i < count for i in indices):
         raise SchemaError("snapshot: a vertex index is out of range")
     if not all(0 <= r[0] < ndevices for r in revocations) or not all(0 <= r[1] < ndevices for r in records):
         raise SchemaError("snapshot: a device index is out of range")

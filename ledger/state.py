@@ -1,6 +1,6 @@
 """What the validation rules need to know about the DAG so far, and how a vertex changes it.
 
-The same rules (`ledger.validate`, `ledger.kinds`) run in two places: the
+The same rules (`ledger.validate`, `ledger.kind_rules`) run in two places: the
 store, where the state lives in SQLite tables updated inside the append's
 transaction, and the offline verifier, which rebuilds the state in memory
 while it walks the file. `State` is the small interface between the rules

@@ -7,7 +7,7 @@ vertex, so what a gateway writes and what an auditor accepts cannot drift.
 In order: the creator's signature; the links (genesis first, a creator that
 is the root or a member gateway, parents present, a per-creator sequence in
 which each vertex names the creator's previous one as a parent); then the
-kind's own rules (`ledger.kinds`).
+kind's own rules (`ledger.kind_rules`).
 
 Two vertices with the same creator and seq are an equivocation: the second
 one is admitted too (both are evidence, and every gateway must end up with
@@ -27,7 +27,8 @@ from .errors import (
     NotAGateway,
     NotInitialized,
 )
-from .kinds import GATEWAY_JOIN, GATEWAY_LEAVE, GENESIS, KINDS
+from .kind_rules import RULES, apply
+from .kinds import GATEWAY_JOIN, GATEWAY_LEAVE, GENESIS
 from .state import State
 from .vertex import Vertex
 
@@ -45,7 +46,7 @@ def check(vertex: Vertex, state: State, proofs: bool = True) -> None:
         raise BadVertexSignature(
             f"vertex {vertex.id_hex} is not signed by its creator {vertex.creator_id}"
         ) from exc
-    rules = KINDS[vertex.kind]
+    rules = RULES[vertex.kind]
     if vertex.kind != GENESIS:  # genesis has its own structure rules
         check_links(vertex, state)
     rules.check_state(vertex, state)
@@ -85,13 +86,7 @@ def is_equivocation(vertex: Vertex, state: State) -> bool:
     return any(other != vertex.id for other in state.vertices_at(vertex.creator, vertex.seq))
 
 
-def apply(vertex: Vertex, state: State) -> None:
-    """Record an admitted vertex and its kind's effects in `state`."""
-    state.add_vertex(vertex)
-    KINDS[vertex.kind].apply(vertex, state)
-
-
 def admit(vertex: Vertex, state: State, proofs: bool = True) -> None:
-    """`check`, then `apply`."""
+    """`check`, then record the vertex and its kind's effects (`ledger.kind_rules.apply`)."""
     check(vertex, state, proofs)
     apply(vertex, state)

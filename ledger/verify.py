@@ -26,8 +26,9 @@ from protocol.keys import identity_id
 
 from . import validate
 from .errors import LedgerError
+from .kind_rules import apply
+from .schema import check_schema, connect
 from .state import MemoryState, depth_of
-from .store import check_schema, connect
 from .vertex import Vertex
 
 MAX_PROBLEMS = 100
@@ -165,7 +166,7 @@ def _check_row(row: tuple[Any, ...], state: MemoryState) -> Problem | None:
     # The vertex is authentic and admissible; wrong query columns are still a problem
     # (the store relies on them), but the vertex counts for the ones after it.
     expected_depth = depth_of(vertex, state.depths)
-    validate.apply(vertex, state)
+    apply(vertex, state)
     columns = (creator, seq, kind, when, depth)
     expected = (vertex.creator_id, vertex.seq, vertex.kind, vertex.time, expected_depth)
     if columns != expected:

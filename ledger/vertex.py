@@ -32,6 +32,7 @@ from typing import Any
 from protocol import cbor
 from protocol.digest import DIGEST_BYTES, sha256
 from protocol.errors import LimitExceeded, MalformedCBOR, NonFiniteValues, SchemaError
+from protocol.fields import check_bytes, check_float, check_int, check_list, is_int, is_number
 from protocol.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, identity_id, verify
 
 from . import kinds
@@ -60,18 +61,18 @@ class Vertex:
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str):
             raise SchemaError("kind must be text")
-        kinds.kind_of(self.kind)
-        kinds.check_bytes(self.creator, "creator", PUBLIC_KEY_BYTES)
-        kinds.check_int(self.seq, "seq", 0, MAX_SEQ)
-        parents = kinds.check_list(self.parents, "parents", MAX_PARENTS)
+        kinds.check_kind(self.kind)
+        check_bytes(self.creator, "creator", PUBLIC_KEY_BYTES)
+        check_int(self.seq, "seq", 0, MAX_SEQ)
+        parents = check_list(self.parents, "parents", MAX_PARENTS)
         for parent in parents:
-            kinds.check_bytes(parent, "a parent", DIGEST_BYTES)
+            check_bytes(parent, "a parent", DIGEST_BYTES)
         if any(a >= b for a, b in pairwise(parents)):
             raise SchemaError("parents must be sorted bytewise without duplicates")
         object.__setattr__(self, "parents", tuple(parents))
-        kinds.check_float(self.time, "time", 0.0, MAX_TIME)
+        check_float(self.time, "time", 0.0, MAX_TIME)
         kinds.check_body(self.kind, self.body)
-        kinds.check_bytes(self.sig, "sig", SIGNATURE_BYTES)
+        check_bytes(self.sig, "sig", SIGNATURE_BYTES)
 
     def __hash__(self) -> int:  # the body is a dict; the id names the content anyway
         return hash(self.id)
@@ -128,7 +129,7 @@ class Vertex:
             raise SchemaError("a vertex must be a map")
         if set(doc) != FIELDS:
             raise SchemaError(f"vertex fields are {sorted(map(str, doc))}, expected {sorted(FIELDS)}")
-        if not kinds.is_int(doc["v"]) or doc["v"] != VERSION:
+        if not is_int(doc["v"]) or doc["v"] != VERSION:
             raise SchemaError(f"vertex version {doc['v']!r} is not {VERSION}")
         if not isinstance(doc["parents"], list):
             raise SchemaError("parents must be a list")
@@ -161,14 +162,14 @@ def sign(
     fields or the body break the schema.
     """
     when = _time.time() if time is None else time
-    if isinstance(when, bool) or not isinstance(when, int | float):
+    if not is_number(when):
         raise SchemaError("time must be a number")
     when = float(when)
     if not math.isfinite(when):
         raise NonFiniteValues("time is not finite")
     kinds.check_body(kind, body)  # before encoding, so a bad body gets a schema error, not a CBOR one
-    for parent in kinds.check_list(parents, "parents", MAX_PARENTS * 2):
-        kinds.check_bytes(parent, "a parent", DIGEST_BYTES)
+    for parent in check_list(parents, "parents", MAX_PARENTS * 2):
+        check_bytes(parent, "a parent", DIGEST_BYTES)
     doc = {
         "v": VERSION,
         "kind": kind,

@@ -17,6 +17,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from .fields import is_int
+
 REQUIRED: Any = ...
 
 
@@ -45,7 +47,7 @@ def setting(doc: dict[str, Any], section: str, key: str, kind: type | tuple[type
             raise ConfigError(f"{section}.{key} is required")
         return default
     value = table[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and is_int(value):
         value = float(value)
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
         raise ConfigError(f"{section}.{key} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")

@@ -25,6 +25,7 @@ from typing import Any
 from . import cbor
 from .digest import DIGEST_BYTES, sha256
 from .errors import DigestMismatch, LimitExceeded, SchemaError, _brief
+from .fields import is_int
 from .keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, identity_id, verify
 
 VERSION = 1
@@ -64,7 +65,7 @@ class Context:
             raise SchemaError("ctx.sender must be a 32-byte public key")
         if not isinstance(gateway, str) or not 0 < len(gateway) <= ID_MAX:
             raise SchemaError("ctx.gateway must be a non-empty id")
-        if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd < 2**31:
+        if not is_int(rnd) or not 0 <= rnd < 2**31:
             raise SchemaError("ctx.round must be an integer in [0, 2^31)")
         if not isinstance(task, str) or not TASK_ID.fullmatch(task):
             raise SchemaError("ctx.task must be at most 64 characters of A-Z a-z 0-9 . _ -")

@@ -16,7 +16,6 @@ counterparts.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,8 @@ import numpy as np
 
 from . import cbor
 from .digest import DIGEST_BYTES
-from .errors import LimitExceeded, NonFiniteValues, SchemaError, _brief
+from .errors import LimitExceeded, SchemaError, _brief
+from .fields import check_bytes, check_int, check_number, check_text
 from .tensors import DEFAULT_LIMITS, TensorLimits, decode_tensors, encode_tensors
 
 MAX_TEXT = 256
@@ -54,46 +54,6 @@ SKIP_REASON = re.compile(r"[a-z_]{1,32}")
 SKIP_DIGEST = bytes(32)
 
 
-def _int(doc: dict[str, Any], key: str, lo: int, hi: int) -> int:
-    value = doc[key]
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise SchemaError(f"{key} must be an integer")
-    if not lo <= value <= hi:
-        raise LimitExceeded(f"{key}={_brief(value)} is outside [{lo}, {hi}]")
-    return value
-
-
-def _float(doc: dict[str, Any], key: str, lo: float, hi: float) -> float:
-    value = doc[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SchemaError(f"{key} must be a number")
-    try:
-        value = float(value)
-    except OverflowError as exc:  # an integer (bignum) beyond the float range
-        raise LimitExceeded(f"{key} is outside [{lo}, {hi}]") from exc
-    if not math.isfinite(value):
-        raise NonFiniteValues(f"{key} is not finite")
-    if not lo <= value <= hi:
-        raise LimitExceeded(f"{key}={value} is outside [{lo}, {hi}]")
-    return value
-
-
-def _text(doc: dict[str, Any], key: str, max_len: int = MAX_TEXT) -> str:
-    value = doc[key]
-    if not isinstance(value, str):
-        raise SchemaError(f"{key} must be text")
-    if len(value) > max_len:
-        raise LimitExceeded(f"{key} is longer than {max_len} characters")
-    return value
-
-
-def _digest(doc: dict[str, Any], key: str) -> bytes:
-    value = doc[key]
-    if not isinstance(value, bytes) or len(value) != DIGEST_BYTES:
-        raise SchemaError(f"{key} must be a {DIGEST_BYTES}-byte digest")
-    return value
-
-
 def _metrics(value: Any) -> dict[str, float]:
     if not isinstance(value, dict):
         raise SchemaError("metrics must be a map")
@@ -103,7 +63,7 @@ def _metrics(value: Any) -> dict[str, float]:
     for key in value:
         if not isinstance(key, str) or not 0 < len(key) <= 64:
             raise SchemaError("metric names must be text of 1 to 64 characters")
-        out[key] = _float(value, key, -1e30, 1e30)
+        out[key] = check_number(value[key], key, -1e30, 1e30)
     return out
 
 
@@ -121,13 +81,13 @@ def _options(value: Any) -> dict[str, Option]:
         if not isinstance(key, str) or not 0 < len(key) <= 64:
             raise SchemaError("option names must be text of 1 to 64 characters")
         if isinstance(item, str):
-            out[key] = _text(value, key)
+            out[key] = check_text(item, key, MAX_TEXT)
         elif isinstance(item, bool):
             out[key] = item
         elif isinstance(item, int):
-            out[key] = _int(value, key, -(2**53), 2**53)
+            out[key] = check_int(item, key, -(2**53), 2**53)
         elif isinstance(item, float):
-            out[key] = _float(value, key, -1e30, 1e30)
+            out[key] = check_number(item, key, -1e30, 1e30)
         else:
             raise SchemaError(f"option {key!r} must be a number, text or boolean")
     return out
@@ -163,10 +123,10 @@ class TrainConfig:
             raise SchemaError("config must be a map")
         _check_fields(doc, {"epochs", "batch_size", "lr", "deadline", "options"})
         return cls(
-            epochs=_int(doc, "epochs", 0, 100),
-            batch_size=_int(doc, "batch_size", 1, 4096),
-            lr=_float(doc, "lr", 0.0, 10.0),
-            deadline=_float(doc, "deadline", 0.0, 1e11),
+            epochs=check_int(doc["epochs"], "epochs", 0, 100),
+            batch_size=check_int(doc["batch_size"], "batch_size", 1, 4096),
+            lr=check_number(doc["lr"], "lr", 0.0, 10.0),
+            deadline=check_number(doc["deadline"], "deadline", 0.0, 1e11),
             options=_options(doc["options"]),
         )
 
@@ -186,13 +146,13 @@ class Task:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Task:
         _check_fields(body, {"kind", "device", "config", "codec"})
-        kind = _text(body, "kind")
+        kind = check_text(body["kind"], "kind", MAX_TEXT)
         if kind not in TASK_KINDS:
             raise SchemaError(f"task kind {kind!r} is not one of {TASK_KINDS}")
-        codec = _text(body, "codec")
+        codec = check_text(body["codec"], "codec", MAX_TEXT)
         if codec not in ("f32", "f16", "i8"):
             raise SchemaError(f"unknown codec {codec!r}")
-        return cls(kind, _text(body, "device", 64), TrainConfig.from_wire(body["config"]), codec)
+        return cls(kind, check_text(body["device"], "device", 64), TrainConfig.from_wire(body["config"]), codec)
 
 
 @dataclass(frozen=True)
@@ -215,8 +175,9 @@ class Reply:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Reply:
         _check_fields(body, {"digest", "examples"}, frozenset({"skip"}))
-        reply = cls(_digest(body, "digest"), _int(body, "examples", 0, MAX_EXAMPLES),
-                    _text(body, "skip", SKIP_MAX) if "skip" in body else "")
+        reply = cls(check_bytes(body["digest"], "digest", DIGEST_BYTES),
+                    check_int(body["examples"], "examples", 0, MAX_EXAMPLES),
+                    check_text(body["skip"], "skip", SKIP_MAX) if "skip" in body else "")
         if "skip" in body and not (SKIP_REASON.fullmatch(reply.skip) and reply.examples == 0
                                    and reply.digest == SKIP_DIGEST):
             raise SchemaError("a skip names its reason in [a-z_], with 0 examples and a zero digest")
@@ -243,7 +204,15 @@ class Receipt:
         reply = body["reply"]
         if not isinstance(reply, bytes) or len(reply) not in (0, DIGEST_BYTES):
             raise SchemaError("reply must be empty or a digest")
-        return cls(_text(body, "device", 64), reply, body["accepted"], _text(body, "reason", 64))
+        return cls(check_text(body["device"], "device", 64), reply, body["accepted"],
+                   check_text(body["reason"], "reason", 64))
+
+
+class NoExpiry(SchemaError):
+    """A model release without an expiry (`expires` 0, which once meant "never"): refused, so that no signed
+    release can be replayed for ever."""
+
+    reason = "model_no_expiry"
 
 
 @dataclass(frozen=True)
@@ -251,22 +220,27 @@ class ModelRelease:
     """A signed global model release, in the spirit of TUF targets metadata.
 
     `digest` is the SHA-256 of the model bytes (`encode_model`) and its
-    content address. `version` only grows (devices refuse rollback) and
-    `expires` bounds how long a release may be acted on (devices refuse a
-    stale one, so a replayed old release cannot freeze a fleet). A model of
-    at most `CHUNK_BYTES` is the release's attachment (`chunks == 1`); a
-    larger one travels as `chunks` retained pieces whose concatenation must
-    hash to `digest`.
+    content address. `version` only grows (devices refuse rollback), and one
+    version names one digest (devices refuse a second digest under a version
+    they trust). `expires` (unix seconds, always > 0: a release that never
+    expires is refused as `NoExpiry`, and `to_body` will not make one) bounds
+    how long a release may be acted on: devices refuse a stale one, so a
+    replayed old release cannot freeze a fleet. A model of at most
+    `CHUNK_BYTES` is the release's attachment (`chunks == 1`); a larger one
+    travels as `chunks` retained pieces whose concatenation must hash to
+    `digest`.
     """
 
     digest: bytes
     version: int
     architecture: str  # sha256 hex of the .tflite the weights belong to ("" for synthetic models)
-    expires: float = 0.0  # unix seconds; 0 means no expiry
+    expires: float  # unix seconds, > 0: every release expires
     size: int = 0  # bytes of the model
     chunks: int = 1
 
     def to_body(self) -> dict[str, Any]:
+        if not self.expires > 0:  # the sender's side of the rule: no gateway signs a release that never expires
+            raise ValueError(f"a model release must expire (expires > 0), got {self.expires!r}")
         return {"digest": self.digest, "version": self.version, "architecture": self.architecture,
                 "expires": float(self.expires), "size": self.size, "chunks": self.chunks}
 
@@ -274,9 +248,15 @@ class ModelRelease:
     def from_body(cls, body: dict[str, Any]) -> ModelRelease:
         _check_fields(body, {"digest", "version", "architecture", "expires", "size", "chunks"})
         release = cls(
-            _digest(body, "digest"), _int(body, "version", 0, 2**31 - 1), _text(body, "architecture", 64),
-            _float(body, "expires", 0.0, 1e11), _int(body, "size", 0, MAX_MODEL_BYTES), _int(body, "chunks", 1, MAX_CHUNKS),
+            check_bytes(body["digest"], "digest", DIGEST_BYTES),
+            check_int(body["version"], "version", 0, 2**31 - 1),
+            check_text(body["architecture"], "architecture", 64),
+            check_number(body["expires"], "expires", 0.0, 1e11),
+            check_int(body["size"], "size", 0, MAX_MODEL_BYTES),
+            check_int(body["chunks"], "chunks", 1, MAX_CHUNKS),
         )
+        if not release.expires > 0:
+            raise NoExpiry("expires must be > 0: a release that never expires is refused")
         if release.chunks != max(1, -(-release.size // CHUNK_BYTES)):
             raise SchemaError(f"{release.size} bytes must travel in {max(1, -(-release.size // CHUNK_BYTES))} chunks")
         return release
@@ -315,10 +295,15 @@ class McuRelease:
         _check_fields(body, {"model", "version", "digest", "size", "input_scale", "input_zero_point",
                              "output_scale", "output_zero_point", "arena_bytes"})
         return cls(
-            _digest(body, "model"), _int(body, "version", 0, 2**31 - 1), _digest(body, "digest"),
-            _int(body, "size", 1, CHUNK_BYTES), _float(body, "input_scale", 0.0, 1e9),
-            _int(body, "input_zero_point", -128, 127), _float(body, "output_scale", 0.0, 1e9),
-            _int(body, "output_zero_point", -128, 127), _int(body, "arena_bytes", 0, 2**31 - 1),
+            check_bytes(body["model"], "model", DIGEST_BYTES),
+            check_int(body["version"], "version", 0, 2**31 - 1),
+            check_bytes(body["digest"], "digest", DIGEST_BYTES),
+            check_int(body["size"], "size", 1, CHUNK_BYTES),
+            check_number(body["input_scale"], "input_scale", 0.0, 1e9),
+            check_int(body["input_zero_point"], "input_zero_point", -128, 127),
+            check_number(body["output_scale"], "output_scale", 0.0, 1e9),
+            check_int(body["output_zero_point"], "output_zero_point", -128, 127),
+            check_int(body["arena_bytes"], "arena_bytes", 0, 2**31 - 1),
         )
 
 
@@ -346,7 +331,7 @@ class EnrollRequest:
         voucher = body.get("voucher", b"")
         if not isinstance(voucher, bytes) or len(voucher) > 512:
             raise SchemaError("voucher must be at most 512 bytes")
-        return cls(_text(body, "name", 64), _float(body, "time", 0.0, 1e11), voucher)
+        return cls(check_text(body["name"], "name", 64), check_number(body["time"], "time", 0.0, 1e11), voucher)
 
 
 # --- attachments ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BadTensor, LimitExceeded, NonFiniteValues, SchemaError, _brief
+from .fields import is_int
 
 CODECS = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i8": np.dtype("i1")}
 NAME_MAX = 64
@@ -85,7 +86,7 @@ def decode_tensor(doc: Any, limits: TensorLimits = DEFAULT_LIMITS, dequantize: b
         raise BadTensor(f"unknown codec {_brief(codec)}")
     if not isinstance(shape, list) or len(shape) > limits.max_rank:
         raise LimitExceeded(f"tensor {name!r}: shape must be a list of at most {limits.max_rank} dims")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not all(is_int(d) and d >= 0 for d in shape):
         raise BadTensor(f"tensor {name!r}: dimensions must be non-negative integers")
     # Each dimension on its own too: with a zero dimension the product stays 0
     # however large the others are, and numpy cannot build such a shape.

@@ -77,12 +77,16 @@ class Peer:
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
 
-    def release(self, weights, version: int, publish: bool = True, expires_in: float = 3600.0):
-        """Sign a model release; publish it retained under its digest (or return it with the digest)."""
+    def release(self, weights, version: int, publish: bool = True, expires_in: float = 3600.0,
+                expires: float | None = None):
+        """Sign a model release; publish it retained under its digest (or return it with the digest).
+
+        It expires `expires_in` seconds from now, or at `expires` (unix seconds; 0: the old "never") when given.
+        """
         model = schemas.encode_model(weights)
         ctx = envelope.Context(GATEWAY.public_key, GATEWAY.id, version, "model", b"")
-        body = {"version": version, "architecture": "", "expires": time.time() + expires_in, "size": len(model),
-                "chunks": 1}
+        body = {"version": version, "architecture": "", "size": len(model), "chunks": 1,
+                "expires": time.time() + expires_in if expires is None else expires}
         wire = envelope.seal(GATEWAY, "model", ctx, body, model)
         digest = envelope.decode(wire).body["digest"]
         if not publish:
@@ -298,3 +302,122 @@ def test_a_reply_left_on_disk_by_a_power_cut_is_sent_at_start(peer, start_agent,
     StateStore(tmp_path / f"state-{device.id}").put_pending("000007-train-7", wire)
     start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=0))
     assert peer.next("reply").sig == envelope.decode(wire).sig
+
+
+def test_a_release_that_never_expires_is_refused(peer, start_agent, model):
+    device = Identity.generate()
+    agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=0))
+    digest = peer.release(model.get_weights(), version=1, expires=0.0)  # what "no expiry" used to be
+    peer.task(device, digest)
+    peer.nothing("reply")
+    assert refusals(agent) == {"model_no_expiry": 1}
+    assert agent.state.trusted_version == 0
+
+
+def test_a_second_digest_under_a_version_already_trusted_is_refused(peer, start_agent, model):
+    device = Identity.generate()
+    agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=0), resend_s=60.0)
+    weights = model.get_weights()
+    first = peer.release(weights, version=1)
+    peer.task(device, first)
+    peer.next("reply")
+    assert StateStore(agent.config.state_dir).load(GATEWAY.id).trusted_digest == first.hex()  # kept on disk
+    other = peer.release({k: v + 1 for k, v in weights.items()}, version=1)  # signed, fresh, same version
+    peer.task(device, other, round_=2)
+    peer.nothing("reply")
+    assert refusals(agent) == {"model_version_conflict": 1}
+    assert (agent.state.trusted_version, agent.state.trusted_digest) == (1, first.hex())
+
+
+def test_a_release_signed_long_before_the_newest_one_known_is_refused_as_frozen(peer, start_agent, model):
+    # The device has seen a release that expires in 10 days; this one (a higher version, not expired)
+    # expires in an hour: more than the default freeze window (1 day) older than what the device knows.
+    device = Identity.generate()
+    agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=0,
+                                           newest_expires=time.time() + 10 * 86400))
+    digest = peer.release(model.get_weights(), version=1, expires_in=3600.0)
+    peer.task(device, digest)
+    peer.nothing("reply")
+    assert refusals(agent) == {"model_frozen": 1}
+    assert agent.state.trusted_version == 0
+
+
+def test_a_restarted_gateway_republishing_its_model_with_a_fresh_expiry_is_accepted(peer, start_agent, model):
+    # What releases.release_for(None, ...) does at a gateway's start: the same version, the same digest,
+    # signed again with a later expiry. The device (restarted too: nothing cached) trusts that release.
+    device = Identity.generate()
+    weights = model.get_weights()
+    _, digest = peer.release(weights, version=1, publish=False)
+    seen = time.time() + 3600.0
+    agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=1, trusted_digest=digest.hex(),
+                                           newest_expires=seen))
+    assert peer.release(weights, version=1, expires_in=7200.0) == digest
+    peer.task(device, digest)
+    reply = peer.next("reply")
+    assert reply.ctx.base == digest and agent.counters.refused_tasks == {}
+    kept = StateStore(agent.config.state_dir).load(GATEWAY.id)
+    assert (kept.trusted_version, kept.trusted_digest) == (1, digest.hex()) and kept.newest_expires > seen + 3000
+
+
+# --- the release rules one by one, on an agent that is not running --------------------------------
+
+
+@pytest.fixture
+def idle_agent(model, data, tmp_path):
+    def make(state: AgentState, freeze_window_s: float = 86400.0) -> Agent:
+        config = AgentConfig(name="idle", key=tmp_path / "k", state_dir=tmp_path / "idle", gateway_id=GATEWAY.id,
+                             gateway_public_key=GATEWAY.public_key, broker_host="127.0.0.1", broker_port=1,
+                             replay=None, freeze_window_s=freeze_window_s)
+        StateStore(config.state_dir).save(state)
+        return Agent(config, Identity.generate(), model, data)
+
+    return make
+
+
+def _release(version: int, expires: float, digest: bytes = b"\x01" * 32) -> schemas.ModelRelease:
+    return schemas.ModelRelease(digest, version, "", expires, 10, 1)
+
+
+def refused_for(agent: Agent, release: schemas.ModelRelease) -> str:
+    from agent.service import _Refused
+
+    try:
+        agent._check_release(release, release.digest)
+    except _Refused as exc:
+        return exc.reason
+    return "accepted"
+
+
+def test_the_freeze_window_bounds_how_much_older_an_expiry_may_be_than_the_newest_known(idle_agent):
+    newest = time.time() + 30 * 86400
+    agent = idle_agent(AgentState(GATEWAY.id, True, 3, [], "01" * 32, newest), freeze_window_s=3600.0)
+    assert refused_for(agent, _release(3, newest - 3600.0)) == "accepted"  # at the edge of the window
+    assert refused_for(agent, _release(4, newest - 3600.0)) == "accepted"
+    assert refused_for(agent, _release(3, newest - 3601.0)) == "model_frozen"  # a stale copy of the trusted one
+    assert refused_for(agent, _release(9, newest - 3601.0)) == "model_frozen"  # even at a higher version
+    assert refused_for(agent, _release(2, newest)) == "model_rollback"  # lower: rollback, whatever its expiry
+    assert refused_for(agent, _release(3, newest, b"\x02" * 32)) == "model_version_conflict"
+    assert refused_for(agent, _release(4, newest, b"\x02" * 32)) == "accepted"  # a new version, a new digest
+    assert refused_for(agent, _release(3, time.time() - 1)) == "model_expired"  # expired before frozen
+
+
+def test_a_state_from_before_digests_takes_the_next_release_at_its_version_as_that_versions_digest(idle_agent):
+    agent = idle_agent(AgentState(GATEWAY.id, True, 3))  # an old state file: no digest, no expiry
+    first = _release(3, time.time() + 3600)
+    assert refused_for(agent, first) == "accepted"
+    agent._remember(first)
+    again = StateStore(agent.config.state_dir).load(GATEWAY.id)
+    assert (again.trusted_version, again.trusted_digest, again.newest_expires) == (3, "01" * 32, first.expires)
+    assert refused_for(agent, _release(3, time.time() + 7200, b"\x02" * 32)) == "model_version_conflict"
+
+
+def test_accepting_the_same_release_again_writes_nothing(idle_agent):
+    release = _release(3, time.time() + 3600)
+    agent = idle_agent(AgentState(GATEWAY.id, True, 3, [], "01" * 32, release.expires))
+    saves = []
+    agent.store.save = saves.append
+    agent._remember(release)
+    agent._remember(_release(3, release.expires - 60))  # an older copy, within the window
+    assert saves == []
+    agent._remember(_release(3, release.expires + 60))  # republished with a fresh expiry
+    assert len(saves) == 1 and agent.state.newest_expires == release.expires + 60

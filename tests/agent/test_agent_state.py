@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+
+import pytest
 
 from agent.state import AgentState, StateStore
 
@@ -17,6 +20,27 @@ def test_a_device_moved_to_another_gateway_starts_over(tmp_path):
     store = StateStore(tmp_path)
     store.save(AgentState("gw-a", enrolled=True, trusted_version=7))
     assert store.load("gw-b") == AgentState("gw-b", False, -1)
+
+
+def test_the_trusted_digest_and_newest_expiry_round_trip(tmp_path):
+    state = AgentState("gw-a", True, 7, ["000001-t"], "ab" * 32, 1.9e9)
+    StateStore(tmp_path).save(state)
+    assert StateStore(tmp_path).load("gw-a") == state
+
+
+def test_a_state_file_from_before_digests_and_expiries_still_loads(tmp_path):
+    (tmp_path / "state.json").write_text(json.dumps(
+        {"gateway": "gw-a", "enrolled": True, "trusted_version": 7, "answered": ["000001-t"]}))
+    assert StateStore(tmp_path).load("gw-a") == AgentState("gw-a", True, 7, ["000001-t"], "", 0.0)
+
+
+@pytest.mark.parametrize("field, value", [("trusted_digest", "xyz"), ("trusted_digest", "AB" * 32),
+                                          ("trusted_digest", 5), ("newest_expires", "soon"),
+                                          ("newest_expires", float("inf"))])
+def test_a_hand_mangled_digest_or_expiry_starts_over(tmp_path, field, value):
+    doc = {"gateway": "gw-a", "enrolled": True, "trusted_version": 7, field: value}
+    (tmp_path / "state.json").write_text(json.dumps(doc))
+    assert StateStore(tmp_path).load("gw-a") == AgentState("gw-a")
 
 
 def test_a_hand_mangled_state_file_starts_over_instead_of_crashing(tmp_path):

@@ -288,7 +288,7 @@ def _valid_bodies():
         schemas.Task: schemas.Task("train", "dev").to_body(),
         schemas.Reply: schemas.Reply(bytes(32), 3).to_body(),
         schemas.Receipt: schemas.Receipt("dev", b"", True).to_body(),
-        schemas.ModelRelease: schemas.ModelRelease(bytes(32), 1, "arch").to_body(),
+        schemas.ModelRelease: schemas.ModelRelease(bytes(32), 1, "arch", 1.7e9).to_body(),
         schemas.EnrollRequest: schemas.EnrollRequest("dev", 1.0).to_body(),
     }
 
@@ -561,6 +561,10 @@ def test_update_limits_are_enforced_through_decode_update():
         (schemas.Reply, "digest", b"\x00" * 31, SchemaError),
         (schemas.ModelRelease, "version", 2**31, LimitExceeded),
         (schemas.ModelRelease, "architecture", "a" * 65, LimitExceeded),
+        (schemas.ModelRelease, "expires", 0.0, schemas.NoExpiry),  # "never expires" is no longer a thing
+        (schemas.ModelRelease, "expires", 0, schemas.NoExpiry),
+        (schemas.ModelRelease, "expires", -1.0, LimitExceeded),
+        (schemas.ModelRelease, "expires", float("nan"), NonFiniteValues),
         (schemas.Receipt, "reason", "r" * 65, LimitExceeded),
         (schemas.Receipt, "accepted", 1, SchemaError),
         (schemas.Receipt, "reply", b"\x00" * 5, SchemaError),
@@ -583,6 +587,14 @@ def test_schema_fields_out_of_range_or_of_wrong_type(cls, field, value, error):
         cls.from_body(body)
     with pytest.raises(error):  # the same through the wire, where it applies
         cls.from_body(cbor.loads(cbor.dumps(body), canonical=False))
+
+
+def test_a_release_that_never_expires_is_neither_made_nor_taken():
+    with pytest.raises(ValueError, match="must expire"):  # the sender's side: a gateway cannot sign one
+        schemas.ModelRelease(bytes(32), 1, "arch", 0.0).to_body()
+    with pytest.raises(schemas.NoExpiry) as refused:  # the receiver's side, with its own reason
+        schemas.ModelRelease.from_body({**_valid_bodies()[schemas.ModelRelease], "expires": 0.0})
+    assert refused.value.reason == "model_no_expiry" and isinstance(refused.value, SchemaError)
 
 
 @pytest.mark.parametrize(

@@ -243,7 +243,8 @@ SCHEMA_VALUES = {
         reason=SHORT_TEXT,
     ),
     "ModelRelease": st.builds(
-        schemas.ModelRelease, digest=DIGESTS, version=st.integers(0, 2**31 - 1), architecture=SHORT_TEXT
+        schemas.ModelRelease, digest=DIGESTS, version=st.integers(0, 2**31 - 1), architecture=SHORT_TEXT,
+        expires=st.floats(1e-3, 1e11),
     ),
     "EnrollRequest": st.builds(schemas.EnrollRequest, name=SHORT_TEXT, time=st.floats(0.0, 1e11)),
 }

@@ -1,0 +1,326 @@
+"""What each kind of vertex means to the DAG: its rules against the state so far, and its effect.
+
+A kind's body schema is in `ledger.kinds` (a `Vertex` is checked against it
+when built). Here each kind has three more steps, run in this order by
+`ledger.validate`:
+
+    check_state(vertex, st)   rules against the DAG so far; raises LedgerError
+    check_proofs(vertex)      costly stateless checks (device signatures); raises LedgerError
+    apply(vertex, st)         what the vertex adds to the derived state
+
+State is checked before proofs so that a record from an unknown device is
+refused before any signature check is spent on it. A new kind is a body
+schema in `ledger.kinds` and one more class in `RULES`.
+
+A model's lineage is on the ledger as a chain: each `aggregate` names the
+model it started from (`base`) and the one it made (`output`), and a
+`lineage` vertex marks where a chain starts (the factory weights at first
+start, an operator's `reset-model`, a change of model family). The chain is
+read back by `ledger.audit.lineage`; no rule links the two kinds, because a
+model's bytes live at the gateway, not on the ledger.
+
+A device is "enrolled" once a `device.enroll` vertex names it and "revoked"
+once a `device.revoke` vertex does; it is active while enrolled and not
+revoked. Revocation is final: a revoked key contributes no more updates and
+cannot enroll again (the device needs a new key).
+
+Several gateways write at once, so two vertices may disagree without either
+knowing the other (two gateways enroll the same device, or one records a
+device's update while another revokes it). A rule that forbids something
+("not revoked", "not enrolled twice", "not recorded twice") therefore only
+counts facts in the vertex's causal past (`state.precedes`): a vertex is
+refused for what its creator knew, never for what it could not have known.
+Such concurrent duplicates are kept, and the derived state takes the first
+of them in the canonical order, so every gateway derives the same state
+whatever order the vertices arrived in.
+
+Membership: genesis is signed by the operator's root key and names the first
+gateways; `gateway.join` and `gateway.leave` are signed by the same root key.
+A gateway that left cannot come back under the same key.
+
+A checkpoint's rule recomputes the snapshot of its causal past, which is
+what the effects of every kind add up to: that is why `snapshot_of` is here,
+next to the effects, and `ledger.snapshot` only encodes and decodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+from protocol.errors import BadSignature
+from protocol.keys import identity_id, verify
+
+from . import snapshot
+from .errors import (
+    AlreadyEnrolled,
+    AlreadyInitialized,
+    AlreadyRevoked,
+    BadCheckpoint,
+    BadDeviceSignature,
+    BadSequence,
+    DeviceRevoked,
+    DuplicateUpdate,
+    InvalidVertex,
+    MembershipError,
+    NotRoot,
+    UnknownDevice,
+    UnknownInput,
+    WrongGateway,
+)
+from .kinds import (
+    AGGREGATE,
+    CHECKPOINT,
+    DEVICE_ENROLL,
+    DEVICE_REVOKE,
+    GATEWAY_JOIN,
+    GATEWAY_LEAVE,
+    GENESIS,
+    LINEAGE,
+    MAX_GATEWAYS,
+    UPDATES,
+    reply_signed_bytes,
+)
+from .state import MemoryState, State
+from .vertex import Vertex
+
+
+class KindRules:
+    """One kind's steps after its body schema. Subclasses override the steps that matter to them."""
+
+    name: ClassVar[str]
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        pass
+
+    def check_proofs(self, vertex: Vertex) -> None:
+        pass
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        pass
+
+
+class Genesis(KindRules):
+    """The root: names the DAG and the first gateways allowed to write to it.
+
+    Its creator is the operator's root key, which alone signs later
+    membership changes (a single self-run gateway may be its own root). It
+    has seq 0 and no parents.
+    """
+
+    name = GENESIS
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        if state.initialized:
+            raise AlreadyInitialized("the ledger has a genesis vertex already")
+        if vertex.seq != 0:
+            raise BadSequence(f"genesis must have seq 0, has {vertex.seq}")
+        if vertex.parents:
+            raise InvalidVertex("genesis must have no parents")
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        state.add_gateways(vertex, list(vertex.body["gateways"]))
+
+
+class GatewayJoin(KindRules):
+    """The operator admits a gateway; signed by the root key."""
+
+    name = GATEWAY_JOIN
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        if vertex.creator != state.root:
+            raise NotRoot(f"{vertex.creator_id} is not the root key that signed genesis")
+        gateway = vertex.body["gateway"]
+        if state.is_gateway(gateway) or state.departure_of(gateway) is not None:
+            raise MembershipError(f"gateway {identity_id(gateway)} was a member already")
+        if state.member_count_ever() >= MAX_GATEWAYS:
+            raise MembershipError(f"a ledger has at most {MAX_GATEWAYS} gateways over its life")
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        state.add_gateways(vertex, [vertex.body["gateway"]])
+
+
+class GatewayLeave(KindRules):
+    """The operator retires a gateway; signed by the root key.
+
+    The gateway's vertices that descend from this one are refused; ones
+    written concurrently (it had not heard yet) are kept.
+    """
+
+    name = GATEWAY_LEAVE
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        if vertex.creator != state.root:
+            raise NotRoot(f"{vertex.creator_id} is not the root key that signed genesis")
+        if not state.is_gateway(vertex.body["gateway"]):
+            raise MembershipError(f"gateway {identity_id(vertex.body['gateway'])} is not a member")
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        state.remove_gateway(vertex, vertex.body["gateway"])
+
+
+class DeviceEnroll(KindRules):
+    """A gateway admitted a device under a policy.
+
+    A device is enrolled once; enrolling it again is refused, and so is
+    enrolling a revoked one.
+    """
+
+    name = DEVICE_ENROLL
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        device = vertex.body["device"]
+        revocation = state.revocation_of(device)
+        if revocation is not None and state.precedes(revocation, vertex):
+            raise DeviceRevoked(f"device {identity_id(device)} was revoked; re-admission needs a new key")
+        enrollment = state.enrollment_of(device)
+        if enrollment is not None and state.precedes(enrollment, vertex):
+            raise AlreadyEnrolled(f"device {identity_id(device)} is enrolled already")
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        body = vertex.body
+        state.add_device(vertex, body["device"], body["name"], body["policy"])
+
+
+class DeviceRevoke(KindRules):
+    """A gateway revoked an enrolled device's key, saying why.
+
+    The device must be enrolled and not revoked already. From then on no
+    updates vertex may record it and it cannot enroll again.
+    """
+
+    name = DEVICE_REVOKE
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        device = vertex.body["device"]
+        if state.enrollment_of(device) is None:
+            raise UnknownDevice(f"device {identity_id(device)} is not enrolled, so it cannot be revoked")
+        revocation = state.revocation_of(device)
+        if revocation is not None and state.precedes(revocation, vertex):
+            raise AlreadyRevoked(f"device {identity_id(device)} is revoked already")
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        state.add_revocation(vertex, vertex.body["device"], vertex.body["reason"])
+
+
+class Updates(KindRules):
+    """A batch of update replies the creating gateway accepted in one round.
+
+    Each device signature is re-checkable from the record alone
+    (`ledger.kinds.reply_signed_bytes`). The gateway named must be the
+    creator, so no gateway can re-record replies that devices addressed to
+    another. Every device must be active (enrolled, not revoked).
+    """
+
+    name = UPDATES
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        body = vertex.body
+        if body["gateway"] != vertex.creator_id:
+            raise WrongGateway(
+                f"records replies to gateway {body['gateway']!r}, but was created by {vertex.creator_id!r}"
+            )
+        for i, (device, digest, _, _) in enumerate(body["records"]):
+            if state.enrollment_of(device) is None:
+                raise UnknownDevice(f"record {i}: device {identity_id(device)} is not enrolled")
+            revocation = state.revocation_of(device)
+            if revocation is not None and state.precedes(revocation, vertex):
+                raise DeviceRevoked(f"record {i}: device {identity_id(device)} was revoked")
+            recorded = state.record_of(device, digest)
+            if recorded is not None and state.precedes(recorded, vertex):
+                raise DuplicateUpdate(
+                    f"record {i}: device {identity_id(device)}'s update {digest.hex()} is recorded already"
+                )
+
+    def check_proofs(self, vertex: Vertex) -> None:
+        body = vertex.body
+        for i, (device, digest, examples, signature) in enumerate(body["records"]):
+            message = reply_signed_bytes(
+                device, body["gateway"], body["round"], body["task"], body["base"], digest, examples
+            )
+            try:
+                verify(device, message, signature)
+            except BadSignature as exc:
+                raise BadDeviceSignature(
+                    f"record {i}: device {identity_id(device)}'s signature does not verify"
+                ) from exc
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        state.add_updates(vertex, [(record[0], record[1]) for record in vertex.body["records"]])
+
+
+class Aggregate(KindRules):
+    """A round's new model, traced to its inputs: every input must be an update some updates vertex recorded."""
+
+    name = AGGREGATE
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        missing = [d for d in vertex.body["inputs"] if not state.has_update(d)]
+        if missing:
+            raise UnknownInput(f"{len(missing)} input(s) are not recorded updates, first {missing[0].hex()}")
+
+
+class Checkpoint(KindRules):
+    """A gateway's commitment to the state of its causal past.
+
+    Every receiver recomputes the count and the snapshot digest from its own
+    copy of the past and refuses a mismatch, so a final checkpoint is a state
+    all gateways agreed on; a new gateway can start from it (`Ledger.bootstrap`).
+    """
+
+    name = CHECKPOINT
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        if "snapshot" in vertex.__dict__:  # its writer just built it from this past (never set by decoding)
+            return
+        past = state.past_of(vertex)
+        if past is None:  # this store starts from a checkpoint: gateways with the history check it
+            return
+        if len(past) != vertex.body["count"]:
+            raise BadCheckpoint(f"names {vertex.body['count']} vertices in its past, there are {len(past)}")
+        checked = snapshot_of(past)
+        if snapshot.digest_of(checked) != vertex.body["state"]:
+            raise BadCheckpoint("its state digest is not the state of its past")
+        vertex.__dict__["snapshot"] = checked  # checked: kept by the store for gateways that bootstrap
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        kept = vertex.__dict__.get("snapshot")
+        keep = getattr(state, "keep_snapshot", None)
+        if kept is not None and keep is not None:
+            keep(vertex, kept)
+
+
+class Lineage(KindRules):
+    """Where a model lineage starts: the first model of a chain of aggregates.
+
+    Only the schema is checked: the creator must be a member gateway like any
+    writer, and nothing here can check a model digest (the bytes are at the
+    gateway). It adds nothing to the derived state (`derived_state`): a
+    checkpoint's snapshot lists it as a vertex like any other and holds
+    nothing more of it, so the snapshot format is unchanged and checkpoints
+    written before this kind existed stay valid. An audit reads these
+    vertices straight from the store (`Ledger.vertices_of`).
+    """
+
+    name = LINEAGE
+
+
+RULES: dict[str, KindRules] = {
+    rules.name: rules
+    for rules in (Genesis(), GatewayJoin(), GatewayLeave(), DeviceEnroll(), DeviceRevoke(), Updates(),
+                  Aggregate(), Checkpoint(), Lineage())
+}
+
+
+def apply(vertex: Vertex, state: State) -> None:
+    """Record an admitted vertex and its kind's effects in `state`."""
+    state.add_vertex(vertex)
+    RULES[vertex.kind].apply(vertex, state)
+
+
+def snapshot_of(past: Iterable[Vertex]) -> bytes:
+    """The snapshot of a causal past given as its vertices in canonical order (each admitted once already)."""
+    state, order = MemoryState(), list(past)
+    for vertex in order:
+        apply(vertex, state)
+    return snapshot.encode(state, order)
