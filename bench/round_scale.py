@@ -9,7 +9,9 @@ the last reply's receipt to the new model release arriving on the broker;
 peak_rss_mb is the gateway process's peak resident memory (VmHWM), the
 largest over the strategies.
 
-Prints {"devices", "params", "close_s": {strategy: s}, "peak_rss_mb", "peak_rss_mb_by_strategy"}.
+Prints {"devices", "params", "close_s": {strategy: s}, "peak_rss_mb", "peak_rss_mb_by_strategy",
+"score_s": {strategy: s}} (score_s: the gateway's own `round.scored` time for every update's contribution
+score, computed after the release, so not in close_s).
 Goal (issue 3): FedAvg <= 2 s, peak RSS <= 1.5 GB.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -41,7 +44,10 @@ def vm_hwm_mb(pid: int) -> float:
     return 0.0
 
 
-def one_round(strategy: str, devices: int, params: int, timeout: float) -> tuple[float, float]:
+SCORED = re.compile(r"round\.scored round=\d+ updates=\d+ inputs=\d+ rule=\w+ seconds=([0-9.]+)")
+
+
+def one_round(strategy: str, devices: int, params: int, timeout: float) -> tuple[float, float, float | None]:
     shapes = {"w": (params // 100, 100)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -63,12 +69,13 @@ def one_round(strategy: str, devices: int, params: int, timeout: float) -> tuple
                     load.drain(0.1)
                 peak = max(peak, vm_hwm_mb(gateway.pid))
                 finished_gateway(gateway, tmp, timeout)
+                scored = SCORED.search((tmp / "gateway.log").read_text())
             finally:
                 load.close()
                 if gateway.poll() is None:
                     gateway.kill()
             released = load.timeline.releases[-1][0] if len(load.timeline.releases) > releases_before else float("nan")
-            return released - load.timeline.last_receipt, peak
+            return released - load.timeline.last_receipt, peak, float(scored.group(1)) if scored else None
 
 
 def main() -> int:
@@ -78,14 +85,15 @@ def main() -> int:
     parser.add_argument("--strategies", default="FedAvg,FedMedian,FedTrimmedAvg,Krum")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
-    close_s, peaks = {}, {}
+    close_s, peaks, score_s = {}, {}, {}
     for strategy in args.strategies.split(","):
         print(f"{strategy}: {args.devices} devices, {args.params} parameters", file=sys.stderr, flush=True)
-        seconds, peak = one_round(strategy, args.devices, args.params, args.timeout)
-        close_s[strategy], peaks[strategy] = round(seconds, 3), round(peak, 1)
-        print(f"  close {seconds:.2f} s, peak RSS {peak:.0f} MB", file=sys.stderr, flush=True)
+        seconds, peak, scoring = one_round(strategy, args.devices, args.params, args.timeout)
+        close_s[strategy], peaks[strategy], score_s[strategy] = round(seconds, 3), round(peak, 1), scoring
+        print(f"  close {seconds:.2f} s, contribution scores {scoring} s (after the release), peak RSS {peak:.0f} MB",
+              file=sys.stderr, flush=True)
     print(json.dumps({"devices": args.devices, "params": args.params, "close_s": close_s,
-                      "peak_rss_mb": max(peaks.values()), "peak_rss_mb_by_strategy": peaks}))
+                      "peak_rss_mb": max(peaks.values()), "peak_rss_mb_by_strategy": peaks, "score_s": score_s}))
     return 0
 
 

@@ -201,7 +201,11 @@ class RoundEngine:
                                          exchanges)
         if release is not None:
             self._board.set_lineage(release)
-            self._keeper.record_contributions(round_, release.digest, shaped.scores)
+            started = time.monotonic()  # the model is out: now the costly part, each update's share of it
+            scores = shaped.scores()
+            self._keeper.record_contributions(round_, release.digest, scores)
+            event(log, "round.scored", round=round_, updates=len(scores), inputs=len(shaped.inputs),
+                  rule=shaped.kind, seconds=round(time.monotonic() - started, 3))
 
     def evaluate_round(self, round_: int) -> None:
         head = self._releases.head

@@ -81,11 +81,32 @@ class Source:
 
 @dataclass(frozen=True)
 class Provenance:
-    """What shaped one round's model."""
+    """What shaped one round's model: the rule's kind and the inputs it took, with their effective weights.
+
+    `scores()` is the costly part (a dot product per accepted update): the gateway calls it once the
+    round's model is out, off the round's critical path."""
 
     kind: str  # WEIGHTED, SELECTED or COORDINATE
     inputs: tuple[tuple[bytes, float | None], ...]  # (update digest, effective weight); None for coordinate rules
-    scores: tuple[tuple[bytes, bytes, float], ...]  # (device key, update digest, contribution), every accepted update
+    _replies: tuple[Source, ...]
+    _weights: dict[int, float]  # id(content) -> the weight its update had in the rule (0: left out)
+    _base: dict[str, np.ndarray]
+    _output: dict[str, np.ndarray]
+
+    def scores(self) -> tuple[tuple[bytes, bytes, float], ...]:
+        """(device key, update digest, contribution) for every accepted update of the round."""
+        round_delta = {k: np.asarray(self._output[k], np.float32) - self._base[k] for k in self._base}
+        norm = sum(float(np.vdot(d, d)) for d in round_delta.values())
+        scores = []
+        for reply in self._replies:
+            weight = self._weights.get(id(reply.content), 0.0)
+            if weight == 0.0 or norm == 0.0:
+                scores.append((reply.device, reply.digest, 0.0))
+                continue
+            delta = reply.delta()
+            dot = sum(float(np.vdot(delta[k], round_delta[k])) for k in self._base)
+            scores.append((reply.device, reply.digest, weight * dot / norm))
+        return tuple(scores)
 
 
 def provenance(kind: str, replies: list[Source], selected: list[Any] | None, weight_key: str,
@@ -105,15 +126,4 @@ def provenance(kind: str, replies: list[Source], selected: list[Any] | None, wei
         weights = {key: value / total for key, value in raw.items()}
         for digest, content in chosen:
             inputs[digest] = (inputs.get(digest) or 0.0) + weights[id(content)]
-    round_delta = {k: np.asarray(output[k], np.float32) - base[k] for k in base}
-    norm = sum(float(np.vdot(d, d)) for d in round_delta.values())
-    scores = []
-    for reply in replies:
-        weight = weights.get(id(reply.content), 0.0)
-        if weight == 0.0 or norm == 0.0:
-            scores.append((reply.device, reply.digest, 0.0))
-            continue
-        delta = reply.delta()
-        dot = sum(float(np.vdot(delta[k], round_delta[k])) for k in base)
-        scores.append((reply.device, reply.digest, weight * dot / norm))
-    return Provenance(kind, tuple(inputs.items()), tuple(scores))
+    return Provenance(kind, tuple(inputs.items()), tuple(replies), weights, base, output)

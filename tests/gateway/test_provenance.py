@@ -41,7 +41,7 @@ def run(name: str, params: dict, deltas, examples):
     arrays, _ = strategy.aggregate_train(1, [m for _, m in sent])
     output = {k: v.numpy() for k, v in arrays.items()}
     shaped = provenance(rule_kind(strategy), [s for s, _ in sent], recorder.take(), NUM_EXAMPLES, BASE, output)
-    return shaped, {u: s for _, u, s in shaped.scores}
+    return shaped, {u: s for _, u, s in shaped.scores()}
 
 
 def test_fedavg_names_every_update_with_its_share_and_the_scores_sum_to_one():
@@ -86,7 +86,7 @@ def test_byte_identical_updates_are_one_input_with_their_weights_summed():
     arrays, _ = strategy.aggregate_train(1, [m for _, m in sent])
     shaped = provenance(WEIGHTED, sources, recorder.take(), NUM_EXAMPLES, BASE, {k: v.numpy() for k, v in arrays.items()})
     assert dict(shaped.inputs)[same] == pytest.approx(2 / 3)
-    assert [device for device, _, _ in shaped.scores] == [s.device for s, _ in sent]  # each device keeps its own
+    assert [device for device, _, _ in shaped.scores()] == [s.device for s, _ in sent]  # each device keeps its own
 
 
 def test_the_recorder_is_only_given_to_a_strategy_that_takes_the_hook():
