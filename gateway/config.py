@@ -30,7 +30,9 @@
     [strategy]
     name = "FedAvg"                       # a class in flwr.serverapp.strategy, or module:Class
     params = { min_available_nodes = 5 }  # its constructor arguments
-    # [strategy.dp] wrapper = "...", params = {...}: a Flower DP wrapper (see strategies.py)
+    # [strategy.dp] wrapper = "...", params = {...}: a Flower DP wrapper (see strategies.py); with
+    #   noise_multiplier > 0 its privacy cost is accounted: target_delta = 1e-5, population_size,
+    #   max_epsilon, accounting = true (gateway/privacy.py); that needs weights = "uniform" below
 
     [rounds]
     # num_rounds = 100                    # the lineage's last round; absent: rounds go on until stopped
@@ -112,9 +114,16 @@ class GatewayConfig:
     allowlist: tuple[bytes, ...] = ()
     operator_keys: tuple[bytes, ...] = ()  # who may sign vouchers
 
-    def make_strategy(self, selection_recorder=None):
-        """Instantiate the configured Flower strategy; a bad name or parameter is a ConfigError."""
-        return make_strategy(self.strategy, self.strategy_params, self.strategy_dp, selection_recorder, self.defense)
+    def make_strategy(self, selection_recorder=None, population=None):
+        """Instantiate the configured Flower strategy; a bad name or parameter is a ConfigError.
+        `population()`: the devices enrolled now (what the privacy accountant reports as its population)."""
+        strategy = make_strategy(self.strategy, self.strategy_params, self.strategy_dp, selection_recorder,
+                                 self.defense, population)
+        if self.strategy_dp:
+            from .privacy import check_gateway
+
+            check_gateway(self.strategy_dp, self.weights.rule, self.min_devices)
+        return strategy
 
 
 def _positive(name: str, value: float) -> float:

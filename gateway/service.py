@@ -60,6 +60,7 @@ from .lineage import ADOPTED, Lineage, model_family
 from .mcu import McuExporter
 from .models import KEEP_RETAINED, ModelPublisher
 from .outbox import Outbox
+from .privacy import report as privacy_report
 from .provenance import SelectionRecorder
 from .releases import Releases
 from .rounds import RoundBook
@@ -159,6 +160,7 @@ class Gateway:
         self.book: RoundBook | None = None
         self.enrollment: Enrollment | None = None
         self.keeper: LedgerKeeper | None = None
+        self.strategy: Any = None  # the configured Flower strategy, once built
         self._ingest: IngestWorkers | None = None
 
     @property
@@ -216,7 +218,8 @@ class Gateway:
             self.id, cfg.name, cfg.num_rounds, connection.publish, registry, book, journal.history,
             meter=lambda: (connection.bytes_in + (self._ingest.bytes_in if self._ingest else 0), connection.bytes_out),
             ledger_status=lambda: self.keeper.status() if self.keeper is not None else None,
-            enroll_rejections=lambda: dict(self.enrollment.rejections), weights=cfg.weights)
+            enroll_rejections=lambda: dict(self.enrollment.rejections), weights=cfg.weights,
+            privacy=lambda: privacy_report(self.strategy))
         intake = ReplyIntake(authenticator, book, outbox, board.note)
         if interrupted is not None:
             event(log, "gateway.resume", round=interrupted.round, accepted=len(interrupted.replies),
@@ -270,7 +273,9 @@ class Gateway:
         train = {EPOCHS: cfg.epochs, BATCH_SIZE: cfg.batch_size, LR: cfg.lr}
         release_config = {"strategy": cfg.strategy, "params": cfg.strategy_params, "dp": cfg.strategy_dp}
         recorder = SelectionRecorder()  # the strategy tells it which replies it aggregated (provenance.py)
-        return RoundEngine(cfg.make_strategy(recorder), cfg.strategy, grid, book, releases, self.keeper,
+        # (a DP run's privacy accountant reports the devices enrolled here as its population: privacy.py)
+        self.strategy = cfg.make_strategy(recorder, population=lambda: self.registry.counts()[0])
+        return RoundEngine(self.strategy, cfg.strategy, grid, book, releases, self.keeper,
                            journal.exchanges, self.board, self.registry, schedule, train, release_config,
                            self.initial_weights, beginning, stop, recorder)
 
@@ -379,6 +384,7 @@ class Gateway:
             "rejections": self.book.rejections,
             "duplicates": self.book.duplicates,  # honest re-sends of accepted replies: not rejections
             "enroll_rejections": dict(self.enrollment.rejections),
+            "privacy": privacy_report(self.strategy),  # a DP run's privacy spent (gateway/privacy.py), or None
             "ledger": {"path": str(self.ledger_path), "height": height},
             "model": {"digest": head.digest.hex() if head else None,
                       "version": head.version if head else None,

@@ -54,11 +54,14 @@ class StatusBoard:
     def __init__(self, gateway_id: str, name: str, num_rounds: int | None, publish: Callable[..., object],
                  registry: DeviceRegistry, book: RoundBook, history: RoundHistory,
                  meter: Callable[[], tuple[int, int]], ledger_status: Callable[[], dict[str, Any] | None],
-                 enroll_rejections: Callable[[], dict[str, int]], weights: WeightRule = WeightRule()) -> None:
+                 enroll_rejections: Callable[[], dict[str, int]], weights: WeightRule = WeightRule(),
+                 privacy: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
         """`meter()`: (bytes received from devices, bytes sent to them) so far; `ledger_status()`: height,
         finality and peers (None before the ledger opened); `weights`: how the evaluation averages weigh
-        each device (the rule the strategy's replies are weighed by)."""
+        each device (the rule the strategy's replies are weighed by); `privacy()`: a DP run's privacy spent
+        (gateway/privacy.py), None when nothing is accounted."""
         self._weights = weights
+        self._privacy = privacy
         self.gateway_id = gateway_id
         self.name = name
         self.num_rounds = num_rounds
@@ -203,6 +206,7 @@ class StatusBoard:
             "duplicates": self._book.duplicates,  # honest re-sends of accepted replies: not rejections
             "enroll_rejections": self._enroll_rejections(),
             "ledger": self._ledger_status(),
+            "privacy": self._privacy(),
             "history": history,
             "revoked": {"count": len(revoked), "devices": revoked[:MAX_STATUS_REVOKED]},
             "time": time.time(),

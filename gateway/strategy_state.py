@@ -6,22 +6,30 @@ lineage keeps). These do, and lose it on a restart unless it is saved:
     FedAdam, FedYogi, FedAdagrad (FedOpt)   first and second moments `m_t`, `v_t`
     FedAvgM                                 the server momentum `momentum_vector`
     the adaptive-clipping DP wrappers       the clipping norm they adapt each round
+    a DP wrapper's privacy accountant       what the run has spent (`accountant`, gateway/privacy.py)
 
 A user's strategy names its own state in a class attribute,
 `starling_state = ("attribute", ...)`. The DP wrappers' inner strategy is
 walked too (`strategy.strategy`). What is saved: None, numbers, numpy arrays,
-and dicts or lists of arrays, as one `.npz` blob (no pickle). Not saved: the
-fixed-clipping wrappers' privacy accountant (the README says so).
+and dicts or lists of arrays, as one `.npz` blob (no pickle); an `accountant`
+attribute with `state_dict()` / `load_state_dict()` (Flower's PrivacyAccountant
+protocol) as the JSON of its `state_dict()` in the same blob.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import logging
 from typing import Any
 
 import numpy as np
 
+from protocol.logs import event
+
+log = logging.getLogger("starling.gateway.strategy_state")
 MAX_DEPTH = 4  # wrappers within wrappers
+ACCOUNTANT = "accountant"
 
 
 def _declared(strategy: Any) -> tuple[str, ...]:
@@ -37,6 +45,14 @@ def _declared(strategy: Any) -> tuple[str, ...]:
     if isinstance(strategy, DifferentialPrivacyAdaptiveBase):
         names += ("clipping_norm",)
     return names
+
+
+def _accountant(strategy: Any) -> Any:
+    """The strategy's privacy accountant, if it has one that can say and take its state."""
+    accountant = getattr(strategy, ACCOUNTANT, None)
+    if callable(getattr(accountant, "state_dict", None)) and callable(getattr(accountant, "load_state_dict", None)):
+        return accountant
+    return None
 
 
 def _strategies(strategy: Any) -> list[tuple[str, Any]]:
@@ -74,6 +90,9 @@ def capture(strategy: Any) -> bytes | None:
     for path, inner in _strategies(strategy):
         for name in _declared(inner):
             _flatten(path + name, getattr(inner, name, None), flat)
+        accountant = _accountant(inner)
+        if accountant is not None:
+            flat[f"{path}{ACCOUNTANT}|json"] = np.array(json.dumps(accountant.state_dict(), sort_keys=True))
     if not flat:
         return None
     buffer = io.BytesIO()
@@ -108,4 +127,14 @@ def restore(strategy: Any, data: bytes) -> list[str]:
                 continue
             setattr(inner, name, value)
             restored.append(key)
+    for path, inner in _strategies(strategy):  # last: a record it cannot take leaves the rest restored
+        accountant, key = _accountant(inner), f"{path}{ACCOUNTANT}|json"
+        if accountant is None or key not in flat:
+            continue
+        try:
+            accountant.load_state_dict(json.loads(str(flat[key])))
+        except (ValueError, TypeError, KeyError) as exc:  # (json.JSONDecodeError is a ValueError)
+            event(log, "privacy.state_not_restored", logging.WARNING, reason=str(exc))
+            continue
+        restored.append(path + ACCOUNTANT)
     return restored

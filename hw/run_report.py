@@ -208,6 +208,8 @@ def build_report(scenario: Scenario, workdir: Path, started: float, broker_kind:
             "duplicates": result.get("duplicates", 0),  # honest re-sends of accepted replies, acknowledged again
             "enroll_rejections": result.get("enroll_rejections", {}),
             "model": result.get("model", {}),
+            # a DP run's privacy spent: epsilon, delta, rounds, noise_multiplier, method (gateway/privacy.py)
+            "privacy": result.get("privacy"),
             "ledger": ledger_section(g, result, monitor, verify_store),
             "lineage": lineage_section(g, result, started, faults or []),
         }

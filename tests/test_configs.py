@@ -135,7 +135,10 @@ def test_a_missing_required_strategy_parameter_is_named():
 def test_a_dp_wrapper_is_built_around_the_strategy():
     dp = {"wrapper": "DifferentialPrivacyClientSideFixedClipping",
           "params": {"noise_multiplier": 0.1, "clipping_norm": 1.0, "num_sampled_clients": 5}}
-    strategy = parse_gateway(with_(GOOD_GATEWAY, "strategy", "dp", dp)).make_strategy()
+    # A privacy cost is accounted (noise > 0): that needs uniform weights and enough devices per round.
+    doc = {**with_(GOOD_GATEWAY, "strategy", "dp", dp), "aggregation": {"weights": "uniform"},
+           "rounds": {**GOOD_GATEWAY.get("rounds", {}), "min_devices": 5}}
+    strategy = parse_gateway(doc).make_strategy()
     assert type(strategy).__name__ == "DifferentialPrivacyClientSideFixedClipping"
     assert type(strategy.strategy).__name__ == "FedAvg"
 
