@@ -9,10 +9,17 @@ device's signed enrollment request under the configured policy:
     allowlist  the device's key is on the configured allow-list
     open       anyone (the emulator only)
 
-An admitted device gets a `device.enroll` vertex on the ledger and a signed
-receipt; a refused one is counted by reason (`no_voucher`, `bad_voucher`,
-`not_allowed`, `revoked`, or a decoding reason) and, if its signature
-verified, gets a signed negative receipt.
+An admitted device gets a `device.enroll` vertex on the ledger, carrying the
+evidence it was admitted on (the voucher under "voucher", else b""), and a
+signed receipt; a refused one is counted by reason (`no_voucher`,
+`bad_voucher`, `not_allowed`, `revoked`, or a decoding reason) and, if its
+signature verified, gets a signed negative receipt.
+
+A device another gateway enrolled is admitted here only if this gateway's
+policy accepts that enrollment's evidence (`gateway.ledger_keeper`); one
+refused that way (its replies get `unknown_device`) enrolls here like a new
+device, presenting its voucher, and this gateway then writes its own
+`device.enroll` vertex.
 """
 
 from __future__ import annotations
@@ -128,8 +135,8 @@ class Enrollment:
     """A device's signed enrollment request, decided under the configured policy."""
 
     def __init__(self, gateway_id: str, policy: str, allowlist: tuple[bytes, ...], operator_keys: tuple[bytes, ...],
-                 registry: DeviceRegistry, outbox: Outbox, write: Callable[[bytes, str, str], object]) -> None:
-        """`write(key, name, policy)` puts the `device.enroll` vertex on the ledger."""
+                 registry: DeviceRegistry, outbox: Outbox, write: Callable[[bytes, str, str, bytes], object]) -> None:
+        """`write(key, name, policy, evidence)` puts the `device.enroll` vertex on the ledger."""
         self._gateway_id = gateway_id
         self._policy = policy
         self._allowlist = allowlist
@@ -176,8 +183,10 @@ class Enrollment:
             except ProtocolError as exc:
                 return refuse(exc.reason, exc.detail, env)
         if not self._registry.is_enrolled(key):
-            self._write(key, request.name, self._policy)
+            evidence = request.voucher if self._policy == "voucher" else b""  # an allow-list entry is the key
+            self._write(key, request.name, self._policy, evidence)
             self._registry.admit(key, request.name)
             self._registry.set_online(device, True)  # it is connected: it just sent this request
             event(log, "enroll.accepted", device=device, name=request.name, policy=self._policy)
         self._outbox.enroll_receipt(device, True, "")
+

@@ -1,16 +1,38 @@
 """The gateway's ledger: opened, joined to the city's gossip, read and written.
 
-    keeper = LedgerKeeper(path, identity, genesis, gossip)   # opens; gossip starts; membership checked
-    keeper.sync(registry)          # enrollments and revocations made elsewhere reach the device registry
-    keeper.record_updates(...)     # a round's accepted updates: one `updates` vertex
-    keeper.record_lineage(...)     # where a model lineage starts
-    keeper.record_aggregate(...)   # a round's new model: base -> output, from its inputs
+    keeper = LedgerKeeper(path, identity, ..., policy=, allowlist=, operator_keys=)
+                                       # opens; gossip starts; membership checked
+    keeper.sync(registry)              # enrollments this gateway's policy accepts, and revocations, made
+                                       # elsewhere reach the device registry
+    keeper.enroll(...)                 # a device this gateway admitted, with its evidence
+    keeper.record_updates(...)         # a round's accepted updates: one `updates` vertex
+    keeper.record_lineage(...)         # where a model lineage starts
+    keeper.record_aggregate(...)       # a round's new model: base -> output, its rule and weighted inputs
+    keeper.record_contributions(...)   # each accepted update's contribution score to that model
     keeper.close()
 
 What reaches the ledger from elsewhere (an operator's `starling-ledger enroll`
 or `revoke` in another process, another gateway by gossip) is taken in by
 `sync`, which the gateway's worker thread calls every second. `Ledger` is
 thread-safe, so the round engine writes its records from its own thread.
+
+Every gateway applies its own enrollment policy to the enrollments it learns
+from the ledger (`sync`): a device enrolled on the ledger is admitted here
+when
+
+    open       always
+    allowlist  its key is on this gateway's allow-list
+    voucher    one of its enrollments (by any gateway) carries a voucher that
+               checks against this gateway's operator keys, for the device and
+               this gateway, at that enrollment vertex's time
+
+and under every policy when this gateway enrolled it itself (a device it
+admitted, or the operator's `starling-ledger enroll` with this gateway's
+key). A device refused here is not in the registry, so its replies are
+refused as `unknown_device`; it can enroll here with its voucher
+(`gateway.devices.Enrollment`), and this gateway writes its own enrollment.
+Revocations are honoured whoever wrote them. Only enrollments new since the
+last look are re-read (`Ledger.enrolled_since`).
 """
 
 from __future__ import annotations
@@ -19,12 +41,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ledger.errors import DuplicateUpdate, LedgerError
+from ledger.errors import AlreadyEnrolled, DuplicateUpdate, LedgerError, UnknownInput
+from ledger.kinds import MAX_RECORDS
 from ledger.store import Ledger
 from ledger.vertex import Vertex
+from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id
 from protocol.logs import event
 from protocol.transport import BrokerAuth
+from protocol.vouchers import Voucher
 
 from .devices import DeviceRegistry
 from .journal import Exchanges
@@ -38,13 +63,22 @@ log = logging.getLogger("starling.gateway.ledger")
 
 class LedgerKeeper:
     def __init__(self, path: Path, identity: Identity, name: str, genesis: Path | None, gossip: bool,
-                 broker: tuple[str, int, BrokerAuth], bootstrap_s: float, checkpoint_every: int) -> None:
+                 broker: tuple[str, int, BrokerAuth], bootstrap_s: float, checkpoint_every: int, *,
+                 policy: str = "open", allowlist: tuple[bytes, ...] = (),
+                 operator_keys: tuple[bytes, ...] = ()) -> None:
         """Open (or create) the ledger and, with `gossip`, start sharing it; raise if this gateway is not a
-        member. `genesis`: the city's genesis vertex file; None roots a ledger of this gateway's own."""
+        member. `genesis`: the city's genesis vertex file; None roots a ledger of this gateway's own.
+        `policy`, `allowlist`, `operator_keys`: the gateway's `[enrollment]` config, applied to the
+        enrollments `sync` finds on the ledger."""
         self.path = path
         self._identity = identity
         self._checkpoint_every = checkpoint_every
+        self._policy = policy
+        self._allowlist = frozenset(allowlist)
+        self._operator_keys = tuple(operator_keys)
         self._writes = -1
+        self._enroll_mark = -1  # `Ledger.enrolled_since`: enrollments up to here have been looked at
+        self._refused: set[bytes] = set()  # ledger-enrolled devices this policy did not admit (so far)
         self.sync_link: LedgerSync | None = None
         self.ledger = Ledger(path, identity)
         try:
@@ -78,16 +112,46 @@ class LedgerKeeper:
     # --- what others wrote ---------------------------------------------------------------
 
     def sync(self, registry: DeviceRegistry, quiet: bool = False) -> None:
-        """Admit devices enrolled elsewhere and drop the ones revoked (cheap when nothing changed)."""
+        """Admit the devices enrolled elsewhere that this gateway's policy accepts, and drop the ones revoked
+        (cheap when nothing changed: a device refused once is looked at again only when it gets a new
+        enrollment)."""
         if not self.ledger.changed_elsewhere() and self.ledger.writes == self._writes:
             return
         self._writes = self.ledger.writes
+        fresh, self._enroll_mark = self.ledger.enrolled_since(self._enroll_mark)
+        news = set(fresh)
         for key, name in self.ledger.enrolled_devices().items():
+            if registry.is_enrolled(key) or (key in self._refused and key not in news):
+                continue
+            if not self.admits(key):
+                if key not in self._refused and not quiet:
+                    event(log, "device.not_admitted", device=identity_id(key), policy=self._policy,
+                          reason="enrolled elsewhere without evidence this policy accepts")
+                self._refused.add(key)
+                continue
+            self._refused.discard(key)
             if registry.admit(key, name) and not quiet:
                 event(log, "device.enrolled", device=identity_id(key), name=name, by="ledger")
         for key, reason in self.ledger.revoked_devices().items():
+            self._refused.discard(key)
             if registry.revoke(key):
                 event(log, "device.revoked", device=identity_id(key), reason=reason)
+
+    def admits(self, key: bytes) -> bool:
+        """True if this gateway's policy admits a device enrolled on the ledger (the module docstring)."""
+        if self._policy == "open" or (self._policy == "allowlist" and key in self._allowlist):
+            return True
+        for record in self.ledger.enrollments(key):
+            if record.creator == self._identity.id:
+                return True
+            if self._policy == "voucher" and record.policy == "voucher" and record.evidence:
+                try:
+                    Voucher.decode(record.evidence).check(self._operator_keys, key, self._identity.id,
+                                                          now=record.time)
+                    return True
+                except ProtocolError:
+                    continue
+        return False
 
     def maybe_checkpoint(self) -> None:
         """Commit to the ledger's state every `checkpoint_every` vertices (new gateways start from it)."""
@@ -115,8 +179,13 @@ class LedgerKeeper:
 
     # --- what this gateway writes ------------------------------------------------------------
 
-    def enroll(self, key: bytes, name: str, policy: str) -> None:
-        self.ledger.enroll_device(key, name, policy)
+    def enroll(self, key: bytes, name: str, policy: str, evidence: bytes = b"") -> None:
+        """Record that this gateway admitted a device under `policy`, on `evidence` (the voucher under
+        "voucher", else b""). Once per gateway: a device it enrolled before keeps that enrollment."""
+        try:
+            self.ledger.enroll_device(key, name, policy, evidence)
+        except AlreadyEnrolled:  # enrolled here before the checkpoint this store started from: on record
+            event(log, "device.enrolled_before", device=identity_id(key))
 
     def record_updates(self, traffic: RoundTraffic, exchanges: Exchanges) -> list[bytes]:
         """Write a round's accepted updates as one `updates` vertex; return the recorded digests, each once
@@ -157,8 +226,30 @@ class LedgerKeeper:
 
     def record_aggregate(self, release: Release, strategy: str, rule: str,
                          inputs: list[tuple[bytes, float | None]]) -> None:
-        self.ledger.record_aggregate(release.round, strategy, release.parent, [d for d, _ in inputs], release.digest)
+        """A release's `aggregate` vertex: with the rule and each input's effective weight when the lineage
+        row has them (`rule`), else the first form (digests only: a row journaled before rules were)."""
+        if rule:
+            self.ledger.record_aggregate(release.round, strategy, release.parent, list(inputs),
+                                         release.digest, rule=rule)
+        else:
+            self.ledger.record_aggregate(release.round, strategy, release.parent, [d for d, _ in inputs],
+                                         release.digest)
 
     def record_contributions(self, round_: int, model: bytes, scores: tuple[tuple[bytes, bytes, float], ...]) -> None:
-        """Each accepted update's contribution to the round's model (gateway/provenance.py). Not written yet:
-        the ledger gets its `contributions` kind with the ledger's split (work in progress)."""
+        """Each accepted update's contribution score to the round's model (gateway/provenance.py), in
+        `contributions` vertices of at most `MAX_RECORDS` scores. Only updates on record can be scored: the
+        others (the ledger refused them) are left out. A refusal is logged, never raised: the model is out."""
+        if len(scores) > MAX_RECORDS:  # several vertices: none may fail half-way, so check each score first
+            scores = tuple(s for s in scores if self.ledger.is_recorded(s[0], s[1]))
+        if not scores:
+            return
+        try:
+            try:
+                vertices = self.ledger.record_contributions(round_, model, scores)
+            except UnknownInput:  # some update is not on record: score the ones that are
+                scores = tuple(s for s in scores if self.ledger.is_recorded(s[0], s[1]))
+                vertices = self.ledger.record_contributions(round_, model, scores) if scores else []
+        except (LedgerError, ProtocolError) as exc:
+            event(log, "ledger.contributions_refused", logging.ERROR, round=round_, reason=str(exc))
+            return
+        event(log, "ledger.contributions", round=round_, scores=len(scores), vertices=len(vertices))

@@ -213,7 +213,8 @@ class Gateway:
                                      self.evaluate_metrics, lambda items: [inbox.put((t, p, None)) for t, p in items],
                                      interrupted)
         self.enrollment = Enrollment(self.id, cfg.policy, cfg.allowlist, cfg.operator_keys, registry, outbox,
-                                     lambda key, name, policy: self.keeper.enroll(key, name, policy))
+                                     lambda key, name, policy, evidence: self.keeper.enroll(key, name, policy,
+                                                                                            evidence))
         self.board = board = StatusBoard(
             self.id, cfg.name, cfg.num_rounds, connection.publish, registry, book, journal.history,
             meter=lambda: (connection.bytes_in + (self._ingest.bytes_in if self._ingest else 0), connection.bytes_out),
@@ -231,7 +232,8 @@ class Gateway:
             connection.subscribed.wait(SUBSCRIBE_WAIT_S)  # replies sent before the broker routes them to us are lost
             self.keeper = LedgerKeeper(self.ledger_path, self.identity, cfg.name, cfg.genesis, cfg.gossip,
                                        (cfg.broker_host, cfg.broker_port, cfg.broker_auth), cfg.bootstrap_s,
-                                       cfg.checkpoint_every)
+                                       cfg.checkpoint_every, policy=cfg.policy, allowlist=cfg.allowlist,
+                                       operator_keys=cfg.operator_keys)
             self.keeper.sync(registry, quiet=True)
             if cfg.ingest_workers:
                 self._ingest = IngestWorkers(cfg.ingest_workers, WorkerSettings(

@@ -2,7 +2,8 @@
 
     errors.py      why the ledger refuses something: one exception family (`LedgerError`)
     kinds.py       the kinds of vertex (genesis, gateway.join, gateway.leave, device.enroll,
-                   device.revoke, updates, aggregate, checkpoint, lineage) and each one's body schema
+                   device.revoke, updates, aggregate, checkpoint, lineage, contributions) and each one's
+                   body schema
     vertex.py      the signed, content-addressed vertex and its wire form
     state.py       what the rules read and change; an in-memory version for the verifier
     snapshot.py    the state of a checkpoint's causal past, as canonical bytes
@@ -15,9 +16,9 @@
     store.py       one gateway's SQLite store (`Ledger`): open, close, the write transaction, writes
     gossip.py      anti-entropy between gateways (transport-agnostic; gateway/ledger_sync.py runs it on MQTT)
     verify.py      offline audit of a store file (`verify_store`)
-    audit.py       audit queries: provenance, lineage, the DAG as DOT
-    cli.py         `starling-ledger verify | show | export | history | provenance | lineage | dot | init |
-                   join | leave | enroll | revoke | voucher`
+    audit.py       audit queries: provenance, lineage, contribution totals, the DAG as DOT
+    cli.py         `starling-ledger verify | show | export | history | provenance | lineage | contributions |
+                   dot | init | join | leave | enroll | revoke | voucher`
 
 Each module imports only modules listed above it, the standard library,
 `protocol` and `sqlite_utils`.

@@ -1,7 +1,10 @@
 """Audit queries over a ledger store: what `starling-ledger provenance | lineage | dot` print.
 
-    provenance(ledger, model)  the aggregates behind a model, each with its input updates and their devices
+    provenance(ledger, model)  the aggregates behind a model: each one's rule, its inputs with their weights
+                               and devices, and the round's accepted updates it left out
     lineage(ledger, model)     the releases of a model's lineage, newest first, back to where it started
+    contribution_totals(ledger, since, device)
+                               per-device sums of the contribution scores (`contributions` vertices)
     to_dot(ledger, round)      the DAG (or one round's part of it) as Graphviz DOT
 
 Each is read-only and returns plain JSON values (bytes as hex). `ledger.cli`
@@ -31,6 +34,15 @@ How the walk chooses, at each digest it reaches as the base of a release:
 - Else the walk stops at a gap. A digest that comes back (a cycle, which
   only a forged or self-contradicting ledger holds) is a gap too.
 
+What shaped a model (`provenance`): an aggregate of the current form names
+its rule ("weighted", "selected", "coordinate") and each input's effective
+weight; the first form named its inputs only (rule and weights null). The
+round's accepted updates that did not shape it are the ones its gateway
+recorded for that round and base (`updates` vertices by the aggregate's
+creator) that are not among its inputs: what a selecting rule (Krum) left
+out, or an update the ledger refused to name. An auditor sees there that a
+robust rule kept an attacker's update out of the model.
+
 A store that bootstrapped from a checkpoint holds no bytes for the vertices
 before that checkpoint, so a walk that reaches back past it ends in a gap
 there; a gateway that holds the whole history answers in full.
@@ -42,7 +54,7 @@ from typing import Any, NamedTuple
 
 from protocol.keys import identity_id
 
-from .kinds import AGGREGATE, LINEAGE
+from .kinds import AGGREGATE, CONTRIBUTIONS, LINEAGE, UPDATES, input_weights
 from .store import Ledger
 
 
@@ -54,33 +66,123 @@ class NoAnswer(Exception):
 
 
 def provenance(ledger: Ledger, model: bytes) -> dict[str, Any]:
-    """The chain of aggregates that produced `model`, each with its input updates and their devices.
+    """The chain of aggregates that produced `model`: each with its rule, its inputs (their weights, and the
+    devices whose records they are), the round's accepted updates it left out, and its contribution scores.
 
     Walks back from the aggregate whose output is `model` through the aggregate whose output
     was its base, until a base no aggregate produced (the initial model, published at genesis time).
+    Each aggregate: {"aggregate", "round", "strategy", "rule", "gateway", "base", "output", "inputs",
+    "left_out", "scores"}; an input is {"update", "weight", "records": [{"device", "updates_vertex",
+    "round"}]}; a left-out update is {"update", "device", "updates_vertex"}; a score is {"device",
+    "update", "score"} (none if the round was not scored on the ledger).
     """
     aggregates = {v.body["output"]: v for v in ledger.vertices_of(AGGREGATE)}
     if model not in aggregates:
         raise NoAnswer(f"no aggregate in {ledger.path} produced model {model.hex()}")
-    records = ledger.update_records()  # digest -> [(device key, updates vertex id, round)]
-    chain, devices, current = [], set(), model
-    while current in aggregates and len(chain) <= len(aggregates):
-        vertex = aggregates[current]
-        inputs = []
-        for digest in vertex.body["inputs"]:
+    chain_vertices, current = [], model
+    while current in aggregates and len(chain_vertices) <= len(aggregates):
+        chain_vertices.append(aggregates[current])
+        current = aggregates[current].body["base"]
+    wanted = {(v.creator_id, v.body["round"], v.body["base"]) for v in chain_vertices}
+    records, batches = _update_records(ledger, wanted)
+    scores = _scores(ledger, {(v.body["round"], v.body["output"]) for v in chain_vertices})
+    chain, devices, left_devices = [], set(), set()
+    for vertex in chain_vertices:
+        body = vertex.body
+        inputs, named = [], set()
+        for digest, weight in input_weights(body):
+            named.add(digest)
             found = records.get(digest, [])
             devices.update(identity_id(d) for d, _, _ in found)
-            inputs.append({"update": digest.hex(),
+            inputs.append({"update": digest.hex(), "weight": weight,
                            "records": [{"device": identity_id(d), "updates_vertex": u.hex(), "round": r}
                                        for d, u, r in found]})
-        chain.append({"aggregate": vertex.id_hex, "round": vertex.body["round"], "strategy": vertex.body["strategy"],
-                      "gateway": vertex.creator_id, "base": vertex.body["base"].hex(),
-                      "output": vertex.body["output"].hex(), "inputs": inputs})
-        current = vertex.body["base"]
+        left_out = []
+        for device, digest, updates_vertex in batches.get((vertex.creator_id, body["round"], body["base"]), []):
+            if digest not in named:
+                left_devices.add(identity_id(device))
+                left_out.append({"update": digest.hex(), "device": identity_id(device),
+                                 "updates_vertex": updates_vertex.hex()})
+        chain.append({"aggregate": vertex.id_hex, "round": body["round"], "strategy": body["strategy"],
+                      "rule": body.get("rule"), "gateway": vertex.creator_id, "base": body["base"].hex(),
+                      "output": body["output"].hex(), "inputs": inputs, "left_out": left_out,
+                      "scores": scores.get((body["round"], body["output"]), [])})
     genesis = next(ledger.vertices())
     return {"model": model.hex(), "aggregates": chain, "initial_model": current.hex(),
             "devices": sorted(devices), "updates": sum(len(a["inputs"]) for a in chain),
+            "left_out_devices": sorted(left_devices), "left_out": sum(len(a["left_out"]) for a in chain),
             "genesis": genesis.id_hex}
+
+
+def _update_records(
+    ledger: Ledger, wanted: set[tuple[str, int, bytes]]
+) -> tuple[dict[bytes, list[tuple[bytes, bytes, int]]], dict[tuple[str, int, bytes], list[tuple[bytes, bytes, bytes]]]]:
+    """One pass over the updates vertices: update digest -> [(device key, updates vertex id, round)], and for
+    each (gateway id, round, base) in `wanted` the records that gateway made: [(device key, digest, vertex id)]."""
+    records: dict[bytes, list[tuple[bytes, bytes, int]]] = {}
+    batches: dict[tuple[str, int, bytes], list[tuple[bytes, bytes, bytes]]] = {}
+    for vertex in ledger.vertices_of(UPDATES):
+        body = vertex.body
+        key = (vertex.creator_id, body["round"], body["base"])
+        batch = batches.setdefault(key, []) if key in wanted else None
+        for device, digest, _, _ in body["records"]:
+            records.setdefault(digest, []).append((device, vertex.id, body["round"]))
+            if batch is not None:
+                batch.append((device, digest, vertex.id))
+    return records, batches
+
+
+def _scores(ledger: Ledger, wanted: set[tuple[int, bytes]]) -> dict[tuple[int, bytes], list[dict[str, Any]]]:
+    """(round, model) in `wanted` -> its contribution scores, each (device, update) once (the first)."""
+    found: dict[tuple[int, bytes], list[dict[str, Any]]] = {}
+    seen: set[tuple[int, bytes, bytes, bytes]] = set()
+    for vertex in ledger.vertices_of(CONTRIBUTIONS):
+        key = (vertex.body["round"], vertex.body["model"])
+        if key not in wanted:
+            continue
+        for device, digest, score in vertex.body["scores"]:
+            if (*key, device, digest) not in seen:
+                seen.add((*key, device, digest))
+                found.setdefault(key, []).append({"device": identity_id(device), "update": digest.hex(),
+                                                  "score": score})
+    return found
+
+
+# --- contribution totals ----------------------------------------------------------------
+
+
+def contribution_totals(ledger: Ledger, since: int | None = None, device: str | None = None) -> dict[str, Any]:
+    """Per-device totals of the contribution scores on the ledger: the basis of attribution and rewards.
+
+    {"devices": [{"device", "public_key", "total", "rounds", "mean"}, ...] by total, highest first (ties
+    by device id), "rounds": the round models scored, "vertices": the contributions vertices read, "since",
+    "device"}. `rounds` of a device is the number of round models (round, model) it has a score for and
+    `mean` its total over them. `since`: rounds from this one on; `device`: only this device (its id or
+    public key, hex). A score written twice for the same round model, device and update counts once.
+    """
+    totals: dict[bytes, list[Any]] = {}  # device key -> [total, {(round, model)}]
+    seen: set[tuple[int, bytes, bytes, bytes]] = set()
+    round_models: set[tuple[int, bytes]] = set()
+    read = 0
+    for vertex in ledger.vertices_of(CONTRIBUTIONS):
+        round_, model = vertex.body["round"], vertex.body["model"]
+        if since is not None and round_ < since:
+            continue
+        read += 1
+        for key, digest, score in vertex.body["scores"]:
+            if device is not None and device not in (key.hex(), identity_id(key)):
+                continue
+            if (round_, model, key, digest) in seen:
+                continue
+            seen.add((round_, model, key, digest))
+            round_models.add((round_, model))
+            entry = totals.setdefault(key, [0.0, set()])
+            entry[0] += score
+            entry[1].add((round_, model))
+    rows = [{"device": identity_id(key), "public_key": key.hex(), "total": total, "rounds": len(scored),
+             "mean": total / len(scored)} for key, (total, scored) in totals.items()]
+    rows.sort(key=lambda row: (-row["total"], row["device"]))
+    return {"devices": rows, "rounds": len(round_models), "vertices": read, "since": since, "device": device}
 
 
 # --- lineage --------------------------------------------------------------------------

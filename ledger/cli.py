@@ -7,13 +7,21 @@ Audit (read-only: safe next to a running gateway, never creates a file):
                                                          devices
     starling-ledger export     --db PATH                 one JSON object per vertex, in canonical order
     starling-ledger history    --db PATH --device ID     the vertices that name a device, as JSON lines
-    starling-ledger provenance --db PATH --model DIGEST  the aggregates, updates and devices behind a
-                                                         model version, back to genesis (one JSON object)
+    starling-ledger provenance --db PATH --model DIGEST  the aggregates behind a model version, back to
+                                                         genesis: each one's rule, its inputs with their
+                                                         weights and devices, the round's accepted updates
+                                                         it left out, its scores (one JSON object)
     starling-ledger lineage    --db PATH --model DIGEST  a model's releases, newest first, back to the
                                                          start of its lineage (one JSON object)
+    starling-ledger contributions --db PATH [--since ROUND] [--device ID] [--format json|csv]
+                                                         per-device totals of the contribution scores
+                                                         (sum, rounds scored, mean), highest total first
     starling-ledger dot        --db PATH [--round N]     the DAG (or one round's part of it) as Graphviz DOT
 
-The queries behind `provenance`, `lineage` and `dot` are in `ledger.audit`.
+The queries behind `provenance`, `lineage`, `contributions` and `dot` are in
+`ledger.audit`. `contributions` prints one JSON object, or CSV with a header
+line (device,public_key,total,rounds,mean); it exits 2 with one line on
+stderr for a bad argument or no ledger at PATH.
 `lineage` exits 0 when the walk reaches the `lineage` vertex that started
 the chain, 1 when it is broken (a model no aggregate or lineage vertex
 explains, named on stderr and in the JSON's "gap"), and 2 when it cannot
@@ -34,6 +42,7 @@ may be running) and gossip carries them to the others.
 Operator (print one JSON line; exit 2 with one line on stderr if refused):
 
     starling-ledger enroll  --db PATH --key GATEWAY_KEY --device PUBKEY_HEX --name NAME [--policy P]
+                            [--voucher FILE]
     starling-ledger revoke  --db PATH --key GATEWAY_KEY --device PUBKEY_HEX|DEVICE_ID --reason TEXT
     starling-ledger voucher --operator-key FILE --device PUBKEY_HEX [--gateway ID] [--days N] [--out FILE]
 
@@ -41,12 +50,16 @@ Operator (print one JSON line; exit 2 with one line on stderr if refused):
 (never created here) to an existing ledger, and may run while that gateway
 has the file open: the store serializes the two writers (see
 `ledger.store`). `voucher` touches no ledger: it signs an enrollment voucher
-(`protocol.vouchers`) with the operator's key.
+(`protocol.vouchers`) with the operator's key. `enroll` admits the device at
+the gateway whose key signs it (policy "operator" by default, no evidence):
+that gateway admits it whatever its policy; other gateways apply their own
+(`gateway.ledger_keeper`).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import re
@@ -61,9 +74,9 @@ from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id, load_or_create
 from protocol.vouchers import issue
 
-from .audit import NoAnswer, broken_because, lineage, provenance, to_dot
+from .audit import NoAnswer, broken_because, contribution_totals, lineage, provenance, to_dot
 from .errors import LedgerError
-from .kinds import GENESIS, LINEAGE, NAME_MAX, REASON_MAX
+from .kinds import CONTRIBUTIONS, GENESIS, LINEAGE, MAX_ROUND, NAME_MAX, REASON_MAX, VOUCHER_POLICY
 from .store import Ledger
 from .verify import verify_store
 from .vertex import Vertex, sign
@@ -72,6 +85,7 @@ REFUSED = 2  # the exit code of a refused operator command, as of an argparse us
 MAX_VOUCHER_DAYS = 3650.0
 PUBLIC_KEY_HEX = re.compile(r"[0-9a-fA-F]{64}")
 ID_HEX = re.compile(r"[0-9a-fA-F]{32}")  # a device or gateway id (protocol.keys.identity_id)
+CONTRIBUTION_COLUMNS = ("device", "public_key", "total", "rounds", "mean")
 
 
 class Refused(Exception):
@@ -89,17 +103,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify",
             "re-check every vertex (digest, signatures, links, kind rules); exit 1 naming the first bad one",
         ),
-        ("show", "summarize the ledger: height, tips, vertices per kind, model lineages started, active and"
-                 " revoked devices"),
+        ("show", "summarize the ledger: height, tips, vertices per kind, model lineages started, contributions"
+                 " vertices, active and revoked devices"),
         ("export", "print every vertex as one JSON line, in canonical order (bytes as hex)"),
         ("history", "print the vertices that name a device (enrollment, update records, revocation)"),
-        ("provenance", "the aggregates, updates and devices behind a model version, back to genesis"),
+        ("provenance", "the aggregates behind a model version, back to genesis: each one's rule, its inputs"
+                       " with their weights and devices, the round's updates it left out, its scores"),
         ("lineage", "a model's releases, newest first, back to the lineage vertex that started it;"
                     " exit 1 naming the gap if the chain is broken, 2 if there is nothing to walk"),
+        ("contributions", "per-device totals of the contribution scores (sum, rounds scored, mean), highest"
+                          " total first, as one JSON object or CSV"),
         ("dot", "the DAG, or one round's part of it, as Graphviz DOT (render with `dot -Tpng`)"),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--db", required=True, metavar="PATH", help="the ledger's SQLite file")
+        if name == "contributions":
+            command.error = _one_line_error(name)  # type: ignore[method-assign]
+            command.add_argument("--since", type=int, default=None, metavar="ROUND",
+                                 help="only rounds from this one on")
+            command.add_argument("--device", default=None, metavar="ID",
+                                 help="only this device: its id (32 hex) or public key (64 hex)")
+            command.add_argument("--format", choices=("json", "csv"), default="json",
+                                 help="one JSON object (default) or CSV with a header line")
         if name == "show":
             command.add_argument("--json", action="store_true", help="print the summary as one JSON object")
         if name == "history":
@@ -109,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "dot":
             command.add_argument("--round", type=int, default=None, help="only the vertices of this round")
     _add_operator_commands(commands)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # what parse_args does, in one line for the commands that promise one
+        message = f"unrecognized arguments: {' '.join(extra)}"
+        if args.command == "contributions":
+            _one_line_error(args.command)(message)
+        parser.error(message)
     if args.command in OPERATOR_COMMANDS:
         try:
             print(json.dumps(OPERATOR_COMMANDS[args.command](args), sort_keys=True))
@@ -122,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _verify(args.db)
     if args.command == "lineage":
         return _lineage(args.db, args.model)
+    if args.command == "contributions":
+        return _contributions(args)
     try:
         with Ledger.open(args.db, read_only=True) as ledger:
             if args.command == "show":
@@ -168,6 +200,43 @@ def _lineage(path: str, model_text: str) -> int:
     return 1
 
 
+def _one_line_error(command: str) -> Any:
+    """An argparse `error` that says what is wrong in one stderr line (no usage) and exits 2."""
+
+    def error(message: str) -> None:
+        print(f"starling-ledger {command}: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(REFUSED)
+
+    return error
+
+
+def _contributions(args: argparse.Namespace) -> int:
+    """`contributions`: 0 with the totals printed; 2 with one stderr line for a bad argument or no ledger."""
+    try:
+        if args.since is not None and not 0 <= args.since <= MAX_ROUND:
+            raise Refused(f"--since must be a round from 0 to {MAX_ROUND}, not {args.since}")
+        device = None
+        if args.device is not None:
+            device = args.device.strip().lower()
+            if not (ID_HEX.fullmatch(device) or PUBLIC_KEY_HEX.fullmatch(device)):
+                raise Refused(f"--device {args.device!r} is neither a device id (32 hex) nor a public key (64 hex)")
+        if not Path(args.db).is_file():  # plainer than SQLite's "unable to open database file"
+            raise Refused(f"no ledger at {args.db}")
+        with Ledger.open(args.db, read_only=True) as ledger:
+            result = contribution_totals(ledger, args.since, device)
+    except (Refused, LedgerError) as exc:
+        print(f"starling-ledger contributions: {' '.join(str(exc).split())}", file=sys.stderr)
+        return REFUSED
+    if args.format == "json":
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(CONTRIBUTION_COLUMNS)
+    for row in result["devices"]:
+        out.writerow([repr(row[c]) if isinstance(row[c], float) else row[c] for c in CONTRIBUTION_COLUMNS])
+    return 0
+
+
 def _verify(path: str) -> int:
     report = verify_store(path)
     print(json.dumps(report.to_dict(), sort_keys=True))
@@ -195,6 +264,7 @@ def _show(ledger: Ledger, as_json: bool) -> None:
         "equivocators": ledger.equivocators(),
     }
     summary["lineages"] = summary["kinds"].get(LINEAGE, 0)  # model lineages started (`lineage` vertices)
+    summary["contributions"] = summary["kinds"].get(CONTRIBUTIONS, 0)  # vertices of contribution scores
     if as_json:
         print(json.dumps(summary, sort_keys=True))
         return
@@ -207,6 +277,7 @@ def _show(ledger: Ledger, as_json: bool) -> None:
     print(f"tips     {' '.join(summary['tips']) or '-'}")
     print(f"kinds    {' '.join(f'{k}={n}' for k, n in summary['kinds'].items()) or '-'}")
     print(f"lineages {summary['lineages']} started")
+    print(f"scores   {summary['contributions']} contributions vertices")
     print(f"gateways {' '.join(summary['gateways']) or '-'}")
     print(f"devices  {len(devices)} enrolled")
     for device_id, name in summary["devices"].items():
@@ -228,7 +299,12 @@ def _add_operator_commands(commands: Any) -> None:
     )
     enroll.add_argument("--name", required=True, help=f"the device's name (at most {NAME_MAX} characters)")
     enroll.add_argument(
-        "--policy", default="operator", help="the policy recorded as admitting it (default: operator)"
+        "--policy", default=None,
+        help="the policy recorded as admitting it (default: operator; voucher with --voucher)",
+    )
+    enroll.add_argument(
+        "--voucher", default=None, metavar="FILE",
+        help="the device's voucher (`voucher --out`), kept on the ledger as the enrollment's evidence",
     )
 
     help_text = "append a device.revoke vertex: the device's key may not contribute or enroll again"
@@ -300,9 +376,21 @@ def _ledger_arguments(command: argparse.ArgumentParser) -> None:
 
 def _enroll(args: argparse.Namespace) -> dict[str, Any]:
     device = _public_key(args.device)
+    policy = args.policy or (VOUCHER_POLICY if args.voucher else "operator")
+    evidence = b""  # the operator's word is the evidence: nothing to carry
+    if args.voucher is not None:
+        if policy != VOUCHER_POLICY:
+            raise Refused(f"--voucher is the evidence of policy {VOUCHER_POLICY!r}, not {policy!r}")
+        try:
+            evidence = Path(args.voucher).read_bytes()
+        except OSError as exc:
+            raise Refused(f"cannot read --voucher {args.voucher}: {exc.strerror or exc}") from exc
+    elif policy == VOUCHER_POLICY:
+        raise Refused(f"--policy {VOUCHER_POLICY} needs --voucher FILE: the voucher is the enrollment's evidence")
     with _open_as_gateway(args.db, args.key) as ledger:
-        created = not ledger.is_enrolled(device)
-        vertex = ledger.enroll_device(device, args.name, args.policy)
+        gateway = ledger.identity.id
+        created = not any(record.creator == gateway for record in ledger.enrollments(device))
+        vertex = ledger.enroll_device(device, args.name, policy, evidence)
     return {
         "command": "enroll",
         "vertex": vertex.id_hex,
@@ -311,7 +399,8 @@ def _enroll(args: argparse.Namespace) -> dict[str, Any]:
         "public_key": device.hex(),
         "name": vertex.body["name"],
         "policy": vertex.body["policy"],
-        "created": created,  # False: enrolled before; this is that enrollment's vertex
+        "evidence": vertex.body.get("evidence", b"").hex(),
+        "created": created,  # False: this gateway enrolled it before; this is that enrollment's vertex
     }
 
 

@@ -22,7 +22,19 @@ model's bytes live at the gateway, not on the ledger.
 A device is "enrolled" once a `device.enroll` vertex names it and "revoked"
 once a `device.revoke` vertex does; it is active while enrolled and not
 revoked. Revocation is final: a revoked key contributes no more updates and
-cannot enroll again (the device needs a new key).
+cannot enroll again (the device needs a new key). Each gateway applies its
+own enrollment policy to the enrollments it learns (`gateway.ledger_keeper`),
+so a device may be enrolled once per gateway: by the gateway that first
+admitted it, then by each gateway that admits it on its own evidence (a
+voucher for that gateway). The derived state keeps the first enrollment (the
+device's name and policy); the others are read from their vertices
+(`Ledger.enrollments`).
+
+A model's round is scored on the ledger too: a `contributions` vertex gives
+each accepted update's contribution score to the round's model. Like
+`lineage`, it adds nothing to the derived state, so the checkpoint snapshot
+format is the same as before these kinds existed; `ledger.audit` reads them
+from the store.
 
 Several gateways write at once, so two vertices may disagree without either
 knowing the other (two gateways enroll the same device, or one records a
@@ -71,6 +83,7 @@ from .errors import (
 from .kinds import (
     AGGREGATE,
     CHECKPOINT,
+    CONTRIBUTIONS,
     DEVICE_ENROLL,
     DEVICE_REVOKE,
     GATEWAY_JOIN,
@@ -79,6 +92,7 @@ from .kinds import (
     LINEAGE,
     MAX_GATEWAYS,
     UPDATES,
+    input_digests,
     reply_signed_bytes,
 )
 from .state import MemoryState, State
@@ -160,10 +174,16 @@ class GatewayLeave(KindRules):
 
 
 class DeviceEnroll(KindRules):
-    """A gateway admitted a device under a policy.
+    """A gateway admitted a device under a policy (with the evidence it admitted it on, `ledger.kinds`).
 
-    A device is enrolled once; enrolling it again is refused, and so is
-    enrolling a revoked one.
+    A device is enrolled once per gateway: a gateway enrolling it again is
+    refused, another gateway enrolling it too is not (it admits the device on
+    its own evidence). Enrolling a revoked device is refused.
+
+    A store that started from a checkpoint knows, of the enrollments before
+    it, only each device's first (the snapshot keeps no more): it cannot
+    refuse a gateway's second enrollment of a device whose first enrollment
+    by that gateway came before the checkpoint and was not the device's first.
     """
 
     name = DEVICE_ENROLL
@@ -173,9 +193,9 @@ class DeviceEnroll(KindRules):
         revocation = state.revocation_of(device)
         if revocation is not None and state.precedes(revocation, vertex):
             raise DeviceRevoked(f"device {identity_id(device)} was revoked; re-admission needs a new key")
-        enrollment = state.enrollment_of(device)
-        if enrollment is not None and state.precedes(enrollment, vertex):
-            raise AlreadyEnrolled(f"device {identity_id(device)} is enrolled already")
+        for enrollment, creator in state.enrollments_of(device):
+            if creator == vertex.creator_id and state.precedes(enrollment, vertex):
+                raise AlreadyEnrolled(f"device {identity_id(device)} is enrolled by {vertex.creator_id} already")
 
     def apply(self, vertex: Vertex, state: State) -> None:
         body = vertex.body
@@ -250,12 +270,13 @@ class Updates(KindRules):
 
 
 class Aggregate(KindRules):
-    """A round's new model, traced to its inputs: every input must be an update some updates vertex recorded."""
+    """A round's new model, traced to its inputs: every input must be an update some updates vertex recorded
+    (in either form of the body: digests, or digests with their weights and the rule)."""
 
     name = AGGREGATE
 
     def check_state(self, vertex: Vertex, state: State) -> None:
-        missing = [d for d in vertex.body["inputs"] if not state.has_update(d)]
+        missing = [d for d in input_digests(vertex.body) if not state.has_update(d)]
         if missing:
             raise UnknownInput(f"{len(missing)} input(s) are not recorded updates, first {missing[0].hex()}")
 
@@ -305,10 +326,25 @@ class Lineage(KindRules):
     name = LINEAGE
 
 
+class Contributions(KindRules):
+    """Contribution scores for a round's model: each (device, update) scored must be an update recorded for
+    that device (by any updates vertex, as an aggregate's inputs). Nothing links it to the aggregate whose
+    output it names (the audit does that). Like `Lineage`, it adds nothing to the derived state."""
+
+    name = CONTRIBUTIONS
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        for i, (device, digest, _) in enumerate(vertex.body["scores"]):
+            if state.record_of(device, digest) is None:
+                raise UnknownInput(
+                    f"score {i}: device {identity_id(device)}'s update {digest.hex()} is not a recorded update"
+                )
+
+
 RULES: dict[str, KindRules] = {
     rules.name: rules
     for rules in (Genesis(), GatewayJoin(), GatewayLeave(), DeviceEnroll(), DeviceRevoke(), Updates(),
-                  Aggregate(), Checkpoint(), Lineage())
+                  Aggregate(), Checkpoint(), Lineage(), Contributions())
 }
 
 

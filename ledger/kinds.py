@@ -9,32 +9,43 @@ so far, and what it adds to it) is in `ledger.kind_rules`.
     genesis        {"name": str, "gateways": [public key, ...] sorted, no duplicates}
     gateway.join   {"gateway": public key, "name": str}
     gateway.leave  {"gateway": public key, "reason": str}
-    device.enroll  {"device": public key, "name": str, "policy": str}
+    device.enroll  {"device": public key, "name": str, "policy": str[, "evidence": bytes]}
     device.revoke  {"device": public key, "reason": str}
     updates        {"gateway": str, "round": int, "task": str, "base": digest,
                     "records": [[device key, update digest, examples, device signature], ...]}
     aggregate      {"round": int, "strategy": str, "base": digest, "inputs": [update digests], "output": digest}
+                   or, naming how the inputs were combined:
+                   {"round", "strategy", "base", "rule": str, "inputs": [[update digest, weight or null], ...],
+                    "output"}
     checkpoint     {"count": int, "state": digest}
     lineage        {"model": digest, "version": int, "previous": digest or b"", "reason": str,
                     "architecture": str}
+    contributions  {"round": int, "model": digest, "scores": [[device key, update digest, score], ...]}
 
 Bodies are deliberately compact: an update record is a 4-item list, not a
 map, because there are thousands per round and each one stays on disk
 forever.
+
+A kind's body may grow an optional field, never change an old one: a vertex
+is signed over its exact body, so every body ever written must stay valid.
+`device.enroll` without `evidence` and `aggregate` without `rule` are the
+first forms of those kinds, and are still accepted as they were.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from itertools import pairwise
 from typing import Any
 
 from protocol.digest import DIGEST_BYTES
 from protocol.envelope import ID_MAX, Context, signed_bytes
-from protocol.errors import SchemaError
-from protocol.fields import check_bytes, check_fields, check_int, check_list, check_text
+from protocol.errors import ProtocolError, SchemaError
+from protocol.fields import check_bytes, check_fields, check_float, check_int, check_list, check_text
 from protocol.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, identity_id
 from protocol.schemas import MAX_EXAMPLES
+from protocol.vouchers import MAX_VOUCHER_BYTES, Voucher
 
 GENESIS = "genesis"
 GATEWAY_JOIN = "gateway.join"
@@ -45,6 +56,10 @@ UPDATES = "updates"
 AGGREGATE = "aggregate"
 CHECKPOINT = "checkpoint"
 LINEAGE = "lineage"
+CONTRIBUTIONS = "contributions"
+
+VOUCHER_POLICY = "voucher"  # the one enrollment policy whose evidence is not empty: the voucher's encoding
+COORDINATE_RULE = "coordinate"  # an aggregate rule that decides per coordinate: its inputs carry no weight
 
 MAX_GATEWAYS = 62  # members ever (each has a bit in a 64-bit SQLite integer for finality)
 MAX_RECORDS = 10_000  # per updates vertex; a gateway records a bigger round in several batches
@@ -56,6 +71,8 @@ STRATEGY_MAX = 256  # room for a user strategy's import path
 ARCHITECTURE_MAX = 256  # a model architecture id (a hex digest in practice)
 MAX_VERSION = 2**63 - 1  # a release version; fits SQLite's INTEGER
 RECORD_FIELDS = 4  # [device public key, update digest, examples, device signature]
+RULE_MAX = 32  # an aggregate's rule: "weighted", "selected", "coordinate" (gateway/provenance.py)
+SCORE_FIELDS = 3  # [device public key, update digest, score]
 
 
 def _genesis(body: dict[str, Any]) -> None:
@@ -82,10 +99,35 @@ def _gateway_leave(body: dict[str, Any]) -> None:
 
 
 def _device_enroll(body: dict[str, Any]) -> None:
-    check_fields(body, {"device", "name", "policy"}, "device.enroll body")
+    """A device admitted under a policy, optionally with the evidence the policy admitted it on: under
+    "voucher" the voucher's encoding (it must decode as a `protocol.vouchers.Voucher` naming this device;
+    whether it admits the device is each gateway's question, under its own operator keys), under any other
+    policy b"" (an allow-list entry is the key itself; "open" and an operator's by-hand enrollment have
+    none). The first form of this kind has no `evidence` and stays valid."""
+    fields = {"device", "name", "policy"}
+    check_fields(body, fields | {"evidence"} if "evidence" in body else fields, "device.enroll body")
     check_bytes(body["device"], "device", PUBLIC_KEY_BYTES)
     check_text(body["name"], "name", NAME_MAX)
     check_text(body["policy"], "policy", NAME_MAX, 1)
+    if "evidence" in body:
+        _check_evidence(body["evidence"], body["policy"], body["device"])
+
+
+def _check_evidence(evidence: Any, policy: str, device: bytes) -> None:
+    if not isinstance(evidence, bytes):
+        raise SchemaError("evidence must be bytes")
+    if len(evidence) > MAX_VOUCHER_BYTES:
+        raise SchemaError(f"evidence must be at most {MAX_VOUCHER_BYTES} bytes")
+    if policy != VOUCHER_POLICY:
+        if evidence:
+            raise SchemaError(f"evidence must be empty under policy {policy!r} (only a voucher is carried)")
+        return
+    try:
+        voucher = Voucher.decode(evidence)
+    except ProtocolError as exc:
+        raise SchemaError(f"evidence is not a voucher ({exc})") from exc
+    if voucher.device != device:
+        raise SchemaError("evidence is a voucher for another device key")
 
 
 def _device_revoke(body: dict[str, Any]) -> None:
@@ -117,17 +159,48 @@ def _updates(body: dict[str, Any]) -> None:
 
 
 def _aggregate(body: dict[str, Any]) -> None:
-    """A round's new model (`output`), the model it started from (`base`) and the updates it was built from."""
-    check_fields(body, {"round", "strategy", "base", "inputs", "output"}, "aggregate body")
+    """A round's new model (`output`), the model it started from (`base`) and the updates it was built from.
+
+    With `rule` (how the strategy combined its inputs: "weighted", "selected", "coordinate", ...) each input
+    is [update digest, effective weight]: a float in [0, 1], or null under the "coordinate" rule (the rule,
+    not a weight, decided each coordinate). Without `rule`, the first form: the inputs are digests only.
+    """
+    fields = {"round", "strategy", "base", "inputs", "output"}
+    check_fields(body, fields | {"rule"} if "rule" in body else fields, "aggregate body")
     check_int(body["round"], "round", 0, MAX_ROUND)
     check_text(body["strategy"], "strategy", STRATEGY_MAX, 1)
     check_bytes(body["base"], "base", DIGEST_BYTES)
     inputs = check_list(body["inputs"], "inputs", MAX_INPUTS, 1)
-    for i, digest in enumerate(inputs):
-        check_bytes(digest, f"input {i}", DIGEST_BYTES)
-    if len(set(inputs)) != len(inputs):
+    if "rule" in body:
+        rule = check_text(body["rule"], "rule", RULE_MAX, 1)
+        digests = []
+        for i, item in enumerate(inputs):
+            check_list(item, f"input {i}", 2, 2)
+            digest, weight = item
+            digests.append(check_bytes(digest, f"input {i} digest", DIGEST_BYTES))
+            if rule == COORDINATE_RULE:
+                if weight is not None:
+                    raise SchemaError(f"input {i}: a coordinate rule's inputs carry no weight (null)")
+            else:
+                check_float(weight, f"input {i} weight", 0.0, 1.0)
+    else:
+        digests = [check_bytes(digest, f"input {i}", DIGEST_BYTES) for i, digest in enumerate(inputs)]
+    if len(set(digests)) != len(digests):
         raise SchemaError("inputs name an update twice")
     check_bytes(body["output"], "output", DIGEST_BYTES)
+
+
+def input_digests(body: dict[str, Any]) -> list[bytes]:
+    """The update digests an aggregate body names, in either form."""
+    return [item[0] for item in body["inputs"]] if "rule" in body else list(body["inputs"])
+
+
+def input_weights(body: dict[str, Any]) -> list[tuple[bytes, float | None]]:
+    """(update digest, effective weight or None) for each input of an aggregate body; None for every input
+    of the first form (it recorded no weights)."""
+    if "rule" in body:
+        return [(digest, weight) for digest, weight in body["inputs"]]
+    return [(digest, None) for digest in body["inputs"]]
 
 
 def _checkpoint(body: dict[str, Any]) -> None:
@@ -151,6 +224,28 @@ def _lineage(body: dict[str, Any]) -> None:
     check_text(body["architecture"], "architecture", ARCHITECTURE_MAX, 1)
 
 
+def _contributions(body: dict[str, Any]) -> None:
+    """Each accepted update's contribution score to a round's model (`model`: the aggregate's output).
+
+    A big round is recorded in several vertices, at most MAX_RECORDS scores each; a (device, update) pair
+    appears once per vertex. A score is a finite float, negative for an update against the round's way.
+    """
+    check_fields(body, {"round", "model", "scores"}, "contributions body")
+    check_int(body["round"], "round", 0, MAX_ROUND)
+    check_bytes(body["model"], "model", DIGEST_BYTES)
+    scores = check_list(body["scores"], "scores", MAX_RECORDS, 1)
+    seen = set()
+    for i, item in enumerate(scores):
+        check_list(item, f"score {i}", SCORE_FIELDS, SCORE_FIELDS)
+        device, digest, score = item
+        check_bytes(device, f"score {i} device", PUBLIC_KEY_BYTES)
+        check_bytes(digest, f"score {i} digest", DIGEST_BYTES)
+        check_float(score, f"score {i} score", -math.inf, math.inf)
+        if (device, digest) in seen:
+            raise SchemaError(f"score {i}: device {identity_id(device)}'s update is scored twice")
+        seen.add((device, digest))
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], None]] = {
     GENESIS: _genesis,
     GATEWAY_JOIN: _gateway_join,
@@ -161,6 +256,7 @@ KINDS: dict[str, Callable[[dict[str, Any]], None]] = {
     AGGREGATE: _aggregate,
     CHECKPOINT: _checkpoint,
     LINEAGE: _lineage,
+    CONTRIBUTIONS: _contributions,
 }
 
 

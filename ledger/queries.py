@@ -7,7 +7,10 @@ only from a bootstrap snapshot are in the DAG (`ids`, `holds`, `height`) but
 have no bytes, so the queries that return vertices leave them out.
 
 A device is active while it is in `devices` and not in `revocations`;
-`enrolled_devices` and `is_enrolled` answer for active devices only.
+`enrolled_devices` and `is_enrolled` answer for active devices only. A
+device may be enrolled by several gateways (each admits it on its own
+policy); `devices` keeps the first enrollment, `enrollments` lists them all
+with the evidence each carries.
 
 Finality: a vertex is final once vertices of more than two thirds of the
 current member gateways descend from it, read from its `seen` bits (see
@@ -22,16 +25,31 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, NamedTuple
 
 from protocol.errors import ProtocolError
 
 from .errors import StoreError
-from .kinds import CHECKPOINT, UPDATES
+from .kinds import CHECKPOINT, DEVICE_ENROLL, UPDATES
 from .sql_state import SqlState
 from .vertex import Vertex
 
 PAGE_ROWS = 32  # vertices fetched per query while iterating; an updates vertex can be 100s of KB
+
+
+class EnrollmentRecord(NamedTuple):
+    """One `device.enroll` vertex naming a device: who admitted it, under which policy, on what evidence.
+
+    `evidence` is the body's (b"" when the body has none: its first form); None, and `time` None, for an
+    enrollment known only from the checkpoint snapshot this store started from (no bytes here).
+    """
+
+    vertex: bytes  # the device.enroll vertex's id
+    creator: str  # the enrolling gateway's id
+    name: str
+    policy: str
+    evidence: bytes | None
+    time: float | None  # the vertex's time (its creator's clock when it enrolled the device)
 
 
 class LedgerQueries:
@@ -182,6 +200,47 @@ class LedgerQueries:
             ).fetchone()
         return row is not None
 
+    def enrollments(self, public_key: bytes) -> list[EnrollmentRecord]:
+        """Every `device.enroll` vertex naming the device, in canonical order (the first is the one
+        `enrolled_devices` names it by), revoked since or not; [] if none. A store that started from a
+        checkpoint knows, of the enrollments before it, only the first."""
+        with self._read() as conn:
+            device = conn.execute(
+                "SELECT n, name, policy, vertex FROM devices WHERE public_key = ?", (public_key.hex(),)
+            ).fetchone()
+            if device is None:
+                return []
+            n, first_name, first_policy, first = device
+            rows = conn.execute(
+                "SELECT id, creator, data FROM vertices WHERE kind = :kind AND (id = :first OR n IN"
+                " (SELECT vertex FROM contributions WHERE device = :n)) ORDER BY depth, id",
+                {"kind": DEVICE_ENROLL, "first": first, "n": n},
+            ).fetchall()
+        found = []
+        for vid, creator, data in rows:
+            if not data:  # known from a bootstrap snapshot only: the first enrollment, from `devices`
+                found.append(EnrollmentRecord(bytes.fromhex(vid), creator, first_name, first_policy, None, None))
+                continue
+            vertex = _decode_row(vid, data)
+            body = vertex.body
+            found.append(EnrollmentRecord(vertex.id, creator, body["name"], body["policy"],
+                                          body.get("evidence", b""), vertex.time))
+        return found
+
+    def enrolled_since(self, mark: int = -1) -> tuple[list[bytes], int]:
+        """Devices named by the `device.enroll` vertices this store took in after `mark`, in the order it
+        took them in, and the mark to pass next time (-1: from the start). A cheap "who has new
+        enrollments?" for a gateway that re-reads only those (`gateway.ledger_keeper`)."""
+        with self._read() as conn:
+            top = conn.execute("SELECT max(n) FROM vertices").fetchone()[0]
+            if top is None or top <= mark:
+                return [], mark
+            rows = conn.execute(
+                "SELECT id, data FROM vertices WHERE n > ? AND n <= ? AND kind = ? AND length(data) > 0 ORDER BY n",
+                (mark, top, DEVICE_ENROLL),
+            ).fetchall()
+        return list(dict.fromkeys(_decode_row(vid, data).body["device"] for vid, data in rows)), top
+
     def is_revoked(self, public_key: bytes) -> bool:
         """True if a device.revoke vertex names the device."""
         with self._read() as conn:
@@ -216,6 +275,11 @@ class LedgerQueries:
                 {"key": device_public_key.hex()},
             ).fetchall()
         return [_decode_row(vid, data) for vid, data in rows]
+
+    def is_recorded(self, device_public_key: bytes, digest: bytes) -> bool:
+        """True if an updates vertex recorded this device's update (what a `contributions` score needs)."""
+        with self._read() as conn:
+            return SqlState(conn).record_of(device_public_key, digest) is not None
 
     def update_records(self) -> dict[bytes, list[tuple[bytes, bytes, int]]]:
         """Update digest -> [(device public key, id of the updates vertex recording it, round)]."""

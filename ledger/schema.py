@@ -5,7 +5,8 @@ bytes (signature included) next to a few columns for queries. Everything
 else is derived state, rebuilt from vertices alone and updated in the same
 transaction as the vertex that changes it (`ledger.sql_state`):
 
-    meta           the root key; where a bootstrapped store started (checkpoint and its snapshot)
+    meta           the root key; where a bootstrapped store started (checkpoint and its snapshot); whether
+                   every enrollment is indexed (`_index_enrollments`)
     vertices       id (hex), n, creator (identity id), seq, kind, time, depth, seen, data
                    (data is empty for vertices known only from a bootstrap snapshot)
     edges          (child n, parent n): ancestry walks for the causal rules and finality
@@ -16,7 +17,9 @@ transaction as the vertex that changes it (`ledger.sql_state`):
     devices        enrolled devices, revoked since or not: public key, id, name, policy, enroll vertex
     revocations    revoked devices: public key, reason, revoke vertex
     updates        (update digest, device) -> updates vertex; answers "is this input recorded?"
-    contributions  (device, vertex) pairs; answers "which vertices name this device?"
+    contributions  (device, vertex) pairs; answers "which vertices name this device?": its updates
+                   vertices and every device.enroll vertex naming it (the table is older than the
+                   `contributions` kind of vertex and has nothing to do with it)
 
 `updates` and `contributions` hold one row per update record, so they refer
 to devices and vertices by small integer handles (`devices.n`,
@@ -35,7 +38,11 @@ The SQLite header marks the file: `application_id` says it is a Starling
 ledger and `user_version` is `SCHEMA_VERSION`. A schema change bumps the
 version, and the first writer that opens an older file rebuilds every
 derived table from the vertices (the vertices' bytes never change), so there
-is one upgrade path whatever the version was. Readers (`read_only`, the
+is one upgrade path whatever the version was. Rows a table gained without a
+schema change (every enrollment in `contributions`, not only the first, since
+a device may be enrolled once per gateway) are filled in by the first writer
+that opens the file (`_index_enrollments`), so readers of any file of this
+version keep working. Readers (`read_only`, the
 auditor) refuse an older file rather than read tables it lacks. This is why
 the version is the header's `user_version` and not a sqlite-utils
 `Migrations` table: a read-only opener can check it without a table, and an
@@ -51,12 +58,14 @@ from sqlite_utils import Database
 
 from .errors import StoreError
 from .kind_rules import apply
+from .kinds import DEVICE_ENROLL
 from .sql_state import SqlState
 from .vertex import Vertex
 
 SCHEMA_VERSION = 3  # 2 added revocations; 3 added membership, edges, seen bits, equivocations (rebuilt)
 APPLICATION_ID = 0x53544C47  # "STLG" in the SQLite header: marks the file as a Starling ledger
 BUSY_TIMEOUT_S = 10.0
+ENROLLMENTS_INDEXED = "enrollments_indexed"  # meta key: every enrollment vertex is in `contributions`
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -154,12 +163,28 @@ def create_or_upgrade(db: Database, path: Path) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if 1 <= version < SCHEMA_VERSION:
             _rebuild(db)
+        elif version == SCHEMA_VERSION:
+            _index_enrollments(db)
         return
     if db.execute("PRAGMA user_version").fetchone()[0] != 0 or db.table_names():
         raise StoreError(f"{path} is an SQLite database of something else")
     db.executescript(SCHEMA)  # in a transaction sqlite-utils runs it statement by statement, without a commit
     db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    db.execute("INSERT INTO meta (key, value) VALUES (?, 1)", (ENROLLMENTS_INDEXED,))
+
+
+def _index_enrollments(db: Database) -> None:
+    """Index every stored enrollment vertex under its device, once per file (a file written before a device
+    could be enrolled once per gateway indexed none: its concurrent duplicates are found here)."""
+    if db.execute("SELECT 1 FROM meta WHERE key = ?", (ENROLLMENTS_INDEXED,)).fetchone() is not None:
+        return
+    state = SqlState(db.conn)
+    rows = db.execute("SELECT data FROM vertices WHERE kind = ? AND length(data) > 0", (DEVICE_ENROLL,)).fetchall()
+    for (data,) in rows:
+        vertex = Vertex.decode(data)
+        state.note_enrollment(vertex, vertex.body["device"])
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, 1)", (ENROLLMENTS_INDEXED,))
 
 
 def _rebuild(db: Database) -> None:
@@ -172,3 +197,4 @@ def _rebuild(db: Database) -> None:
     for (data,) in rows:
         apply(Vertex.decode(data), state)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, 1)", (ENROLLMENTS_INDEXED,))

@@ -35,6 +35,7 @@ from protocol import cbor
 from protocol.digest import sha256
 from protocol.errors import SchemaError
 from protocol.fields import is_int
+from protocol.keys import identity_id
 
 from .state import MemoryState
 from .vertex import Vertex
@@ -127,6 +128,7 @@ def memory_state(doc: dict[str, Any], genesis: Vertex, loader: Any = None) -> Me
     keys = [row[0] for row in doc["devices"]]
     for key, name, policy, vertex in doc["devices"]:
         state.devices[key] = (name, policy, ids[vertex])
+        state.enrollments[key] = [(ids[vertex], identity_id(doc["vertices"][vertex][2]))]  # the first only
     for device, reason, vertex in doc["revocations"]:
         state.revoked[keys[device]] = (reason, ids[vertex])
     for digest, device, vertex in doc["records"]:

@@ -20,7 +20,7 @@ from typing import Any
 from protocol.keys import identity_id
 
 from .errors import LedgerError
-from .kinds import GENESIS
+from .kinds import DEVICE_ENROLL, GENESIS
 from .vertex import Vertex
 
 KEEP_SNAPSHOTS = 2  # the snapshots of the newest checkpoints, served to gateways that bootstrap
@@ -135,6 +135,20 @@ class SqlState:
         found = self._one("SELECT vertex FROM devices WHERE public_key = ?", public_key.hex())
         return None if found is None else bytes.fromhex(found)
 
+    def enrollments_of(self, public_key: bytes) -> list[tuple[bytes, str]]:
+        # The first enrollment is in `devices` (also where a bootstrap snapshot put it); every enrollment
+        # vertex stored here is in the `contributions` table of (device, vertex) pairs.
+        rows = self.conn.execute(
+            """
+            SELECT v.id, v.creator FROM devices d JOIN vertices v ON v.id = d.vertex WHERE d.public_key = :key
+            UNION
+            SELECT v.id, v.creator FROM devices d JOIN contributions c ON c.device = d.n
+            JOIN vertices v ON v.n = c.vertex WHERE d.public_key = :key AND v.kind = :kind
+            """,
+            {"key": public_key.hex(), "kind": DEVICE_ENROLL},
+        ).fetchall()
+        return [(bytes.fromhex(vid), creator) for vid, creator in rows]
+
     def revocation_of(self, public_key: bytes) -> bytes | None:
         found = self._one("SELECT vertex FROM revocations WHERE public_key = ?", public_key.hex())
         return None if found is None else bytes.fromhex(found)
@@ -231,11 +245,20 @@ class SqlState:
                 "INSERT INTO devices (public_key, id, name, policy, vertex) VALUES (?, ?, ?, ?, ?)",
                 (public_key.hex(), identity_id(public_key), name, policy, vertex.id_hex),
             )
-        elif self._earlier(vertex.id_hex, existing):  # concurrent enrollments: the canonically first one counts
+        elif self._earlier(vertex.id_hex, existing):  # enrollments by several gateways: the canonically first counts
             self.conn.execute(
                 "UPDATE devices SET name = ?, policy = ?, vertex = ? WHERE public_key = ?",
                 (name, policy, vertex.id_hex, public_key.hex()),
             )
+        self.note_enrollment(vertex, public_key)
+
+    def note_enrollment(self, vertex: Vertex, public_key: bytes) -> None:
+        """Index an enrollment vertex under its device (every one, first or not: `enrollments_of`)."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO contributions (device, vertex) SELECT d.n, v.n FROM devices d, vertices v"
+            " WHERE d.public_key = ? AND v.id = ?",
+            (public_key.hex(), vertex.id_hex),
+        )
 
     def add_revocation(self, vertex: Vertex, public_key: bytes, reason: str) -> None:
         existing = self._one("SELECT vertex FROM revocations WHERE public_key = ?", public_key.hex())

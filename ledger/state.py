@@ -62,6 +62,11 @@ class State(Protocol):
     def enrollment_of(self, public_key: bytes) -> bytes | None:
         """Id of the (canonically first) device.enroll vertex naming the device, or None."""
 
+    def enrollments_of(self, public_key: bytes) -> list[tuple[bytes, str]]:
+        """(vertex id, creator's identity id) of every device.enroll vertex naming the device (a device is
+        enrolled once per gateway), the canonically first included. A store that started from a
+        checkpoint knows, of those before it, only the first (the snapshot keeps no more)."""
+
     def revocation_of(self, public_key: bytes) -> bytes | None:
         """Id of the (canonically first) device.revoke vertex naming the device, or None."""
 
@@ -104,6 +109,7 @@ class MemoryState:
         self.admitted: dict[bytes, bytes] = {}  # every gateway ever, in admission order (= finality bit)
         self.departed: dict[bytes, bytes] = {}  # former member -> id of its gateway.leave vertex
         self.devices: dict[bytes, tuple[str, str, bytes]] = {}  # public key -> (name, policy, vertex id)
+        self.enrollments: dict[bytes, list[tuple[bytes, str]]] = {}  # public key -> [(vertex id, creator id)]
         self.revoked: dict[bytes, tuple[str, bytes]] = {}  # public key -> (reason, vertex id)
         self.updates: set[bytes] = set()
         self.records: dict[tuple[bytes, bytes], bytes] = {}  # (device, digest) -> updates vertex id
@@ -170,6 +176,9 @@ class MemoryState:
         found = self.devices.get(public_key)
         return None if found is None else found[2]
 
+    def enrollments_of(self, public_key: bytes) -> list[tuple[bytes, str]]:
+        return list(self.enrollments.get(public_key, ()))
+
     def revocation_of(self, public_key: bytes) -> bytes | None:
         found = self.revoked.get(public_key)
         return None if found is None else found[1]
@@ -205,6 +214,7 @@ class MemoryState:
 
     def add_device(self, vertex: Vertex, public_key: bytes, name: str, policy: str) -> None:
         self.devices.setdefault(public_key, (name, policy, vertex.id))
+        self.enrollments.setdefault(public_key, []).append((vertex.id, vertex.creator_id))
 
     def add_revocation(self, vertex: Vertex, public_key: bytes, reason: str) -> None:
         self.revoked.setdefault(public_key, (reason, vertex.id))

@@ -20,9 +20,11 @@ the same connection, sets the pragmas and creates or upgrades the schema.
 
 from __future__ import annotations
 
+import math
+import numbers
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -39,12 +41,14 @@ from .kind_rules import snapshot_of
 from .kinds import (
     AGGREGATE,
     CHECKPOINT,
+    CONTRIBUTIONS,
     DEVICE_ENROLL,
     DEVICE_REVOKE,
     GATEWAY_JOIN,
     GATEWAY_LEAVE,
     GENESIS,
     LINEAGE,
+    MAX_RECORDS,
     UPDATES,
 )
 from .queries import LedgerQueries
@@ -286,32 +290,39 @@ class Ledger(LedgerQueries):
         """Retire a gateway for good (root key only); its later vertices are refused."""
         return self.append(GATEWAY_LEAVE, {"gateway": public_key, "reason": reason})
 
-    def enroll_device(self, public_key: bytes, name: str, policy: str) -> Vertex:
-        """Enroll a device. Idempotent: if it is enrolled already, returns the existing
-        `device.enroll` vertex unchanged (its name and policy stay as first enrolled).
+    def enroll_device(self, public_key: bytes, name: str, policy: str, evidence: bytes | None = None) -> Vertex:
+        """Enroll a device as this gateway, with the evidence its policy admitted it on (`ledger.kinds`:
+        a voucher's encoding under "voucher", else b""; None writes the first form of the body, without it).
 
+        Idempotent per gateway: if this gateway enrolled the device already, returns that `device.enroll`
+        vertex unchanged (its name, policy and evidence stay as first written). An enrollment by another
+        gateway does not count: each gateway admits a device on its own policy, so this one writes its own.
         A revoked device is refused (`DeviceRevoked`): re-admission needs a new key.
         """
         if isinstance(public_key, bytes) and self.is_revoked(public_key):
             raise DeviceRevoked(f"device {identity_id(public_key)} was revoked; re-admission needs a new key")
-        existing = self._enroll_vertex(public_key)
+        existing = self._own_enrollment(public_key)
         if existing is not None:
             return existing
+        body: dict[str, Any] = {"device": public_key, "name": name, "policy": policy}
+        if evidence is not None:
+            body["evidence"] = evidence
         try:
-            return self.append(DEVICE_ENROLL, {"device": public_key, "name": name, "policy": policy})
-        except AlreadyEnrolled:  # another writer enrolled it between the two steps
-            existing = self._enroll_vertex(public_key)
-            assert existing is not None
+            return self.append(DEVICE_ENROLL, body)
+        except AlreadyEnrolled:  # another writer with this key enrolled it between the two steps
+            existing = self._own_enrollment(public_key)
+            if existing is None:  # enrolled before the checkpoint this store started from: no bytes here
+                raise
             return existing
 
-    def _enroll_vertex(self, public_key: bytes) -> Vertex | None:
-        if not isinstance(public_key, bytes):
-            return None  # not a key at all: append's schema check names the problem
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT vertex FROM devices WHERE public_key = ?", (public_key.hex(),)
-            ).fetchone()
-        return None if row is None else self.get(bytes.fromhex(row[0]))
+    def _own_enrollment(self, public_key: bytes) -> Vertex | None:
+        """This gateway's `device.enroll` vertex for the device, if it has one here (with its bytes)."""
+        if not isinstance(public_key, bytes) or self.identity is None:
+            return None  # not a key at all: append's schema check names the problem (or NoIdentity)
+        for record in self.enrollments(public_key):
+            if record.creator == self.identity.id:
+                return self.get(record.vertex)
+        return None
 
     def revoke_device(self, public_key: bytes, reason: str) -> Vertex:
         """Revoke an enrolled device's key for good, saying why (at most 256 characters).
@@ -342,11 +353,34 @@ class Ledger(LedgerQueries):
         )
 
     def record_aggregate(
-        self, round: int, strategy: str, base: bytes, inputs: list[bytes], output: bytes
+        self, round: int, strategy: str, base: bytes, inputs: Sequence[bytes] | Sequence[tuple[bytes, float | None]],
+        output: bytes, rule: str | None = None,
     ) -> Vertex:
-        """Record a round's new model (`output`) and the recorded updates it was built from."""
-        body = {"round": round, "strategy": strategy, "base": base, "inputs": list(inputs), "output": output}
+        """Record a round's new model (`output`) and the recorded updates it was built from.
+
+        Without `rule`, `inputs` are update digests (the first form of the body). With `rule` (how the
+        strategy combined them: "weighted", "selected", "coordinate"), `inputs` are (update digest, effective
+        weight) pairs: the inputs that shaped the model, each weight in [0, 1], None under "coordinate".
+        """
+        listed = list(inputs) if rule is None else [_as_floats(item, 1) for item in inputs]
+        body: dict[str, Any] = {"round": round, "strategy": strategy, "base": base, "inputs": listed,
+                                "output": output}
+        if rule is not None:
+            body["rule"] = rule
         return self.append(AGGREGATE, body)
+
+    def record_contributions(
+        self, round: int, model: bytes, scores: Sequence[tuple[bytes, bytes, float]]
+    ) -> list[Vertex]:
+        """Record each accepted update's contribution score to a round's model (`model`: its aggregate's
+        output): (device public key, update digest, score), every pair a recorded update of that device.
+
+        A big round is written in several `contributions` vertices of at most `MAX_RECORDS` scores each,
+        each its own transaction; returns them. Nothing is written for no scores.
+        """
+        rows = [_as_floats(item, 2) for item in scores]
+        return [self.append(CONTRIBUTIONS, {"round": round, "model": model, "scores": rows[i:i + MAX_RECORDS]})
+                for i in range(0, len(rows), MAX_RECORDS)]
 
     def record_lineage(
         self, model: bytes, version: int, previous: bytes, reason: str, architecture: str
@@ -362,3 +396,23 @@ class Ledger(LedgerQueries):
         body = {"model": model, "version": version, "previous": previous, "reason": reason,
                 "architecture": architecture}
         return self.append(LINEAGE, body)
+
+
+
+def _as_floats(item: Any, index: int) -> Any:
+    """A list item (a tuple becomes a list) whose number at `index` is a Python float, as the body schema
+    wants it (a caller may hold an int or a numpy scalar). Anything else passes on for the schema to refuse."""
+    if not isinstance(item, list | tuple):
+        return item
+    row = list(item)
+    if len(row) > index and _is_number(row[index]):
+        row[index] = float(row[index])
+    return row
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number that is not a bool (NaN and infinity pass on unchanged, for the schema to refuse)."""
+    try:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return False

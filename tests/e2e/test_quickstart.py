@@ -167,9 +167,10 @@ def test_the_ledger_verifies_and_holds_every_round(run):
     assert ledger["verified"] is True
     with sqlite3.connect(ledger["path"]) as db:
         kinds = dict(db.execute("select kind, count(*) from vertices group by kind").fetchall())
-    # the lineage starts once (its first model), then one aggregate per round
-    assert kinds == {"genesis": 1, "device.enroll": 5, "lineage": 1, "updates": 5, "aggregate": 5}
-    assert ledger["height"] == 17
+    # the lineage starts once (its first model), then per round its updates, aggregate and their scores
+    assert kinds == {"genesis": 1, "device.enroll": 5, "lineage": 1, "updates": 5, "aggregate": 5,
+                     "contributions": 5}
+    assert ledger["height"] == 22
 
 
 def test_flipping_one_byte_of_an_updates_vertex_makes_verify_name_it(run, tmp_path):
@@ -224,7 +225,7 @@ def test_dot_draws_one_rounds_part_of_the_dag(run):
     done = subprocess.run([sys.executable, "-m", "ledger.cli", "dot", "--db", path, "--round", "2"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("round 2") == 2  # its updates and aggregate vertices
+    assert done.stdout.count("round 2") == 3  # its updates, aggregate and contributions vertices
     assert "round 3" not in done.stdout and "->" in done.stdout
 
 

@@ -5,7 +5,11 @@ enrollments, an updates batch with real device signatures). The flood is made
 of their mutants: bytes bent, CBOR restructured, or re-signed by a key that is
 no member. Each message must end exactly one way: refused and counted by
 reason, held as waiting for parents (a signed vertex whose parents are
-unknown), or ignored because it decodes to a vertex already held. The stored
+unknown), or ignored because it decodes to a vertex already held. The peer's
+vertices cover every kind a gateway writes as it runs, in their current forms:
+an enrollment carrying a voucher as evidence (of a device this gateway enrolled
+too: once per gateway), an aggregate naming its rule and weighted inputs, and
+contribution scores. The stored
 DAG and its state digest must not move; the peer's real next vertex is still
 applied afterwards. Version vectors, wants and checkpoint snapshots get the
 same treatment (a bootstrapping replica for the snapshots).
@@ -23,6 +27,7 @@ from ledger import gossip as g
 from ledger.store import Ledger
 from ledger.vertex import DOMAIN, Vertex
 from protocol import cbor, envelope
+from protocol.digest import sha256
 from protocol.errors import ProtocolError
 
 VERTEX_FLOOD = 20_000
@@ -53,6 +58,10 @@ def city(tmp_path):
     sealed = envelope.open_verified(world.reply(world.DEVICE, gateway=world.PEER.id), "reply")
     b.record_updates(world.PEER.id, world.ROUND, world.TASK, world.BASE,
                      [(world.DEVICE.public_key, sealed.body["digest"], 16, sealed.sig)])
+    model = sha256(b"round 3 model")
+    b.record_aggregate(world.ROUND, "MultiKrum", world.BASE, [(sealed.body["digest"], 1.0)], model, rule="selected")
+    b.record_contributions(world.ROUND, model, [(world.DEVICE.public_key, sealed.body["digest"], 0.5)])
+    b.enroll_device(world.STRANGER.public_key, "vouched", "voucher", world.voucher(world.STRANGER))
     a.enroll_device(world.STRANGER.public_key, "mine", "open")
     held_back = b.enroll_device(world.REVOKED.public_key, "late", "open")
     published = Published()

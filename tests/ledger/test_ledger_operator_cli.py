@@ -138,7 +138,8 @@ def test_enroll_appends_a_device_enroll_vertex_signed_by_the_gateway(
         vertex = ledger.get(bytes.fromhex(line["vertex"]))
         assert ledger.is_enrolled(device.public_key)
     assert vertex is not None and vertex.creator == gateway.public_key
-    assert vertex.body == {"device": device.public_key, "name": "pi-north", "policy": "operator"}
+    # The operator's word is the evidence: the body carries empty evidence under policy "operator".
+    assert vertex.body == {"device": device.public_key, "name": "pi-north", "policy": "operator", "evidence": b""}
     assert policy.returncode == 0 and json.loads(policy.stdout)["policy"] == "field-visit"
     assert verify_store(closed).ok
 

@@ -209,7 +209,7 @@ def test_sign_refuses_a_body_that_breaks_its_kind(kind: str, body: dict) -> None
 
 def test_every_kind_has_rules() -> None:
     assert set(kinds.KINDS) == {"genesis", "gateway.join", "gateway.leave", "device.enroll", "device.revoke",
-                                "updates", "aggregate", "checkpoint", "lineage"}
+                                "updates", "aggregate", "checkpoint", "lineage", "contributions"}
 
 
 def test_update_record_is_compact() -> None:
