@@ -4,6 +4,9 @@
     python -m hw.adversary --attack scaling --scale 10 --config agent.toml
     python -m hw.adversary --attack gaussian_noise --sigma 1.0 --config agent.toml
     python -m hw.adversary --attack sybil --sybil-payload sign_flip --config agent.toml
+    python -m hw.adversary --attack inflate_examples --scale 0.1 --config agent.toml
+    python -m hw.adversary --attack crafted --collude /run/collusion/gw-1 --colluders 3 --fleet-size 10 --config agent.toml
+    python -m hw.adversary --attack under_bound --bound-multiple 2.0 --config agent.toml
 
 The config is the same agent TOML as `starling-agent run --config`, and the
 start-up mirrors `agent.cli._run` (replay file or live sensors through
@@ -28,6 +31,15 @@ Each attack is one small class that hooks the agent at the narrowest point:
     sybil             a fresh key, no voucher; pushes         enroll: `no_voucher` / `not_allowed`; its pushed
                       unsolicited updates while unenrolled     updates: `unknown_device`. Under policy "open" it
                                                                is enrolled and acts as its payload attack.
+    inflate_examples  the training reply's example count      accepts it (the claim is in the signed reply);
+                      (--claim, 10,000,000) and a sign flip    the [aggregation] weights rule caps what it
+                      boosted --scale times (default 4)        weighs ("capped": 2 x the median claim)
+    crafted           "A little is enough" (Baruch et al.     accepts it; it hides inside the honest spread:
+                      2019): the colluders' coordinate-wise    robust rules and norm bounds barely see it
+                      mean minus z x their std, z from the
+                      paper's formula (--fleet-size) or --z
+    under_bound       -0.99 x --bound-multiple x its honest   accepts it; a [defense] median_multiple bound of
+                      delta: flipped, just inside the bound    that multiple does not cut it (robust rules may)
 
 The update attacks (sign_flip, scaling, gaussian_noise, free_rider) wrap
 `agent.learner.train`: `agent.service` is given a view of `agent.learner`
@@ -36,20 +48,33 @@ thread is calling, and is the real `train` for every other agent, so honest
 and adversarial agents can share one process. The update is decoded with
 `schemas.decode_update`, transformed, and re-encoded with the task's codec,
 then sealed and signed by the unchanged agent code.
+
+inflate_examples changes the `examples` of the outcome its `train` returns:
+the agent signs `{"examples": outcome.examples}`, so the inflated claim is
+what the device signs (only training replies; its evaluation replies claim
+their true counts, so the run's accuracy stays the fleet's). crafted needs
+its colluders' honest deltas: each writes its own to the rendezvous folder
+`--collude DIR` (`<DIR>/<round>-<task>/<device id>.npz`, atomically), waits
+until `--colluders` of them are there or COLLUDE_WAIT_S passed, and computes
+mu and sigma over what it finds (`Crafted` says what it does alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
 import math
+import secrets
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -60,12 +85,14 @@ from agent.config import AgentConfig
 from agent.samples import LocalData
 from agent.service import Agent
 from protocol import cbor, envelope, schemas
+from protocol.atomic import write_atomic
 from protocol.keys import Identity
 from protocol.logs import event
 
 log = logging.getLogger("starling.adversary")
 
-ATTACKS = ("sign_flip", "scaling", "gaussian_noise", "label_flip", "free_rider", "replay", "forged_signature", "sybil")
+ATTACKS = ("sign_flip", "scaling", "gaussian_noise", "label_flip", "free_rider", "replay", "forged_signature", "sybil",
+           "inflate_examples", "crafted", "under_bound")
 # What a sybil does once a gateway with policy "open" has enrolled it.
 SYBIL_PAYLOADS = ("none", "sign_flip", "scaling", "gaussian_noise", "label_flip", "free_rider")
 SYBIL_RETRY_S = 0.5  # how often a sybil asks to enroll (and pushes an update) again
@@ -81,7 +108,14 @@ EXPECTED = {
     "replay": ("replay", "stale_round"),
     "forged_signature": ("bad_signature",),
     "sybil": ("unknown_device",),  # and its enrollment: no_voucher / not_allowed (accepted under "open")
+    "inflate_examples": ("accepted",),  # validly signed: only the weights rule (and robust strategies) can help
+    "crafted": ("accepted",),
+    "under_bound": ("accepted",),
 }
+INFLATED_CLAIM = 10_000_000  # protocol.schemas.MAX_EXAMPLES: the largest claim a reply may carry
+INFLATE_SCALE = 4.0  # inflate_examples sends -INFLATE_SCALE x its honest delta (boosted, as attacks.toml)
+COLLUDE_WAIT_S = 5.0  # crafted: how long a colluder waits for the others' deltas
+BOUND_MULTIPLE = 2.0  # under_bound: the gateway's default [defense] median_multiple
 
 Train = Callable[..., _learner.Outcome]
 
@@ -114,6 +148,9 @@ class Attack:
     def intercept_task(self, agent: AdversarialAgent, payload: bytes) -> bool:
         """Handle a task instead of the agent (True), or leave it to the agent (False)."""
         return False
+
+    def begin_task(self, exchange: str) -> None:
+        """Called before the agent handles a task: its exchange, `<round>-<task id>` ("" if unreadable)."""
 
     def after_task(self, agent: AdversarialAgent, payload: bytes) -> None:
         """Called after the agent answered a task."""
@@ -404,14 +441,163 @@ def unsolicited_reply(identity, gateway_id: str, shapes: dict[str, tuple[int, ..
     return envelope.seal(identity, "reply", ctx, {"examples": 64}, attachment)
 
 
-def make_attack(name: str, *, scale: float = 10.0, sigma: float = 1.0, num_classes: int | None = None,
-                payload: str = "sign_flip", seed: int | None = None) -> Attack:
+# --- trust: weights and bounds -------------------------------------------------------------
+
+
+class InflateExamples(UpdateAttack):
+    """Claims `claim` examples (default 10,000,000, the most a reply may carry) for every training reply
+    and sends -`scale` x its honest delta (a sign flip, boosted when scale > 1).
+
+    The claim is the reply's `examples`, which the device's signature covers: the agent seals
+    `{"examples": outcome.examples}` of the outcome this attack returns, so the gateway gets a validly
+    signed inflated claim and accepts it. Under `[aggregation] weights = "reported"` (Flower's default)
+    FedAvg weighs it ~claim / (claim + the fleet's honest examples), ~1: the flipped update replaces
+    the round's model step. Under "capped" it weighs at most 2 x the median claim. Evaluation replies
+    keep their true counts (the run's accuracy stays a fleet-wide figure)."""
+
+    name = "inflate_examples"
+
+    def __init__(self, scale: float = INFLATE_SCALE, claim: int = INFLATED_CLAIM) -> None:
+        super().__init__()
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive number (it sends -scale x its delta), got {scale}")
+        if not 1 <= claim <= schemas.MAX_EXAMPLES:
+            raise ValueError(f"claim must be between 1 and {schemas.MAX_EXAMPLES}, got {claim}")
+        self.scale = float(scale)
+        self.claim = int(claim)
+
+    def transform(self, delta):
+        return {k: v * np.float32(-self.scale) for k, v in delta.items()}
+
+    def train(self, real_train, model, base, data, task, rng, max_seconds=0.0, max_samples=0):
+        out = super().train(real_train, model, base, data, task, rng, max_seconds, max_samples)
+        return _learner.Outcome(out.attachment, self.claim, out.metrics)
+
+
+def alie_z(devices: int, attackers: int) -> float:
+    """Baruch et al. 2019's z_max for `devices` participants of which `attackers` collude: with
+    s = floor(n/2 + 1) - m honest devices needed as "supporters", z_max = Phi^-1((n - s) / n)."""
+    if not 1 <= attackers <= devices:
+        raise ValueError(f"need 1 <= attackers <= devices, got {attackers} of {devices}")
+    supporters = devices // 2 + 1 - attackers
+    share = (devices - supporters) / devices
+    return float(NormalDist().inv_cdf(min(max(share, 1e-6), 1 - 1e-6)))
+
+
+class Crafted(UpdateAttack):
+    """"A little is enough" (Baruch, Baruch and Goldberg, NeurIPS 2019): the colluders send the
+    honest updates' coordinate-wise mean shifted against their spread, `mu - z * sigma`, which stays
+    inside the spread of honest updates (each coordinate within z standard deviations of the mean),
+    so median, trimmed-mean, Krum and norm-bound defences hardly tell it from an honest update.
+
+    mu and sigma (the population std, coordinate-wise) come from the colluders' own honestly trained
+    deltas: each writes its delta to `<collude>/<exchange>/<device>.npz` (atomically), waits until
+    `colluders` deltas are there or `wait_s` passed, and uses what it finds. Alone (no folder, or no
+    other delta arrived in time) it takes its own delta d as mu and |d| as sigma (one sample has no
+    spread; on non-IID data honest deltas differ about as much as their own size, coordinate by
+    coordinate), so it sends d - z|d|. `z`: given, else the paper's z_max for `fleet` devices and
+    `colluders` attackers (`alie_z`), else 1.0."""
+
+    name = "crafted"
+
+    def __init__(self, collude: str | Path | None = None, colluders: int = 1, z: float | None = None,
+                 fleet: int | None = None, wait_s: float = COLLUDE_WAIT_S, device: str = "") -> None:
+        super().__init__()
+        if colluders < 1:
+            raise ValueError(f"colluders must be at least 1, got {colluders}")
+        if z is not None and not (math.isfinite(z) and z >= 0):
+            raise ValueError(f"z must be a finite number >= 0, got {z}")
+        self.collude = Path(collude) if collude else None
+        self.colluders = int(colluders)
+        self.z = float(z) if z is not None else alie_z(fleet, colluders) if fleet else 1.0
+        self.wait_s = float(wait_s)
+        self.device = device or secrets.token_hex(8)
+        self.exchange = ""
+        self.seen: list[int] = []  # how many colluders' deltas each crafted update was computed from
+
+    def begin_task(self, exchange):
+        self.exchange = exchange
+
+    def transform(self, delta):
+        deltas = self.gather(delta)
+        self.seen.append(len(deltas))
+        return craft(deltas, self.z)
+
+    def gather(self, delta: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Every colluder's honest delta for this exchange (this device's first), as far as they arrive in time."""
+        if self.collude is None or not self.exchange:
+            return [delta]
+        folder = self.collude / self.exchange.replace("/", "_")
+        buffer = io.BytesIO()
+        np.savez(buffer, **delta)
+        write_atomic(folder / f"{self.device}.npz", buffer.getvalue())
+        end = time.monotonic() + self.wait_s
+        while len(list(folder.glob("*.npz"))) < self.colluders and time.monotonic() < end:
+            time.sleep(0.05)
+        out = [delta]
+        for path in sorted(folder.glob("*.npz")):
+            if path.stem == self.device:
+                continue
+            try:
+                with np.load(path) as npz:
+                    other = {k: np.asarray(npz[k], np.float32) for k in delta}
+            except (OSError, KeyError, ValueError):  # not ours, or not this model's: ignore it
+                continue
+            if all(other[k].shape == np.shape(delta[k]) for k in delta):
+                out.append(other)
+        event(log, "attack.collude", exchange=self.exchange, deltas=len(out), z=round(self.z, 4))
+        return out
+
+
+def craft(deltas: list[dict[str, np.ndarray]], z: float) -> dict[str, np.ndarray]:
+    """`mu - z * sigma` coordinate-wise over `deltas` (the population std); one delta d: d - z|d|."""
+    out = {}
+    for k in deltas[0]:
+        stack = np.stack([np.asarray(d[k], np.float64) for d in deltas])
+        mu = stack.mean(axis=0)
+        sigma = stack.std(axis=0) if len(deltas) > 1 else np.abs(stack[0])
+        out[k] = (mu - z * sigma).astype(np.float32)
+    return out
+
+
+class UnderBound(UpdateAttack):
+    """A sign flip scaled to just under the gateway's norm bound: sends `-0.99 * multiple * d` (norm
+    0.99 x multiple x |d|), where `multiple` is the `[defense] median_multiple` it assumes (the README
+    names the default, 2.0) and its own honest |d| is its estimate of the round's median update norm.
+    A norm bound of that multiple lets it through uncut: it is the strongest flip the bound admits."""
+
+    name = "under_bound"
+
+    def __init__(self, multiple: float = BOUND_MULTIPLE, margin: float = 0.99) -> None:
+        super().__init__()
+        if not (math.isfinite(multiple) and multiple > 0):
+            raise ValueError(f"bound multiple must be a positive number, got {multiple}")
+        self.multiple = float(multiple)
+        self.margin = float(margin)
+
+    def transform(self, delta):
+        return {k: v * np.float32(-self.margin * self.multiple) for k, v in delta.items()}
+
+
+def make_attack(name: str, *, scale: float | None = None, sigma: float = 1.0, num_classes: int | None = None,
+                payload: str = "sign_flip", seed: int | None = None, claim: int = INFLATED_CLAIM,
+                collude: str | Path | None = None, colluders: int = 1, z: float | None = None,
+                fleet: int | None = None, bound_multiple: float = BOUND_MULTIPLE, device: str = "") -> Attack:
     """The attack called `name` (one of ATTACKS). `num_classes` is needed by label_flip (also as a
-    sybil payload); `payload` is what a sybil does once enrolled ("none": train honestly)."""
+    sybil payload); `payload` is what a sybil does once enrolled ("none": train honestly). `scale`:
+    scaling's factor (default 10), inflate_examples' boost (default INFLATE_SCALE); `claim`:
+    inflate_examples'; `collude`, `colluders`, `z`, `fleet`, `device`: crafted's (see `Crafted`);
+    `bound_multiple`: under_bound's."""
     if name == "sign_flip":
         return SignFlip()
     if name == "scaling":
-        return Scaling(scale)
+        return Scaling(10.0 if scale is None else scale)
+    if name == "inflate_examples":
+        return InflateExamples(INFLATE_SCALE if scale is None else scale, claim)
+    if name == "crafted":
+        return Crafted(collude, colluders, z, fleet, device=device)
+    if name == "under_bound":
+        return UnderBound(bound_multiple)
     if name == "gaussian_noise":
         return GaussianNoise(sigma, seed)
     if name == "free_rider":
@@ -460,6 +646,15 @@ def _install_view() -> None:
         _service.learner = _LearnerView(_service.learner)
 
 
+def _exchange_of(payload: bytes) -> str:
+    """`<round>-<task id>` of a task, unverified ("" if it does not decode): the agent checks it anyway."""
+    try:
+        ctx = envelope.decode(payload).ctx
+    except Exception:  # noqa: BLE001 (a bad task is the agent's to refuse)
+        return ""
+    return f"{ctx.round:06d}-{ctx.task}"
+
+
 class AdversarialAgent(Agent):
     """`Agent` with an `Attack`: `AdversarialAgent(config, identity, model, data, attack).run(stop)`."""
 
@@ -472,6 +667,7 @@ class AdversarialAgent(Agent):
     def _handle_task(self, payload: bytes, saved: str = "") -> None:
         _current.attack = self.attack
         try:
+            self.attack.begin_task(_exchange_of(payload))
             if self.attack.intercept_task(self, payload):
                 return
             super()._handle_task(payload, saved)
@@ -493,7 +689,9 @@ class AdversarialAgent(Agent):
 
 def adversary_command(attack: str, config_path: str | Path, *, scale: float | None = None,
                       sigma: float | None = None, payload: str | None = None, log_level: str = "INFO",
-                      python: str = sys.executable) -> list[str]:
+                      python: str = sys.executable, claim: int | None = None, collude: str | Path | None = None,
+                      colluders: int | None = None, z: float | None = None, fleet: int | None = None,
+                      bound_multiple: float | None = None) -> list[str]:
     """The command line that runs one adversarial device (an agent TOML, as for `starling-agent run`)."""
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}: one of {', '.join(ATTACKS)}")
@@ -504,6 +702,18 @@ def adversary_command(attack: str, config_path: str | Path, *, scale: float | No
         cmd += ["--sigma", repr(float(sigma))]
     if payload is not None:
         cmd += ["--sybil-payload", payload]
+    if claim is not None:
+        cmd += ["--claim", str(int(claim))]
+    if collude is not None:
+        cmd += ["--collude", str(collude)]
+    if colluders is not None:
+        cmd += ["--colluders", str(int(colluders))]
+    if z is not None:
+        cmd += ["--z", repr(float(z))]
+    if fleet is not None:
+        cmd += ["--fleet-size", str(int(fleet))]
+    if bound_multiple is not None:
+        cmd += ["--bound-multiple", repr(float(bound_multiple))]
     return cmd
 
 
@@ -512,10 +722,25 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Run a Starling agent that attacks the federation (emulator only).")
     parser.add_argument("--attack", required=True, choices=ATTACKS)
     parser.add_argument("--config", required=True, help="agent TOML config file (as for starling-agent run)")
-    parser.add_argument("--scale", type=float, default=10.0, help="scaling: the factor (default 10)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="scaling: the factor (default 10); inflate_examples: sends -scale x its delta "
+                             f"(default {INFLATE_SCALE:g})")
     parser.add_argument("--sigma", type=float, default=1.0, help="gaussian_noise: the standard deviation (default 1)")
     parser.add_argument("--sybil-payload", default="sign_flip", choices=SYBIL_PAYLOADS,
                         help="sybil: what it does if a gateway enrolls it (default sign_flip)")
+    parser.add_argument("--claim", type=int, default=INFLATED_CLAIM,
+                        help=f"inflate_examples: the example count it claims (default {INFLATED_CLAIM:,})")
+    parser.add_argument("--collude", metavar="DIR", help="crafted: the colluders' rendezvous folder (none: alone)")
+    parser.add_argument("--colluders", type=int, default=1,
+                        help="crafted: how many attackers collude, this one included (default 1)")
+    parser.add_argument("--z", type=float, default=None,
+                        help="crafted: sends mu - z x sigma (default: the paper's z_max for --fleet-size "
+                             "devices and --colluders attackers; without --fleet-size 1.0)")
+    parser.add_argument("--fleet-size", type=int, default=None,
+                        help="crafted: how many devices take part in a round (for the default z)")
+    parser.add_argument("--bound-multiple", type=float, default=BOUND_MULTIPLE,
+                        help="under_bound: the gateway's [defense] median_multiple it stays under "
+                             f"(default {BOUND_MULTIPLE:g}, the gateway's default)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -551,7 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         attack = make_attack(args.attack, scale=args.scale, sigma=args.sigma, payload=args.sybil_payload,
                              num_classes=num_classes(manifest) if needs_labels(manifest) else None,
-                             seed=identity.node_id % 2**32)
+                             seed=identity.node_id % 2**32, claim=args.claim, collude=args.collude,
+                             colluders=args.colluders, z=args.z, fleet=args.fleet_size,
+                             bound_multiple=args.bound_multiple, device=identity.id)
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,13 @@ Adversaries (`[[adversary]]`): a seeded choice of devices runs `python -m
 hw.adversary --attack ...` instead of the agent; the report's `attacks`
 lists each attack's devices, what the gateways did with their replies (from
 each device's retained status: accepted, rejected by reason) and the outcome
-hw.adversary.EXPECTED says it should get.
+hw.adversary.EXPECTED says it should get. The crafted attackers of one
+gateway collude through `<workdir>/collusion/<gateway>` (each is told the
+folder, how many colluders meet there and its gateway's fleet size).
+
+Trust (`[aggregation]`, `[defense]`): the scenario's tables go verbatim into
+every gateway's config (checked at load by the gateway's own parser); a
+variant overrides them key by key, or drops them with an empty table.
 
 Variants (`[[variant]]`): the scenario runs once per variant, one after
 another, each in `<workdir>/<variant>/` with its own report.json and
@@ -168,6 +174,9 @@ def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], 
                    "wait_devices_s": scenario.timeout_s if wait_real_device else 120.0},
         # The emulator's devices are its own; with real devices joining, vouchers gate enrollment.
         "enrollment": enrollment or {"policy": "open"},
+        # The scenario's [aggregation] and [defense], verbatim (checked at load by the gateway's own parser).
+        **{section: dict(table) for section, table in (("aggregation", scenario.aggregation),
+                                                       ("defense", scenario.defense)) if table},
     }
     if manifest is not None:  # the synthetic model: its shapes and initial weights
         doc["model"] = {"manifest": str(manifest)}
@@ -230,7 +239,8 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
         _say(f"starling-emulate: {scenario.name}: {network.kind} broker on 127.0.0.1:{hub.port}{brokers_note}, "
              f"{len(gateways)} gateway{'s' if city else ''} "
              f"{', '.join(g.identity.id for g in gateways)}, {len(devices)} devices, "
-             f"{scenario.rounds} rounds of {scenario.strategy}{attack_note}{fault_note}")
+             f"{scenario.rounds} rounds of {scenario.strategy}"
+             f"{f' ({scenario.defense_label()})' if scenario.defense_label() else ''}{attack_note}{fault_note}")
         first = gateways[0]
         write_atomic(workdir / "run.json", json.dumps({
             "broker": {"host": hub.host, "port": hub.port, "kind": network.kind},
@@ -370,7 +380,13 @@ def _device_processes(scenario: Scenario, devices: list[tuple[str, Path]], gatew
             **({"budget": profile.budget_toml()} if profile and profile.budget_toml() else {}),
         })
         if name in attackers:
-            cmd = attackers[name][1].command(conf)
+            adversary = attackers[name][1]
+            if adversary.attack == "crafted":  # the crafted attackers of one gateway collude
+                colluders = sum(1 for n in g.devices if n in attackers and attackers[n][1].attack == "crafted")
+                cmd = adversary.command(conf, collude=workdir / "collusion" / g.name, colluders=colluders,
+                                        fleet=len(g.devices))
+            else:
+                cmd = adversary.command(conf)
         elif scenario.runner == "pool":  # pools are made per profile: a pool's process has one CPU share
             seed = scenario.seed * 100_003 + sum(map(len, pooled.values())) + 1
             pooled.setdefault(profile.name if profile else "", []).append((name, {"config": str(conf), "seed": seed}))
@@ -409,6 +425,8 @@ def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: th
         accuracy = [r.get("accuracy") for r in sub.get("rounds", [])]
         comparison.append({
             "name": variant.name, "strategy": variant.strategy, "attack": variant.attack_label(),
+            "defense": variant.defense_label(),  # [aggregation] and [defense] (None: the gateway's defaults)
+            "seconds": sub.get("seconds"),
             "final_accuracy": final_accuracy(sub),  # the last evaluated round's
             # False when the last rounds got no evaluation (e.g. the devices refused a diverged model)
             "last_round_evaluated": bool(accuracy) and accuracy[-1] is not None,
@@ -447,7 +465,8 @@ def _summary(report: dict[str, Any], report_path: Path) -> str:
         lines = [f"starling-emulate: {len(report['variants'])} runs in {report['seconds']:.0f} s, report {report_path}"]
         for c in report["comparison"]:
             acc = c["final_accuracy"]
-            lines.append(f"  {c['name']}: {c['strategy']}, attack {c['attack'] or 'none'}: final accuracy "
+            defense = f" ({c['defense']})" if c.get("defense") else ""
+            lines.append(f"  {c['name']}: {c['strategy']}{defense}, attack {c['attack'] or 'none'}: final accuracy "
                          f"{'-' if acc is None else f'{acc:.3f}'} ({c['state']}"
                          f"{'' if c['last_round_evaluated'] else ', the last rounds were not evaluated'})")
         return "\n".join(lines)

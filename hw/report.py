@@ -25,7 +25,7 @@ holds and says "not in this report" for what it does not:
                                                every gateway of a multi-gateway run
     faults [{t, kind, target, detail, t_end?}] the fault timeline
     attacks [{attack, fraction, devices, rejected: {reason: count}}]
-    comparison [{name, strategy, attack, final_accuracy, accuracy: [...]}]
+    comparison [{name, strategy, defense, attack, final_accuracy, accuracy: [...], seconds}]
 
 Any value may be missing or None (a round without evaluation has accuracy
 None): it is left out of the plots and shown as "–" in the tables.
@@ -709,10 +709,10 @@ def render_html(report: dict, plots: dict[str, Path], folder_rel: str, plot_note
     parts.append("<h2>Comparison</h2>\n")
     comparison = [c for c in _list(report.get("comparison")) if isinstance(c, dict)]
     if comparison:
-        parts.append(_table(["run", "strategy", "attack", "final accuracy"],
-                            ([esc(c.get("name")), esc(c.get("strategy") or "–"),
+        parts.append(_table(["run", "strategy", "weights / defense", "attack", "final accuracy"],
+                            ([esc(c.get("name")), esc(c.get("strategy") or "–"), esc(c.get("defense") or "–"),
                               esc(c.get("attack") or "none"), fmt(_num(c.get("final_accuracy")))]
-                             for c in comparison), [3]))
+                             for c in comparison), [4]))
         parts.append(_img(plots, "comparison", "accuracy by run", folder_rel))
     else:
         parts.append(_absent("strategy comparison"))

@@ -177,7 +177,7 @@ def attacks_section(scenario: Scenario, attackers: dict[str, tuple[int, Adversar
                  "devices": names, "accepted": accepted, "rejected": rejected, "skipped": skipped,
                  "expected": list(expected), "as_expected": attack_outcome(expected, accepted, rejected),
                  "per_device": per_device}
-        for key in ("scale", "sigma", "payload"):
+        for key in ("scale", "sigma", "payload", "claim", "z", "bound_multiple"):
             if getattr(adv, key) is not None:
                 entry[key] = getattr(adv, key)
         out.append(entry)

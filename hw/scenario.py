@@ -44,6 +44,22 @@
                                # (default 1; a boosted sign flip runs as hw.adversary's scaling by -scale)
     # sigma = 1.0              # gaussian_noise
     # payload = "sign_flip"    # sybil: what it does if enrolled (under fleet.enrollment = "open")
+    # scale = 4.0              # inflate_examples: sends -scale x its delta (default 4: a boosted sign flip) ...
+    # claim = 10000000         # ... and claims this many examples in its signed reply
+    # z = 0.5                  # crafted: sends mu - z x sigma of the colluders' honest deltas (default:
+                               # the paper's z_max for its gateway's devices and its colluders; the
+                               # crafted attackers of one gateway collude through <workdir>/collusion/<gw>)
+    # bound_multiple = 2.0     # under_bound: the [defense] median_multiple it stays just under
+
+    [aggregation]              # optional: goes verbatim into every gateway's config (gateway/config.py):
+    weights = "capped"         # what a reply weighs: "capped", "uniform" or "reported" (gateway/weights.py)
+    max_examples = 100000
+    median_multiple = 2.0
+
+    [defense]                  # optional: verbatim into every gateway's config: an UpdateBound around the
+    median_multiple = 2.0      # strategy (gateway/defense.py); both tables are checked at load with the
+    norm_bound = 0.0           # gateway's own parser
+    centered_clipping = false
 
     [[device_profile]]         # any number: a seeded share of the devices runs slower and leaner
     name = "old-pi"            # (hw/profiles.py)
@@ -73,7 +89,9 @@
     name = "fedavg"            # results merged into one report under "comparison"
     [variant.strategy]         # a variant holds any of the sections above (not [run]); a table
     name = "FedAvg"            # overrides the base section key by key, an `adversary` list
-                               # replaces the base list (`adversary = []`: a clean run)
+                               # replaces the base list (`adversary = []`: a clean run); an empty
+                               # `aggregation = {}` or `defense = {}` drops the base's table (the
+                               # gateway's default weights; no defense)
 
 (`[[run]]` would have been the natural name for variants, but TOML cannot
 hold both a `[run]` table and a `[[run]]` array.)
@@ -104,23 +122,29 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "strategy": {"name": str, "params": dict, "dp": dict},
     "training": {"epochs": int, "batch_size": int, "lr": NUMBER, "deadline_s": NUMBER, "model": str},
     "broker": {"kind": str},
+    "aggregation": {},  # keys and values: the gateway's own parser (_gateway_tables)
+    "defense": {},
 }
+GATEWAY_TABLES = ("aggregation", "defense")  # go verbatim into every gateway's config
 ARRAYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "adversary": {"attack": str, "fraction": NUMBER, "count": int, "scale": NUMBER, "sigma": NUMBER,
-                  "payload": str},
+                  "payload": str, "claim": int, "z": NUMBER, "bound_multiple": NUMBER},
     "variant": {"name": str},  # plus any section of SCHEMA but [run], and `adversary`
     "fault": {},  # checked by hw/faults.py
     "device_profile": {},  # checked by hw/profiles.py
     "link": {},  # checked by hw/profiles.py
 }
 PARAMS = {"sign_flip": ("scale",), "scaling": ("scale",), "gaussian_noise": ("sigma",),
-          "sybil": ("payload", "scale", "sigma")}
+          "sybil": ("payload", "scale", "sigma"), "inflate_examples": ("scale", "claim"), "crafted": ("z",),
+          "under_bound": ("bound_multiple",)}
+ATTACK_PARAMS = ("scale", "sigma", "payload", "claim", "z", "bound_multiple")
 PARTITIONS = ("subject", "dirichlet")
 ENROLLMENTS = ("open", "voucher")  # every device admitted; or only those with the run's operator voucher
 RUNNERS = ("process", "pool")  # a process per device (as on a real device), or many devices per process
 MODELS = ("imu_cnn", "synthetic")  # the real CNN, or hw/synthetic.py's cheap quadratic (for scale)
 WATCH_SUBJECTS = 10
 MAX_GATEWAYS = 32
+MAX_CLAIM = 10_000_000  # protocol.schemas.MAX_EXAMPLES
 
 
 class ScenarioError(ConfigError):
@@ -137,6 +161,9 @@ class Adversary:
     scale: float | None = None
     sigma: float | None = None
     payload: str | None = None
+    claim: int | None = None
+    z: float | None = None
+    bound_multiple: float | None = None
 
     def devices(self, total: int) -> int:
         """How many of `total` devices run this attack: `count`, or `fraction` rounded (at least 1)."""
@@ -145,17 +172,22 @@ class Adversary:
     def label(self) -> str:
         share = f"{self.fraction:.0%}" if self.fraction is not None else \
             f"{self.count} device{'' if self.count == 1 else 's'}"
-        boost = f" x{self.scale:g}" if self.attack == "sign_flip" and self.scale not in (None, 1.0) else ""
+        boost = f" x{self.scale:g}" if self.attack in ("sign_flip", "inflate_examples") \
+            and self.scale not in (None, 1.0) else ""
         return f"{self.attack}{boost} {share}"
 
-    def command(self, config_path: str | Path) -> list[str]:
-        """The `python -m hw.adversary ...` command line of one of these devices."""
+    def command(self, config_path: str | Path, *, collude: str | Path | None = None, colluders: int | None = None,
+                fleet: int | None = None) -> list[str]:
+        """The `python -m hw.adversary ...` command line of one of these devices; crafted attackers also get
+        their rendezvous folder `collude`, how many `colluders` meet there and their gateway's `fleet` size."""
         from .adversary import adversary_command  # noqa: PLC0415
 
         if self.attack == "sign_flip" and self.scale not in (None, 1.0):
             return adversary_command("scaling", config_path, scale=-self.scale)  # -scale x the honest delta
         scale = self.scale if self.attack != "sign_flip" else None
-        return adversary_command(self.attack, config_path, scale=scale, sigma=self.sigma, payload=self.payload)
+        crafted = {"collude": collude, "colluders": colluders, "fleet": fleet} if self.attack == "crafted" else {}
+        return adversary_command(self.attack, config_path, scale=scale, sigma=self.sigma, payload=self.payload,
+                                 claim=self.claim, z=self.z, bound_multiple=self.bound_multiple, **crafted)
 
 
 @dataclass(frozen=True)
@@ -189,6 +221,8 @@ class Scenario:
     faults: tuple[Fault, ...] = ()
     device_profiles: tuple[DeviceProfile, ...] = ()
     links: tuple[LinkSpec, ...] = ()
+    aggregation: dict[str, Any] = field(default_factory=dict)  # [aggregation], verbatim into the gateways' configs
+    defense: dict[str, Any] = field(default_factory=dict)  # [defense], likewise ({}: none)
 
     def devices_of(self, gateway: int) -> list[int]:
         """Indices (0-based) of the devices that belong to gateway `gateway` (0-based): i mod gateways."""
@@ -196,6 +230,18 @@ class Scenario:
 
     def attack_label(self) -> str | None:
         return ", ".join(a.label() for a in self.adversaries) or None
+
+    def defense_label(self) -> str | None:
+        """E.g. "weights reported; defense median_multiple=2.0" (None: the gateway's defaults)."""
+        parts = []
+        if "weights" in self.aggregation:
+            parts.append(f"weights {self.aggregation['weights']}")
+        rest = {k: v for k, v in self.aggregation.items() if k != "weights"}
+        if rest:
+            parts.append("aggregation " + ", ".join(f"{k}={v}" for k, v in rest.items()))
+        if self.defense:
+            parts.append("defense " + ", ".join(f"{k}={v}" for k, v in self.defense.items()))
+        return "; ".join(parts) or None
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -221,19 +267,24 @@ def _adversaries(items: Any, where: str = "adversary") -> tuple[Adversary, ...]:
         if attack not in ATTACKS:
             raise ScenarioError(f"{at}.attack: unknown attack {attack!r}; one of {', '.join(ATTACKS)}")
         check_share(at, table, ScenarioError)
-        for key in ("scale", "sigma"):
+        for key in ("scale", "sigma", "claim", "bound_multiple"):
             if key in table and not table[key] > 0:
                 raise ScenarioError(f"{at}.{key} must be positive, got {table[key]}")
+        if "z" in table and not table["z"] >= 0:
+            raise ScenarioError(f"{at}.z must not be negative, got {table['z']}")
+        if "claim" in table and table["claim"] > MAX_CLAIM:
+            raise ScenarioError(f"{at}.claim must be at most {MAX_CLAIM} (the most a reply may carry), "
+                                f"got {table['claim']}")
         allowed = PARAMS.get(attack, ())
-        for key in ("scale", "sigma", "payload"):
+        for key in ATTACK_PARAMS:
             if key in table and key not in allowed:
                 raise ScenarioError(f"{at}.{key} is not a parameter of {attack}"
                                     + (f" (it takes {', '.join(allowed)})" if allowed else " (it takes none)"))
         if "payload" in table and table["payload"] not in SYBIL_PAYLOADS:
             raise ScenarioError(f"{at}.payload must be one of {', '.join(SYBIL_PAYLOADS)}, not {table['payload']!r}")
-        out.append(Adversary(attack, float(table["fraction"]) if "fraction" in table else None, table.get("count"),
-                             None if "scale" not in table else float(table["scale"]),
-                             None if "sigma" not in table else float(table["sigma"]), table.get("payload")))
+        number = {key: float(table[key]) for key in ("fraction", "scale", "sigma", "z", "bound_multiple") if key in table}
+        out.append(Adversary(attack, number.get("fraction"), table.get("count"), number.get("scale"), number.get("sigma"),
+                             table.get("payload"), table.get("claim"), number.get("z"), number.get("bound_multiple")))
     return tuple(out)
 
 
@@ -243,7 +294,11 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
             continue
         if section not in SCHEMA:
             raise ScenarioError(f"unknown section [{section}]; known: {', '.join([*SCHEMA, *ARRAYS])}")
-        check_table(section, table, SCHEMA[section], error=ScenarioError)
+        if section in GATEWAY_TABLES:
+            if not isinstance(table, dict):
+                raise ScenarioError(f"[{section}] must be a table")
+        else:
+            check_table(section, table, SCHEMA[section], error=ScenarioError)
     get = lambda s, k, d: doc.get(s, {}).get(k, d)  # noqa: E731
     subjects = tuple(get("fleet", "subjects", []))
     if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= WATCH_SUBJECTS for s in subjects):
@@ -338,6 +393,8 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         faults=faults,
         device_profiles=device_profiles,
         links=links,
+        aggregation=copy.deepcopy(dict(doc.get("aggregation", {}))),
+        defense=copy.deepcopy(dict(doc.get("defense", {}))),
     )
     if scenario.runner not in RUNNERS:
         raise ScenarioError(f"fleet.runner must be one of {', '.join(RUNNERS)}, not {scenario.runner!r}")
@@ -356,6 +413,8 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
     if scenario.broker not in ("auto", "mosquitto", "embedded"):
         raise ScenarioError(f"broker.kind must be auto, mosquitto or embedded, not {scenario.broker!r}")
     _check_strategy_overrides(scenario)
+    if any(section in doc for section in GATEWAY_TABLES):
+        _check_gateway_tables(doc, scenario)
     if "variant" in doc:
         scenario = _with_variants(scenario, doc, base_dir)
     return scenario
@@ -371,9 +430,62 @@ def _check_strategy_overrides(scenario: Scenario) -> None:
         from gateway.strategies import make_strategy  # noqa: PLC0415 (Flower: only when there is something to check)
 
         try:
-            make_strategy(scenario.strategy, {**scenario.strategy_params, **params}, scenario.strategy_dp or None)
+            make_strategy(scenario.strategy, {**scenario.strategy_params, **params}, scenario.strategy_dp or None,
+                          defense=scenario.defense or None)
         except ConfigError as exc:
             raise ScenarioError(f"fault[{i}].overrides.strategy_params: {exc}") from exc
+
+
+def _gateway_keys() -> dict[str, dict[str, Any]]:
+    """The keys the gateway reads from [aggregation] and [defense]: WeightRule's fields (its `rule` is
+    `weights`; their types the gateway's parser checks) and UpdateBound's parameters (typed here after their
+    defaults: the gateway passes [defense] to UpdateBound as it is, and `centered_clipping = "no"` is truthy)."""
+    import dataclasses
+    import inspect
+
+    from gateway.defense import UpdateBound  # (Flower: imported only when a scenario has these tables)
+    from gateway.weights import WeightRule
+
+    bound = {name: bool if isinstance(p.default, bool) else NUMBER if isinstance(p.default, NUMBER) else object
+             for name, p in inspect.signature(UpdateBound.__init__).parameters.items()
+             if name not in ("self", "strategy")}
+    return {"aggregation": {"weights": object, **{f.name: object for f in dataclasses.fields(WeightRule)
+                                                  if f.name != "rule"}},
+            "defense": bound}
+
+
+def _check_gateway_tables(doc: dict[str, Any], scenario: Scenario) -> None:
+    """[aggregation] and [defense] go verbatim into every gateway's config: check them now with the gateway's
+    own parser (`gateway.config.parse_config` on a probe config with this scenario's strategy), so a bad value
+    fails here, naming the field, and not when the gateways start. Unknown keys are refused too (the gateway
+    would ignore a misspelt [aggregation] key)."""
+    known = _gateway_keys()
+    for section in GATEWAY_TABLES:
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            raise ScenarioError(f"[{section}] must be a table")
+        unknown = sorted(set(table) - set(known[section]))
+        if unknown:
+            raise ScenarioError(f"unknown key {section}.{unknown[0]}; known: {', '.join(sorted(known[section]))}")
+        for key, value in table.items():
+            kind = known[section][key]
+            if kind is bool and not isinstance(value, bool) or kind is NUMBER and (
+                    isinstance(value, bool) or not isinstance(value, NUMBER)):
+                raise ScenarioError(f"{section}.{key} must be {'true or false' if kind is bool else 'a number'}, "
+                                    f"got {type(value).__name__}")
+    from gateway.config import parse_config
+
+    probe = {
+        "gateway": {"name": "probe", "key": "probe.key", "state_dir": "probe"},
+        "enrollment": {"policy": "open"},
+        "strategy": {"name": scenario.strategy, "params": scenario.strategy_params,
+                     **({"dp": scenario.strategy_dp} if scenario.strategy_dp else {})},
+        **{section: doc[section] for section in GATEWAY_TABLES if section in doc},
+    }
+    try:
+        parse_config(probe)
+    except ConfigError as exc:
+        raise ScenarioError(str(exc)) from exc
 
 
 def _merge(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
@@ -383,6 +495,8 @@ def _merge(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
             continue
         if key == "adversary":
             out["adversary"] = copy.deepcopy(value)  # the variant's attackers replace the base's
+        elif key in GATEWAY_TABLES and value == {}:
+            out.pop(key, None)  # `defense = {}`: none; `aggregation = {}`: the gateway's defaults
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **copy.deepcopy(value)}
         else:

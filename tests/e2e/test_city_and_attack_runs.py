@@ -69,8 +69,8 @@ def test_a_two_gateway_run_completes(city):
         assert ledger["verified"] is True
         assert ledger["height_series"] and len(ledger["height_series"]) == len(ledger["finality_lag_series"])
         heights = [h for _, h in ledger["height_series"]]
-        # genesis, 4 enrollments, 2 lineage starts (one per gateway), 4 updates, 4 aggregates
-        assert heights[-1] == max(heights) == 1 + 4 + 2 + 4 + 4
+        # genesis, 4 enrollments, 2 lineage starts (one per gateway), 4 updates, 4 aggregates, 4 contributions
+        assert heights[-1] == max(heights) == 1 + 4 + 2 + 4 + 4 + 4
         assert all(0 <= lag <= h for (_, lag), (_, h) in zip(ledger["finality_lag_series"], ledger["height_series"]))
     assert report["rounds"] == report["gateways"]["gw-1"]["rounds"]  # the first gateway, as for one gateway
 
@@ -88,8 +88,10 @@ def test_the_gateways_end_with_identical_ledgers_holding_every_accepted_update(c
             ids.append(sorted(i for (i,) in db.execute("select id from vertices")))
             kinds.append(dict(db.execute("select kind, count(*) from vertices group by kind").fetchall()))
     assert ids[0] == ids[1]
-    # One genesis naming both gateways; each gateway's 2 enrollments, its lineage's start, 2 updates and 2 aggregates.
-    assert kinds[0] == {"genesis": 1, "device.enroll": 4, "lineage": 2, "updates": 4, "aggregate": 4}
+    # One genesis naming both gateways; each gateway's 2 enrollments, its lineage's start, 2 updates,
+    # 2 aggregates and their 2 contributions vertices.
+    assert kinds[0] == {"genesis": 1, "device.enroll": 4, "lineage": 2, "updates": 4, "aggregate": 4,
+                        "contributions": 4}
     html = (tmp_path / "report.html").read_text()
     assert "gw-1" in html and "gw-2" in html
 
@@ -212,3 +214,56 @@ def test_devices_in_pools_with_the_synthetic_profile_take_part_in_every_round(tm
     for name, section in report["gateways"].items():
         assert [r["participants"] for r in section["rounds"] if r["round"] > 0] == [5, 5], name
     assert report["ledger_check"]["identical"] and report["ledger_check"]["every_accepted_update_in_every_ledger"]
+
+
+def test_an_inflated_claim_is_accepted_signed_and_weighs_only_what_the_capped_rule_allows(tmp_path):
+    """hw.adversary's inflate_examples as the emulator runs it (its own process, the real CNN): its signed
+    10,000,000-example claim is accepted, and the strategy weighed it 2 x the median claim."""
+    from protocol import envelope
+    from protocol.keys import identity_id
+
+    done, report = _emulate(tmp_path, """
+[run]
+name = "tiny-inflated"
+rounds = 1
+seed = 3
+timeout_s = 120
+[fleet]
+devices = 3
+subjects = [1, 2, 3]
+[training]
+epochs = 1
+lr = 0.2
+deadline_s = 20
+[aggregation]
+weights = "capped"
+median_multiple = 2.0
+[[adversary]]
+attack = "inflate_examples"
+count = 1
+scale = 0.1
+""")
+    assert done.returncode == 0, done.stderr[-4000:]
+    [attack] = report["attacks"]
+    [attacker] = attack["devices"]
+    assert attack["expected"] == ["accepted"] and attack["as_expected"] is True, attack
+    assert attack["accepted"] >= 1 and not attack["rejected"], attack
+    assert report["rounds"][1]["participants"] == 3 and report["rounds"][1]["accuracy"] is not None
+    home = tmp_path / "run" / "gateway"
+    assert 'weights = "capped"' in (home / "gateway.toml").read_text()
+    with sqlite3.connect(home / "rounds.db") as db:
+        replies = [envelope.decode(wire) for (wire,) in db.execute(
+            "select a.reply from accepted a join exchange e on a.task = e.task where e.task like 'train-%'")]
+        [(inputs,)] = db.execute("select inputs from release where round = 1 and step = 1").fetchall()
+    claims = {}
+    for env in replies:
+        env.verify()  # every claim is its device's own, signed
+        claims[identity_id(env.ctx.sender)] = (env.body["examples"], env.body["digest"].hex())
+    attacker_id = report["devices"][attacker]["id"]
+    assert claims[attacker_id][0] == 10_000_000 and len(claims) == 3
+    honest = sorted(n for device, (n, _) in claims.items() if device != attacker_id)
+    assert honest[-1] < 10_000  # the subjects' true window counts
+    cap = 2 * honest[-1]  # 2 x the median of the three claims (the larger honest one)
+    weights = dict(json.loads(inputs)["inputs"])
+    assert weights[claims[attacker_id][1]] == pytest.approx(cap / (sum(honest) + cap))  # not ~1 ("reported")
+    assert "attack.start" in (tmp_path / "run" / "logs" / f"{attacker}.log").read_text()

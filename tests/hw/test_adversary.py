@@ -7,6 +7,9 @@ import threading
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
 
 from agent import learner
 from agent import service as agent_service
@@ -16,10 +19,29 @@ from agent.service import Agent
 from gateway.config import GatewayConfig
 from gateway.ingest import Authenticator
 from gateway.service import Gateway
+from gateway.strategies import make_strategy
+from gateway.weights import WeightRule
 from hw import adversary
 from hw.adversary import (
-    AdversarialAgent, FreeRider, GaussianNoise, LabelFlip, Replay, Scaling, SignFlip, Sybil, adversary_command,
-    build_parser, flip_labels, make_attack, tamper,
+    INFLATED_CLAIM,
+    AdversarialAgent,
+    Crafted,
+    FreeRider,
+    GaussianNoise,
+    InflateExamples,
+    LabelFlip,
+    Replay,
+    Scaling,
+    SignFlip,
+    Sybil,
+    UnderBound,
+    adversary_command,
+    alie_z,
+    build_parser,
+    craft,
+    flip_labels,
+    make_attack,
+    tamper,
 )
 from hw.broker import Broker
 from hw.synthetic import SyntheticModel, synthetic_data, write_manifest
@@ -186,6 +208,132 @@ def test_the_command_line_the_emulator_runs_parses_back(tmp_path):
     with pytest.raises(ValueError):
         make_attack("label_flip")
     assert adversary.main(["--attack", "sign_flip", "--config", str(tmp_path / "missing.toml")]) == 2
+    cmd = adversary_command("crafted", "a.toml", collude=tmp_path / "c", colluders=3, fleet=10, z=0.7)
+    args = build_parser().parse_args(cmd[3:])
+    assert (args.collude, args.colluders, args.fleet_size, args.z) == (str(tmp_path / "c"), 3, 10, 0.7)
+    args = build_parser().parse_args(adversary_command("inflate_examples", "a.toml", scale=0.5, claim=99)[3:])
+    assert (args.scale, args.claim) == (0.5, 99)
+    assert build_parser().parse_args(adversary_command("under_bound", "a.toml")[3:]).bound_multiple == 2.0
+    assert make_attack("inflate_examples").scale == adversary.INFLATE_SCALE and make_attack("scaling").scale == 10
+    for name in ("inflate_examples", "crafted", "under_bound"):
+        assert adversary.EXPECTED[name] == ("accepted",)
+
+
+# --- trust: inflated claims, crafted and bounded updates ----------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["i8", "f32"])
+def test_inflate_examples_claims_ten_million_and_sends_a_boosted_flip(codec):
+    honest = honest_outcome(codec)
+    out = InflateExamples(scale=2.0).train(lambda *a: honest, None, {}, None, task(codec), None)
+    assert out.examples == INFLATED_CLAIM == schemas.MAX_EXAMPLES and honest.examples == 64
+    sent, metrics = schemas.decode_update(out.attachment)
+    trained, _ = schemas.decode_update(honest.attachment)
+    for name in trained:
+        np.testing.assert_allclose(sent[name], -2.0 * trained[name], rtol=1e-5, atol=1e-7)
+    assert metrics == METRICS
+    # What the agent seals from that outcome (agent.service: {"examples": outcome.examples}) passes the schema.
+    reply = schemas.Reply.from_body({"digest": b"\x00" * 32, "examples": out.examples})
+    assert reply.examples == INFLATED_CLAIM
+    with pytest.raises(ValueError):
+        InflateExamples(claim=schemas.MAX_EXAMPLES + 1)
+
+
+def deltas_of(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"w": rng.normal(0.2, 1.0, size=(30, 20)).astype(np.float32), "b": rng.normal(0, 0.5, 7).astype(np.float32)}
+            for _ in range(n)]
+
+
+def test_crafted_colluders_meet_in_their_folder_and_send_the_mean_minus_z_std_inside_the_honest_spread(tmp_path):
+    assert alie_z(10, 3) == pytest.approx(0.5244, abs=1e-4)  # s = 6 - 3 = 3 supporters: Phi^-1(0.7)
+    honest = deltas_of(3)
+    attacks = [Crafted(tmp_path, colluders=3, fleet=10, wait_s=10, device=f"d{i}") for i in range(3)]
+    sent: dict[int, dict[str, np.ndarray]] = {}
+
+    def collude(i: int) -> None:
+        attacks[i].begin_task("000001-train-1-x")
+        sent[i] = attacks[i].transform(honest[i])
+
+    threads = [threading.Thread(target=collude, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    z = alie_z(10, 3)
+    assert all(a.seen == [3] and a.z == pytest.approx(z) for a in attacks)
+    for name in honest[0]:
+        stack = np.stack([d[name] for d in honest])
+        mu, sigma = stack.mean(axis=0), stack.std(axis=0)
+        for i in range(3):  # all three send the same update: mu - z sigma, coordinate by coordinate
+            np.testing.assert_allclose(sent[i][name], mu - z * sigma, atol=1e-5)
+        assert np.all(np.abs(sent[0][name] - mu) <= z * sigma + 1e-5)  # within z < 1 std of the mean
+        # ... so closer to the mean than the honest deltas are, on average: inside their spread
+        spread = np.sqrt(np.mean([np.sum((stack[i] - mu) ** 2) for i in range(3)]))
+        assert np.linalg.norm(sent[0][name] - mu) <= z * spread + 1e-4
+    assert sorted(p.name for p in (tmp_path / "000001-train-1-x").iterdir()) == ["d0.npz", "d1.npz", "d2.npz"]
+
+
+def test_a_crafted_attacker_alone_waits_a_bounded_time_and_falls_back_to_its_own_delta(tmp_path):
+    [d] = deltas_of(1, seed=4)
+    lonely = Crafted(tmp_path, colluders=3, z=1.0, wait_s=0.3, device="d0")
+    lonely.begin_task("000002-train-2-x")
+    out = lonely.transform(d)
+    assert lonely.seen == [1]
+    for name in d:  # one sample has no spread: sigma = |d|, so it sends d - z|d|
+        np.testing.assert_allclose(out[name], d[name] - np.abs(d[name]), atol=1e-6)
+    np.testing.assert_allclose(craft([d], 0.5)["w"], d["w"] - 0.5 * np.abs(d["w"]), atol=1e-6)
+    assert Crafted().z == 1.0 and Crafted(colluders=3, fleet=10).z == pytest.approx(alie_z(10, 3))
+    assert Crafted(colluders=3, fleet=10, z=2.0).z == 2.0
+    # Another exchange's deltas are not mixed in; no folder at all: alone, without waiting.
+    other = Crafted(tmp_path, colluders=2, wait_s=0.2, device="d1")
+    other.begin_task("000003-train-3-x")
+    other.transform(d)
+    assert other.seen == [1]
+    unfolded = Crafted(colluders=3, z=1.0, wait_s=60)  # no rendezvous folder: alone at once, no wait
+    np.testing.assert_allclose(unfolded.transform(d)["b"], d["b"] - np.abs(d["b"]), atol=1e-6)
+
+
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+
+
+def bounded_round(defense: dict, deltas: list[np.ndarray]):
+    """One FedAvg round through the gateway's UpdateBound on plain arrays (as tests/gateway/test_defense.py)."""
+    class Grid:
+        def get_node_ids(self):
+            return list(range(1, len(deltas) + 1))
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            return Message(content, dst_node_id, message_type, group_id=group_id)
+
+    base = np.zeros(deltas[0].shape, np.float32)
+    strategy = make_strategy("FedAvg", {"min_available_nodes": 1}, defense=defense)
+    strategy.configure_train(1, ArrayRecord({"w": Array(base)}), ConfigRecord(), Grid())
+    sent = [Message(RecordDict({"arrays": ArrayRecord({"w": Array((base + d).astype(np.float32))}),
+                                "metrics": MetricRecord({"num-examples": 10})}),
+                    reply_to=Message(RecordDict(), dst_node_id=i + 1, message_type="train"))
+            for i, d in enumerate(deltas)]
+    strategy.aggregate_train(1, sent)
+    return strategy, [m.content["arrays"]["w"].numpy() for m in sent]
+
+
+def test_under_bound_sends_a_flip_just_inside_the_norm_bound_the_gateway_then_leaves_uncut():
+    rng = np.random.default_rng(7)
+    honest = [rng.normal(0.1, 1.0, 64).astype(np.float32) for _ in range(10)]
+    honest = [d / np.linalg.norm(d) * (1.0 + 0.01 * i) for i, d in enumerate(honest)]  # norms 1.00 ... 1.09
+    attack = UnderBound(2.0)
+    flipped = [attack.transform({"w": d})["w"] for d in honest[:3]]  # the three smallest norms attack
+    for d, f in zip(honest, flipped):
+        assert np.linalg.norm(f) == pytest.approx(0.99 * 2.0 * np.linalg.norm(d), rel=1e-6)
+        assert np.dot(f, d) < 0
+    deltas = [*flipped, *honest[3:]]
+    bound = 2.0 * float(np.median([np.linalg.norm(d) for d in deltas]))
+    assert all(np.linalg.norm(f) < bound for f in flipped)  # below the gateway's bound ...
+    strategy, seen = bounded_round({"median_multiple": 2.0}, deltas)
+    assert strategy.bounded == 0  # ... so the gateway's UpdateBound leaves every one of them as it is
+    np.testing.assert_allclose(seen[0], flipped[0], atol=1e-6)
+    boosted, _ = bounded_round({"median_multiple": 2.0}, [*(-4 * d for d in honest[:3]), *honest[3:]])
+    assert boosted.bounded == 3  # where a -4 x flip is cut
 
 
 # --- against a real gateway ---------------------------------------------------------------------
@@ -324,3 +472,60 @@ def test_attackers_run_as_processes_from_the_agent_toml_and_a_sybil_is_enrolled_
     for name in ("lf", "sybil"):
         assert "attack.start" in logs[name] and "receipt.accepted" in logs[name], logs[name]
     assert json.loads((tmp_path / "gw" / "result.json").read_text())["state"] == "done"
+
+
+def test_a_gateway_accepts_a_signed_inflated_claim_and_weighs_it_as_the_capped_rule_says(tmp_path):
+    """One inflate_examples device among two honest ones, against a real gateway with the default weights:
+    the device signed the 10,000,000-example claim, the gateway accepted it, and the release records the
+    effective weight the strategy got: the cap (2 x the median claim), not ~all of it."""
+    import json
+
+    with Broker(tmp_path / "broker", kind="mosquitto") as broker:
+        gw_key = Identity.generate()
+        gw_key.save(tmp_path / "gw.key")
+        manifest = write_manifest(tmp_path / "model", SHAPES)
+        config = GatewayConfig(
+            name="gw", key=tmp_path / "gw.key", state_dir=tmp_path / "gw", broker_host=broker.host,
+            broker_port=broker.port, manifest=manifest, num_rounds=1, deadline_s=20, min_devices=3,
+            wait_devices_s=30, policy="open", gossip=False, lr=0.1,
+            strategy_params={"min_available_nodes": 3, "min_train_nodes": 3, "fraction_evaluate": 0.0},
+        )
+        assert config.weights == WeightRule("capped", 100_000, 2.0)  # the gateway's default
+        result: dict = {}
+        gateway = threading.Thread(target=lambda: result.update(Gateway(config, gw_key).run(threading.Event())),
+                                   daemon=True)
+        gateway.start()
+        inflate = InflateExamples(scale=1.0)
+        ids, threads, agent_stop = {}, [], threading.Event()
+        for i, (name, attack, n) in enumerate((("a", None, 64), ("b", None, 96), ("inflated", inflate, 80))):
+            device = Identity.generate()
+            ids[name] = device.id
+            cfg = AgentConfig(name=name, key=tmp_path / f"{name}.key", state_dir=tmp_path / name,
+                              gateway_id=gw_key.id, gateway_public_key=gw_key.public_key, broker_host=broker.host,
+                              broker_port=broker.port, replay=None, enroll_retry_s=1.0)
+            args = (cfg, device, SyntheticModel(SHAPES, seed=i + 1), synthetic_data(n))
+            agent = Agent(*args) if attack is None else AdversarialAgent(*args, attack)
+            threads.append(threading.Thread(target=agent.run, args=(agent_stop,), daemon=True))
+            threads[-1].start()
+        gateway.join(60)
+        agent_stop.set()
+        for thread in threads:
+            thread.join(20)
+    assert result.get("state") == "done", result
+    assert result["rounds"][-1]["participants"] == 3 and not result["rejections"], result
+    with sqlite3.connect(tmp_path / "gw" / "rounds.db") as db:
+        replies = {device: envelope.decode(wire) for device, wire in db.execute("select device, reply from accepted")}
+        [(inputs,)] = db.execute("select inputs from release where round = 1 and step = 1").fetchall()
+    claims = {}
+    for name, device_id in ids.items():
+        env = replies[device_id]
+        env.verify()  # signed by the device, the claim included
+        claims[name] = env.body["examples"]
+    assert claims == {"a": 64, "b": 96, "inflated": INFLATED_CLAIM}
+    recorded = json.loads(inputs)
+    assert recorded["rule"] == "weighted"
+    weight = {digest: w for digest, w in recorded["inputs"]}
+    share = {name: weight[replies[device_id].body["digest"].hex()] for name, device_id in ids.items()}
+    cap = 2 * 96  # 2 x the median claim (96)
+    assert share["inflated"] == pytest.approx(cap / (64 + 96 + cap))  # ~0.55, where "reported" would give ~0.99998
+    assert share["a"] == pytest.approx(64 / (64 + 96 + cap))

@@ -182,3 +182,86 @@ def test_runner_and_model_choices_are_checked(fleet, training, message):
 def test_the_shipped_city_runs_500_devices_in_pools_on_three_gateways():
     city = load_scenario(Path(__file__).resolve().parents[2] / "hw" / "scenarios" / "city.toml")
     assert (city.gateways, city.devices, city.runner, city.model) == (3, 501, "pool", "synthetic")
+
+
+# --- [aggregation] and [defense]: into every gateway's config ------------------------------------
+
+TRUST = {
+    "fleet": {"devices": 10},
+    "strategy": {"name": "MultiKrum", "params": {"num_malicious_nodes": 3, "num_nodes_to_select": 7}},
+    "aggregation": {"weights": "capped", "median_multiple": 1.5},
+    "defense": {"median_multiple": 2.0, "centered_clipping": True},
+    "adversary": [{"attack": "crafted", "fraction": 0.3}],
+    "variant": [{"name": "base"},
+                {"name": "reported", "aggregation": {"weights": "reported"}, "defense": {"norm_bound": 1.0}},
+                {"name": "bare", "aggregation": {}, "defense": {}}],
+}
+
+
+def test_aggregation_and_defense_tables_reach_every_gateway_config_and_variants_override_them(tmp_path):
+    from gateway.config import load_config
+    from hw.emulate import _gateway_config
+    from hw.fleet import GatewayRun
+    from protocol.keys import Identity
+
+    s = parse_scenario(TRUST)
+    assert s.aggregation == {"weights": "capped", "median_multiple": 1.5}
+    base, reported, bare = s.variants
+    assert base.defense == {"median_multiple": 2.0, "centered_clipping": True}
+    # A variant's table overrides key by key; an empty one drops the base's (the gateway's defaults).
+    assert reported.aggregation == {"weights": "reported", "median_multiple": 1.5}
+    assert reported.defense == {"median_multiple": 2.0, "centered_clipping": True, "norm_bound": 1.0}
+    assert (bare.aggregation, bare.defense) == ({}, {}) and bare.defense_label() is None
+    assert reported.defense_label() == ("weights reported; aggregation median_multiple=1.5; "
+                                        "defense median_multiple=2.0, centered_clipping=True, norm_bound=1.0")
+    for variant, rule, defense in ((reported, "reported", reported.defense), (bare, "capped", None)):
+        home = tmp_path / variant.name
+        home.mkdir()
+        g = GatewayRun(0, "gw-1", Identity.generate(), home, home / "log", [f"d{i}" for i in range(10)])
+        g.identity.save(g.key)
+        config = load_config(_gateway_config(variant, g, ("127.0.0.1", 1883), None))  # the gateway's own reader
+        assert config.weights.rule == rule and config.defense == defense
+        assert config.weights.median_multiple == (1.5 if variant is reported else 2.0)
+        assert type(config.make_strategy()).__name__ == ("UpdateBound" if defense else "MultiKrum")
+
+
+def test_crafted_attackers_get_their_gateway_rendezvous_folder_colluders_and_fleet_size():
+    s = parse_scenario({"fleet": {"devices": 10}, "adversary": [
+        {"attack": "crafted", "fraction": 0.3, "z": 0.8}, {"attack": "inflate_examples", "count": 1, "scale": 0.1},
+        {"attack": "under_bound", "count": 1, "bound_multiple": 1.5}]})
+    crafted, inflate, under = s.adversaries
+    cmd = crafted.command("a.toml", collude="/run/collusion/gw-1", colluders=3, fleet=10)
+    assert cmd[cmd.index("--collude") + 1] == "/run/collusion/gw-1" and cmd[cmd.index("--colluders") + 1] == "3"
+    assert cmd[cmd.index("--fleet-size") + 1] == "10" and cmd[cmd.index("--z") + 1] == "0.8"
+    cmd = inflate.command("a.toml", collude="/x")  # only crafted attackers collude
+    assert cmd[cmd.index("--scale") + 1] == "0.1" and "--collude" not in cmd
+    assert under.command("a.toml")[-2:] == ["--bound-multiple", "1.5"]
+    assert [a.label() for a in s.adversaries] == ["crafted 30%", "inflate_examples x0.1 1 device", "under_bound 1 device"]
+
+
+@pytest.mark.parametrize("doc, match", [
+    ({"aggregation": "capped"}, r"\[aggregation\] must be a table"),
+    ({"aggregation": {"weights": "trusted"}}, r"aggregation\.weights must be one of"),
+    ({"aggregation": {"weight": "capped"}}, r"unknown key aggregation\.weight; known: max_examples, median_multiple"),
+    ({"aggregation": {"max_examples": 0}}, r"aggregation\.max_examples must be at least 1"),
+    ({"aggregation": {"max_examples": 1.5}}, r"aggregation\.max_examples must be int"),
+    ({"aggregation": {"median_multiple": 0.5}}, r"aggregation\.median_multiple must be at least 1"),
+    ({"defense": {"median_multiple": -1}}, r"defense: UpdateBound refused them: .*not negative"),
+    ({"defense": {"median_multiple": 0}}, r"defense: UpdateBound refused them: set norm_bound or median_multiple"),
+    ({"defense": {"norm_bounds": 1.0}}, r"unknown key defense\.norm_bounds; known: centered_clipping"),
+    ({"defense": {"centered_clipping": "yes"}}, r"defense\.centered_clipping must be true or false"),
+    ({"defense": {"norm_bound": True}}, r"defense\.norm_bound must be a number"),
+    ({"defense": {"median_multiple": 2.0}, "strategy": {"name": "Nope"}}, r"strategy\.name: 'Nope' is not a Flower"),
+    ({"variant": [{"name": "a", "defense": {"norm_bound": -1.0}}]}, r"variant\[0\] \(a\): defense: UpdateBound"),
+    ({"variant": [{"name": "a", "aggregation": {"weights": 3}}]}, r"variant\[0\] \(a\): aggregation\.weights must be str"),
+    ({"adversary": [{"attack": "crafted", "count": 1, "scale": 2}]},
+     r"adversary\[0\]\.scale is not a parameter of crafted \(it takes z\)"),
+    ({"adversary": [{"attack": "crafted", "count": 1, "z": -1}]}, r"adversary\[0\]\.z must not be negative"),
+    ({"adversary": [{"attack": "inflate_examples", "count": 1, "claim": 10_000_001}]},
+     r"adversary\[0\]\.claim must be at most 10000000"),
+    ({"adversary": [{"attack": "under_bound", "count": 1, "bound_multiple": 0}]},
+     r"adversary\[0\]\.bound_multiple must be positive"),
+])
+def test_bad_aggregation_defense_and_attack_parameters_are_named(doc, match):
+    with pytest.raises(ScenarioError, match=match):
+        parse_scenario(doc)
