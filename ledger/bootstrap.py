@@ -81,8 +81,9 @@ def load(
     conn.executemany("INSERT INTO tips (id) VALUES (?)", [(ids[i],) for i in doc["tips"]])
     conn.executemany(
         "INSERT INTO gateways (public_key, id, vertex, idx, left_vertex) VALUES (?, ?, ?, ?, ?)",
-        [(key.hex(), identity_id(key), ids[admitted], idx, None if left is None else ids[left])
-         for idx, (key, admitted, left) in enumerate(doc["members"])],
+        [(key.hex(), speaks_as[0] if speaks_as else identity_id(key), ids[admitted], idx,
+          None if left is None else ids[left])
+         for idx, (key, admitted, left, *speaks_as) in enumerate(doc["members"])],
     )
     conn.executemany(
         "INSERT INTO devices (n, public_key, id, name, policy, vertex) VALUES (?, ?, ?, ?, ?, ?)",

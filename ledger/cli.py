@@ -34,10 +34,14 @@ Membership (the operator's root key, kept offline, signs these):
     starling-ledger init  --root-key FILE [--create-root-key] --name CITY --gateway PUBKEY ... --out genesis.cbor
     starling-ledger join  --root-key FILE --db PATH --gateway PUBKEY --name NAME
     starling-ledger leave --root-key FILE --db PATH --gateway PUBKEY|ID --reason TEXT
+    starling-ledger rotate --root-key FILE --db PATH --gateway PUBKEY|ID --new-key PUBKEY --chain FILE
 
 `init` writes the genesis vertex that every gateway's `[ledger] genesis`
-names; `join` and `leave` append to any member gateway's ledger file (it
-may be running) and gossip carries them to the others.
+names; `join`, `leave` and `rotate` append to any member gateway's ledger
+file (it may be running) and gossip carries them to the others. `rotate`
+replaces a gateway's key (`protocol.rotation`): it also writes the chain
+file the gateway's `[identity] rotations` names, which the gateway, restarted
+with its new key, publishes to its devices.
 
 Operator (print one JSON line; exit 2 with one line on stderr if refused):
 
@@ -72,6 +76,8 @@ from typing import Any
 from protocol.atomic import write_atomic
 from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id, load_or_create
+from protocol.rotation import chain_ending_at, save_chain
+from protocol.rotation import issue as rotation_issue
 from protocol.vouchers import issue
 
 from .audit import NoAnswer, broken_because, contribution_totals, lineage, provenance, to_dot
@@ -343,6 +349,16 @@ def _add_operator_commands(commands: Any) -> None:
     leave.add_argument("--gateway", required=True, metavar="PUBKEY_HEX_OR_ID")
     leave.add_argument("--reason", required=True)
 
+    help_text = ("replace a gateway's key: append a gateway.rotate vertex signed with the root key and write the "
+                 "gateway's rotation chain (the gateway publishes it; devices that know the root key follow it)")
+    rotate = commands.add_parser("rotate", help=help_text, description=help_text)
+    rotate.add_argument("--root-key", required=True, metavar="FILE")
+    rotate.add_argument("--db", required=True, metavar="PATH", help="any member gateway's ledger file")
+    rotate.add_argument("--gateway", required=True, metavar="PUBKEY_HEX_OR_ID", help="the key to retire")
+    rotate.add_argument("--new-key", required=True, metavar="PUBKEY_HEX", help="the gateway's new public key")
+    rotate.add_argument("--chain", required=True, metavar="FILE",
+                        help="where to write the gateway's rotation chain ([identity] rotations in its config)")
+
     help_text = "sign an enrollment voucher for a device key with the operator's key"
     voucher = commands.add_parser(
         "voucher",
@@ -523,8 +539,24 @@ def _leave(args: argparse.Namespace) -> dict[str, Any]:
     return {"command": "leave", "vertex": vertex.id_hex, "gateway": identity_id(matches[0]), "reason": args.reason}
 
 
+def _rotate(args: argparse.Namespace) -> dict[str, Any]:
+    new = _public_key(args.new_key, "--new-key")
+    with _open_as_root(args.db, args.root_key) as ledger:
+        text = args.gateway.strip().lower()
+        matches = [k for k in ledger.gateways() if text in (k.hex(), identity_id(k))]
+        if not matches:
+            raise Refused(f"--gateway {args.gateway!r} is not a member of this ledger")
+        rotation = rotation_issue(Identity.load(args.root_key), matches[0], new)
+        vertex = ledger.rotate_gateway(rotation)
+        chain = chain_ending_at(ledger.rotations(), new)
+    save_chain(Path(args.chain), chain)
+    return {"command": "rotate", "vertex": vertex.id_hex, "gateway": chain.gateway_id(new),
+            "retired": identity_id(matches[0]), "key": new.hex(), "chain": args.chain,
+            "rotations": len(chain.rotations)}
+
+
 OPERATOR_COMMANDS = {"enroll": _enroll, "revoke": _revoke, "voucher": _voucher, "init": _init, "join": _join,
-                     "leave": _leave}
+                     "leave": _leave, "rotate": _rotate}
 
 
 def _device_key(ledger: Ledger, text: str) -> bytes:

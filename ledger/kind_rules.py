@@ -47,8 +47,9 @@ of them in the canonical order, so every gateway derives the same state
 whatever order the vertices arrived in.
 
 Membership: genesis is signed by the operator's root key and names the first
-gateways; `gateway.join` and `gateway.leave` are signed by the same root key.
-A gateway that left cannot come back under the same key.
+gateways; `gateway.join`, `gateway.leave` and `gateway.rotate` (a gateway's
+key replaced: the old one leaves, the new one joins) are signed by the same
+root key. A key that left cannot come back.
 
 A checkpoint's rule recomputes the snapshot of its causal past, which is
 what the effects of every kind add up to: that is why `snapshot_of` is here,
@@ -60,8 +61,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import ClassVar
 
-from protocol.errors import BadSignature
+from protocol.errors import BadSignature, ProtocolError
 from protocol.keys import identity_id, verify
+from protocol.rotation import KeyRotation
 
 from . import snapshot
 from .errors import (
@@ -88,6 +90,7 @@ from .kinds import (
     DEVICE_REVOKE,
     GATEWAY_JOIN,
     GATEWAY_LEAVE,
+    GATEWAY_ROTATE,
     GENESIS,
     LINEAGE,
     MAX_GATEWAYS,
@@ -173,6 +176,39 @@ class GatewayLeave(KindRules):
         state.remove_gateway(vertex, vertex.body["gateway"])
 
 
+class GatewayRotate(KindRules):
+    """The operator replaces a gateway's key; signed by the root key, carrying the root's statement that
+    devices follow (`protocol.rotation`).
+
+    Like a leave and a join in one: the old key's vertices that descend from this one are refused, the
+    new key is a member from here on and must never have been one.
+    """
+
+    name = GATEWAY_ROTATE
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        if vertex.creator != state.root:
+            raise NotRoot(f"{vertex.creator_id} is not the root key that signed genesis")
+        old, new = vertex.body["gateway"], vertex.body["next"]
+        if not state.is_gateway(old):
+            raise MembershipError(f"gateway {identity_id(old)} is not a member")
+        if state.is_gateway(new) or state.departure_of(new) is not None:
+            raise MembershipError(f"key {identity_id(new)} was a member already: a rotation needs a fresh key")
+        if state.member_count_ever() >= MAX_GATEWAYS:
+            raise MembershipError(f"a ledger has at most {MAX_GATEWAYS} gateway keys over its life")
+
+    def check_proofs(self, vertex: Vertex) -> None:
+        try:
+            KeyRotation.decode(vertex.body["statement"]).check([vertex.creator])
+        except ProtocolError as exc:
+            raise InvalidVertex(f"gateway.rotate: {exc}") from exc
+
+    def apply(self, vertex: Vertex, state: State) -> None:
+        speaks_as = state.speaks_as(vertex.body["gateway"])  # the gateway keeps its id: devices address it so
+        state.remove_gateway(vertex, vertex.body["gateway"])
+        state.add_gateways(vertex, [vertex.body["next"]], speaks_as)
+
+
 class DeviceEnroll(KindRules):
     """A gateway admitted a device under a policy (with the evidence it admitted it on, `ledger.kinds`).
 
@@ -236,7 +272,7 @@ class Updates(KindRules):
 
     def check_state(self, vertex: Vertex, state: State) -> None:
         body = vertex.body
-        if body["gateway"] != vertex.creator_id:
+        if body["gateway"] != state.speaks_as(vertex.creator):  # its own id, or its first key's after a rotation
             raise WrongGateway(
                 f"records replies to gateway {body['gateway']!r}, but was created by {vertex.creator_id!r}"
             )
@@ -343,7 +379,7 @@ class Contributions(KindRules):
 
 RULES: dict[str, KindRules] = {
     rules.name: rules
-    for rules in (Genesis(), GatewayJoin(), GatewayLeave(), DeviceEnroll(), DeviceRevoke(), Updates(),
+    for rules in (Genesis(), GatewayJoin(), GatewayLeave(), GatewayRotate(), DeviceEnroll(), DeviceRevoke(), Updates(),
                   Aggregate(), Checkpoint(), Lineage(), Contributions())
 }
 

@@ -9,6 +9,7 @@ so far, and what it adds to it) is in `ledger.kind_rules`.
     genesis        {"name": str, "gateways": [public key, ...] sorted, no duplicates}
     gateway.join   {"gateway": public key, "name": str}
     gateway.leave  {"gateway": public key, "reason": str}
+    gateway.rotate {"gateway": public key, "next": public key, "statement": the root's signed rotation}
     device.enroll  {"device": public key, "name": str, "policy": str[, "evidence": bytes]}
     device.revoke  {"device": public key, "reason": str}
     updates        {"gateway": str, "round": int, "task": str, "base": digest,
@@ -44,12 +45,14 @@ from protocol.envelope import ID_MAX, Context, signed_bytes
 from protocol.errors import ProtocolError, SchemaError
 from protocol.fields import check_bytes, check_fields, check_float, check_int, check_list, check_text
 from protocol.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, identity_id
+from protocol.rotation import MAX_STATEMENT_BYTES, KeyRotation
 from protocol.schemas import MAX_EXAMPLES
 from protocol.vouchers import MAX_VOUCHER_BYTES, Voucher
 
 GENESIS = "genesis"
 GATEWAY_JOIN = "gateway.join"
 GATEWAY_LEAVE = "gateway.leave"
+GATEWAY_ROTATE = "gateway.rotate"
 DEVICE_ENROLL = "device.enroll"
 DEVICE_REVOKE = "device.revoke"
 UPDATES = "updates"
@@ -96,6 +99,19 @@ def _gateway_leave(body: dict[str, Any]) -> None:
     check_fields(body, {"gateway", "reason"}, "gateway.leave body")
     check_bytes(body["gateway"], "gateway", PUBLIC_KEY_BYTES)
     check_text(body["reason"], "reason", REASON_MAX)
+
+
+def _gateway_rotate(body: dict[str, Any]) -> None:
+    """A gateway's key replaced: `statement` is the `protocol.rotation.KeyRotation` the devices follow, and
+    must name the same two keys (whether its root key is the ledger's is a rule: `ledger.kind_rules`)."""
+    check_fields(body, {"gateway", "next", "statement"}, "gateway.rotate body")
+    check_bytes(body["gateway"], "gateway", PUBLIC_KEY_BYTES)
+    check_bytes(body["next"], "next", PUBLIC_KEY_BYTES)
+    if not isinstance(body["statement"], bytes) or len(body["statement"]) > MAX_STATEMENT_BYTES:
+        raise SchemaError(f"statement must be at most {MAX_STATEMENT_BYTES} bytes")
+    rotation = KeyRotation.decode(body["statement"])
+    if (rotation.old, rotation.new) != (body["gateway"], body["next"]):
+        raise SchemaError("gateway.rotate: the statement names other keys than the vertex")
 
 
 def _device_enroll(body: dict[str, Any]) -> None:
@@ -250,6 +266,7 @@ KINDS: dict[str, Callable[[dict[str, Any]], None]] = {
     GENESIS: _genesis,
     GATEWAY_JOIN: _gateway_join,
     GATEWAY_LEAVE: _gateway_leave,
+    GATEWAY_ROTATE: _gateway_rotate,
     DEVICE_ENROLL: _device_enroll,
     DEVICE_REVOKE: _device_revoke,
     UPDATES: _updates,

@@ -28,9 +28,10 @@ from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 from protocol.errors import ProtocolError
+from protocol.rotation import KeyRotation
 
 from .errors import StoreError
-from .kinds import CHECKPOINT, DEVICE_ENROLL, UPDATES
+from .kinds import CHECKPOINT, DEVICE_ENROLL, GATEWAY_ROTATE, UPDATES
 from .sql_state import SqlState
 from .vertex import Vertex
 
@@ -148,6 +149,10 @@ class LedgerQueries:
                 "SELECT public_key FROM gateways WHERE left_vertex IS NULL ORDER BY public_key"
             ).fetchall()
         return [bytes.fromhex(key) for (key,) in rows]
+
+    def rotations(self) -> list[KeyRotation]:
+        """Every gateway key rotation on record (`gateway.rotate`), in the canonical order."""
+        return [KeyRotation.decode(v.body["statement"]) for v in self.vertices_of(GATEWAY_ROTATE)]
 
     def kind_counts(self) -> dict[str, int]:
         """Number of vertices of each kind."""

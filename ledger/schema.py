@@ -11,7 +11,8 @@ transaction as the vertex that changes it (`ledger.sql_state`):
                    (data is empty for vertices known only from a bootstrap snapshot)
     edges          (child n, parent n): ancestry walks for the causal rules and finality
     tips           ids of vertices nobody names as a parent yet
-    gateways       every gateway ever admitted: key, admitting vertex, finality bit (idx), leave vertex
+    gateways       every gateway key ever admitted: key, the gateway id it writes under (its own, or
+                   its first key's after a rotation), admitting vertex, finality bit (idx), leave vertex
     equivocations  (creator, seq, vertex) for every creator that signed two vertices with one seq
     snapshots      the snapshots of the newest checkpoints, served to gateways that bootstrap
     devices        enrolled devices, revoked since or not: public key, id, name, policy, enroll vertex

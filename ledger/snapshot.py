@@ -11,7 +11,8 @@ The snapshot (deterministic CBOR map) holds what the rules need to go on:
 
     vertices       [[id, depth, creator key, seq, kind], ...] in canonical order
     root           the operator root key
-    members        [[gateway key, admitting vertex index, leave vertex index or null], ...] in admission
+    members        [[gateway key, admitting vertex index, leave vertex index or null(, the gateway id it
+                   writes under: only for a key a rotation brought in)], ...] in admission
                    order (which is also each gateway's finality bit)
     devices        [[public key, name, policy, enroll vertex index], ...] sorted by key
     revocations    [[device index, reason, revoke vertex index], ...]
@@ -52,7 +53,8 @@ def encode(state: MemoryState, order: list[Vertex]) -> bytes:
     doc: dict[str, Any] = {
         "vertices": [[v.id, state.depths[v.id], v.creator, v.seq, v.kind] for v in order],
         "root": state.root_key,
-        "members": [[key, index[vid], index[state.departed[key]] if key in state.departed else None]
+        "members": [[key, index[vid], index[state.departed[key]] if key in state.departed else None,
+                     *([state.speaks[key]] if key in state.speaks else [])]  # a rotated-in key: its gateway's id
                     for key, vid in state.admitted.items()],
         "devices": [[key, *state.devices[key][:2], index[state.devices[key][2]]] for key in devices],
         "revocations": sorted([device_index[key], reason, index[vid]] for key, (reason, vid) in state.revoked.items()),
@@ -68,12 +70,14 @@ def digest_of(snapshot: bytes) -> bytes:
     return sha256(snapshot)
 
 
-def _rows(doc: dict[str, Any], name: str, shape: tuple[type | tuple[type, ...], ...]) -> list[list[Any]]:
+def _rows(doc: dict[str, Any], name: str, shape: tuple[type | tuple[type, ...], ...],
+          optional: int = 0) -> list[list[Any]]:
+    """The rows of `name`, each a list shaped like `shape` (its last `optional` items may be left out)."""
     rows = doc.get(name)
     if not isinstance(rows, list):
         raise SchemaError(f"snapshot: {name} must be a list")
     for row in rows:
-        if not isinstance(row, list) or len(row) != len(shape) or not all(
+        if not isinstance(row, list) or not len(shape) - optional <= len(row) <= len(shape) or not all(
             is_int(value) if kind is int else isinstance(value, kind) for value, kind in zip(row, shape)
         ):
             raise SchemaError(f"snapshot: a row of {name} is not {[getattr(k, '__name__', k) for k in shape]}")
@@ -86,7 +90,7 @@ def decode(snapshot: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict) or set(doc) != FIELDS:
         raise SchemaError(f"snapshot fields must be {sorted(FIELDS)}")
     vertices = _rows(doc, "vertices", (bytes, int, bytes, int, str))
-    members = _rows(doc, "members", (bytes, int, (int, type(None))))
+    members = _rows(doc, "members", (bytes, int, (int, type(None)), str), optional=1)
     devices = _rows(doc, "devices", (bytes, str, str, int))
     revocations = _rows(doc, "revocations", (int, str, int))
     records = _rows(doc, "records", (bytes, int, int))
@@ -119,8 +123,10 @@ def memory_state(doc: dict[str, Any], genesis: Vertex, loader: Any = None) -> Me
         state.by_seq.setdefault((creator, seq), []).append(vid)
         if creator not in state.last or seq > state.last[creator][0]:
             state.last[creator] = (seq, vid)
-    for key, admitted, left in doc["members"]:
+    for key, admitted, left, *speaks_as in doc["members"]:
         state.admitted[key] = ids[admitted]
+        if speaks_as:
+            state.speaks[key] = speaks_as[0]
         if left is None:
             state.gateways[key] = ids[admitted]
         else:

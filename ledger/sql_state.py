@@ -224,13 +224,16 @@ class SqlState:
             (n, bit, bit),
         )
 
-    def add_gateways(self, vertex: Vertex, public_keys: list[bytes]) -> None:
-        for key in public_keys:
+    def add_gateways(self, vertex: Vertex, public_keys: list[bytes], speaks_as: str = "") -> None:
+        for key in public_keys:  # `id`: the gateway id the key writes under (`State.speaks_as`)
             self.conn.execute(
                 "INSERT OR IGNORE INTO gateways (public_key, id, vertex, idx)"
                 " VALUES (?, ?, ?, (SELECT count(*) FROM gateways))",
-                (key.hex(), identity_id(key), vertex.id_hex),
+                (key.hex(), speaks_as or identity_id(key), vertex.id_hex),
             )
+
+    def speaks_as(self, public_key: bytes) -> str:
+        return self._one("SELECT id FROM gateways WHERE public_key = ?", public_key.hex()) or identity_id(public_key)
 
     def remove_gateway(self, vertex: Vertex, public_key: bytes) -> None:
         self.conn.execute(

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from protocol.keys import identity_id
+
 if TYPE_CHECKING:
     from .vertex import Vertex
 
@@ -55,7 +57,11 @@ class State(Protocol):
         """True if the key is a member now (named by genesis or joined, and not left)."""
 
     def departure_of(self, public_key: bytes) -> bytes | None:
-        """Id of the gateway.leave vertex that retired this gateway, or None."""
+        """Id of the gateway.leave (or gateway.rotate) vertex that retired this gateway key, or None."""
+
+    def speaks_as(self, public_key: bytes) -> str:
+        """The gateway id a member key writes under: its own id, or after a key rotation the id of the
+        gateway's first key (devices keep addressing the gateway by it: `protocol.rotation`)."""
 
     def member_count_ever(self) -> int: ...
 
@@ -79,7 +85,8 @@ class State(Protocol):
     def add_vertex(self, vertex: Vertex) -> None:
         """Record the vertex itself: its id, depth, parents, the tips, an equivocation if it is one."""
 
-    def add_gateways(self, vertex: Vertex, public_keys: list[bytes]) -> None: ...
+    def add_gateways(self, vertex: Vertex, public_keys: list[bytes], speaks_as: str = "") -> None:
+        """Admit gateway keys; `speaks_as`: the gateway id a rotated-in key writes under ("" its own)."""
 
     def remove_gateway(self, vertex: Vertex, public_key: bytes) -> None: ...
 
@@ -108,6 +115,7 @@ class MemoryState:
         self.gateways: dict[bytes, bytes] = {}  # member public key -> id of the vertex that named it
         self.admitted: dict[bytes, bytes] = {}  # every gateway ever, in admission order (= finality bit)
         self.departed: dict[bytes, bytes] = {}  # former member -> id of its gateway.leave vertex
+        self.speaks: dict[bytes, str] = {}  # a rotated-in key -> the gateway id it writes under
         self.devices: dict[bytes, tuple[str, str, bytes]] = {}  # public key -> (name, policy, vertex id)
         self.enrollments: dict[bytes, list[tuple[bytes, str]]] = {}  # public key -> [(vertex id, creator id)]
         self.revoked: dict[bytes, tuple[str, bytes]] = {}  # public key -> (reason, vertex id)
@@ -203,10 +211,15 @@ class MemoryState:
         self.tips.difference_update(vertex.parents)
         self.tips.add(vertex.id)
 
-    def add_gateways(self, vertex: Vertex, public_keys: list[bytes]) -> None:
+    def add_gateways(self, vertex: Vertex, public_keys: list[bytes], speaks_as: str = "") -> None:
         for key in public_keys:
             self.gateways.setdefault(key, vertex.id)
             self.admitted.setdefault(key, vertex.id)
+            if speaks_as and speaks_as != identity_id(key):
+                self.speaks.setdefault(key, speaks_as)
+
+    def speaks_as(self, public_key: bytes) -> str:
+        return self.speaks.get(public_key) or identity_id(public_key)
 
     def remove_gateway(self, vertex: Vertex, public_key: bytes) -> None:
         self.gateways.pop(public_key, None)

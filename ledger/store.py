@@ -34,6 +34,7 @@ from sqlite_utils import Database
 
 from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id
+from protocol.rotation import KeyRotation
 
 from . import bootstrap, validate
 from .errors import AlreadyEnrolled, DeviceRevoked, InvalidVertex, NoIdentity, StoreError
@@ -46,6 +47,7 @@ from .kinds import (
     DEVICE_REVOKE,
     GATEWAY_JOIN,
     GATEWAY_LEAVE,
+    GATEWAY_ROTATE,
     GENESIS,
     LINEAGE,
     MAX_RECORDS,
@@ -289,6 +291,12 @@ class Ledger(LedgerQueries):
     def leave_gateway(self, public_key: bytes, reason: str) -> Vertex:
         """Retire a gateway for good (root key only); its later vertices are refused."""
         return self.append(GATEWAY_LEAVE, {"gateway": public_key, "reason": reason})
+
+    def rotate_gateway(self, rotation: KeyRotation) -> Vertex:
+        """Replace a gateway's key (root key only, `rotation` signed by it): the old key's later vertices
+        are refused, the new key writes from here on."""
+        return self.append(GATEWAY_ROTATE, {"gateway": rotation.old, "next": rotation.new,
+                                            "statement": rotation.encode()})
 
     def enroll_device(self, public_key: bytes, name: str, policy: str, evidence: bytes | None = None) -> Vertex:
         """Enroll a device as this gateway, with the evidence its policy admitted it on (`ledger.kinds`:

@@ -186,7 +186,7 @@ def _check_derived(conn: sqlite3.Connection, state: MemoryState) -> list[Problem
     compare(
         "gateways",
         {(k, i, v) for k, i, v in conn.execute("SELECT public_key, id, vertex FROM gateways WHERE left_vertex IS NULL")},
-        {(k.hex(), identity_id(k), v.hex()) for k, v in state.gateways.items()},
+        {(k.hex(), state.speaks_as(k), v.hex()) for k, v in state.gateways.items()},
     )
     compare(
         "equivocations",

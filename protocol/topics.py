@@ -2,6 +2,7 @@
 
     starling/<gw>/model/<digest-hex>   retained, signed model releases
     starling/<gw>/mcu/latest           retained, signed int8 TFLite Micro export of the latest release
+    starling/<gw>/keys                 retained, the gateway's key rotations signed by the root key
     starling/<gw>/task/<device>        signed tasks for one device
     starling/<gw>/reply/<device>       signed replies from one device
     starling/<gw>/receipt/<device>     signed receipts for one device
@@ -20,6 +21,10 @@ def model(gateway: str, digest_hex: str) -> str:
 
 def mcu(gateway: str) -> str:
     return f"{ROOT}/{gateway}/mcu/latest"
+
+
+def keys(gateway: str) -> str:
+    return f"{ROOT}/{gateway}/keys"
 
 
 def task(gateway: str, device: str) -> str:

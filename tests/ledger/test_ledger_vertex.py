@@ -208,8 +208,8 @@ def test_sign_refuses_a_body_that_breaks_its_kind(kind: str, body: dict) -> None
 
 
 def test_every_kind_has_rules() -> None:
-    assert set(kinds.KINDS) == {"genesis", "gateway.join", "gateway.leave", "device.enroll", "device.revoke",
-                                "updates", "aggregate", "checkpoint", "lineage", "contributions"}
+    assert set(kinds.KINDS) == {"genesis", "gateway.join", "gateway.leave", "gateway.rotate", "device.enroll",
+                                "device.revoke", "updates", "aggregate", "checkpoint", "lineage", "contributions"}
 
 
 def test_update_record_is_compact() -> None:
