@@ -81,6 +81,9 @@ class AgentConfig:
     # A release whose expiry is more than this older than the newest expiry accepted from the gateway is
     # refused (model_frozen): it was signed that much before a release the device already knows.
     freeze_window_s: float = DEFAULT_FREEZE_WINDOW_S
+    # The city's root key (`[gateway] root_key`): with it the device follows the gateway's key rotations
+    # (protocol/rotation.py); without it only `gateway_public_key` ever signs for the gateway.
+    gateway_root_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -104,12 +107,9 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
     gw_id = setting(doc, "gateway", "id", str)
     if len(gw_id) != 32 or any(c not in "0123456789abcdef" for c in gw_id):
         raise ConfigError("gateway.id must be 32 lowercase hex characters")
-    try:
-        gw_key = bytes.fromhex(setting(doc, "gateway", "public_key", str))
-    except ValueError:
-        raise ConfigError("gateway.public_key must be hex") from None
-    if len(gw_key) != 32:
-        raise ConfigError("gateway.public_key must be 32 bytes (64 hex characters)")
+    gw_key = _public_key(setting(doc, "gateway", "public_key", str), "gateway.public_key")
+    root_key = table(doc, "gateway").get("root_key")
+    root_key = None if root_key is None else _public_key(setting(doc, "gateway", "root_key", str), "gateway.root_key")
     port = setting(doc, "broker", "port", int, 1883)
     if not 0 < port < 65536:
         raise ConfigError(f"broker.port {port} is not a TCP port")
@@ -143,7 +143,18 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         budget=_budget(doc, base_dir),
         sampling=_sampling(doc, base_dir),
         freeze_window_s=freeze_window,
+        gateway_root_key=root_key,
     )
+
+
+def _public_key(text: str, field: str) -> bytes:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError(f"{field} must be hex") from None
+    if len(key) != 32:
+        raise ConfigError(f"{field} must be 32 bytes (64 hex characters)")
+    return key
 
 
 def _sampling(doc: dict[str, Any], base_dir: Path) -> Sampling:

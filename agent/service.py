@@ -5,9 +5,12 @@ to disk and queues; one worker thread does the slow things (fetching and
 checking models, training, signing); the caller's thread re-sends
 unacknowledged replies until `stop` is set.
 
-Trust: every task, model and receipt must be signed by the gateway key named
-in the config (`Agent._trusted_gateway_key`, the one place that says which keys
-count) and bound to this gateway and this device; a model must hash to the
+Trust: every task, model and receipt must be signed by the gateway's key
+(`Agent._check_gateway_key`, the one place that says which key counts: the one
+in the config, or where the gateway's key rotations led) and bound to this
+gateway and this device; a key a rotation retired is refused (`key_rotated`).
+Rotations come retained on the gateway's keys topic and are followed only when
+signed by the city's root key in the config (`protocol.rotation`); a model must hash to the
 digest the task names, and its signed release must pass `Agent._check_release`:
 it expires (`model_no_expiry`, from the schema) and has not expired
 (`model_expired`), fits this device's model (`model_architecture_mismatch`), is
@@ -33,8 +36,9 @@ from mqttlink import Connection, ConnectionOptions, Message, Will
 from protocol import envelope, schemas, topics
 from protocol.digest import sha256
 from protocol.errors import ProtocolError
-from protocol.keys import Identity
+from protocol.keys import Identity, identity_id
 from protocol.logs import event
+from protocol.rotation import Chain
 
 from . import learner
 from .config import AgentConfig
@@ -88,6 +92,7 @@ class Agent:
         self.t_receipt = topics.receipt(gw, identity.id)
         self.t_reply = topics.reply(gw, identity.id)
         self.t_online = topics.online(gw, identity.id)
+        self.t_keys = topics.keys(gw)
         self.conn = self._make_connection()
 
     # --- MQTT plumbing -------------------------------------------------------------
@@ -101,7 +106,7 @@ class Agent:
             port=self.config.broker_port,
             auth=self.config.broker_auth,  # TLS and the device's MQTT credentials, when configured
             clean_session=False,  # a persistent session keeps QoS 1 tasks while we are away
-            subscriptions=((self.t_task, 1), (self.t_receipt, 1)),
+            subscriptions=((self.t_task, 1), (self.t_receipt, 1), (self.t_keys, 1)),
             will=Will(self.t_online, b"0"),
             birth=Will(self.t_online, b"1"),
             reconnect_min_s=1 + jitter.randint(0, 2),
@@ -137,19 +142,24 @@ class Agent:
 
     # --- checks ----------------------------------------------------------------------
 
-    def _trusted_gateway_key(self, key: bytes) -> bool:
-        """Whether `key` may sign for the gateway: today only `[gateway] public_key`.
+    @property
+    def gateway_key(self) -> bytes:
+        """The key that signs for the gateway now: the configured one, or where its rotations led."""
+        return bytes.fromhex(self.state.gateway_key) if self.state.gateway_key else self.config.gateway_public_key
 
-        The one place that decides which keys count (a gateway key rotation adds its next key here).
-        """
-        return key == self.config.gateway_public_key
+    def _check_gateway_key(self, key: bytes) -> None:
+        """Refuse (raise `_Refused`) a message not signed by the gateway's current key."""
+        if key == self.gateway_key:
+            return
+        if key.hex() in self.state.retired_keys:
+            raise _Refused("key_rotated")  # the operator's root key replaced it: perhaps stolen
+        raise _Refused("not_from_gateway")
 
     def _open_from_gateway(self, payload: bytes, expected_type: str) -> envelope.Envelope:
         env = envelope.decode(payload)
         if env.type != expected_type:
             raise ProtocolError(f"expected {expected_type}, got {env.type}")
-        if not self._trusted_gateway_key(env.ctx.sender):
-            raise _Refused("not_from_gateway")
+        self._check_gateway_key(env.ctx.sender)
         if env.ctx.gateway != self.config.gateway_id:
             raise _Refused("wrong_gateway")
         env.verify()
@@ -336,10 +346,12 @@ class Agent:
                 topic, payload, saved = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
-            kind = "task" if topic == self.t_task else "receipt"
+            kind = {self.t_task: "task", self.t_keys: "keys"}.get(topic, "receipt")
             try:
                 if kind == "task":
                     self._handle_task(payload, saved)
+                elif kind == "keys":
+                    self._handle_keys(payload)
                 else:
                     self._handle_receipt(payload)
             except (ProtocolError, _Refused, learner.BadOption) as exc:
@@ -350,6 +362,21 @@ class Agent:
                 log.exception("%s.failed unexpected error", kind)
             if saved:  # answered, refused or failed: done with it either way
                 self.store.drop_task(saved)
+
+    def _handle_keys(self, payload: bytes) -> None:
+        """The gateway's rotation chain (retained): follow it from the key trusted now, if the root signed it."""
+        if not payload:
+            return  # a cleared retained message
+        if self.config.gateway_root_key is None:
+            raise _Refused("no_root_key")  # this device trusts one gateway key, configured: nothing to follow
+        current = self.gateway_key
+        new, retired = Chain.decode(payload).follow(current, [self.config.gateway_root_key])
+        if new == current:
+            return
+        self.state.gateway_key = new.hex()
+        self.state.retired_keys = [*self.state.retired_keys, *(k.hex() for k in retired)]
+        self.store.save(self.state)
+        event(log, "gateway.key_rotated", retired=",".join(identity_id(k) for k in retired), key=identity_id(new))
 
     def _send_enroll(self) -> None:
         ctx = envelope.Context(self.identity.public_key, self.config.gateway_id, 0, "enroll", b"")

@@ -1,7 +1,8 @@
 """What the agent must remember across power cuts, written atomically.
 
     <state_dir>/state.json          enrolled flag, highest model version trusted (and its digest), newest
-                                    release expiry seen, tasks answered lately
+                                    release expiry seen, tasks answered lately, the gateway's current
+                                    key and the keys its rotations retired
     <state_dir>/tasks/*.task        tasks received and not answered yet (saved before MQTT acks them)
     <state_dir>/pending/*.reply     signed replies not yet acknowledged by a receipt
 
@@ -15,7 +16,8 @@ never answered twice with different replies. The state belongs to one gateway: a
 another gateway starts over (enrolls again, trusts no model version yet).
 A state file written before a field existed still loads: the missing field
 takes its default (`trusted_digest` "": the next release at `trusted_version`
-is taken as that version's digest; `newest_expires` 0: no freeze bound yet).
+is taken as that version's digest; `newest_expires` 0: no freeze bound yet;
+`gateway_key` "": the configured gateway key, no rotation followed yet).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class AgentState:
     answered: list[str] = field(default_factory=list)  # keys of the latest tasks answered
     trusted_digest: str = ""  # hex digest of the release accepted at trusted_version ("": not known yet)
     newest_expires: float = 0.0  # the latest expiry of any release accepted from this gateway (freeze bound)
+    gateway_key: str = ""  # hex key that signs for the gateway after its key rotations ("": the configured one)
+    retired_keys: list[str] = field(default_factory=list)  # hex keys the gateway's rotations retired
 
 
 def _digest_hex(value: object) -> str:
@@ -48,6 +52,11 @@ def _digest_hex(value: object) -> str:
     if not isinstance(value, str) or value and (len(value) != 64 or bytes.fromhex(value).hex() != value):
         raise ValueError(f"not a digest: {value!r:.80}")
     return value
+
+
+def _key_hex(value: object) -> str:
+    """A public key kept as hex: "" or 64 lowercase hex characters (anything else: ValueError)."""
+    return _digest_hex(value)  # the same shape as a digest's
 
 
 class StateStore:
@@ -65,7 +74,8 @@ class StateStore:
             doc = json.loads(self._state_file.read_text())
             state = AgentState(str(doc["gateway"]), bool(doc["enrolled"]), int(doc["trusted_version"]),
                                [str(k) for k in doc.get("answered", [])][-ANSWERED_KEPT:],
-                               _digest_hex(doc.get("trusted_digest", "")), float(doc.get("newest_expires", 0.0)))
+                               _digest_hex(doc.get("trusted_digest", "")), float(doc.get("newest_expires", 0.0)),
+                               _key_hex(doc.get("gateway_key", "")), [_key_hex(k) for k in doc.get("retired_keys", [])])
             if not math.isfinite(state.newest_expires):
                 raise ValueError("newest_expires is not finite")
         except (OSError, ValueError, KeyError, TypeError):

@@ -18,8 +18,9 @@ import sys
 import threading
 
 from protocol import logs
-from protocol.errors import KeyFileError
+from protocol.errors import KeyFileError, ProtocolError
 from protocol.keys import Identity, load_or_create
+from protocol.rotation import own_chain
 
 from .config import ConfigError, load_config
 
@@ -43,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         # Only `init` makes a key: a mistyped path must not give the gateway a new identity.
         identity = load_or_create(config.key) if args.command == "init" else Identity.load(config.key)
-    except (ConfigError, KeyFileError) as exc:
+        gateway_id = own_chain(config.rotations, identity.public_key).gateway_id(identity.public_key)
+    except (ConfigError, KeyFileError, ProtocolError) as exc:  # ProtocolError: a bad rotation chain file
         hint = " (make it with: starling-gateway init --config FILE)" if isinstance(exc, KeyFileError) else ""
         print(f"starling-gateway: {exc}{hint}", file=sys.stderr)
         return 2
-    if args.command in ("init", "check"):
-        print(json.dumps({"id": identity.id, "public_key": identity.public_key.hex(), "config": "ok"}))
+    if args.command in ("init", "check"):  # the id devices address (its first key's, after rotations)
+        print(json.dumps({"id": gateway_id, "public_key": identity.public_key.hex(), "config": "ok"}))
         return 0
     from .service import Gateway, StateFolderBusy, reset_model
 

@@ -3,6 +3,8 @@
     [gateway]
     name = "gw-harbour"
     key = "gateway.key"                  # Ed25519 key, mode 0600
+    rotations = ""                       # after a key rotation: the chain file `starling-ledger rotate`
+                                         # wrote ("" = never rotated); the gateway keeps its first id
     state_dir = "state"                  # ledger.db, result.json
 
     [broker]
@@ -85,6 +87,7 @@ class GatewayConfig:
     name: str
     key: Path
     state_dir: Path
+    rotations: Path | None = None  # the key rotation chain file (protocol/rotation.py); None: never rotated
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     broker_auth: BrokerAuth = field(default_factory=BrokerAuth)
@@ -176,6 +179,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
     config = GatewayConfig(
         name=setting(doc, "gateway", "name", str),
         key=path("gateway", "key"),
+        rotations=path("gateway", "rotations", None),
         state_dir=path("gateway", "state_dir"),
         broker_host=setting(doc, "broker", "host", str, "127.0.0.1"),
         broker_port=port,

@@ -48,6 +48,7 @@ from ledger.vertex import Vertex
 from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id
 from protocol.logs import event
+from protocol.rotation import Chain
 from protocol.transport import BrokerAuth
 from protocol.vouchers import Voucher
 
@@ -65,13 +66,16 @@ class LedgerKeeper:
     def __init__(self, path: Path, identity: Identity, name: str, genesis: Path | None, gossip: bool,
                  broker: tuple[str, int, BrokerAuth], bootstrap_s: float, checkpoint_every: int, *,
                  policy: str = "open", allowlist: tuple[bytes, ...] = (),
-                 operator_keys: tuple[bytes, ...] = ()) -> None:
+                 operator_keys: tuple[bytes, ...] = (), chain: Chain = Chain()) -> None:
         """Open (or create) the ledger and, with `gossip`, start sharing it; raise if this gateway is not a
         member. `genesis`: the city's genesis vertex file; None roots a ledger of this gateway's own.
         `policy`, `allowlist`, `operator_keys`: the gateway's `[enrollment]` config, applied to the
-        enrollments `sync` finds on the ledger."""
+        enrollments `sync` finds on the ledger. `chain`: the gateway's key rotations (`protocol.rotation`):
+        it writes under its first key's id and counts what its former keys enrolled as its own."""
         self.path = path
         self._identity = identity
+        self._gateway_id = chain.gateway_id(identity.public_key)  # what devices sign for: `updates` records it
+        self._own_ids = {identity.id, *(identity_id(k) for k in chain.keys())}
         self._checkpoint_every = checkpoint_every
         self._policy = policy
         self._allowlist = frozenset(allowlist)
@@ -94,7 +98,12 @@ class LedgerKeeper:
                 self.ledger.on_append = self.sync_link.announce
             if identity.public_key not in self.ledger.gateways():
                 raise RuntimeError(f"this gateway ({identity.id}) is not a member of the ledger: the operator "
-                                   "admits it with `starling-ledger join`")
+                                   "admits it with `starling-ledger join` (or a new key with `starling-ledger rotate`)")
+            if chain.rotations:
+                try:
+                    chain.check([self.ledger.root])
+                except ProtocolError as exc:
+                    raise RuntimeError(f"this gateway's key rotations are not this ledger's root's: {exc}") from exc
         except BaseException:
             self.close()
             raise
@@ -142,11 +151,11 @@ class LedgerKeeper:
         if self._policy == "open" or (self._policy == "allowlist" and key in self._allowlist):
             return True
         for record in self.ledger.enrollments(key):
-            if record.creator == self._identity.id:
+            if record.creator in self._own_ids:
                 return True
             if self._policy == "voucher" and record.policy == "voucher" and record.evidence:
                 try:
-                    Voucher.decode(record.evidence).check(self._operator_keys, key, self._identity.id,
+                    Voucher.decode(record.evidence).check(self._operator_keys, key, self._gateway_id,
                                                           now=record.time)
                     return True
                 except ProtocolError:
@@ -201,7 +210,7 @@ class LedgerKeeper:
             return []
         if exchanges.is_recorded(traffic.task):
             return list(dict.fromkeys(r[1] for r in records))
-        args = (self._identity.id, traffic.round, traffic.task, traffic.base)
+        args = (self._gateway_id, traffic.round, traffic.task, traffic.base)
         try:
             self.ledger.record_updates(*args, records, True)  # each signature verified at ingest
             exchanges.mark_recorded(traffic.task)

@@ -46,6 +46,7 @@ from protocol import topics
 from protocol.atomic import write_atomic
 from protocol.keys import Identity
 from protocol.logs import event
+from protocol.rotation import own_chain
 
 from .config import GatewayConfig
 from .devices import DeviceRegistry, Enrollment
@@ -147,7 +148,10 @@ class Gateway:
     def __init__(self, config: GatewayConfig, identity: Identity) -> None:
         self.config = config
         self.identity = identity
-        self.id = identity.id
+        # After key rotations (the operator's, `starling-ledger rotate`) the gateway keeps its first key's id:
+        # its devices and topics know it by that. Raises `RotationRefused` for a chain that is not its own.
+        self.chain = own_chain(config.rotations, identity.public_key)
+        self.id = self.chain.gateway_id(identity.public_key)
         self.manifest_path = config.manifest or default_manifest()
         self.manifest, self.initial_weights = load_initial_weights(self.manifest_path)
         task = self.manifest.get("task", "classification")
@@ -233,8 +237,11 @@ class Gateway:
             self.keeper = LedgerKeeper(self.ledger_path, self.identity, cfg.name, cfg.genesis, cfg.gossip,
                                        (cfg.broker_host, cfg.broker_port, cfg.broker_auth), cfg.bootstrap_s,
                                        cfg.checkpoint_every, policy=cfg.policy, allowlist=cfg.allowlist,
-                                       operator_keys=cfg.operator_keys)
+                                       operator_keys=cfg.operator_keys, chain=self.chain)
             self.keeper.sync(registry, quiet=True)
+            if self.chain.rotations:  # retained: devices that know the root key follow it to this key
+                connection.publish(topics.keys(self.id), self.chain.encode(), retain=True)
+                event(log, "gateway.keys_published", rotations=len(self.chain.rotations), key=self.identity.id)
             if cfg.ingest_workers:
                 self._ingest = IngestWorkers(cfg.ingest_workers, WorkerSettings(
                     self.id, cfg.broker_host, cfg.broker_port, cfg.broker_auth, max_reply, logging.getLogger().level),

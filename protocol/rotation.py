@@ -182,3 +182,12 @@ def chain_ending_at(rotations: Iterable[KeyRotation], key: bytes) -> Chain:
     for rotation in reversed(links):
         chain = chain.then(rotation)
     return chain
+
+
+def own_chain(path: Path | None, key: bytes) -> Chain:
+    """A gateway's chain file (None: it never rotated), refused unless it ends at the gateway's `key`."""
+    chain = Chain() if path is None else load_chain(path)
+    if chain.rotations and chain.keys()[-1] != key:
+        raise RotationRefused(f"{path} ends at key {identity_id(chain.keys()[-1])}, not this gateway's "
+                              f"key {identity_id(key)}")
+    return chain

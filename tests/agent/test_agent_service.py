@@ -23,6 +23,7 @@ from firmware_models.runtime import TrainableModel
 from hw.broker import Broker
 from protocol import envelope, schemas, topics
 from protocol.keys import Identity
+from protocol.rotation import Chain, issue
 
 GATEWAY = Identity.from_seed(b"G" * 32)
 ROGUE = Identity.from_seed(b"R" * 32)
@@ -78,16 +79,16 @@ class Peer:
         self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
 
     def release(self, weights, version: int, publish: bool = True, expires_in: float = 3600.0,
-                expires: float | None = None):
+                expires: float | None = None, signer: Identity = GATEWAY):
         """Sign a model release; publish it retained under its digest (or return it with the digest).
 
         It expires `expires_in` seconds from now, or at `expires` (unix seconds; 0: the old "never") when given.
         """
         model = schemas.encode_model(weights)
-        ctx = envelope.Context(GATEWAY.public_key, GATEWAY.id, version, "model", b"")
+        ctx = envelope.Context(signer.public_key, GATEWAY.id, version, "model", b"")
         body = {"version": version, "architecture": "", "size": len(model), "chunks": 1,
                 "expires": time.time() + expires_in if expires is None else expires}
-        wire = envelope.seal(GATEWAY, "model", ctx, body, model)
+        wire = envelope.seal(signer, "model", ctx, body, model)
         digest = envelope.decode(wire).body["digest"]
         if not publish:
             return wire, digest
@@ -127,11 +128,12 @@ def peer(broker):
 def start_agent(broker, model, data, tmp_path):
     running = []
 
-    def start(device: Identity, state: AgentState | None = None, resend_s: float = 0.5) -> Agent:
+    def start(device: Identity, state: AgentState | None = None, resend_s: float = 0.5,
+              root_key: bytes | None = None) -> Agent:
         config = AgentConfig(name="test-device", key=tmp_path / "device.key", state_dir=tmp_path / f"state-{device.id}",
                              gateway_id=GATEWAY.id, gateway_public_key=GATEWAY.public_key, broker_host=broker.host,
                              broker_port=broker.port, replay=tmp_path / "unused.npz", resend_s=resend_s,
-                             enroll_retry_s=0.5)
+                             enroll_retry_s=0.5, gateway_root_key=root_key)
         if state is not None:
             StateStore(config.state_dir).save(state)
         agent = Agent(config, device, model, data)
@@ -421,3 +423,55 @@ def test_accepting_the_same_release_again_writes_nothing(idle_agent):
     assert saves == []
     agent._remember(_release(3, release.expires + 60))  # republished with a fresh expiry
     assert len(saves) == 1 and agent.state.newest_expires == release.expires + 60
+
+
+# --- the gateway's key rotated by the city's root key ------------------------------------------------
+
+
+@pytest.fixture
+def rotation(peer):
+    """Publish a rotation chain retained on the gateway's keys topic; cleared afterwards (the broker is shared)."""
+    def publish(chain: Chain) -> None:
+        peer.publish(topics.keys(GATEWAY.id), chain.encode(), retain=True)
+
+    yield publish
+    peer.publish(topics.keys(GATEWAY.id), b"", retain=True)
+
+
+def _key_after(agent: Agent, key: bytes, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while agent.gateway_key != key and time.monotonic() < end:
+        time.sleep(0.05)
+    return agent.gateway_key == key
+
+
+def test_a_task_signed_by_a_rotated_out_gateway_key_is_refused_and_the_new_key_is_followed(
+        peer, start_agent, model, rotation):
+    root, new = Identity.generate(), Identity.generate()
+    device = Identity.generate()
+    agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True), root_key=root.public_key)
+    rotation(Chain((issue(root, GATEWAY.public_key, new.public_key),)))
+    assert _key_after(agent, new.public_key)
+    weights = model.get_weights()
+    digest = peer.release(weights, version=1, signer=new)
+    peer.task(device, digest, round_=1, signer=GATEWAY)  # the retired key: perhaps stolen
+    peer.nothing("reply")
+    assert refusals(agent) == {"key_rotated": 1}
+    peer.task(device, digest, round_=2, signer=new)
+    assert peer.next("reply").ctx.round == 2
+    kept = StateStore(agent.config.state_dir).load(GATEWAY.id)  # it outlives a restart
+    assert (kept.gateway_key, kept.retired_keys) == (new.public_key.hex(), [GATEWAY.public_key.hex()])
+
+
+def test_a_rotation_not_signed_by_the_root_key_or_without_one_configured_changes_nothing(
+        peer, start_agent, model, rotation):
+    root, forger, new = Identity.generate(), Identity.generate(), Identity.generate()
+    trusting = start_agent(Identity.generate(), AgentState(GATEWAY.id, enrolled=True), root_key=root.public_key)
+    pinned = start_agent(Identity.generate(), AgentState(GATEWAY.id, enrolled=True))
+    rotation(Chain((issue(forger, GATEWAY.public_key, new.public_key),)))
+    assert refusals(trusting) == {"bad_rotation": 1} and refusals(pinned) == {"no_root_key": 1}
+    assert trusting.gateway_key == pinned.gateway_key == GATEWAY.public_key
+    digest = peer.release(model.get_weights(), version=1, signer=new)
+    peer.task(trusting.identity, digest, signer=new)
+    peer.nothing("reply")
+    assert trusting.counters.refused_tasks == {"bad_rotation": 1, "not_from_gateway": 1}
