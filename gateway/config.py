@@ -63,6 +63,9 @@
     policy = "voucher"                    # required: "voucher", "allowlist", or "open" (emulator only)
     operator_keys = ["<64 hex>"]          # "voucher": operator public keys whose vouchers admit devices
     allowlist = []                        # "allowlist": device public keys (hex)
+
+In [aggregation] and [defense] an unknown key is refused (naming it and the known ones), as is a value
+of the wrong type (a bool for a number, an int or a string for true/false) or not finite.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ from .strategies import make_strategy
 from .weights import RULES, WeightRule
 
 POLICIES = ("voucher", "allowlist", "open")
+AGGREGATION_KEYS = ("weights", "max_examples", "median_multiple")  # WeightRule's rule, max_examples, median_multiple
 MAX_INGEST_WORKERS = 64
 
 
@@ -196,7 +200,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         strategy=setting(doc, "strategy", "name", str, "FedAvg"),
         strategy_params=dict(setting(doc, "strategy", "params", dict, {})),
         strategy_dp=setting(doc, "strategy", "dp", dict, None),
-        defense=dict(table(doc, "defense")) or None,
+        defense=_defense(doc),
         num_rounds=_optional_positive("rounds.num_rounds", setting(doc, "rounds", "num_rounds", int, None)),
         interval_s=_non_negative("rounds.interval_s", setting(doc, "rounds", "interval_s", float, 0.0)),
         evaluate_every=int(_positive("rounds.evaluate_every", setting(doc, "rounds", "evaluate_every", int, 1))),
@@ -221,7 +225,18 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     return parse_config(read_toml(path), Path(path).parent)
 
 
+def _known_keys(doc: dict[str, Any], section: str, known: Any) -> dict[str, Any]:
+    """`doc[section]` (a table when present), refused when it has a key not in `known`: a misspelt key
+    must not fall back silently to the default."""
+    given = table(doc, section)
+    unknown = sorted(str(key) for key in set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key {section}.{unknown[0]}; known: {', '.join(sorted(known))}")
+    return given
+
+
 def _weight_rule(doc: dict[str, Any]) -> WeightRule:
+    _known_keys(doc, "aggregation", AGGREGATION_KEYS)
     rule = setting(doc, "aggregation", "weights", str, "capped")
     if rule not in RULES:
         raise ConfigError(f"aggregation.weights must be one of {RULES}, got {rule!r}")
@@ -232,6 +247,15 @@ def _weight_rule(doc: dict[str, Any]) -> WeightRule:
     if multiple < 1:
         raise ConfigError(f"aggregation.median_multiple must be at least 1, got {multiple}")
     return WeightRule(rule, max_examples, multiple)
+
+
+def _defense(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """[defense]: UpdateBound's parameters, each of its type (finite numbers, true or false); None: no table.
+    The ranges (not negative, at least one bound set) are UpdateBound's to refuse, naming the parameter."""
+    from .defense import PARAMETERS  # (Flower, which parse_config needs for the strategy anyway)
+
+    given = _known_keys(doc, "defense", PARAMETERS)
+    return {key: setting(doc, "defense", key, PARAMETERS[key]) for key in given} or None
 
 
 def _mcu_python(path: Path | None) -> Path | None:

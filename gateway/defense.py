@@ -34,6 +34,13 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 
+PARAMETERS: dict[str, type] = {  # the [defense] keys (UpdateBound's parameters) and their types
+    "norm_bound": float,
+    "median_multiple": float,
+    "centered_clipping": bool,
+}
+
+
 class UpdateBound(Strategy):
     """Any strategy, with every update's norm bounded first (and optionally clipped around the last round)."""
 
@@ -44,13 +51,19 @@ class UpdateBound(Strategy):
         """`norm_bound`: no update's delta longer than this (0: no fixed bound); `median_multiple`: none longer
         than this many times the round's median delta norm (0: no relative bound); at least one is set.
         `centered_clipping`: clip around the previous round's aggregate delta instead of around zero."""
-        if norm_bound < 0 or median_multiple < 0 or not (math.isfinite(norm_bound) and math.isfinite(median_multiple)):
-            raise ValueError("norm_bound and median_multiple must be finite and not negative")
+        for name, value in (("norm_bound", norm_bound), ("median_multiple", median_multiple)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be finite and not negative, got {value!r}")
+        if not isinstance(centered_clipping, bool):  # ("no" would be truthy: clipping on)
+            raise TypeError(f"centered_clipping must be true or false, got {type(centered_clipping).__name__} "
+                             f"{centered_clipping!r}")
         if norm_bound == 0 and median_multiple == 0:
             raise ValueError("set norm_bound or median_multiple (or both): otherwise nothing is bounded")
         self.strategy = strategy
-        self.norm_bound = norm_bound
-        self.median_multiple = median_multiple
+        self.norm_bound = float(norm_bound)
+        self.median_multiple = float(median_multiple)
         self.centered_clipping = centered_clipping
         self.momentum: dict[str, np.ndarray] | None = None
         self._base: dict[str, np.ndarray] | None = None

@@ -10,6 +10,8 @@ such as FedAdam use them), through a template method over a few hooks:
 
     run()                    begin(), then per round: wait_turn(r), train_round(r),
                              evaluate_round(r) when due, until the round count (if any) is reached
+                             or a DP run's privacy budget is spent (max_epsilon: "done", with the
+                             status's reason "privacy_budget_spent"; the last model stays published)
     begin()                  start the lineage (first start, reset, new model family) or go on from
                              the head: restore the strategy's state, publish the head again
     wait_turn(r)             the interval since the last round's start; enough devices online
@@ -18,6 +20,12 @@ such as FedAdam use them), through a template method over a few hooks:
 
 `stop` (SIGTERM) ends any wait at once with InterruptedError; the round it
 interrupted re-opens at the next start (the round book and the journal).
+
+A spent privacy budget is an end, not a failure: the gateway would refuse every
+later round too, so it says so once (`privacy.budget_spent` in the log), ends
+"done" (exit 0: systemd's Restart=on-failure does not loop on it) and leaves its
+last release published. Started again, it publishes that release afresh and ends
+the same way (the accountant's record is restored, whatever the strategy).
 """
 
 from __future__ import annotations
@@ -30,10 +38,11 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from protocol.logs import event
 
-from . import strategy_state
+from . import privacy, strategy_state
 from .devices import DeviceRegistry
 from .grid import NUM_EXAMPLES, MqttGrid
 from .journal import Exchanges
@@ -103,12 +112,20 @@ class RoundEngine:
         self._last_start: float | None = None
 
     def run(self) -> str:
-        """Rounds until the round count is reached ("done"); raises InterruptedError when stopped."""
+        """Rounds until the round count is reached or the privacy budget is spent ("done"); raises
+        InterruptedError when stopped."""
         round_ = self.begin()
         while not self._schedule.finished(round_ - 1):
+            spent = privacy.budget_spent(self._strategy)  # before waiting for a round that cannot run
+            if spent is not None:
+                return self._budget_spent(round_, spent)
             self.wait_turn(round_)
             self._board.begin_round(round_)
-            self.train_round(round_)
+            try:
+                self.train_round(round_)
+            except PrivacyBudgetExhausted as exc:  # a wrapper's own check (the one above, or a user's strategy's)
+                self._board.forget_round(round_)
+                return self._budget_spent(round_, f"{privacy.mark_budget_spent(self._strategy)}: {exc}")
             if self._schedule.evaluates(round_):
                 self.evaluate_round(round_)
             self._board.end_round(round_)
@@ -219,20 +236,33 @@ class RoundEngine:
 
     # --- helpers ---------------------------------------------------------------------------------
 
+    def _budget_spent(self, round_: int, reason: str) -> str:
+        """The end of a DP run whose budget is spent: one log line, the status says why; "done"."""
+        head = self._releases.head
+        event(log, "privacy.budget_spent", logging.WARNING, round=round_, model=head.digest.hex()[:16],
+              version=head.version, reason=reason)
+        self._board.set_state("done", reason=privacy.BUDGET_SPENT)
+        return "done"
+
     def _restore_strategy_state(self) -> None:
+        """The saved state of the strategy that made the head; when the configured strategy is another one,
+        only the privacy accountant's record (what the lineage spent stays spent), never the strategy's own."""
         saved, config = self._releases.saved_state()
         if saved is None:
             return
-        if config.get("strategy") != self._strategy_name:
+        changed = config.get("strategy") != self._strategy_name
+        if changed:
             event(log, "strategy.state_not_restored", logging.WARNING, reason="strategy changed",
                   was=config.get("strategy"), now=self._strategy_name)
-            return
         try:
-            restored = strategy_state.restore(self._strategy, saved)
+            restored = strategy_state.restore(self._strategy, saved, privacy_only=changed)
         except ValueError as exc:
             event(log, "strategy.state_not_restored", logging.WARNING, reason=str(exc))
             return
-        event(log, "strategy.state_restored", attributes=",".join(restored) or "-")
+        if not changed:
+            event(log, "strategy.state_restored", attributes=",".join(restored) or "-")
+        elif restored:
+            event(log, "privacy.state_restored", reason="strategy changed", attributes=",".join(restored))
 
 
 def _arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:

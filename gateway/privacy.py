@@ -5,7 +5,9 @@
     params = { noise_multiplier = 0.8, clipping_norm = 1.0, num_sampled_clients = 20 }
     target_delta = 1e-5      # epsilon is reported at this delta (default 1e-5)
     population_size = 500    # the population in the report (default: the devices enrolled here)
-    max_epsilon = 8.0        # optional: a round whose release would spend more is not started
+    max_epsilon = 8.0        # optional: a round whose release would spend more is not started; the gateway
+                             # ends then (state "done", reason "privacy_budget_spent", exit 0), its last
+                             # model still published; restarted, it ends again after publishing it afresh
     accounting = true        # false: the wrapper adds its noise and no privacy cost is claimed
 
 With `noise_multiplier > 0` the gateway accounts every private release with
@@ -227,6 +229,7 @@ class FleetAccountant:
         self._enrolled = enrolled or (lambda: 0)
         self._events: dict[tuple[float, int], int] = {}
         self._rdp: Any = None
+        self.budget_spent = False  # found spent before a round (budget_spent()): the gateway runs no more rounds
 
     # --- Flower's PrivacyAccountant protocol --------------------------------------------------
 
@@ -470,22 +473,56 @@ def _wrapped(strategy: Any, depth: int = 6) -> Iterator[Any]:
         strategy = None if inner is strategy else inner
 
 
-def report(strategy: Any) -> dict[str, Any] | None:
-    """The privacy spent so far (status topic and result.json), or None when nothing is accounted."""
+BUDGET_SPENT = "privacy_budget_spent"  # why a gateway ended (state "done"): the next release would pass max_epsilon
+
+
+def _accounted(strategy: Any) -> tuple[Any, FleetAccountant] | tuple[None, None]:
+    """The wrapper that accounts its releases, and its accountant (or None, None)."""
     for inner in _wrapped(strategy):
         accountant = getattr(inner, "accountant", None)
         if isinstance(accountant, FleetAccountant) and hasattr(inner, "accounted_noise_multiplier"):
-            spent = accountant.get_privacy_spent()
-            z = getattr(inner, "last_noise_multiplier", None) or inner.accounted_noise_multiplier()
-            return {
-                "epsilon": spent.epsilon if math.isfinite(spent.epsilon) else None,
-                "delta": spent.delta,
-                "rounds": spent.num_releases,  # private releases composed
-                "noise_multiplier": z,  # per release (adaptive clipping: z_eff of the last round)
-                "method": f"{spent.accounting_method}, {SAMPLING.value}, {RELATION.value}",
-                "population": accountant.config.population_size,
-                "max_epsilon": accountant.settings.max_epsilon,
-                "wrapper": type(inner).__name__,
-                "clipping_norm": float(inner.clipping_norm),  # (adaptive clipping: the next round's)
-            }
-    return None
+            return inner, accountant
+    return None, None
+
+
+def budget_spent(strategy: Any) -> str | None:
+    """Why no further round can run, when the next round's release would spend more than `max_epsilon` (the
+    wrappers' own check at configure_train, asked before the round starts); None while the budget lasts."""
+    inner, accountant = _accounted(strategy)
+    if accountant is None or accountant.settings.max_epsilon is None:
+        return None
+    if not accountant.would_exceed(accountant.event(inner.accounted_noise_multiplier(), inner.num_sampled_clients)):
+        return None
+    return mark_budget_spent(strategy)
+
+
+def mark_budget_spent(strategy: Any) -> str:
+    """The budget is spent (the report says so from now on); what was spent, in words."""
+    _, accountant = _accounted(strategy)
+    if accountant is None:
+        return "a private release would exceed the privacy budget"
+    accountant.budget_spent = True
+    spent = accountant.get_privacy_spent()
+    return (f"the next private release would exceed max_epsilon {accountant.settings.max_epsilon} "
+            f"(spent: epsilon {spent.epsilon:.6g} at delta {spent.delta:g} in {spent.num_releases} releases)")
+
+
+def report(strategy: Any) -> dict[str, Any] | None:
+    """The privacy spent so far (status topic and result.json), or None when nothing is accounted."""
+    inner, accountant = _accounted(strategy)
+    if accountant is None:
+        return None
+    spent = accountant.get_privacy_spent()
+    z = getattr(inner, "last_noise_multiplier", None) or inner.accounted_noise_multiplier()
+    return {
+        "epsilon": spent.epsilon if math.isfinite(spent.epsilon) else None,
+        "delta": spent.delta,
+        "rounds": spent.num_releases,  # private releases composed
+        "noise_multiplier": z,  # per release (adaptive clipping: z_eff of the last round)
+        "method": f"{spent.accounting_method}, {SAMPLING.value}, {RELATION.value}",
+        "population": accountant.config.population_size,
+        "max_epsilon": accountant.settings.max_epsilon,
+        "wrapper": type(inner).__name__,
+        "clipping_norm": float(inner.clipping_norm),  # (adaptive clipping: the next round's)
+        "budget_spent": accountant.budget_spent,  # the next release would exceed max_epsilon: no more rounds
+    }

@@ -387,6 +387,7 @@ class Gateway:
         return {
             "gateway": {"id": self.id, "name": self.config.name, "public_key": self.identity.public_key.hex()},
             "state": final,
+            "reason": self.board.reason,  # why the rounds ended early ("privacy_budget_spent"), or None
             "failure": failure,
             "rounds": self.board.history(),
             "lineage": self.board.lineage(),

@@ -7,9 +7,10 @@ device's counts, and the service's state; it publishes them as retained JSON
 README's "Status topics") and writes `result.json` when the gateway stops.
 
 States: `starting`, `waiting` (for devices), `running` (a round), `idle`
-(between rounds, `next_round_at` says until when), `done` (the round count
-was reached), `stopped` (SIGTERM), `failed`; the broker publishes `offline`
-(the connection's last will) if the gateway vanishes.
+(between rounds, `next_round_at` says until when), `done` (no more rounds:
+the round count was reached, or `reason` says why, e.g. `privacy_budget_spent`),
+`stopped` (SIGTERM), `failed`; the broker publishes `offline` (the
+connection's last will) if the gateway vanishes.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class StatusBoard:
         self._enroll_rejections = enroll_rejections
         self._lock = threading.Lock()
         self.state = "starting"
+        self.reason: str | None = None  # why the rounds ended before the round count (privacy.BUDGET_SPENT)
         self._next_round_at: float | None = None
         self._lineage: Release | None = None
         self._records: dict[int, RoundRecord] = {}  # the newest rounds of the current lineage
@@ -83,9 +85,12 @@ class StatusBoard:
 
     # --- the engine's side ------------------------------------------------------------------
 
-    def set_state(self, state: str, next_round_at: float | None = None) -> object:
-        """Change the state and publish the status; return what the publish returned (paho's MQTTMessageInfo)."""
+    def set_state(self, state: str, next_round_at: float | None = None, reason: str | None = None) -> object:
+        """Change the state and publish the status; return what the publish returned (paho's MQTTMessageInfo).
+        `reason`: why the rounds ended (kept: the service's last `set_state("done")` does not clear it)."""
         self.state, self._next_round_at = state, next_round_at
+        if reason is not None:
+            self.reason = reason
         return self.publish()
 
     def set_lineage(self, head: Release) -> None:
@@ -117,6 +122,13 @@ class StatusBoard:
             else:
                 _evaluation(record, traffic.accepted, self._weights.effective([a.examples for a in traffic.accepted]))
         self._save(round_)
+
+    def forget_round(self, round_: int) -> None:
+        """A round that began but never ran (nothing sent, nothing journaled): out of the status again."""
+        self._round_start.pop(round_, None)
+        record = self._records.get(round_)
+        if record is not None and asdict(record) == asdict(RoundRecord(round_)):
+            del self._records[round_]
 
     def end_round(self, round_: int) -> None:
         self._save(round_)
@@ -196,6 +208,7 @@ class StatusBoard:
             "gateway": self.gateway_id,
             "name": self.name,
             "state": self.state,
+            "reason": self.reason,  # why the rounds ended early (state "done"): "privacy_budget_spent"; else null
             "round": history[-1]["round"] if history else None,
             "num_rounds": self.num_rounds,
             "next_round_at": self._next_round_at if self.state == "idle" else None,

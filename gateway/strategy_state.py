@@ -14,6 +14,10 @@ walked too (`strategy.strategy`). What is saved: None, numbers, numpy arrays,
 and dicts or lists of arrays, as one `.npz` blob (no pickle); an `accountant`
 attribute with `state_dict()` / `load_state_dict()` (Flower's PrivacyAccountant
 protocol) as the JSON of its `state_dict()` in the same blob.
+
+When the configured strategy changed since the state was saved, the gateway
+restores the accountant alone (`restore(..., privacy_only=True)`): another
+strategy's moments mean nothing, but the privacy the lineage spent stays spent.
 """
 
 from __future__ import annotations
@@ -100,9 +104,12 @@ def capture(strategy: Any) -> bytes | None:
     return buffer.getvalue()
 
 
-def restore(strategy: Any, data: bytes) -> list[str]:
+def restore(strategy: Any, data: bytes, privacy_only: bool = False) -> list[str]:
     """Put saved state back into the strategy (and the ones it wraps); return the attributes set.
 
+    `privacy_only`: only the privacy accountant's record, none of the strategies' own state (the
+    gateway's strategy changed since the state was saved: its moments or momentum mean nothing to
+    another strategy, but what the lineage's releases spent of the privacy budget stays spent).
     Raises ValueError when the bytes are not a saved state.
     """
     try:
@@ -110,6 +117,11 @@ def restore(strategy: Any, data: bytes) -> list[str]:
             flat = {k: npz[k] for k in npz.files}
     except Exception as exc:  # noqa: BLE001 (whatever numpy raises for a bad file)
         raise ValueError(f"not a saved strategy state: {exc}") from exc
+    restored = [] if privacy_only else _restore_declared(strategy, flat)
+    return restored + _restore_accountants(strategy, flat)  # last: a record it cannot take leaves the rest restored
+
+
+def _restore_declared(strategy: Any, flat: dict[str, np.ndarray]) -> list[str]:
     restored = []
     for path, inner in _strategies(strategy):
         for name in _declared(inner):
@@ -127,9 +139,25 @@ def restore(strategy: Any, data: bytes) -> list[str]:
                 continue
             setattr(inner, name, value)
             restored.append(key)
-    for path, inner in _strategies(strategy):  # last: a record it cannot take leaves the rest restored
-        accountant, key = _accountant(inner), f"{path}{ACCOUNTANT}|json"
-        if accountant is None or key not in flat:
+    return restored
+
+
+def _restore_accountants(strategy: Any, flat: dict[str, np.ndarray]) -> list[str]:
+    """Each saved accountant record into the accountant at the same place among the wrappers; one record and
+    one accountant go together wherever each sits (a [defense] added or removed moves the DP wrapper)."""
+    saved = [key for key in flat if key.endswith(f"{ACCOUNTANT}|json")]
+    live = [(path, accountant) for path, inner in _strategies(strategy)
+            if (accountant := _accountant(inner)) is not None]
+    if saved and not live:
+        event(log, "privacy.state_not_restored", logging.WARNING,
+              reason="the saved state has a privacy accountant, the strategy now has none")
+    if len(saved) == 1 and len(live) == 1:
+        pairs = [(saved[0], *live[0])]
+    else:
+        pairs = [(f"{path}{ACCOUNTANT}|json", path, accountant) for path, accountant in live]
+    restored = []
+    for key, path, accountant in pairs:
+        if key not in flat:
             continue
         try:
             accountant.load_state_dict(json.loads(str(flat[key])))

@@ -143,6 +143,39 @@ def test_a_dp_wrapper_is_built_around_the_strategy():
     assert type(strategy.strategy).__name__ == "FedAvg"
 
 
+@pytest.mark.parametrize("section, table, match", [
+    ("aggregation", {"weight": "uniform"}, r"unknown key aggregation\.weight; known: max_examples, median_multiple, weights"),
+    ("aggregation", {"weights": "uniform", "max_example": 10}, r"unknown key aggregation\.max_example; known"),
+    ("aggregation", {"median_multiple": float("nan")}, r"aggregation\.median_multiple must be a finite number"),
+    ("aggregation", {"max_examples": True}, r"aggregation\.max_examples must be int, got bool"),
+    ("defense", {"norm_bounds": 1.0}, r"unknown key defense\.norm_bounds; known: centered_clipping, median_mult"),
+    ("defense", {"strategy": "FedAvg"}, r"unknown key defense\.strategy"),  # (UpdateBound's own argument)
+    ("defense", {"centered_clipping": "no"}, r"defense\.centered_clipping must be bool, got str"),  # "no" is truthy
+    ("defense", {"median_multiple": 2.0, "centered_clipping": 1}, r"defense\.centered_clipping must be bool, got int"),
+    ("defense", {"norm_bound": True}, r"defense\.norm_bound must be float, got bool"),
+    ("defense", {"median_multiple": "2"}, r"defense\.median_multiple must be float, got str"),
+    ("defense", {"norm_bound": float("nan")}, r"defense\.norm_bound must be a finite number, got nan"),
+    ("defense", {"median_multiple": float("inf")}, r"defense\.median_multiple must be a finite number, got inf"),
+    ("defense", {"norm_bound": -1.0}, r"defense: UpdateBound refused them: norm_bound must be finite and not negative"),
+    ("defense", {"median_multiple": -2}, r"defense: UpdateBound refused them: median_multiple must be finite"),
+    ("defense", "on", r"\[defense\] must be a table"),
+])
+def test_a_bad_aggregation_or_defense_setting_is_named_not_ignored(section, table, match):
+    with pytest.raises(GatewayConfigError, match=match):
+        parse_gateway({**GOOD_GATEWAY, section: table})
+
+
+def test_good_aggregation_and_defense_tables_are_taken_as_written():
+    config = parse_gateway({**GOOD_GATEWAY, "aggregation": {"weights": "reported", "max_examples": 500},
+                            "defense": {"norm_bound": 3, "median_multiple": 0, "centered_clipping": True}})
+    assert (config.weights.rule, config.weights.max_examples, config.weights.median_multiple) == ("reported", 500, 2.0)
+    assert config.defense == {"norm_bound": 3.0, "median_multiple": 0.0, "centered_clipping": True}
+    bound = config.make_strategy()
+    assert (type(bound).__name__, bound.norm_bound, bound.median_multiple, bound.centered_clipping) == (
+        "UpdateBound", 3.0, 0.0, True)
+    assert parse_gateway({**GOOD_GATEWAY, "defense": {}}).defense is None  # an empty table: no defense
+
+
 @pytest.mark.parametrize("dp, match", [
     ({"wrapper": "Nope"}, r"strategy\.dp\.wrapper"),
     ({"wrapper": "DifferentialPrivacyServerSideFixedClipping", "params": {"clipping_norm": 1.0}},

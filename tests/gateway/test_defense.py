@@ -87,3 +87,20 @@ def test_a_defense_table_is_checked_like_any_strategy_parameter():
     with pytest.raises(ConfigError, match="defense"):
         make_strategy("FedAvg", {}, defense={"median_multiple": 0.0, "norm_bound": 0.0})
     assert isinstance(make_strategy("FedAvg", {}, defense={"norm_bound": 3.0}), UpdateBound)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"centered_clipping": "no"}, r"centered_clipping must be true or false, got str 'no'"),  # truthy: clipping on
+    ({"centered_clipping": 1}, r"centered_clipping must be true or false, got int"),
+    ({"norm_bound": True}, r"norm_bound must be a number, got bool"),
+    ({"median_multiple": "2.0"}, r"median_multiple must be a number, got str"),
+    ({"norm_bound": float("nan")}, r"norm_bound must be finite and not negative, got nan"),
+    ({"median_multiple": float("inf")}, r"median_multiple must be finite and not negative, got inf"),
+    ({"norm_bound": -1.0}, r"norm_bound must be finite and not negative, got -1\.0"),
+])
+def test_update_bound_refuses_a_bad_parameter_naming_it(kwargs, match):
+    inner = make_strategy("FedAvg", {})
+    with pytest.raises((TypeError, ValueError), match=match):
+        UpdateBound(inner, **kwargs)
+    with pytest.raises(ConfigError, match="defense: UpdateBound refused them: " + match):  # a config built in code
+        make_strategy("FedAvg", {}, defense=kwargs)

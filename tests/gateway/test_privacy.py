@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -10,11 +14,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
-from gateway_helpers import SHAPES, AgentFleet
+from gateway_helpers import ROOT, SHAPES, AgentFleet, gateway_config
 
 from gateway import privacy, strategy_state
-from gateway.config import ConfigError, GatewayConfig, parse_config
+from gateway.config import ConfigError, GatewayConfig, load_config, parse_config
 from gateway.service import Gateway
 from gateway.strategies import make_strategy
 from gateway.weights import WeightRule
@@ -108,7 +113,7 @@ def test_an_accounted_dp_config_parses_and_reports_nothing_spent_yet():
     assert privacy.report(strategy) == {
         "epsilon": 0.0, "delta": 1e-5, "rounds": 0, "noise_multiplier": 0.8,
         "method": "rdp, no-amplification, add-or-remove-one", "population": 3, "max_epsilon": None,
-        "wrapper": "DifferentialPrivacyServerSideFixedClipping", "clipping_norm": 1.0}
+        "wrapper": "DifferentialPrivacyServerSideFixedClipping", "clipping_norm": 1.0, "budget_spent": False}
 
 
 @pytest.mark.parametrize("doc, match", [
@@ -225,6 +230,44 @@ def test_a_round_beyond_max_epsilon_is_not_started():
     assert privacy.report(adaptive)["rounds"] == 0
 
 
+def test_a_spent_budget_is_known_before_the_round_the_wrapper_would_refuse_and_reported():
+    strategy = make_strategy("FedAvg", NODES, {**FIXED, "max_epsilon": (epsilon([0.8] * 2) + epsilon([0.8] * 3)) / 2})
+    for r in (1, 2):
+        assert privacy.budget_spent(strategy) is None
+        one_round(strategy, r)
+    assert privacy.report(strategy)["budget_spent"] is False
+    reason = privacy.budget_spent(strategy)  # what the engine asks before it waits for round 3
+    assert reason is not None and "max_epsilon" in reason and "2 releases" in reason
+    assert privacy.report(strategy)["budget_spent"] is True
+    with pytest.raises(PrivacyBudgetExhausted):  # the wrapper's own check agrees
+        one_round(strategy, 3)
+    z = make_strategy("FedAvg", NODES, ADAPTIVE).accounted_noise_multiplier()
+    assert privacy.budget_spent(make_strategy("FedAvg", NODES, {**ADAPTIVE, "max_epsilon": epsilon([z]) / 2}))
+    assert privacy.budget_spent(make_strategy("FedAvg", NODES, ADAPTIVE)) is None  # no max_epsilon: no limit
+    assert privacy.budget_spent(make_strategy("FedAvg", NODES)) is None  # nothing accounted
+
+
+def test_a_changed_strategy_gets_back_the_privacy_record_and_none_of_the_old_strategys_state():
+    defense = {"median_multiple": 1.5, "centered_clipping": True}  # UpdateBound's momentum: state of its own
+    before = make_strategy("FedAvg", NODES, FIXED, defense=defense)
+    for r in (1, 2):
+        one_round(before, r)
+    saved = strategy_state.capture(before)
+    assert before.momentum is not None
+    after = make_strategy("FedProx", {**NODES, "proximal_mu": 0.1}, FIXED, defense=defense)
+    assert strategy_state.restore(after, saved, privacy_only=True) == ["strategy.accountant"]
+    assert after.momentum is None  # the strategy's own state stays behind
+    assert privacy.report(after)["rounds"] == 2
+    assert privacy.report(after)["epsilon"] == pytest.approx(epsilon([0.8] * 2), rel=1e-9)
+    # A [defense] added since the save moves the DP wrapper one level down: its record is found all the same.
+    plain = make_strategy("FedAvg", NODES, FIXED)
+    for r in (1, 2):
+        one_round(plain, r)
+    moved = make_strategy("FedAvg", NODES, FIXED, defense=defense)
+    assert strategy_state.restore(moved, strategy_state.capture(plain)) == ["strategy.accountant"]
+    assert privacy.report(moved)["rounds"] == 2
+
+
 # --- through the real gateway: stopped after 2 rounds, started again for a third ---------------------
 
 
@@ -267,3 +310,119 @@ def test_a_restarted_gateway_reports_the_privacy_of_every_release_of_its_lineage
     if "Fixed" in wrapper:
         assert first["epsilon"] == pytest.approx(epsilon([0.8] * 2), rel=1e-9)
         assert second["epsilon"] == pytest.approx(epsilon([0.8] * 3), rel=1e-9)
+
+
+def run_gateway(config: GatewayConfig, identity: Identity, timeout: float = 60) -> tuple[dict, Gateway]:
+    """`Gateway.run` in a thread, stopped after `timeout` at the latest (a test never hangs)."""
+    result: dict = {}
+    gateway, stop = Gateway(config, identity), threading.Event()
+    thread = threading.Thread(target=lambda: result.update(gateway.run(stop)), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    stop.set()
+    thread.join(30)
+    return result, gateway
+
+
+def logged(caplog, what: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(what + " ")]
+
+
+def test_a_gateway_whose_strategy_changed_between_runs_goes_on_spending_from_the_saved_record(broker, tmp_path,
+                                                                                               caplog):
+    gw_key = Identity.generate()
+    gw_key.save(tmp_path / "gw.key")
+    config = GatewayConfig(
+        name="gw", key=tmp_path / "gw.key", state_dir=tmp_path / "gw", broker_host=broker.host,
+        broker_port=broker.port, manifest=write_manifest(tmp_path / "model", SHAPES), strategy_params=NODES,
+        strategy_dp=FIXED, num_rounds=2, deadline_s=30, lr=0.5, min_devices=3, wait_devices_s=30, policy="open",
+        weights=WeightRule("uniform"), gossip=False)
+    fleet = AgentFleet(tmp_path, broker, gw_key, [0.0, 0.0, 0.0])
+    try:
+        first, _ = run_gateway(config, gw_key)
+        assert first.get("state") == "done", first
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="starling.gateway"):
+            second, _ = run_gateway(dataclasses.replace(config, strategy="FedProx", num_rounds=3,
+                                                        strategy_params={**NODES, "proximal_mu": 0.1}), gw_key)
+    finally:
+        fleet.close()
+    assert second.get("state") == "done", second
+    assert (first["privacy"]["rounds"], second["privacy"]["rounds"]) == (2, 3)  # not 1: the record came along
+    assert second["privacy"]["epsilon"] == pytest.approx(epsilon([0.8] * 3), rel=1e-9)
+    assert logged(caplog, "strategy.state_not_restored") == [
+        "strategy.state_not_restored reason=\"strategy changed\" was=FedAvg now=FedProx"]
+    assert logged(caplog, "privacy.state_restored") == [
+        "privacy.state_restored reason=\"strategy changed\" attributes=accountant"]
+    assert not logged(caplog, "strategy.state_restored")
+
+
+def test_a_spent_privacy_budget_ends_the_gateway_done_and_a_restart_ends_it_again_with_exit_0(broker, tmp_path,
+                                                                                              caplog):
+    """A service (no round count) with max_epsilon between 2 and 3 releases: 2 rounds, then a clean end."""
+    gw_key = Identity.generate()
+    limit = float(epsilon([0.8] * 2) + epsilon([0.8] * 3)) / 2
+    conf = gateway_config(
+        tmp_path, broker, gw_key,
+        'name = "FedAvg"\nparams = { min_available_nodes = 3, min_train_nodes = 3 }\n'
+        f'dp = {{ wrapper = "DifferentialPrivacyServerSideFixedClipping", max_epsilon = {limit!r}, '
+        "params = { noise_multiplier = 0.8, clipping_norm = 1.0, num_sampled_clients = 3 } }",
+        "deadline_s = 30\nmin_devices = 3\nwait_devices_s = 30\nlr = 0.5\n"
+        '[aggregation]\nweights = "uniform"\n[ledger]\ngossip = false')
+    config = load_config(conf)
+    assert config.num_rounds is None and config.strategy_dp["max_epsilon"] == limit
+    fleet = AgentFleet(tmp_path, broker, gw_key, [0.0, 0.0, 0.0])
+    try:
+        with caplog.at_level(logging.INFO, logger="starling.gateway"):
+            first, gateway = run_gateway(config, gw_key)
+        # ... and started again (as systemd would, or an operator): it publishes its model and ends at once.
+        again = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        fleet.close()
+    assert first.get("state") == "done" and first["failure"] is None, first
+    assert [r["round"] for r in first["rounds"]] == [0, 1, 2]
+    assert first["privacy"]["rounds"] == 2 and first["privacy"]["budget_spent"] is True
+    status = gateway.board.status()  # (what the retained status topic says)
+    assert (status["state"], status["reason"]) == ("done", "privacy_budget_spent")
+    assert [r["round"] for r in status["history"]] == [0, 1, 2]  # round 3 never began
+    [line] = logged(caplog, "privacy.budget_spent")
+    assert f"round=3 model={first['model']['digest'][:16]} version={first['model']['version']}" in line
+    assert not logged(caplog, "gateway.failed")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("privacy.budget_spent") == 1 and "gateway.stop state=done" in again.stderr
+    assert "model.released" in again.stderr  # the last model published afresh (a new expiry), no new one
+    second = json.loads((tmp_path / "state" / "result.json").read_text())
+    assert (second["state"], second["privacy"]["rounds"], second["privacy"]["budget_spent"]) == ("done", 2, True)
+    assert second["model"] == first["model"] and second["rounds"] == first["rounds"]
+
+
+class SpentAfterOneRound(FedAvg):
+    """A user's strategy with a privacy accountant of its own, which refuses round 2 (Flower's exception)."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        if server_round >= 2:
+            raise PrivacyBudgetExhausted("the strategy's own accountant refuses the release")
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+def test_a_strategy_that_raises_privacy_budget_exhausted_ends_the_gateway_done_too(broker, tmp_path, caplog):
+    gw_key = Identity.generate()
+    gw_key.save(tmp_path / "gw.key")
+    config = GatewayConfig(
+        name="gw", key=tmp_path / "gw.key", state_dir=tmp_path / "gw", broker_host=broker.host,
+        broker_port=broker.port, manifest=write_manifest(tmp_path / "model", SHAPES),
+        strategy=f"{__name__}:SpentAfterOneRound", strategy_params={"min_available_nodes": 2}, deadline_s=30,
+        min_devices=2, wait_devices_s=30, policy="open", gossip=False)  # no round count: a service
+    fleet = AgentFleet(tmp_path, broker, gw_key, [0.0, 0.0])
+    try:
+        with caplog.at_level(logging.INFO, logger="starling.gateway"):
+            result, gateway = run_gateway(config, gw_key)
+    finally:
+        fleet.close()
+    assert (result.get("state"), result.get("failure"), result.get("privacy")) == ("done", None, None), result
+    status = gateway.board.status()
+    assert (status["state"], status["reason"]) == ("done", "privacy_budget_spent")
+    assert [r["round"] for r in status["history"]] == [0, 1]  # round 2 began, but nothing of it ran
+    [line] = logged(caplog, "privacy.budget_spent")
+    assert "round=2 " in line and "the strategy's own accountant refuses the release" in line
