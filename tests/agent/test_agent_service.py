@@ -475,3 +475,8 @@ def test_a_rotation_not_signed_by_the_root_key_or_without_one_configured_changes
     peer.task(trusting.identity, digest, signer=new)
     peer.nothing("reply")
     assert trusting.counters.refused_tasks == {"bad_rotation": 1, "not_from_gateway": 1}
+    peer.publish(topics.keys(GATEWAY.id), b"\xa1\x61", retain=True)  # garbage: counted, nothing changes
+    deadline = time.monotonic() + 10
+    while sum(trusting.counters.refused_tasks.values()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(trusting.counters.refused_tasks.values()) == 3 and trusting.gateway_key == GATEWAY.public_key
