@@ -7,35 +7,19 @@ runs are kept tiny (two rounds, one epoch) so each test stays well under a minut
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from emulation import emulate
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _emulate(tmp_path: Path, scenario: str, timeout: float = 150) -> tuple[subprocess.CompletedProcess, dict]:
-    path = tmp_path / "scenario.toml"
-    path.write_text(scenario)
-    report_path = tmp_path / "report.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "hw.emulate", "--scenario", str(path), "--report", str(report_path),
-         "--workdir", str(tmp_path / "run")],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=timeout,
-    )
-    assert report_path.exists(), done.stderr[-4000:]
-    return done, json.loads(report_path.read_text())
 
 
 @pytest.fixture(scope="module")
 def city(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("city")
-    return tmp_path, *_emulate(tmp_path, """
+    return tmp_path, *emulate(tmp_path, """
 [run]
 name = "tiny-city"
 rounds = 2
@@ -97,7 +81,7 @@ def test_the_gateways_end_with_identical_ledgers_holding_every_accepted_update(c
 
 
 def test_a_forging_attacker_is_rejected_bad_signature_and_named_in_the_attacks_section(tmp_path):
-    done, report = _emulate(tmp_path, """
+    done, report = emulate(tmp_path, """
 [run]
 name = "tiny-attack"
 rounds = 1
@@ -128,7 +112,7 @@ count = 1
 
 
 def test_under_voucher_enrollment_a_sybil_is_never_enrolled_and_the_honest_devices_train(tmp_path):
-    done, report = _emulate(tmp_path, """
+    done, report = emulate(tmp_path, """
 [run]
 name = "tiny-sybil"
 rounds = 2
@@ -158,7 +142,7 @@ count = 1
 
 
 def test_variants_run_one_after_another_into_one_report_with_a_comparison(tmp_path):
-    done, report = _emulate(tmp_path, """
+    done, report = emulate(tmp_path, """
 [run]
 name = "tiny-variants"
 rounds = 1
@@ -222,7 +206,7 @@ def test_an_inflated_claim_is_accepted_signed_and_weighs_only_what_the_capped_ru
     from protocol import envelope
     from protocol.keys import identity_id
 
-    done, report = _emulate(tmp_path, """
+    done, report = emulate(tmp_path, """
 [run]
 name = "tiny-inflated"
 rounds = 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
 import subprocess
 import sys
@@ -30,8 +29,8 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from emulation import ROOT, emulate, env
 
-ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
 DEVICES = 8
 ATTACKERS = 2
@@ -67,25 +66,8 @@ scale = 4.0
 """
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
-
-
-def _emulate(tmp_path: Path, scenario: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, dict]:
-    path = tmp_path / "scenario.toml"
-    path.write_text(scenario)
-    report_path = tmp_path / "report.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "hw.emulate", "--scenario", str(path), "--report", str(report_path),
-         "--workdir", str(tmp_path / "run")],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout, check=False,
-    )
-    assert report_path.exists(), done.stderr[-4000:]
-    return done, json.loads(report_path.read_text())
-
-
 def _ledger_cli(*args: str, ok: tuple[int, ...] = (0,)) -> dict:
-    done = subprocess.run([sys.executable, "-m", "ledger.cli", *args], cwd=ROOT, env=_env(),
+    done = subprocess.run([sys.executable, "-m", "ledger.cli", *args], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode in ok, (args, done.returncode, done.stderr[-2000:])
     return json.loads(done.stdout)
@@ -95,7 +77,7 @@ def _ledger_cli(*args: str, ok: tuple[int, ...] = (0,)) -> dict:
 def run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("robust")
     started = time.monotonic()
-    done, report = _emulate(tmp_path, SCENARIO)
+    done, report = emulate(tmp_path, SCENARIO)
     assert done.returncode == 0, done.stderr[-4000:]
     assert time.monotonic() - started < 120
     attackers = {d["id"]: name for name, d in report["devices"].items() if d.get("attack")}
