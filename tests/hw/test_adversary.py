@@ -21,11 +21,12 @@ from gateway.ingest import Authenticator
 from gateway.service import Gateway
 from gateway.strategies import make_strategy
 from gateway.weights import WeightRule
-from hw import adversary
-from hw.adversary import (
+from hw import adversary, attacks
+from hw.adversary import AdversarialAgent, adversary_command, build_parser, make_attack
+from hw.attacks import (
     INFLATED_CLAIM,
-    AdversarialAgent,
     Crafted,
+    ForgedSignature,
     FreeRider,
     GaussianNoise,
     InflateExamples,
@@ -35,12 +36,9 @@ from hw.adversary import (
     SignFlip,
     Sybil,
     UnderBound,
-    adversary_command,
     alie_z,
-    build_parser,
     craft,
     flip_labels,
-    make_attack,
     tamper,
 )
 from hw.broker import Broker
@@ -147,7 +145,7 @@ def test_label_flip_maps_training_labels_to_their_mirror_class_and_leaves_test_l
 
 def test_a_forging_identity_breaks_reply_signatures_only():
     device, gw = Identity.generate(), Identity.generate()
-    forging = adversary.ForgedSignature().identity(device)
+    forging = attacks.ForgedSignature().identity(device)
     assert forging.id == device.id and forging.public_key == device.public_key
     ctx = envelope.Context(device.public_key, gw.id, 1, "t", b"\x01" * 32)
     attachment = honest_outcome("i8").attachment
@@ -163,7 +161,7 @@ def test_a_forging_identity_breaks_reply_signatures_only():
     wire = envelope.seal(forging, "reply", ctx, {"examples": 64}, attachment)
     assert checker.authenticate(topics.reply(gw.id, device.id), wire).reason == "bad_signature"
     sybil = Identity.generate()
-    push = adversary.unsolicited_reply(sybil, gw.id, {"w": (6, 3)}, 1)
+    push = attacks.unsolicited_reply(sybil, gw.id, {"w": (6, 3)}, 1)
     envelope.decode(push).verify()  # validly signed, by a key the gateway does not know
     assert checker.authenticate(topics.reply(gw.id, sybil.id), push).reason == "unknown_device"
 
@@ -214,7 +212,7 @@ def test_the_command_line_the_emulator_runs_parses_back(tmp_path):
     args = build_parser().parse_args(adversary_command("inflate_examples", "a.toml", scale=0.5, claim=99)[3:])
     assert (args.scale, args.claim) == (0.5, 99)
     assert build_parser().parse_args(adversary_command("under_bound", "a.toml")[3:]).bound_multiple == 2.0
-    assert make_attack("inflate_examples").scale == adversary.INFLATE_SCALE and make_attack("scaling").scale == 10
+    assert make_attack("inflate_examples").scale == attacks.INFLATE_SCALE and make_attack("scaling").scale == 10
     for name in ("inflate_examples", "crafted", "under_bound"):
         assert adversary.EXPECTED[name] == ("accepted",)
 
@@ -357,7 +355,7 @@ def test_a_gateway_refuses_forged_replayed_and_sybil_replies_and_accepts_a_signe
         gateway = threading.Thread(target=lambda: result.update(Gateway(config, gw_key).run(threading.Event())),
                                    daemon=True)
         gateway.start()
-        attacks = {"honest": None, "sign_flip": SignFlip(), "forged": adversary.ForgedSignature(),
+        attacks = {"honest": None, "sign_flip": SignFlip(), "forged": ForgedSignature(),
                    "replay": Replay(), "sybil": Sybil(SignFlip())}
         ids, threads, agent_stop = {}, [], threading.Event()
         for i, (name, attack) in enumerate(attacks.items()):
