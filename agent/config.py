@@ -39,7 +39,8 @@
     i2c_bus = 1
     address = 0x68
 
-A bad config is refused with the field and the reason (`ConfigError`).
+A bad config is refused with the field and the reason (`ConfigError`); so is an unknown table or key
+(naming it and the known ones: the ones parse_config reads).
 """
 
 from __future__ import annotations
@@ -49,7 +50,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.config import ConfigError, read_toml, resolve_path, setting, table
+from protocol.config import (
+    ConfigError,
+    noting_lookups,
+    read_toml,
+    refuse_unread,
+    resolve_path,
+    setting,
+    table,
+)
 from protocol.transport import BrokerAuth, read_broker_auth
 
 from .budget import DEFAULT_THERMAL_ZONE, Budget
@@ -100,6 +109,7 @@ class Sampling:
 
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig:
     """Build an `AgentConfig` from a parsed TOML document; paths are relative to `base_dir`."""
+    doc = noting_lookups(doc)  # what this function reads is what an agent config may hold
 
     def path(section: str, key: str) -> Path:
         return resolve_path(setting(doc, section, key, str), base_dir, f"{section}.{key}")
@@ -125,7 +135,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
     low, high = FREEZE_WINDOW_BOUNDS_S
     if not low <= freeze_window <= high:
         raise ConfigError(f"model.freeze_window_s must be between {low:.0f} and {high:.0f} seconds, got {freeze_window}")
-    return AgentConfig(
+    config = AgentConfig(
         name=setting(doc, "device", "name", str),
         key=path("device", "key"),
         state_dir=path("device", "state_dir"),
@@ -145,6 +155,8 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         freeze_window_s=freeze_window,
         gateway_root_key=root_key,
     )
+    refuse_unread(doc)
+    return config
 
 
 def _public_key(text: str, field: str) -> bytes:

@@ -64,8 +64,9 @@
     operator_keys = ["<64 hex>"]          # "voucher": operator public keys whose vouchers admit devices
     allowlist = []                        # "allowlist": device public keys (hex)
 
-In [aggregation] and [defense] an unknown key is refused (naming it and the known ones), as is a value
-of the wrong type (a bool for a number, an int or a string for true/false) or not finite.
+An unknown table or key, in any table, is refused (naming it and the known ones: the ones parse_config
+reads), as is a value of the wrong type (a bool for a number, an int or a string for true/false) or not
+finite.
 """
 
 from __future__ import annotations
@@ -75,14 +76,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.config import ConfigError, is_file, read_toml, resolve_path, setting, table
+from protocol.config import (
+    ConfigError,
+    is_file,
+    known_keys,
+    noting_lookups,
+    read_toml,
+    refuse_unread,
+    resolve_path,
+    setting,
+)
 from protocol.transport import BrokerAuth, read_broker_auth
 
 from .strategies import make_strategy
 from .weights import RULES, WeightRule
 
 POLICIES = ("voucher", "allowlist", "open")
-AGGREGATION_KEYS = ("weights", "max_examples", "median_multiple")  # WeightRule's rule, max_examples, median_multiple
 MAX_INGEST_WORKERS = 64
 
 
@@ -163,6 +172,8 @@ def _keys(items: list, field: str) -> list[bytes]:
 
 
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConfig:
+    doc = noting_lookups(doc)  # what this function reads is what a gateway config may hold
+
     def path(section: str, key: str, default: Any = ...) -> Path | None:
         value = setting(doc, section, key, str, default)
         return None if value in (None, "") else resolve_path(value, base_dir, f"{section}.{key}")
@@ -215,6 +226,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         allowlist=tuple(allowlist),
         operator_keys=tuple(operator_keys),
     )
+    refuse_unread(doc)
     if config.genesis is not None and not is_file(config.genesis, "ledger.genesis"):
         raise ConfigError(f"ledger.genesis: {config.genesis} is not a file")
     config.make_strategy()  # fail now, not mid-run
@@ -225,18 +237,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     return parse_config(read_toml(path), Path(path).parent)
 
 
-def _known_keys(doc: dict[str, Any], section: str, known: Any) -> dict[str, Any]:
-    """`doc[section]` (a table when present), refused when it has a key not in `known`: a misspelt key
-    must not fall back silently to the default."""
-    given = table(doc, section)
-    unknown = sorted(str(key) for key in set(given) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown key {section}.{unknown[0]}; known: {', '.join(sorted(known))}")
-    return given
-
-
 def _weight_rule(doc: dict[str, Any]) -> WeightRule:
-    _known_keys(doc, "aggregation", AGGREGATION_KEYS)
     rule = setting(doc, "aggregation", "weights", str, "capped")
     if rule not in RULES:
         raise ConfigError(f"aggregation.weights must be one of {RULES}, got {rule!r}")
@@ -254,7 +255,7 @@ def _defense(doc: dict[str, Any]) -> dict[str, Any] | None:
     The ranges (not negative, at least one bound set) are UpdateBound's to refuse, naming the parameter."""
     from .defense import PARAMETERS  # (Flower, which parse_config needs for the strategy anyway)
 
-    given = _known_keys(doc, "defense", PARAMETERS)
+    given = known_keys(doc, "defense", PARAMETERS)  # (each given key is read: refuse_unread would pass them)
     return {key: setting(doc, "defense", key, PARAMETERS[key]) for key in given} or None
 
 

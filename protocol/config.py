@@ -2,7 +2,8 @@
 
 Shared by every role's config (agent, gateway, emulator scenarios): a bad
 config must be refused at start-up with `section.key` and the reason, never
-fall back silently to a default.
+fall back silently to a default. A misspelt key or table is refused too
+(`noting_lookups`, `refuse_unread`): whatever the parser did not read.
 """
 
 from __future__ import annotations
@@ -62,6 +63,60 @@ def table(doc: dict[str, Any], section: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"[{section}] must be a table, got {type(value).__name__}")
     return value
+
+
+def known_keys(doc: dict[str, Any], section: str, known: Any) -> dict[str, Any]:
+    """`doc[section]` (a table when present), refused when it has a key not in `known`: a misspelt key
+    must not fall back silently to the default."""
+    given = table(doc, section)
+    _refuse_unknown(section, given, known)
+    return given
+
+
+def _refuse_unknown(section: str, given: Any, known: Any) -> None:
+    unknown = sorted(str(key) for key in set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key {section}.{unknown[0]}; known: {', '.join(sorted(known))}")
+
+
+class _Noted(dict):
+    """A config table that notes each key a parser looks up (`in`, `[]`, `.get`)."""
+
+    def __init__(self, items: dict[str, Any]) -> None:
+        super().__init__(items)
+        self.looked_up: set[str] = set()
+
+    def __contains__(self, key: object) -> bool:
+        self.looked_up.add(key)  # type: ignore[arg-type]
+        return super().__contains__(key)
+
+    def __getitem__(self, key: str) -> Any:
+        self.looked_up.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.looked_up.add(key)
+        return super().get(key, default)
+
+
+def noting_lookups(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` (and each of its tables) noting which keys the parser reading it looks up, for `refuse_unread`.
+    A config's known tables and keys are thus the ones its parser reads, not a second list that can drift;
+    so a parser looks each key up whatever the other values say (`"voucher" in table` counts)."""
+    return _Noted({name: _Noted(value) if isinstance(value, dict) else value for name, value in doc.items()})
+
+
+def refuse_unread(doc: dict[str, Any]) -> None:
+    """After the parser read `doc` (from `noting_lookups`): a table or key it never looked up is unknown, and
+    refused naming it and the known ones (a misspelt `num_rounds` must not leave a run unbounded)."""
+    if not isinstance(doc, _Noted):
+        raise TypeError("refuse_unread takes what noting_lookups returned")
+    for name, value in doc.items():
+        if name not in doc.looked_up:
+            what = f"section [{name}]" if isinstance(value, (dict, list)) else f"key {name} (outside any section)"
+            raise ConfigError(f"unknown {what}; known: {', '.join(sorted(doc.looked_up))}")
+        if isinstance(value, _Noted):
+            _refuse_unknown(name, value, value.looked_up)
 
 
 def resolve_path(value: str, base_dir: Path, field: str) -> Path:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import tomllib
 
+from agent import config as agent_config
 from agent.config import ConfigError as AgentConfigError
 from agent.config import parse_config as parse_agent
+from gateway import config as gateway_config
 from gateway.config import ConfigError as GatewayConfigError
 from gateway.config import parse_config as parse_gateway
 from hw.scenario import ScenarioError, load_scenario, parse_scenario
+from protocol.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_AGENT = {
@@ -233,3 +239,86 @@ def test_a_bad_scenario_names_the_field(doc, field):
 def test_a_bad_ledger_setting_is_named(tmp_path, key, value, match):
     with pytest.raises(GatewayConfigError, match=match):
         parse_gateway({**GOOD_GATEWAY, "ledger": {key: value}}, tmp_path)
+
+
+# Every table's keys, as the parsers read them (an unknown one is refused naming these).
+GATEWAY_KEYS = {
+    "gateway": "key, name, rotations, state_dir",
+    "broker": "host, password_file, port, tls_ca, tls_cert, tls_key, username",
+    "ledger": "bootstrap_s, checkpoint_every, genesis, gossip",
+    "ingest": "workers",
+    "model": "manifest, mcu_python, release_ttl_s",
+    "strategy": "dp, name, params",
+    "rounds": "batch_size, deadline_s, epochs, evaluate_every, interval_s, lr, min_devices, num_rounds, wait_devices_s",
+    "aggregation": "max_examples, median_multiple, weights",
+    "defense": "centered_clipping, median_multiple, norm_bound",
+    "enrollment": "allowlist, operator_keys, policy",
+}
+AGENT_KEYS = {
+    "device": "enroll_retry_s, key, name, resend_s, state_dir, voucher",
+    "gateway": "id, public_key, root_key",
+    "broker": "host, password_file, port, tls_ca, tls_cert, tls_key, username",
+    "data": "capacity, labels, rate_hz, replay, retention_days, stride, test_fraction",
+    "model": "freeze_window_s, name",
+    "budget": "low_power_file, max_cpu_temp_c, max_samples, max_train_s, thermal_zone",
+}
+
+
+@pytest.mark.parametrize("parse, good, section, typo, known", [
+    *[pytest.param(parse_gateway, GOOD_GATEWAY, section, typo, GATEWAY_KEYS[section], id=f"gateway {section}.{typo}")
+      for section, typo in [
+          ("gateway", "rotation"), ("broker", "tls-ca"), ("ledger", "checkpoint_evry"), ("ingest", "worker"),
+          ("model", "manifest_path"), ("strategy", "param"), ("rounds", "num_round"), ("aggregation", "weight"),
+          ("defense", "norm_bounds"), ("enrollment", "operator_key")]],
+    *[pytest.param(parse_agent, GOOD_AGENT, section, typo, AGENT_KEYS[section], id=f"agent {section}.{typo}")
+      for section, typo in [
+          ("device", "resend"), ("gateway", "rootkey"), ("broker", "hots"), ("data", "retention_s"),
+          ("model", "freeze_window"), ("budget", "max_train")]],
+])
+def test_a_misspelt_key_in_any_table_is_refused_naming_it_and_the_known_ones(parse, good, section, typo, known):
+    # e.g. `[rounds] num_round = 100` would otherwise leave the run unbounded, silently
+    with pytest.raises(ConfigError, match=re.escape(f"unknown key {section}.{typo}; known: {known}")):
+        parse(with_(good, section, typo, 1))
+
+
+@pytest.mark.parametrize("parse, good, name, value, match", [
+    pytest.param(parse_gateway, GOOD_GATEWAY, "round", {"num_rounds": 5}, (
+        r"unknown section \[round\]; known: aggregation, broker, defense, enrollment, gateway, ingest, ledger, "
+        r"model, rounds, strategy$"), id="gateway [round]"),
+    pytest.param(parse_gateway, GOOD_GATEWAY, "trainig", {}, r"unknown section \[trainig\]", id="gateway [trainig]"),
+    pytest.param(parse_gateway, GOOD_GATEWAY, "num_rounds", 5,
+                 r"unknown key num_rounds \(outside any section\); known: agg", id="gateway top-level key"),
+    pytest.param(parse_agent, GOOD_AGENT, "sensors", [{"kind": "mpu6050"}],
+                 r"unknown section \[sensors\]; known: broker, budget, data, device, gateway, model, sensor$",
+                 id="agent [[sensors]]"),
+    pytest.param(parse_agent, GOOD_AGENT, "budgets", {"max_train_s": 1.0}, r"unknown section \[budgets\]",
+                 id="agent [budgets]"),
+])
+def test_an_unknown_section_is_refused_naming_it_and_the_known_ones(parse, good, name, value, match):
+    with pytest.raises(ConfigError, match=match):
+        parse({**good, name: value})
+
+
+def test_the_keys_read_only_when_present_are_known_and_taken():
+    agent = parse_agent(with_(with_(GOOD_AGENT, "gateway", "root_key", "cd" * 32), "device", "voucher", "v.cbor"),
+                        Path("/tmp"))
+    assert agent.gateway_root_key == bytes.fromhex("cd" * 32) and agent.voucher == Path("/tmp/v.cbor")
+    assert parse_gateway(with_(GOOD_GATEWAY, "gateway", "rotations", "chain.cbor"), Path("/tmp")).rotations == Path(
+        "/tmp/chain.cbor")
+
+
+def docstring_config(module) -> dict:
+    """The example config in a config module's docstring (its indented lines), placeholders filled in."""
+    lines = [line for line in module.__doc__.splitlines() if line.startswith("    ") or not line.strip()]
+    text = textwrap.dedent("\n".join(lines))
+    return tomllib.loads(text.replace("<64 hex chars>", "ab" * 32).replace("<64 hex>", "ab" * 32))
+
+
+@pytest.mark.parametrize("module, parse, sections", [
+    pytest.param(gateway_config, parse_gateway, set(GATEWAY_KEYS), id="gateway"),
+    pytest.param(agent_config, parse_agent, {*AGENT_KEYS, "sensor"}, id="agent"),
+])
+def test_the_documented_example_configs_load(module, parse, sections, tmp_path):
+    doc = docstring_config(module)
+    assert set(doc) == sections  # the example shows every section
+    parse(doc, tmp_path)

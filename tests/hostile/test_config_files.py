@@ -42,6 +42,7 @@ state_dir = "state"
 [gateway]
 id = "{world.GATEWAY.id}"
 public_key = "{world.GATEWAY.public_key.hex()}"
+root_key = "{world.OPERATOR.public_key.hex()}"
 
 [broker]
 host = "127.0.0.1"
@@ -75,6 +76,7 @@ GATEWAY_TOML = f"""\
 [gateway]
 name = "gw-harbour"
 key = "gateway.key"
+rotations = ""
 state_dir = "state"
 
 [broker]
