@@ -10,6 +10,11 @@
     starling/<gw>/online/<device>      retained "1"/"0"; "0" is the device's MQTT last will
     starling/<gw>/status               retained JSON status of the gateway
     starling/<gw>/status/device/<id>   retained JSON per device: last seen, accepted, rejected by reason
+    starling/blobs/want/<holder>       a request to that gateway for blobs by digest (protocol/blob_messages.py)
+    starling/blobs/give/<requester>    the answer, for the requester alone (an ACL can make it so): chunks, or why not
+
+Under `starling/blobs/` the segment after `want`/`give` is a node id (a gateway's, or an auditor's);
+"blobs" is never a gateway id (ids are hex), so these never collide with `starling/<gw>/...`.
 """
 
 ROOT = "starling"
@@ -53,6 +58,14 @@ def status(gateway: str) -> str:
 
 def device_status(gateway: str, device: str) -> str:
     return f"{ROOT}/{gateway}/status/device/{device}"
+
+
+def blob_want(holder: str) -> str:
+    return f"{ROOT}/blobs/want/{holder}"
+
+
+def blob_give(requester: str) -> str:
+    return f"{ROOT}/blobs/give/{requester}"
 
 
 def device_of(topic: str) -> str:

@@ -72,3 +72,11 @@ def test_emulator_scale_prints_its_figures():
     assert figures["ledgers_identical"] is True and figures["every_accepted_update_in_every_ledger"] is True
     # The emulator, its broker, 3 gateways and a device pool at least, each with some memory.
     assert figures["processes"] >= 6 and figures["peak_tree_rss_mb"] > 6 * 10
+
+
+def test_blob_fetch_prints_its_figures():
+    figures = run_bench("bench/blob_fetch.py", "--fetches", "3", "--size-kb", "300")
+    assert set(figures["sizes"]) == {"imu_cnn_model", "300k"} and figures["sizes"]["300k"]["bytes"] == 300 * 1024
+    for size in figures["sizes"].values():
+        assert size["fetches"] == 3 and 0 < size["p50_ms"] <= size["p95_ms"] and size["mb_per_s"] > 0
+    assert figures["concurrent"]["fetches"] == 3 and figures["concurrent"]["mb_per_s"] > 0
