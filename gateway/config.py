@@ -52,7 +52,7 @@
     weights = "capped"                    # what a reply weighs: "capped" (min(claim, cap)), "uniform", or
                                           # "reported" (the device's own claim: trusted devices only)
     max_examples = 100000                 # "capped": at most this many examples ...
-    median_multiple = 2.0                 # ... and at most this many times the exchange's median claim
+    median_multiple = 1.0                 # ... and at most this many times the exchange's median claim
 
     [defense]                             # optional: every update bounded before the strategy sees it
     median_multiple = 2.0                 # no update longer than this many times the round's median (0: none)
@@ -244,7 +244,7 @@ def _weight_rule(doc: dict[str, Any]) -> WeightRule:
     max_examples = setting(doc, "aggregation", "max_examples", int, 100_000)
     if max_examples < 1:
         raise ConfigError(f"aggregation.max_examples must be at least 1, got {max_examples}")
-    multiple = setting(doc, "aggregation", "median_multiple", float, 2.0)
+    multiple = setting(doc, "aggregation", "median_multiple", float, WeightRule.median_multiple)
     if multiple < 1:
         raise ConfigError(f"aggregation.median_multiple must be at least 1, got {multiple}")
     return WeightRule(rule, max_examples, multiple)

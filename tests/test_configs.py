@@ -174,7 +174,7 @@ def test_a_bad_aggregation_or_defense_setting_is_named_not_ignored(section, tabl
 def test_good_aggregation_and_defense_tables_are_taken_as_written():
     config = parse_gateway({**GOOD_GATEWAY, "aggregation": {"weights": "reported", "max_examples": 500},
                             "defense": {"norm_bound": 3, "median_multiple": 0, "centered_clipping": True}})
-    assert (config.weights.rule, config.weights.max_examples, config.weights.median_multiple) == ("reported", 500, 2.0)
+    assert (config.weights.rule, config.weights.max_examples, config.weights.median_multiple) == ("reported", 500, 1.0)
     assert config.defense == {"norm_bound": 3.0, "median_multiple": 0.0, "centered_clipping": True}
     bound = config.make_strategy()
     assert (type(bound).__name__, bound.norm_bound, bound.median_multiple, bound.centered_clipping) == (

@@ -29,4 +29,5 @@ def test_a_run_on_the_embedded_broker_completes_and_learns(tmp_path):
     assert report["broker"] == "embedded"
     assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
     assert report["rounds"][-1]["accuracy"] > report["rounds"][0]["accuracy"] + 0.2
-    assert report["ledger"]["verified"] and report["ledger"]["height"] == 1 + 2 + 1 + 2 + 2  # genesis, enrollments, lineage, updates, aggregates
+    # genesis, enrollments, lineage, then per round its updates, aggregate and contributions
+    assert report["ledger"]["verified"] and report["ledger"]["height"] == 1 + 2 + 1 + 2 + 2 + 2

@@ -178,8 +178,9 @@ def test_fedavg_through_the_grid_averages_full_weights_by_example_count(gateways
     replies = grid.send_and_receive(strategy.configure_train(1, arrays(), ConfigRecord({"lr": 0.1}), grid))
     assert len(replies) == 3 and all(r.metadata.message_id for r in replies)
     aggregated, _ = strategy.aggregate_train(1, replies)
-    # deltas 1, 2, 3 weighted by 10, 20, 30 examples: (10 + 40 + 90) / 60
-    np.testing.assert_allclose(aggregated["w"].numpy(), 140 / 60, rtol=1e-6)
+    # deltas 1, 2, 3 claiming 10, 20, 30 examples, weighed by the default WeightRule ("capped" at 1 x the
+    # median claim): 10, 20, 20, so (10 + 40 + 60) / 50
+    np.testing.assert_allclose(aggregated["w"].numpy(), 110 / 50, rtol=1e-6)
 
 
 def test_fedmedian_takes_the_median_of_the_devices_weights(gateways):
@@ -371,7 +372,7 @@ def test_a_reply_sent_again_in_its_round_is_acknowledged_again_and_counted_as_a_
     replies = grid.send_and_receive(strategy.configure_train(1, arrays(), ConfigRecord(), grid))
     assert len(replies) == 3  # each device's update counts once
     aggregated, _ = strategy.aggregate_train(1, replies)
-    np.testing.assert_allclose(aggregated["w"].numpy(), 140 / 60, rtol=1e-6)
+    np.testing.assert_allclose(aggregated["w"].numpy(), 110 / 50, rtol=1e-6)  # as in the FedAvg test above
     for device in DEVICES:
         (first, r1), (second, r2) = fleet.receipts(device)
         assert first == second and r1.accepted and r2.accepted and r1.reply == r2.reply

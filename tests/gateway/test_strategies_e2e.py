@@ -121,6 +121,7 @@ def reference(config: GatewayConfig, recorded, final_digest: str):
     _, initial = load_initial_weights(config.manifest)
     models = {}
     replies = []
+    train = []
     for topic, payload in recorded:
         if "/status/" in topic:
             continue
@@ -128,15 +129,19 @@ def reference(config: GatewayConfig, recorded, final_digest: str):
         if env.type == "model" and payload:
             models[env.body["digest"].hex()] = schemas.decode_model(env.attachment)
         elif env.type == "reply" and env.ctx.task.startswith("train-1-"):
-            delta, metrics = schemas.decode_update(env.attachment)
-            examples = env.body["examples"]
-            instruction = Message(RecordDict(), len(replies) + 1, "train")  # node ids only label replies
-            instruction.metadata.__dict__["_message_id"] = env.ctx.sender_id
-            content = RecordDict({
-                "arrays": ArrayRecord({k: Array(initial[k] + delta[k]) for k in initial}),
-                "metrics": MetricRecord({"num-examples": examples, **metrics}),
-            })
-            replies.append(Message(content, reply_to=instruction))
+            train.append(env)
+    # Flower weighs each reply by what the gateway's weight rule makes of the claims (the default "capped"
+    # cuts the claims above the exchange's median), not by the claims themselves.
+    weights = config.weights.effective([env.body["examples"] for env in train])
+    for env, examples in zip(train, weights):
+        delta, metrics = schemas.decode_update(env.attachment)
+        instruction = Message(RecordDict(), len(replies) + 1, "train")  # node ids only label replies
+        instruction.metadata.__dict__["_message_id"] = env.ctx.sender_id
+        content = RecordDict({
+            "arrays": ArrayRecord({k: Array(initial[k] + delta[k]) for k in initial}),
+            "metrics": MetricRecord({"num-examples": examples, **metrics}),
+        })
+        replies.append(Message(content, reply_to=instruction))
     assert len(replies) == DEVICES
     strategy = config.make_strategy()
     initial_arrays = ArrayRecord({k: Array(v) for k, v in initial.items()})

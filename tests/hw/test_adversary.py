@@ -475,7 +475,7 @@ def test_attackers_run_as_processes_from_the_agent_toml_and_a_sybil_is_enrolled_
 def test_a_gateway_accepts_a_signed_inflated_claim_and_weighs_it_as_the_capped_rule_says(tmp_path):
     """One inflate_examples device among two honest ones, against a real gateway with the default weights:
     the device signed the 10,000,000-example claim, the gateway accepted it, and the release records the
-    effective weight the strategy got: the cap (2 x the median claim), not ~all of it."""
+    effective weight the strategy got: the cap (1 x the median claim), not ~all of it."""
     import json
 
     with Broker(tmp_path / "broker", kind="mosquitto") as broker:
@@ -488,7 +488,7 @@ def test_a_gateway_accepts_a_signed_inflated_claim_and_weighs_it_as_the_capped_r
             wait_devices_s=30, policy="open", gossip=False, lr=0.1,
             strategy_params={"min_available_nodes": 3, "min_train_nodes": 3, "fraction_evaluate": 0.0},
         )
-        assert config.weights == WeightRule("capped", 100_000, 2.0)  # the gateway's default
+        assert config.weights == WeightRule("capped", 100_000, 1.0)  # the gateway's default
         result: dict = {}
         gateway = threading.Thread(target=lambda: result.update(Gateway(config, gw_key).run(threading.Event())),
                                    daemon=True)
@@ -524,6 +524,6 @@ def test_a_gateway_accepts_a_signed_inflated_claim_and_weighs_it_as_the_capped_r
     assert recorded["rule"] == "weighted"
     weight = {digest: w for digest, w in recorded["inputs"]}
     share = {name: weight[replies[device_id].body["digest"].hex()] for name, device_id in ids.items()}
-    cap = 2 * 96  # 2 x the median claim (96)
-    assert share["inflated"] == pytest.approx(cap / (64 + 96 + cap))  # ~0.55, where "reported" would give ~0.99998
+    cap = 96  # 1 x the median claim (96): the inflated reply weighs what device b weighs
+    assert share["inflated"] == pytest.approx(cap / (64 + 96 + cap))  # 0.375, where "reported" would give ~0.99998
     assert share["a"] == pytest.approx(64 / (64 + 96 + cap))

@@ -200,6 +200,7 @@ TRUST = {
 
 def test_aggregation_and_defense_tables_reach_every_gateway_config_and_variants_override_them(tmp_path):
     from gateway.config import load_config
+    from gateway.weights import WeightRule
     from hw.emulate import _gateway_config
     from hw.fleet import GatewayRun
     from protocol.keys import Identity
@@ -221,7 +222,7 @@ def test_aggregation_and_defense_tables_reach_every_gateway_config_and_variants_
         g.identity.save(g.key)
         config = load_config(_gateway_config(variant, g, ("127.0.0.1", 1883), None))  # the gateway's own reader
         assert config.weights.rule == rule and config.defense == defense
-        assert config.weights.median_multiple == (1.5 if variant is reported else 2.0)
+        assert config.weights.median_multiple == (1.5 if variant is reported else WeightRule().median_multiple)
         assert type(config.make_strategy()).__name__ == ("UpdateBound" if defense else "MultiKrum")
 
 
