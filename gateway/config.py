@@ -59,6 +59,16 @@
     norm_bound = 0.0                      # nor than this L2 norm (0: none)
     centered_clipping = false             # clip around the previous round's direction (gateway/defense.py)
 
+    [blobs]                               # every update and model the ledger names, kept by digest in
+                                          # state_dir/blobs and served to member gateways and auditors
+    keep = 4                              # tags kept: a tag is a model version (a release and the updates
+                                          # trained on it, so about one round); with the city tier, a city
+                                          # epoch. At least 1: the newest tag (the head) is always kept
+    max_mb = 0.0                          # and of those only the newest that fit in this many MB (0: no cap)
+    serve = true                          # answer wants on starling/blobs/want/<gateway id>
+    serve_mb_per_s = 64.0                 # serving budget: a want beyond it is answered "busy"
+    fetch_timeout_s = 30.0                # a fetch from other gateways, every holder tried, gives up after this
+
     [enrollment]
     policy = "voucher"                    # required: "voucher", "allowlist", or "open" (emulator only)
     operator_keys = ["<64 hex>"]          # "voucher": operator public keys whose vouchers admit devices
@@ -88,11 +98,15 @@ from protocol.config import (
 )
 from protocol.transport import BrokerAuth, read_broker_auth
 
+from .blob_keeper import BlobSettings
 from .strategies import make_strategy
 from .weights import RULES, WeightRule
 
 POLICIES = ("voucher", "allowlist", "open")
 MAX_INGEST_WORKERS = 64
+MAX_BLOB_TAGS = 1_000_000  # blobs.keep
+MAX_BLOB_MB = 1e9  # blobs.max_mb (a petabyte: "no cap" is 0)
+MAX_FETCH_TIMEOUT_S = 86400.0  # blobs.fetch_timeout_s
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,7 @@ class GatewayConfig:
     min_devices: int = 2
     wait_devices_s: float = 120.0
     weights: WeightRule = field(default_factory=WeightRule)  # [aggregation]: what a reply weighs
+    blobs: BlobSettings = field(default_factory=BlobSettings)  # [blobs]: updates and models kept by digest
     policy: str = "open"
     allowlist: tuple[bytes, ...] = ()
     operator_keys: tuple[bytes, ...] = ()  # who may sign vouchers
@@ -222,6 +237,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         min_devices=int(_positive("rounds.min_devices", setting(doc, "rounds", "min_devices", int, 2))),
         wait_devices_s=_positive("rounds.wait_devices_s", setting(doc, "rounds", "wait_devices_s", float, 120.0)),
         weights=_weight_rule(doc),
+        blobs=_blobs(doc),
         policy=policy,
         allowlist=tuple(allowlist),
         operator_keys=tuple(operator_keys),
@@ -248,6 +264,24 @@ def _weight_rule(doc: dict[str, Any]) -> WeightRule:
     if multiple < 1:
         raise ConfigError(f"aggregation.median_multiple must be at least 1, got {multiple}")
     return WeightRule(rule, max_examples, multiple)
+
+
+def _blobs(doc: dict[str, Any]) -> BlobSettings:
+    keep = setting(doc, "blobs", "keep", int, BlobSettings.keep)
+    if not 1 <= keep <= MAX_BLOB_TAGS:
+        raise ConfigError(f"blobs.keep must be 1 to {MAX_BLOB_TAGS} (tags kept; the newest is always kept), "
+                          f"got {keep}")
+    max_mb = _non_negative("blobs.max_mb", setting(doc, "blobs", "max_mb", float, BlobSettings.max_mb))
+    if max_mb > MAX_BLOB_MB:
+        raise ConfigError(f"blobs.max_mb must be at most {MAX_BLOB_MB:.0f} (0: no cap), got {max_mb}")
+    serve = setting(doc, "blobs", "serve", bool, BlobSettings.serve)
+    rate = _positive("blobs.serve_mb_per_s", setting(doc, "blobs", "serve_mb_per_s", float,
+                                                      BlobSettings.serve_mb_per_s))
+    timeout = _positive("blobs.fetch_timeout_s", setting(doc, "blobs", "fetch_timeout_s", float,
+                                                         BlobSettings.fetch_timeout_s))
+    if timeout > MAX_FETCH_TIMEOUT_S:
+        raise ConfigError(f"blobs.fetch_timeout_s must be at most {MAX_FETCH_TIMEOUT_S:.0f}, got {timeout}")
+    return BlobSettings(keep, max_mb, serve, rate, timeout)
 
 
 def _defense(doc: dict[str, Any]) -> dict[str, Any] | None:

@@ -15,8 +15,12 @@ such as FedAdam use them), through a template method over a few hooks:
     begin()                  start the lineage (first start, reset, new model family) or go on from
                              the head: restore the strategy's state, publish the head again
     wait_turn(r)             the interval since the last round's start; enough devices online
-    train_round(r)           one training exchange, its updates on the ledger, the next release
+    train_round(r)           one training exchange, its updates kept (blob_keeper.py) and on the ledger,
+                             the next release
     evaluate_round(r)        one federated evaluation exchange
+
+After each round the blob store keeps the head under the round's tag and
+prunes what retention does not keep (`BlobKeeper.end_round`).
 
 `stop` (SIGTERM) ends any wait at once with InterruptedError; the round it
 interrupted re-opens at the next start (the round book and the journal).
@@ -43,6 +47,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from protocol.logs import event
 
 from . import privacy, strategy_state
+from .blob_keeper import BlobKeeper
 from .devices import DeviceRegistry
 from .grid import NUM_EXAMPLES, MqttGrid
 from .journal import Exchanges
@@ -87,11 +92,13 @@ class RoundEngine:
                  keeper: LedgerKeeper, exchanges: Exchanges, board: StatusBoard, devices: DeviceRegistry,
                  schedule: Schedule, train_config: dict[str, Any], release_config: dict[str, Any],
                  initial_weights: dict[str, np.ndarray], beginning: Beginning, stop: threading.Event,
-                 recorder: SelectionRecorder | None = None) -> None:
+                 recorder: SelectionRecorder | None = None, blobs: BlobKeeper | None = None) -> None:
         """`train_config`: the config record sent with every training task (grid.EPOCHS, BATCH_SIZE, LR);
         `release_config`: what each release records it came from, besides the task config its updates
         were trained with; `initial_weights`: a new lineage's first model; `recorder`: the strategy's
-        `train_metrics_aggr_fn` (which replies it aggregated: provenance.py)."""
+        `train_metrics_aggr_fn` (which replies it aggregated: provenance.py); `blobs`: where accepted updates
+        and models are kept by digest."""
+        self._blobs = blobs
         self._strategy = strategy
         self._strategy_name = strategy_name
         self._grid = grid
@@ -129,6 +136,7 @@ class RoundEngine:
             if self._schedule.evaluates(round_):
                 self.evaluate_round(round_)
             self._board.end_round(round_)
+            self._end_blobs()
             self._exchanges.prune()
             round_ += 1
         return "done"
@@ -155,6 +163,7 @@ class RoundEngine:
             self._board.begin_round(0)
         self.evaluate_round(0)  # round 0: the first model, evaluated by the devices like every later one
         self._board.end_round(0)
+        self._end_blobs()
         return 1
 
     def wait_turn(self, round_: int) -> None:
@@ -194,6 +203,8 @@ class RoundEngine:
         inputs: list[bytes] = []
         for traffic in closed:
             if traffic.kind == "train":
+                if self._blobs is not None:  # queued before the ledger names them; written off this thread
+                    self._blobs.keep_updates(head.version, [a.envelope.attachment for a in traffic.accepted])
                 inputs += self._keeper.record_updates(traffic, self._exchanges)
         self._board.exchanges_closed(round_, closed)
         trained = [t for t in closed if t.kind == "train"]
@@ -235,6 +246,12 @@ class RoundEngine:
             log.exception("round.evaluate_failed round=%d replies=%d", round_, len(replies))
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _end_blobs(self) -> None:
+        """The head under the current tag too (the model devices are on outlives any prune), then prune."""
+        head = self._releases.head
+        if self._blobs is not None and head is not None:
+            self._blobs.end_round(head.version, head.digest)
 
     def _budget_spent(self, round_: int, reason: str) -> str:
         """The end of a DP run whose budget is spent: one log line, the status says why; "done"."""

@@ -9,6 +9,10 @@ Every release is journaled (lineage.py) before it is published, then
 recorded on the ledger (`lineage` / `aggregate` vertices); what a crash left
 unrecorded is recorded at the next start (`record_pending`). The head is also
 kept as `state_dir/model.npz` for operators and `starling-models export-mcu`.
+Every model published (a lineage's first, each round's, the head published
+again by a restarted gateway, a model a strategy sent that is not the head)
+goes to the blob store by its digest (blob_keeper.py), tagged with the
+head's version: a step under its own, any other under the current head's.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from ledger.errors import LedgerError
+from protocol import schemas
 from protocol.atomic import write_atomic
 from protocol.logs import event
 
+from .blob_keeper import BlobKeeper
 from .ledger_keeper import LedgerKeeper
 from .lineage import Lineage, encode
 from .models import ModelPublisher, Release
@@ -35,8 +41,11 @@ log = logging.getLogger("starling.gateway.releases")
 
 class Releases:
     def __init__(self, lineage: Lineage, publisher: ModelPublisher, keeper: LedgerKeeper, architecture: str,
-                 model_path: Path, on_step: Callable[[Release], None] = lambda release: None) -> None:
-        """`on_step(release)`: after each lineage step is out (the MCU exporter's submit)."""
+                 model_path: Path, on_step: Callable[[Release], None] = lambda release: None,
+                 blobs: BlobKeeper | None = None) -> None:
+        """`on_step(release)`: after each lineage step is out (the MCU exporter's submit); `blobs`: where each
+        published model is kept by its digest."""
+        self._blobs = blobs
         self._lineage = lineage
         self._publisher = publisher
         self._keeper = keeper
@@ -106,6 +115,10 @@ class Releases:
         self._published[release.digest] = time.monotonic()
         event(log, "model.released", digest=release.digest.hex()[:16], version=release.version, round=release.round,
               lineage=release.lineage, bytes=sent)
+        if self._blobs is not None:  # (the head: this release once it is a step; else the model devices are on)
+            head = self._lineage.head
+            self._blobs.keep_model(head.version if head is not None else release.version, release.digest,
+                                   release.model or schemas.encode_model(release.weights))
 
     def record_pending(self) -> None:
         """Write what the ledger has not got yet, oldest first: lineage starts, then steps."""

@@ -10,6 +10,7 @@ Parts (each the one owner of its state):
     MqttGrid                     grid.py          Flower's Grid on the book
     Lineage, Releases            lineage.py ...   the model chain: journaled, published, on the ledger
     LedgerKeeper                 ledger_keeper.py the ledger and its gossip
+    BlobKeeper                   blob_keeper.py   every update and model the ledger names, by digest; served
     StatusBoard                  status.py        status topics and result.json
     RoundEngine                  engine.py        the rounds, one after another
 
@@ -20,6 +21,8 @@ Threads:
                          ledger's news (enrollments, revocations made elsewhere), checkpoints, ingest workers
     caller's             the round engine
     gossip               the ledger's own connection (ledger_sync.py)
+    blob-writer          the blob store's writes, retags and prunes, off the rounds' critical path
+    blob-exchange        the blob exchange's own connection: answers wants (blob_exchange.py)
 
 A restart (SIGTERM, kill -9, power loss, upgrade) goes on from the journal:
 the last release, the round an interruption left open, the strategy's state.
@@ -48,6 +51,7 @@ from protocol.keys import Identity
 from protocol.logs import event
 from protocol.rotation import own_chain
 
+from .blob_keeper import BlobKeeper
 from .config import GatewayConfig
 from .devices import DeviceRegistry, Enrollment
 from .engine import Beginning, RoundEngine, Schedule
@@ -164,6 +168,7 @@ class Gateway:
         self.book: RoundBook | None = None
         self.enrollment: Enrollment | None = None
         self.keeper: LedgerKeeper | None = None
+        self.blobs: BlobKeeper | None = None
         self.strategy: Any = None  # the configured Flower strategy, once built
         self._ingest: IngestWorkers | None = None
 
@@ -224,7 +229,8 @@ class Gateway:
             meter=lambda: (connection.bytes_in + (self._ingest.bytes_in if self._ingest else 0), connection.bytes_out),
             ledger_status=lambda: self.keeper.status() if self.keeper is not None else None,
             enroll_rejections=lambda: dict(self.enrollment.rejections), weights=cfg.weights,
-            privacy=lambda: privacy_report(self.strategy))
+            privacy=lambda: privacy_report(self.strategy),
+            blobs=lambda: self.blobs.status() if self.blobs is not None else None)
         intake = ReplyIntake(authenticator, book, outbox, board.note)
         if interrupted is not None:
             event(log, "gateway.resume", round=interrupted.round, accepted=len(interrupted.replies),
@@ -239,6 +245,8 @@ class Gateway:
                                        cfg.checkpoint_every, policy=cfg.policy, allowlist=cfg.allowlist,
                                        operator_keys=cfg.operator_keys, chain=self.chain)
             self.keeper.sync(registry, quiet=True)
+            self.blobs = BlobKeeper(cfg.state_dir / "blobs", cfg.blobs, self.id,
+                                    (cfg.broker_host, cfg.broker_port, cfg.broker_auth))
             if self.chain.rotations:  # retained: devices that know the root key follow it to this key
                 connection.publish(topics.keys(self.id), self.chain.encode(), retain=True)
                 event(log, "gateway.keys_published", rotations=len(self.chain.rotations), key=self.identity.id)
@@ -275,7 +283,8 @@ class Gateway:
         publisher = ModelPublisher(self.identity, self.id, self.manifest["sha256"], connection.publish,
                                    cfg.release_ttl_s, retained=lineage.recent(KEEP_RETAINED))
         releases = Releases(lineage, publisher, self.keeper, model_family(self.manifest), cfg.state_dir / "model.npz",
-                            on_step=(lambda r: mcu.submit(r.digest, r.version, r.weights)) if mcu else (lambda r: None))
+                            on_step=(lambda r: mcu.submit(r.digest, r.version, r.weights)) if mcu else (lambda r: None),
+                            blobs=self.blobs)
         grid = MqttGrid(book, outbox, releases.release_for, self.registry, cfg.deadline_s, stop, cfg.weights)
         schedule = Schedule(cfg.num_rounds, cfg.interval_s, cfg.min_devices, cfg.wait_devices_s, cfg.evaluate_every,
                             cfg.deadline_s)
@@ -286,7 +295,7 @@ class Gateway:
         self.strategy = cfg.make_strategy(recorder, population=lambda: self.registry.counts()[0])
         return RoundEngine(self.strategy, cfg.strategy, grid, book, releases, self.keeper,
                            journal.exchanges, self.board, self.registry, schedule, train, release_config,
-                           self.initial_weights, beginning, stop, recorder)
+                           self.initial_weights, beginning, stop, recorder, self.blobs)
 
     # --- the worker thread ---------------------------------------------------------------------
 
@@ -373,6 +382,8 @@ class Gateway:
         worker_stop.set()  # the worker takes in what already arrived, then ends
         if worker is not None:
             worker.join(timeout=DRAIN_S + 30)
+        if self.blobs is not None:  # what is queued goes to disk; then no more serving
+            self.blobs.close()
         last = self.board.set_state(final)
         with contextlib.suppress(Exception):  # its acknowledgement says the broker has every receipt before it
             last.wait_for_publish(timeout=STATUS_WAIT_S)
@@ -396,6 +407,7 @@ class Gateway:
             "enroll_rejections": dict(self.enrollment.rejections),
             "privacy": privacy_report(self.strategy),  # a DP run's privacy spent (gateway/privacy.py), or None
             "ledger": {"path": str(self.ledger_path), "height": height},
+            "blobs": self.blobs.status() if self.blobs is not None else None,
             "model": {"digest": head.digest.hex() if head else None,
                       "version": head.version if head else None,
                       "path": str(self.config.state_dir / "model.npz") if head else None,

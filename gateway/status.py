@@ -56,13 +56,16 @@ class StatusBoard:
                  registry: DeviceRegistry, book: RoundBook, history: RoundHistory,
                  meter: Callable[[], tuple[int, int]], ledger_status: Callable[[], dict[str, Any] | None],
                  enroll_rejections: Callable[[], dict[str, int]], weights: WeightRule = WeightRule(),
-                 privacy: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+                 privacy: Callable[[], dict[str, Any] | None] = lambda: None,
+                 blobs: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
         """`meter()`: (bytes received from devices, bytes sent to them) so far; `ledger_status()`: height,
         finality and peers (None before the ledger opened); `weights`: how the evaluation averages weigh
         each device (the rule the strategy's replies are weighed by); `privacy()`: a DP run's privacy spent
-        (gateway/privacy.py), None when nothing is accounted."""
+        (gateway/privacy.py), None when nothing is accounted; `blobs()`: the blob store and its exchange
+        (gateway/blob_keeper.py), None before the store opened."""
         self._weights = weights
         self._privacy = privacy
+        self._blobs = blobs
         self.gateway_id = gateway_id
         self.name = name
         self.num_rounds = num_rounds
@@ -219,6 +222,7 @@ class StatusBoard:
             "duplicates": self._book.duplicates,  # honest re-sends of accepted replies: not rejections
             "enroll_rejections": self._enroll_rejections(),
             "ledger": self._ledger_status(),
+            "blobs": self._blobs(),  # updates and models kept by digest, and what was served and fetched
             "privacy": self._privacy(),
             "history": history,
             "revoked": {"count": len(revoked), "devices": revoked[:MAX_STATUS_REVOKED]},

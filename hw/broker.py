@@ -10,6 +10,10 @@ and, because it has a `listener` line, needs `allow_anonymous true`.
 machines reach, for hardware in the loop (hw/hil.py); the emulator's own
 processes keep the loopback one. `allow_anonymous` is global in Mosquitto 2
 (`per_listener_settings false`), so that listener is anonymous too.
+
+`bridge_to=(host, port)` (Mosquitto only) bridges BRIDGE_TOPICS both ways to
+another broker: the ledger's gossip and the blob exchange (updates and models
+fetched by digest), so gateways on bridged brokers reach each other.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+BRIDGE_TOPICS = ("starling/ledger/#", "starling/blobs/#")  # what gateways on bridged brokers share
 
 MOSQUITTO_CONF = """\
 # Written by the Starling emulator: loopback only, anonymous, generous queues.
@@ -68,7 +74,7 @@ class Broker:
     """`with Broker(workdir) as broker:` starts a broker; `broker.port` is where it listens."""
 
     def __init__(self, workdir: Path, kind: str = "auto", port: int | None = None, persistent: bool = False,
-                 bridge_to: tuple[str, int] | None = None, bridge_topics: tuple[str, ...] = ("starling/ledger/#",),
+                 bridge_to: tuple[str, int] | None = None, bridge_topics: tuple[str, ...] = BRIDGE_TOPICS,
                  listen: tuple[str, int] | None = None, anonymous: bool = True) -> None:
         """`anonymous=False` (Mosquitto): a broker with no password file that refuses every login, for
         tests of what a refused client does."""

@@ -21,10 +21,10 @@
     fraction = 0.25            #   after down_s (or count = 3); in device pools, the pools holding them
 
 A `partition` fault makes the emulator give every gateway its own broker,
-bridged (ledger gossip only) to a hub broker through a relay that the fault
-cuts, as gateways in different districts would be; otherwise the whole
-fleet shares one broker. Brokers keep their sessions and retained messages
-across a restart (Mosquitto persistence), as a city's brokers would.
+bridged (ledger gossip and blob exchange) to a hub broker through a relay
+that the fault cuts, as gateways in different districts would be; otherwise
+the whole fleet shares one broker. Brokers keep their sessions and retained
+messages across a restart (Mosquitto persistence), as a city's brokers would.
 
 After a gateway_restart or a gateway_stop the gateway goes on from its last
 release: its rounds, model versions and the model's lineage on the ledger

@@ -8,8 +8,8 @@
 
 `Network` is one broker for the whole fleet, or, when gateways must be
 partitioned from each other, one broker per gateway, each bridged (ledger
-gossip only) to a hub broker through a TCP relay that `cut` and `heal` open
-and close. `Fleet` is the `hw.faults.FleetControl` the fault runner drives;
+gossip and blob exchange: hw.broker.BRIDGE_TOPICS) to a hub broker through a
+TCP relay that `cut` and `heal` open and close. `Fleet` is the `hw.faults.FleetControl` the fault runner drives;
 it changes a gateway's config only through the `reconfigure` callback the
 emulator gives it. `GatewayRun` is the emulator's handle on one gateway: its
 identity, folder, devices, process, and its config file (whose only writer

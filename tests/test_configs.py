@@ -182,6 +182,42 @@ def test_good_aggregation_and_defense_tables_are_taken_as_written():
     assert parse_gateway({**GOOD_GATEWAY, "defense": {}}).defense is None  # an empty table: no defense
 
 
+def test_the_blobs_table_is_taken_as_written_and_defaults_to_keeping_four_tags_serving():
+    default = parse_gateway(GOOD_GATEWAY).blobs
+    assert (default.keep, default.max_mb, default.serve, default.fetch_timeout_s) == (4, 0.0, True, 30.0)
+    assert default.retention.max_bytes is None  # max_mb 0: no byte cap
+    config = parse_gateway({**GOOD_GATEWAY, "blobs": {"keep": 2, "max_mb": 1.5, "serve": False,
+                                                      "serve_mb_per_s": 8, "fetch_timeout_s": 5}}).blobs
+    assert (config.keep, config.max_mb, config.serve, config.serve_mb_per_s, config.fetch_timeout_s) == (
+        2, 1.5, False, 8.0, 5.0)
+    assert (config.retention.keep_tags, config.retention.max_bytes) == (2, 1_572_864)
+    assert (config.exchange.fetch_timeout_s, config.exchange.give_bytes_per_s) == (5.0, 8 * 1024 * 1024)
+
+
+@pytest.mark.parametrize("table, match", [
+    ({"keep": 0}, r"blobs\.keep must be 1 to 1000000 \(tags kept; the newest is always kept\), got 0"),
+    ({"keep": -3}, r"blobs\.keep must be 1 to"),
+    ({"keep": 10**7}, r"blobs\.keep must be 1 to 1000000"),
+    ({"keep": 2.5}, r"blobs\.keep must be int, got float"),
+    ({"keep": True}, r"blobs\.keep must be int, got bool"),
+    ({"max_mb": -1}, r"blobs\.max_mb must not be negative, got -1"),
+    ({"max_mb": 1e300}, r"blobs\.max_mb must be at most 1000000000 \(0: no cap\)"),
+    ({"max_mb": float("inf")}, r"blobs\.max_mb must be a finite number"),
+    ({"max_mb": "10"}, r"blobs\.max_mb must be float, got str"),
+    ({"serve": "yes"}, r"blobs\.serve must be bool, got str"),
+    ({"serve": 1}, r"blobs\.serve must be bool, got int"),
+    ({"serve_mb_per_s": 0}, r"blobs\.serve_mb_per_s must be positive, got 0"),
+    ({"fetch_timeout_s": 0}, r"blobs\.fetch_timeout_s must be positive, got 0"),
+    ({"fetch_timeout_s": 1e6}, r"blobs\.fetch_timeout_s must be at most 86400"),
+    ({"fetch_timeout_s": float("nan")}, r"blobs\.fetch_timeout_s must be a finite number"),
+    ({"keep_tags": 4}, r"unknown key blobs\.keep_tags; known: fetch_timeout_s, keep, max_mb, serve, serve_mb_per_s"),
+    ("lots", r"\[blobs\] must be a table"),
+])
+def test_a_bad_blobs_setting_is_refused_naming_it(table, match):
+    with pytest.raises(GatewayConfigError, match=match):
+        parse_gateway({**GOOD_GATEWAY, "blobs": table})
+
+
 @pytest.mark.parametrize("dp, match", [
     ({"wrapper": "Nope"}, r"strategy\.dp\.wrapper"),
     ({"wrapper": "DifferentialPrivacyServerSideFixedClipping", "params": {"clipping_norm": 1.0}},
@@ -252,6 +288,7 @@ GATEWAY_KEYS = {
     "rounds": "batch_size, deadline_s, epochs, evaluate_every, interval_s, lr, min_devices, num_rounds, wait_devices_s",
     "aggregation": "max_examples, median_multiple, weights",
     "defense": "centered_clipping, median_multiple, norm_bound",
+    "blobs": "fetch_timeout_s, keep, max_mb, serve, serve_mb_per_s",
     "enrollment": "allowlist, operator_keys, policy",
 }
 AGENT_KEYS = {
@@ -269,7 +306,7 @@ AGENT_KEYS = {
       for section, typo in [
           ("gateway", "rotation"), ("broker", "tls-ca"), ("ledger", "checkpoint_evry"), ("ingest", "worker"),
           ("model", "manifest_path"), ("strategy", "param"), ("rounds", "num_round"), ("aggregation", "weight"),
-          ("defense", "norm_bounds"), ("enrollment", "operator_key")]],
+          ("defense", "norm_bounds"), ("blobs", "keep_tags"), ("enrollment", "operator_key")]],
     *[pytest.param(parse_agent, GOOD_AGENT, section, typo, AGENT_KEYS[section], id=f"agent {section}.{typo}")
       for section, typo in [
           ("device", "resend"), ("gateway", "rootkey"), ("broker", "hots"), ("data", "retention_s"),
@@ -283,8 +320,8 @@ def test_a_misspelt_key_in_any_table_is_refused_naming_it_and_the_known_ones(par
 
 @pytest.mark.parametrize("parse, good, name, value, match", [
     pytest.param(parse_gateway, GOOD_GATEWAY, "round", {"num_rounds": 5}, (
-        r"unknown section \[round\]; known: aggregation, broker, defense, enrollment, gateway, ingest, ledger, "
-        r"model, rounds, strategy$"), id="gateway [round]"),
+        r"unknown section \[round\]; known: aggregation, blobs, broker, defense, enrollment, gateway, ingest, "
+        r"ledger, model, rounds, strategy$"), id="gateway [round]"),
     pytest.param(parse_gateway, GOOD_GATEWAY, "trainig", {}, r"unknown section \[trainig\]", id="gateway [trainig]"),
     pytest.param(parse_gateway, GOOD_GATEWAY, "num_rounds", 5,
                  r"unknown key num_rounds \(outside any section\); known: agg", id="gateway top-level key"),

@@ -66,6 +66,40 @@ def test_put_is_idempotent_and_a_second_tag_is_a_link_not_a_copy(tmp_path):
     assert store.status()["blobs"] == 1 and store.status()["bytes"] == 1000 and store.tags() == [1, 2]
 
 
+def test_put_many_keeps_a_batch_with_one_folder_fsync_per_folder(tmp_path, monkeypatch):
+    """A round's updates in one call: the digests in order (a duplicate, one held under this tag, one held
+    under another tag, all as `put` would), and each folder fsynced once, not once per blob."""
+    from gateway import blobs as module
+
+    store = BlobStore(tmp_path / "blobs")
+    held_here, held_before = store.put(blob(100), 5), store.put(blob(101), 4)
+    batch = [blob(i) for i in range(200, 400)] + [blob(200), blob(100), blob(101)]
+    synced: list[str] = []
+    real = module._fsync_dir
+    monkeypatch.setattr(module, "_fsync_dir", lambda path: (synced.append(str(path)), real(path)))
+    digests = store.put_many(batch, 5)
+    assert digests == [sha256(b) for b in batch]
+    assert digests[-2:] == [held_here, held_before]
+    shards = {d.hex()[:2] for d in digests}
+    assert len(synced) <= len(shards) + 2  # each shard folder once, their parent once, the link's folder
+    assert len(synced) < len(batch) / 1.3  # `put` fsyncs a folder for each blob (and each new folder's parent)
+    assert store.status()["blobs"] == 202 and store.status()["bytes"] == 202 * 1000
+    assert all(store.get(d) == b for d, b in zip(digests, batch))
+    here = store.folder / "5" / held_before.hex()[:2] / held_before.hex()
+    assert here.stat().st_ino == (store.folder / "4" / held_before.hex()[:2] / held_before.hex()).stat().st_ino
+    assert not [p for p in store.folder.rglob(".*")]  # no temp file left
+    again = BlobStore(tmp_path / "blobs")
+    assert again.status()["blobs"] == 202 and again.put_many(batch[:3], 5) == digests[:3]
+    assert again.status()["blobs"] == 202
+
+
+def test_put_many_writes_nothing_when_one_blob_is_over_the_limit(tmp_path):
+    store = BlobStore(tmp_path / "blobs", max_blob_bytes=1024)
+    with pytest.raises(BlobTooLarge):
+        store.put_many([bytes(10), bytes(1025)], 0)
+    assert files(store) == [] and store.status()["blobs"] == 0
+
+
 def test_without_hard_links_a_second_tag_gets_a_copy(tmp_path, monkeypatch):
     store = BlobStore(tmp_path / "blobs")
     digest = store.put(blob(3), 1)

@@ -109,6 +109,13 @@ lr = 0.05
 min_devices = 5
 wait_devices_s = 120.0
 
+[blobs]
+keep = 4
+max_mb = 0.0
+serve = true
+serve_mb_per_s = 64.0
+fetch_timeout_s = 30.0
+
 [enrollment]
 policy = "voucher"
 operator_keys = ["{world.OPERATOR.public_key.hex()}"]

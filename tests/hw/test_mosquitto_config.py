@@ -499,6 +499,25 @@ def test_device_cannot_publish_for_another_device_or_as_the_gateway(clients):
     gateway.assert_quiet()
 
 
+def test_the_gateway_asks_for_and_serves_blobs_by_digest_and_a_device_can_do_neither(clients):
+    """starling/blobs/want/<holder> and give/<requester>: a gateway writes both to anyone, reads only those
+    addressed to it; a device neither asks nor reads another's answers (updates are the devices' own)."""
+    gateway = clients(GW_USER)
+    assert gateway.subscribe(f"starling/blobs/want/{GW}", f"starling/blobs/give/{GW}") == [1, 1]
+    device = clients(DEV_A)
+    device.subscribe("starling/blobs/#")
+    device.publish(f"starling/blobs/want/{GW}", b"a device's want")  # PUBACKed and dropped
+    device.publish(f"starling/blobs/give/{GW}", b"a device's give")
+    gateway.publish(f"starling/blobs/want/{'b' * 32}", b"want of another holder")  # allowed; no device reads it
+    gateway.publish(f"starling/blobs/give/{'b' * 32}", b"answer to another requester")
+    gateway.publish(f"starling/blobs/want/{GW}", b"want")
+    gateway.publish(f"starling/blobs/give/{GW}", b"give")
+    assert [(topic, payload) for topic, payload, _ in gateway.expect(2)] == [
+        (f"starling/blobs/want/{GW}", b"want"), (f"starling/blobs/give/{GW}", b"give")]
+    gateway.assert_quiet()
+    device.assert_quiet(0)
+
+
 def test_mqtt5_device_is_told_its_forbidden_publish_was_not_authorised(clients):
     device = clients(DEV_A, protocol=mqtt.MQTTv5)
     acks: queue.Queue = queue.Queue()
