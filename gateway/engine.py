@@ -46,7 +46,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from protocol.logs import event
 
-from . import privacy, strategy_state
+from . import privacy, recompute, strategy_state
 from .blob_keeper import BlobKeeper
 from .devices import DeviceRegistry
 from .grid import NUM_EXAMPLES, MqttGrid
@@ -224,9 +224,10 @@ class RoundEngine:
         # The release records what its updates were trained with: the config the exchange's devices got
         # (a round re-opened after a restart keeps the config it began with).
         config = {**self._release_config, **(trained[0].config if trained else {})}
-        release = self._releases.advance(weights, round_, shaped.kind, [i for i in shaped.inputs if i[0] in recorded],
-                                         self._strategy_name, config, strategy_state.capture(self._strategy),
-                                         exchanges)
+        kept = [i for i in shaped.inputs if i[0] in recorded]
+        release = self._releases.advance(weights, round_, shaped.kind, kept, self._strategy_name, config,
+                                         strategy_state.capture(self._strategy), exchanges,
+                                         recompute.aggregate_params(self._strategy, shaped, kept))
         if release is not None:
             self._board.set_lineage(release)
             started = time.monotonic()  # the model is out: now the costly part, each update's share of it

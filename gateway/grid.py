@@ -225,10 +225,15 @@ class MqttGrid(Grid):
 
     @staticmethod
     def _to_flower(accepted: Accepted, weight: int) -> RecordDict:
-        metrics = MetricRecord({NUM_EXAMPLES: weight, **accepted.metrics})
         if accepted.task.kind != "train":
-            return RecordDict({"metrics": metrics})
-        base = accepted.task.base_weights
-        delta = accepted.delta
-        arrays = ArrayRecord({name: Array(base[name] + delta[name]) for name in base})
-        return RecordDict({"arrays": arrays, "metrics": metrics})
+            return RecordDict({"metrics": MetricRecord({NUM_EXAMPLES: weight, **accepted.metrics})})
+        return train_content(accepted.task.base_weights, accepted.delta, weight, accepted.metrics)
+
+
+def train_content(base: dict[str, np.ndarray], delta: dict[str, np.ndarray], weight: float,
+                  metrics: dict[str, float]) -> RecordDict:
+    """What a strategy gets for one accepted training reply: full weights (base + the dequantized delta,
+    `Accepted.delta`), weighing `weight` (its "num-examples"). gateway/recompute.py builds the very same
+    contents from a recorded update, so an aggregate can be recomputed bit for bit."""
+    arrays = ArrayRecord({name: Array(base[name] + delta[name]) for name in base})
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord({NUM_EXAMPLES: weight, **metrics})})

@@ -90,7 +90,13 @@ class Accepted:
 
     @property
     def delta(self) -> dict[str, np.ndarray]:
-        return schemas.decode_update(self.envelope.attachment)[0]
+        return dequantize(self.envelope.attachment)[0]
+
+
+def dequantize(attachment: bytes) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """An update attachment as the strategies get it: (float32 delta, int8 and f16 tensors dequantized; its
+    metrics). The one place this is done: gateway/recompute.py uses it on recorded updates too."""
+    return schemas.decode_update(attachment)
 
 
 @dataclass(frozen=True)

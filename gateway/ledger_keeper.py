@@ -7,7 +7,8 @@
     keeper.enroll(...)                 # a device this gateway admitted, with its evidence
     keeper.record_updates(...)         # a round's accepted updates: one `updates` vertex
     keeper.record_lineage(...)         # where a model lineage starts
-    keeper.record_aggregate(...)       # a round's new model: base -> output, its rule and weighted inputs
+    keeper.record_aggregate(...)       # a round's new model: base -> output, its rule, weighted inputs and
+                                       # what a recompute needs (gateway/recompute.py)
     keeper.record_contributions(...)   # each accepted update's contribution score to that model
     keeper.close()
 
@@ -41,7 +42,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ledger.errors import AlreadyEnrolled, DuplicateUpdate, LedgerError, UnknownInput
+from ledger.errors import AlreadyEnrolled, DuplicateUpdate, InvalidVertex, LedgerError, UnknownInput
 from ledger.kinds import MAX_RECORDS
 from ledger.store import Ledger
 from ledger.vertex import Vertex
@@ -234,12 +235,20 @@ class LedgerKeeper:
         self.ledger.record_lineage(start.root, start.version, start.previous, start.reason, start.architecture)
 
     def record_aggregate(self, release: Release, strategy: str, rule: str,
-                         inputs: list[tuple[bytes, float | None]]) -> None:
+                         inputs: list[tuple[bytes, float | None]], params: dict[str, Any] | None = None) -> None:
         """A release's `aggregate` vertex: with the rule and each input's effective weight when the lineage
-        row has them (`rule`), else the first form (digests only: a row journaled before rules were)."""
+        row has them (`rule`), else the first form (digests only: a row journaled before rules were).
+        `params`: what a recompute needs (gateway/recompute.py `aggregate_params`); params the ledger refuses
+        cost the record its params (it cannot be recomputed then), never the record."""
         if rule:
-            self.ledger.record_aggregate(release.round, strategy, release.parent, list(inputs),
-                                         release.digest, rule=rule)
+            args = (release.round, strategy, release.parent, list(inputs), release.digest)
+            if params is not None:
+                try:
+                    self.ledger.record_aggregate(*args, rule=rule, params=params)
+                    return
+                except InvalidVertex as exc:
+                    event(log, "ledger.params_refused", logging.ERROR, version=release.version, reason=str(exc))
+            self.ledger.record_aggregate(*args, rule=rule)
         else:
             self.ledger.record_aggregate(release.round, strategy, release.parent, [d for d, _ in inputs],
                                          release.digest)

@@ -63,6 +63,7 @@ class Unrecorded:
     strategy: str = ""
     rule: str = ""  # how the strategy combined its inputs (gateway/provenance.py)
     inputs: tuple[tuple[bytes, float | None], ...] = ()  # (update digest, effective weight) that shaped it
+    params: dict | None = None  # what a recompute needs (gateway/recompute.py); None in rows journaled before
 
 
 def model_family(manifest: dict) -> str:
@@ -159,8 +160,9 @@ class Lineage:
 
     def advance(self, weights: dict[str, np.ndarray], round_: int, rule: str,
                 inputs: list[tuple[bytes, float | None]], strategy: str, config: dict, state: bytes | None,
-                exchanges: list[str]) -> Release | None:
+                exchanges: list[str], params: dict | None = None) -> Release | None:
         """The round's new model, as the next step (None if it equals the head: nothing to release).
+        `params`: what its aggregate vertex records for a recompute (gateway/recompute.py).
 
         One transaction writes the release, its bytes, the strategy's state and marks the round's
         exchanges finished, so a restart neither loses the step nor aggregates the round again.
@@ -175,7 +177,7 @@ class Lineage:
             version = self.last_version() + 1
             lineage = head.lineage if head else self.current.id
             self._insert(db, version, digest, lineage, round_, head.digest if head else b"", model, step=True,
-                         strategy=strategy, config=config, rule=rule, inputs=inputs)
+                         strategy=strategy, config=config, rule=rule, inputs=inputs, params=params)
             if state is not None:
                 db.execute("insert into strategy_state values (?, ?)", [version, state])
             db.execute("delete from strategy_state where version < ?", [version])
@@ -201,11 +203,15 @@ class Lineage:
 
     def _insert(self, db, version: int, digest: bytes, lineage: int, round_: int, parent: bytes, model: bytes,
                 step: bool, strategy: str = "", config: dict | None = None, rule: str = "",
-                inputs: list[tuple[bytes, float | None]] = (), on_ledger: bool = False) -> None:
+                inputs: list[tuple[bytes, float | None]] = (), on_ledger: bool = False,
+                params: dict | None = None) -> None:
+        provenance = {"rule": rule, "inputs": [[d.hex(), w] for d, w in inputs]}
+        if params is not None:  # (JSON keeps ints and floats apart, and floats exactly)
+            provenance["params"] = params
         db.execute("insert into release (version, digest, lineage, round, parent, size, strategy, config, inputs, "
                    "time, step, on_ledger) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                    [version, digest, lineage, round_, parent, len(model), strategy, json.dumps(config or {}),
-                    json.dumps({"rule": rule, "inputs": [[d.hex(), w] for d, w in inputs]}), time.time(), int(step),
+                    json.dumps(provenance), time.time(), int(step),
                     int(on_ledger)])
         db.execute("insert or replace into model (digest, data, added) values (?, ?, ?)", [digest, model, version])
 
@@ -271,8 +277,9 @@ class Lineage:
         return max(0, self._journal.history.last_round(1))
 
 
-def _provenance(stored: Any) -> tuple[str, tuple[tuple[bytes, float | None], ...]]:
-    """(rule, inputs) as a release row keeps them; a row of the first lineage version kept digests only."""
+def _provenance(stored: Any) -> tuple[str, tuple[tuple[bytes, float | None], ...], dict | None]:
+    """(rule, inputs, params) as a release row keeps them; a row of the first lineage version kept digests
+    only, and rows journaled before recompute params have none."""
     if isinstance(stored, list):
-        return "", tuple((bytes.fromhex(d), None) for d in stored)
-    return stored["rule"], tuple((bytes.fromhex(d), w) for d, w in stored["inputs"])
+        return "", tuple((bytes.fromhex(d), None) for d in stored), None
+    return stored["rule"], tuple((bytes.fromhex(d), w) for d, w in stored["inputs"]), stored.get("params")

@@ -8,6 +8,11 @@ constructor parameter. The gateway passes a `SelectionRecorder` there (around
 Flower's own `aggregate_metricrecords`), so after `aggregate_train` it knows
 which replies' contents went in.
 
+Inputs are recorded in the order the strategy aggregated them (its `train_metrics_aggr_fn` gets them in
+that order: the replies' order for FedAvg and the coordinate rules, Krum's score order for MultiKrum and
+Bulyan), and `sequence` lists every content it aggregated with the weight Flower weighed it by: float32
+sums depend on their order, so this is what a recompute needs (gateway/recompute.py).
+
     rule kind     inputs recorded                               effective weights
     weighted      every aggregated reply                       its weight / the sum (FedAvg, FedProx, FedOpt ...)
     selected      the replies the rule selected (Krum, MultiKrum)   the same, over the selected
@@ -88,6 +93,10 @@ class Provenance:
 
     kind: str  # WEIGHTED, SELECTED or COORDINATE
     inputs: tuple[tuple[bytes, float | None], ...]  # (update digest, effective weight); None for coordinate rules
+    # Every content the strategy aggregated, in its order: (update digest, the weight Flower got for it, its
+    # `weight_key` value; None for coordinate rules, which weigh nothing). Byte-identical updates appear once
+    # each here, merged in `inputs`.
+    sequence: tuple[tuple[bytes, int | float | None], ...]
     _replies: tuple[Source, ...]
     _weights: dict[int, float]  # id(content) -> the weight its update had in the rule (0: left out)
     _base: dict[str, np.ndarray]
@@ -114,16 +123,20 @@ def provenance(kind: str, replies: list[Source], selected: list[Any] | None, wei
     """From the replies the strategy got and the contents it aggregated (None: all of them). Byte-identical
     updates (a free rider's zeros from two devices) are one input, their weights summed; each device's
     record keeps its own score."""
-    chosen_ids = {id(c) for c in selected} if selected is not None else {id(r.content) for r in replies}
-    chosen = [(r.digest, r.content) for r in replies if id(r.content) in chosen_ids]
+    by_content = {id(r.content): r.digest for r in replies}
+    aggregated = selected if selected is not None else [r.content for r in replies]
+    chosen = [(by_content[id(c)], c) for c in aggregated if id(c) in by_content]  # in the strategy's order
     inputs: dict[bytes, float | None] = {}
     if kind == COORDINATE:
         weights = {id(c): 1.0 / len(chosen) for _, c in chosen} if chosen else {}
         inputs = {digest: None for digest, _ in chosen}  # the rule, not a weight, decided
+        sequence = tuple((digest, None) for digest, _ in chosen)
     else:
-        raw = {id(c): float(next(iter(c.metric_records.values()))[weight_key]) for _, c in chosen}
-        total = sum(raw.values()) or 1.0
+        given = {id(c): next(iter(c.metric_records.values()))[weight_key] for _, c in chosen}
+        raw = {key: float(value) for key, value in given.items()}
+        total = sum(raw.values()) or 1.0  # summed in Flower's order: each share is exactly Flower's factor
         weights = {key: value / total for key, value in raw.items()}
         for digest, content in chosen:
             inputs[digest] = (inputs.get(digest) or 0.0) + weights[id(content)]
-    return Provenance(kind, tuple(inputs.items()), tuple(replies), weights, base, output)
+        sequence = tuple((digest, given[id(content)]) for digest, content in chosen)
+    return Provenance(kind, tuple(inputs.items()), sequence, tuple(replies), weights, base, output)

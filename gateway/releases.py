@@ -84,10 +84,10 @@ class Releases:
 
     def advance(self, weights: dict[str, np.ndarray], round_: int, rule: str,
                 inputs: list[tuple[bytes, float | None]], strategy: str, config: dict, state: bytes | None,
-                exchanges: list[str]) -> Release | None:
+                exchanges: list[str], params: dict | None = None) -> Release | None:
         """A round's new model as the lineage's next step (None: it equals the head); `rule` and `inputs`
-        (update digest, effective weight) say what shaped it."""
-        release = self._lineage.advance(weights, round_, rule, inputs, strategy, config, state, exchanges)
+        (update digest, effective weight) say what shaped it, `params` what a recompute needs (recompute.py)."""
+        release = self._lineage.advance(weights, round_, rule, inputs, strategy, config, state, exchanges, params)
         if release is not None:
             self._out(release)
         return release
@@ -127,7 +127,8 @@ class Releases:
                 if item.start is not None:
                     self._keeper.record_lineage(item.start)
                 else:
-                    self._keeper.record_aggregate(item.release, item.strategy, item.rule, list(item.inputs))
+                    self._keeper.record_aggregate(item.release, item.strategy, item.rule, list(item.inputs),
+                                                  item.params)
             except LedgerError as exc:  # an aggregate of inputs the ledger refused: the model is out anyway
                 event(log, "ledger.release_refused", logging.ERROR, version=(item.release or item.start).version,
                       reason=str(exc))

@@ -17,7 +17,7 @@ so far, and what it adds to it) is in `ledger.kind_rules`.
     aggregate      {"round": int, "strategy": str, "base": digest, "inputs": [update digests], "output": digest}
                    or, naming how the inputs were combined:
                    {"round", "strategy", "base", "rule": str, "inputs": [[update digest, weight or null], ...],
-                    "output"}
+                    "output"[, "params": {...}]}  (params: what a recompute needs, see `_check_params`)
     checkpoint     {"count": int, "state": digest}
     lineage        {"model": digest, "version": int, "previous": digest or b"", "reason": str,
                     "architecture": str}
@@ -29,8 +29,9 @@ forever.
 
 A kind's body may grow an optional field, never change an old one: a vertex
 is signed over its exact body, so every body ever written must stay valid.
-`device.enroll` without `evidence` and `aggregate` without `rule` are the
-first forms of those kinds, and are still accepted as they were.
+`device.enroll` without `evidence` and `aggregate` without `rule` (or with
+`rule` and without `params`) are the first forms of those kinds, and are still
+accepted as they were.
 """
 
 from __future__ import annotations
@@ -43,7 +44,16 @@ from typing import Any
 from protocol.digest import DIGEST_BYTES
 from protocol.envelope import ID_MAX, Context, signed_bytes
 from protocol.errors import ProtocolError, SchemaError
-from protocol.fields import check_bytes, check_fields, check_float, check_int, check_list, check_text
+from protocol.fields import (
+    check_bytes,
+    check_fields,
+    check_float,
+    check_int,
+    check_list,
+    check_number,
+    check_text,
+    is_int,
+)
 from protocol.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, identity_id
 from protocol.rotation import MAX_STATEMENT_BYTES, KeyRotation
 from protocol.schemas import MAX_EXAMPLES
@@ -75,6 +85,12 @@ ARCHITECTURE_MAX = 256  # a model architecture id (a hex digest in practice)
 MAX_VERSION = 2**63 - 1  # a release version; fits SQLite's INTEGER
 RECORD_FIELDS = 4  # [device public key, update digest, examples, device signature]
 RULE_MAX = 32  # an aggregate's rule: "weighted", "selected", "coordinate" (gateway/provenance.py)
+PARAMS_FIELDS = frozenset({"strategy", "wrappers", "sequence", "versions"})  # an aggregate's `params`
+MAX_PARAMS = 64  # strategy constructor parameters (and software versions) recorded
+PARAM_NAME_MAX = 64
+PARAM_TEXT_MAX = 256
+MAX_WRAPPERS = 8
+MAX_PARAM_INT = 2**63 - 1
 SCORE_FIELDS = 3  # [device public key, update digest, score]
 
 
@@ -182,7 +198,9 @@ def _aggregate(body: dict[str, Any]) -> None:
     not a weight, decided each coordinate). Without `rule`, the first form: the inputs are digests only.
     """
     fields = {"round", "strategy", "base", "inputs", "output"}
-    check_fields(body, fields | {"rule"} if "rule" in body else fields, "aggregate body")
+    if "rule" in body:
+        fields |= {"rule", "params"} if "params" in body else {"rule"}  # params only with the second form
+    check_fields(body, fields, "aggregate body")
     check_int(body["round"], "round", 0, MAX_ROUND)
     check_text(body["strategy"], "strategy", STRATEGY_MAX, 1)
     check_bytes(body["base"], "base", DIGEST_BYTES)
@@ -204,6 +222,63 @@ def _aggregate(body: dict[str, Any]) -> None:
     if len(set(digests)) != len(digests):
         raise SchemaError("inputs name an update twice")
     check_bytes(body["output"], "output", DIGEST_BYTES)
+    if "params" in body:
+        _check_params(body["params"], len(inputs), body["rule"] == COORDINATE_RULE)
+
+
+def _check_params(params: Any, inputs: int, coordinate: bool) -> None:
+    """What a recompute needs beyond the inputs (gateway/recompute.py), an optional map:
+
+        strategy  {name: scalar}   the strategy's constructor parameters as it ran (null, bool, int, float, text)
+        wrappers  [class name]     what wrapped it, outermost first (DP, the update bound): absent when none
+        sequence  [[input index, weight], ...]   every reply the strategy aggregated, in its order, with the
+                                   weight Flower weighed it by (its "num-examples"; null under "coordinate"):
+                                   float32 sums depend on their order, and byte-identical updates are one
+                                   input but were aggregated once per reply. Absent: not replayable.
+        versions  {name: text}     the software that computed it (flwr, numpy)
+    """
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise SchemaError("params must be a map with text keys")
+    if set(params) - PARAMS_FIELDS or "strategy" not in params:
+        raise SchemaError(f"params: keys are strategy and optionally {sorted(PARAMS_FIELDS - {'strategy'})}, "
+                          f"got {sorted(params)}")
+    _check_scalars(params["strategy"], "params.strategy", text_only=False)
+    if "versions" in params:
+        _check_scalars(params["versions"], "params.versions", text_only=True)
+    if "wrappers" in params:
+        for name in check_list(params["wrappers"], "params.wrappers", MAX_WRAPPERS, 1):
+            check_text(name, "a wrapper", STRATEGY_MAX, 1)
+    if "sequence" in params:
+        seen = set()
+        for i, item in enumerate(check_list(params["sequence"], "params.sequence", MAX_INPUTS, 1)):
+            check_list(item, f"sequence {i}", 2, 2)
+            index, weight = item
+            seen.add(check_int(index, f"sequence {i} input", 0, inputs - 1))
+            if coordinate:
+                if weight is not None:
+                    raise SchemaError(f"sequence {i}: a coordinate rule weighs nothing (null)")
+            else:
+                check_number(weight, f"sequence {i} weight", 0.0, math.inf)
+        if len(seen) != inputs:
+            raise SchemaError("params.sequence leaves out an input")
+
+
+def _check_scalars(value: Any, name: str, text_only: bool) -> None:
+    if not isinstance(value, dict) or len(value) > MAX_PARAMS:
+        raise SchemaError(f"{name} must be a map of at most {MAX_PARAMS} entries")
+    for key, item in value.items():
+        check_text(key, f"a key of {name}", PARAM_NAME_MAX, 1)
+        where = f"{name}.{key}"
+        if isinstance(item, str):
+            check_text(item, where, PARAM_TEXT_MAX)
+        elif text_only:
+            raise SchemaError(f"{where} must be text")
+        elif is_int(item):
+            check_int(item, where, -MAX_PARAM_INT - 1, MAX_PARAM_INT)
+        elif isinstance(item, float):
+            check_float(item, where, -math.inf, math.inf)
+        elif item is not None and not isinstance(item, bool):
+            raise SchemaError(f"{where} must be null, a bool, a number or text")
 
 
 def input_digests(body: dict[str, Any]) -> list[bytes]:

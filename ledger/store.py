@@ -362,19 +362,23 @@ class Ledger(LedgerQueries):
 
     def record_aggregate(
         self, round: int, strategy: str, base: bytes, inputs: Sequence[bytes] | Sequence[tuple[bytes, float | None]],
-        output: bytes, rule: str | None = None,
+        output: bytes, rule: str | None = None, params: dict[str, Any] | None = None,
     ) -> Vertex:
         """Record a round's new model (`output`) and the recorded updates it was built from.
 
         Without `rule`, `inputs` are update digests (the first form of the body). With `rule` (how the
         strategy combined them: "weighted", "selected", "coordinate"), `inputs` are (update digest, effective
         weight) pairs: the inputs that shaped the model, each weight in [0, 1], None under "coordinate".
+        `params` (with `rule` only): what a recompute needs besides the inputs (`ledger.kinds._check_params`,
+        gateway/recompute.py).
         """
         listed = list(inputs) if rule is None else [_as_floats(item, 1) for item in inputs]
         body: dict[str, Any] = {"round": round, "strategy": strategy, "base": base, "inputs": listed,
                                 "output": output}
         if rule is not None:
             body["rule"] = rule
+        if params is not None:  # (the schema refuses params without a rule)
+            body["params"] = params
         return self.append(AGGREGATE, body)
 
     def record_contributions(

@@ -220,3 +220,30 @@ def test_a_lineage_row_without_a_rule_is_written_in_the_first_form(tmp_path: Pat
                                "output": release.digest}
     finally:
         keeper.close()
+
+
+def test_the_keeper_records_what_a_recompute_needs_and_params_the_ledger_refuses_cost_only_the_params(
+    tmp_path: Path, caplog
+) -> None:
+    keeper = LedgerKeeper(tmp_path / "own.db", HERE, "own", None, False, ("localhost", 1883, None), 0.0, 0)
+    try:
+        device = Identity.generate()
+        keeper.enroll(device.public_key, "d", "open")
+        base = sha256(b"base")
+        record = signed(device, HERE.id, 1, base, b"\x07" * 32)
+        keeper.ledger.record_updates(HERE.id, 1, "train-1", base, [record])
+        from gateway.models import Release
+
+        params = {"strategy": {"beta": 0.2}, "sequence": [[0, 10]]}
+        keeper.record_aggregate(Release(sha256(b"o1"), 1, 1, 1, base, {}, 0), "FedAvg", "weighted",
+                                [(record[1], 1.0)], params)
+        bad = {"strategy": {"callback": [1, 2]}, "sequence": [[0, 10]]}  # (a gateway bug: not a scalar)
+        with caplog.at_level(logging.ERROR, logger="starling.gateway.ledger"):
+            keeper.record_aggregate(Release(sha256(b"o2"), 2, 1, 1, base, {}, 0), "FedAvg", "weighted",
+                                    [(record[1], 1.0)], bad)
+        first, second = keeper.ledger.vertices_of("aggregate")
+        assert first.body["params"] == params
+        assert "params" not in second.body and second.body["output"] == sha256(b"o2")  # the record stands
+        assert "ledger.params_refused" in caplog.text
+    finally:
+        keeper.close()

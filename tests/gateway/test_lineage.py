@@ -68,6 +68,20 @@ def test_what_the_ledger_has_not_got_comes_out_oldest_first_until_marked(tmp_pat
     assert [p.release.version for p in lineage.unrecorded()] == [1]
 
 
+def test_what_a_recompute_needs_is_journaled_with_the_step_exactly(tmp_path):
+    """An aggregate recorded after a crash records the params the round journaled (gateway/recompute.py)."""
+    lineage = Lineage(Journal(tmp_path / "rounds.db"))
+    lineage.start(WEIGHTS, "first start", "fam/1")
+    params = {"strategy": {"beta": 0.2, "weighted_by_key": "num-examples", "min_train_nodes": 2},
+              "versions": {"numpy": "2.4.6"}, "sequence": [[1, 312], [0, 250.0]]}
+    lineage.advance(shifted(1), 1, "weighted", [(b"\x01" * 32, 0.5), (b"\x02" * 32, 0.5)], "FedAvg", {}, None, [],
+                    params)
+    lineage.advance(shifted(2), 2, "weighted", [(b"\x03" * 32, 1.0)], "FedAvg", {}, None, [])  # none given
+    (_, first, second) = Lineage(Journal(tmp_path / "rounds.db")).unrecorded()
+    assert first.params == params and type(first.params["sequence"][1][1]) is float
+    assert second.params is None
+
+
 def test_old_model_bytes_are_pruned_but_the_head_and_its_parents_stay(tmp_path):
     journal = Journal(tmp_path / "rounds.db")
     lineage = Lineage(journal)
@@ -269,7 +283,7 @@ def test_the_head_is_signed_again_once_half_its_expiry_has_passed(tmp_path):
 
     class Keeper:  # the ledger's side is not what this test is about
         def record_lineage(self, start): ...
-        def record_aggregate(self, release, strategy, rule, inputs): ...
+        def record_aggregate(self, release, strategy, rule, inputs, params=None): ...
 
     published = []
     gateway = Identity.from_seed(b"r" * 32)
