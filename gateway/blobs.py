@@ -34,6 +34,14 @@ A blob damaged on disk anyway is caught on read: `get` hashes what it read,
 and a file that does not match its name is removed (every tag's link) and
 reported (`blob.corrupt`), never returned.
 
+    store = BlobStore(state_dir / "blobs", read_only=True)  # an auditor beside a running gateway
+
+Read-only, the store writes, creates and removes nothing: the folder must
+exist, the temp files of the gateway's writer are left alone (at a read-write
+open they would be swept as a power cut's leftovers, under the writer's feet),
+and a damaged blob is counted and reported but left in place (the gateway's
+own store removes it at its next read). Writes raise `ReadOnlyStore`.
+
 Thread-safe: writes, prunes and removals take one lock; reads take none (a file pruned
 under a reader is simply absent).
 """
@@ -60,6 +68,10 @@ DEFAULT_KEEP_TAGS = 4  # the current city epoch and the three before it: time fo
 HEX_NAME = re.compile(r"[0-9a-f]{64}")
 TAG_NAME = re.compile(r"0|[1-9][0-9]{0,17}")  # a tag folder: a decimal integer below 10^18
 TEMP_PREFIX = "."  # write_atomic's temp files are ".<name>.<random>.tmp": never a blob name
+
+
+class ReadOnlyStore(PermissionError):
+    """A write, retag or prune asked of a store opened read-only."""
 
 
 class BlobTooLarge(ValueError):
@@ -109,13 +121,18 @@ def _fsync_dir(path: Path) -> None:
 
 class BlobStore:
     def __init__(self, folder: Path, retention: Retention = Retention(),
-                 max_blob_bytes: int = MAX_BLOB_BYTES) -> None:
+                 max_blob_bytes: int = MAX_BLOB_BYTES, read_only: bool = False) -> None:
         self.folder = Path(folder)
         self.retention = retention
         self.max_blob_bytes = max_blob_bytes
+        self.read_only = read_only
         self._lock = threading.RLock()  # writes, prunes and removals; re-entered by put -> _remove_corrupt
-        self._ensure_dir(self.folder)
-        self.corrupt = 0  # blobs found damaged on read (and removed) since open
+        if read_only:
+            if not self.folder.is_dir():
+                raise FileNotFoundError(f"no blob folder at {self.folder}")
+        else:
+            self._ensure_dir(self.folder)
+        self.corrupt = 0  # blobs found damaged on read (and removed, unless read-only) since open
         self._tags: list[int] = []  # ascending; replaced, never changed in place (readers hold no lock)
         self._count = 0  # distinct digests held
         self._bytes = 0  # their sizes, once each
@@ -133,6 +150,11 @@ class BlobStore:
                 continue
             if sha256(data) == digest:
                 return data
+            if self.read_only:  # counted and said, left in place; another tag's copy may be good
+                self.corrupt += 1
+                event(log, "blob.corrupt", logging.ERROR, digest=name[:16], bytes=len(data), tag=tag,
+                      detail="does not hash to its name: left in place (read-only)")
+                continue
             self._remove_corrupt(name)
             return None
         return None
@@ -166,6 +188,7 @@ class BlobStore:
 
     def put(self, data: bytes, tag: int) -> bytes:
         """Keep `data` under `tag` and return its SHA-256. Idempotent: the same bytes again only add the tag."""
+        self._writable()
         if len(data) > self.max_blob_bytes:
             raise BlobTooLarge(len(data), self.max_blob_bytes)
         check_tag(tag)
@@ -191,6 +214,7 @@ class BlobStore:
         fraction of the cost for a round's thousand updates: every new file is written and fsynced, then all
         are renamed, then each folder they went to is fsynced once (`put`: one folder fsync per blob). Nothing
         is written if one blob is over the size limit."""
+        self._writable()
         for data in blobs:
             if len(data) > self.max_blob_bytes:
                 raise BlobTooLarge(len(data), self.max_blob_bytes)
@@ -215,6 +239,7 @@ class BlobStore:
 
     def retag(self, digest: bytes, tag: int) -> bool:
         """Keep a held blob for `tag` too (e.g. the head model, still current in a later epoch); False if absent."""
+        self._writable()
         check_tag(tag)
         name = self._name(digest)
         with self._lock:
@@ -227,6 +252,7 @@ class BlobStore:
 
     def prune(self, keep_latest_tags: int | None = None) -> Pruned:
         """Remove the tags retention does not keep (oldest first); `keep_latest_tags` overrides `keep_tags`."""
+        self._writable()
         keep = self.retention.keep_tags if keep_latest_tags is None else keep_latest_tags
         if keep < 1:
             raise ValueError("prune must keep at least one tag")
@@ -256,6 +282,10 @@ class BlobStore:
 
     # --- inside ------------------------------------------------------------------------------
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyStore(f"the blob store at {self.folder} is open read-only")
+
     def _open(self) -> None:
         """Find the tags, count the blobs, and remove temp files a power cut left behind."""
         names: dict[str, int] = {}
@@ -266,12 +296,19 @@ class BlobStore:
                 continue  # not ours: left alone
             tags.append(int(entry.name))
             for shard in self._dirs(Path(entry.path)):
-                for item in os.scandir(shard):
+                try:
+                    items = list(os.scandir(shard))
+                except FileNotFoundError:  # read-only beside a running gateway: a prune got there first
+                    continue
+                for item in items:
                     if item.name.startswith(TEMP_PREFIX) and item.is_file(follow_symlinks=False):
+                        if self.read_only:  # perhaps a running gateway's write in progress: not ours
+                            continue
                         os.unlink(item.path)  # a write a power cut interrupted: never renamed, never a blob
                         swept += 1
                     elif HEX_NAME.fullmatch(item.name) and item.is_file(follow_symlinks=False):
-                        names[item.name] = item.stat().st_size
+                        with contextlib.suppress(FileNotFoundError):
+                            names[item.name] = item.stat().st_size
         self._tags = sorted(tags)
         self._count, self._bytes = len(names), sum(names.values())
         event(log, "blob.store_opened", folder=self.folder, blobs=self._count, bytes=self._bytes,

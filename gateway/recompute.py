@@ -4,6 +4,7 @@
     weights = recompute(name, params, base, inputs)      # anyone: the same Flower code on the same contents
     verdict = verify(name, params, base, inputs, output)  # ... and its digest against the recorded one
     verdict = verify_body(body, fetch)                    # from an `aggregate` vertex body and a blob source
+    check = auditor(state_dir / "blobs"); check(body)     # what `starling-ledger audit --recompute` loads
 
 An aggregate's digest is the SHA-256 of its encoded model (`lineage.encode`:
 float32, `schemas.encode_model`), the release digest. Recomputing it needs,
@@ -56,6 +57,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +66,7 @@ from protocol import schemas
 from protocol.digest import sha256
 from protocol.errors import ProtocolError
 
+from .blobs import BlobStore
 from .grid import train_content
 from .ingest import dequantize
 from .lineage import encode
@@ -254,6 +257,19 @@ def verify_body(body: dict[str, Any], fetch: Callable[[bytes], bytes | None]) ->
     if shares is not None:
         return Verdict(False, output, None, shares, "mismatch")
     return verify(body["strategy"], params, base, inputs, output, body["round"])
+
+
+def auditor(blobs: str | Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The recompute `starling-ledger audit --recompute` loads: the entry point "aggregate" of the group
+    "starling.recompute" (pyproject.toml). The ledger package imports neither the gateway nor Flower, so the
+    gateway plugs its recompute in from above. `blobs`: a gateway's blob folder, opened read-only (safe beside
+    the running gateway: nothing is written, swept or removed). The callable verifies one `aggregate` vertex
+    body and returns `Verdict.to_json()` (ok, status, expected, got, reason). FileNotFoundError when there is
+    no folder at `blobs`, ImportError when Flower is not installed."""
+    import flwr.serverapp.strategy  # noqa: F401 - without Flower nothing recomputes: ImportError here, not per vertex
+
+    store = BlobStore(Path(blobs), read_only=True)
+    return lambda body: verify_body(body, store.get).to_json()
 
 
 def _shares(body: dict[str, Any], sequence: list[list[Any]]) -> str | None:

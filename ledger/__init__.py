@@ -16,9 +16,10 @@
     store.py       one gateway's SQLite store (`Ledger`): open, close, the write transaction, writes
     gossip.py      anti-entropy between gateways (transport-agnostic; gateway/ledger_sync.py runs it on MQTT)
     verify.py      offline audit of a store file (`verify_store`)
-    audit.py       audit queries: provenance, lineage, contribution totals, the DAG as DOT
+    audit.py       audit queries: provenance, lineage, contribution totals, the DAG as DOT, the
+                   recompute audit (its recompute plugged in by the gateway package)
     cli.py         `starling-ledger verify | show | export | history | provenance | lineage | contributions |
-                   dot | init | join | leave | enroll | revoke | voucher`
+                   dot | audit --recompute | init | join | leave | enroll | revoke | voucher`
 
 Each module imports only modules listed above it, the standard library,
 `protocol` and `sqlite_utils`.

@@ -6,6 +6,10 @@
     contribution_totals(ledger, since, device)
                                per-device sums of the contribution scores (`contributions` vertices)
     to_dot(ledger, round)      the DAG (or one round's part of it) as Graphviz DOT
+    recompute_plugin()         the recompute the gateway package registers (entry point), or RecomputeMissing
+    recompute_audit(ledger, check, round)
+                               every aggregate (or one round's) recomputed by `check`: the tally and the
+                               mismatches
 
 Each is read-only and returns plain JSON values (bytes as hex). `ledger.cli`
 is the command line around them.
@@ -50,6 +54,8 @@ there; a gateway that holds the whole history answers in full.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from importlib import metadata
 from typing import Any, NamedTuple
 
 from protocol.keys import identity_id
@@ -315,3 +321,85 @@ def to_dot(ledger: Ledger, round_: int | None) -> str:
             lines.extend(f'  "{v.id_hex[:12]}" -> "{p.hex()[:12]}";' for p in v.parents if p in chosen or p in context)
     lines.append("}")
     return "\n".join(lines)
+
+
+# --- recomputing the aggregates -----------------------------------------------------------
+
+
+RECOMPUTE_GROUP = "starling.recompute"  # the entry point group the gateway package registers in (pyproject.toml)
+RECOMPUTE_NAME = "aggregate"
+VERDICTS = ("match", "mismatch", "missing_inputs", "unverifiable")
+Check = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class RecomputeMissing(Exception):
+    """No recompute is installed (a ledger-only install); the message is one line."""
+
+
+def recompute_plugin() -> Callable[[str], Check]:
+    """The recompute factory the gateway package registers (entry point "aggregate" in the group
+    "starling.recompute": `gateway.recompute.auditor`), loaded only when asked for. This package may import
+    neither the gateway nor Flower (the layout table), so the recompute, which is Flower's own aggregation,
+    plugs in from above: `factory(blob_folder)` returns `check(aggregate body) -> {"status", "expected",
+    "got", "reason"}`, status one of VERDICTS. RecomputeMissing when it is not installed or does not load."""
+    found = [ep for ep in metadata.entry_points(group=RECOMPUTE_GROUP) if ep.name == RECOMPUTE_NAME]
+    if not found:
+        raise RecomputeMissing(f"{_HINT}: no {RECOMPUTE_GROUP!r} entry point named {RECOMPUTE_NAME!r} is installed")
+    try:
+        return found[0].load()
+    except ImportError as exc:  # the entry point is there (same distribution) but what it imports is not
+        raise RecomputeMissing(f"{_HINT}: {found[0].value} does not load: {exc}") from exc
+
+
+_HINT = "--recompute needs the gateway extra (pip install 'starling[gateway]')"
+
+
+def recompute_audit(ledger: Ledger, make_check: Callable[[], Check], round_: int | None = None) -> dict[str, Any]:
+    """Recompute every `aggregate` vertex (or those of one round) with the check `make_check()` returns (made
+    after the aggregates are read: a blob store opened then holds at least what they name, unless pruned).
+
+    "checked" counts the aggregates recomputed (matched or not), "mismatches" lists the ones whose recomputed
+    digest is not the recorded output (evidence against the gateway that signed it), "missing_inputs" the ones
+    a blob is not at hand for (pruned, never kept here, or a copy whose bytes do not hash to its digest: a
+    damaged or altered file is not the signer's doing), "unverifiable" the ones nothing recorded allows a
+    recompute of (a stateful or wrapped strategy, no params: the reasons are counted). The same counts per
+    creator gateway under "gateways"."""
+    vertices = [v for v in ledger.vertices_of(AGGREGATE) if round_ is None or v.body.get("round") == round_]
+    try:
+        check = make_check()
+    except ImportError as exc:  # Flower is not installed: nothing can be recomputed here
+        raise RecomputeMissing(f"{_HINT}: {exc}") from exc
+    tally = {status: 0 for status in VERDICTS}
+    mismatches: list[dict[str, Any]] = []
+    reasons: dict[str, int] = {}
+    gateways: dict[str, dict[str, int]] = {}
+    for vertex in vertices:
+        try:
+            verdict = check(vertex.body)
+        except ImportError as exc:  # a part of Flower the recompute needs is missing: not the gateway's doing
+            raise RecomputeMissing(f"{_HINT}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a recompute that fails is no evidence: say so, go on
+            verdict = {"status": "unverifiable", "reason": f"the recompute raised {type(exc).__name__}: {exc}"}
+        status = verdict.get("status")
+        if status not in VERDICTS:
+            verdict = {"status": "unverifiable", "reason": f"the recompute answered {status!r}"}
+            status = "unverifiable"
+        tally[status] += 1
+        counts = gateways.setdefault(vertex.creator_id, {"aggregates": 0, "checked": 0, "mismatches": 0,
+                                                          "missing_inputs": 0, "unverifiable": 0})
+        counts["aggregates"] += 1
+        if status in ("match", "mismatch"):
+            counts["checked"] += 1
+        if status == "mismatch":
+            counts["mismatches"] += 1
+            mismatches.append({"vertex": vertex.id_hex, "gateway": vertex.creator_id, "round": vertex.body["round"],
+                               "strategy": vertex.body["strategy"], "expected": vertex.body["output"].hex(),
+                               "got": verdict.get("got"), "reason": verdict.get("reason")})
+        elif status != "match":
+            counts[status] += 1
+        if status == "unverifiable":
+            reason = str(verdict.get("reason"))
+            reasons[reason] = reasons.get(reason, 0) + 1
+    return {"round": round_, "aggregates": len(vertices), "checked": tally["match"] + tally["mismatch"],
+            "matched": tally["match"], "mismatches": mismatches, "missing_inputs": tally["missing_inputs"],
+            "unverifiable": tally["unverifiable"], "unverifiable_reasons": reasons, "gateways": gateways}

@@ -17,8 +17,12 @@ Audit (read-only: safe next to a running gateway, never creates a file):
                                                          per-device totals of the contribution scores
                                                          (sum, rounds scored, mean), highest total first
     starling-ledger dot        --db PATH [--round N]     the DAG (or one round's part of it) as Graphviz DOT
+    starling-ledger audit --recompute --db PATH [--blobs DIR] [--round N]
+                                                         recompute every aggregate (or one round's) whose
+                                                         inputs are in the blob folder, bit for bit, and
+                                                         compare digests (one JSON object)
 
-The queries behind `provenance`, `lineage`, `contributions` and `dot` are in
+The queries behind `provenance`, `lineage`, `contributions`, `dot` and `audit` are in
 `ledger.audit`. `contributions` prints one JSON object, or CSV with a header
 line (device,public_key,total,rounds,mean); it exits 2 with one line on
 stderr for a bad argument or no ledger at PATH.
@@ -28,6 +32,19 @@ explains, named on stderr and in the JSON's "gap"), and 2 when it cannot
 answer (a digest that is not 64 hex, no ledger at PATH). On a store that
 bootstrapped from a checkpoint the vertices before it have no bytes here, so
 a lineage older than the checkpoint ends in a gap there.
+`audit --recompute` reads the blobs (updates and models by digest) from DIR,
+by default the `blobs` folder beside the ledger file (a gateway's state dir:
+ledger.db and blobs/ side by side), read-only. It prints {"checked": N,
+"mismatches": [{"vertex", "gateway", "round", "expected", "got", ...}],
+"missing_inputs": N, "unverifiable": N, "gateways": {...}, ...} and exits 1
+on a mismatch (evidence against the gateway that signed that aggregate), 0
+otherwise, even with inputs missing (pruned, kept elsewhere, or a blob file
+whose bytes do not hash to its digest: a bad copy is nobody's signature), and
+2 with one stderr line for a bad argument, no ledger or blob folder, or no
+recompute installed: the recompute is Flower's aggregation, which this package
+may not import; the gateway package registers it (entry point group
+"starling.recompute", `ledger.audit.recompute_plugin`), so it needs the
+`gateway` extra.
 
 Membership (the operator's root key, kept offline, signs these):
 
@@ -74,7 +91,17 @@ from typing import Any
 from protocol.errors import ProtocolError
 from protocol.keys import identity_id
 
-from .audit import NoAnswer, broken_because, contribution_totals, lineage, provenance, to_dot
+from .audit import (
+    NoAnswer,
+    RecomputeMissing,
+    broken_because,
+    contribution_totals,
+    lineage,
+    provenance,
+    recompute_audit,
+    recompute_plugin,
+    to_dot,
+)
 from .errors import LedgerError
 from .kinds import CONTRIBUTIONS, LINEAGE, MAX_ROUND
 from .operator_cli import (
@@ -115,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("contributions", "per-device totals of the contribution scores (sum, rounds scored, mean), highest"
                           " total first, as one JSON object or CSV"),
         ("dot", "the DAG, or one round's part of it, as Graphviz DOT (render with `dot -Tpng`)"),
+        ("audit", ("--recompute: recompute every aggregate whose inputs are in the blob folder, bit for bit;"
+                   " exit 1 on a mismatch, 2 if it cannot run")),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--db", required=True, metavar="PATH", help="the ledger's SQLite file")
@@ -134,11 +163,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.add_argument("--model", required=True, metavar="DIGEST", help="the model's SHA-256 (64 hex)")
         if name == "dot":
             command.add_argument("--round", type=int, default=None, help="only the vertices of this round")
+        if name == "audit":
+            command.error = _one_line_error(name)  # type: ignore[method-assign]
+            command.add_argument("--recompute", action="store_true",
+                                 help="recompute the aggregates from their recorded inputs (needs the gateway extra)")
+            command.add_argument("--blobs", default=None, metavar="DIR",
+                                 help="the blob folder (default: `blobs` beside the ledger file)")
+            command.add_argument("--round", type=int, default=None, metavar="N", help="only this round's aggregates")
     add_operator_commands(commands)
     args, extra = parser.parse_known_args(argv)
     if extra:  # what parse_args does, in one line for the commands that promise one
         message = f"unrecognized arguments: {' '.join(extra)}"
-        if args.command == "contributions":
+        if args.command in ("contributions", "audit"):
             _one_line_error(args.command)(message)
         parser.error(message)
     if args.command in OPERATOR_COMMANDS:
@@ -155,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _lineage(args.db, args.model)
     if args.command == "contributions":
         return _contributions(args)
+    if args.command == "audit":
+        return _audit(args)
     try:
         with Ledger.open(args.db, read_only=True) as ledger:
             if args.command == "show":
@@ -236,6 +274,35 @@ def _contributions(args: argparse.Namespace) -> int:
     for row in result["devices"]:
         out.writerow([repr(row[c]) if isinstance(row[c], float) else row[c] for c in CONTRIBUTION_COLUMNS])
     return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """`audit --recompute`: 0 no mismatch, 1 a mismatch (named on stderr too), 2 with one stderr line when it
+    cannot run (a bad argument, no ledger or blob folder, no recompute installed)."""
+    try:
+        if not args.recompute:
+            raise Refused("say what to audit: --recompute (the only audit so far)")
+        if args.round is not None and not 0 <= args.round <= MAX_ROUND:
+            raise Refused(f"--round must be a round from 0 to {MAX_ROUND}, not {args.round}")
+        if not Path(args.db).is_file():
+            raise Refused(f"no ledger at {args.db}")
+        blobs = Path(args.blobs) if args.blobs is not None else Path(args.db).parent / "blobs"
+        if not blobs.is_dir():
+            raise Refused(f"no blob folder at {blobs} (--blobs DIR: a gateway's <state_dir>/blobs)")
+        factory = recompute_plugin()
+        with Ledger.open(args.db, read_only=True) as ledger:
+            result = recompute_audit(ledger, lambda: factory(str(blobs)), args.round)
+    except (Refused, RecomputeMissing, LedgerError, OSError) as exc:
+        print(f"starling-ledger audit: {' '.join(str(exc).split())}", file=sys.stderr)
+        return REFUSED
+    print(json.dumps({"db": str(args.db), "blobs": str(blobs), **result}, sort_keys=True))
+    if not result["mismatches"]:
+        return 0
+    for item in result["mismatches"]:
+        print(f"starling-ledger audit: MISMATCH: aggregate {item['vertex']} by gateway {item['gateway']} round"
+              f" {item['round']}: recorded {item['expected']}, recomputed {item['got']} ({item['reason']})",
+              file=sys.stderr)
+    return 1
 
 
 def _verify(path: str) -> int:

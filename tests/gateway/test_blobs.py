@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from gateway.blobs import BlobStore, BlobTooLarge, Retention
+from gateway.blobs import BlobStore, BlobTooLarge, ReadOnlyStore, Retention
 from protocol import envelope, schemas
 from protocol.digest import sha256
 from protocol.envelope import Context
@@ -146,6 +146,32 @@ def test_scrub_finds_every_damaged_blob(tmp_path):
         next(store.folder.glob(f"*/*/{d.hex()}")).write_bytes(b"rot")
     assert store.scrub() == 2 and store.status()["blobs"] == 7
     assert all(store.get(d) == blob(i) for i, d in enumerate(digests) if i >= 2)
+
+
+def test_read_only_an_auditor_beside_the_gateway_changes_nothing(tmp_path, caplog):
+    """What `starling-ledger audit --recompute` opens next to a running gateway: it writes, creates, sweeps
+    and removes nothing; a damaged copy is counted and skipped (a good copy under another tag is returned)."""
+    with pytest.raises(FileNotFoundError):
+        BlobStore(tmp_path / "none", read_only=True)
+    assert not (tmp_path / "none").exists()
+    store = BlobStore(tmp_path / "blobs")
+    good, bad = blob(1), blob(2)
+    digest, damaged = store.put(good, 1), store.put(bad, 1)
+    (store.folder / "2" / digest.hex()[:2]).mkdir(parents=True)  # tag 2: a plain copy, then damaged
+    (store.folder / "2" / digest.hex()[:2] / digest.hex()).write_bytes(good[:-1] + b"\0")
+    (store.folder / "1" / damaged.hex()[:2] / damaged.hex()).write_bytes(b"rot")
+    temp = store.folder / "1" / digest.hex()[:2] / f".{'ab' * 32}.x.tmp"  # the gateway's write in progress
+    temp.write_bytes(b"half")
+    before = {p: p.read_bytes() for p in store.folder.rglob("*") if p.is_file()}
+    reader = BlobStore(tmp_path / "blobs", read_only=True)
+    with caplog.at_level(logging.ERROR, logger="starling.gateway.blobs"):
+        assert reader.get(digest) == good and reader.get(damaged) is None
+    assert reader.status()["corrupt"] == 2 and caplog.text.count("blob.corrupt") == 2
+    for write in (lambda: reader.put(b"x", 3), lambda: reader.put_many([b"x"], 3), lambda: reader.retag(digest, 3),
+                  lambda: reader.prune(1)):
+        with pytest.raises(ReadOnlyStore):
+            write()
+    assert {p: p.read_bytes() for p in store.folder.rglob("*") if p.is_file()} == before
 
 
 def test_prune_keeps_the_newest_tags_and_blobs_any_kept_tag_holds(tmp_path, caplog):

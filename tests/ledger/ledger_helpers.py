@@ -20,10 +20,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def signed_reply(
-    device: Identity, gateway: str, round: int, task: str = TASK, base: bytes = BASE, examples: int = 32
+    device: Identity, gateway: str, round: int, task: str = TASK, base: bytes = BASE, examples: int = 32,
+    update: bytes | None = None,
 ) -> Record:
-    """An update record taken from a real reply envelope, sealed by the device with its update attached."""
-    update = os.urandom(64)  # stands in for the encoded update delta
+    """An update record taken from a real reply envelope, sealed by the device with its update attached
+    (`update`: the encoded update delta; by default 64 random bytes stand in for one)."""
+    update = os.urandom(64) if update is None else update
     ctx = Context(sender=device.public_key, gateway=gateway, round=round, task=task, base=base)
     sealed = envelope.seal(device, "reply", ctx, {"examples": examples}, attachment=update)
     reply = envelope.open_verified(sealed, "reply")
