@@ -217,7 +217,8 @@ class Mutator:
         if isinstance(container, dict) and choice < 0.1:
             del container[key]
         elif isinstance(container, dict) and choice < 0.2:
-            container[self.rng.choice(["extra", "", "v", "sig", key + "x", 7, b"k"])] = 1
+            renamed = key + "x" if isinstance(key, str) else "x"  # a nested map may have int or bytes keys
+            container[self.rng.choice(["extra", "", "v", "sig", renamed, 7, b"k"])] = 1
         elif isinstance(container, list) and choice < 0.2:
             if self.rng.random() < 0.5:
                 del container[key]
