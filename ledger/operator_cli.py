@@ -273,29 +273,32 @@ def _join(args: argparse.Namespace) -> dict[str, Any]:
     return {"command": "join", "vertex": vertex.id_hex, "gateway": identity_id(gateway), "name": args.name}
 
 
+def _member(ledger: Ledger, text: str) -> bytes:
+    """The member gateway named by its public key or id (`--gateway`), or `Refused`."""
+    wanted = text.strip().lower()
+    for key in ledger.gateways():
+        if wanted in (key.hex(), identity_id(key)):
+            return key
+    raise Refused(f"--gateway {text!r} is not a member of this ledger")
+
+
 def _leave(args: argparse.Namespace) -> dict[str, Any]:
     with _open_as_root(args.db, args.root_key) as ledger:
-        text = args.gateway.strip().lower()
-        matches = [k for k in ledger.gateways() if text in (k.hex(), identity_id(k))]
-        if not matches:
-            raise Refused(f"--gateway {args.gateway!r} is not a member of this ledger")
-        vertex = ledger.leave_gateway(matches[0], args.reason)
-    return {"command": "leave", "vertex": vertex.id_hex, "gateway": identity_id(matches[0]), "reason": args.reason}
+        gateway = _member(ledger, args.gateway)
+        vertex = ledger.leave_gateway(gateway, args.reason)
+    return {"command": "leave", "vertex": vertex.id_hex, "gateway": identity_id(gateway), "reason": args.reason}
 
 
 def _rotate(args: argparse.Namespace) -> dict[str, Any]:
     new = _public_key(args.new_key, "--new-key")
     with _open_as_root(args.db, args.root_key) as ledger:
-        text = args.gateway.strip().lower()
-        matches = [k for k in ledger.gateways() if text in (k.hex(), identity_id(k))]
-        if not matches:
-            raise Refused(f"--gateway {args.gateway!r} is not a member of this ledger")
-        rotation = rotation_issue(Identity.load(args.root_key), matches[0], new)
+        retired = _member(ledger, args.gateway)
+        rotation = rotation_issue(Identity.load(args.root_key), retired, new)
         vertex = ledger.rotate_gateway(rotation)
         chain = chain_ending_at(ledger.rotations(), new)
     save_chain(Path(args.chain), chain)
     return {"command": "rotate", "vertex": vertex.id_hex, "gateway": chain.gateway_id(new),
-            "retired": identity_id(matches[0]), "key": new.hex(), "chain": args.chain,
+            "retired": identity_id(retired), "key": new.hex(), "chain": args.chain,
             "rotations": len(chain.rotations)}
 
 
