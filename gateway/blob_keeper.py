@@ -56,6 +56,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,18 @@ class BlobKeeper:
     def end_round(self, tag: int, head: bytes | None) -> None:
         """After a round: the head model kept under `tag` too, then the tags retention does not keep pruned."""
         self._queue(_Job("end_round", tag, [], head))
+
+    def fetch(self, digest: bytes, holders: list[str], tag: int) -> Future:
+        """A future for a blob's bytes (None if it cannot be had): from this store, else asked of `holders`
+        (gateway ids) over the exchange and kept under `tag` when it arrives checked against its digest."""
+        future: Future = Future()
+        data = self.store.get(digest)
+        if data is not None or self.exchange is None:
+            future.set_result(data)
+            return future
+        fetched = self.exchange.fetch(digest, holders, tag)
+        fetched.add_done_callback(lambda f: future.set_result(f.result().data if not f.exception() else None))
+        return future
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is done (written, or logged as not kept); False on timeout."""

@@ -62,12 +62,19 @@
     [blobs]                               # every update and model the ledger names, kept by digest in
                                           # state_dir/blobs and served to member gateways and auditors
     keep = 4                              # tags kept: a tag is a model version (a release and the updates
-                                          # trained on it, so about one round); with the city tier, a city
-                                          # epoch. At least 1: the newest tag (the head) is always kept
+                                          # trained on it, so about one round); with the city tier, city
+                                          # epochs (every + 2 versions each). At least 1: the head is kept
     max_mb = 0.0                          # and of those only the newest that fit in this many MB (0: no cap)
     serve = true                          # answer wants on starling/blobs/want/<gateway id>
     serve_mb_per_s = 64.0                 # serving budget: a want beyond it is answered "busy"
     fetch_timeout_s = 30.0                # a fetch from other gateways, every holder tried, gives up after this
+
+    [city]                                # optional: the city tier (gateway/city.py); needs [ledger] genesis
+    every = 3                             # rounds per city epoch: the members merge their models
+    rule = "weighted"                     # "weighted" (by the examples the ledger records) or "median"
+    deadline_s = 60.0                     # after its own offer, how long a gateway waits for the others'
+    audit_share = 1.0                     # share of the peers' round aggregates recomputed (city_audit.py)
+    max_examples = 100000                 # an update counts at most this many examples in an offer's weight
 
     [enrollment]
     policy = "voucher"                    # required: "voucher", "allowlist", or "open" (emulator only)
@@ -96,9 +103,12 @@ from protocol.config import (
     resolve_path,
     setting,
 )
+from protocol.schemas import MAX_EXAMPLES
 from protocol.transport import BrokerAuth, read_broker_auth
 
 from .blob_keeper import BlobSettings
+from .city import CitySettings
+from .city_merge import RULES as CITY_RULES
 from .strategies import make_strategy
 from .weights import RULES, WeightRule
 
@@ -106,7 +116,8 @@ POLICIES = ("voucher", "allowlist", "open")
 MAX_INGEST_WORKERS = 64
 MAX_BLOB_TAGS = 1_000_000  # blobs.keep
 MAX_BLOB_MB = 1e9  # blobs.max_mb (a petabyte: "no cap" is 0)
-MAX_FETCH_TIMEOUT_S = 86400.0  # blobs.fetch_timeout_s
+MAX_FETCH_TIMEOUT_S = 86400.0  # blobs.fetch_timeout_s, city.deadline_s
+MAX_CITY_EVERY = 1_000_000  # city.every
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,7 @@ class GatewayConfig:
     wait_devices_s: float = 120.0
     weights: WeightRule = field(default_factory=WeightRule)  # [aggregation]: what a reply weighs
     blobs: BlobSettings = field(default_factory=BlobSettings)  # [blobs]: updates and models kept by digest
+    city: CitySettings | None = None  # [city]: the city tier; None: this gateway merges with nobody
     policy: str = "open"
     allowlist: tuple[bytes, ...] = ()
     operator_keys: tuple[bytes, ...] = ()  # who may sign vouchers
@@ -238,6 +250,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         wait_devices_s=_positive("rounds.wait_devices_s", setting(doc, "rounds", "wait_devices_s", float, 120.0)),
         weights=_weight_rule(doc),
         blobs=_blobs(doc),
+        city=_city(doc),
         policy=policy,
         allowlist=tuple(allowlist),
         operator_keys=tuple(operator_keys),
@@ -245,6 +258,10 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
     refuse_unread(doc)
     if config.genesis is not None and not is_file(config.genesis, "ledger.genesis"):
         raise ConfigError(f"ledger.genesis: {config.genesis} is not a file")
+    if config.city is not None and config.genesis is None:
+        raise ConfigError("city: the city tier needs the city's ledger ([ledger] genesis)")
+    if config.city is not None and not config.blobs.serve:
+        raise ConfigError("city: the city tier needs [blobs] serve = true (members fetch each other's models)")
     config.make_strategy()  # fail now, not mid-run
     return config
 
@@ -282,6 +299,28 @@ def _blobs(doc: dict[str, Any]) -> BlobSettings:
     if timeout > MAX_FETCH_TIMEOUT_S:
         raise ConfigError(f"blobs.fetch_timeout_s must be at most {MAX_FETCH_TIMEOUT_S:.0f}, got {timeout}")
     return BlobSettings(keep, max_mb, serve, rate, timeout)
+
+
+def _city(doc: dict[str, Any]) -> CitySettings | None:
+    """[city]: None when the table is absent (no city tier)."""
+    if "city" not in doc:
+        return None
+    every = setting(doc, "city", "every", int, CitySettings.every)
+    if not 1 <= every <= MAX_CITY_EVERY:
+        raise ConfigError(f"city.every must be 1 to {MAX_CITY_EVERY} (rounds per city epoch), got {every}")
+    rule = setting(doc, "city", "rule", str, CitySettings.rule)
+    if rule not in CITY_RULES:
+        raise ConfigError(f"city.rule must be one of {sorted(CITY_RULES)}, got {rule!r}")
+    deadline = _positive("city.deadline_s", setting(doc, "city", "deadline_s", float, CitySettings.deadline_s))
+    if deadline > MAX_FETCH_TIMEOUT_S:
+        raise ConfigError(f"city.deadline_s must be at most {MAX_FETCH_TIMEOUT_S:.0f}, got {deadline}")
+    share = setting(doc, "city", "audit_share", float, CitySettings.audit_share)
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"city.audit_share must be 0 to 1 (the share of peers' aggregates recomputed), got {share}")
+    cap = setting(doc, "city", "max_examples", int, CitySettings.max_examples)
+    if not 1 <= cap <= MAX_EXAMPLES:
+        raise ConfigError(f"city.max_examples must be 1 to {MAX_EXAMPLES}, got {cap}")
+    return CitySettings(every, rule, deadline, share, cap)
 
 
 def _defense(doc: dict[str, Any]) -> dict[str, Any] | None:

@@ -8,8 +8,8 @@ aggregate_train, configure_evaluate, send_and_receive, aggregate_evaluate) one
 round at a time, with round numbers that go on across restarts (strategies
 such as FedAdam use them), through a template method over a few hooks:
 
-    run()                    begin(), then per round: wait_turn(r), train_round(r),
-                             evaluate_round(r) when due, until the round count (if any) is reached
+    run()                    begin(), then per round: wait_turn(r), train_round(r), city_epoch(r) every
+                             `[city] every` rounds, evaluate_round(r) when due, until the round count (if any) is reached
                              or a DP run's privacy budget is spent (max_epsilon: "done", with the
                              status's reason "privacy_budget_spent"; the last model stays published)
     begin()                  start the lineage (first start, reset, new model family) or go on from
@@ -17,7 +17,9 @@ such as FedAdam use them), through a template method over a few hooks:
     wait_turn(r)             the interval since the last round's start; enough devices online
     train_round(r)           one training exchange, its updates kept (blob_keeper.py) and on the ledger,
                              the next release
-    evaluate_round(r)        one federated evaluation exchange
+    city_epoch(r)            the city's merge of the member gateways' models (city.py), released as the
+                             next step: the rounds go on from the city model
+    evaluate_round(r)        one federated evaluation exchange (after a city epoch: of the city model)
 
 After each round the blob store keeps the head under the round's tag and
 prunes what retention does not keep (`BlobKeeper.end_round`).
@@ -48,12 +50,13 @@ from protocol.logs import event
 
 from . import privacy, recompute, strategy_state
 from .blob_keeper import BlobKeeper
+from .city import CityTier
 from .devices import DeviceRegistry
 from .grid import NUM_EXAMPLES, MqttGrid
 from .journal import Exchanges
 from .ledger_keeper import LedgerKeeper
-from .releases import Releases
 from .provenance import SelectionRecorder, Source, provenance, rule_kind
+from .releases import Releases
 from .rounds import RoundBook, RoundTraffic
 from .status import StatusBoard
 
@@ -92,13 +95,15 @@ class RoundEngine:
                  keeper: LedgerKeeper, exchanges: Exchanges, board: StatusBoard, devices: DeviceRegistry,
                  schedule: Schedule, train_config: dict[str, Any], release_config: dict[str, Any],
                  initial_weights: dict[str, np.ndarray], beginning: Beginning, stop: threading.Event,
-                 recorder: SelectionRecorder | None = None, blobs: BlobKeeper | None = None) -> None:
+                 recorder: SelectionRecorder | None = None, blobs: BlobKeeper | None = None,
+                 city: CityTier | None = None) -> None:
         """`train_config`: the config record sent with every training task (grid.EPOCHS, BATCH_SIZE, LR);
         `release_config`: what each release records it came from, besides the task config its updates
         were trained with; `initial_weights`: a new lineage's first model; `recorder`: the strategy's
         `train_metrics_aggr_fn` (which replies it aggregated: provenance.py); `blobs`: where accepted updates
-        and models are kept by digest."""
+        and models are kept by digest; `city`: the city tier, None when this gateway merges with nobody."""
         self._blobs = blobs
+        self._city = city
         self._strategy = strategy
         self._strategy_name = strategy_name
         self._grid = grid
@@ -133,6 +138,8 @@ class RoundEngine:
             except PrivacyBudgetExhausted as exc:  # a wrapper's own check (the one above, or a user's strategy's)
                 self._board.forget_round(round_)
                 return self._budget_spent(round_, f"{privacy.mark_budget_spent(self._strategy)}: {exc}")
+            if self._city is not None and self._city.due(round_):
+                self.city_epoch(round_)
             if self._schedule.evaluates(round_):
                 self.evaluate_round(round_)
             self._board.end_round(round_)
@@ -235,6 +242,23 @@ class RoundEngine:
             self._keeper.record_contributions(round_, release.digest, scores)
             event(log, "round.scored", round=round_, updates=len(scores), inputs=len(shaped.inputs),
                   rule=shaped.kind, seconds=round(time.monotonic() - started, 3))
+
+    def city_epoch(self, round_: int) -> None:
+        """The city's merge (city.py); its model becomes the head the next round trains from."""
+        head = self._releases.head
+        try:
+            merged = self._city.epoch(round_, head)
+        except InterruptedError:
+            raise
+        except Exception:  # a merge that fails costs this epoch, never the gateway's own rounds
+            log.exception("city.failed round=%d", round_)
+            return
+        if merged is None:
+            return
+        config = {**self._release_config, **self._releases.saved_state()[1]}  # what the head came from
+        release = self._releases.merge_city(merged, config, strategy_state.capture(self._strategy))
+        if release is not None:
+            self._board.set_lineage(release)
 
     def evaluate_round(self, round_: int) -> None:
         head = self._releases.head

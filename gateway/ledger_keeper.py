@@ -10,6 +10,7 @@
     keeper.record_aggregate(...)       # a round's new model: base -> output, its rule, weighted inputs and
                                        # what a recompute needs (gateway/recompute.py)
     keeper.record_contributions(...)   # each accepted update's contribution score to that model
+    keeper.record_city(...)            # a city epoch's merged model (gateway/city.py)
     keeper.close()
 
 What reaches the ledger from elsewhere (an operator's `starling-ledger enroll`
@@ -252,6 +253,15 @@ class LedgerKeeper:
         else:
             self.ledger.record_aggregate(release.round, strategy, release.parent, [d for d, _ in inputs],
                                          release.digest)
+
+    def record_city(self, release: Release, inputs: list[tuple[bytes, float | None]], params: dict[str, Any]) -> None:
+        """A city epoch's `city` vertex for `release` (its model): `params` as `Releases.merge_city` journals
+        them (epoch, rule, the offers merged, the vertex's own params), `inputs` (model digest, weight)."""
+        offers = [bytes.fromhex(o) for o in params["offers"]]
+        rows = [(offer, digest, weight) for offer, (digest, weight) in zip(offers, inputs, strict=True)]
+        vertex = self.ledger.record_city(params["epoch"], params["rule"], rows, release.digest, params["params"])
+        event(log, "ledger.city", epoch=params["epoch"], model=release.digest.hex()[:16], inputs=len(rows),
+              vertex=vertex.id_hex[:16])
 
     def record_contributions(self, round_: int, model: bytes, scores: tuple[tuple[bytes, bytes, float], ...]) -> None:
         """Each accepted update's contribution score to the round's model (gateway/provenance.py), in

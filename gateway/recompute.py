@@ -316,9 +316,9 @@ def _aggregate(strategy: str, instance: Any, recorded: dict[str, Any], contents:
         f = instance.num_malicious_nodes
         instance = Bulyan(**{**recorded, "selection_rule": lambda _contents, _f, _theta: contents})
         stand_ins = [_stand_in(contents[0]) for _ in range(2 * f)]
-        arrays, _ = instance.aggregate_train(round_, _messages(contents + stand_ins))
+        arrays, _ = instance.aggregate_train(round_, reply_messages(contents + stand_ins))
         return arrays
-    arrays, _ = instance.aggregate_train(round_, _messages(contents))
+    arrays, _ = instance.aggregate_train(round_, reply_messages(contents))
     return arrays
 
 
@@ -330,7 +330,7 @@ def _stand_in(content: Any) -> Any:
                        "metrics": MetricRecord(dict(next(iter(content.metric_records.values()))))})
 
 
-def _messages(contents: list[Any]) -> list[Any]:
+def reply_messages(contents: list[Any]) -> list[Any]:
     """Flower reply messages around the contents, as the grid hands them to a strategy."""
     from flwr.app import Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID

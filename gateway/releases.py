@@ -4,6 +4,7 @@
     releases.release_for(weights, r)    the release a task names (the grid asks): the head, or a model
                                         a strategy sent that is not the head
     releases.advance(...)               a round's new model: journaled, published, recorded
+    releases.merge_city(merged, ...)    a city epoch's model (city.py) as the next step: its `city` vertex
 
 Every release is journaled (lineage.py) before it is published, then
 recorded on the ledger (`lineage` / `aggregate` vertices); what a crash left
@@ -32,6 +33,7 @@ from protocol.atomic import write_atomic
 from protocol.logs import event
 
 from .blob_keeper import BlobKeeper
+from .city import CITY_STEP, CityMerge
 from .ledger_keeper import LedgerKeeper
 from .lineage import Lineage, encode
 from .models import ModelPublisher, Release
@@ -92,6 +94,21 @@ class Releases:
             self._out(release)
         return release
 
+    def merge_city(self, merged: CityMerge, config: dict, state: bytes | None) -> Release | None:
+        """A city epoch's model as the lineage's next step (journaled, published, then its `city` vertex
+        recorded like an aggregate's: `record_pending`). None when it equals the head (its vertex is recorded
+        all the same: the epoch happened)."""
+        params = {"epoch": merged.epoch, "rule": merged.rule, "offers": [o.hex() for o, _, _ in merged.inputs],
+                  "params": merged.params}
+        inputs = [(model, weight) for _, model, weight in merged.inputs]
+        release = self._lineage.advance(merged.weights, merged.round, CITY_STEP, inputs, CITY_STEP, config, state,
+                                         [], params)
+        if release is not None:
+            self._out(release)
+        else:
+            self._keeper.record_city(self.head, inputs, params)
+        return release
+
     def skip_round(self, exchanges: list[str]) -> None:
         """The round made no new model (no replies, or the strategy gave none): its exchanges are done."""
         for exchange in exchanges:
@@ -126,6 +143,8 @@ class Releases:
             try:
                 if item.start is not None:
                     self._keeper.record_lineage(item.start)
+                elif item.rule == CITY_STEP:
+                    self._keeper.record_city(item.release, list(item.inputs), item.params)
                 else:
                     self._keeper.record_aggregate(item.release, item.strategy, item.rule, list(item.inputs),
                                                   item.params)

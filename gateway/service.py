@@ -11,6 +11,7 @@ Parts (each the one owner of its state):
     Lineage, Releases            lineage.py ...   the model chain: journaled, published, on the ledger
     LedgerKeeper                 ledger_keeper.py the ledger and its gossip
     BlobKeeper                   blob_keeper.py   every update and model the ledger names, by digest; served
+    CityTier, CityAuditor        city.py ...      the city's merges every few rounds; peers' work recomputed
     StatusBoard                  status.py        status topics and result.json
     RoundEngine                  engine.py        the rounds, one after another
 
@@ -23,6 +24,7 @@ Threads:
     gossip               the ledger's own connection (ledger_sync.py)
     blob-writer          the blob store's writes, retags and prunes, off the rounds' critical path
     blob-exchange        the blob exchange's own connection: answers wants (blob_exchange.py)
+    city-audit           recomputes the peers' aggregates and merges as they arrive (city_audit.py)
 
 A restart (SIGTERM, kill -9, power loss, upgrade) goes on from the journal:
 the last release, the round an interruption left open, the strategy's state.
@@ -39,6 +41,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +50,13 @@ import numpy as np
 from mqttlink import Connection, ConnectionOptions, Will
 from protocol import topics
 from protocol.atomic import write_atomic
-from protocol.keys import Identity
+from protocol.keys import Identity, identity_id
 from protocol.logs import event
 from protocol.rotation import own_chain
 
-from .blob_keeper import BlobKeeper
+from .blob_keeper import BlobKeeper, BlobSettings
+from .city import CityTier
+from .city_audit import CityAuditor
 from .config import GatewayConfig
 from .devices import DeviceRegistry, Enrollment
 from .engine import Beginning, RoundEngine, Schedule
@@ -99,6 +104,14 @@ def load_initial_weights(manifest_path: Path) -> tuple[dict[str, Any], dict[str,
     with np.load(weights_path) as npz:
         weights = {w["name"]: npz[w["name"]].astype(np.float32) for w in manifest["weights"]}
     return manifest, weights
+
+
+def blob_settings(config: GatewayConfig) -> BlobSettings:
+    """The blob store's settings: a tag is a model version, so with the city tier `[blobs] keep` counts city
+    epochs, each worth `every` rounds' versions, the city model's and one spare (a strategy's extra release)."""
+    if config.city is None:
+        return config.blobs
+    return replace(config.blobs, keep=config.blobs.keep * (config.city.every + 2))
 
 
 class StateFolderBusy(RuntimeError):
@@ -169,6 +182,9 @@ class Gateway:
         self.enrollment: Enrollment | None = None
         self.keeper: LedgerKeeper | None = None
         self.blobs: BlobKeeper | None = None
+        self.city: CityTier | None = None
+        self.auditor: CityAuditor | None = None
+        self._final_city: dict[str, Any] | None = None
         self.strategy: Any = None  # the configured Flower strategy, once built
         self._ingest: IngestWorkers | None = None
 
@@ -230,7 +246,8 @@ class Gateway:
             ledger_status=lambda: self.keeper.status() if self.keeper is not None else None,
             enroll_rejections=lambda: dict(self.enrollment.rejections), weights=cfg.weights,
             privacy=lambda: privacy_report(self.strategy),
-            blobs=lambda: self.blobs.status() if self.blobs is not None else None)
+            blobs=lambda: self.blobs.status() if self.blobs is not None else None,
+            city=self._city_report)
         intake = ReplyIntake(authenticator, book, outbox, board.note)
         if interrupted is not None:
             event(log, "gateway.resume", round=interrupted.round, accepted=len(interrupted.replies),
@@ -245,8 +262,14 @@ class Gateway:
                                        cfg.checkpoint_every, policy=cfg.policy, allowlist=cfg.allowlist,
                                        operator_keys=cfg.operator_keys, chain=self.chain)
             self.keeper.sync(registry, quiet=True)
-            self.blobs = BlobKeeper(cfg.state_dir / "blobs", cfg.blobs, self.id,
+            self.blobs = BlobKeeper(cfg.state_dir / "blobs", blob_settings(cfg), self.id,
                                     (cfg.broker_host, cfg.broker_port, cfg.broker_auth))
+            if cfg.city is not None:
+                own_ids = {self.identity.id, self.id, *(identity_id(k) for k in self.chain.keys())}
+                self.city = CityTier(cfg.city, self.keeper.ledger, self.id, own_ids, self.blobs, stop)
+                self.auditor = CityAuditor(self.keeper.ledger, self.id, own_ids, self.blobs, cfg.city.audit_share,
+                                           lambda: lineage.head.version if lineage.head else 0,
+                                           cfg.city.max_examples)
             if self.chain.rotations:  # retained: devices that know the root key follow it to this key
                 connection.publish(topics.keys(self.id), self.chain.encode(), retain=True)
                 event(log, "gateway.keys_published", rotations=len(self.chain.rotations), key=self.identity.id)
@@ -295,7 +318,7 @@ class Gateway:
         self.strategy = cfg.make_strategy(recorder, population=lambda: self.registry.counts()[0])
         return RoundEngine(self.strategy, cfg.strategy, grid, book, releases, self.keeper,
                            journal.exchanges, self.board, self.registry, schedule, train, release_config,
-                           self.initial_weights, beginning, stop, recorder, self.blobs)
+                           self.initial_weights, beginning, stop, recorder, self.blobs, self.city)
 
     # --- the worker thread ---------------------------------------------------------------------
 
@@ -361,6 +384,12 @@ class Gateway:
         except Exception:  # nothing a device sends may stop the gateway
             log.exception("worker.failed topic=%s", topic)
 
+    def _city_report(self) -> dict[str, Any] | None:
+        """The status's and result's `city` section: the tier's epochs and flags, the auditor's counts."""
+        if self.city is None:
+            return None
+        return {**self.city.report(), "audits": self.auditor.report() if self.auditor is not None else None}
+
     def _tell_ingest_workers(self, what: str, key: bytes) -> None:
         if self._ingest is not None:
             (self._ingest.enroll if what == "enroll" else self._ingest.revoke)(key)
@@ -382,6 +411,12 @@ class Gateway:
         worker_stop.set()  # the worker takes in what already arrived, then ends
         if worker is not None:
             worker.join(timeout=DRAIN_S + 30)
+        if self.auditor is not None:  # before the blob exchange it fetches through
+            self.auditor.close()
+        try:
+            self._final_city = self._city_report()
+        except Exception:  # noqa: BLE001 (the record of the run comes first)
+            log.exception("gateway.city_report_failed")
         if self.blobs is not None:  # what is queued goes to disk; then no more serving
             self.blobs.close()
         last = self.board.set_state(final)
@@ -408,6 +443,7 @@ class Gateway:
             "privacy": privacy_report(self.strategy),  # a DP run's privacy spent (gateway/privacy.py), or None
             "ledger": {"path": str(self.ledger_path), "height": height},
             "blobs": self.blobs.status() if self.blobs is not None else None,
+            "city": self._final_city,  # taken before the ledger closed
             "model": {"digest": head.digest.hex() if head else None,
                       "version": head.version if head else None,
                       "path": str(self.config.state_dir / "model.npz") if head else None,

@@ -36,6 +36,7 @@ from .weights import WeightRule
 log = logging.getLogger("starling.gateway.status")
 STATUS_HISTORY = 100  # round records in the status message (result.json has up to HISTORY_KEPT)
 MAX_STATUS_REVOKED = 1000  # revoked device ids listed in the status (the count is always exact)
+MAX_STATUS_EPOCHS = 5  # city epochs listed in the status (result.json lists them all)
 
 
 @dataclass
@@ -57,13 +58,16 @@ class StatusBoard:
                  meter: Callable[[], tuple[int, int]], ledger_status: Callable[[], dict[str, Any] | None],
                  enroll_rejections: Callable[[], dict[str, int]], weights: WeightRule = WeightRule(),
                  privacy: Callable[[], dict[str, Any] | None] = lambda: None,
-                 blobs: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+                 blobs: Callable[[], dict[str, Any] | None] = lambda: None,
+                 city: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
         """`meter()`: (bytes received from devices, bytes sent to them) so far; `ledger_status()`: height,
         finality and peers (None before the ledger opened); `weights`: how the evaluation averages weigh
         each device (the rule the strategy's replies are weighed by); `privacy()`: a DP run's privacy spent
         (gateway/privacy.py), None when nothing is accounted; `blobs()`: the blob store and its exchange
-        (gateway/blob_keeper.py), None before the store opened."""
+        (gateway/blob_keeper.py), None before the store opened; `city()`: the city tier's epochs, flagged
+        gateways and audits (gateway/city.py), None without the tier."""
         self._weights = weights
+        self._city = city
         self._privacy = privacy
         self._blobs = blobs
         self.gateway_id = gateway_id
@@ -223,11 +227,23 @@ class StatusBoard:
             "enroll_rejections": self._enroll_rejections(),
             "ledger": self._ledger_status(),
             "blobs": self._blobs(),  # updates and models kept by digest, and what was served and fetched
+            "city": self._city_status(),  # the city tier: epochs, flagged gateways (mismatch evidence), audits
             "privacy": self._privacy(),
             "history": history,
             "revoked": {"count": len(revoked), "devices": revoked[:MAX_STATUS_REVOKED]},
             "time": time.time(),
         }
+
+    def _city_status(self) -> dict[str, Any] | None:
+        """The city tier's section, its newest epochs only (a status is published every few seconds)."""
+        try:
+            doc = self._city()
+        except Exception:  # a status must never fail the round
+            log.exception("status.city_failed")
+            return None
+        if doc is not None:
+            doc = {**doc, "epochs": doc.get("epochs", [])[-MAX_STATUS_EPOCHS:]}
+        return doc
 
     def publish(self) -> object:
         """The devices whose counts changed since the last time, then the gateway (all retained); return what

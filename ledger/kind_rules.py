@@ -51,6 +51,17 @@ gateways; `gateway.join`, `gateway.leave` and `gateway.rotate` (a gateway's
 key replaced: the old one leaves, the new one joins) are signed by the same
 root key. A key that left cannot come back.
 
+The city tier (gateway/city.py) writes three more kinds that, like
+`lineage`, add nothing to the derived state: `city.offer` (a gateway's latest
+aggregate offered to a city epoch), `city` (the epoch's merged model, naming
+the offers it merged) and `mismatch` (evidence: the writer recomputed an
+aggregate or city vertex and got another model). Their rules check only what
+the causal past proves (the vertex named was known to the writer); what they
+mean (whose offer counts, which gateway is flagged) is read from the store by
+`ledger.city_queries`, the same way at every gateway. `mismatch.clear`,
+signed by the root key like membership, is the operator's answer to the
+evidence against a gateway.
+
 A checkpoint's rule recomputes the snapshot of its causal past, which is
 what the effects of every kind add up to: that is why `snapshot_of` is here,
 next to the effects, and `ledger.snapshot` only encodes and decodes.
@@ -85,6 +96,8 @@ from .errors import (
 from .kinds import (
     AGGREGATE,
     CHECKPOINT,
+    CITY,
+    CITY_OFFER,
     CONTRIBUTIONS,
     DEVICE_ENROLL,
     DEVICE_REVOKE,
@@ -94,6 +107,8 @@ from .kinds import (
     GENESIS,
     LINEAGE,
     MAX_GATEWAYS,
+    MISMATCH,
+    MISMATCH_CLEAR,
     UPDATES,
     input_digests,
     reply_signed_bytes,
@@ -377,10 +392,61 @@ class Contributions(KindRules):
                 )
 
 
+def _known(state: State, vertex: Vertex, named: bytes, what: str) -> None:
+    """`named` must be in `vertex`'s causal past: a writer names only what it knew."""
+    if not state.precedes(named, vertex):
+        raise UnknownInput(f"{what} {named.hex()[:16]} is not in this vertex's causal past")
+
+
+class CityOffer(KindRules):
+    """A gateway's model offered to a city epoch: the aggregate vertex it names must be in its causal past.
+    Whether the offer is sound (that aggregate is its creator's, its output the model offered) is checked by
+    every reader alike (`ledger.city_queries`): an unsound offer is left out, not refused, so that the store
+    keeps the evidence of a gateway that offered what it never made."""
+
+    name = CITY_OFFER
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        _known(state, vertex, vertex.body["aggregate"], "aggregate")
+
+
+class City(KindRules):
+    """A city epoch's merged model: every offer it merged must be in its causal past."""
+
+    name = CITY
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        for offer, _, _ in vertex.body["inputs"]:
+            _known(state, vertex, offer, "offer")
+
+
+class Mismatch(KindRules):
+    """Evidence against the writer of the vertex named: it must be in the evidence's causal past."""
+
+    name = MISMATCH
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        _known(state, vertex, vertex.body["vertex"], "vertex")
+
+
+class MismatchClear(KindRules):
+    """The operator clears the mismatch evidence against a gateway; signed by the root key."""
+
+    name = MISMATCH_CLEAR
+
+    def check_state(self, vertex: Vertex, state: State) -> None:
+        if vertex.creator != state.root:
+            raise NotRoot(f"{vertex.creator_id} is not the root key that signed genesis")
+        gateway = vertex.body["gateway"]
+        if not state.is_gateway(gateway) and state.departure_of(gateway) is None:
+            raise MembershipError(f"gateway {identity_id(gateway)} was never a member")
+
+
 RULES: dict[str, KindRules] = {
     rules.name: rules
     for rules in (Genesis(), GatewayJoin(), GatewayLeave(), GatewayRotate(), DeviceEnroll(), DeviceRevoke(), Updates(),
-                  Aggregate(), Checkpoint(), Lineage(), Contributions())
+                  Aggregate(), Checkpoint(), Lineage(), Contributions(), CityOffer(), City(), Mismatch(),
+                  MismatchClear())
 }
 
 

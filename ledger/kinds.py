@@ -22,6 +22,11 @@ so far, and what it adds to it) is in `ledger.kind_rules`.
     lineage        {"model": digest, "version": int, "previous": digest or b"", "reason": str,
                     "architecture": str}
     contributions  {"round": int, "model": digest, "scores": [[device key, update digest, score], ...]}
+    city.offer     {"epoch": int, "round": int, "model": digest, "aggregate": vertex id}
+    city           {"epoch": int, "rule": str, "inputs": [[offer vertex id, model digest, weight or null], ...],
+                    "output": digest[, "params": {...}]}
+    mismatch       {"vertex": vertex id, "recomputed": digest or b"", "reason": str}
+    mismatch.clear {"gateway": public key, "reason": str}
 
 Bodies are deliberately compact: an update record is a 4-item list, not a
 map, because there are thousands per round and each one stays on disk
@@ -70,6 +75,10 @@ AGGREGATE = "aggregate"
 CHECKPOINT = "checkpoint"
 LINEAGE = "lineage"
 CONTRIBUTIONS = "contributions"
+CITY_OFFER = "city.offer"
+CITY = "city"
+MISMATCH = "mismatch"
+MISMATCH_CLEAR = "mismatch.clear"
 
 VOUCHER_POLICY = "voucher"  # the one enrollment policy whose evidence is not empty: the voucher's encoding
 COORDINATE_RULE = "coordinate"  # an aggregate rule that decides per coordinate: its inputs carry no weight
@@ -92,6 +101,9 @@ PARAM_TEXT_MAX = 256
 MAX_WRAPPERS = 8
 MAX_PARAM_INT = 2**63 - 1
 SCORE_FIELDS = 3  # [device public key, update digest, score]
+CITY_RULES = ("weighted", "median")  # how a city epoch merges the gateways' models (gateway/city_merge.py)
+CITY_INPUT_FIELDS = 3  # [offer vertex id, model digest, weight or null]
+MAX_EPOCH = MAX_ROUND
 
 
 def _genesis(body: dict[str, Any]) -> None:
@@ -337,6 +349,66 @@ def _contributions(body: dict[str, Any]) -> None:
         seen.add((device, digest))
 
 
+def _city_offer(body: dict[str, Any]) -> None:
+    """A gateway offers its latest model to city epoch `epoch`: the output (`model`) of its `aggregate`
+    vertex `aggregate` (round `round`). The ledger carries the offer; the model's bytes stay at the gateway
+    (its blob store) for the other members to fetch by digest."""
+    check_fields(body, {"epoch", "round", "model", "aggregate"}, "city.offer body")
+    check_int(body["epoch"], "epoch", 1, MAX_EPOCH)
+    check_int(body["round"], "round", 0, MAX_ROUND)
+    check_bytes(body["model"], "model", DIGEST_BYTES)
+    check_bytes(body["aggregate"], "aggregate", DIGEST_BYTES)
+
+
+def _city(body: dict[str, Any]) -> None:
+    """A city epoch's model (`output`), merged by `rule` from the offers it names: [offer vertex id, the
+    offered model's digest, its weight] in the order they were merged. "weighted" gives each input its
+    weight (the examples behind it, as the ledger records them); "median" decides per coordinate, its
+    inputs carry no weight (null). `params`: scalars a recompute needs (the cap on examples, versions)."""
+    fields = {"epoch", "rule", "inputs", "output"} | ({"params"} if "params" in body else set())
+    check_fields(body, fields, "city body")
+    check_int(body["epoch"], "epoch", 1, MAX_EPOCH)
+    rule = check_text(body["rule"], "rule", RULE_MAX, 1)
+    if rule not in CITY_RULES:
+        raise SchemaError(f"rule must be one of {list(CITY_RULES)}, got {rule!r}")
+    inputs = check_list(body["inputs"], "inputs", MAX_GATEWAYS, 1)
+    offers = set()
+    for i, item in enumerate(inputs):
+        check_list(item, f"input {i}", CITY_INPUT_FIELDS, CITY_INPUT_FIELDS)
+        offer, model, weight = item
+        offers.add(check_bytes(offer, f"input {i} offer", DIGEST_BYTES))
+        check_bytes(model, f"input {i} model", DIGEST_BYTES)
+        if rule == "median":
+            if weight is not None:
+                raise SchemaError(f"input {i}: a median's inputs carry no weight (null)")
+        else:
+            check_number(weight, f"input {i} weight", 0.0, math.inf)
+    if len(offers) != len(inputs):
+        raise SchemaError("inputs name an offer twice")
+    check_bytes(body["output"], "output", DIGEST_BYTES)
+    if "params" in body:
+        _check_scalars(body["params"], "params", text_only=False)
+
+
+def _mismatch(body: dict[str, Any]) -> None:
+    """Evidence: the writer recomputed the `aggregate` or `city` vertex `vertex` from its recorded inputs and
+    got another model (`recomputed`; b"" when an input could not have made any model), for `reason`."""
+    check_fields(body, {"vertex", "recomputed", "reason"}, "mismatch body")
+    check_bytes(body["vertex"], "vertex", DIGEST_BYTES)
+    recomputed = body["recomputed"]
+    if not isinstance(recomputed, bytes) or len(recomputed) not in (0, DIGEST_BYTES):
+        raise SchemaError(f"recomputed must be {DIGEST_BYTES} bytes, or empty bytes when no model came out")
+    check_text(body["reason"], "reason", REASON_MAX, 1)
+
+
+def _mismatch_clear(body: dict[str, Any]) -> None:
+    """The operator's answer to mismatch evidence against `gateway` (signed by the root key): the evidence
+    in this vertex's causal past no longer keeps the gateway's models out of the city."""
+    check_fields(body, {"gateway", "reason"}, "mismatch.clear body")
+    check_bytes(body["gateway"], "gateway", PUBLIC_KEY_BYTES)
+    check_text(body["reason"], "reason", REASON_MAX, 1)
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], None]] = {
     GENESIS: _genesis,
     GATEWAY_JOIN: _gateway_join,
@@ -349,6 +421,10 @@ KINDS: dict[str, Callable[[dict[str, Any]], None]] = {
     CHECKPOINT: _checkpoint,
     LINEAGE: _lineage,
     CONTRIBUTIONS: _contributions,
+    CITY_OFFER: _city_offer,
+    CITY: _city,
+    MISMATCH: _mismatch,
+    MISMATCH_CLEAR: _mismatch_clear,
 }
 
 

@@ -3,6 +3,7 @@
     schema.py     the tables, the file's header, opening a connection, upgrading an older file
     sql_state.py  the rules' view of the tables (`SqlState`), used inside a write transaction
     queries.py    every read (`LedgerQueries`, which `Ledger` inherits)
+    city_queries.py  the city tier's reads: offers, merges, evidence (`CityQueries`, inherited too)
     bootstrap.py  starting from a peer's final checkpoint instead of from genesis
     store.py      `Ledger`: open and close, the one write transaction, every write
 
@@ -37,11 +38,14 @@ from protocol.keys import Identity, identity_id
 from protocol.rotation import KeyRotation
 
 from . import bootstrap, validate
+from .city_queries import CityQueries
 from .errors import AlreadyEnrolled, DeviceRevoked, InvalidVertex, NoIdentity, StoreError
 from .kind_rules import snapshot_of
 from .kinds import (
     AGGREGATE,
     CHECKPOINT,
+    CITY,
+    CITY_OFFER,
     CONTRIBUTIONS,
     DEVICE_ENROLL,
     DEVICE_REVOKE,
@@ -51,6 +55,8 @@ from .kinds import (
     GENESIS,
     LINEAGE,
     MAX_RECORDS,
+    MISMATCH,
+    MISMATCH_CLEAR,
     UPDATES,
 )
 from .queries import LedgerQueries
@@ -62,7 +68,7 @@ from .vertex import Vertex, sign
 __all__ = ["SCHEMA_VERSION", "Ledger"]  # SCHEMA_VERSION: tests and tools read it from here
 
 
-class Ledger(LedgerQueries):
+class Ledger(LedgerQueries, CityQueries):
     """A gateway's ledger store. Thread-safe: one lock serializes use of the connection.
 
     Open it with `Ledger(path, identity)` and `close()` it, or as
@@ -292,6 +298,11 @@ class Ledger(LedgerQueries):
         """Retire a gateway for good (root key only); its later vertices are refused."""
         return self.append(GATEWAY_LEAVE, {"gateway": public_key, "reason": reason})
 
+    def clear_mismatch(self, public_key: bytes, reason: str) -> Vertex:
+        """Answer the mismatch evidence against a gateway (root key only): the evidence on record so far no
+        longer keeps its models out of the city (`CityQueries.flagged`)."""
+        return self.append(MISMATCH_CLEAR, {"gateway": public_key, "reason": reason})
+
     def rotate_gateway(self, rotation: KeyRotation) -> Vertex:
         """Replace a gateway's key (root key only, `rotation` signed by it): the old key's later vertices
         are refused, the new key writes from here on."""
@@ -393,6 +404,24 @@ class Ledger(LedgerQueries):
         rows = [_as_floats(item, 2) for item in scores]
         return [self.append(CONTRIBUTIONS, {"round": round, "model": model, "scores": rows[i:i + MAX_RECORDS]})
                 for i in range(0, len(rows), MAX_RECORDS)]
+
+    def record_offer(self, epoch: int, round: int, model: bytes, aggregate: bytes) -> Vertex:
+        """Offer this gateway's model `model` (the output of its aggregate vertex `aggregate`, round `round`)
+        to city epoch `epoch`."""
+        return self.append(CITY_OFFER, {"epoch": epoch, "round": round, "model": model, "aggregate": aggregate})
+
+    def record_city(self, epoch: int, rule: str, inputs: Sequence[tuple[bytes, bytes, float | None]],
+                    output: bytes, params: dict[str, Any] | None = None) -> Vertex:
+        """Record a city epoch's model: (offer vertex id, model digest, weight or None) in merge order."""
+        body: dict[str, Any] = {"epoch": epoch, "rule": rule, "inputs": [_as_floats(i, 2) for i in inputs],
+                                "output": output}
+        if params is not None:
+            body["params"] = params
+        return self.append(CITY, body)
+
+    def record_mismatch(self, vertex: bytes, recomputed: bytes, reason: str) -> Vertex:
+        """Evidence: the aggregate or city vertex `vertex` recomputed gave `recomputed` (b"": no model)."""
+        return self.append(MISMATCH, {"vertex": vertex, "recomputed": recomputed, "reason": reason[:256]})
 
     def record_lineage(
         self, model: bytes, version: int, previous: bytes, reason: str, architecture: str

@@ -28,7 +28,7 @@ from .errors import (
     NotInitialized,
 )
 from .kind_rules import RULES, apply
-from .kinds import GATEWAY_JOIN, GATEWAY_LEAVE, GATEWAY_ROTATE, GENESIS
+from .kinds import GATEWAY_JOIN, GATEWAY_LEAVE, GATEWAY_ROTATE, GENESIS, MISMATCH_CLEAR
 from .state import State
 from .vertex import Vertex
 
@@ -64,8 +64,8 @@ def check_links(vertex: Vertex, state: State) -> None:
     if missing:
         raise MissingParent(f"{len(missing)} parent(s) not in the store, first {missing[0].hex()}")
     if vertex.creator == state.root and not state.is_gateway(vertex.creator):
-        if vertex.kind not in (GATEWAY_JOIN, GATEWAY_LEAVE, GATEWAY_ROTATE):
-            raise NotAGateway("the operator root key signs membership changes only")
+        if vertex.kind not in (GATEWAY_JOIN, GATEWAY_LEAVE, GATEWAY_ROTATE, MISMATCH_CLEAR):
+            raise NotAGateway("the operator root key signs membership changes and cleared evidence only")
     else:
         departure = state.departure_of(vertex.creator)
         if departure is not None:

@@ -209,7 +209,8 @@ def test_sign_refuses_a_body_that_breaks_its_kind(kind: str, body: dict) -> None
 
 def test_every_kind_has_rules() -> None:
     assert set(kinds.KINDS) == {"genesis", "gateway.join", "gateway.leave", "gateway.rotate", "device.enroll",
-                                "device.revoke", "updates", "aggregate", "checkpoint", "lineage", "contributions"}
+                                "device.revoke", "updates", "aggregate", "checkpoint", "lineage", "contributions",
+                                "city.offer", "city", "mismatch", "mismatch.clear"}
 
 
 def test_update_record_is_compact() -> None:
