@@ -4,7 +4,7 @@
     weights = recompute(name, params, base, inputs)      # anyone: the same Flower code on the same contents
     verdict = verify(name, params, base, inputs, output)  # ... and its digest against the recorded one
     verdict = verify_body(body, fetch)                    # from an `aggregate` vertex body and a blob source
-    check = auditor(state_dir / "blobs"); check(body)     # what `starling-ledger audit --recompute` loads
+    check = Auditor([state_dir / "blobs"]); check(body)  # what `starling-ledger audit --recompute` loads
 
 An aggregate's digest is the SHA-256 of its encoded model (`lineage.encode`:
 float32, `schemas.encode_model`), the release digest. Recomputing it needs,
@@ -259,17 +259,61 @@ def verify_body(body: dict[str, Any], fetch: Callable[[bytes], bytes | None]) ->
     return verify(body["strategy"], params, base, inputs, output, body["round"])
 
 
-def auditor(blobs: str | Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
+class Auditor:
     """The recompute `starling-ledger audit --recompute` loads: the entry point "aggregate" of the group
     "starling.recompute" (pyproject.toml). The ledger package imports neither the gateway nor Flower, so the
-    gateway plugs its recompute in from above. `blobs`: a gateway's blob folder, opened read-only (safe beside
-    the running gateway: nothing is written, swept or removed). The callable verifies one `aggregate` vertex
-    body and returns `Verdict.to_json()` (ok, status, expected, got, reason). FileNotFoundError when there is
-    no folder at `blobs`, ImportError when Flower is not installed."""
-    import flwr.serverapp.strategy  # noqa: F401 - without Flower nothing recomputes: ImportError here, not per vertex
+    gateway plugs its recompute in from above.
 
-    store = BlobStore(Path(blobs), read_only=True)
-    return lambda body: verify_body(body, store.get).to_json()
+        check = Auditor([folder, ...], broker=(host, port), holders=[gateway id, ...])
+        check(body)      # an `aggregate` or `city` vertex body -> Verdict.to_json() (ok, status, expected, ...)
+        check.close()
+
+    `folders`: blob folders (a gateway's `<state_dir>/blobs`, one per gateway of the city if at hand), opened
+    read-only (safe beside a running gateway: nothing is written, swept or removed). With `broker`, a blob in
+    none of them is fetched over MQTT (the blob exchange: starling/blobs/want|give) from `holders` in turn,
+    checked against its digest and kept in a scratch folder for the audit's life. FileNotFoundError when a
+    folder is not there, ImportError when Flower is not installed."""
+
+    def __init__(self, folders: list[str | Path], broker: tuple[str, int] | None = None,
+                 holders: list[str] = (), timeout_s: float = 30.0) -> None:
+        import flwr.serverapp.strategy  # noqa: F401 - without Flower nothing recomputes: ImportError here
+
+        self._stores = [BlobStore(Path(f), read_only=True) for f in folders]
+        self._holders = list(holders)
+        self._timeout_s = timeout_s
+        self._exchange = None
+        self._scratch = None
+        if broker is not None:
+            import secrets
+            import tempfile
+
+            from .blob_exchange import BlobExchange
+
+            self._scratch = tempfile.TemporaryDirectory(prefix="starling-audit-")
+            self._exchange = BlobExchange(BlobStore(Path(self._scratch.name)), secrets.token_hex(16),
+                                          broker[0], broker[1]).start()
+
+    def fetch(self, digest: bytes) -> bytes | None:
+        for store in self._stores:
+            data = store.get(digest)
+            if data is not None:
+                return data
+        if self._exchange is None or not self._holders:
+            return None
+        return self._exchange.fetch(digest, self._holders, 0).result(timeout=self._timeout_s + 5).data
+
+    def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
+        if "epoch" in body:  # a city merge (ledger.kinds `city`)
+            from .city_merge import verify_city
+
+            return verify_city(body, self.fetch).to_json()
+        return verify_body(body, self.fetch).to_json()
+
+    def close(self) -> None:
+        if self._exchange is not None:
+            self._exchange.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
 
 def _shares(body: dict[str, Any], sequence: list[list[Any]]) -> str | None:

@@ -60,8 +60,9 @@ from typing import Any, NamedTuple
 
 from protocol.keys import identity_id
 
-from .kinds import AGGREGATE, CONTRIBUTIONS, LINEAGE, UPDATES, input_weights
+from .kinds import AGGREGATE, CITY, CONTRIBUTIONS, LINEAGE, UPDATES, input_weights
 from .store import Ledger
+from .vertex import Vertex
 
 
 class NoAnswer(Exception):
@@ -338,10 +339,11 @@ class RecomputeMissing(Exception):
 
 def recompute_plugin() -> Callable[[str], Check]:
     """The recompute factory the gateway package registers (entry point "aggregate" in the group
-    "starling.recompute": `gateway.recompute.auditor`), loaded only when asked for. This package may import
+    "starling.recompute": `gateway.recompute.Auditor`), loaded only when asked for. This package may import
     neither the gateway nor Flower (the layout table), so the recompute, which is Flower's own aggregation,
-    plugs in from above: `factory(blob_folder)` returns `check(aggregate body) -> {"status", "expected",
-    "got", "reason"}`, status one of VERDICTS. RecomputeMissing when it is not installed or does not load."""
+    plugs in from above: `factory(blob_folders, broker, holders)` returns `check(aggregate or city body) ->
+    {"status", "expected", "got", "reason"}`, status one of VERDICTS, with a `close()`. RecomputeMissing when
+    it is not installed or does not load."""
     found = [ep for ep in metadata.entry_points(group=RECOMPUTE_GROUP) if ep.name == RECOMPUTE_NAME]
     if not found:
         raise RecomputeMissing(f"{_HINT}: no {RECOMPUTE_GROUP!r} entry point named {RECOMPUTE_NAME!r} is installed")
@@ -355,16 +357,20 @@ _HINT = "--recompute needs the gateway extra (pip install 'starling[gateway]')"
 
 
 def recompute_audit(ledger: Ledger, make_check: Callable[[], Check], round_: int | None = None) -> dict[str, Any]:
-    """Recompute every `aggregate` vertex (or those of one round) with the check `make_check()` returns (made
-    after the aggregates are read: a blob store opened then holds at least what they name, unless pruned).
+    """Recompute every `aggregate` vertex (or those of one round) and every `city` vertex (a city epoch's
+    merge; none with a round given) with the check `make_check()` returns (made after the vertices are read: a
+    blob store opened then holds at least what they name, unless pruned).
 
-    "checked" counts the aggregates recomputed (matched or not), "mismatches" lists the ones whose recomputed
+    "checked" counts the vertices recomputed (matched or not), "mismatches" lists the ones whose recomputed
     digest is not the recorded output (evidence against the gateway that signed it), "missing_inputs" the ones
     a blob is not at hand for (pruned, never kept here, or a copy whose bytes do not hash to its digest: a
     damaged or altered file is not the signer's doing), "unverifiable" the ones nothing recorded allows a
     recompute of (a stateful or wrapped strategy, no params: the reasons are counted). The same counts per
-    creator gateway under "gateways"."""
+    creator gateway under "gateways"; "aggregates" and "cities" count the vertices of each kind, "epochs" the
+    city epochs whose merge matched."""
     vertices = [v for v in ledger.vertices_of(AGGREGATE) if round_ is None or v.body.get("round") == round_]
+    if round_ is None:
+        vertices += list(ledger.vertices_of(CITY))
     try:
         check = make_check()
     except ImportError as exc:  # Flower is not installed: nothing can be recomputed here
@@ -373,33 +379,50 @@ def recompute_audit(ledger: Ledger, make_check: Callable[[], Check], round_: int
     mismatches: list[dict[str, Any]] = []
     reasons: dict[str, int] = {}
     gateways: dict[str, dict[str, int]] = {}
-    for vertex in vertices:
-        try:
-            verdict = check(vertex.body)
-        except ImportError as exc:  # a part of Flower the recompute needs is missing: not the gateway's doing
-            raise RecomputeMissing(f"{_HINT}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - a recompute that fails is no evidence: say so, go on
-            verdict = {"status": "unverifiable", "reason": f"the recompute raised {type(exc).__name__}: {exc}"}
-        status = verdict.get("status")
-        if status not in VERDICTS:
-            verdict = {"status": "unverifiable", "reason": f"the recompute answered {status!r}"}
-            status = "unverifiable"
-        tally[status] += 1
-        counts = gateways.setdefault(vertex.creator_id, {"aggregates": 0, "checked": 0, "mismatches": 0,
-                                                          "missing_inputs": 0, "unverifiable": 0})
-        counts["aggregates"] += 1
-        if status in ("match", "mismatch"):
-            counts["checked"] += 1
-        if status == "mismatch":
-            counts["mismatches"] += 1
-            mismatches.append({"vertex": vertex.id_hex, "gateway": vertex.creator_id, "round": vertex.body["round"],
-                               "strategy": vertex.body["strategy"], "expected": vertex.body["output"].hex(),
-                               "got": verdict.get("got"), "reason": verdict.get("reason")})
-        elif status != "match":
-            counts[status] += 1
-        if status == "unverifiable":
-            reason = str(verdict.get("reason"))
-            reasons[reason] = reasons.get(reason, 0) + 1
-    return {"round": round_, "aggregates": len(vertices), "checked": tally["match"] + tally["mismatch"],
-            "matched": tally["match"], "mismatches": mismatches, "missing_inputs": tally["missing_inputs"],
-            "unverifiable": tally["unverifiable"], "unverifiable_reasons": reasons, "gateways": gateways}
+    epochs: set[int] = set()
+    try:
+        for vertex in vertices:
+            status, verdict = _recompute_one(check, vertex)
+            tally[status] += 1
+            counts = gateways.setdefault(vertex.creator_id, {"aggregates": 0, "cities": 0, "checked": 0,
+                                                              "mismatches": 0, "missing_inputs": 0,
+                                                              "unverifiable": 0})
+            counts["cities" if vertex.kind == CITY else "aggregates"] += 1
+            if status in ("match", "mismatch"):
+                counts["checked"] += 1
+            if status == "match" and vertex.kind == CITY:
+                epochs.add(vertex.body["epoch"])
+            if status == "mismatch":
+                counts["mismatches"] += 1
+                where = {"epoch": vertex.body["epoch"]} if vertex.kind == CITY else {
+                    "round": vertex.body["round"], "strategy": vertex.body["strategy"]}
+                mismatches.append({"vertex": vertex.id_hex, "kind": vertex.kind, "gateway": vertex.creator_id,
+                                   **where, "expected": vertex.body["output"].hex(), "got": verdict.get("got"),
+                                   "reason": verdict.get("reason")})
+            elif status != "match":
+                counts[status] += 1
+            if status == "unverifiable":
+                reason = str(verdict.get("reason"))
+                reasons[reason] = reasons.get(reason, 0) + 1
+    finally:
+        close = getattr(check, "close", None)
+        if close is not None:
+            close()
+    cities = sum(1 for v in vertices if v.kind == CITY)
+    return {"round": round_, "aggregates": len(vertices) - cities, "cities": cities, "epochs": sorted(epochs),
+            "checked": tally["match"] + tally["mismatch"], "matched": tally["match"], "mismatches": mismatches,
+            "missing_inputs": tally["missing_inputs"], "unverifiable": tally["unverifiable"],
+            "unverifiable_reasons": reasons, "gateways": gateways}
+
+
+def _recompute_one(check: Check, vertex: Vertex) -> tuple[str, dict[str, Any]]:
+    try:
+        verdict = check(vertex.body)
+    except ImportError as exc:  # a part of Flower the recompute needs is missing: not the gateway's doing
+        raise RecomputeMissing(f"{_HINT}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a recompute that fails is no evidence: say so, go on
+        verdict = {"status": "unverifiable", "reason": f"the recompute raised {type(exc).__name__}: {exc}"}
+    status = verdict.get("status")
+    if status not in VERDICTS:
+        return "unverifiable", {"status": "unverifiable", "reason": f"the recompute answered {status!r}"}
+    return status, verdict

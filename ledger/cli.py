@@ -17,10 +17,10 @@ Audit (read-only: safe next to a running gateway, never creates a file):
                                                          per-device totals of the contribution scores
                                                          (sum, rounds scored, mean), highest total first
     starling-ledger dot        --db PATH [--round N]     the DAG (or one round's part of it) as Graphviz DOT
-    starling-ledger audit --recompute --db PATH [--blobs DIR] [--round N]
-                                                         recompute every aggregate (or one round's) whose
-                                                         inputs are in the blob folder, bit for bit, and
-                                                         compare digests (one JSON object)
+    starling-ledger audit --recompute --db PATH [--blobs DIR ...] [--broker HOST:PORT] [--round N]
+                                                         recompute every aggregate (or one round's) and
+                                                         every city merge whose inputs are at hand, bit
+                                                         for bit, and compare digests (one JSON object)
 
 The queries behind `provenance`, `lineage`, `contributions`, `dot` and `audit` are in
 `ledger.audit`. `contributions` prints one JSON object, or CSV with a header
@@ -32,10 +32,13 @@ explains, named on stderr and in the JSON's "gap"), and 2 when it cannot
 answer (a digest that is not 64 hex, no ledger at PATH). On a store that
 bootstrapped from a checkpoint the vertices before it have no bytes here, so
 a lineage older than the checkpoint ends in a gap there.
-`audit --recompute` reads the blobs (updates and models by digest) from DIR,
-by default the `blobs` folder beside the ledger file (a gateway's state dir:
-ledger.db and blobs/ side by side), read-only. It prints {"checked": N,
-"mismatches": [{"vertex", "gateway", "round", "expected", "got", ...}],
+`audit --recompute` reads the blobs (updates and models by digest) from each
+DIR, by default the `blobs` folder beside the ledger file (a gateway's state
+dir: ledger.db and blobs/ side by side), read-only; with --broker, what no
+folder holds is fetched from the member gateways over MQTT (the blob
+exchange). It prints {"checked": N, "aggregates": N, "cities": N, "epochs":
+[epochs whose merge matched], "mismatches": [{"vertex", "kind", "gateway",
+"round" or "epoch", "expected", "got", ...}],
 "missing_inputs": N, "unverifiable": N, "gateways": {...}, ...} and exits 1
 on a mismatch (evidence against the gateway that signed that aggregate), 0
 otherwise, even with inputs missing (pruned, kept elsewhere, or a blob file
@@ -167,8 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.error = _one_line_error(name)  # type: ignore[method-assign]
             command.add_argument("--recompute", action="store_true",
                                  help="recompute the aggregates from their recorded inputs (needs the gateway extra)")
-            command.add_argument("--blobs", default=None, metavar="DIR",
-                                 help="the blob folder (default: `blobs` beside the ledger file)")
+            command.add_argument("--blobs", action="append", default=None, metavar="DIR",
+                                 help="a blob folder, repeatable (default: `blobs` beside the ledger file)")
+            command.add_argument("--broker", default=None, metavar="HOST:PORT",
+                                 help="fetch the blobs no folder holds from the member gateways over MQTT")
             command.add_argument("--round", type=int, default=None, metavar="N", help="only this round's aggregates")
     add_operator_commands(commands)
     args, extra = parser.parse_known_args(argv)
@@ -286,23 +291,35 @@ def _audit(args: argparse.Namespace) -> int:
             raise Refused(f"--round must be a round from 0 to {MAX_ROUND}, not {args.round}")
         if not Path(args.db).is_file():
             raise Refused(f"no ledger at {args.db}")
-        blobs = Path(args.blobs) if args.blobs is not None else Path(args.db).parent / "blobs"
-        if not blobs.is_dir():
-            raise Refused(f"no blob folder at {blobs} (--blobs DIR: a gateway's <state_dir>/blobs)")
+        folders = [Path(b) for b in args.blobs] if args.blobs else [Path(args.db).parent / "blobs"]
+        for folder in folders:
+            if not folder.is_dir():
+                raise Refused(f"no blob folder at {folder} (--blobs DIR: a gateway's <state_dir>/blobs)")
+        broker = _host_port(args.broker) if args.broker is not None else None
         factory = recompute_plugin()
         with Ledger.open(args.db, read_only=True) as ledger:
-            result = recompute_audit(ledger, lambda: factory(str(blobs)), args.round)
+            holders = sorted(set(ledger.member_ids().values()))
+            result = recompute_audit(ledger, lambda: factory([str(f) for f in folders], broker, holders),
+                                     args.round)
     except (Refused, RecomputeMissing, LedgerError, OSError) as exc:
         print(f"starling-ledger audit: {' '.join(str(exc).split())}", file=sys.stderr)
         return REFUSED
-    print(json.dumps({"db": str(args.db), "blobs": str(blobs), **result}, sort_keys=True))
+    blobs = [str(f) for f in folders]
+    print(json.dumps({"db": str(args.db), "blobs": blobs[0] if len(blobs) == 1 else blobs, **result}, sort_keys=True))
     if not result["mismatches"]:
         return 0
     for item in result["mismatches"]:
-        print(f"starling-ledger audit: MISMATCH: aggregate {item['vertex']} by gateway {item['gateway']} round"
-              f" {item['round']}: recorded {item['expected']}, recomputed {item['got']} ({item['reason']})",
-              file=sys.stderr)
+        where = f"epoch {item['epoch']}" if item["kind"] == "city" else f"round {item['round']}"
+        print(f"starling-ledger audit: MISMATCH: {item['kind']} {item['vertex']} by gateway {item['gateway']} {where}:"
+              f" recorded {item['expected']}, recomputed {item['got']} ({item['reason']})", file=sys.stderr)
     return 1
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise Refused(f"--broker must be HOST:PORT, not {text!r}")
+    return host, int(port)
 
 
 def _verify(path: str) -> int:

@@ -30,6 +30,7 @@ from gateway.service import Gateway
 from hw.broker import Broker
 from hw.ledger_peer import make_city
 from hw.synthetic import SyntheticModel, synthetic_data, write_manifest
+from ledger.cli import main as ledger_cli
 from ledger.kinds import CITY, MISMATCH
 from ledger.store import Ledger
 from ledger.verify import verify_store
@@ -109,7 +110,16 @@ def fetch_from(folders: list[Path]):
     return lambda digest: next((data for s in stores if (data := s.get(digest)) is not None), None)
 
 
-def test_three_gateways_end_every_epoch_on_one_city_model_that_every_ledger_recomputes(broker, tmp_path):
+def audit(capsys, db: Path, folders: list[Path]) -> tuple[int, dict[str, Any]]:
+    """`starling-ledger audit --recompute --db DB --blobs F ...`: its exit code and its JSON."""
+    import json
+
+    capsys.readouterr()
+    code = ledger_cli(["audit", "--recompute", "--db", str(db), *(a for f in folders for a in ("--blobs", str(f)))])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_three_gateways_end_every_epoch_on_one_city_model_that_every_ledger_recomputes(broker, tmp_path, capsys):
     results, folders = run_city(broker, tmp_path)
     assert [r.get("state") for r in results] == ["done"] * 3, [r.get("failure") for r in results]
     per_gateway = [epochs_of(r) for r in results]
@@ -138,8 +148,16 @@ def test_three_gateways_end_every_epoch_on_one_city_model_that_every_ledger_reco
         assert audits["mismatch"] == 0 and audits["match"] >= 2, audits
         assert result["city"]["flagged"] == {}
 
+    # The operator's audit of one ledger with every gateway's blobs: each city epoch's merge and every round
+    # aggregate of every gateway recompute bit for bit.
+    code, report = audit(capsys, folders[0] / "ledger.db", [f / "blobs" for f in folders])
+    assert code == 0 and report["mismatches"] == [] and report["epochs"] == [1, 2], report
+    assert report["missing_inputs"] == 0 and report["checked"] == report["aggregates"] + report["cities"]
+    assert len(report["gateways"]) == 3 and all(g["checked"] >= ROUNDS for g in report["gateways"].values())
 
-def test_a_gateway_that_tampers_with_its_aggregates_is_flagged_and_left_out_by_the_honest_ones(broker, tmp_path):
+
+def test_a_gateway_that_tampers_with_its_aggregates_is_flagged_and_left_out_by_the_honest_ones(broker, tmp_path,
+                                                                                                capsys):
     results, folders = run_city(broker, tmp_path, tampered=2)
     assert [r.get("state") for r in results] == ["done"] * 3, [r.get("failure") for r in results]
     cheat = results[2]["gateway"]["id"]
@@ -156,3 +174,6 @@ def test_a_gateway_that_tampers_with_its_aggregates_is_flagged_and_left_out_by_t
         flagged = ledger.flagged()
     assert set(flagged) == {cheat}
     assert {e.accuser for e in flagged[cheat]} >= {honest[0]["gateway"]["id"]}
+    code, report = audit(capsys, folders[0] / "ledger.db", [f / "blobs" for f in folders])
+    assert code == 1 and {m["gateway"] for m in report["mismatches"]} == {cheat}, report
+    assert report["gateways"][cheat]["mismatches"] == ROUNDS  # every round aggregate it recorded

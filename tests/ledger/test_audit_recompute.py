@@ -120,8 +120,10 @@ def test_a_real_gateways_ledger_recomputes_bit_for_bit_and_round_limits_it(gatew
     assert report["checked"] == report["matched"] == report["aggregates"] >= ROUNDS, report
     assert (report["mismatches"], report["missing_inputs"], report["unverifiable"]) == ([], 0, 0)
     assert report["blobs"] == str(state / "blobs") and report["round"] is None
-    assert report["gateways"] == {gateway_id: {"aggregates": report["aggregates"], "checked": report["checked"],
-                                               "mismatches": 0, "missing_inputs": 0, "unverifiable": 0}}
+    assert report["gateways"] == {gateway_id: {"aggregates": report["aggregates"], "cities": 0,
+                                               "checked": report["checked"], "mismatches": 0, "missing_inputs": 0,
+                                               "unverifiable": 0}}
+    assert (report["cities"], report["epochs"]) == (0, [])  # a gateway of its own: no city merges
     assert one.returncode == 0 and none.returncode == 0, (one.stderr, none.stderr)
     assert {k: json.loads(one.stdout)[k] for k in ("round", "aggregates", "checked")} == {
         "round": 1, "aggregates": 1, "checked": 1}
@@ -196,7 +198,8 @@ def test_an_output_its_gateway_signed_that_its_inputs_do_not_give_is_a_mismatch_
     report = json.loads(everything.stdout)
     vertex, honest, recorded = vertices[2]
     assert honest != recorded and report["checked"] == 2 and report["matched"] == 1
-    assert report["mismatches"] == [{"vertex": vertex.id_hex, "gateway": liar.id, "round": 2, "strategy": "FedAvg",
+    assert report["mismatches"] == [{"vertex": vertex.id_hex, "kind": "aggregate", "gateway": liar.id, "round": 2,
+                                     "strategy": "FedAvg",
                                      "expected": recorded.hex(), "got": honest.hex(),
                                      "reason": "the recomputed model differs from the recorded output"}]
     assert report["gateways"][liar.id]["mismatches"] == 1
