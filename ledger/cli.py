@@ -55,13 +55,16 @@ Membership (the operator's root key, kept offline, signs these):
     starling-ledger join  --root-key FILE --db PATH --gateway PUBKEY --name NAME
     starling-ledger leave --root-key FILE --db PATH --gateway PUBKEY|ID --reason TEXT
     starling-ledger rotate --root-key FILE --db PATH --gateway PUBKEY|ID --new-key PUBKEY --chain FILE
+    starling-ledger clear-mismatch --root-key FILE --db PATH --gateway PUBKEY|ID --reason TEXT
 
 `init` writes the genesis vertex that every gateway's `[ledger] genesis`
 names; `join`, `leave` and `rotate` append to any member gateway's ledger
 file (it may be running) and gossip carries them to the others. `rotate`
 replaces a gateway's key (`protocol.rotation`): it also writes the chain
 file the gateway's `[identity] rotations` names, which the gateway, restarted
-with its new key, publishes to its devices.
+with its new key, publishes to its devices. `clear-mismatch` answers the
+mismatch evidence against a gateway (`show` lists it under MISMATCH): the
+evidence so far no longer keeps its models out of the city merges.
 
 Operator (`ledger.operator_cli`; print one JSON line; exit 2 with one line on stderr if refused):
 
@@ -347,6 +350,10 @@ def _show(ledger: Ledger, as_json: bool) -> None:
         "revoked": {identity_id(k): reason for k, reason in revoked.items()},
         "finality": ledger.finality(),
         "equivocators": ledger.equivocators(),
+        # Gateways with mismatch evidence no operator has cleared (`starling-ledger clear-mismatch`): gateway id
+        # -> [{vertex recomputed, its kind, accuser, reason}]; the city merges leave them out.
+        "mismatches": {gateway: [{"vertex": e.vertex.hex(), "kind": e.kind, "accuser": e.accuser, "reason": e.reason}
+                                 for e in items] for gateway, items in ledger.flagged().items()},
     }
     summary["lineages"] = summary["kinds"].get(LINEAGE, 0)  # model lineages started (`lineage` vertices)
     summary["contributions"] = summary["kinds"].get(CONTRIBUTIONS, 0)  # vertices of contribution scores
@@ -359,6 +366,10 @@ def _show(ledger: Ledger, as_json: bool) -> None:
     print(f"final    {final['final']} (lag {final['lag']} vertices)")
     if summary["equivocators"]:
         print(f"EQUIVOCATED {' '.join(summary['equivocators'])}")
+    for gateway, items in summary["mismatches"].items():
+        accusers = sorted({item["accuser"] for item in items})
+        print(f"MISMATCH {gateway}: {len(items)} recomputed vertex(es) differ, by {' '.join(accusers)}"
+              f" (first: {items[0]['kind']} {items[0]['vertex'][:16]}: {items[0]['reason']})")
     print(f"tips     {' '.join(summary['tips']) or '-'}")
     print(f"kinds    {' '.join(f'{k}={n}' for k, n in summary['kinds'].items()) or '-'}")
     print(f"lineages {summary['lineages']} started")

@@ -4,6 +4,8 @@
     voucher              an enrollment voucher, signed with an operator key (no ledger touched)
     init / join / leave  the city's genesis and its gateway set, signed with the root key
     rotate               a gateway's key replaced (root key): the vertex and the gateway's chain file
+    clear-mismatch       the operator's answer to mismatch evidence against a gateway (root key): its
+                         models count in the city merges again
 
 Each returns the JSON summary `ledger.cli` prints, or raises `Refused` with
 the one line it prints on stderr (exit 2). `ledger.cli` has the full usage.
@@ -102,6 +104,14 @@ def add_operator_commands(commands: Any) -> None:
     rotate.add_argument("--new-key", required=True, metavar="PUBKEY_HEX", help="the gateway's new public key")
     rotate.add_argument("--chain", required=True, metavar="FILE",
                         help="where to write the gateway's rotation chain ([identity] rotations in its config)")
+
+    help_text = ("answer the mismatch evidence against a gateway: append a mismatch.clear vertex signed with the "
+                 "root key; the evidence so far no longer keeps its models out of the city merges")
+    clear = commands.add_parser("clear-mismatch", help=help_text, description=help_text)
+    clear.add_argument("--root-key", required=True, metavar="FILE")
+    clear.add_argument("--db", required=True, metavar="PATH", help="any member gateway's ledger file")
+    clear.add_argument("--gateway", required=True, metavar="PUBKEY_HEX_OR_ID", help="the gateway flagged")
+    clear.add_argument("--reason", required=True, help="what the operator found (kept on the ledger)")
 
     help_text = "sign an enrollment voucher for a device key with the operator's key"
     voucher = commands.add_parser(
@@ -302,8 +312,19 @@ def _rotate(args: argparse.Namespace) -> dict[str, Any]:
             "rotations": len(chain.rotations)}
 
 
+def _clear_mismatch(args: argparse.Namespace) -> dict[str, Any]:
+    with _open_as_root(args.db, args.root_key) as ledger:
+        gateway = _member(ledger, args.gateway)
+        flagged = ledger.flagged().get(ledger.speaks_as(gateway), [])
+        if not flagged:
+            raise Refused(f"gateway {identity_id(gateway)} has no mismatch evidence against it to clear")
+        vertex = ledger.clear_mismatch(gateway, args.reason)
+    return {"command": "clear-mismatch", "vertex": vertex.id_hex, "gateway": identity_id(gateway),
+            "cleared": len(flagged), "reason": args.reason}
+
+
 OPERATOR_COMMANDS = {"enroll": _enroll, "revoke": _revoke, "voucher": _voucher, "init": _init, "join": _join,
-                     "leave": _leave, "rotate": _rotate}
+                     "leave": _leave, "rotate": _rotate, "clear-mismatch": _clear_mismatch}
 
 
 def device_key(ledger: Ledger, text: str) -> bytes:

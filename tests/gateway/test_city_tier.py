@@ -28,7 +28,7 @@ from gateway.city_merge import verify_city
 from gateway.config import GatewayConfig
 from gateway.service import Gateway
 from hw.broker import Broker
-from hw.ledger_peer import make_city
+from hw.city import write_genesis
 from hw.synthetic import SyntheticModel, synthetic_data, write_manifest
 from ledger.cli import main as ledger_cli
 from ledger.kinds import CITY, MISMATCH
@@ -68,7 +68,11 @@ class TamperedConfig(GatewayConfig):
 
 
 def run_city(broker: Broker, workdir: Path, tampered: int | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
-    keys, genesis = make_city(workdir / "city", 3)
+    (workdir / "city").mkdir(parents=True)
+    keys = [Identity.generate() for _ in range(3)]
+    for g, key in enumerate(keys):
+        key.save(workdir / "city" / f"g{g}.key")
+    genesis = write_genesis(workdir / "city", "test-city", [k.public_key for k in keys])  # + operator.key
     manifest = write_manifest(workdir / "model", SHAPES)
     results: list[dict[str, Any]] = [{} for _ in keys]
     threads, agents, agent_stop = [], [], threading.Event()
@@ -177,3 +181,16 @@ def test_a_gateway_that_tampers_with_its_aggregates_is_flagged_and_left_out_by_t
     code, report = audit(capsys, folders[0] / "ledger.db", [f / "blobs" for f in folders])
     assert code == 1 and {m["gateway"] for m in report["mismatches"]} == {cheat}, report
     assert report["gateways"][cheat]["mismatches"] == ROUNDS  # every round aggregate it recorded
+
+    # `show` names it; the operator's clear-mismatch (root key) answers the evidence.
+    db = str(folders[0] / "ledger.db")
+    assert ledger_cli(["show", "--db", db]) == 0
+    assert f"MISMATCH {cheat}:" in capsys.readouterr().out
+    root = str(tmp_path / "city" / "operator.key")
+    assert ledger_cli(["clear-mismatch", "--root-key", root, "--db", db, "--gateway", cheat,
+                       "--reason", "re-imaged"]) == 0
+    assert '"command": "clear-mismatch"' in capsys.readouterr().out
+    with Ledger.open(db, read_only=True) as ledger:
+        assert ledger.flagged() == {} and {e.cleared for e in ledger.evidence()} == {True}
+    assert ledger_cli(["clear-mismatch", "--root-key", root, "--db", db, "--gateway", cheat,
+                       "--reason", "again"]) == 2  # nothing left to clear
