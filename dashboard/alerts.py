@@ -53,6 +53,21 @@ def equivocation(fleet: Fleet, now: float) -> Iterable[Alert]:
                     None)
 
 
+def mismatch(fleet: Fleet, now: float) -> Iterable[Alert]:
+    """A gateway recomputed another's aggregate or city merge from its recorded inputs and got another model
+    (`city.flagged` in its status: mismatch evidence on the ledger). Critical: that gateway's models stay out
+    of the city merges until an operator looks and runs `starling-ledger clear-mismatch` (or removes it)."""
+    reported: dict[str, list[str]] = {}
+    for view in fleet.gateways.values():
+        for accused in view.flagged:
+            reported.setdefault(accused, []).append(view.id)
+    for accused, witnesses in sorted(reported.items()):
+        who = ", ".join(_name(fleet, w) for w in witnesses)
+        yield Alert("mismatch", CRITICAL, witnesses[0], accused,
+                    f"gateway {_name(fleet, accused)}'s aggregates do not recompute from their inputs; flagged by {who}",
+                    None)
+
+
 def revocation(fleet: Fleet, now: float) -> Iterable[Alert]:
     """A device's key was revoked. Seen three ways: a signed `device.revoke` vertex gossiped by a known
     gateway (with the reason), a device whose status counts replies refused as `revoked`, or a
@@ -133,7 +148,7 @@ def dashboard_disconnected(fleet: Fleet, now: float) -> Iterable[Alert]:
 
 
 RULES: tuple[Callable[[Fleet, float], Iterable[Alert]], ...] = (
-    dashboard_disconnected, gateway_offline, gateway_failed, equivocation, revocation, rejection_spike,
+    dashboard_disconnected, gateway_offline, gateway_failed, equivocation, mismatch, revocation, rejection_spike,
     finality_stalled,
 )
 

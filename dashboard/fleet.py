@@ -105,6 +105,9 @@ class GatewayView:
     devices_online: int | None = None
     rejections: dict[str, int] = field(default_factory=dict)
     ledger: LedgerView | None = None
+    flagged: list[str] = field(default_factory=list)  # gateways it holds mismatch evidence against (city tier)
+    city_epoch: int | None = None  # its newest city epoch merged
+    city_model: str | None = None  # ... and that epoch's model digest
     rounds: dict[int, RoundPoint] = field(default_factory=dict)
     rejection_samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=REJECTION_SAMPLES))
     status_time: float | None = None  # the gateway's clock
@@ -240,6 +243,7 @@ class Fleet:
         online = _int(doc, "online")
         rejections = _counts(doc.get("rejections"), "rejections") if "rejections" in doc else None
         ledger = _ledger(doc["ledger"], "status") if doc.get("ledger") is not None else None
+        flagged, city_epoch, city_model = _city(doc.get("city"))
         history = _history(doc["history"]) if "history" in doc else None
         revoked = _revoked(doc["revoked"]) if "revoked" in doc else []
         status_time = _number(doc, "time")
@@ -256,6 +260,7 @@ class Fleet:
         view.round, view.num_rounds = round_, num_rounds
         view.model_version, view.lineage, view.next_round_at = model_version, lineage_id, next_round_at
         view.enrolled, view.devices_online = enrolled, online
+        view.flagged, view.city_epoch, view.city_model = flagged, city_epoch, city_model
         view.status_time = status_time
         if ledger is not None and (view.ledger is None or ledger.time >= view.ledger.time):
             view.ledger = ledger
@@ -419,6 +424,26 @@ def _ids(value: Any, key: str) -> list[str]:
         if not isinstance(item, str) or len(item) > MAX_TEXT:
             raise Malformed("bad_field", f"{key} must be a list of ids")
     return list(value)
+
+
+def _city(doc: Any) -> tuple[list[str], int | None, str | None]:
+    """The status's `city` section (gateway/city.py): the gateways flagged by mismatch evidence, and the newest
+    epoch merged with its model digest. None (no city tier): nothing."""
+    if doc is None:
+        return [], None, None
+    if not isinstance(doc, dict):
+        raise Malformed("bad_field", "city must be an object")
+    flagged = doc.get("flagged", {})
+    if not isinstance(flagged, dict):
+        raise Malformed("bad_field", "city.flagged must be an object")
+    epochs = doc.get("epochs", [])
+    if not isinstance(epochs, list) or not all(isinstance(e, dict) for e in epochs):
+        raise Malformed("bad_field", "city.epochs must be a list of objects")
+    last = epochs[-1] if epochs else {}
+    model = last.get("model")
+    if model is not None and (not isinstance(model, str) or len(model) > MAX_TEXT):
+        raise Malformed("bad_field", "city.epochs[].model must be a digest")
+    return _ids(list(flagged), "city.flagged"), _int(last, "epoch") if last else None, model
 
 
 def _ledger(doc: Any, source: str) -> LedgerView:

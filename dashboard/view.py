@@ -45,6 +45,9 @@ def _gateway(view: GatewayView) -> dict[str, Any]:
             "oldest_pending_s": ledger.oldest_pending_s, "pending": ledger.pending, "peers": list(ledger.peers),
             "equivocators": list(ledger.equivocators), "source": ledger.source,
         },
+        "flagged": list(view.flagged),  # gateways it holds mismatch evidence against (the city tier)
+        "city_epoch": view.city_epoch,
+        "city_model": view.city_model,
         "status_time": view.status_time,
         "received": view.received,
     }

@@ -52,6 +52,22 @@ def test_an_equivocator_reported_by_the_ledger_is_one_critical_alert_per_creator
     assert (alert.rule, alert.severity, alert.subject) == ("equivocation", "critical", cheat)
 
 
+def test_a_gateway_flagged_by_mismatch_evidence_is_one_critical_alert_and_shows_on_its_view(replayed):
+    cheat = "c" * 32
+    city = {"every": 3, "rule": "weighted", "epochs": [{"epoch": 2, "model": "ab" * 32}],
+            "flagged": {cheat: {"vertex": "00" * 32, "kind": "aggregate", "reason": "differs", "accusers": [GW]}}}
+    _status(replayed, 3000.0, city=city)
+    [alert] = alerts.evaluate(replayed, 3000.0)
+    assert (alert.rule, alert.severity, alert.subject, alert.gateway) == ("mismatch", "critical", cheat, GW)
+    view = replayed.gateways[GW]
+    assert (view.flagged, view.city_epoch, view.city_model) == ([cheat], 2, "ab" * 32)
+    # A malformed city section is refused whole, and changes nothing.
+    assert replayed.apply(STATUS, json.dumps(dict(last_status(), city={"flagged": [cheat]})).encode(), 3001.0)
+    assert replayed.gateways[GW].flagged == [cheat]
+    _status(replayed, 3002.0, city=None)  # a gateway without the tier (or restarted without it)
+    assert alerts.evaluate(replayed, 3002.0) == []
+
+
 def test_replies_refused_as_revoked_raise_a_revocation_warning(replayed):
     device = "d" * 32
     replayed.apply(f"starling/{GW}/status/device/{device}", b'{"accepted": 4, "rejected": {"revoked": 2}}', 3000.0)
