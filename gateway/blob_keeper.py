@@ -65,7 +65,7 @@ from protocol.digest import sha256
 from protocol.logs import event
 from protocol.transport import BrokerAuth
 
-from .blob_exchange import BlobExchange, ExchangeSettings
+from .blob_exchange import BlobExchange, ExchangeSettings, Fetched
 from .blobs import DEFAULT_KEEP_TAGS, BlobStore, Retention
 
 log = logging.getLogger("starling.gateway.blobs")
@@ -146,16 +146,15 @@ class BlobKeeper:
         self._queue(_Job("end_round", tag, [], head))
 
     def fetch(self, digest: bytes, holders: list[str], tag: int) -> Future:
-        """A future for a blob's bytes (None if it cannot be had): from this store, else asked of `holders`
-        (gateway ids) over the exchange and kept under `tag` when it arrives checked against its digest."""
-        future: Future = Future()
+        """A future `Fetched` (blob_exchange.py: `data` None if it cannot be had, `holder` "local" when this
+        store had it): from this store, else asked of `holders` (gateway ids) over the exchange and kept under
+        `tag` when it arrives checked against its digest."""
         data = self.store.get(digest)
         if data is not None or self.exchange is None:
-            future.set_result(data)
+            future: Future = Future()
+            future.set_result(Fetched(digest, data, "ok" if data is not None else "not_serving", "local"))
             return future
-        fetched = self.exchange.fetch(digest, holders, tag)
-        fetched.add_done_callback(lambda f: future.set_result(f.result().data if not f.exception() else None))
-        return future
+        return self.exchange.fetch(digest, holders, tag)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is done (written, or logged as not kept); False on timeout."""

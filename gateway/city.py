@@ -127,6 +127,7 @@ class CityTier:
         self._lock = threading.Lock()
         self._epochs: list[dict[str, Any]] = []
         self._alone = 0
+        self._fetched_bytes = 0  # model bytes fetched from other members for the merges (the city's traffic)
 
     def due(self, round_: int) -> bool:
         return round_ > 0 and round_ % self.settings.every == 0
@@ -272,8 +273,14 @@ class CityTier:
                 futures[digest] = self._blobs.fetch(digest, [holder], head.version)
         if futures:
             wait(futures.values(), timeout=self._blobs.settings.fetch_timeout_s + 5)
+        wire = 0
         for digest, future in futures.items():
-            out[digest] = future.result() if future.done() else None
+            fetched = future.result() if future.done() else None
+            out[digest] = fetched.data if fetched is not None else None
+            if fetched is not None and fetched.data is not None and fetched.holder != "local":
+                wire += len(fetched.data)
+        with self._lock:
+            self._fetched_bytes += wire
         return out
 
     def _done(self, merged: CityMerge, started: float) -> CityMerge:
@@ -309,4 +316,5 @@ class CityTier:
                                 "accusers": sorted({e.accuser for e in items})}
         with self._lock:
             return {"every": self.settings.every, "rule": self.settings.rule, "epochs": list(self._epochs),
-                    "alone": self._alone, "flagged": flagged, "excluded": sorted(self.excluded())}
+                    "alone": self._alone, "fetched_bytes": self._fetched_bytes, "flagged": flagged,
+                    "excluded": sorted(self.excluded())}

@@ -49,6 +49,7 @@ log = logging.getLogger("starling.gateway.audit")
 POLL_S = 0.3
 RETRY_S = 2.0  # a check whose inputs were not at hand is tried again after this ...
 ATTEMPTS = 4  # ... this many times in all
+MAX_TIMES = 1000  # recompute times kept for the report
 
 
 @dataclass
@@ -75,14 +76,20 @@ class CityAuditor:
         self._checks: list[_Check] = []
         self._accused: set[bytes] = set()  # vertices this gateway wrote evidence against
         self._lock = threading.Lock()
-        self._counts = {"checked": 0, "match": 0, "mismatch": 0, "unverifiable": 0, "missing_inputs": 0}
+        self._counts = {"checked": 0, "match": 0, "mismatch": 0, "unverifiable": 0, "missing_inputs": 0,
+                        "fetched_bytes": 0}
+        self._seconds: list[float] = []  # each concluded check's recompute time (fetching excluded), newest last
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="city-audit", daemon=True)
         self._thread.start()
 
     def report(self) -> dict[str, Any]:
+        """The counts, the blob bytes fetched for audits, and the recompute time per check (mean, p95)."""
         with self._lock:
-            return {**self._counts, "pending": len(self._checks), "share": self._share}
+            seconds = sorted(self._seconds)
+            return {**self._counts, "pending": len(self._checks), "share": self._share,
+                    "recompute_s": round(sum(seconds) / len(seconds), 4) if seconds else None,
+                    "recompute_p95_s": round(seconds[int(0.95 * (len(seconds) - 1))], 4) if seconds else None}
 
     def close(self) -> None:
         self._stop.set()
@@ -125,7 +132,7 @@ class CityAuditor:
         for check in due:
             if self._stop.is_set():
                 return
-            verdict = self._verify(check)
+            verdict, seconds = self._verify(check)
             check.attempts += 1
             if verdict.status == "missing_inputs" and check.attempts < ATTEMPTS:
                 check.due = time.monotonic() + RETRY_S
@@ -134,9 +141,12 @@ class CityAuditor:
                 self._checks.remove(check)
                 self._counts["checked"] += 1
                 self._counts[verdict.status] += 1
+                if verdict.status in ("match", "mismatch"):
+                    self._seconds = [*self._seconds, seconds][-MAX_TIMES:]
             self._conclude(check.vertex, check.holders[0], verdict)
 
-    def _verify(self, check: _Check) -> Verdict:
+    def _verify(self, check: _Check) -> tuple[Verdict, float]:
+        """The verdict, and the seconds the recompute took once the blobs were at hand."""
         vertex = check.vertex
         body = vertex.body
         if vertex.kind == AGGREGATE:
@@ -145,13 +155,13 @@ class CityAuditor:
         else:
             problem = self._city_weights(body)
             if problem is not None:
-                return Verdict(False, body["output"], None, problem, "mismatch")
+                return Verdict(False, body["output"], None, problem, "mismatch"), 0.0
             digests = [m for _, m, _ in body["inputs"]]
             holders = check.holders + self._offerers(body)
         blobs = self._fetch(digests, holders)
-        if vertex.kind == AGGREGATE:
-            return verify_body(body, blobs.get)
-        return verify_city(body, blobs.get)
+        started = time.perf_counter()
+        verdict = verify_body(body, blobs.get) if vertex.kind == AGGREGATE else verify_city(body, blobs.get)
+        return verdict, time.perf_counter() - started
 
     def _city_weights(self, body: dict[str, Any]) -> str | None:
         """Why a `city` vertex's inputs are not sound offers with the ledger's weights (None: they are)."""
@@ -179,7 +189,11 @@ class CityAuditor:
         tag = self._tag()
         futures = {d: self._blobs.fetch(d, holders, tag) for d in dict.fromkeys(digests)}
         wait(futures.values(), timeout=self._blobs.settings.fetch_timeout_s + 5)
-        return {d: f.result() for d, f in futures.items() if f.done() and f.result() is not None}
+        done = [f.result() for f in futures.values() if f.done()]
+        got = {f.digest: f.data for f in done if f.data is not None}
+        with self._lock:
+            self._counts["fetched_bytes"] += sum(len(f.data) for f in done if f.data is not None and f.holder != "local")
+        return got
 
     def _conclude(self, vertex: Vertex, accused: str, verdict: Verdict) -> None:
         event(log, "audit.checked", vertex=vertex.id_hex[:16], kind=vertex.kind, gateway=accused,

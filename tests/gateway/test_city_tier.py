@@ -149,7 +149,10 @@ def test_three_gateways_end_every_epoch_on_one_city_model_that_every_ledger_reco
             assert verdict.status == "match", verdict
             assert all(w > 0 for _, _, w in vertex.body["inputs"])
         audits = result["city"]["audits"]
-        assert audits["mismatch"] == 0 and audits["match"] >= 2, audits
+        assert audits["mismatch"] == 0 and audits["match"] >= 2 and audits["recompute_s"] is not None, audits
+        # Each epoch it fetched the two peers' models (at most: one may have been at hand already), no more.
+        model_bytes = len(fetch(bytes.fromhex(per_gateway[0][1]["model"])))
+        assert 0 < result["city"]["fetched_bytes"] <= 2 * 2 * model_bytes, result["city"]
         assert result["city"]["flagged"] == {}
 
     # The operator's audit of one ledger with every gateway's blobs: each city epoch's merge and every round
