@@ -52,6 +52,7 @@ import numpy as np
 
 from ledger.city_queries import Offer
 from ledger.errors import LedgerError
+from ledger.kinds import CITY
 from ledger.store import Ledger
 from ledger.vertex import Vertex
 from protocol import schemas
@@ -125,9 +126,27 @@ class CityTier:
         self._blobs = blobs
         self._stop = stop
         self._lock = threading.Lock()
-        self._epochs: list[dict[str, Any]] = []
+        self._epochs: list[dict[str, Any]] = self._recorded_epochs()  # a restarted gateway's report goes on
         self._alone = 0
         self._fetched_bytes = 0  # model bytes fetched from other members for the merges (the city's traffic)
+
+    def _recorded_epochs(self) -> list[dict[str, Any]]:
+        """The epochs this gateway merged before (its `city` vertices), as the report lists them; what only the
+        merge knew (left out, seconds) is null."""
+        out = []
+        for vertex in self._ledger.vertices_of(CITY):
+            if self._ledger.speaks_as(vertex.creator) != self._id:
+                continue
+            body = vertex.body
+            inputs = []
+            for offer_id, model, weight in body["inputs"]:
+                offer = self._ledger.get(offer_id)
+                gateway = self._ledger.speaks_as(offer.creator) if offer is not None else None
+                inputs.append({"gateway": gateway, "model": model.hex(), "weight": weight})
+            out.append({"epoch": body["epoch"], "round": body["epoch"] * self.settings.every,
+                        "model": body["output"].hex(), "rule": body["rule"], "inputs": inputs, "left_out": None,
+                        "adopted": None, "seconds": None, "restored": True})
+        return out[-RECENT_EPOCHS:]
 
     def due(self, round_: int) -> bool:
         return round_ > 0 and round_ % self.settings.every == 0
