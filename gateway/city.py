@@ -69,6 +69,7 @@ POLL_S = 0.1
 CITY_STEP = "city"  # the rule a lineage step made by a city merge is journaled under (lineage.py)
 DEFAULT_MAX_EXAMPLES = 100_000
 RECENT_EPOCHS = 50  # epochs kept in the status and result
+OFFER_FLUSH_S = 10.0  # how long an offer waits for the blob writer to have the head on disk
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,9 @@ class CityTier:
             event(log, "city.no_offer", epoch=epoch, round=round_, model=head.digest.hex()[:16],
                   reason="no round of this gateway made the head")
             return
+        # The head's bytes go to the blob store off this thread: on disk before anyone is told to fetch them.
+        if not self._blobs.flush(OFFER_FLUSH_S):
+            event(log, "city.offer_unflushed", logging.WARNING, epoch=epoch, seconds=OFFER_FLUSH_S)
         try:
             vertex = self._ledger.record_offer(epoch, aggregate.body["round"], head.digest, aggregate.id)
         except (LedgerError, ProtocolError) as exc:
@@ -285,11 +289,13 @@ class CityTier:
         blob store or the holders, all at once; None for what could not be had."""
         out: dict[bytes, bytes | None] = {}
         futures = {}
+        members = sorted(set(self._ledger.member_ids().values()) - {self._id})
         for holder, digest in wanted:
             if digest == head.digest and head.model:
                 out[digest] = head.model
-            elif digest not in out and digest not in futures:
-                futures[digest] = self._blobs.fetch(digest, [holder], head.version)
+            elif digest not in out and digest not in futures:  # the offerer first, then whoever fetched it too
+                holders = [holder, *(m for m in members if m != holder)]
+                futures[digest] = self._blobs.fetch(digest, holders, head.version)
         if futures:
             wait(futures.values(), timeout=self._blobs.settings.fetch_timeout_s + 5)
         wire = 0
