@@ -8,6 +8,15 @@ Topics (protocol/topics.py) and messages (protocol/blob_messages.py):
 
     starling/blobs/want/<holder>     a requester names digests and itself
     starling/blobs/give/<requester>  the holder's answer: the blob in 256 KB chunks, or "missing" / "busy"
+    starling/blobs/push/<sender>     a blob every member will want (a city offer's model), sent once to all
+
+Pushing (`push(data)`): what every member will fetch anyway goes out once, on
+the sender's push topic, in the same chunks; every exchange listens to all
+push topics, reassembles (at most MAX_PUSH_PARTS blobs at once) and keeps
+the blobs that hash to their digest in memory (at most MAX_PUSHED_BYTES, the
+oldest dropped first), where a later `fetch` of that digest finds it (`holder`
+"push") without asking anyone. A push that never comes costs nothing: the
+fetch asks the holders as usual.
 
 Asking (one holder at a time, in the caller's order): a want goes to the
 first holder; each chunk that arrives extends the attempt's life by `idle_s`;
@@ -67,6 +76,8 @@ LOG_EVERY_S = 10.0  # one `blob.refused` line per reason at most this often (a f
 RECENT = 256  # finished digests remembered, so their late chunks are ignored rather than refused
 SUBSCRIBE_WAIT_S = 10.0
 ABSENT_COST = 128  # budget bytes an absent answer costs (its size, rounded up)
+MAX_PUSH_PARTS = 8  # pushed blobs being reassembled at once (the oldest partial one gives way)
+MAX_PUSHED_BYTES = 64 * 1024 * 1024  # pushed blobs kept in memory until fetched (the oldest go first)
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ class Fetched:
     digest: bytes
     data: bytes | None  # the blob, hashing to `digest`; None when the fetch failed
     reason: str
-    holder: str | None  # who gave it ("local": it was already in the store)
+    holder: str | None  # who gave it ("local": it was already in the store; "push": its holder pushed it)
     tried: tuple[tuple[str, str], ...] = ()  # (holder, outcome) per attempt, in order
     seconds: float = 0.0
 
@@ -119,6 +130,11 @@ class _Fetch:
 
 
 @dataclass(frozen=True)
+class _Push:
+    data: bytes
+
+
+@dataclass(frozen=True)
 class _Request:
     digest: bytes
     holders: tuple[str, ...]
@@ -133,11 +149,11 @@ class BlobExchange:
         if not NODE_ID.fullmatch(node_id):
             raise ValueError("a node id is 32 lowercase hex characters (an identity's id)")
         self.store, self.node_id, self.settings = store, node_id, settings
-        self._work: queue.Queue[Message | _Request] = queue.Queue()
+        self._work: queue.Queue[Message | _Request | _Push] = queue.Queue()
         self.connection = Connection(ConnectionOptions(
             client_id=client_id or f"gw-{node_id}-blobs", host=host, port=port, auth=auth or BrokerAuth(),
             clean_session=True, max_inflight=64, reconnect_min_s=0.2, reconnect_max_s=5,
-            subscriptions=((topics.blob_want(node_id), 1), (topics.blob_give(node_id), 1)),
+            subscriptions=((topics.blob_want(node_id), 1), (topics.blob_give(node_id), 1), (topics.BLOB_PUSHES, 1)),
             log_name="starling.gateway.blobs"), deliver=self._work.put)
         self._thread = threading.Thread(target=self._run, name="blob-exchange", daemon=True)
         self._stop = threading.Event()
@@ -152,7 +168,10 @@ class BlobExchange:
         self._refilled = time.monotonic()
         self._logged: dict[str, float] = {}  # refusal reason -> when last logged
         self._stats_lock = threading.Lock()
-        self._stats = {"fetched": 0, "fetched_bytes": 0, "served": 0, "served_bytes": 0}
+        self._stats = {"fetched": 0, "fetched_bytes": 0, "served": 0, "served_bytes": 0, "pushed": 0,
+                       "pushed_bytes": 0, "received_pushes": 0, "received_push_bytes": 0}
+        self._incoming: collections.OrderedDict[bytes, dict[int, bytes]] = collections.OrderedDict()  # partial pushes
+        self._pushed: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # whole, checked, unfetched
         self._failed: dict[str, int] = {}
         self._refused: dict[str, int] = {}
 
@@ -175,6 +194,12 @@ class BlobExchange:
             else:
                 self._work.put(request)
         return future
+
+    def push(self, data: bytes) -> None:
+        """Send a blob once to every member (its digest is its SHA-256); they keep it until they fetch it."""
+        with self._gate:
+            if not self._closed:
+                self._work.put(_Push(bytes(data)))
 
     def status(self) -> dict[str, object]:
         with self._stats_lock:
@@ -228,6 +253,10 @@ class BlobExchange:
         try:
             if isinstance(item, _Request):
                 self._on_request(item, now)
+            elif isinstance(item, _Push):
+                self._push(item.data)
+            elif item.topic.startswith(topics.blob_push("")):
+                self._on_push(item.payload, now)
             elif item.topic == topics.blob_give(self.node_id):
                 self._on_give(item.payload, now)
             elif item.topic == topics.blob_want(self.node_id):
@@ -262,6 +291,10 @@ class BlobExchange:
                 self.store.retag(request.digest, request.tag)
                 request.future.set_result(Fetched(request.digest, data, "local", "local"))
                 return
+        pushed = self._pushed.pop(request.digest, None)
+        if pushed is not None:  # sent to all by its holder before anyone asked
+            fetch = _Fetch(request.digest, [request.tag], [], now, now, [request.future])
+            return self._keep(fetch, pushed, "push", now)
         holders = [h for h in dict.fromkeys(request.holders) if h != self.node_id]
         fetch = _Fetch(request.digest, [request.tag], holders, now + request.timeout_s, now, [request.future])
         self._fetches[fetch.digest] = fetch
@@ -329,14 +362,18 @@ class BlobExchange:
                                             f"{fetch.digest.hex()[:16]}", now)
             return self._fail_attempt(fetch, "mismatch", now)
         fetch.tried.append((chunk.sender, "ok"))
+        return self._keep(fetch, data, chunk.sender, now)
+
+    def _keep(self, fetch: _Fetch, data: bytes, holder: str, now: float) -> None:
+        """Checked bytes: stored under every tag asked for, and the fetch ends."""
         try:
             self.store.put(data, fetch.tags[0])
             for tag in fetch.tags[1:]:
                 self.store.retag(fetch.digest, tag)
         except (OSError, BlobTooLarge) as exc:  # the bytes are right; keeping them failed (disk full?)
             event(log, "blob.not_stored", logging.ERROR, digest=fetch.digest.hex()[:16], reason=str(exc))
-            return self._finish(fetch, data, "not_stored", now, chunk.sender)
-        return self._finish(fetch, data, "ok", now, chunk.sender)
+            return self._finish(fetch, data, "not_stored", now, holder)
+        return self._finish(fetch, data, "ok", now, holder)
 
     def _finish(self, fetch: _Fetch, data: bytes | None, reason: str, now: float, holder: str | None = None) -> None:
         self._fetches.pop(fetch.digest, None)
@@ -383,6 +420,53 @@ class BlobExchange:
         self._promote(now)
         if len(self._served) > 1024:
             self._served = {k: t for k, t in self._served.items() if now - t < self.settings.repeat_s}
+
+    # pushing
+
+    def _push(self, data: bytes) -> None:
+        digest = sha256(data)
+        chunks = split(self.node_id, digest, data)
+        for chunk in chunks:
+            self.connection.publish(topics.blob_push(self.node_id), chunk.encode())
+        with self._stats_lock:
+            self._stats["pushed"] += 1
+            self._stats["pushed_bytes"] += len(data)
+        event(log, "blob.pushed", digest=digest.hex()[:16], bytes=len(data), chunks=len(chunks))
+
+    def _on_push(self, payload: bytes, now: float) -> None:
+        try:
+            chunk = decode_give(payload, self.store.max_blob_bytes)
+        except ProtocolError as exc:
+            return self._refuse(exc.reason, exc.detail, now)
+        if isinstance(chunk, Absent):
+            return self._refuse("unwanted", "an absent answer on a push topic", now)
+        if chunk.sender == self.node_id or chunk.digest in self._pushed or self.store.has(chunk.digest):
+            return None  # our own, or had already
+        parts = self._incoming.setdefault(chunk.digest, {})
+        self._incoming.move_to_end(chunk.digest)
+        while len(self._incoming) > MAX_PUSH_PARTS:
+            self._incoming.popitem(last=False)
+        parts[chunk.index] = chunk.data
+        if len(parts) < chunk.count:
+            return None
+        del self._incoming[chunk.digest]
+        data = b"".join(parts.get(i, b"") for i in range(chunk.count))
+        if len(data) != chunk.size or sha256(data) != chunk.digest:
+            return self._refuse("digest_mismatch", f"a push from {chunk.sender} does not hash to "
+                                                   f"{chunk.digest.hex()[:16]}", now)
+        with self._stats_lock:
+            self._stats["received_pushes"] += 1
+            self._stats["received_push_bytes"] += len(data)
+        fetch = self._fetches.get(chunk.digest)
+        if fetch is not None:  # asked for already: the push answers it
+            if fetch in self._waiting:
+                self._waiting.remove(fetch)
+            fetch.tried.append((chunk.sender, "push"))
+            return self._keep(fetch, data, "push", now)
+        self._pushed[chunk.digest] = data
+        while sum(map(len, self._pushed.values())) > MAX_PUSHED_BYTES:
+            self._pushed.popitem(last=False)
+        return None
 
     # serving
 

@@ -156,6 +156,13 @@ class BlobKeeper:
             return future
         return self.exchange.fetch(digest, holders, tag)
 
+    def push(self, data: bytes) -> bool:
+        """Send a blob once to every member gateway (blob_exchange.py); False when not serving."""
+        if self.exchange is None:
+            return False
+        self.exchange.push(data)
+        return True
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is done (written, or logged as not kept); False on timeout."""
         with self._cond:

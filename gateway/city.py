@@ -10,7 +10,9 @@ on across restarts, so epoch e is round e x every everywhere). At its epoch
 round a gateway:
 
 1. offers its head, when a round of its own made it: a `city.offer` vertex
-   naming its aggregate vertex (the model's bytes stay in its blob store);
+   naming its aggregate vertex; the model's bytes, kept in its blob store,
+   are pushed once to every member first (blob_exchange.py), so the others
+   hold them by the time they read the offer;
 2. waits until every member it does not exclude has offered, or `deadline_s`
    passed since its own offer, or another member has already merged this
    epoch (a `city` vertex by a gateway it does not exclude);
@@ -79,7 +81,8 @@ class CitySettings:
     every: int = 3  # rounds per city epoch
     rule: str = "weighted"  # "weighted" (FedAvg over the gateways' models) or "median" (FedMedian)
     deadline_s: float = 60.0  # how long after its own offer a gateway waits for the other members' offers
-    audit_share: float = 1.0  # share of the peers' round aggregates this gateway recomputes (city_audit.py)
+    audit_share: float | None = None  # share of the peers' round aggregates this gateway recomputes
+    #                                    (city_audit.py); None: 2 / (members - 1), all of them up to 3 gateways
     max_examples: int = DEFAULT_MAX_EXAMPLES  # an update counts at most this many examples in an offer's weight
 
 
@@ -129,7 +132,8 @@ class CityTier:
         self._lock = threading.Lock()
         self._epochs: list[dict[str, Any]] = self._recorded_epochs()  # a restarted gateway's report goes on
         self._alone = 0
-        self._fetched_bytes = 0  # model bytes fetched from other members for the merges (the city's traffic)
+        self._fetched_bytes = 0  # model bytes received from other members for the merges (pushed or fetched)
+        self._pushed_bytes = 0  # this gateway's offered models, sent once to all
 
     def _recorded_epochs(self) -> list[dict[str, Any]]:
         """The epochs this gateway merged before (its `city` vertices), as the report lists them; what only the
@@ -186,6 +190,12 @@ class CityTier:
         # The head's bytes go to the blob store off this thread: on disk before anyone is told to fetch them.
         if not self._blobs.flush(OFFER_FLUSH_S):
             event(log, "city.offer_unflushed", logging.WARNING, epoch=epoch, seconds=OFFER_FLUSH_S)
+        # Every member will want the model: it goes out once, to all, before the offer that names it (a member
+        # that missed the push fetches it from the blob store as usual).
+        model = head.model or schemas.encode_model(head.weights)
+        if self._blobs.push(model):
+            with self._lock:
+                self._pushed_bytes += len(model)
         try:
             vertex = self._ledger.record_offer(epoch, aggregate.body["round"], head.digest, aggregate.id)
         except (LedgerError, ProtocolError) as exc:
@@ -341,5 +351,6 @@ class CityTier:
                                 "accusers": sorted({e.accuser for e in items})}
         with self._lock:
             return {"every": self.settings.every, "rule": self.settings.rule, "epochs": list(self._epochs),
-                    "alone": self._alone, "fetched_bytes": self._fetched_bytes, "flagged": flagged,
+                    "alone": self._alone, "fetched_bytes": self._fetched_bytes,
+                    "pushed_bytes": self._pushed_bytes, "flagged": flagged,
                     "excluded": sorted(self.excluded())}

@@ -7,8 +7,10 @@
 What it checks, as vertices arrive (`Ledger.arrived_since`), off the round
 engine's thread:
 
-    a peer's `aggregate`   a share of them (`[city] audit_share`, chosen by a hash of this gateway's id
-                           and the vertex, so different auditors check different ones): the base model and
+    a peer's `aggregate`   a share of them (`[city] audit_share`, by default 2 / (members - 1): every
+                           aggregate is checked by two peers on average, all of them in a city of up to
+                           three; chosen by a hash of this gateway's id and the vertex, so different
+                           auditors check different ones): the base model and
                            the input updates fetched from that gateway's blob store, recomputed by the
                            same Flower code (recompute.py `verify_body`)
     a peer's `city`        every one: its inputs' models recomputed by the merge rule (city_merge.py) and
@@ -61,10 +63,10 @@ class _Check:
 
 
 class CityAuditor:
-    def __init__(self, ledger: Ledger, gateway_id: str, own_ids: set[str], blobs: BlobKeeper, share: float,
+    def __init__(self, ledger: Ledger, gateway_id: str, own_ids: set[str], blobs: BlobKeeper, share: float | None,
                  tag: Callable[[], int], max_examples: int) -> None:
         """`own_ids`: the ids this gateway writes under (never audited by itself); `share`: of the peers' round
-        aggregates, checked; `tag()`: the blob tag fetched blobs are kept under (the head's version)."""
+        aggregates, checked (None: two checks of each on average); `tag()`: the blob tag fetched blobs are kept under (the head's version)."""
         self._ledger = ledger
         self._id = gateway_id
         self._own_ids = set(own_ids)
@@ -87,7 +89,7 @@ class CityAuditor:
         """The counts, the blob bytes fetched for audits, and the recompute time per check (mean, p95)."""
         with self._lock:
             seconds = sorted(self._seconds)
-            return {**self._counts, "pending": len(self._checks), "share": self._share,
+            return {**self._counts, "pending": len(self._checks), "share": self.share(),
                     "recompute_s": round(sum(seconds) / len(seconds), 4) if seconds else None,
                     "recompute_p95_s": round(seconds[int(0.95 * (len(seconds) - 1))], 4) if seconds else None}
 
@@ -119,11 +121,17 @@ class CityAuditor:
             if not vertices:
                 return
 
+    def share(self) -> float:
+        if self._share is not None:
+            return self._share
+        return min(1.0, 2.0 / max(1, len(self._ledger.member_ids()) - 1))
+
     def _sampled(self, vertex: Vertex) -> bool:
-        if self._share >= 1.0:
+        share = self.share()
+        if share >= 1.0:
             return True
         draw = int.from_bytes(sha256(self._id.encode() + vertex.id)[:8], "big") / 2**64
-        return draw < self._share
+        return draw < share
 
     def _check_due(self) -> None:
         now = time.monotonic()

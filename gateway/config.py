@@ -13,8 +13,8 @@
     # tls_ca, tls_cert, tls_key, username, password_file: see protocol/transport.py
 
     [ledger]
-    genesis = ""                          # the city's genesis vertex (starling-ledger init); "" = this
-                                          # gateway roots a ledger of its own
+    genesis = "genesis.cbor"              # the city's genesis vertex (starling-ledger init); "" = this
+                                          # gateway roots a ledger of its own (and has no [city])
     gossip = true                         # share the ledger with the other gateways over MQTT
     bootstrap_s = 5.0                     # a new gateway waits this long for a peer's checkpoint
     checkpoint_every = 1000               # write a checkpoint after this many new vertices (0: never)
@@ -73,7 +73,8 @@
     every = 3                             # rounds per city epoch: the members merge their models
     rule = "weighted"                     # "weighted" (by the examples the ledger records) or "median"
     deadline_s = 60.0                     # after its own offer, how long a gateway waits for the others'
-    audit_share = 1.0                     # share of the peers' round aggregates recomputed (city_audit.py)
+    audit_share = 1.0                     # share of the peers' round aggregates recomputed (city_audit.py);
+                                          # absent: 2 / (members - 1), i.e. all of them up to 3 gateways
     max_examples = 100000                 # an update counts at most this many examples in an offer's weight
 
     [enrollment]
@@ -314,8 +315,8 @@ def _city(doc: dict[str, Any]) -> CitySettings | None:
     deadline = _positive("city.deadline_s", setting(doc, "city", "deadline_s", float, CitySettings.deadline_s))
     if deadline > MAX_FETCH_TIMEOUT_S:
         raise ConfigError(f"city.deadline_s must be at most {MAX_FETCH_TIMEOUT_S:.0f}, got {deadline}")
-    share = setting(doc, "city", "audit_share", float, CitySettings.audit_share)
-    if not 0.0 <= share <= 1.0:
+    share = setting(doc, "city", "audit_share", float, None)
+    if share is not None and not 0.0 <= share <= 1.0:
         raise ConfigError(f"city.audit_share must be 0 to 1 (the share of peers' aggregates recomputed), got {share}")
     cap = setting(doc, "city", "max_examples", int, CitySettings.max_examples)
     if not 1 <= cap <= MAX_EXAMPLES:

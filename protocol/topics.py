@@ -68,6 +68,14 @@ def blob_give(requester: str) -> str:
     return f"{ROOT}/blobs/give/{requester}"
 
 
+def blob_push(sender: str) -> str:
+    """Where a gateway pushes a blob every member will want (its city offer's model), once, to all."""
+    return f"{ROOT}/blobs/push/{sender}"
+
+
+BLOB_PUSHES = f"{ROOT}/blobs/push/+"
+
+
 def device_of(topic: str) -> str:
     """The last segment of a per-device topic."""
     return topic.rsplit("/", 1)[-1]

@@ -289,6 +289,7 @@ GATEWAY_KEYS = {
     "aggregation": "max_examples, median_multiple, weights",
     "defense": "centered_clipping, median_multiple, norm_bound",
     "blobs": "fetch_timeout_s, keep, max_mb, serve, serve_mb_per_s",
+    "city": "audit_share, deadline_s, every, max_examples, rule",
     "enrollment": "allowlist, operator_keys, policy",
 }
 AGENT_KEYS = {
@@ -306,7 +307,7 @@ AGENT_KEYS = {
       for section, typo in [
           ("gateway", "rotation"), ("broker", "tls-ca"), ("ledger", "checkpoint_evry"), ("ingest", "worker"),
           ("model", "manifest_path"), ("strategy", "param"), ("rounds", "num_round"), ("aggregation", "weight"),
-          ("defense", "norm_bounds"), ("blobs", "keep_tags"), ("enrollment", "operator_key")]],
+          ("defense", "norm_bounds"), ("blobs", "keep_tags"), ("city", "evry"), ("enrollment", "operator_key")]],
     *[pytest.param(parse_agent, GOOD_AGENT, section, typo, AGENT_KEYS[section], id=f"agent {section}.{typo}")
       for section, typo in [
           ("device", "resend"), ("gateway", "rootkey"), ("broker", "hots"), ("data", "retention_s"),
@@ -320,7 +321,7 @@ def test_a_misspelt_key_in_any_table_is_refused_naming_it_and_the_known_ones(par
 
 @pytest.mark.parametrize("parse, good, name, value, match", [
     pytest.param(parse_gateway, GOOD_GATEWAY, "round", {"num_rounds": 5}, (
-        r"unknown section \[round\]; known: aggregation, blobs, broker, defense, enrollment, gateway, ingest, "
+        r"unknown section \[round\]; known: aggregation, blobs, broker, city, defense, enrollment, gateway, ingest, "
         r"ledger, model, rounds, strategy$"), id="gateway [round]"),
     pytest.param(parse_gateway, GOOD_GATEWAY, "trainig", {}, r"unknown section \[trainig\]", id="gateway [trainig]"),
     pytest.param(parse_gateway, GOOD_GATEWAY, "num_rounds", 5,
@@ -356,6 +357,7 @@ def docstring_config(module) -> dict:
     pytest.param(agent_config, parse_agent, {*AGENT_KEYS, "sensor"}, id="agent"),
 ])
 def test_the_documented_example_configs_load(module, parse, sections, tmp_path):
+    (tmp_path / "genesis.cbor").write_bytes(b"")  # the files the examples name (only their existence is checked)
     doc = docstring_config(module)
     assert set(doc) == sections  # the example shows every section
     parse(doc, tmp_path)

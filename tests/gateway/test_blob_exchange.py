@@ -280,3 +280,33 @@ def test_a_flood_of_hostile_messages_is_counted_and_changes_nothing(exchanges, b
     assert "Traceback" not in caplog.text
     refusal_lines = [r for r in caplog.records if "blob.refused" in r.getMessage()]
     assert len(refusal_lines) <= 2 * 4  # counted, not logged one by one: a line per reason per 10 s per peer
+
+
+def test_a_pushed_blob_reaches_every_member_once_and_a_fetch_takes_it_without_asking(exchanges, broker):
+    sender, first, second = exchanges(), exchanges(), exchanges()
+    data = blob(40)  # 3 chunks
+    digest = sha256(data)
+    sender.push(data)
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and not all(e.status()["received_pushes"] for e in (first, second)):
+        time.sleep(0.05)
+    assert [e.status()["received_pushes"] for e in (first, second)] == [1, 1]
+    assert sender.status()["pushed_bytes"] == len(data) and sender.status()["received_pushes"] == 0
+    for exchange in (first, second):  # no holder named: the push is the only way it can be had
+        fetched = exchange.fetch(digest, [], tag=3).result(WAIT)
+        assert (fetched.reason, fetched.holder, fetched.data) == ("ok", "push", data)
+        assert exchange.store.get(digest) == data and exchange.status()["served"] == 0
+    assert sender.status()["served"] == 0  # nobody had to ask
+
+    # A forged push (bytes that do not hash to the digest its chunks claim) is refused and kept nowhere.
+    forged, liar = blob(41, 1000), RawPeer(broker)
+    try:
+        for chunk in split(node_id(), sha256(b"something else"), forged):
+            liar.send(topics.blob_push(chunk.sender), chunk.encode())
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline and not first.status()["refused"].get("digest_mismatch"):
+            time.sleep(0.05)
+        assert first.status()["refused"].get("digest_mismatch") == 1
+        assert first.fetch(sha256(b"something else"), [], tag=3).result(WAIT).data is None
+    finally:
+        liar.close()

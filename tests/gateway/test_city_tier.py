@@ -153,6 +153,7 @@ def test_three_gateways_end_every_epoch_on_one_city_model_that_every_ledger_reco
         # Each epoch it fetched the two peers' models (at most: one may have been at hand already), no more.
         model_bytes = len(fetch(bytes.fromhex(per_gateway[0][1]["model"])))
         assert 0 < result["city"]["fetched_bytes"] <= 2 * 2 * model_bytes, result["city"]
+        assert result["city"]["pushed_bytes"] == 2 * model_bytes  # its offer's model went out once per epoch
         assert result["city"]["flagged"] == {}
 
     # The operator's audit of one ledger with every gateway's blobs: each city epoch's merge and every round
