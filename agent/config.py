@@ -7,8 +7,14 @@
     voucher = "/etc/starling/voucher.cbor"  # optional: needed where the gateway's policy is "voucher"
 
     [gateway]
-    id = "3fa1c0d2e4b5a6970c1d2e3f4a5b6c7d"  # the gateway's id
+    id = "3fa1c0d2e4b5a6970c1d2e3f4a5b6c7d"  # the gateway's id: the device's first home
     public_key = "<64 hex chars>"    # the gateway's Ed25519 public key: the trust anchor
+    root_key = "<64 hex chars>"      # optional: the city's root key; follow key rotations, roam ([city])
+
+    [city]                           # roaming (agent/roaming.py); needs gateway.root_key
+    rehome_after_s = 600.0           # re-home once the home gateway is gone this long (0: never re-home)
+    prefer = []                      # gateway ids to re-home to first, in order (else spread by device id)
+    # genesis = "/etc/starling/genesis.cbor"  # the city's genesis file; else learned from the gateway
 
     [broker]
     host = "127.0.0.1"
@@ -59,6 +65,8 @@ from protocol.config import (
     setting,
     table,
 )
+from protocol.errors import ProtocolError
+from protocol.membership import City
 from protocol.transport import BrokerAuth, read_broker_auth
 
 from .budget import DEFAULT_THERMAL_ZONE, Budget
@@ -66,6 +74,8 @@ from .budget import DEFAULT_THERMAL_ZONE, Budget
 __all__ = ["AgentConfig", "ConfigError", "Sampling", "load_config", "parse_config"]
 
 DEFAULT_FREEZE_WINDOW_S = 86400.0
+DEFAULT_REHOME_AFTER_S = 600.0
+REHOME_BOUNDS_S = (1.0, 30 * 86400.0)  # besides 0 (never)
 FREEZE_WINDOW_BOUNDS_S = (600.0, 365 * 86400.0)
 
 
@@ -93,6 +103,17 @@ class AgentConfig:
     # The city's root key (`[gateway] root_key`): with it the device follows the gateway's key rotations
     # (protocol/rotation.py); without it only `gateway_public_key` ever signs for the gateway.
     gateway_root_key: bytes | None = None
+    # Roaming ([city], agent/roaming.py), with the root key only: re-home to another member gateway once the home
+    # one is gone this long (0: never); `prefer` these gateway ids first; `city_genesis` the city's genesis vertex
+    # (checked against the root key here), or None: learned from the gateway's retained membership document.
+    rehome_after_s: float = DEFAULT_REHOME_AFTER_S
+    prefer: tuple[str, ...] = ()
+    city_genesis: bytes | None = None
+
+    @property
+    def roams(self) -> bool:
+        """Whether this device re-homes when its gateway is gone: it knows the city's root key and may."""
+        return self.gateway_root_key is not None and self.rehome_after_s > 0
 
 
 @dataclass(frozen=True)
@@ -115,7 +136,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         return resolve_path(setting(doc, section, key, str), base_dir, f"{section}.{key}")
 
     gw_id = setting(doc, "gateway", "id", str)
-    if len(gw_id) != 32 or any(c not in "0123456789abcdef" for c in gw_id):
+    if not _is_gateway_id(gw_id):
         raise ConfigError("gateway.id must be 32 lowercase hex characters")
     gw_key = _public_key(setting(doc, "gateway", "public_key", str), "gateway.public_key")
     root_key = table(doc, "gateway").get("root_key")
@@ -154,9 +175,42 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         sampling=_sampling(doc, base_dir),
         freeze_window_s=freeze_window,
         gateway_root_key=root_key,
+        **_city(doc, base_dir, root_key),
     )
     refuse_unread(doc)
     return config
+
+
+def _is_gateway_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+def _city(doc: dict[str, Any], base_dir: Path, root_key: bytes | None) -> dict[str, Any]:
+    """The [city] table: roaming needs the root key; a genesis file must be the root's genesis (checked now, so
+    a wrong file stops the agent at start instead of leaving it unable to roam when its gateway is gone)."""
+    rehome = setting(doc, "city", "rehome_after_s", float, DEFAULT_REHOME_AFTER_S)
+    low, high = REHOME_BOUNDS_S
+    if rehome != 0 and not low <= rehome <= high:
+        raise ConfigError(f"city.rehome_after_s must be 0 (never) or between {low:.0f} and {high:.0f} seconds, "
+                          f"got {rehome}")
+    prefer = setting(doc, "city", "prefer", list, [])
+    if not all(isinstance(g, str) and _is_gateway_id(g) for g in prefer):
+        raise ConfigError("city.prefer must be a list of gateway ids (32 lowercase hex characters)")
+    genesis_path = setting(doc, "city", "genesis", str, "")
+    if root_key is None and any(key in table(doc, "city") for key in ("rehome_after_s", "prefer", "genesis")):
+        raise ConfigError("[city] needs gateway.root_key: the device checks the city's members with it")
+    genesis = None
+    if genesis_path:
+        path = resolve_path(genesis_path, base_dir, "city.genesis")
+        try:
+            genesis = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"city.genesis: cannot read {path}: {exc.strerror}") from exc
+        try:
+            City.from_genesis(genesis, root_key)
+        except ProtocolError as exc:
+            raise ConfigError(f"city.genesis: {path} is not a genesis the root key signed ({exc})") from exc
+    return {"rehome_after_s": rehome, "prefer": tuple(prefer), "city_genesis": genesis}
 
 
 def _public_key(text: str, field: str) -> bytes:

@@ -5,6 +5,9 @@
                                     key and the keys its rotations retired
     <state_dir>/tasks/*.task        tasks received and not answered yet (saved before MQTT acks them)
     <state_dir>/pending/*.reply     signed replies not yet acknowledged by a receipt
+    <state_dir>/home.json           where the device lives after it re-homed (agent/roaming.py): the gateway,
+                                    the key that signed for it then, the configured gateway it left
+    <state_dir>/members.cbor        the city's membership vertices it verified (protocol/membership.py)
 
 A task is on disk before the broker hears it arrived, so a power cut during
 training re-does that task at restart instead of losing it. A reply is on
@@ -13,7 +16,12 @@ reply is first published; it is deleted only when a signed receipt for it
 arrives. So a power cut at any instant either loses nothing or re-sends a
 reply the gateway already has (which it acknowledges again), and a task is
 never answered twice with different replies. The state belongs to one gateway: a device pointed at
-another gateway starts over (enrolls again, trusts no model version yet).
+another gateway starts over (enrolls again, trusts no model version yet). So does a device that
+re-homed: model versions count per gateway lineage, so it takes its new home's lineage (the city's
+model) from whatever version that gateway is at, and its rollback and freeze guards start again from
+there. `home.json` is written (atomically) before anything else of the move, so a power cut during a
+re-home leaves the device either still at its old home or at its new one with a fresh state; replies
+still pending for the old home are dropped (`drop_pending_not_for`): no other gateway can take them.
 A state file written before a field existed still loads: the missing field
 takes its default (`trusted_digest` "": the next release at `trusted_version`
 is taken as that version's digest; `newest_expires` 0: no freeze bound yet;
@@ -26,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,6 +68,23 @@ def _key_hex(value: object) -> str:
     return _digest_hex(value)  # the same shape as a digest's
 
 
+@dataclass(frozen=True)
+class Home:
+    """Where the device lives when it re-homed away from its configured gateway (`home.json`)."""
+
+    gateway: str  # the gateway's id
+    key: str  # hex: the key that signed for it when the device moved there (later rotations: AgentState.gateway_key)
+    configured: str  # the configured gateway it roamed from: a device configured for another one starts over
+    since: float = 0.0  # unix time of the move
+    previous: str = ""  # the gateway it left
+
+
+def _gateway_id(value: object) -> str:
+    if not isinstance(value, str) or len(value) != 32 or bytes.fromhex(value).hex() != value:
+        raise ValueError(f"not a gateway id: {value!r:.80}")
+    return value
+
+
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
@@ -67,6 +93,8 @@ class StateStore:
         self.tasks_dir = state_dir / "tasks"
         self.tasks_dir.mkdir(parents=True, exist_ok=True)
         self._state_file = state_dir / "state.json"
+        self._home_file = state_dir / "home.json"
+        self._members_file = state_dir / "members.cbor"
 
     def load(self, gateway: str) -> AgentState:
         """The state kept for `gateway`; a fresh one if there is none or it is about another gateway."""
@@ -85,6 +113,43 @@ class StateStore:
 
     def save(self, state: AgentState) -> None:
         write_atomic(self._state_file, json.dumps(asdict(state)).encode(), mode=0o600)
+
+    def load_home(self, configured: str) -> Home | None:
+        """The home this device re-homed to from the `configured` gateway; None if it never did (or the file is
+        about another configured gateway, or mangled: then the configured gateway is home again)."""
+        try:
+            doc = json.loads(self._home_file.read_text())
+            home = Home(_gateway_id(doc["gateway"]), _key_hex(doc["key"]), _gateway_id(doc["configured"]),
+                        float(doc.get("since", 0.0)), str(doc.get("previous", "")))
+            if not home.key:
+                raise ValueError("no key")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return home if home.configured == configured else None
+
+    def save_home(self, home: Home) -> None:
+        write_atomic(self._home_file, json.dumps(asdict(home)).encode(), mode=0o600)
+
+    def load_members(self) -> bytes | None:
+        """The membership document kept (unverified bytes: the caller checks them against the root key)."""
+        try:
+            return self._members_file.read_bytes()
+        except OSError:
+            return None
+
+    def save_members(self, document: bytes) -> None:
+        write_atomic(self._members_file, document, mode=0o600)
+
+    def drop_pending_not_for(self, gateway: str, gateway_of: Callable[[bytes], str]) -> int:
+        """Drop pending replies addressed to another gateway than `gateway` (`gateway_of(wire)` names a reply's,
+        "" if it cannot tell: dropped too, nobody can take it); return how many went."""
+        dropped = 0
+        for key in self.pending_keys():
+            wire = self.read_pending(key)
+            if wire is not None and gateway_of(wire) != gateway:
+                self.drop_pending(key)
+                dropped += 1
+        return dropped
 
     def put_task(self, wire: bytes) -> str:
         """Save a received task (named by its hash: the bytes are not verified yet); return the name."""

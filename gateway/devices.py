@@ -186,7 +186,10 @@ class Enrollment:
             evidence = request.voucher if self._policy == "voucher" else b""  # an allow-list entry is the key
             self._write(key, request.name, self._policy, evidence)
             self._registry.admit(key, request.name)
-            self._registry.set_online(device, True)  # it is connected: it just sent this request
             event(log, "enroll.accepted", device=device, name=request.name, policy=self._policy)
+        # It is connected: it just sent this request. Also when it was enrolled already (by this gateway's
+        # ledger, say, for a device that re-homed here): its "online" flag may have arrived before the
+        # enrollment did, and was dropped then as a stranger's.
+        self._registry.set_online(device, True)
         self._outbox.enroll_receipt(device, True, "")
 

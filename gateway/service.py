@@ -83,6 +83,7 @@ DRAIN_S = 5.0  # at a stop, how long the worker may still take in what already a
 STATUS_WAIT_S = 2.0  # at a stop, how long the last status may take to reach the broker
 INGEST_BATCH = 256  # messages taken from the inbox at once: one journal commit for all their replies
 EXPORT_WAIT_S = 120.0  # at the end of a run, how long the last MCU export may still take
+RECONNECTED = ""  # an inbox item that is no topic: the gateway's connection is back (its status is said again)
 FIRST_START = "first start"
 NEW_FAMILY = "the model family changed"
 
@@ -226,7 +227,10 @@ class Gateway:
             client_id=f"gw-{self.id}", host=cfg.broker_host, port=cfg.broker_port, auth=cfg.broker_auth,
             subscriptions=tuple((t, 1) for t in [*replies, f"{prefix}/enroll/+", f"{prefix}/online/+"]),
             will=Will(topics.status(self.id), b'{"state": "offline"}'), max_inflight=200,
-            log_name="starling.gateway"), deliver=lambda m: inbox.put((m.topic, m.payload, None)))
+            log_name="starling.gateway"), deliver=lambda m: inbox.put((m.topic, m.payload, None)),
+            # After a reconnect the broker holds the last will ("offline") as the retained status: the worker says
+            # it again at once, or devices that roam would leave a gateway that is only between two rounds.
+            on_state=lambda up, _detail: up and inbox.put((RECONNECTED, b"", None)))
         self.registry = registry = DeviceRegistry(on_change=self._tell_ingest_workers)
         outbox = Outbox(self.identity, self.id, connection.publish)
         # The largest honest reply is an f32 delta of the whole model plus small change.
@@ -273,6 +277,9 @@ class Gateway:
             if self.chain.rotations:  # retained: devices that know the root key follow it to this key
                 connection.publish(topics.keys(self.id), self.chain.encode(), retain=True)
                 event(log, "gateway.keys_published", rotations=len(self.chain.rotations), key=self.identity.id)
+            from .membership import MembershipPublisher  # retained: the city's members, for devices that roam
+
+            MembershipPublisher(self.keeper.ledger, self.id, connection.publish, worker_stop).start()
             if cfg.ingest_workers:
                 self._ingest = IngestWorkers(cfg.ingest_workers, WorkerSettings(
                     self.id, cfg.broker_host, cfg.broker_port, cfg.broker_auth, max_reply, logging.getLogger().level),
@@ -375,7 +382,9 @@ class Gateway:
 
     def _other(self, prefix: str, topic: str, payload: bytes, board: StatusBoard) -> None:
         try:
-            if topic.startswith(prefix + "enroll/"):
+            if topic == RECONNECTED:
+                board.publish()
+            elif topic.startswith(prefix + "enroll/"):
                 self.enrollment.handle(topic, payload)
             elif topic.startswith(prefix + "online/"):
                 device = topics.device_of(topic)

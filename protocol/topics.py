@@ -3,6 +3,7 @@
     starling/<gw>/model/<digest-hex>   retained, signed model releases
     starling/<gw>/mcu/latest           retained, signed int8 TFLite Micro export of the latest release
     starling/<gw>/keys                 retained, the gateway's key rotations signed by the root key
+    starling/<gw>/members              retained, the city's root-signed membership vertices (protocol/membership.py)
     starling/<gw>/task/<device>        signed tasks for one device
     starling/<gw>/reply/<device>       signed replies from one device
     starling/<gw>/receipt/<device>     signed receipts for one device
@@ -30,6 +31,10 @@ def mcu(gateway: str) -> str:
 
 def keys(gateway: str) -> str:
     return f"{ROOT}/{gateway}/keys"
+
+
+def members(gateway: str) -> str:
+    return f"{ROOT}/{gateway}/members"
 
 
 def task(gateway: str, device: str) -> str:

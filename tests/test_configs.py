@@ -299,6 +299,7 @@ AGENT_KEYS = {
     "data": "capacity, labels, rate_hz, replay, retention_days, stride, test_fraction",
     "model": "freeze_window_s, name",
     "budget": "low_power_file, max_cpu_temp_c, max_samples, max_train_s, thermal_zone",
+    "city": "genesis, prefer, rehome_after_s",
 }
 
 
@@ -311,7 +312,7 @@ AGENT_KEYS = {
     *[pytest.param(parse_agent, GOOD_AGENT, section, typo, AGENT_KEYS[section], id=f"agent {section}.{typo}")
       for section, typo in [
           ("device", "resend"), ("gateway", "rootkey"), ("broker", "hots"), ("data", "retention_s"),
-          ("model", "freeze_window"), ("budget", "max_train")]],
+          ("model", "freeze_window"), ("budget", "max_train"), ("city", "rehome_after")]],
 ])
 def test_a_misspelt_key_in_any_table_is_refused_naming_it_and_the_known_ones(parse, good, section, typo, known):
     # e.g. `[rounds] num_round = 100` would otherwise leave the run unbounded, silently
@@ -327,7 +328,7 @@ def test_a_misspelt_key_in_any_table_is_refused_naming_it_and_the_known_ones(par
     pytest.param(parse_gateway, GOOD_GATEWAY, "num_rounds", 5,
                  r"unknown key num_rounds \(outside any section\); known: agg", id="gateway top-level key"),
     pytest.param(parse_agent, GOOD_AGENT, "sensors", [{"kind": "mpu6050"}],
-                 r"unknown section \[sensors\]; known: broker, budget, data, device, gateway, model, sensor$",
+                 r"unknown section \[sensors\]; known: broker, budget, city, data, device, gateway, model, sensor$",
                  id="agent [[sensors]]"),
     pytest.param(parse_agent, GOOD_AGENT, "budgets", {"max_train_s": 1.0}, r"unknown section \[budgets\]",
                  id="agent [budgets]"),
