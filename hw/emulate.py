@@ -30,6 +30,22 @@ Trust (`[aggregation]`, `[defense]`): the scenario's tables go verbatim into
 every gateway's config (checked at load by the gateway's own parser); a
 variant overrides them key by key, or drops them with an empty table.
 
+The city tier (`[city]`: every, rule, deadline_s, audit_share; checked at
+load, every key written into every gateway's config, with `[blobs] keep`
+raised so that every city model of the run is still in the gateways' blob
+stores at the end): after the run each city epoch's model is read from the
+gateways' blob stores and evaluated on the test windows of every device in
+the city (hw/city_report.py); the report's `city` says, per epoch, each
+gateway's digest, the inputs taken and left out and that accuracy, then
+`final_digests` (one per gateway), `final_accuracy`, `flagged` and `audits`.
+**The headline `final_accuracy` of a run with the tier is the city model's on
+every device of the city** (`city.final_accuracy`); without it, it stays
+the mean of the gateways' last evaluations on their own devices, and a
+multi-gateway run without the tier gets `city.isolated_accuracy` (each
+gateway's final model on every device) and `isolated_mean`. A gateway
+attack (`[[adversary]] attack = "tampered_aggregate"`, `target = "gw-N"`)
+starts its target through hw/tampered_gateway.py, also when a fault restarts it.
+
 Variants (`[[variant]]`): the scenario runs once per variant, one after
 another, each in `<workdir>/<variant>/` with its own report.json and
 report.html there; the report at `--report` holds them all (`variants`) and
@@ -62,7 +78,9 @@ first model, and the restarts it crossed: `hw.run_report.lineage_section`); `gat
 {name: rounds, rejections, state, model, lineage, ledger (height, verified,
 height_series and finality_lag_series sampled from the gateway's status and
 ledger gossip while it ran)}; `ledger_check` (cities); `attacks`; `faults`;
-`device_profiles` and `links`; `real_devices` (--listen); `comparison` (variants).
+`device_profiles` and `links`; `real_devices` (--listen); `city` and the headline
+`final_accuracy` (hw/city_report.py); `comparison` (variants: each run's `final_accuracy` and
+`all_devices_accuracy`, the final accuracy on every device of the city).
 
 The run folder (`--workdir`, default next to the report) keeps every log,
 key, config and ledger; `run.json` in it names the broker port and the
@@ -88,6 +106,7 @@ from protocol.atomic import write_atomic
 from protocol.keys import Identity
 
 from .broker import _child_env
+from .city_report import all_devices_accuracy, city_of_run, comparison_view
 from .faults import FaultRunner
 from .fleet import Fleet, GatewayRun, Network, Process, describe
 from .links import LinkRelay
@@ -156,6 +175,17 @@ def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Ev
 
 
 SYNTHETIC_SHAPES = {"dense": (128, 8), "bias": (8,)}  # hw/synthetic.py's model: ~1,000 parameters
+CITY_KEEP_TAGS = 4  # gateway/blobs.py's default; a city run keeps more (a tag per epoch or model version)
+
+
+def _gateway_command(scenario: Scenario, g: GatewayRun, conf: Path) -> list[str]:
+    """The gateway's command line: the real gateway, or for a gateway attack's target the tampering launcher."""
+    attack = scenario.gateway_attacks().get(g.name)
+    if attack is None:
+        return [sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)]
+    from .tampered_gateway import command
+
+    return command(conf, attack.scale, seed=scenario.seed * 1009 + g.index)
 
 
 def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], genesis: Path | None,
@@ -178,6 +208,9 @@ def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], 
         **{section: dict(table) for section, table in (("aggregation", scenario.aggregation),
                                                        ("defense", scenario.defense)) if table},
     }
+    if scenario.city:  # the tier, every key set; and every city model of the run kept for the report
+        doc["city"] = dict(scenario.city)
+        doc["blobs"] = {"keep": max(CITY_KEEP_TAGS, scenario.rounds + 2)}
     if manifest is not None:  # the synthetic model: its shapes and initial weights
         doc["model"] = {"manifest": str(manifest)}
     if genesis is not None:
@@ -233,14 +266,17 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
     with Network(workdir / "broker", scenario.broker, [g.name for g in gateways], per_gateway=partitioned,
                  persistent=bool(faults), listen=hil.listen if hil else None) as network, ExitStack() as stack:
         hub = network.hub
-        attack_note = f", attackers: {scenario.attack_label()}" if attackers else ""
+        attack_note = f", attackers: {scenario.attack_label()}" if scenario.adversaries else ""
+        city_note = (f", a city epoch every {scenario.city['every']} rounds ({scenario.city['rule']})"
+                     if scenario.city else "")
         fault_note = f", {len(faults)} fault{'s' if len(faults) > 1 else ''}" if faults else ""
         brokers_note = " (+1 per gateway, bridged through cuttable links)" if partitioned else ""
         _say(f"starling-emulate: {scenario.name}: {network.kind} broker on 127.0.0.1:{hub.port}{brokers_note}, "
              f"{len(gateways)} gateway{'s' if city else ''} "
              f"{', '.join(g.identity.id for g in gateways)}, {len(devices)} devices, "
              f"{scenario.rounds} rounds of {scenario.strategy}"
-             f"{f' ({scenario.defense_label()})' if scenario.defense_label() else ''}{attack_note}{fault_note}")
+             f"{f' ({scenario.defense_label()})' if scenario.defense_label() else ''}{city_note}{attack_note}"
+             f"{fault_note}")
         first = gateways[0]
         write_atomic(workdir / "run.json", json.dumps({
             "broker": {"host": hub.host, "port": hub.port, "kind": network.kind},
@@ -274,7 +310,7 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                                    wait_real_device=bool(hil and hil.device) and g is first,
                                    unenrollable=sum(1 for n in g.devices if desk and n in attackers
                                                     and attackers[n][1].attack == "sybil"))
-            g.proc = Process([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], g.log, env)
+            g.proc = Process(_gateway_command(scenario, g, conf), g.log, env)
             g.proc.start()
         devices_run = _device_processes(scenario, devices, gateway_of, network, attackers, desk, manifest, env,
                                         stack, workdir)
@@ -321,6 +357,9 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                      timed_out, settled, verify_store, timeline, vouchers=desk is not None)
     report.update(profile_sections(scenario, devices_run.profile_of, devices_run.link_of, devices_run.relays,
                                     monitor, device_ids))
+    if city and not stop.is_set():
+        report["city"] = city_of_run(scenario, gateways, devices, {n: g.name for n, g in gateway_of.items()}, _say)
+    report["final_accuracy"] = final_accuracy(report)
     _say(f"starling-emulate: report {report_path}, {write_report(report, report_path)}")
     return report
 
@@ -427,7 +466,9 @@ def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: th
             "name": variant.name, "strategy": variant.strategy, "attack": variant.attack_label(),
             "defense": variant.defense_label(),  # [aggregation] and [defense] (None: the gateway's defaults)
             "seconds": sub.get("seconds"),
-            "final_accuracy": final_accuracy(sub),  # the last evaluated round's
+            "final_accuracy": final_accuracy(sub),  # with the city tier the city model's on every device
+            "all_devices_accuracy": all_devices_accuracy(sub),  # every run's final model(s) on every device
+            "city": comparison_view(sub.get("city")),
             # False when the last rounds got no evaluation (e.g. the devices refused a diverged model)
             "last_round_evaluated": bool(accuracy) and accuracy[-1] is not None,
             "accuracy": accuracy,
@@ -456,8 +497,11 @@ def _ok(report: dict[str, Any]) -> bool:
             _ok(r) for r in report["variants"]) and len(report["variants"]) == len(report["config"]["variants"])
     gateways_ok = all(s["state"] == "done" and s["ledger"]["verified"] for s in report["gateways"].values())
     check = report.get("ledger_check")
-    city_ok = check is None or (check["identical"] and check["every_accepted_update_in_every_ledger"])
-    return gateways_ok and city_ok
+    ledgers_ok = check is None or (check["identical"] and check["every_accepted_update_in_every_ledger"])
+    city = report.get("city") or {}
+    tier_ok = not city.get("tier") or len(set((city.get("final_digests") or {}).values())) == 1 and \
+        len(city["final_digests"]) == len(report["gateways"])  # every gateway ends on the one city model
+    return gateways_ok and ledgers_ok and tier_ok
 
 
 def _summary(report: dict[str, Any], report_path: Path) -> str:
@@ -466,20 +510,34 @@ def _summary(report: dict[str, Any], report_path: Path) -> str:
         for c in report["comparison"]:
             acc = c["final_accuracy"]
             defense = f" ({c['defense']})" if c.get("defense") else ""
+            everywhere = c.get("all_devices_accuracy")
+            on_all = "" if everywhere is None or everywhere == acc else f", on all devices {everywhere:.3f}"
             lines.append(f"  {c['name']}: {c['strategy']}{defense}, attack {c['attack'] or 'none'}: final accuracy "
-                         f"{'-' if acc is None else f'{acc:.3f}'} ({c['state']}"
+                         f"{'-' if acc is None else f'{acc:.3f}'}{on_all} ({c['state']}"
                          f"{'' if c['last_round_evaluated'] else ', the last rounds were not evaluated'})")
         return "\n".join(lines)
     rounds = report["rounds"]
-    final = rounds[-1]["accuracy"] if rounds else None
+    final = report.get("final_accuracy")
+    city = report.get("city") or {}
     text = (f"starling-emulate: {len(rounds) - 1 if rounds else 0} rounds in {report['seconds']:.0f} s, "
-            f"final accuracy {final if final is None else round(final, 3)}, "
+            f"final accuracy {final if final is None else round(final, 3)}"
+            f"{' (the city model on all devices)' if city.get('tier') else ''}, "
             f"ledger height {report['ledger']['height']} verified={report['ledger']['verified']}")
     check = report.get("ledger_check")
     if check is not None:
         text += (f", {len(report['gateways'])} ledgers identical={check['identical']} "
                  f"every accepted update in every ledger={check['every_accepted_update_in_every_ledger']}")
+    if city.get("tier"):
+        digests = set((city.get("final_digests") or {}).values())
+        text += (f"\n  city: {len(city.get('epochs') or [])} epochs, {len(digests)} distinct final digest"
+                 f"{'' if len(digests) == 1 else 's'}, flagged {', '.join(city.get('flagged') or {}) or 'none'}")
+    elif city.get("isolated_mean") is not None:
+        text += f"\n  isolated gateways' final models on all devices: mean accuracy {city['isolated_mean']:.3f}"
     for attack in report.get("attacks", []):
+        if "target" in attack:  # a gateway attack
+            text += (f"\n  attack {attack['attack']} at {attack['target']}: flagged by "
+                     f"{', '.join(attack['flagged_by']) or 'nobody'}: {'yes' if attack['as_expected'] else 'NO'}")
+            continue
         n = len(attack["devices"])
         text += (f"\n  attack {attack['attack']} ({n} device{'' if n == 1 else 's'}): accepted {attack['accepted']}, "
                  f"rejected {attack['rejected'] or '-'}; expected {'/'.join(attack['expected'])}: "

@@ -4,8 +4,9 @@
     monitor.rounds_done("gw-1")      # the last round gw-1 finished (what `at_round` faults wait for)
     monitor.close()
 
-It prints one progress line per finished round, notes when each round ended
-(`t`, seconds since the run started) and samples each gateway's ledger
+It prints one progress line per finished round and per city epoch (the
+status's `city`, when the gateways run the city tier), notes when each round
+ended (`t`, seconds since the run started) and samples each gateway's ledger
 height and finality lag over time, for the report.
 """
 
@@ -54,6 +55,7 @@ class Monitor:
         self.round_t: dict[str, dict[int, float]] = {g.identity.id: {} for g in gateways}
         self.series: dict[str, list[tuple[float, int, int]]] = {g.identity.id: [] for g in gateways}
         self.devices: dict[str, dict[str, Any]] = {}  # device id -> its latest status at its gateway
+        self.epochs = {g.identity.id: 0 for g in gateways}  # the last city epoch shown, per gateway
         subscriptions = [(LEDGER_VV, 0)]
         for g in gateways:
             subscriptions += [(topics.status(g.identity.id), 1), (topics.device_status(g.identity.id, "+"), 1)]
@@ -120,6 +122,24 @@ class Monitor:
                     f"  rejected {record['rejected']}  {record['seconds']:.1f} s",
                     file=self.stream, flush=True,
                 )
+        city = doc.get("city")
+        for record in (city.get("epochs") or []) if isinstance(city, dict) else []:
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int) \
+                    and record["epoch"] > self.epochs[gateway]:
+                self.epochs[gateway] = record["epoch"]
+                self._print_epoch(gateway, record)
+
+    def _print_epoch(self, gateway: str, record: dict[str, Any]) -> None:
+        """One line per city epoch a gateway recorded: its city model, the inputs merged and those left out."""
+        def name(gateway_id: Any) -> str:
+            return self.names.get(gateway_id, str(gateway_id)[:8])
+
+        inputs = [name(i.get("gateway")) for i in record.get("inputs") or [] if isinstance(i, dict)]
+        left = [f"{name(x.get('gateway'))} ({x.get('reason')})" for x in record.get("left_out") or []
+                if isinstance(x, dict)]
+        print(f"  {self.names[gateway]} city epoch {record['epoch']} (round {record.get('round')})  model "
+              f"{str(record.get('model'))[:12]}  inputs {' '.join(inputs) or '-'}  left out {', '.join(left) or '-'}",
+              file=self.stream, flush=True)
 
     def close(self) -> None:
         for connection in self.connections:

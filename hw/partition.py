@@ -19,6 +19,12 @@ Partitions (`[dataset] partition`):
     `[run] seed`. A device left with fewer than MIN_TRAIN train windows (or no
     test window) gets some from the device that has the most.
 
+Label skew between neighbourhoods (`[dataset] classes_by_neighbourhood`): after
+the partition, device i keeps only the train and test windows of its
+neighbourhood's classes (neighbourhood i mod N), so it trains and is tested
+on those alone; a device left with fewer than MIN_TRAIN train windows or no
+test window is an error naming the field.
+
 Every device's data is written as a replay file (`x_train`, `y_train`,
 `x_test`, `y_test`) that `starling-agent` reads with `[data] replay`.
 """
@@ -110,8 +116,36 @@ def dirichlet_indices(y_train: np.ndarray, y_test: np.ndarray, devices: int, alp
     return [(np.sort(np.array(a, dtype=np.int64)), np.sort(np.array(b, dtype=np.int64))) for a, b in zip(train, test)]
 
 
+def keep_classes(device: DeviceData, classes: tuple[int, ...]) -> DeviceData:
+    """`device` with only the windows (train and test) whose label is one of `classes`."""
+    train, test = np.isin(device.y_train, classes), np.isin(device.y_test, classes)
+    return DeviceData(device.name, device.x_train[train], device.y_train[train], device.x_test[test],
+                      device.y_test[test])
+
+
+def _neighbourhood_skew(scenario: Scenario, devices: list[DeviceData]) -> list[DeviceData]:
+    """Each device restricted to its neighbourhood's classes (scenario.classes_of), checked for enough windows."""
+    if not scenario.neighbourhoods:
+        return devices
+    out = []
+    for i, device in enumerate(devices):
+        classes = scenario.classes_of(i)
+        kept = keep_classes(device, classes)
+        if kept.num_train < MIN_TRAIN or kept.num_test < MIN_TEST:
+            raise ScenarioError(
+                f"dataset.classes_by_neighbourhood: {device.name} (neighbourhood {i % len(scenario.neighbourhoods)}, "
+                f"classes {list(classes)}) keeps {kept.num_train} train and {kept.num_test} test windows; it needs "
+                f"at least {MIN_TRAIN} and {MIN_TEST} (its data has classes {sorted(set(device.y_train.tolist()))})")
+        out.append(kept)
+    return out
+
+
 def partition(scenario: Scenario) -> list[DeviceData]:
-    """The scenario's devices and their data, in device order."""
+    """The scenario's devices and their data, in device order (each kept to its neighbourhood's classes)."""
+    return _neighbourhood_skew(scenario, _partition(scenario))
+
+
+def _partition(scenario: Scenario) -> list[DeviceData]:
     sources = _source_devices(scenario)
     if scenario.partition == "subject":
         if len(sources) < scenario.devices:

@@ -24,8 +24,15 @@ holds and says "not in this report" for what it does not:
                               finality_lag_series: [[t, lag], ...]}}}
                                                every gateway of a multi-gateway run
     faults [{t, kind, target, detail, t_end?}] the fault timeline
-    attacks [{attack, fraction, devices, rejected: {reason: count}}]
-    comparison [{name, strategy, defense, attack, final_accuracy, accuracy: [...], seconds}]
+    attacks [{attack, fraction, devices, rejected: {reason: count}, target?, flagged_by?}]
+    final_accuracy                             the headline (with the city tier: the city model's)
+    city {tier, every, rule, epochs: [{epoch, round, digests: {gw: hex}, agreed, inputs: [{gateway,
+          weight}], left_out: [{gateway, reason}], accuracy}], final_digests, final_accuracy, flagged,
+          audits}  or  {tier: false, isolated_accuracy: {gw: acc}, isolated_mean}
+                                               the city tier (hw/city_report.py): a table, and the
+                                               city model's accuracy per epoch on the accuracy plot
+    comparison [{name, strategy, defense, attack, final_accuracy, all_devices_accuracy, accuracy: [...],
+                 seconds}]
 
 Any value may be missing or None (a round without evaluation has accuracy
 None): it is left out of the plots and shown as "–" in the tables.
@@ -166,6 +173,10 @@ def _final_accuracy(rounds: list[dict]) -> float | None:
         if (a := _num(r.get("accuracy"))) is not None:
             return a
     return None
+
+
+def _city_epochs(report: dict) -> list[dict]:
+    return [e for e in _list(_dict(report.get("city")).get("epochs")) if isinstance(e, dict)]
 
 
 def _rounds_done(rounds: list[dict]) -> int:
@@ -357,9 +368,14 @@ class _Plotter:
             if pts:
                 ax.plot(*zip(*pts), marker="o", markersize=3, color=PALETTE[i % len(PALETTE)],
                         label=_label(name))
+        epochs = [(x, a) for e in _city_epochs(self.report)
+                  if (x := _num(e.get("round"))) is not None and (a := _num(e.get("accuracy"))) is not None]
+        if epochs:  # the city model of each epoch, on every device of the city
+            ax.plot(*zip(*epochs), linestyle="none", marker="*", markersize=11, color="black",
+                    label="city model, all devices")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)
-        ax.set_title("Accuracy per round")
+        ax.set_title("Accuracy per round" + (" (gateways: on their own devices)" if epochs else ""))
         self._finish_round_axis(ax)
         return self._save(fig, "accuracy")
 
@@ -580,6 +596,10 @@ def _summary(report: dict) -> list[tuple[str, str]]:
         ("rounds completed", fmt(_rounds_done(rounds)) if rounds else "–"),
         ("final accuracy", fmt(_final_accuracy(rounds) if rounds else (finals[-1] if finals else None))),
     ]
+    city = _dict(report.get("city"))
+    if "final_accuracy" in report:  # the headline (with the city tier: the city model's on every device)
+        rows[-1] = ("final accuracy" + (" (the city model, on all devices)" if city.get("tier") else ""),
+                    fmt(_num(report.get("final_accuracy"))))
     if len(finals) > 1:
         rows.append(("final accuracy per gateway (min – max)",
                      f"{fmt(min(finals))} – {fmt(max(finals))}"))
@@ -602,6 +622,78 @@ def _summary(report: dict) -> list[tuple[str, str]]:
     if report.get("timed_out"):
         rows.append(("timed out", '<span class="bad">yes</span>'))
     return rows
+
+
+def _short(digest: Any) -> str:
+    return esc(str(digest)[:12]) if digest else "–"
+
+
+def _city_html(city: dict) -> str:
+    """The city tier, compactly: a row per epoch (digests, inputs, left out, accuracy on all devices), the final
+    digests, flagged gateways and audits; or each isolated gateway's final model on every device."""
+    if city.get("error"):
+        return f'<p class="bad">The city evaluation failed: {esc(city["error"])}</p>\n'
+    note = f'<p class="note">{esc(city["note"])}</p>\n' if city.get("note") else ""
+    over = (f'<p class="note">Accuracy on the test windows of every device in the city: {fmt(city.get("devices"))} '
+            f'devices, {fmt(city.get("windows"))} windows.</p>\n') if city.get("windows") else ""
+    if not city.get("tier"):
+        accuracy = _dict(city.get("isolated_accuracy"))
+        if not accuracy:
+            return note + _absent("isolated gateways' accuracy on all devices")
+        rows = [[esc(gw), fmt(_num(a))] for gw, a in accuracy.items()]
+        rows.append(["<b>mean</b>", fmt(_num(city.get("isolated_mean")))])
+        return (note + "<p>No city tier: each gateway's final model, on every device of the city.</p>\n"
+                + _table(["gateway", "accuracy on all devices"], rows, [1]) + over)
+    tier = (f'<p>A city epoch every {fmt(city.get("every"))} rounds, rule {esc(city.get("rule") or "–")}, '
+            f'audit share {fmt(_num(city.get("audit_share")), 2)}.</p>\n')
+    parts = [note, tier]
+    if city.get("problem"):
+        parts.append(f'<p class="bad">{esc(city["problem"])}</p>\n')
+    rows = []
+    for e in _city_epochs({"city": city}):
+        digests = _dict(e.get("digests"))
+        distinct = sorted({str(d) for d in digests.values()})
+        models = (f'<span class="good">one</span> ({_short(distinct[0])})' if e.get("agreed") else
+                  '<span class="bad">' + "; ".join(
+                      f"{_short(d)}: {esc(', '.join(gw for gw, x in digests.items() if str(x) == d))}"
+                      for d in distinct) + "</span>")
+        taken = [i for i in _list(e.get("inputs")) if isinstance(i, dict)]
+        total = sum(w for i in taken if (w := _num(i.get("weight"))) is not None)
+        inputs = ", ".join(esc(i.get("gateway")) + (f" {fmt(w / total, 2)}" if total and (w := _num(i.get("weight")))
+                                                     is not None else "") for i in taken)
+        left = ", ".join(f"{esc(x.get('gateway'))} ({esc(x.get('reason'))})"
+                         for x in _list(e.get("left_out")) if isinstance(x, dict))
+        rows.append([fmt(e.get("epoch")), fmt(e.get("round")), models, inputs or "–", left or "–",
+                     fmt(_num(e.get("accuracy")))])
+    parts.append(_table(["epoch", "round", "city model", "inputs (share of the weight)", "left out",
+                         "accuracy, all devices"],
+                        rows, [0, 1, 5]) if rows else _absent("city epochs"))
+    finals = _dict(city.get("final_digests"))
+    distinct = {str(d) for d in finals.values()}
+    flagged = _dict(city.get("flagged"))
+    audits = _dict(city.get("audits"))
+    summary = [
+        ("final city model", "–" if not finals else
+         f'<span class="good">one digest</span> {_short(next(iter(distinct)))}' if len(distinct) == 1 else
+         f'<span class="bad">{len(distinct)} digests</span> ' + "; ".join(f"{esc(gw)} {_short(d)}"
+                                                                          for gw, d in finals.items())),
+        ("final accuracy, all devices", fmt(_num(city.get("final_accuracy")))),
+        ("flagged (mismatch evidence)", "; ".join(
+            f"{esc(gw)} by {esc(', '.join(map(str, _list(_dict(f).get('accusers')))) or '?')} "
+            f"({esc(_dict(f).get('kind') or 'mismatch')}: {esc(_dict(f).get('reason') or '–')})"
+            for gw, f in flagged.items()) or "none"),
+        ("audits", ", ".join(f"{k} {fmt(_num(audits.get(k)), 0)}" for k in
+                             ("checked", "match", "mismatch", "unverifiable", "missing_inputs")) if audits else "–"),
+    ]
+    alone = {gw: n for gw, n in _dict(city.get("alone")).items() if _num(n)}
+    if alone:
+        summary.append(("epochs merged alone (no record)", ", ".join(f"{esc(gw)} {fmt(n)}" for gw, n in alone.items())))
+    if city.get("missing_models"):
+        missing = ", ".join(str(d)[:12] for d in _list(city["missing_models"]))
+        summary.append(("models no blob store held", esc(missing)))
+    parts.append(_table(["", "value"], ([esc(k), v] for k, v in summary)))
+    parts.append(over)
+    return "".join(parts)
 
 
 def render_html(report: dict, plots: dict[str, Path], folder_rel: str, plot_note: str | None = None) -> str:
@@ -677,6 +769,9 @@ def render_html(report: dict, plots: dict[str, Path], folder_rel: str, plot_note
         parts.append(_absent("per-gateway results"))
     parts.append(_img(plots, "ledger", "ledger height and finality lag per gateway", folder_rel)
                  or _absent("ledger height and finality lag over time"))
+    if "city" in report and len(gws) > 1:
+        parts.append("<h2>City</h2>\n")
+        parts.append(_city_html(_dict(report.get("city"))))
 
     parts.append("<h2>Faults</h2>\n")
     faults = _faults(report)
@@ -697,7 +792,9 @@ def render_html(report: dict, plots: dict[str, Path], folder_rel: str, plot_note
         for a in attacks:
             rej = _counts(a.get("rejected"))
             devices = a.get("devices")
-            rows.append([esc(a.get("attack")), fmt(_num(a.get("fraction")), 2),
+            by = ", ".join(map(str, _list(a.get("flagged_by")))) or "nobody"
+            target = f" at {esc(a['target'])}, flagged by {esc(by)}" if a.get("target") else ""  # a gateway attack
+            rows.append([esc(a.get("attack")) + target, fmt(_num(a.get("fraction")), 2),
                          fmt(len(devices)) if isinstance(devices, list) else fmt(_num(devices), 0),
                          fmt(sum(rej.values()), 0) if rej else "–",
                          ", ".join(f"{esc(k)}: {fmt(v, 0)}" for k, v in sorted(rej.items())) or "–"])
@@ -709,10 +806,11 @@ def render_html(report: dict, plots: dict[str, Path], folder_rel: str, plot_note
     parts.append("<h2>Comparison</h2>\n")
     comparison = [c for c in _list(report.get("comparison")) if isinstance(c, dict)]
     if comparison:
-        parts.append(_table(["run", "strategy", "weights / defense", "attack", "final accuracy"],
+        parts.append(_table(["run", "strategy", "weights / defense", "attack", "final accuracy", "on all devices"],
                             ([esc(c.get("name")), esc(c.get("strategy") or "–"), esc(c.get("defense") or "–"),
-                              esc(c.get("attack") or "none"), fmt(_num(c.get("final_accuracy")))]
-                             for c in comparison), [4]))
+                              esc(c.get("attack") or "none"), fmt(_num(c.get("final_accuracy"))),
+                              fmt(_num(c.get("all_devices_accuracy")))]
+                             for c in comparison), [4, 5]))
         parts.append(_img(plots, "comparison", "accuracy by run", folder_rel))
     else:
         parts.append(_absent("strategy comparison"))

@@ -2,6 +2,8 @@
 
     report = build_report(scenario, workdir, started, ...)   # the top level, `gateways`, `ledger_check`,
     report.update(profile_sections(...))                     # `faults`, `attacks`, `lineage`, ...
+    report["city"] = city_section(...)                       # hw/city_report.py
+    report["final_accuracy"] = final_accuracy(report)        # the headline (the city model's, with the tier)
     write_report(report, path)                               # report.json and report.html beside it
 
 (hw/report.py draws report.html from it; README "The emulator" lists the keys.)
@@ -17,6 +19,7 @@ from typing import Any
 
 from protocol.atomic import write_atomic
 
+from .city_report import Member, gateway_attack, members_of
 from .faults import fault_sections
 from .fleet import GatewayRun
 from .monitor import Monitor
@@ -150,11 +153,17 @@ def attack_outcome(expected: tuple[str, ...], accepted: int, rejected: dict[str,
 
 def attacks_section(scenario: Scenario, attackers: dict[str, tuple[int, Adversary]], device_ids: dict[str, str],
              gateway_of: dict[str, str], monitor: Monitor, sections: dict[str, dict[str, Any]],
-             vouchers: bool) -> list[dict[str, Any]]:
+             vouchers: bool, members: list[Member] | None = None,
+             results: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Per [[adversary]]: its devices and what the gateways did with their replies; a gateway attack's entry
+    says which peers flagged its target (hw.city_report.gateway_attack, from `members`' `results`)."""
     from .adversary import EXPECTED
 
     out = []
     for i, adv in enumerate(scenario.adversaries):
+        if adv.on_gateway:
+            out.append(gateway_attack(adv, members or [], results or {}))
+            continue
         names = sorted(name for name, (j, _) in attackers.items() if j == i)
         totals = device_totals([device_ids[name] for name in names], monitor)
         accepted, rejected, skipped = totals["accepted"], totals["rejected"], totals["skipped"]
@@ -246,7 +255,7 @@ def build_report(scenario: Scenario, workdir: Path, started: float, broker_kind:
     if scenario.adversaries:
         gateway_of = {name: g.name for g in gateways for name in g.devices}
         report["attacks"] = attacks_section(scenario, attackers, device_ids, gateway_of, monitor, sections,
-                                     vouchers)
+                                     vouchers, members_of(gateways), results)
     ours = set(device_ids.values())
     with monitor.lock:
         others = {d: dict(doc) for d, doc in monitor.devices.items() if d not in ours}
@@ -271,7 +280,12 @@ def write_report(report: dict[str, Any], report_path: Path) -> Path:
 
 
 def final_accuracy(report: dict[str, Any]) -> float | None:
-    """The mean over the gateways of each one's last evaluated accuracy."""
+    """The run's headline accuracy: with the city tier the city model's on every device of the city
+    (`city.final_accuracy`, hw/city_report.py); otherwise the mean over the gateways of each one's last
+    evaluated accuracy (on its own devices)."""
+    city = report.get("city")
+    if isinstance(city, dict) and city.get("tier"):
+        return city.get("final_accuracy")
     finals = []
     for section in report.get("gateways", {}).values():
         accs = [r.get("accuracy") for r in section.get("rounds", []) if r.get("accuracy") is not None]

@@ -23,6 +23,12 @@
     alpha = 0.5                # dirichlet only: small = every device sees few classes
     test_fraction = 0.2        # each device's local test split
     stride = 64
+    # classes_by_neighbourhood = [[0, 1, 2, 3, 4], [2, 3, 4, 5, 6], [4, 5, 6, 0, 1]]
+                               # label skew between neighbourhoods: device i lives in neighbourhood
+                               # i mod N and keeps only its neighbourhood's classes, train and test
+                               # windows alike (after the partition); with N gateways each gateway
+                               # serves one neighbourhood (device i -> gateway i mod N), with one
+                               # gateway it serves them all. The city's test windows are the union.
 
     [strategy]
     name = "FedAvg"
@@ -51,6 +57,11 @@
                                # crafted attackers of one gateway collude through <workdir>/collusion/<gw>)
     # bound_multiple = 2.0     # under_bound: the [defense] median_multiple it stays just under
 
+    [[adversary]]              # a gateway attack: no fraction or count, a target gateway instead
+    attack = "tampered_aggregate"  # the target runs as hw.tampered_gateway: every round aggregate it
+    target = "gw-2"            # records and offers is the honest one plus noise (not computed from its
+    # scale = 0.05             # recorded inputs); the noise's std, relative to each array's RMS
+
     [aggregation]              # optional: goes verbatim into every gateway's config (gateway/config.py):
     weights = "capped"         # what a reply weighs: "capped", "uniform" or "reported" (gateway/weights.py)
     max_examples = 100000
@@ -60,6 +71,13 @@
     median_multiple = 2.0      # strategy (gateway/defense.py); both tables are checked at load with the
     norm_bound = 0.0           # gateway's own parser
     centered_clipping = false
+
+    [city]                     # optional, fleet.gateways >= 2: the city tier. Every `every` rounds the
+    every = 3                  # gateways merge their latest aggregates into one city model (agreed
+    rule = "weighted"          # through the ledger) and go on from it; "weighted" mean or "median"
+    deadline_s = 60.0          # how long a gateway waits for the other members' offers
+    audit_share = 1.0          # share of the peers' round aggregates each gateway recomputes (0 to 1)
+                               # written into every gateway's config; the report gets a `city` section
 
     [[device_profile]]         # any number: a seeded share of the devices runs slower and leaner
     name = "old-pi"            # (hw/profiles.py)
@@ -88,10 +106,11 @@
     [[variant]]                # optional: run the scenario once per variant, one after another,
     name = "fedavg"            # results merged into one report under "comparison"
     [variant.strategy]         # a variant holds any of the sections above (not [run]); a table
-    name = "FedAvg"            # overrides the base section key by key, an `adversary` list
-                               # replaces the base list (`adversary = []`: a clean run); an empty
-                               # `aggregation = {}` or `defense = {}` drops the base's table (the
-                               # gateway's default weights; no defense)
+    name = "FedAvg"            # overrides the base section key by key, an `adversary` or `fault` list
+                               # replaces the base list (`adversary = []`: a clean run, `fault = []`:
+                               # no faults; [[variant.fault]] tables: this run's faults); an empty
+                               # `aggregation = {}`, `defense = {}` or `city = {}` drops the base's
+                               # table (the gateway's default weights; no defense; no city tier)
 
 (`[[run]]` would have been the natural name for variants, but TOML cannot
 hold both a `[run]` table and a `[[run]]` array.)
@@ -109,6 +128,7 @@ from typing import Any
 
 from protocol.config import ConfigError, read_toml, resolve_path
 
+from .city_tables import parse_city, parse_neighbourhoods
 from .faults import Fault, parse_faults
 from .profiles import DeviceProfile, LinkSpec, parse_device_profiles, parse_links
 from .tables import array_of_tables, check_share, check_table, share_size
@@ -118,25 +138,30 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "run": {"name": str, "rounds": int, "seed": int, "timeout_s": NUMBER},
     "fleet": {"gateways": int, "devices": int, "devices_per_gateway": int, "subjects": list, "runner": str,
               "pool_size": int, "enrollment": str},
-    "dataset": {"source": str, "stride": int, "partition": str, "alpha": NUMBER, "test_fraction": NUMBER},
+    "dataset": {"source": str, "stride": int, "partition": str, "alpha": NUMBER, "test_fraction": NUMBER,
+                "classes_by_neighbourhood": list},
     "strategy": {"name": str, "params": dict, "dp": dict},
     "training": {"epochs": int, "batch_size": int, "lr": NUMBER, "deadline_s": NUMBER, "model": str},
     "broker": {"kind": str},
     "aggregation": {},  # keys and values: the gateway's own parser (_gateway_tables)
     "defense": {},
+    "city": {"every": int, "rule": str, "deadline_s": NUMBER, "audit_share": NUMBER},
 }
 GATEWAY_TABLES = ("aggregation", "defense")  # go verbatim into every gateway's config
+DROPPABLE = (*GATEWAY_TABLES, "city")  # a variant's empty table drops the base's
+VARIANT_LISTS = ("adversary", "fault")  # a variant's list replaces the base's ([]: none)
 ARRAYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "adversary": {"attack": str, "fraction": NUMBER, "count": int, "scale": NUMBER, "sigma": NUMBER,
-                  "payload": str, "claim": int, "z": NUMBER, "bound_multiple": NUMBER},
-    "variant": {"name": str},  # plus any section of SCHEMA but [run], and `adversary`
+                  "payload": str, "claim": int, "z": NUMBER, "bound_multiple": NUMBER, "target": str},
+    "variant": {"name": str},  # plus any section of SCHEMA but [run], `adversary` and `fault`
     "fault": {},  # checked by hw/faults.py
     "device_profile": {},  # checked by hw/profiles.py
     "link": {},  # checked by hw/profiles.py
 }
 PARAMS = {"sign_flip": ("scale",), "scaling": ("scale",), "gaussian_noise": ("sigma",),
           "sybil": ("payload", "scale", "sigma"), "inflate_examples": ("scale", "claim"), "crafted": ("z",),
-          "under_bound": ("bound_multiple",)}
+          "under_bound": ("bound_multiple",), "tampered_aggregate": ("scale",)}
+GATEWAY_ATTACKS = ("tampered_aggregate",)  # run by a gateway (hw/tampered_gateway.py), not by devices
 ATTACK_PARAMS = ("scale", "sigma", "payload", "claim", "z", "bound_multiple")
 PARTITIONS = ("subject", "dirichlet")
 ENROLLMENTS = ("open", "voucher")  # every device admitted; or only those with the run's operator voucher
@@ -153,7 +178,8 @@ class ScenarioError(ConfigError):
 
 @dataclass(frozen=True)
 class Adversary:
-    """A share of the fleet that runs `python -m hw.adversary --attack <attack>`."""
+    """A share of the fleet that runs `python -m hw.adversary --attack <attack>`; or, for a gateway attack
+    (GATEWAY_ATTACKS), the `target` gateway, which runs `python -m hw.tampered_gateway`."""
 
     attack: str
     fraction: float | None = None  # of all devices; or
@@ -164,12 +190,20 @@ class Adversary:
     claim: int | None = None
     z: float | None = None
     bound_multiple: float | None = None
+    target: str | None = None  # a gateway attack's gateway ("gw-N")
+
+    @property
+    def on_gateway(self) -> bool:
+        return self.attack in GATEWAY_ATTACKS
 
     def devices(self, total: int) -> int:
-        """How many of `total` devices run this attack: `count`, or `fraction` rounded (at least 1)."""
+        """How many of `total` devices run this attack: `count`, or `fraction` rounded (at least 1); a gateway
+        attack none."""
         return share_size(total, self.fraction, self.count)
 
     def label(self) -> str:
+        if self.on_gateway:
+            return f"{self.attack} at {self.target}" + (f" x{self.scale:g}" if self.scale is not None else "")
         share = f"{self.fraction:.0%}" if self.fraction is not None else \
             f"{self.count} device{'' if self.count == 1 else 's'}"
         boost = f" x{self.scale:g}" if self.attack in ("sign_flip", "inflate_examples") \
@@ -223,10 +257,20 @@ class Scenario:
     links: tuple[LinkSpec, ...] = ()
     aggregation: dict[str, Any] = field(default_factory=dict)  # [aggregation], verbatim into the gateways' configs
     defense: dict[str, Any] = field(default_factory=dict)  # [defense], likewise ({}: none)
+    city: dict[str, Any] = field(default_factory=dict)  # [city] with every key set ({}: no city tier)
+    neighbourhoods: tuple[tuple[int, ...], ...] = ()  # dataset.classes_by_neighbourhood (): no label skew
 
     def devices_of(self, gateway: int) -> list[int]:
         """Indices (0-based) of the devices that belong to gateway `gateway` (0-based): i mod gateways."""
         return [i for i in range(self.devices) if i % self.gateways == gateway]
+
+    def classes_of(self, device: int) -> tuple[int, ...] | None:
+        """The classes device `device` (0-based) keeps: its neighbourhood's (i mod N); None: all of them."""
+        return self.neighbourhoods[device % len(self.neighbourhoods)] if self.neighbourhoods else None
+
+    def gateway_attacks(self) -> dict[str, Adversary]:
+        """Gateway name -> the gateway attack it runs."""
+        return {a.target: a for a in self.adversaries if a.on_gateway}
 
     def attack_label(self) -> str | None:
         return ", ".join(a.label() for a in self.adversaries) or None
@@ -246,6 +290,7 @@ class Scenario:
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["subjects"] = list(self.subjects)
+        doc["neighbourhoods"] = [list(classes) for classes in self.neighbourhoods]
         doc["adversaries"] = [{k: v for k, v in asdict(a).items() if v is not None} for a in self.adversaries]
         doc["variants"] = [v.name for v in self.variants]
         doc["faults"] = [{k: v for k, v in asdict(f).items() if v not in (None, "", {})} for f in self.faults]
@@ -254,19 +299,27 @@ class Scenario:
         return doc
 
 
-def _adversaries(items: Any, where: str = "adversary") -> tuple[Adversary, ...]:
+def _adversaries(items: Any, gateways: int, where: str = "adversary") -> tuple[Adversary, ...]:
     from .adversary import ATTACKS, SYBIL_PAYLOADS  # noqa: PLC0415 (agent code: only when asked)
 
+    known = ", ".join((*ATTACKS, *GATEWAY_ATTACKS))
     out = []
+    targets: set[str] = set()
     for i, table in enumerate(array_of_tables(items, where, ScenarioError)):
         at = f"{where}[{i}]"
         check_table(at, table, ARRAYS["adversary"], error=ScenarioError)
         attack = table.get("attack")
         if attack is None:
-            raise ScenarioError(f"{at}.attack is required: one of {', '.join(ATTACKS)}")
-        if attack not in ATTACKS:
-            raise ScenarioError(f"{at}.attack: unknown attack {attack!r}; one of {', '.join(ATTACKS)}")
-        check_share(at, table, ScenarioError)
+            raise ScenarioError(f"{at}.attack is required: one of {known}")
+        if attack not in ATTACKS and attack not in GATEWAY_ATTACKS:
+            raise ScenarioError(f"{at}.attack: unknown attack {attack!r}; one of {known}")
+        if attack in GATEWAY_ATTACKS:
+            targets.add(_gateway_target(at, table, attack, gateways, targets))
+        elif "target" in table:
+            raise ScenarioError(f"{at}.target: only a gateway attack ({', '.join(GATEWAY_ATTACKS)}) has a target; "
+                                f"{attack} runs on a share of the devices (fraction or count)")
+        else:
+            check_share(at, table, ScenarioError)
         for key in ("scale", "sigma", "claim", "bound_multiple"):
             if key in table and not table[key] > 0:
                 raise ScenarioError(f"{at}.{key} must be positive, got {table[key]}")
@@ -284,8 +337,26 @@ def _adversaries(items: Any, where: str = "adversary") -> tuple[Adversary, ...]:
             raise ScenarioError(f"{at}.payload must be one of {', '.join(SYBIL_PAYLOADS)}, not {table['payload']!r}")
         number = {key: float(table[key]) for key in ("fraction", "scale", "sigma", "z", "bound_multiple") if key in table}
         out.append(Adversary(attack, number.get("fraction"), table.get("count"), number.get("scale"), number.get("sigma"),
-                             table.get("payload"), table.get("claim"), number.get("z"), number.get("bound_multiple")))
+                             table.get("payload"), table.get("claim"), number.get("z"), number.get("bound_multiple"),
+                             table.get("target")))
     return tuple(out)
+
+
+def _gateway_target(at: str, table: dict[str, Any], attack: str, gateways: int, taken: set[str]) -> str:
+    """A gateway attack's `target`: a gateway of the fleet ("gw-N", as [[fault]] names them), one attack each."""
+    if "fraction" in table or "count" in table:
+        raise ScenarioError(f"{at}: {attack} is a gateway attack: it takes target (a gateway), not fraction or count")
+    names = [f"gw-{n + 1}" for n in range(gateways)]
+    target = table.get("target")
+    if target is None:
+        raise ScenarioError(f"{at}.target is required for {attack}: the gateway that runs it, one of "
+                            f"{', '.join(names)}")
+    if target not in names:
+        raise ScenarioError(f"{at}.target must be one of {', '.join(names)} (fleet.gateways = {gateways}), "
+                            f"not {target!r}")
+    if target in taken:
+        raise ScenarioError(f"{at}.target: {target} already runs a gateway attack (one per gateway)")
+    return target
 
 
 def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
@@ -350,7 +421,12 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         if not 1 <= devices <= WATCH_SUBJECTS:
             raise ScenarioError(f"fleet.devices: the watch data has {WATCH_SUBJECTS} subjects, asked for {devices} "
                                 'devices (partition = "dirichlet" deals the pooled windows to any number)')
-    adversaries = _adversaries(doc.get("adversary", []))
+    adversaries = _adversaries(doc.get("adversary", []), gateways)
+    try:
+        neighbourhoods = parse_neighbourhoods(doc.get("dataset", {}), source, devices, gateways)
+        city = parse_city(doc["city"], gateways, get("run", "rounds", 5)) if "city" in doc else {}
+    except ConfigError as exc:
+        raise ScenarioError(str(exc)) from exc
     try:
         faults = parse_faults(doc.get("fault", []), gateways)
         device_profiles = parse_device_profiles(doc.get("device_profile", []))
@@ -395,6 +471,8 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         links=links,
         aggregation=copy.deepcopy(dict(doc.get("aggregation", {}))),
         defense=copy.deepcopy(dict(doc.get("defense", {}))),
+        city=city,
+        neighbourhoods=neighbourhoods,
     )
     if scenario.runner not in RUNNERS:
         raise ScenarioError(f"fleet.runner must be one of {', '.join(RUNNERS)}, not {scenario.runner!r}")
@@ -493,10 +571,10 @@ def _merge(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
     for key, value in variant.items():
         if key == "name":
             continue
-        if key == "adversary":
-            out["adversary"] = copy.deepcopy(value)  # the variant's attackers replace the base's
-        elif key in GATEWAY_TABLES and value == {}:
-            out.pop(key, None)  # `defense = {}`: none; `aggregation = {}`: the gateway's defaults
+        if key in VARIANT_LISTS:
+            out[key] = copy.deepcopy(value)  # the variant's attackers (faults) replace the base's
+        elif key in DROPPABLE and value == {}:
+            out.pop(key, None)  # `defense = {}`: none; `aggregation = {}`: the gateway's defaults; `city = {}`: no tier
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **copy.deepcopy(value)}
         else:
@@ -524,9 +602,9 @@ def _with_variants(scenario: Scenario, doc: dict[str, Any], base_dir: Path) -> S
         for key in table:
             if key == "run":
                 raise ScenarioError(f"{at}.run: a variant cannot change [run] (rounds, seed and timeout are shared)")
-            if key not in ("name", "adversary") and key not in SCHEMA:
-                raise ScenarioError(f"unknown key {at}.{key}; a variant holds name, adversary and the sections "
-                                    f"{', '.join(s for s in SCHEMA if s != 'run')}")
+            if key != "name" and key not in VARIANT_LISTS and key not in SCHEMA:
+                raise ScenarioError(f"unknown key {at}.{key}; a variant holds name, {', '.join(VARIANT_LISTS)} and "
+                                    f"the sections {', '.join(s for s in SCHEMA if s != 'run')}")
         try:
             merged = parse_scenario(_merge(doc, table), base_dir)
         except ScenarioError as exc:

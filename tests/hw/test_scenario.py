@@ -104,7 +104,7 @@ def test_variants_override_the_base_section_by_section():
      r"adversary\[0\]\.scale is not a parameter of replay \(it takes none\)"),
     ({"adversary": [{"attack": "scaling", "count": 1, "scale": -1}]}, r"adversary\[0\]\.scale must be positive"),
     ({"adversary": [{"attack": "sybil", "count": 1, "payload": "steal"}]}, r"adversary\[0\]\.payload must be one of"),
-    ({"adversary": [{"attack": "sign_flip", "count": 1, "target": "x"}]}, r"unknown key adversary\[0\]\.target"),
+    ({"adversary": [{"attack": "sign_flip", "count": 1, "targets": "x"}]}, r"unknown key adversary\[0\]\.targets"),
     ({"fleet": {"devices": 3}, "adversary": [{"attack": "sign_flip", "count": 2}, {"attack": "replay", "count": 2}]},
      r"adversary: 4 attacking devices, but the fleet has only 3"),
     ({"variant": []}, r"variant must be a non-empty array"),
