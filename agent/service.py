@@ -19,16 +19,14 @@ already trusted under its version (`model_version_conflict`), and was not signed
 long before the newest release this device knows (`model_frozen`: its expiry is
 more than `[model] freeze_window_s` older than the newest expiry accepted).
 
-Roaming (agent/roaming.py says when and where; `Agent._roam` and `Agent._rehome` do it): with the root
-key, "the gateway" is the device's home, the configured gateway until that is gone for `[city]
-rehome_after_s`, then the member gateway it re-homed to (kept in `home.json`, so a restart stays there).
-The city's members and their keys come only from root-signed membership vertices (`[city] genesis`, or
-the documents the gateways publish retained: `Agent._handle_members`, refused by reason when any part of
-one is not the root's). The move is one step of the worker thread, between two messages: the new home and
-its key on disk first, a fresh per-gateway state (the new home's model lineage is taken from whatever
-version it is at), replies still pending for the old home dropped, and a new MQTT connection whose
-subscriptions, online flag and last will are the new home's; then the device enrolls there again, and the
-new home admits it under its own policy (a revoked device is refused there too: the ledger says so).
+Roaming (agent/roaming.py): with the root key, "the gateway" is the device's home, the configured gateway
+or the member it re-homed to. `Roaming` keeps the city, the home and the decision to leave it; the agent
+carries that decision out on its connection and its state (`Agent._roam`, `Agent._rehome`). The move is one
+step of the worker thread, between two messages: the new home and its key on disk first, a fresh
+per-gateway state (the new home's model lineage is taken from whatever version it is at), replies still
+pending for the old home dropped, and a new MQTT connection whose subscriptions, online flag and last will
+are the new home's; then the device enrolls there again, and the new home admits it under its own policy
+(a revoked device is refused there too: the ledger says so).
 """
 
 from __future__ import annotations
@@ -49,15 +47,14 @@ from protocol.digest import sha256
 from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id
 from protocol.logs import event
-from protocol.membership import City
 from protocol.rotation import Chain
 
 from . import learner
 from .config import AgentConfig
 from .live_data import LiveData, NoData
-from .roaming import HomeWatch, Sightings, choose_home, serves, status_state
+from .roaming import Roaming
 from .samples import LocalData
-from .state import ANSWERED_KEPT, AgentState, Home, StateStore
+from .state import ANSWERED_KEPT, AgentState, StateStore
 from .systemd import Notifier
 
 log = logging.getLogger("starling.agent")
@@ -91,21 +88,9 @@ class Agent:
         self.data = data
         self.rng = np.random.default_rng(seed)
         self.store = StateStore(config.state_dir)
-        self.city = self._load_city()
-        # Where the device lives: the configured gateway, or the one it re-homed to (only a device that knows the
-        # root key ever moves; without it, the config is all there is).
-        home = self.store.load_home(config.gateway_id) if config.gateway_root_key is not None else None
-        self.home_id = home.gateway if home else config.gateway_id
-        self.home_key = bytes.fromhex(home.key) if home else config.gateway_public_key  # before its rotations
-        self.state = self.store.load(self.home_id)
-        self.watch = HomeWatch(time.monotonic())
-        self._sightings = Sightings()  # the latest statuses of the gateways watched (while the home is quiet)
-        self._member_states: dict[str, str | None] = {}  # the other members' states, while watched
-        self._watched: set[str] = set()  # the gateways whose status topics are subscribed now
-        self._move: tuple[str, str, float] | None = None  # (to, why, seconds quiet): asked of the worker
+        self.roaming = Roaming(config, self.store, identity.id, time.monotonic())  # where the device lives
+        self.state = self.store.load(self.roaming.home)
         self._moving = threading.Lock()  # held while the worker moves the device: the loop sends nothing then
-        self._waiting = ""  # why the device cannot re-home yet, as last logged
-        self._members_taken = b""  # the digest of the last membership document taken
         self._sent_at: dict[str, float] = {}  # pending key -> when it was last published
         self.counters = Counters()
         self.architecture = architecture
@@ -119,36 +104,10 @@ class Agent:
 
     # --- MQTT plumbing -------------------------------------------------------------
 
-    # The home's topics (they change when the device re-homes).
-    @property
-    def t_task(self) -> str:
-        return topics.task(self.home_id, self.identity.id)
-
-    @property
-    def t_receipt(self) -> str:
-        return topics.receipt(self.home_id, self.identity.id)
-
-    @property
-    def t_reply(self) -> str:
-        return topics.reply(self.home_id, self.identity.id)
-
-    @property
-    def t_online(self) -> str:
-        return topics.online(self.home_id, self.identity.id)
-
-    @property
-    def t_keys(self) -> str:
-        return topics.keys(self.home_id)
-
-    @property
-    def t_members(self) -> str:
-        return topics.members(self.home_id)
-
-    def _subscriptions(self) -> tuple[tuple[str, int], ...]:
-        subscriptions = ((self.t_task, 1), (self.t_receipt, 1), (self.t_keys, 1))
-        if self.config.roams:  # statuses only while the home is quiet: `_roam`
-            subscriptions += ((self.t_members, 1),)
-        return subscriptions
+    # The home's topics this device talks on, as `Roaming` names them now (hw/attacks.py publishes on them).
+    t_task = property(lambda self: self.roaming.home_topics.task)
+    t_receipt = property(lambda self: self.roaming.home_topics.receipt)
+    t_reply = property(lambda self: self.roaming.home_topics.reply)
 
     def _make_connection(self) -> Connection:
         # Backoff with per-device jitter: after a broker restart, a fleet must not reconnect in lockstep.
@@ -159,9 +118,9 @@ class Agent:
             port=self.config.broker_port,
             auth=self.config.broker_auth,  # TLS and the device's MQTT credentials, when configured
             clean_session=False,  # a persistent session keeps QoS 1 tasks while we are away
-            subscriptions=self._subscriptions(),
-            will=Will(self.t_online, b"0"),
-            birth=Will(self.t_online, b"1"),
+            subscriptions=self.roaming.subscriptions(),
+            will=Will(self.roaming.home_topics.online, b"0"),
+            birth=Will(self.roaming.home_topics.online, b"1"),
             reconnect_min_s=1 + jitter.randint(0, 2),
             reconnect_max_s=30 + jitter.randint(0, 30),
             max_queued=1000,
@@ -171,13 +130,11 @@ class Agent:
 
     def _on_message(self, msg: Message) -> None:
         # Never do real work on paho's thread: queue it, or file a model piece (or a status) we wait for.
-        prefix = topics.model(self.home_id, "")
-        if self.config.roams and msg.topic.endswith("/status"):
-            gateway = msg.topic[len(topics.ROOT) + 1:-len("/status")]
-            if msg.topic == topics.status(gateway):  # only the newest counts: the loop reads it
-                self._sightings.put(gateway, msg.payload)
+        if self.roaming.keep_status(msg.topic, msg.payload):
             return
-        if msg.topic == self.t_task:
+        here = self.roaming.home_topics
+        prefix = topics.model(here.gateway, "")
+        if msg.topic == here.task:
             try:  # on disk before paho acknowledges it (when this returns): a power cut cannot lose it
                 name = self.store.put_task(msg.payload)
             except OSError as exc:
@@ -203,7 +160,7 @@ class Agent:
     @property
     def gateway_key(self) -> bytes:
         """The key that signs for the gateway now: the configured one, or where its rotations led."""
-        return bytes.fromhex(self.state.gateway_key) if self.state.gateway_key else self.home_key
+        return bytes.fromhex(self.state.gateway_key) if self.state.gateway_key else self.roaming.home_key
 
     def _check_gateway_key(self, key: bytes) -> None:
         """Refuse (raise `_Refused`) a message not signed by the gateway's current key."""
@@ -218,10 +175,10 @@ class Agent:
         if env.type != expected_type:
             raise ProtocolError(f"expected {expected_type}, got {env.type}")
         self._check_gateway_key(env.ctx.sender)
-        if env.ctx.gateway != self.home_id:
+        if env.ctx.gateway != self.roaming.home:
             raise _Refused("wrong_gateway")
         env.verify()
-        self.watch.heard(time.monotonic())  # the home signed it: it is there
+        self.roaming.heard(time.monotonic())  # the home signed it: it is there
         return env
 
     def _wait_for(self, pieces: Callable[[], bool], deadline: float) -> None:
@@ -236,7 +193,7 @@ class Agent:
         """The weights with content address `digest`, from cache or the retained release (and chunks)."""
         if digest in self._models:
             return self._models[digest]
-        address = topics.model(self.home_id, digest.hex())
+        address = topics.model(self.roaming.home, digest.hex())
         with self._model_arrived:
             self._wanted, self._raw_models = digest, {}
         # Offline (a task saved before a power cut), the connection subscribes once it is up.
@@ -405,7 +362,8 @@ class Agent:
                 topic, payload, saved = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
-            kind = {self.t_task: "task", self.t_keys: "keys", self.t_members: "members",
+            here = self.roaming.home_topics
+            kind = {here.task: "task", here.keys: "keys", here.members: "members",
                     REHOME: "rehome"}.get(topic, "receipt")
             try:
                 if kind == "task":
@@ -419,9 +377,8 @@ class Agent:
                 else:
                     self._handle_receipt(payload)
             except (ProtocolError, _Refused, learner.BadOption) as exc:
-                reason = exc.reason
-                self.counters.refused_tasks[reason] = self.counters.refused_tasks.get(reason, 0) + 1
-                event(log, f"{kind}.refused", logging.WARNING, reason=reason, detail=str(exc))
+                self._count(exc.reason)
+                event(log, f"{kind}.refused", logging.WARNING, reason=exc.reason, detail=str(exc))
             except Exception:  # an agent must outlive any single bad message
                 log.exception("%s.failed unexpected error", kind)
             if saved:  # answered, refused or failed: done with it either way
@@ -442,135 +399,62 @@ class Agent:
         self.store.save(self.state)
         event(log, "gateway.key_rotated", retired=",".join(identity_id(k) for k in retired), key=identity_id(new))
 
-    # --- roaming ---------------------------------------------------------------------
-
-    def _load_city(self) -> City | None:
-        """The city as far as this device knows it: `[city] genesis` and the membership kept from before, both
-        checked against the root key (a kept document that no longer checks out is dropped, and learned again)."""
-        root = self.config.gateway_root_key
-        if root is None:
-            return None
-        city = City.from_genesis(self.config.city_genesis, root) if self.config.city_genesis else None
-        kept = self.store.load_members()
-        if kept is not None:
-            try:
-                learned = City.from_document(kept, root, city.genesis.id if city else None)
-                city = learned if city is None else city.merge(learned)
-            except ProtocolError as exc:
-                event(log, "members.discarded", logging.WARNING, reason=exc.reason, detail=exc.detail)
-        return city
+    # --- roaming (what `Roaming` decides, done to the connection and the state) --------------
 
     def _handle_members(self, payload: bytes) -> None:
-        """A gateway's membership document (retained): what it adds to the city this device knows, if the root
-        key signed every part of it (else `MembershipRefused`, counted by its reason)."""
+        """A gateway's membership document (retained): `Roaming.learn_members` checks it against the root key."""
         if not payload:
             return  # a cleared retained message
-        root = self.config.gateway_root_key
-        if root is None:
+        if self.config.gateway_root_key is None:
             raise _Refused("no_root_key")
-        digest = sha256(payload)
-        if digest == self._members_taken:
-            return  # the same retained document again (every reconnect brings it): checked once is enough
-        city = self.city
-        learned = City.from_document(payload, root, city.genesis.id if city else None)
-        merged = learned if city is None else city.merge(learned)
-        self._members_taken = digest
-        if city is not None and merged.ids() == city.ids():
-            return
-        self.store.save_members(merged.encode())
-        self.city = merged
-        event(log, "city.members", city=merged.name, members=",".join(sorted(merged.members)),
-              departed=",".join(sorted(merged.departed)) or "-", vertices=len(merged.vertices))
+        self.roaming.learn_members(payload)
 
     def _roam(self, now: float) -> None:
-        """The loop's look at the home (every half second), as agent/roaming.py describes: once it has been
-        quiet for half the timeout, its status; at three quarters, the other members'; at the timeout (at once
-        for a home the operator retired), ask the worker to move the device to the one `choose_home` picks."""
-        for gateway, payload in self._sightings.take().items():
-            if gateway not in self._watched:
-                continue  # a late one, let go of already
-            state = status_state(payload)
-            if payload and state is None:
-                self._count("status_malformed")
-                event(log, "status.refused", logging.WARNING, gateway=gateway, reason="status_malformed")
-            if gateway == self.home_id:
-                if serves(state):
-                    self.watch.heard(now)
-            else:
-                self._member_states[gateway] = state
-        if self._move is not None:
-            return  # the worker is on it
-        city, after = self.city, self.config.rehome_after_s
-        retired = city is not None and self.home_id in city.departed
-        quiet = self.watch.quiet_for(now)
-        others = sorted(g for g in city.members if g != self.home_id) if city is not None else []
-        self._watch_members(([self.home_id] if quiet >= after / 2 else [])
-                            + (others if retired or quiet >= after * 3 / 4 else []))
-        if not retired and quiet < after:
-            self._waiting = ""
-            return
-        serving = [g for g in others if serves(self._member_states.get(g))]
-        target = choose_home(self.identity.id, serving, self.config.prefer)
-        if target is None:
-            why = "no_membership" if city is None else "no_member_serving"
-            if why != self._waiting:  # once per reason, not every half second
-                event(log, "agent.rehome_waiting", logging.WARNING, gateway=self.home_id, reason=why,
-                      quiet_s=round(quiet, 1), members=len(others))
-                self._waiting = why
-            return
-        self._move = (target, "left_city" if retired else "quiet", quiet)
-        self._inbox.put((REHOME, b"", ""))
-
-    def _watch_members(self, gateways: list[str]) -> None:
-        """Subscribe to exactly these gateways' status topics (QoS 0: a persistent session need not queue stale
-        ones; retained: each says at once where it stands)."""
-        wanted = set(gateways)
-        gone, new = self._watched - wanted, wanted - self._watched
-        if gone:
-            self.conn.unsubscribe([topics.status(g) for g in sorted(gone)])
-            for gateway in gone:
-                self._member_states.pop(gateway, None)
-        if new:
-            self.conn.subscribe([(topics.status(g), 0) for g in sorted(new)])
-        self._watched = wanted
+        """The loop's look at the home (every half second): `Roaming.check_home` decides which statuses to
+        watch and whether to move; this counts what it refused and asks the worker to move the device."""
+        check = self.roaming.check_home(now)
+        for reason in check.refused:
+            self._count(reason)
+        if check.unsubscribe:
+            self.conn.unsubscribe(check.unsubscribe)
+        if check.subscribe:
+            self.conn.subscribe(check.subscribe)
+        if check.move:
+            self._inbox.put((REHOME, b"", ""))
 
     def _rehome(self) -> None:
-        """Move the device to the member `_roam` chose (the worker thread, between two messages)."""
-        target, why, quiet = self._move or ("", "", 0.0)
-        member = self.city.members.get(target) if self.city is not None else None
-        if member is None:  # it left the city meanwhile: the loop chooses again
-            self._move = None
+        """Move the device to the member `Roaming.check_home` chose (the worker thread, between two messages)."""
+        chosen = self.roaming.next_move()
+        if chosen is None:  # it left the city meanwhile: the loop chooses again
             return
+        move, member = chosen
         with self._moving:
-            old, old_conn, old_online = self.home_id, self.conn, self.t_online
-            old_topics = [t for t, _ in self._subscriptions()] + [topics.status(g) for g in sorted(self._watched)]
-            # On disk first: from here on a power cut wakes the device up at its new home.
-            self.store.save_home(Home(target, member.key.hex(), self.config.gateway_id, time.time(), old))
-            self.home_id, self.home_key = target, member.key
-            self.state = AgentState(target, retired_keys=[k.hex() for k in member.retired])
+            old, old_conn, old_online = self.roaming.home, self.conn, self.roaming.home_topics.online
+            old_topics = self.roaming.subscribed_topics()
+            self.roaming.move_to(move, member)  # on disk first: a power cut from here on wakes up there
+            self.state = AgentState(move.to, retired_keys=[k.hex() for k in member.retired])
             self.store.save(self.state)
-            dropped = self.store.drop_pending_not_for(target, _gateway_of)
+            dropped = self.store.drop_pending_not_for(move.to, _gateway_of)
             self._sent_at.clear()
             self._models = {}
             old_conn.unsubscribe(old_topics)  # the persistent session must not keep the old home's topics
             old_conn.close(goodbye=Will(old_online, b"0"))  # the old home, back one day, sees the device gone
-            self.watch = HomeWatch(time.monotonic())
-            self._watched, self._member_states, self._waiting = set(), {}, ""
             self.conn = self._make_connection()
             self.conn.start()
-            self._move = None
-        event(log, "agent.rehomed", **{"from": old}, to=target, after_s=round(quiet, 1), reason=why,
-              key=identity_id(member.key), dropped_replies=dropped)
+            self.roaming.arrived(time.monotonic())
+        event(log, "agent.rehomed", **{"from": old}, to=move.to, after_s=round(move.quiet_s, 1),
+              reason=move.why, key=identity_id(member.key), dropped_replies=dropped)
 
     def _count(self, reason: str) -> None:
         self.counters.refused_tasks[reason] = self.counters.refused_tasks.get(reason, 0) + 1
 
     def _send_enroll(self) -> None:
-        ctx = envelope.Context(self.identity.public_key, self.home_id, 0, "enroll", b"")
+        here = self.roaming.home_topics
+        ctx = envelope.Context(self.identity.public_key, here.gateway, 0, "enroll", b"")
         voucher = self.config.voucher.read_bytes() if self.config.voucher else b""
         body = schemas.EnrollRequest(self.config.name, time.time(), voucher).to_body()
         wire = envelope.seal(self.identity, "enroll", ctx, body)
-        self.conn.publish(topics.enroll(self.home_id, self.identity.id), wire, qos=1)
+        self.conn.publish(here.enroll, wire, qos=1)
         event(log, "enroll.sent", device=self.identity.id, name=self.config.name)
 
     def _resend_pending(self) -> None:
@@ -596,10 +480,11 @@ class Agent:
         else:
             event(log, "agent.start", device=self.identity.id, name=self.config.name, data="replay",
                   train_windows=len(self.data.x_train), test_windows=len(self.data.x_test))
-        if self.home_id != self.config.gateway_id:
-            event(log, "agent.home", gateway=self.home_id, configured=self.config.gateway_id)
+        home = self.roaming.home
+        if home != self.config.gateway_id:
+            event(log, "agent.home", gateway=home, configured=self.config.gateway_id)
             # A power cut in the middle of a move may have left replies for the old home: nobody can take them.
-            self.store.drop_pending_not_for(self.home_id, _gateway_of)
+            self.store.drop_pending_not_for(home, _gateway_of)
         self.conn.start()
         for name, wire in self.store.saved_tasks():  # received before a power cut, not answered then
             self._inbox.put((self.t_task, wire, name))
@@ -618,7 +503,7 @@ class Agent:
                     continue
                 now = time.monotonic()
                 if not was_connected:  # (re)connected: the home gets the whole timeout from now
-                    self.watch.heard(now)
+                    self.roaming.heard(now)
                 if self.config.roams:
                     self._roam(now)
                 if not self._moving.acquire(blocking=False):
@@ -638,7 +523,8 @@ class Agent:
         finally:
             systemd.stopping()
             worker.join(timeout=30)
-            self.conn.close(goodbye=Will(self.t_online, b"0"))  # waited for briefly; else the will says it
+            goodbye = Will(self.roaming.home_topics.online, b"0")
+            self.conn.close(goodbye=goodbye)  # waited for briefly; else the will says it
             event(log, "agent.stop", tasks=self.counters.tasks, replies=self.counters.replies_sent,
                   accepted=self.counters.accepted)
 

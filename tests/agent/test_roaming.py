@@ -1,9 +1,9 @@
 """Devices that roam: the city's members as the root key says, when the home is gone, where to go, what is kept.
 
 Pure parts first (the membership reader, the choice, the watch, the state files, the config), then the
-agent's decision on an agent that is not running (time given by the test), then a running agent on a real
-broker with two hand-driven gateways: A goes offline and the device moves to B, takes B's lineage and
-trains there, and wakes up at B after a restart.
+decision (`Roaming`, time given by the test) and what an agent that is not running makes of it, then a
+running agent on a real broker with two hand-driven gateways: A goes offline and the device moves to B,
+takes B's lineage and trains there, and wakes up at B after a restart.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import pytest
 import roaming_helpers as rh
 
 from agent.config import AgentConfig, ConfigError, parse_config
-from agent.roaming import HomeWatch, choose_home, serves, status_state
+from agent.roaming import HomeCheck, HomeWatch, Move, Roaming, choose_home, serves, status_state
 from agent.samples import LocalData
 from agent.service import REHOME, Agent
 from agent.state import AgentState, Home, StateStore
 from firmware_models.runtime import TrainableModel
 from hw.broker import Broker
+from mqttlink import Message
 from protocol import cbor, envelope, schemas, topics
 from protocol.keys import Identity
 from protocol.membership import City, MembershipRefused
@@ -224,51 +225,76 @@ def status(state: str) -> bytes:
     return json.dumps({"state": state, "round": 1}).encode()
 
 
-def test_the_agent_looks_at_statuses_only_while_the_home_is_quiet_and_moves_at_the_timeout(tmp_path, model, data):
-    agent = Agent(config_for(tmp_path / "dev", rehome_after_s=10.0), Identity.generate(), model, data)
-    agent.city = City.from_document(rh.document(rh.genesis(ROOT, [A, B, C])), ROOT.public_key)
-    agent.watch = HomeWatch(now=0.0)  # this test's clock: the home last spoke at 0
-    agent._roam(4.0)
-    assert agent._watched == set()  # a busy home costs nothing
-    agent._roam(5.0)
-    assert agent._watched == {A.id}  # half the timeout: the home's status is looked at
-    agent._sightings.put(A.id, status("idle"))
-    agent._roam(5.5)  # an idle home speaks through its status ...
-    assert agent.watch.quiet_for(5.5) == 0.0
-    agent._roam(6.0)
-    assert agent._watched == set()  # ... and is let go of until it is quiet again
-    agent._roam(11.0)
-    assert agent._watched == {A.id}  # quiet again since 5.5: its status again ...
-    agent._sightings.put(A.id, status("offline"))
-    agent._roam(12.5)
-    assert agent._watched == {A.id}  # ... which says it is gone (a status that does not serve is silence)
-    agent._roam(13.0)
-    assert agent._watched == {A.id, B.id, C.id}  # three quarters: the others' statuses too
-    agent._sightings.put(B.id, status("stopped"))
-    agent._sightings.put(C.id, b"garbage")
-    agent._roam(15.5)
-    assert agent._move is None and agent._waiting == "no_member_serving"  # the timeout, and nowhere to go
-    assert agent.counters.refused_tasks == {"status_malformed": 1}
-    agent._sightings.put(C.id, status("idle"))
-    agent._roam(16.0)
-    assert agent._move == (C.id, "quiet", 10.5) and agent._inbox.get_nowait()[0] == REHOME
+def roaming_for(state_dir: Path, *members: Identity, **city) -> Roaming:
+    """A roaming device's `Roaming`: its city is `members` (its genesis), its home A last spoke at 0 (the
+    test's clock)."""
+    config = config_for(state_dir, city_genesis=rh.genesis(ROOT, list(members)), **city)
+    return Roaming(config, StateStore(config.state_dir), Identity.generate().id, now=0.0)
 
 
-def test_a_home_that_says_it_serves_is_never_left_and_one_the_operator_retired_is_left_at_once(tmp_path, model, data):
-    agent = Agent(config_for(tmp_path / "dev", rehome_after_s=10.0), Identity.generate(), model, data)
-    agent.city = City.from_document(rh.document(rh.genesis(ROOT, [A, B])), ROOT.public_key)
-    agent.watch = HomeWatch(now=0.0)
+def watching(*gateways: Identity) -> list[tuple[str, int]]:
+    return [(topics.status(g.id), 0) for g in sorted(gateways, key=lambda g: g.id)]
+
+
+def test_the_device_looks_at_statuses_only_while_the_home_is_quiet_and_moves_at_the_timeout(tmp_path, caplog):
+    roaming = roaming_for(tmp_path / "dev", A, B, C, rehome_after_s=10.0)
+    assert roaming.check_home(4.0) == HomeCheck()  # a busy home costs nothing
+    assert roaming.check_home(5.0) == HomeCheck(subscribe=watching(A))  # half the timeout: the home's status
+    assert roaming.keep_status(topics.status(A.id), status("idle"))
+    assert roaming.check_home(5.5) == HomeCheck(unsubscribe=[topics.status(A.id)])  # an idle home speaks ...
+    assert roaming.quiet_for(5.5) == 0.0
+    assert roaming.check_home(6.0) == HomeCheck()  # ... and is let go of until it is quiet again
+    assert roaming.check_home(11.0) == HomeCheck(subscribe=watching(A))  # quiet again since 5.5: its status ...
+    roaming.keep_status(topics.status(A.id), status("offline"))
+    assert roaming.check_home(12.5) == HomeCheck()  # ... which says it is gone (a status that does not serve)
+    assert roaming.check_home(13.0) == HomeCheck(subscribe=watching(B, C))  # three quarters: the others' too
+    roaming.keep_status(topics.status(B.id), status("stopped"))
+    roaming.keep_status(topics.status(C.id), b"garbage")
+    caplog.set_level("INFO", logger="starling.agent")
+    assert roaming.check_home(15.5) == HomeCheck(refused=["status_malformed"])  # the timeout, nowhere to go
+    roaming.check_home(15.6)
+    assert roaming.decided_move is None and caplog.text.count("reason=no_member_serving") == 1  # said once
+    roaming.keep_status(topics.status(C.id), status("idle"))
+    assert roaming.check_home(16.0) == HomeCheck(move=True)
+    assert roaming.decided_move == Move(C.id, "quiet", 10.5)
+    assert roaming.check_home(30.0) == HomeCheck()  # decided: the worker is on it
+
+
+def test_a_home_that_says_it_serves_is_never_left_and_one_the_operator_retired_is_left_at_once(tmp_path):
+    roaming = roaming_for(tmp_path / "dev", A, B, rehome_after_s=10.0)
     for now in range(5, 10_000, 5):
-        agent._roam(float(now))
-        agent._sightings.put(A.id, status("running"))
-        agent._roam(now + 0.5)
-    assert agent._move is None
-    agent.city = agent.city.merge(City.from_document(rh.document(rh.genesis(ROOT, [A, B]), rh.leave(ROOT, A, 1)),
-                                                     ROOT.public_key))
-    agent._roam(10_000.0)  # asks for B's status
-    agent._sightings.put(B.id, status("idle"))
-    agent._roam(10_000.5)
-    assert agent._move is not None and agent._move[:2] == (B.id, "left_city")
+        roaming.check_home(float(now))
+        roaming.keep_status(topics.status(A.id), status("running"))
+        roaming.check_home(now + 0.5)
+    assert roaming.decided_move is None
+    roaming.learn_members(rh.document(rh.genesis(ROOT, [A, B]), rh.leave(ROOT, A, 1)))
+    assert roaming.check_home(10_000.0) == HomeCheck(subscribe=watching(B))  # asks for B's status at once
+    roaming.keep_status(topics.status(B.id), status("idle"))
+    assert roaming.check_home(10_000.5).move
+    assert roaming.decided_move == Move(B.id, "left_city", 5.0)
+    roaming.learn_members(rh.document(rh.genesis(ROOT, [A, B]), rh.leave(ROOT, A, 1), rh.leave(ROOT, B, 2)))
+    assert roaming.next_move() is None and roaming.decided_move is None  # B left too: the loop decides again
+
+
+def decide_to_move(roaming: Roaming, to: Identity) -> None:
+    """Make `roaming` decide to move to `to`: its home quiet for much longer than the timeout, `to` serving."""
+    later = time.monotonic() + 3600.0
+    roaming.check_home(later)  # asks for the members' statuses
+    roaming.keep_status(topics.status(to.id), status("idle"))
+    assert roaming.check_home(later).move and roaming.decided_move.to == to.id
+
+
+def test_the_agent_counts_refused_statuses_and_asks_its_worker_to_move(tmp_path, model, data):
+    config = config_for(tmp_path / "dev", rehome_after_s=10.0, city_genesis=rh.genesis(ROOT, [A, B]))
+    agent = Agent(config, Identity.generate(), model, data)
+    later = time.monotonic() + 3600.0
+    agent._roam(later)  # quiet for the whole timeout: A's and B's statuses are asked for
+    agent._on_message(Message(topics.status(A.id), b"garbage", time.time()))
+    agent._on_message(Message(topics.status(B.id), status("idle"), time.time()))
+    assert agent._inbox.empty()  # statuses are the loop's, not the worker's
+    agent._roam(later + 0.5)
+    assert agent.counters.refused_tasks == {"status_malformed": 1}
+    assert agent.roaming.decided_move.to == B.id and agent._inbox.get_nowait()[0] == REHOME
 
 
 def test_the_move_keeps_the_new_home_and_a_fresh_state_on_disk_and_a_restart_wakes_up_there(tmp_path, model, data):
@@ -278,18 +304,18 @@ def test_the_move_keeps_the_new_home_and_a_fresh_state_on_disk_and_a_restart_wak
     ctx = envelope.Context(device.public_key, A.id, 9, "train-9", b"\0" * 32)
     StateStore(config.state_dir).put_pending("000009-t", envelope.seal(device, "reply", ctx, {"examples": 1}))
     agent = Agent(config, device, model, data)
-    agent.city = City.from_document(rh.document(rh.genesis(ROOT, [A, B]), rh.rotate(ROOT, B, C2, 1)),
-                                    ROOT.public_key)
-    agent._move = (B.id, "quiet", 12.0)
+    agent._handle_members(rh.document(rh.genesis(ROOT, [A, B]), rh.rotate(ROOT, B, C2, 1)))
+    decide_to_move(agent.roaming, B)
     try:
         agent._rehome()
     finally:
         agent.conn.close()
-    assert (agent.home_id, agent.gateway_key, agent.t_task) == (B.id, C2.public_key, topics.task(B.id, device.id))
+    assert (agent.roaming.home, agent.gateway_key, agent.t_task) == (B.id, C2.public_key, topics.task(B.id, device.id))
     assert agent.state == AgentState(B.id, retired_keys=[B.public_key.hex()])  # B's lineage: from any version
     assert agent.store.pending_keys() == []  # A's reply: nobody can take it now
+    assert agent.roaming.decided_move is None  # made
     again = Agent(config, device, model, data)
-    assert (again.home_id, again.gateway_key, again.state.gateway) == (B.id, C2.public_key, B.id)
+    assert (again.roaming.home, again.gateway_key, again.state.gateway) == (B.id, C2.public_key, B.id)
     moved = json.loads((config.state_dir / "home.json").read_text())
     assert (moved["gateway"], moved["previous"], moved["configured"]) == (B.id, A.id, A.id)
 
@@ -368,15 +394,15 @@ def test_a_device_whose_gateway_goes_offline_rehomes_takes_the_new_lineage_and_t
         thread.start()
         try:
             wait_for(lambda: agent.counters.refused_tasks.get("members_not_root") == 1, 10, "forgery counted")
-            assert agent.city is None and not (config.state_dir / "members.cbor").exists()
+            assert agent.roaming.city is None and not (config.state_dir / "members.cbor").exists()
             city.publish(topics.members(A.id), rh.document(rh.genesis(ROOT, [A, B])), retain=True)
-            wait_for(lambda: agent.city is not None, 10, "the root's document taken")
+            wait_for(lambda: agent.roaming.city is not None, 10, "the root's document taken")
             gone = time.monotonic()
             city.status(A, "offline")
             time.sleep(2.0)
-            assert agent.home_id == A.id  # nobody else serves: the device waits
+            assert agent.roaming.home == A.id  # nobody else serves: the device waits
             city.status(B, "idle")
-            wait_for(lambda: agent.home_id == B.id, 10, "re-homed to B")
+            wait_for(lambda: agent.roaming.home == B.id, 10, "re-homed to B")
             assert time.monotonic() - gone >= 1.0
             assert city.next("online") == (topics.online(B.id, device.id), b"1")  # its birth, and its will, at B
             _, request = city.next("enroll")  # enrolled at A, it asks B afresh: B's policy decides
@@ -390,4 +416,4 @@ def test_a_device_whose_gateway_goes_offline_rehomes_takes_the_new_lineage_and_t
             thread.join(20)
             city.close()
     assert StateStore(config.state_dir).load(B.id).trusted_version == 1
-    assert Agent(config, device, model, data).home_id == B.id  # a restart wakes up at the new home
+    assert Agent(config, device, model, data).roaming.home == B.id  # a restart wakes up at the new home
