@@ -54,6 +54,7 @@ version and SIMD target that recorded it (`params.versions`), else it is unverif
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -278,6 +279,8 @@ class Auditor:
                  holders: list[str] = (), timeout_s: float = 30.0) -> None:
         import flwr.serverapp.strategy  # noqa: F401 - without Flower nothing recomputes: ImportError here
 
+        # Flower logs a line per aggregate_train at INFO: an audit's output is its JSON, not thousands of those.
+        logging.getLogger("flwr").setLevel(logging.WARNING)
         self._stores = [BlobStore(Path(f), read_only=True) for f in folders]
         self._holders = list(holders)
         self._timeout_s = timeout_s
