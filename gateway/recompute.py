@@ -4,7 +4,7 @@
     weights = recompute(name, params, base, inputs)      # anyone: the same Flower code on the same contents
     verdict = verify(name, params, base, inputs, output)  # ... and its digest against the recorded one
     verdict = verify_body(body, fetch)                    # from an `aggregate` vertex body and a blob source
-    check = Auditor([state_dir / "blobs"]); check(body)  # what `starling-ledger audit --recompute` loads
+    (gateway/auditor.py: what `starling-ledger audit --recompute` loads)
 
 An aggregate's digest is the SHA-256 of its encoded model (`lineage.encode`:
 float32, `schemas.encode_model`), the release digest. Recomputing it needs,
@@ -54,11 +54,9 @@ version and SIMD target that recorded it (`params.versions`), else it is unverif
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,7 +65,6 @@ from protocol import schemas
 from protocol.digest import sha256
 from protocol.errors import ProtocolError
 
-from .blobs import BlobStore
 from .grid import train_content
 from .ingest import dequantize
 from .lineage import encode
@@ -258,65 +255,6 @@ def verify_body(body: dict[str, Any], fetch: Callable[[bytes], bytes | None]) ->
     if shares is not None:
         return Verdict(False, output, None, shares, "mismatch")
     return verify(body["strategy"], params, base, inputs, output, body["round"])
-
-
-class Auditor:
-    """The recompute `starling-ledger audit --recompute` loads: the entry point "aggregate" of the group
-    "starling.recompute" (pyproject.toml). The ledger package imports neither the gateway nor Flower, so the
-    gateway plugs its recompute in from above.
-
-        check = Auditor([folder, ...], broker=(host, port), holders=[gateway id, ...])
-        check(body)      # an `aggregate` or `city` vertex body -> Verdict.to_json() (ok, status, expected, ...)
-        check.close()
-
-    `folders`: blob folders (a gateway's `<state_dir>/blobs`, one per gateway of the city if at hand), opened
-    read-only (safe beside a running gateway: nothing is written, swept or removed). With `broker`, a blob in
-    none of them is fetched over MQTT (the blob exchange: starling/blobs/want|give) from `holders` in turn,
-    checked against its digest and kept in a scratch folder for the audit's life. FileNotFoundError when a
-    folder is not there, ImportError when Flower is not installed."""
-
-    def __init__(self, folders: list[str | Path], broker: tuple[str, int] | None = None,
-                 holders: list[str] = (), timeout_s: float = 30.0) -> None:
-        import flwr.serverapp.strategy  # noqa: F401 - without Flower nothing recomputes: ImportError here
-
-        # Flower logs a line per aggregate_train at INFO: an audit's output is its JSON, not thousands of those.
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        self._stores = [BlobStore(Path(f), read_only=True) for f in folders]
-        self._holders = list(holders)
-        self._timeout_s = timeout_s
-        self._exchange = None
-        self._scratch = None
-        if broker is not None:
-            import secrets
-            import tempfile
-
-            from .blob_exchange import BlobExchange
-
-            self._scratch = tempfile.TemporaryDirectory(prefix="starling-audit-")
-            self._exchange = BlobExchange(BlobStore(Path(self._scratch.name)), secrets.token_hex(16),
-                                          broker[0], broker[1]).start()
-
-    def fetch(self, digest: bytes) -> bytes | None:
-        for store in self._stores:
-            data = store.get(digest)
-            if data is not None:
-                return data
-        if self._exchange is None or not self._holders:
-            return None
-        return self._exchange.fetch(digest, self._holders, 0).result(timeout=self._timeout_s + 5).data
-
-    def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
-        if "epoch" in body:  # a city merge (ledger.kinds `city`)
-            from .city_merge import verify_city
-
-            return verify_city(body, self.fetch).to_json()
-        return verify_body(body, self.fetch).to_json()
-
-    def close(self) -> None:
-        if self._exchange is not None:
-            self._exchange.close()
-        if self._scratch is not None:
-            self._scratch.cleanup()
 
 
 def _shares(body: dict[str, Any], sequence: list[list[Any]]) -> str | None:

@@ -339,7 +339,7 @@ class RecomputeMissing(Exception):
 
 def recompute_plugin() -> Callable[[str], Check]:
     """The recompute factory the gateway package registers (entry point "aggregate" in the group
-    "starling.recompute": `gateway.recompute.Auditor`), loaded only when asked for. This package may import
+    "starling.recompute": `gateway.auditor.Auditor`), loaded only when asked for. This package may import
     neither the gateway nor Flower (the layout table), so the recompute, which is Flower's own aggregation,
     plugs in from above: `factory(blob_folders, broker, holders)` returns `check(aggregate or city body) ->
     {"status", "expected", "got", "reason"}`, status one of VERDICTS, with a `close()`. RecomputeMissing when
