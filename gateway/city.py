@@ -165,14 +165,16 @@ class CityTier:
         epoch = round_ // self.settings.every
         self._offer(epoch, round_, head)
         deadline = time.monotonic() + self.settings.deadline_s
+        refused: set[bytes] = set()  # other members' merges of this epoch this gateway would not take
         while True:
             excluded = self.excluded()
             offers = self._ledger.offers(epoch, self.settings.max_examples)
-            first = self._first_merge(epoch, excluded)
+            first = self._first_merge(epoch, excluded, refused)
             if first is not None:
                 merged = self._adopt(first, round_, offers, excluded, head)
                 if merged is not None:
                     return self._done(merged, started)
+                refused.add(first.id)
             members = set(self._ledger.member_ids().values()) - excluded
             if members <= {o.gateway for o in offers} or time.monotonic() >= deadline:
                 break
@@ -204,11 +206,12 @@ class CityTier:
         event(log, "city.offer", epoch=epoch, round=aggregate.body["round"], model=head.digest.hex()[:16],
               vertex=vertex.id_hex[:16])
 
-    def _first_merge(self, epoch: int, excluded: set[str]) -> Vertex | None:
-        """The epoch's first `city` vertex by another member this gateway does not exclude."""
+    def _first_merge(self, epoch: int, excluded: set[str], refused: set[bytes]) -> Vertex | None:
+        """The epoch's first `city` vertex by another member this gateway does not exclude (and has not refused
+        to adopt already)."""
         for vertex in self._ledger.city_merges(epoch):
             creator = self._ledger.speaks_as(vertex.creator)
-            if creator != self._id and creator not in excluded:
+            if creator != self._id and creator not in excluded and vertex.id not in refused:
                 return vertex
         return None
 
