@@ -9,6 +9,7 @@ device's own key; only the training is skipped.
 
 from __future__ import annotations
 
+import json
 import queue
 import subprocess
 import sys
@@ -57,13 +58,31 @@ class LoadGenerator:
         ]
         self.timeline = Timeline()
         subscriptions = ((topics.task(gateway_id, "+"), 1), (topics.receipt(gateway_id, "+"), 1),
-                         (topics.model(gateway_id, "+"), 1))
+                         (topics.model(gateway_id, "+"), 1), (topics.status(gateway_id), 1))
         options = ConnectionOptions(f"load-{seed}", host, port, clean_session=True, max_inflight=1000,
                                     subscriptions=subscriptions, log_name="starling.loadgen")
         self.client = Connection(options).connect()  # what arrives is on `self.client.inbox`
         self._stop = threading.Event()
 
-    def enroll_all(self) -> None:
+    def wait_for_gateway(self, timeout: float = 60.0) -> None:
+        """Until the gateway's status says it is up (it subscribes before it says so): an enrollment sent to a
+        gateway still starting (importing Flower takes seconds on a loaded machine) would reach nobody."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                topic, payload, at = self.client.inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if topic == topics.status(self.gateway_id):
+                if payload and json.loads(payload).get("state") not in ("offline", "starting"):
+                    return
+                continue
+            self._note(topic, payload, at)
+        raise TimeoutError(f"gateway {self.gateway_id} said nothing on its status topic in {timeout:.0f} s")
+
+    def enroll_all(self, wait_s: float = 60.0) -> None:
+        """Enroll every device and say it is online, once the gateway is up (`wait_for_gateway`)."""
+        self.wait_for_gateway(wait_s)
         for device in self.devices.values():
             ctx = envelope.Context(device.public_key, self.gateway_id, 0, "enroll", b"")
             body = schemas.EnrollRequest("load", time.time()).to_body()
