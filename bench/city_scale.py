@@ -99,6 +99,7 @@ sys.path.insert(0, str(ROOT))
 
 from hw.broker import Broker
 from hw.city import GatewayLedger, settle, write_genesis
+from hw.emulate import stop_processes
 from hw.synthetic import write_manifest
 from hw.toml_files import write_toml
 from protocol.keys import Identity
@@ -230,23 +231,10 @@ class Run:
         return True
 
     def stop(self) -> None:
-        _stop(self.gateways)  # SIGTERM: each still writes result.json
-        _stop(self.pools)
+        stop_processes(self.gateways, STOP_S)  # SIGTERM: each still writes result.json
+        stop_processes(self.pools, STOP_S)
         for out in self.logs:
             out.close()
-
-
-def _stop(processes: list[subprocess.Popen]) -> None:
-    for p in processes:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    end = time.monotonic() + STOP_S
-    for p in processes:
-        try:
-            p.wait(max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 class Progress:

@@ -129,7 +129,8 @@ def choose_attackers(scenario: Scenario, names: list[str]) -> dict[str, tuple[in
     return {name: (index[id(adversary)], adversary) for name, adversary in chosen.items()}
 
 
-def _stop(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
+def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
+    """SIGTERM to every process still running, then kill -9 what has not ended within `timeout` in all."""
     for p in processes:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -338,9 +339,9 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                         break
                     time.sleep(0.2)
         finally:
-            _stop([g.process for g in gateways if g.process is not None])
+            stop_processes([g.process for g in gateways if g.process is not None])
             time.sleep(0.5)  # the gateways' last retained statuses reach the monitor
-            _stop([p.popen for p in agents if p.popen is not None])
+            stop_processes([p.popen for p in agents if p.popen is not None])
             if city and not stop.is_set():
                 from .city import GatewayLedger, settle
 
