@@ -129,6 +129,7 @@ class CityTier:
         self._own_ids = set(own_ids)
         self._blobs = blobs
         self._stop = stop
+        self._merging = threading.Event()  # set while an epoch runs: the auditor holds its checks (in_epoch)
         self._lock = threading.Lock()
         self._epochs: list[dict[str, Any]] = self._recorded_epochs()  # a restarted gateway's report goes on
         self._alone = 0
@@ -156,11 +157,23 @@ class CityTier:
     def due(self, round_: int) -> bool:
         return round_ > 0 and round_ % self.settings.every == 0
 
+    def in_epoch(self) -> bool:
+        """Whether an epoch is under way here: the audits wait (city_audit.py), so that the merge every member
+        waits for gets the CPU and the blob exchange first."""
+        return self._merging.is_set()
+
     # --- one epoch -----------------------------------------------------------------------------
 
     def epoch(self, round_: int, head: Release) -> CityMerge | None:
         """Offer, wait, agree, fetch and merge (the module docstring). None when there is nothing to merge;
         InterruptedError when stopped."""
+        self._merging.set()
+        try:
+            return self._epoch(round_, head)
+        finally:
+            self._merging.clear()
+
+    def _epoch(self, round_: int, head: Release) -> CityMerge | None:
         started = time.monotonic()
         epoch = round_ // self.settings.every
         self._offer(epoch, round_, head)

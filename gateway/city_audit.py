@@ -1,6 +1,7 @@
 """The auditor: every gateway recomputes its peers' work and keeps the evidence when it does not add up.
 
-    auditor = CityAuditor(ledger, gateway_id, own_ids, blobs, share, tag)   # starts its thread
+    auditor = CityAuditor(ledger, gateway_id, own_ids, blobs, share, tag, max_examples,
+                          hold=tier.in_epoch)   # starts its thread
     auditor.report()   # {"checked", "match", "mismatch", "unverifiable", "missing_inputs", "pending"}
     auditor.close()
 
@@ -22,7 +23,9 @@ accused gateway's models out of the city merges (city.py `excluded`) until the
 operator clears it. What cannot be recomputed (a stateful strategy, a DP
 wrapper) is counted as unverifiable, never as a mismatch; inputs not at hand
 (not written yet at the holder, or pruned) are tried again a few times, then
-counted missing.
+counted missing. While this gateway's own city epoch runs (`hold`), no check
+starts: the merge that every member waits for goes first, and the audits of
+the epoch's round aggregates follow it (at most HOLD_MAX_S later).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ POLL_S = 0.3
 RETRY_S = 2.0  # a check whose inputs were not at hand is tried again after this ...
 ATTEMPTS = 4  # ... this many times in all
 MAX_TIMES = 1000  # recompute times kept for the report
+HOLD_POLL_S = 0.05
+HOLD_MAX_S = 120.0  # a check waits at most this long for an epoch to end (an epoch is bounded by its deadline)
 
 
 @dataclass
@@ -64,9 +69,11 @@ class _Check:
 
 class CityAuditor:
     def __init__(self, ledger: Ledger, gateway_id: str, own_ids: set[str], blobs: BlobKeeper, share: float | None,
-                 tag: Callable[[], int], max_examples: int) -> None:
+                 tag: Callable[[], int], max_examples: int, hold: Callable[[], bool] = lambda: False) -> None:
         """`own_ids`: the ids this gateway writes under (never audited by itself); `share`: of the peers' round
-        aggregates, checked (None: two checks of each on average); `tag()`: the blob tag fetched blobs are kept under (the head's version)."""
+        aggregates, checked (None: two checks of each on average); `tag()`: the blob tag fetched blobs are kept
+        under (the head's version); `max_examples`: the city's cap on an update's examples (a `city` vertex's
+        weights are read with it); `hold()`: true while no check should start (the city tier's epoch)."""
         self._ledger = ledger
         self._id = gateway_id
         self._own_ids = set(own_ids)
@@ -74,6 +81,7 @@ class CityAuditor:
         self._share = share
         self._tag = tag
         self._max_examples = max_examples
+        self._hold = hold
         self._mark = ledger.arrived_since(-1)[1]  # from now: what arrived before a restart was looked at then
         self._checks: list[_Check] = []
         self._accused: set[bytes] = set()  # vertices this gateway wrote evidence against
@@ -138,7 +146,7 @@ class CityAuditor:
         with self._lock:
             due = [c for c in self._checks if c.due <= now]
         for check in due:
-            if self._stop.is_set():
+            if not self._wait_for_quiet():
                 return
             verdict, seconds = self._verify(check)
             check.attempts += 1
@@ -152,6 +160,14 @@ class CityAuditor:
                 if verdict.status in ("match", "mismatch"):
                     self._seconds = [*self._seconds, seconds][-MAX_TIMES:]
             self._conclude(check.vertex, check.holders[0], verdict)
+
+    def _wait_for_quiet(self) -> bool:
+        """Wait while `hold()` says so (at most HOLD_MAX_S); False when stopped."""
+        waited_until = time.monotonic() + HOLD_MAX_S
+        while self._hold() and time.monotonic() < waited_until:
+            if self._stop.wait(HOLD_POLL_S):
+                return False
+        return not self._stop.is_set()
 
     def _verify(self, check: _Check) -> tuple[Verdict, float]:
         """The verdict, and the seconds the recompute took once the blobs were at hand."""

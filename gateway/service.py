@@ -273,7 +273,7 @@ class Gateway:
                 self.city = CityTier(cfg.city, self.keeper.ledger, self.id, own_ids, self.blobs, stop)
                 self.auditor = CityAuditor(self.keeper.ledger, self.id, own_ids, self.blobs, cfg.city.audit_share,
                                            lambda: lineage.head.version if lineage.head else 0,
-                                           cfg.city.max_examples)
+                                           cfg.city.max_examples, hold=self.city.in_epoch)
             if self.chain.rotations:  # retained: devices that know the root key follow it to this key
                 connection.publish(topics.keys(self.id), self.chain.encode(), retain=True)
                 event(log, "gateway.keys_published", rotations=len(self.chain.rotations), key=self.identity.id)
