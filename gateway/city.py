@@ -62,7 +62,7 @@ from protocol.errors import ProtocolError
 from protocol.logs import event
 
 from .blob_keeper import BlobKeeper
-from .city_merge import RULES, merge, verify_city
+from .city_merge import RULES, MissingModel, Momentum, city_model, merge, momentum_problem, with_momentum
 from .models import Release
 from .recompute import digest_of, versions
 
@@ -84,6 +84,7 @@ class CitySettings:
     audit_share: float | None = None  # share of the peers' round aggregates this gateway recomputes
     #                                    (city_audit.py); None: 2 / (members - 1), all of them up to 3 gateways
     max_examples: int = DEFAULT_MAX_EXAMPLES  # an update counts at most this many examples in an offer's weight
+    momentum: float = 0.0  # slow momentum (city_merge.py): + momentum x (city model e-1 - e-2); 0: the plain merge
 
 
 @dataclass
@@ -99,6 +100,7 @@ class CityMerge:
     left_out: list[tuple[str, str]]  # (gateway id, why)
     max_examples: int  # the cap on each update's examples in an offer's weight
     adopted: bytes | None = None  # the `city` vertex whose set this merge took, if another member merged first
+    momentum: Momentum | None = None  # the slow momentum added to the merge, if any
     seconds: float = 0.0
     digest: bytes = b""
 
@@ -106,14 +108,16 @@ class CityMerge:
     def params(self) -> dict[str, Any]:
         """What the `city` vertex records besides its inputs (a recompute needs only the inputs and the rule;
         these say how the weights were read and what computed the merge)."""
-        return {"max_examples": self.max_examples, **{f"version_{k}": v for k, v in versions().items()}}
+        momentum = self.momentum.params() if self.momentum is not None else {}
+        return {"max_examples": self.max_examples, **momentum, **{f"version_{k}": v for k, v in versions().items()}}
 
     def to_json(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "round": self.round, "model": self.digest.hex(), "rule": self.rule,
                 "inputs": [{"gateway": g, "model": m.hex(), "weight": w}
                            for g, (_, m, w) in zip(self.gateways, self.inputs)],
                 "left_out": [{"gateway": g, "reason": r} for g, r in self.left_out],
-                "adopted": self.adopted.hex() if self.adopted else None, "seconds": round(self.seconds, 3)}
+                "adopted": self.adopted.hex() if self.adopted else None, "seconds": round(self.seconds, 3),
+                "momentum": self.momentum.beta if self.momentum is not None else None}
 
 
 class CityTier:
@@ -248,17 +252,25 @@ class CityTier:
                 problem = f"an input is {offer.gateway}'s, which this gateway excludes"
             elif body["rule"] == "weighted" and weight != float(offer.examples):
                 problem = "an input's weight is not the examples the ledger records behind it"
+        if problem is None:
+            problem = momentum_problem(body, self._ledger.city_outputs)
         weights = None
         if problem is None:
-            models = self._fetch([(by_offer[o].gateway, m) for o, m, _ in body["inputs"]], head)
-            if any(m is None for m in models.values()):
-                problem = "an input model could not be fetched"
+            creator = self._ledger.speaks_as(vertex.creator)
+            wanted = [(by_offer[o].gateway, m) for o, m, _ in body["inputs"]]
+            momentum = Momentum.of(body)
+            if momentum is not None:
+                wanted += [(creator, momentum.previous), (creator, momentum.before)]
+            models = self._fetch(wanted, head)
+            try:
+                weights = city_model(body, models.get)
+            except MissingModel as exc:
+                problem = f"a model could not be fetched: {exc}"
+            except ValueError as exc:
+                problem = f"no city model comes of its inputs: {exc}"
             else:
-                verdict = verify_city(body, lambda d: models.get(d))
-                if not verdict.ok:
-                    problem = f"{verdict.status}: {verdict.reason}"
-                else:
-                    weights = merge(body["rule"], [(schemas.decode_model(models[m]), w) for _, m, w in body["inputs"]])
+                if digest_of(weights) != body["output"]:
+                    problem = "its output is not what its inputs give"
         if problem is not None:
             event(log, "city.not_adopted", logging.WARNING, epoch=body["epoch"], vertex=vertex.id_hex[:16],
                   by=self._ledger.speaks_as(vertex.creator), reason=problem)
@@ -266,7 +278,7 @@ class CityTier:
         gateways = [by_offer[o].gateway for o, _, _ in body["inputs"]]
         left_out = self._left_out(set(gateways), offers, excluded, "not_in_agreed_set")
         return CityMerge(body["epoch"], round_, body["rule"], weights, [tuple(i) for i in body["inputs"]], gateways,
-                         left_out, self.settings.max_examples, adopted=vertex.id)
+                         left_out, self.settings.max_examples, adopted=vertex.id, momentum=Momentum.of(body))
 
     def _merge_offers(self, epoch: int, round_: int, offers: list[Offer], excluded: set[str],
                       head: Release) -> CityMerge | None:
@@ -288,8 +300,29 @@ class CityTier:
         rule = self.settings.rule
         inputs = [(o.vertex, o.model, float(o.examples) if rule == "weighted" else None) for o in chosen]
         weights = merge(rule, [(schemas.decode_model(models[m]), w) for _, m, w in inputs])
+        momentum = None
+        earlier = self._own_last_two(epoch, head)
+        if earlier is not None:
+            momentum, previous, before = earlier
+            weights = with_momentum(weights, momentum.beta, previous, before)
         return CityMerge(epoch, round_, rule, weights, inputs, [o.gateway for o in chosen], left_out,
-                         self.settings.max_examples)
+                         self.settings.max_examples, momentum=momentum)
+
+    def _own_last_two(self, epoch: int, head: Release) -> tuple[Momentum, dict, dict] | None:
+        """The momentum of this epoch's merge and the two city models it is made of (this gateway's merges of
+        the two epochs before); None without momentum, or when either is not on the ledger or at hand (an epoch
+        merged alone, the first two epochs, pruned)."""
+        if not self.settings.momentum:
+            return None
+        previous, before = (self._ledger.city_outputs(e).get(self._id) for e in (epoch - 1, epoch - 2))
+        if previous is None or before is None:
+            return None
+        models = self._fetch([(self._id, previous), (self._id, before)], head)
+        if models.get(previous) is None or models.get(before) is None:
+            event(log, "city.no_momentum", logging.WARNING, epoch=epoch, reason="an earlier city model is not at hand")
+            return None
+        return (Momentum(self.settings.momentum, previous, before), schemas.decode_model(models[previous]),
+                schemas.decode_model(models[before]))
 
     def _left_out(self, taken: set[str], offers: list[Offer], excluded: set[str],
                   otherwise: str) -> list[tuple[str, str]]:

@@ -14,8 +14,9 @@ engine's thread:
                            auditors check different ones): the base model and
                            the input updates fetched from that gateway's blob store, recomputed by the
                            same Flower code (recompute.py `verify_body`)
-    a peer's `city`        every one: its inputs' models recomputed by the merge rule (city_merge.py) and
-                           each input's weight against what the ledger records behind that offer
+    a peer's `city`        every one: its inputs' models recomputed by the merge rule (city_merge.py), each
+                           input's weight against what the ledger records behind that offer, and its
+                           momentum's two models against the city models the ledger records
 
 A mismatch is written as a `mismatch` vertex (the vertex, what came out, why):
 evidence on every gateway's ledger, like an equivocation, which keeps the
@@ -47,7 +48,7 @@ from protocol.errors import ProtocolError
 from protocol.logs import event
 
 from .blob_keeper import BlobKeeper
-from .city_merge import verify_city
+from .city_merge import Momentum, momentum_problem, verify_city
 from .recompute import Verdict, verify_body
 
 log = logging.getLogger("starling.gateway.audit")
@@ -177,10 +178,13 @@ class CityAuditor:
             digests = [body["base"], *(d for d, _ in body["inputs"])] if "rule" in body else [body["base"]]
             holders = check.holders
         else:
-            problem = self._city_weights(body)
+            problem = self._city_weights(body) or momentum_problem(body, self._ledger.city_outputs)
             if problem is not None:
                 return Verdict(False, body["output"], None, problem, "mismatch"), 0.0
             digests = [m for _, m, _ in body["inputs"]]
+            momentum = Momentum.of(body)
+            if momentum is not None:
+                digests += [momentum.previous, momentum.before]
             holders = check.holders + self._offerers(body)
         blobs = self._fetch(digests, holders)
         started = time.perf_counter()

@@ -76,6 +76,8 @@
     audit_share = 1.0                     # share of the peers' round aggregates recomputed (city_audit.py);
                                           # absent: 2 / (members - 1), i.e. all of them up to 3 gateways
     max_examples = 100000                 # an update counts at most this many examples in an offer's weight
+    momentum = 0.0                        # slow momentum: each merge adds momentum x (the last city model -
+                                          # the one before); 0.5-0.7 helps gateways whose neighbourhoods differ
 
     [enrollment]
     policy = "voucher"                    # required: "voucher", "allowlist", or "open" (emulator only)
@@ -321,7 +323,10 @@ def _city(doc: dict[str, Any]) -> CitySettings | None:
     cap = setting(doc, "city", "max_examples", int, CitySettings.max_examples)
     if not 1 <= cap <= MAX_EXAMPLES:
         raise ConfigError(f"city.max_examples must be 1 to {MAX_EXAMPLES}, got {cap}")
-    return CitySettings(every, rule, deadline, share, cap)
+    momentum = setting(doc, "city", "momentum", float, CitySettings.momentum)
+    if not 0.0 <= momentum < 1.0:
+        raise ConfigError(f"city.momentum must be at least 0 and below 1 (the slow momentum's beta), got {momentum}")
+    return CitySettings(every, rule, deadline, share, cap, momentum)
 
 
 def _defense(doc: dict[str, Any]) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ from protocol.config import ConfigError
 from .datasets import CLASS_NAMES, CLASSES
 
 CITY_RULES = ("weighted", "median")  # the city merge: weighted mean of the offers, or coordinate-wise median
-CITY_DEFAULTS = {"rule": "weighted", "deadline_s": 60.0, "audit_share": 1.0}  # `every` has none
+CITY_DEFAULTS = {"rule": "weighted", "deadline_s": 60.0, "audit_share": 1.0, "momentum": 0.0}  # `every` has none
 
 
 def parse_city(table: dict[str, Any], gateways: int, rounds: int) -> dict[str, Any]:
@@ -33,6 +33,9 @@ def parse_city(table: dict[str, Any], gateways: int, rounds: int) -> dict[str, A
     city["audit_share"] = float(city["audit_share"])
     if not 0 <= city["audit_share"] <= 1:
         raise ConfigError(f"city.audit_share must be between 0 and 1, got {city['audit_share']}")
+    city["momentum"] = float(city["momentum"])
+    if not 0 <= city["momentum"] < 1:
+        raise ConfigError(f"city.momentum must be at least 0 and below 1, got {city['momentum']}")
     return city
 
 

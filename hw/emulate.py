@@ -30,7 +30,7 @@ Trust (`[aggregation]`, `[defense]`): the scenario's tables go verbatim into
 every gateway's config (checked at load by the gateway's own parser); a
 variant overrides them key by key, or drops them with an empty table.
 
-The city tier (`[city]`: every, rule, deadline_s, audit_share; checked at
+The city tier (`[city]`: every, rule, deadline_s, audit_share, momentum; checked at
 load, every key written into every gateway's config, with `[blobs] keep`
 raised so that every city model of the run is still in the gateways' blob
 stores at the end): after the run each city epoch's model is read from the

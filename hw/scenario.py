@@ -77,6 +77,7 @@
     rule = "weighted"          # through the ledger) and go on from it; "weighted" mean or "median"
     deadline_s = 60.0          # how long a gateway waits for the other members' offers
     audit_share = 1.0          # share of the peers' round aggregates each gateway recomputes (0 to 1)
+    momentum = 0.0             # slow momentum of the city merges (0 to below 1; gateway/city_merge.py)
                                # written into every gateway's config; the report gets a `city` section
 
     [[device_profile]]         # any number: a seeded share of the devices runs slower and leaner
@@ -145,7 +146,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "broker": {"kind": str},
     "aggregation": {},  # keys and values: the gateway's own parser (_gateway_tables)
     "defense": {},
-    "city": {"every": int, "rule": str, "deadline_s": NUMBER, "audit_share": NUMBER},
+    "city": {"every": int, "rule": str, "deadline_s": NUMBER, "audit_share": NUMBER, "momentum": NUMBER},
 }
 GATEWAY_TABLES = ("aggregation", "defense")  # go verbatim into every gateway's config
 DROPPABLE = (*GATEWAY_TABLES, "city")  # a variant's empty table drops the base's

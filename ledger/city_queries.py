@@ -5,6 +5,7 @@ on whose offer counts and who is flagged without asking each other:
 
     ledger.offers(epoch)          -> [Offer]     each member's first offer (canonical order), sound or not
     ledger.city_merges(epoch)     -> [Vertex]    the epoch's `city` vertices, canonical order
+    ledger.city_outputs(epoch)    -> {gateway id: model digest}  each gateway's city model of the epoch
     ledger.evidence()             -> [Evidence]  every `mismatch` vertex, with whom it accuses and whether an
                                                  operator's `mismatch.clear` has answered it since
     ledger.flagged()              -> {gateway id: [Evidence]}   the evidence not cleared, by accused gateway
@@ -144,6 +145,13 @@ class CityQueries:
     def city_merges(self, epoch: int) -> list[Vertex]:
         """The `city` vertices of `epoch`, in the canonical order."""
         return [v for v in self.vertices_of(CITY) if v.body["epoch"] == epoch]
+
+    def city_outputs(self, epoch: int) -> dict[str, bytes]:
+        """{gateway id: the model of its first `city` vertex of `epoch`}, for each gateway that merged it."""
+        out: dict[str, bytes] = {}
+        for vertex in self.city_merges(epoch):
+            out.setdefault(self.speaks_as(vertex.creator), vertex.body["output"])
+        return out
 
     def evidence(self) -> list[Evidence]:
         """Every mismatch on record, canonical order, with whom it accuses and whether it was cleared."""

@@ -2,7 +2,8 @@
 
 Three gateways of one city (a genesis naming them, ledger gossip, blob exchange)
 each run four rounds with two synthetic agents of their own, a city epoch
-every two rounds. Every gateway ends every epoch on the same city model, which
+every round (slow momentum from the third on; every two rounds in the second
+test). Every gateway ends every epoch on the same city model, which
 each ledger records in a `city` vertex that recomputes bit for bit from the
 offered models; every gateway's auditor recomputed its peers' round aggregates
 and found them true. Then the same city with one gateway whose strategy
@@ -24,7 +25,7 @@ from agent.config import AgentConfig
 from agent.service import Agent
 from gateway.blobs import BlobStore
 from gateway.city import CitySettings
-from gateway.city_merge import verify_city
+from gateway.city_merge import momentum_problem, verify_city
 from gateway.config import GatewayConfig
 from gateway.service import Gateway
 from hw.broker import Broker
@@ -39,6 +40,7 @@ from protocol.keys import Identity
 SHAPES = {"dense_w": (8, 4), "dense_b": (4,)}
 DEVICES_PER_GATEWAY = 2
 ROUNDS = 4
+EPOCHS = [1, 2, 3, 4]  # the first test's: an epoch every round
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,8 @@ class TamperedConfig(GatewayConfig):
         return strategy
 
 
-def run_city(broker: Broker, workdir: Path, tampered: int | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
+def run_city(broker: Broker, workdir: Path, tampered: int | None = None,
+             city: CitySettings = CitySettings(every=2, deadline_s=20)) -> tuple[list[dict[str, Any]], list[Path]]:
     (workdir / "city").mkdir(parents=True)
     keys = [Identity.generate() for _ in range(3)]
     for g, key in enumerate(keys):
@@ -82,7 +85,7 @@ def run_city(broker: Broker, workdir: Path, tampered: int | None = None) -> tupl
             name=f"gw{g}", key=workdir / "city" / f"g{g}.key", state_dir=workdir / f"gw{g}", broker_host=broker.host,
             broker_port=broker.port, manifest=manifest, genesis=genesis, strategy="FedAvg", deadline_s=20,
             epochs=1, batch_size=32, lr=0.5, min_devices=DEVICES_PER_GATEWAY, wait_devices_s=30, policy="open",
-            num_rounds=ROUNDS, city=CitySettings(every=2, deadline_s=20))
+            num_rounds=ROUNDS, city=city)
         gateway = Gateway(config, key)
         threads.append(threading.Thread(target=lambda g=g, gw=gateway: results[g].update(gw.run(threading.Event())),
                                         daemon=True))
@@ -124,16 +127,18 @@ def audit(capsys, db: Path, folders: list[Path]) -> tuple[int, dict[str, Any]]:
 
 
 def test_three_gateways_end_every_epoch_on_one_city_model_that_every_ledger_recomputes(broker, tmp_path, capsys):
-    results, folders = run_city(broker, tmp_path)
+    # An epoch every round, with slow momentum: epochs 1 and 2 are plain merges, 3 and 4 add momentum.
+    results, folders = run_city(broker, tmp_path, city=CitySettings(every=1, deadline_s=20, momentum=0.5))
     assert [r.get("state") for r in results] == ["done"] * 3, [r.get("failure") for r in results]
     per_gateway = [epochs_of(r) for r in results]
-    assert all(set(e) == {1, 2} for e in per_gateway), per_gateway
-    for epoch in (1, 2):
+    assert all(set(e) == set(EPOCHS) for e in per_gateway), per_gateway
+    for epoch in EPOCHS:
         digests = {e[epoch]["model"] for e in per_gateway}
         assert len(digests) == 1, (epoch, digests)
         assert all(len(e[epoch]["inputs"]) == 3 and e[epoch]["left_out"] == [] for e in per_gateway)
     # The rounds went on from the city model: the last epoch's model is every gateway's head.
-    assert {r["model"]["digest"] for r in results} == {per_gateway[0][2]["model"]}
+    assert {r["model"]["digest"] for r in results} == {per_gateway[0][ROUNDS]["model"]}
+    assert [per_gateway[0][e]["momentum"] for e in EPOCHS] == [None, None, 0.5, 0.5]
 
     fetch = fetch_from(folders)
     for folder, result in zip(folders, results):
@@ -143,23 +148,32 @@ def test_three_gateways_end_every_epoch_on_one_city_model_that_every_ledger_reco
         assert verify_store(folder / "ledger.db").ok
         own = [v for v in merges if v.creator == Identity.load(folder.parent / "city" /
                                                                 f"g{folders.index(folder)}.key").public_key]
-        assert sorted(v.body["epoch"] for v in own) == [1, 2]
+        assert sorted(v.body["epoch"] for v in own) == EPOCHS
         for vertex in own:
             verdict = verify_city(vertex.body, fetch)
             assert verdict.status == "match", verdict
+            momentum = vertex.body["params"].get("momentum")
+            assert momentum == (0.5 if vertex.body["epoch"] >= 3 else None)
+            if momentum is not None:  # the gateway's own city models of the two epochs before
+                with Ledger.open(folder / "ledger.db", read_only=True) as ledger:
+                    assert momentum_problem(vertex.body, ledger.city_outputs) is None
+                    mine = {e: ledger.city_outputs(e) for e in EPOCHS}
+                gateway_id = results[folders.index(folder)]["gateway"]["id"]
+                assert vertex.body["params"]["previous"] == mine[vertex.body["epoch"] - 1][gateway_id].hex()
+                assert vertex.body["params"]["before"] == mine[vertex.body["epoch"] - 2][gateway_id].hex()
             assert all(w > 0 for _, _, w in vertex.body["inputs"])
         audits = result["city"]["audits"]
         assert audits["mismatch"] == 0 and audits["match"] >= 2 and audits["recompute_s"] is not None, audits
         # Each epoch it fetched the two peers' models (at most: one may have been at hand already), no more.
         model_bytes = len(fetch(bytes.fromhex(per_gateway[0][1]["model"])))
-        assert 0 < result["city"]["fetched_bytes"] <= 2 * 2 * model_bytes, result["city"]
-        assert result["city"]["pushed_bytes"] == 2 * model_bytes  # its offer's model went out once per epoch
+        assert 0 < result["city"]["fetched_bytes"] <= len(EPOCHS) * 2 * model_bytes, result["city"]
+        assert result["city"]["pushed_bytes"] == len(EPOCHS) * model_bytes  # its offer's model, once per epoch
         assert result["city"]["flagged"] == {}
 
     # The operator's audit of one ledger with every gateway's blobs: each city epoch's merge and every round
     # aggregate of every gateway recompute bit for bit.
     code, report = audit(capsys, folders[0] / "ledger.db", [f / "blobs" for f in folders])
-    assert code == 0 and report["mismatches"] == [] and report["epochs"] == [1, 2], report
+    assert code == 0 and report["mismatches"] == [] and report["epochs"] == EPOCHS, report
     assert report["missing_inputs"] == 0 and report["checked"] == report["aggregates"] + report["cities"]
     assert len(report["gateways"]) == 3 and all(g["checked"] >= ROUNDS for g in report["gateways"].values())
 
