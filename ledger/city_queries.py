@@ -23,6 +23,7 @@ records count, never a number the offering gateway states.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
@@ -60,8 +61,42 @@ class Evidence(NamedTuple):
     sound: bool  # the named vertex is an aggregate or city vertex whose output is not what was recomputed
 
 
+class _ByEpoch:
+    """The vertices of one kind (`city.offer` or `city`) by epoch, each read and decoded once: the city tier
+    asks for one epoch's ten times a second while it waits, and a city that runs for months holds thousands of
+    them. Rows are taken in by insertion counter (`vertices.n`); an epoch's list is sorted in the canonical
+    order (depth, id), which never changes for a stored vertex. (A vertex known only from a bootstrap has no
+    bytes and is not listed, as by `vertices_of`.)"""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._mark = -1
+        self._epochs: dict[int, list[tuple[tuple[int, str], Vertex]]] = {}
+        self._lock = threading.Lock()
+
+    def of(self, read: Any, epoch: int) -> list[Vertex]:
+        with self._lock:
+            with read() as conn:
+                rows = conn.execute("SELECT n, depth, id, data FROM vertices WHERE n > ? AND kind = ?"
+                                    " AND length(data) > 0 ORDER BY n", (self._mark, self.kind)).fetchall()
+            for n, depth, vid, data in rows:
+                vertex = Vertex.decode(data)
+                self._epochs.setdefault(vertex.body["epoch"], []).append(((depth, vid), vertex))
+                self._mark = n
+            return [vertex for _, vertex in sorted(self._epochs.get(epoch, ()), key=lambda item: item[0])]
+
+
 class CityQueries:
     """The city tier's reads; `Ledger` inherits them (it provides `_read`, `get` and `vertices_of`)."""
+
+    _by_epoch_lock = threading.Lock()
+
+    def _of_epoch(self, kind: str, epoch: int) -> list[Vertex]:
+        """The `kind` vertices of `epoch` in the canonical order (through this store's `_ByEpoch` of that kind)."""
+        with CityQueries._by_epoch_lock:
+            indexes = self.__dict__.setdefault("_city_by_epoch", {})
+            index = indexes.setdefault(kind, _ByEpoch(kind))
+        return index.of(self._read, epoch)
 
     def _read(self) -> AbstractContextManager[sqlite3.Connection]:
         raise NotImplementedError
@@ -103,9 +138,7 @@ class CityQueries:
         id. Unsound offers are listed with their problem."""
         first: dict[str, Offer] = {}
         records = _Records(self)
-        for vertex in self.vertices_of(CITY_OFFER):
-            if vertex.body["epoch"] != epoch:
-                continue
+        for vertex in self._of_epoch(CITY_OFFER, epoch):
             gateway = self.speaks_as(vertex.creator)
             if gateway in first:
                 continue
@@ -144,7 +177,7 @@ class CityQueries:
 
     def city_merges(self, epoch: int) -> list[Vertex]:
         """The `city` vertices of `epoch`, in the canonical order."""
-        return [v for v in self.vertices_of(CITY) if v.body["epoch"] == epoch]
+        return self._of_epoch(CITY, epoch)
 
     def city_outputs(self, epoch: int) -> dict[str, bytes]:
         """{gateway id: the model of its first `city` vertex of `epoch`}, for each gateway that merged it."""

@@ -71,6 +71,21 @@ def test_offers_are_each_members_first_sound_or_not_and_weighed_by_the_ledgers_c
     assert verify_store(path).ok
 
 
+def test_a_long_lived_store_sees_each_epochs_offers_as_they_arrive_from_other_writers(city):
+    """The per-epoch index reads each offer once: offers written later, through another connection, are in
+    the next answer of the same store object, each under its own epoch."""
+    path, _, (a, b, _), aggregates = city
+    with Ledger.open(path, a) as watching:
+        watching.record_offer(1, 1, D[0], aggregates[a.id].id)
+        assert [o.gateway for o in watching.offers(1, max_examples=100)] == [a.id]
+        with Ledger.open(path, b) as other:
+            other.record_offer(1, 1, D[1], aggregates[b.id].id)
+            other.record_offer(2, 1, D[1], aggregates[b.id].id)
+        assert [o.gateway for o in watching.offers(1, max_examples=100)] == [a.id, b.id]
+        assert [(o.gateway, o.problem) for o in watching.offers(2, max_examples=100)] == [(b.id, None)]
+        assert watching.offers(3, max_examples=100) == []
+
+
 def test_a_city_vertex_names_offers_it_knew_with_weights_by_its_rule(city):
     path, _, (a, b, _), aggregates = city
     with Ledger.open(path, a) as ledger:
