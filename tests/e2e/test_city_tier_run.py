@@ -66,7 +66,7 @@ def test_the_gateways_end_every_epoch_on_one_city_model(city):
         assert gateway["state"] == "done"
     assert section["audits"]["mismatch"] == 0 and section["audits"]["checked"] > 0 and section["flagged"] == {}
     config = tomllib.loads((tmp_path / "run" / "gateways" / "gw-1" / "gateway.toml").read_text())
-    assert config["city"] == {"every": 2, "rule": "weighted", "deadline_s": 8.0, "audit_share": 1.0}
+    assert config["city"] == {"every": 2, "rule": "weighted", "deadline_s": 8.0, "audit_share": 1.0, "momentum": 0.0}
     assert "<h2>City</h2>" in (tmp_path / "report.html").read_text()
 
 

@@ -22,9 +22,10 @@ SKEW = [[0, 1, 2, 3, 4], [2, 3, 4, 5, 6], [4, 5, 6, 0, 1]]
 
 def test_a_city_table_gets_every_key_with_the_defaults_filled_in():
     s = parse_scenario({**CITY, "city": {"every": 3}})
-    assert s.city == {"every": 3, "rule": "weighted", "deadline_s": 60.0, "audit_share": 1.0}
-    s = parse_scenario({**CITY, "city": {"every": 2, "rule": "median", "deadline_s": 5, "audit_share": 0.5}})
-    assert s.city == {"every": 2, "rule": "median", "deadline_s": 5.0, "audit_share": 0.5}
+    assert s.city == {"every": 3, "rule": "weighted", "deadline_s": 60.0, "audit_share": 1.0, "momentum": 0.0}
+    s = parse_scenario({**CITY, "city": {"every": 2, "rule": "median", "deadline_s": 5, "audit_share": 0.5,
+                                         "momentum": 0.6}})
+    assert s.city == {"every": 2, "rule": "median", "deadline_s": 5.0, "audit_share": 0.5, "momentum": 0.6}
     assert isinstance(s.city["deadline_s"], float)
     assert parse_scenario(CITY).city == {}  # no table: no tier
     assert s.to_dict()["city"] == s.city
@@ -40,7 +41,9 @@ def test_a_city_table_gets_every_key_with_the_defaults_filled_in():
     ({"every": 3, "deadline_s": 0}, {}, r"city\.deadline_s must be positive"),
     ({"every": 3, "audit_share": 1.5}, {}, r"city\.audit_share must be between 0 and 1"),
     ({"every": 3, "audit_share": -0.1}, {}, r"city\.audit_share must be between 0 and 1"),
-    ({"every": 3, "evry": 3}, {}, r"unknown key city\.evry; known: every, rule, deadline_s, audit_share"),
+    ({"every": 3, "evry": 3}, {}, r"unknown key city\.evry; known: every, rule, deadline_s, audit_share, momentum"),
+    ({"every": 3, "momentum": 1.0}, {}, r"city\.momentum must be at least 0 and below 1"),
+    ({"every": 3, "momentum": -0.5}, {}, r"city\.momentum must be at least 0 and below 1"),
     ({"every": True}, {}, r"city\.every has the wrong type"),
     ({"every": 3.0}, {}, r"city\.every has the wrong type"),
     ({"every": 3, "rule": 1}, {}, r"city\.rule has the wrong type"),
@@ -58,7 +61,7 @@ def test_variants_override_the_city_table_key_by_key_and_an_empty_one_drops_it()
         {"name": "isolated", "city": {}},
         {"name": "one_gateway", "city": {}, "fleet": {"gateways": 1}}]})
     city, median, isolated, one = s.variants
-    assert city.city == {"every": 3, "rule": "weighted", "deadline_s": 10.0, "audit_share": 1.0}
+    assert city.city == {"every": 3, "rule": "weighted", "deadline_s": 10.0, "audit_share": 1.0, "momentum": 0.0}
     assert median.city == {**city.city, "rule": "median"}
     assert isolated.city == {} and isolated.gateways == 3
     assert one.city == {} and (one.gateways, one.devices) == (1, 9)  # the same 9 devices on one gateway
@@ -184,7 +187,7 @@ def _gateway(tmp_path: Path, index: int = 0) -> GatewayRun:
 def test_every_gateway_config_gets_the_city_table_and_keeps_every_city_model(tmp_path):
     s = parse_scenario({**CITY, "run": {"rounds": 15}, "city": {"every": 3, "rule": "median", "deadline_s": 10}})
     doc = tomllib.loads(_gateway_config(s, _gateway(tmp_path), ("127.0.0.1", 1883), None).read_text())
-    assert doc["city"] == {"every": 3, "rule": "median", "deadline_s": 10.0, "audit_share": 1.0}
+    assert doc["city"] == {"every": 3, "rule": "median", "deadline_s": 10.0, "audit_share": 1.0, "momentum": 0.0}
     assert doc["blobs"] == {"keep": 17}  # every tag of the run: the city models are read after it
     plain = tomllib.loads(_gateway_config(parse_scenario(CITY), _gateway(tmp_path, 1), ("127.0.0.1", 1883),
                                           None).read_text())
