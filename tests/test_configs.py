@@ -289,7 +289,7 @@ GATEWAY_KEYS = {
     "aggregation": "max_examples, median_multiple, weights",
     "defense": "centered_clipping, median_multiple, norm_bound",
     "blobs": "fetch_timeout_s, keep, max_mb, serve, serve_mb_per_s",
-    "city": "audit_share, deadline_s, every, max_examples, rule",
+    "city": "audit_share, deadline_s, every, max_examples, momentum, rule",
     "enrollment": "allowlist, operator_keys, policy",
 }
 AGENT_KEYS = {
