@@ -3,6 +3,9 @@
     starling-agent keygen --key PATH     make a device key (mode 0600) and print its id
     starling-agent run --config FILE     run the service (and its sensor sampler) until SIGTERM / Ctrl-C
     starling-agent doctor --config FILE  check config, key, model, sensors, broker; say what is wrong
+    starling-agent predict --config FILE [--input WINDOWS.npz|.npy] [--windows N]
+                                         one-shot predictions as JSON lines (agent/inference.py): on the
+                                         windows in the file, or on the device's newest ones
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from protocol import logs
 from protocol.errors import KeyFileError
@@ -45,14 +49,25 @@ def _run(args: argparse.Namespace) -> int:
     from .service import Agent
 
     manifest = firmware_models.load_manifest(config.model)
-    model = TrainableModel(firmware_models.model_dir(config.model) / "model.tflite")
+    model_file = firmware_models.model_dir(config.model) / "model.tflite"
+    model = TrainableModel(model_file)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         with open_data(config, manifest) as data:
+            inference = None
+            if config.inference is not None:  # its own model instance: training never touches its weights
+                from .inference import Inference, windows_of
+                from .local_out import MqttOut, SocketOut
+
+                settings = config.inference
+                sinks = ([SocketOut(settings.socket)] if settings.socket else []) + (
+                    [MqttOut(settings.mqtt, identity.id)] if settings.mqtt else [])
+                inference = Inference(settings, TrainableModel(model_file, manifest=manifest), manifest,
+                                      config.state_dir, identity.id, windows_of(data), sinks)
             Agent(config, identity, model, data, architecture=manifest["sha256"],
-                  seed=identity.node_id % 2**32).run(stop)
+                  seed=identity.node_id % 2**32, inference=inference).run(stop)
     except DataError as exc:
         print(f"starling-agent: {exc}", file=sys.stderr)
         return 2
@@ -60,13 +75,46 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .doctor import report, run_checks
 
     checks = run_checks(Path(args.config))
     print(report(checks, args.json))
     return 0 if all(c.ok for c in checks) else 1
+
+
+def _predict(args: argparse.Namespace) -> int:
+    logs.setup("agent", args.log_level)  # logs on stderr: stdout is the results'
+    if args.windows < 0:
+        print("starling-agent: --windows must not be negative", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"starling-agent: {exc}", file=sys.stderr)
+        return 2
+    import firmware_models
+    from firmware_models.runtime import TrainableModel
+    from protocol.keys import Identity
+
+    from .config import InferenceSettings
+    from .inference import InputError, predict_once
+
+    settings = config.inference or InferenceSettings(socket=None)
+    manifest = firmware_models.load_manifest(config.model)
+    model = TrainableModel(firmware_models.model_dir(config.model) / "model.tflite", manifest=manifest)
+    try:
+        device = Identity.load(config.key).id  # only to say whose results these are: never created here
+    except (KeyFileError, OSError):
+        device = ""
+    try:
+        results = predict_once(config, settings, model, manifest, device, args.input,
+                               args.windows or settings.windows)
+    except InputError as exc:
+        print(f"starling-agent: {exc}", file=sys.stderr)
+        return 2
+    for result in results:
+        print(json.dumps(result, separators=(",", ":")))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="agent TOML config file")
     p.add_argument("--json", action="store_true", help="print the checks as one JSON object")
     p.set_defaults(func=_doctor)
+    p = sub.add_parser("predict", help="run the device's model once and print the results as JSON lines")
+    p.add_argument("--config", required=True, help="agent TOML config file")
+    p.add_argument("--input", type=Path, help="windows to predict on (.npy, or .npz with x / X / windows / "
+                   "x_test); default: the device's newest windows")
+    p.add_argument("--windows", type=int, default=0, help="how many of the newest windows (default: "
+                   "[inference] windows, else 32)")
+    p.add_argument("--log-level", default="WARNING")
+    p.set_defaults(func=_predict)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -45,6 +45,21 @@
     i2c_bus = 1
     address = 0x68
 
+    [inference]                      # optional (off when absent): run the model on the newest windows
+    every_s = 10.0                   # how often (agent/inference.py)
+    windows = 32                     # at most this many new windows per run (32: one call of the graph)
+    socket = "/var/lib/starling/inference.sock"  # JSON lines to local clients (default: in state_dir; "": none)
+    threshold_quantile = 0.99        # an autoencoder flags scores above this quantile of its recent scores ...
+    calibration_windows = 2000       # ... over this many recent windows ...
+    min_calibration = 100            # ... once it has scored at least this many
+
+    [inference.mqtt]                 # optional: the same JSON lines to a broker of the integrator's choice
+    host = "127.0.0.1"
+    port = 1883
+    topic = "home/imu/inference"     # default: starling/inference/<device id>
+    qos = 0                          # or 1
+    # tls_ca, tls_cert, tls_key, username, password_file: as in [broker]
+
 A bad config is refused with the field and the reason (`ConfigError`); so is an unknown table or key
 (naming it and the known ones: the ones parse_config reads).
 """
@@ -71,12 +86,19 @@ from protocol.transport import BrokerAuth, read_broker_auth
 
 from .budget import DEFAULT_THERMAL_ZONE, Budget
 
-__all__ = ["AgentConfig", "ConfigError", "Sampling", "load_config", "parse_config"]
+__all__ = ["AgentConfig", "ConfigError", "InferenceSettings", "LocalMqtt", "Sampling", "load_config", "parse_config"]
 
 DEFAULT_FREEZE_WINDOW_S = 86400.0
 DEFAULT_REHOME_AFTER_S = 600.0
 REHOME_BOUNDS_S = (1.0, 30 * 86400.0)  # besides 0 (never)
 FREEZE_WINDOW_BOUNDS_S = (600.0, 365 * 86400.0)
+INFERENCE_EVERY_BOUNDS_S = (0.1, 86400.0)
+INFERENCE_WINDOWS_MAX = 256  # per run: 8 calls of the graph's batch of 32, a few ms
+CALIBRATION_WINDOWS_BOUNDS = (10, 100_000)  # scores kept: 8 bytes each
+QUANTILE_BOUNDS = (0.5, 0.9999)
+INFERENCE_SOCKET = "inference.sock"  # in state_dir, unless [inference] socket says otherwise
+MAX_SOCKET_PATH = 107  # bytes: sockaddr_un's sun_path holds 108, with the terminating NUL
+INFERENCE_MQTT = "inference.mqtt"  # the table, as errors name it
 
 
 @dataclass(frozen=True)
@@ -109,6 +131,8 @@ class AgentConfig:
     rehome_after_s: float = DEFAULT_REHOME_AFTER_S
     prefer: tuple[str, ...] = ()
     city_genesis: bytes | None = None
+    # Inference on the device ([inference], agent/inference.py); None: off, the table is absent.
+    inference: InferenceSettings | None = None
 
     @property
     def roams(self) -> bool:
@@ -126,6 +150,31 @@ class Sampling:
     capacity: int = 200_000
     retention_s: float = 7 * 86400.0
     test_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class LocalMqtt:
+    """Where inference results go besides the socket ([inference.mqtt]): a broker the integrator chose, which
+    need not be the gateway's. Only what is configured here leaves the device."""
+
+    host: str
+    port: int = 1883
+    topic: str = ""  # "": starling/inference/<device id>
+    qos: int = 0  # results are a stream: a lost one is replaced by the next run's
+    auth: BrokerAuth = field(default_factory=BrokerAuth)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the device uses its model ([inference]; agent/inference.py)."""
+
+    every_s: float = 10.0
+    windows: int = 32
+    socket: Path | None = None  # None: no socket (`socket = ""`)
+    threshold_quantile: float = 0.99
+    calibration_windows: int = 2000
+    min_calibration: int = 100
+    mqtt: LocalMqtt | None = None
 
 
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig:
@@ -156,10 +205,11 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
     low, high = FREEZE_WINDOW_BOUNDS_S
     if not low <= freeze_window <= high:
         raise ConfigError(f"model.freeze_window_s must be between {low:.0f} and {high:.0f} seconds, got {freeze_window}")
+    state_dir = path("device", "state_dir")
     config = AgentConfig(
         name=setting(doc, "device", "name", str),
         key=path("device", "key"),
-        state_dir=path("device", "state_dir"),
+        state_dir=state_dir,
         gateway_id=gw_id,
         gateway_public_key=gw_key,
         broker_host=setting(doc, "broker", "host", str, "127.0.0.1"),
@@ -176,6 +226,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         freeze_window_s=freeze_window,
         gateway_root_key=root_key,
         **_city(doc, base_dir, root_key),
+        inference=_inference(doc, base_dir, state_dir),
     )
     refuse_unread(doc)
     return config
@@ -211,6 +262,55 @@ def _city(doc: dict[str, Any], base_dir: Path, root_key: bytes | None) -> dict[s
         except ProtocolError as exc:
             raise ConfigError(f"city.genesis: {path} is not a genesis the root key signed ({exc})") from exc
     return {"rehome_after_s": rehome, "prefer": tuple(prefer), "city_genesis": genesis}
+
+
+def _inference(doc: dict[str, Any], base_dir: Path, state_dir: Path) -> InferenceSettings | None:
+    """The [inference] table (None when absent: inference is off) and its optional [inference.mqtt]."""
+    if "inference" not in doc:
+        return None
+
+    def bounded(key: str, kind: type, default: Any, low: Any, high: Any) -> Any:
+        value = setting(doc, "inference", key, kind, default)
+        if not low <= value <= high:
+            raise ConfigError(f"inference.{key} must be between {low} and {high}, got {value}")
+        return value
+
+    every = bounded("every_s", float, 10.0, *INFERENCE_EVERY_BOUNDS_S)
+    windows = bounded("windows", int, 32, 1, INFERENCE_WINDOWS_MAX)
+    quantile = bounded("threshold_quantile", float, 0.99, *QUANTILE_BOUNDS)
+    kept = bounded("calibration_windows", int, 2000, *CALIBRATION_WINDOWS_BOUNDS)
+    least = bounded("min_calibration", int, min(100, kept), 1, kept)
+    socket = setting(doc, "inference", "socket", str, str(state_dir / INFERENCE_SOCKET))
+    socket_path = resolve_path(socket, base_dir, "inference.socket") if socket else None
+    if socket_path is not None and len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise ConfigError(f"inference.socket: {socket_path} is {len(os.fsencode(socket_path))} bytes long; a Unix "
+                          f"socket's path takes at most {MAX_SOCKET_PATH} (choose a shorter one)")
+    mqtt = table(doc, "inference").get("mqtt")
+    return InferenceSettings(every, windows, socket_path, quantile, kept, least,
+                             None if mqtt is None else _local_mqtt(mqtt, base_dir))
+
+
+def _local_mqtt(given: Any, base_dir: Path) -> LocalMqtt:
+    """[inference.mqtt], checked like a top-level table: errors and unknown keys say `inference.mqtt.<key>`."""
+    if not isinstance(given, dict):
+        raise ConfigError(f"[{INFERENCE_MQTT}] must be a table, got {type(given).__name__}")
+    doc = noting_lookups({INFERENCE_MQTT: given})
+    port = setting(doc, INFERENCE_MQTT, "port", int, 1883)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{INFERENCE_MQTT}.port {port} is not a TCP port")
+    topic = setting(doc, INFERENCE_MQTT, "topic", str, "")
+    if any(c in topic for c in "+#\x00") or topic.startswith("$") or len(topic.encode()) > 1024:
+        raise ConfigError(f"{INFERENCE_MQTT}.topic must be a plain MQTT topic (no +, #, NUL, no leading $), "
+                          f"got {topic[:80]!r}")
+    qos = setting(doc, INFERENCE_MQTT, "qos", int, 0)
+    if qos not in (0, 1):
+        raise ConfigError(f"{INFERENCE_MQTT}.qos must be 0 or 1, got {qos}")
+    host = setting(doc, INFERENCE_MQTT, "host", str)
+    if not host:
+        raise ConfigError(f"{INFERENCE_MQTT}.host must not be empty")
+    local = LocalMqtt(host, port, topic, qos, read_broker_auth(doc, base_dir, INFERENCE_MQTT))
+    refuse_unread(doc)
+    return local
 
 
 def _public_key(text: str, field: str) -> bytes:

@@ -27,6 +27,11 @@ per-gateway state (the new home's model lineage is taken from whatever version i
 pending for the old home dropped, and a new MQTT connection whose subscriptions, online flag and last will
 are the new home's; then the device enrolls there again, and the new home admits it under its own policy
 (a revoked device is refused there too: the ledger says so).
+
+Inference (agent/inference.py, with `[inference]`): its own thread and its own model instance. The worker
+hands it each release it accepts (`_fetch_model`), whole; the inference thread swaps it in between two runs,
+so no run sees half a release, and training never touches the weights inference runs with. After a re-home
+it runs the old home's release until the new home's first one arrives.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from protocol.rotation import Chain
 
 from . import learner
 from .config import AgentConfig
+from .inference import Inference
 from .live_data import LiveData, NoData
 from .roaming import Roaming
 from .samples import LocalData
@@ -76,11 +82,12 @@ class Agent:
     """One device: `Agent(config, identity, model, data).run(stop_event)`.
 
     `data` is fixed `LocalData` (a replay file) or `LiveData` (the sample store), cut afresh each round.
+    `inference`, when given, runs from `run` to its end and gets every release the device accepts.
     """
 
     def __init__(
         self, config: AgentConfig, identity: Identity, model, data: LocalData | LiveData, architecture: str = "",
-        seed: int = 0,
+        seed: int = 0, inference: Inference | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -100,6 +107,7 @@ class Agent:
         self._model_arrived = threading.Condition()
         self._raw_models: dict[int, bytes] = {}  # -1: the release; 0..n-1: its chunks
         self._wanted: bytes | None = None
+        self.inference = inference
         self.conn = self._make_connection()
 
     # --- MQTT plumbing -------------------------------------------------------------
@@ -220,6 +228,8 @@ class Agent:
             raise _Refused("model_shape_mismatch")
         self._remember(release)
         self._models = {digest: weights}  # keep only the newest: memory is scarce
+        if self.inference is not None and digest.hex() == self.state.trusted_digest:  # the newest one trusted
+            self.inference.install(weights, release.version, digest.hex())
         return weights
 
     def _check_release(self, release: schemas.ModelRelease, digest: bytes) -> None:
@@ -486,6 +496,8 @@ class Agent:
             # A power cut in the middle of a move may have left replies for the old home: nobody can take them.
             self.store.drop_pending_not_for(home, _gateway_of)
         self.conn.start()
+        if self.inference is not None:
+            self.inference.start()  # before the worker: a release it accepts finds the inference ready
         for name, wire in self.store.saved_tasks():  # received before a power cut, not answered then
             self._inbox.put((self.t_task, wire, name))
         worker = threading.Thread(target=self._worker, args=(stop,), name="agent-worker", daemon=True)
@@ -496,7 +508,8 @@ class Agent:
         connected = False
         try:
             while not stop.wait(0.5):
-                if worker.is_alive():  # a dead worker stops the pings: systemd's watchdog restarts us
+                # A dead worker (or inference thread) stops the pings: systemd's watchdog restarts us.
+                if worker.is_alive() and (self.inference is None or self.inference.alive()):
                     systemd.watchdog()
                 was_connected, connected = connected, self.conn.connected.is_set()
                 if not connected:
@@ -523,6 +536,8 @@ class Agent:
         finally:
             systemd.stopping()
             worker.join(timeout=30)
+            if self.inference is not None:
+                self.inference.stop()  # the socket file goes, the threshold stays
             goodbye = Will(self.roaming.home_topics.online, b"0")
             self.conn.close(goodbye=goodbye)  # waited for briefly; else the will says it
             event(log, "agent.stop", tasks=self.counters.tasks, replies=self.counters.replies_sent,

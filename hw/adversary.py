@@ -58,6 +58,7 @@ from .attacks import (
     Sybil,
     UnderBound,
 )
+from .own_model import load_model
 
 log = logging.getLogger("starling.adversary")
 
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bound-multiple", type=float, default=BOUND_MULTIPLE,
                         help="under_bound: the gateway's [defense] median_multiple it stays under "
                              f"(default {BOUND_MULTIPLE:g}, the gateway's default)")
+    parser.add_argument("--model-dir", metavar="DIR",
+                        help="a built model's folder to train instead of the config's [model] name "
+                             "(a scenario's training.model folder: hw/own_model.py)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -270,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.attack != "sybil" and config.voucher is not None and not config.voucher.is_file():
         print(f"{prog}: device.voucher: {config.voucher} does not exist", file=sys.stderr)
         return 2
-    import firmware_models
-    from firmware_models.runtime import TrainableModel
-
-    manifest = firmware_models.load_manifest(config.model)
+    try:
+        manifest, model = load_model(args.model_dir or config.model)
+    except (OSError, ValueError) as exc:
+        print(f"{prog}: model {args.model_dir or config.model}: {exc}", file=sys.stderr)
+        return 2
     flips = args.attack == "label_flip" or (args.attack == "sybil" and args.sybil_payload == "label_flip")
     if flips and not needs_labels(manifest):
         print(f"{prog}: label_flip needs a classifier; {config.model} learns without labels", file=sys.stderr)
@@ -287,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    model = TrainableModel(firmware_models.model_dir(config.model) / "model.tflite")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

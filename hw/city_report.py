@@ -80,19 +80,20 @@ class Evaluator:
     """Any weights on every device's local test windows, as the devices evaluate (agent.learner.evaluate)."""
 
     def __init__(self, model: str, devices: list[tuple[str, str, Path]]) -> None:
-        """`model`: the model family's folder name (firmware_models); `devices`: (device, gateway, replay file)."""
-        import firmware_models
+        """`model`: a model of the zoo by name, or a built model's folder (hw/own_model.py); `devices`: (device,
+        gateway, replay file)."""
         from agent.samples import load_replay
-        from firmware_models.runtime import TrainableModel
 
-        manifest = firmware_models.load_manifest(model)
-        self.model = TrainableModel(firmware_models.model_dir(model) / "model.tflite")
+        from .own_model import load_model
+
+        manifest, self.model = load_model(model)
         self.devices = [(name, gateway, load_replay(Path(path), tuple(manifest["input_shape"])))
                         for name, gateway, path in devices]
         self.windows = sum(len(data.y_test) for _, _, data in self.devices)
 
     def evaluate(self, weights: dict[str, np.ndarray]) -> dict[str, Any]:
-        """{accuracy, loss, windows, by_gateway {gw: accuracy}}: windows-weighted over the devices."""
+        """{accuracy, loss, windows, by_gateway {gw: accuracy}}: windows-weighted over the devices. A model without
+        accuracy (a reconstruction model) gets None for it and its loss (the reconstruction error)."""
         from agent.learner import evaluate
 
         totals: dict[str, list[float]] = {}  # gateway -> [correct, loss sum, windows]
@@ -102,15 +103,16 @@ class Evaluator:
             metrics = evaluate(self.model, weights, data).metrics
             n = len(data.y_test)
             t = totals.setdefault(gateway, [0.0, 0.0, 0.0])
-            t[0] += metrics["accuracy"] * n
+            t[0] += metrics.get("accuracy", 0.0) * n
             t[1] += metrics["loss"] * n
             t[2] += n
         windows = sum(t[2] for t in totals.values())
         if not windows:
             return {"accuracy": None, "loss": None, "windows": 0, "by_gateway": {}}
-        return {"accuracy": round(sum(t[0] for t in totals.values()) / windows, 4),
+        scored = self.model.task == "classification"
+        return {"accuracy": round(sum(t[0] for t in totals.values()) / windows, 4) if scored else None,
                 "loss": round(sum(t[1] for t in totals.values()) / windows, 4), "windows": int(windows),
-                "by_gateway": {gw: round(t[0] / t[2], 4) for gw, t in totals.items()}}
+                "by_gateway": {gw: round(t[0] / t[2], 4) for gw, t in totals.items()} if scored else {}}
 
 
 class _Models:

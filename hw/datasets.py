@@ -210,12 +210,15 @@ def load_watch_devices(
     return devices
 
 
-def save_device_npz(device: DeviceData, path: str | os.PathLike[str]) -> None:
+def save_device_npz(device: DeviceData, path: str | os.PathLike[str],
+                    extra: dict[str, np.ndarray] | None = None) -> None:
     """Write one device's data to `path` as an uncompressed `.npz`, atomically.
 
     The file is written to a temporary file in the same folder, fsynced and
     renamed over `path`, so a crash leaves the old file or the new one, never
     a torn one. The device name is not stored (it is the file's business).
+    `extra` arrays go in beside the four (the emulator's `anomaly_test`: an
+    agent reads only the four).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,6 +229,7 @@ def save_device_npz(device: DeviceData, path: str | os.PathLike[str]) -> None:
         y_train=np.asarray(device.y_train, dtype=np.int32),
         x_test=np.asarray(device.x_test, dtype=np.float32),
         y_test=np.asarray(device.y_test, dtype=np.int32),
+        **(extra or {}),
     )
     write_atomic(path, buf.getvalue())
 

@@ -10,8 +10,8 @@ cores by starting a few pools.
 
 pool.json lists the devices:
 
-    {"model": "synthetic", "manifest": "gw/model/manifest.json",     # or "model": "imu_cnn" (TFLite)
-     "devices": [{"config": "devices/d001/agent.toml", "seed": 1}, ...]}
+    {"model": "synthetic", "manifest": "gw/model/manifest.json",     # or "model": "imu_cnn" (TFLite), or a
+     "devices": [{"config": "devices/d001/agent.toml", "seed": 1}, ...]}  # built model's folder
 
 `synthetic` is the cheap training profile (`hw/synthetic.py`: a quadratic
 toward a per-device target, shapes from the gateway's manifest; the data
@@ -66,14 +66,12 @@ def build_agents(doc: dict[str, Any], base: Path) -> list:
             agents.append(Agent(config, load_or_create(config.key), SyntheticModel(shapes, seed=seed),
                                 synthetic_data(int(device.get("examples", 64))), seed=seed))
         return agents
-    import firmware_models
     from agent.data_source import open_data
-    from firmware_models.runtime import TrainableModel
+    from hw.own_model import load_model
 
-    manifest = firmware_models.load_manifest(doc["model"])
     for device in doc["devices"]:
         config = load_config(base / device["config"])
-        model = TrainableModel(firmware_models.model_dir(doc["model"]) / "model.tflite")
+        manifest, model = load_model(doc["model"])  # a model of the zoo by name, or a folder (hw/own_model.py)
         with open_data(config, manifest) as data:  # replay data: loaded now, nothing to keep running
             if not hasattr(data, "x_train"):
                 raise ValueError(f"{device['config']}: a pool runs replay data only (no live sensors)")

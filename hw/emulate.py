@@ -64,6 +64,16 @@ Profiles (hw/profiles.py): `[[device_profile]]` devices get a CPU share
 reach their broker through a `LinkRelay` (hw/links.py), whose outages join
 the fault timeline. Device pools are made per profile.
 
+The model (`[training] model`, hw/model_tables.py): a family of the zoo by name
+(the gateways start from its manifest and weights, the devices' agent.toml
+names it), or a built model's folder (the devices start through
+hw/own_model.py, attackers with `hw.adversary --model-dir`: the agent loads
+models of the package only). A reconstruction model (imu_autoencoder) keeps
+every round's model in the gateways' blob stores, and after the run each
+round's is scored on its gateway's devices' test windows: `rounds[i]`
+gets `reconstruction_loss` and, with `[dataset] anomalies`, `anomaly_auc`;
+the report gets `anomalies` (hw/model_report.py).
+
 Hardware in the loop (`--listen ADDR`, hw/hil.py): the broker gets a second
 listener, the gateways admit devices by the run's operator vouchers, and a
 join kit for a real device is written to `<workdir>/hil/kit`.
@@ -110,6 +120,8 @@ from .city_report import all_devices_accuracy, city_of_run, comparison_view
 from .faults import FaultRunner
 from .fleet import Fleet, GatewayRun, Network, Process, describe
 from .links import LinkRelay
+from .model_report import add_model_figures
+from .model_tables import RECONSTRUCTION
 from .monitor import Monitor
 from .partition import prepare_devices
 from .profiles import CpuThrottle, DeviceProfile, assign, memory_cap
@@ -170,6 +182,9 @@ def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Ev
     if hil is not None and scenario.model == "synthetic":
         raise ScenarioError('--listen: a real device cannot train training.model = "synthetic" (it exists only '
                             "in the emulator's device pools); use a scenario with the imu_cnn model")
+    if hil is not None and not scenario.model_spec.packaged:
+        raise ScenarioError(f"--listen: a real device's agent loads a model shipped in firmware_models by name "
+                            f"([model] name); training.model is the folder {scenario.model}: use a model of the zoo")
     if scenario.variants:
         return _run_variants(scenario, report_path, workdir, stop, hil)
     return _run_one(scenario, report_path, workdir, stop, hil)
@@ -212,8 +227,11 @@ def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], 
     if scenario.city:  # the tier, every key set; and every city model of the run kept for the report
         doc["city"] = dict(scenario.city)
         doc["blobs"] = {"keep": max(CITY_KEEP_TAGS, scenario.rounds + 2)}
-    if manifest is not None:  # the synthetic model: its shapes and initial weights
+    if manifest is not None:  # the model's shapes and initial weights (synthetic: written for the run)
         doc["model"] = {"manifest": str(manifest)}
+    if scenario.model != "synthetic" and scenario.model_spec.task == RECONSTRUCTION:
+        # every round's model stays in the blob store: the report scores each on the test windows (model_report.py)
+        doc["blobs"] = {"keep": max(CITY_KEEP_TAGS, scenario.rounds + 2)}
     if genesis is not None:
         # Every gateway starts from the same genesis at the same time: nobody has a checkpoint to wait for.
         doc["ledger"] = {"genesis": str(genesis), "gossip": True, "bootstrap_s": 0.0}
@@ -300,11 +318,12 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                 _say(f"starling-emulate: {first.name} waits for that device (up to {scenario.timeout_s:.0f} s) "
                      "before its first round")
         monitor = Monitor(network.endpoints(), gateways, scenario.rounds, started)
-        manifest = None
         if scenario.model == "synthetic":
             from .synthetic import write_manifest
 
             manifest = write_manifest(workdir / "model", SYNTHETIC_SHAPES, seed=scenario.seed)
+        else:  # a model of the zoo, or a built model's folder: the gateways start from its manifest and weights
+            manifest = scenario.model_spec.manifest_path
         for g in gateways:
             conf = _gateway_config(scenario, g, network.endpoint(g.name), genesis, manifest,
                                    desk.enrollment_table() if desk else None,
@@ -360,6 +379,8 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                                     monitor, device_ids))
     if city and not stop.is_set():
         report["city"] = city_of_run(scenario, gateways, devices, {n: g.name for n, g in gateway_of.items()}, _say)
+    if not stop.is_set():
+        add_model_figures(report, scenario, gateways, devices, _say)  # a reconstruction model's loss and AUC
     report["final_accuracy"] = final_accuracy(report)
     _say(f"starling-emulate: report {report_path}, {write_report(report, report_path)}")
     return report
@@ -401,6 +422,11 @@ def _device_processes(scenario: Scenario, devices: list[tuple[str, Path]], gatew
                        on_start=(lambda p: throttle.add(p.pid, profile.cpu_slowdown))
                        if profile.cpu_slowdown > 1 else None)
 
+    spec = scenario.model_spec
+    # A built model's folder: the agent names models of the package only, so its devices start through
+    # hw/own_model.py (attackers through hw.adversary --model-dir); a model of the zoo by its [model] name.
+    folder = None if scenario.model == "synthetic" or spec.packaged else str(spec.folder)
+    model_table = {} if scenario.model == "synthetic" else {"model": {"name": spec.family}}
     device_procs: dict[str, Process] = {}
     pooled: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # profile name -> its pooled devices
     for name, data in devices:
@@ -417,6 +443,7 @@ def _device_processes(scenario: Scenario, devices: list[tuple[str, Path]], gatew
             "gateway": {"id": g.identity.id, "public_key": g.identity.public_key.hex()},
             "broker": {"host": host, "port": port},
             "data": {"replay": str(data)},
+            **model_table,
             **({"budget": profile.budget_toml()} if profile and profile.budget_toml() else {}),
         })
         if name in attackers:
@@ -427,10 +454,13 @@ def _device_processes(scenario: Scenario, devices: list[tuple[str, Path]], gatew
                                         fleet=len(g.devices))
             else:
                 cmd = adversary.command(conf)
+            cmd += ["--model-dir", folder] if folder else []
         elif scenario.runner == "pool":  # pools are made per profile: a pool's process has one CPU share
             seed = scenario.seed * 100_003 + sum(map(len, pooled.values())) + 1
             pooled.setdefault(profile.name if profile else "", []).append((name, {"config": str(conf), "seed": seed}))
             continue
+        elif folder:
+            cmd = [sys.executable, "-m", "hw.own_model", "--model", folder, "--config", str(conf)]
         else:
             cmd = [sys.executable, "-m", "agent.cli", "run", "--config", str(conf)]
         device_procs[name] = process(cmd, workdir / "logs" / f"{name}.log", profile)
@@ -473,6 +503,9 @@ def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: th
             # False when the last rounds got no evaluation (e.g. the devices refused a diverged model)
             "last_round_evaluated": bool(accuracy) and accuracy[-1] is not None,
             "accuracy": accuracy,
+            # a reconstruction model with injected anomalies: its last round's AUC (hw/model_report.py)
+            **({"anomaly_auc": sub["rounds"][-1].get("anomaly_auc")} if variant.anomalies and sub.get("rounds")
+               else {}),
             "state": sub["gateway"]["state"],
             "report": str(workdir / variant.name / "report.json"),
         })
@@ -513,8 +546,9 @@ def _summary(report: dict[str, Any], report_path: Path) -> str:
             defense = f" ({c['defense']})" if c.get("defense") else ""
             everywhere = c.get("all_devices_accuracy")
             on_all = "" if everywhere is None or everywhere == acc else f", on all devices {everywhere:.3f}"
+            auc = f", anomaly AUC {c['anomaly_auc']:.3f}" if c.get("anomaly_auc") is not None else ""
             lines.append(f"  {c['name']}: {c['strategy']}{defense}, attack {c['attack'] or 'none'}: final accuracy "
-                         f"{'-' if acc is None else f'{acc:.3f}'}{on_all} ({c['state']}"
+                         f"{'-' if acc is None else f'{acc:.3f}'}{on_all}{auc} ({c['state']}"
                          f"{'' if c['last_round_evaluated'] else ', the last rounds were not evaluated'})")
         return "\n".join(lines)
     rounds = report["rounds"]
@@ -524,6 +558,11 @@ def _summary(report: dict[str, Any], report_path: Path) -> str:
             f"final accuracy {final if final is None else round(final, 3)}"
             f"{' (the city model on all devices)' if city.get('tier') else ''}, "
             f"ledger height {report['ledger']['height']} verified={report['ledger']['verified']}")
+    last = rounds[-1] if rounds else {}
+    if last.get("reconstruction_loss") is not None:  # a reconstruction model (hw/model_report.py)
+        text += f"\n  last round: reconstruction error {last['reconstruction_loss']:.4f} on the normal test windows"
+        if last.get("anomaly_auc") is not None:
+            text += f", anomaly AUC {last['anomaly_auc']:.3f}"
     check = report.get("ledger_check")
     if check is not None:
         text += (f", {len(report['gateways'])} ledgers identical={check['identical']} "

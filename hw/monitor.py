@@ -110,15 +110,19 @@ class Monitor:
         history = doc.get("history", [])
         finished = doc.get("state") in FINISHED
         for i, record in enumerate(history):
-            # A round is shown once its evaluation is in (or nothing more will come for it).
-            complete = record["accuracy"] is not None or i + 1 < len(history) or finished
+            # A round is shown once its evaluation is in (or nothing more will come for it): its accuracy, or
+            # for a model without one (a reconstruction model) its loss.
+            evaluated = record["accuracy"] is not None or record.get("loss") is not None
+            complete = evaluated or i + 1 < len(history) or finished
             if record["round"] > self.seen[gateway] and complete:
                 self.seen[gateway] = record["round"]
                 self.round_t[gateway].setdefault(record["round"], self._t(doc.get("time")))
-                acc = record["accuracy"]
+                acc, loss = record["accuracy"], record.get("loss")
+                figure = f"accuracy {acc:.3f}" if acc is not None else \
+                    f"loss {loss:.4f}" if loss is not None else "accuracy   -  "
                 print(
                     f"  {self.names[gateway] + ' ' if self.prefix else ''}round {record['round']}/{self.rounds}"
-                    f"  accuracy {'  -  ' if acc is None else f'{acc:.3f}'}  participants {record['participants']}"
+                    f"  {figure}  participants {record['participants']}"
                     f"  rejected {record['rejected']}  {record['seconds']:.1f} s",
                     file=self.stream, flush=True,
                 )

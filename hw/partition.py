@@ -8,6 +8,8 @@ Sources (`[dataset] source`):
   * a folder of per-device `.npz` files, each with `X` [n, ...] and `y` [n]
     (split into train and test here: a seeded shuffle, `test_fraction` of it
     held out), or already split (`x_train`, `y_train`, `x_test`, `y_test`).
+    Without `y` (unlabelled data, for a model that needs no labels: the
+    scenario's load refuses it for a classifier) every label is 0.
 
 Partitions (`[dataset] partition`):
   * "subject": one device per watch subject, or per file of the folder.
@@ -25,6 +27,17 @@ neighbourhood's classes (neighbourhood i mod N), so it trains and is tested
 on those alone; a device left with fewer than MIN_TRAIN train windows or no
 test window is an error naming the field.
 
+The model's view (hw/model_tables.py): a tabular model (`tabular_mlp`) given
+windows gets each window summarised to its features
+(`firmware_models.mlp.window_features`); any other model gets the windows as
+they are (the scenario's load checked that they fit).
+
+Anomalies (`[dataset] anomalies`, hw/anomalies.py): a seeded share of each
+device's test windows gets a sensor fault (seeded by `[run] seed` and the
+device's index); the replay file then also holds `anomaly_test` (int8 per
+test window: 0 normal, else the fault's kind code), which agents do not read
+and the report (hw/model_report.py) scores the model against.
+
 Every device's data is written as a replay file (`x_train`, `y_train`,
 `x_test`, `y_test`) that `starling-agent` reads with `[data] replay`.
 """
@@ -35,11 +48,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .anomalies import channel_scale, inject
 from .datasets import DeviceData, load_watch_devices, save_device_npz
+from .model_tables import FEATURES, SYNTHETIC, data_view
 from .scenario import Scenario, ScenarioError
 
 MIN_TRAIN = 4  # train windows a device needs at least (a few steps of local training)
 MIN_TEST = 1
+ANOMALY_SALT = 31  # seeds each device's faults apart from every other seeded choice of the run
 
 
 def _split_xy(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
@@ -59,22 +75,30 @@ def load_folder_devices(folder: Path, test_fraction: float, seed: int) -> list[D
         try:
             with np.load(path, allow_pickle=False) as npz:
                 keys = set(npz.files)
-                if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-                    arrays = (npz["x_train"], npz["y_train"], npz["x_test"], npz["y_test"])
-                elif {"X", "y"} <= keys:
-                    x, y = npz["X"], npz["y"]
+                if {"x_train", "x_test"} <= keys:
+                    arrays = (npz["x_train"], _labels(npz, "y_train", len(npz["x_train"])), npz["x_test"],
+                              _labels(npz, "y_test", len(npz["x_test"])))
+                elif "X" in keys:
+                    x = npz["X"]
+                    y = _labels(npz, "y", len(x))
                     if y.ndim != 1 or len(x) != len(y):
                         raise ScenarioError(f"dataset.source: {path.name}: X {x.shape} and y {y.shape} do not match")
                     arrays = _split_xy(x, y, test_fraction, np.random.default_rng([seed, i]))
                 else:
                     raise ScenarioError(f"dataset.source: {path.name} has arrays {sorted(keys)}; expected X and y "
-                                        "(or x_train, y_train, x_test, y_test)")
+                                        "(or x_train, y_train, x_test, y_test; without y for a model that needs "
+                                        "no labels)")
         except (OSError, ValueError) as exc:
             raise ScenarioError(f"dataset.source: {path.name} is not a readable .npz: {exc}") from exc
         x_tr, y_tr, x_te, y_te = arrays
         out.append(DeviceData(path.stem, x_tr.astype(np.float32), y_tr.astype(np.int32),
                               x_te.astype(np.float32), y_te.astype(np.int32)))
     return out
+
+
+def _labels(npz, key: str, n: int) -> np.ndarray:
+    """The labels `key` of an .npz, or n zeros for unlabelled data (refused for a classifier at load)."""
+    return npz[key] if key in npz.files else np.zeros(n, np.int32)
 
 
 def _source_devices(scenario: Scenario) -> list[DeviceData]:
@@ -141,8 +165,20 @@ def _neighbourhood_skew(scenario: Scenario, devices: list[DeviceData]) -> list[D
 
 
 def partition(scenario: Scenario) -> list[DeviceData]:
-    """The scenario's devices and their data, in device order (each kept to its neighbourhood's classes)."""
-    return _neighbourhood_skew(scenario, _partition(scenario))
+    """The scenario's devices and their data, in device order (each kept to its neighbourhood's classes), as the
+    model takes them (windows, or a tabular model's features)."""
+    return _model_view(scenario, _neighbourhood_skew(scenario, _partition(scenario)))
+
+
+def _model_view(scenario: Scenario, devices: list[DeviceData]) -> list[DeviceData]:
+    """Windows summarised to a tabular model's features where it takes them (hw/model_tables.data_view)."""
+    if scenario.model == SYNTHETIC or not devices or \
+            data_view(scenario.model_spec, devices[0].x_train.shape[1:]) != FEATURES:
+        return devices
+    from firmware_models.mlp import window_features
+
+    return [DeviceData(d.name, window_features(d.x_train), d.y_train, window_features(d.x_test), d.y_test)
+            for d in devices]
 
 
 def _partition(scenario: Scenario) -> list[DeviceData]:
@@ -164,8 +200,14 @@ def _partition(scenario: Scenario) -> list[DeviceData]:
 def prepare_devices(scenario: Scenario, workdir: Path) -> list[tuple[str, Path]]:
     """Write one replay `.npz` per device under `workdir/data`; return (name, path) pairs in device order."""
     out = []
-    for device in partition(scenario):
+    for i, device in enumerate(partition(scenario)):
         path = workdir / "data" / f"{device.name}.npz"
-        save_device_npz(device, path)
+        extra = {}
+        if scenario.anomalies is not None:
+            rng = np.random.default_rng([scenario.seed, ANOMALY_SALT, i])
+            x_test, kinds = inject(device.x_test, channel_scale(device.x_train), scenario.anomalies, rng)
+            device = DeviceData(device.name, device.x_train, device.y_train, x_test, device.y_test)
+            extra["anomaly_test"] = kinds
+        save_device_npz(device, path, extra)
         out.append((device.name, path))
     return out

@@ -33,6 +33,8 @@ holds and says "not in this report" for what it does not:
                                                city model's accuracy per epoch on the accuracy plot
     comparison [{name, strategy, defense, attack, final_accuracy, all_devices_accuracy, accuracy: [...],
                  seconds}]
+    rounds[i].reconstruction_loss, .anomaly_auc, anomalies {...}
+                                               a reconstruction model's figures (drawn by hw/model_report.py)
 
 Any value may be missing or None (a round without evaluation has accuracy
 None): it is left out of the plots and shown as "–" in the tables.
@@ -66,7 +68,7 @@ from typing import Any, Iterable
 from urllib.parse import quote
 
 NOT_IN_REPORT = "not in this report"
-PLOT_NAMES = ("accuracy", "participation", "rejections", "bytes", "ledger", "attacks", "comparison")
+PLOT_NAMES = ("accuracy", "model", "participation", "rejections", "bytes", "ledger", "attacks", "comparison")
 MAX_LABEL = 40  # characters of a name shown in a plot legend or label
 DPI = 100
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -378,6 +380,11 @@ class _Plotter:
         ax.set_title("Accuracy per round" + (" (gateways: on their own devices)" if epochs else ""))
         self._finish_round_axis(ax)
         return self._save(fig, "accuracy")
+
+    def model(self) -> Path | None:
+        from .model_report import draw
+
+        return draw(self)
 
     def participation(self) -> Path | None:
         series = self._per_round()
@@ -723,6 +730,9 @@ def render_html(report: dict, plots: dict[str, Path], folder_rel: str, plot_note
 
     parts.append("<h2>Accuracy</h2>\n")
     parts.append(_img(plots, "accuracy", "accuracy per round", folder_rel) or _absent("accuracy per round"))
+    from .model_report import model_html
+
+    parts.append(model_html(report, plots, folder_rel))  # a reconstruction model's loss and anomaly AUC, if any
     parts.append("<h2>Participation</h2>\n")
     parts.append(_img(plots, "participation", "participation per round", folder_rel)
                  or _absent("participation"))

@@ -16,7 +16,8 @@
 
     [dataset]
     source = "watch"           # or a folder of per-device .npz files: X [n, ...] and y [n]
-                               # (or x_train, y_train, x_test, y_test)
+                               # (or x_train, y_train, x_test, y_test); no y for a model that
+                               # needs no labels (imu_autoencoder)
     partition = "subject"      # "subject": one device per watch subject (per file of a folder);
                                # "dirichlet": pool every window, deal them to the devices with a
                                # per-class Dirichlet(alpha) label skew (seeded)
@@ -29,12 +30,27 @@
                                # windows alike (after the partition); with N gateways each gateway
                                # serves one neighbourhood (device i -> gateway i mod N), with one
                                # gateway it serves them all. The city's test windows are the union.
+    # anomalies = { share = 0.2, kinds = ["stuck", "spike", "drift"], magnitude = 1.0 }
+                               # sensor faults in a seeded share of each device's test windows (never its
+                               # train windows), for a reconstruction model (imu_autoencoder): the report
+                               # gives each round's anomaly AUC. stuck: every channel repeats its reading
+                               # from a point in the window's first half to its end; spike: 4 samples
+                               # pushed 10 standard deviations (the device's own, per channel) up or down;
+                               # drift: every channel ramps to 2.5 standard deviations by the window's end
+                               # (hw/anomalies.py); magnitude multiplies the spikes' and drifts' sizes
 
     [strategy]
     name = "FedAvg"
     params = {}
 
     [training]
+    model = "imu_cnn"          # a model family of the zoo: "imu_cnn", "tabular_mlp" (watch windows are summarised
+                               # to its 24 features), "imu_autoencoder" (no labels: the report gives the
+                               # reconstruction loss per round); "synthetic" (hw/synthetic.py, device pools
+                               # only); or the folder of a model built with `starling-models build --out DIR`
+                               # (relative to this file), e.g. with --classes 6 for data with 6 classes.
+                               # The data must fit it: its windows the model's input shape, its labels its
+                               # classes, else the scenario is refused naming both (hw/model_tables.py)
     epochs = 2
     batch_size = 32
     lr = 0.05
@@ -129,6 +145,8 @@ from typing import Any
 
 from protocol.config import ConfigError, read_toml, resolve_path
 
+from . import model_tables
+from .anomalies import Anomalies
 from .city_tables import parse_city, parse_neighbourhoods
 from .faults import Fault, parse_faults
 from .profiles import DeviceProfile, LinkSpec, parse_device_profiles, parse_links
@@ -140,7 +158,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "fleet": {"gateways": int, "devices": int, "devices_per_gateway": int, "subjects": list, "runner": str,
               "pool_size": int, "enrollment": str},
     "dataset": {"source": str, "stride": int, "partition": str, "alpha": NUMBER, "test_fraction": NUMBER,
-                "classes_by_neighbourhood": list},
+                "classes_by_neighbourhood": list, "anomalies": dict},
     "strategy": {"name": str, "params": dict, "dp": dict},
     "training": {"epochs": int, "batch_size": int, "lr": NUMBER, "deadline_s": NUMBER, "model": str},
     "broker": {"kind": str},
@@ -167,7 +185,6 @@ ATTACK_PARAMS = ("scale", "sigma", "payload", "claim", "z", "bound_multiple")
 PARTITIONS = ("subject", "dirichlet")
 ENROLLMENTS = ("open", "voucher")  # every device admitted; or only those with the run's operator voucher
 RUNNERS = ("process", "pool")  # a process per device (as on a real device), or many devices per process
-MODELS = ("imu_cnn", "synthetic")  # the real CNN, or hw/synthetic.py's cheap quadratic (for scale)
 WATCH_SUBJECTS = 10
 MAX_GATEWAYS = 32
 MAX_CLAIM = 10_000_000  # protocol.schemas.MAX_EXAMPLES
@@ -260,6 +277,12 @@ class Scenario:
     defense: dict[str, Any] = field(default_factory=dict)  # [defense], likewise ({}: none)
     city: dict[str, Any] = field(default_factory=dict)  # [city] with every key set ({}: no city tier)
     neighbourhoods: tuple[tuple[int, ...], ...] = ()  # dataset.classes_by_neighbourhood (): no label skew
+    anomalies: Anomalies | None = None  # dataset.anomalies (None: every test window as recorded)
+
+    @property
+    def model_spec(self) -> model_tables.ModelSpec:
+        """The model as its manifest describes it: family, task, input shape, classes (hw/model_tables.py)."""
+        return model_tables.model_spec(self.model)
 
     def devices_of(self, gateway: int) -> list[int]:
         """Indices (0-based) of the devices that belong to gateway `gateway` (0-based): i mod gateways."""
@@ -426,6 +449,7 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
     try:
         neighbourhoods = parse_neighbourhoods(doc.get("dataset", {}), source, devices, gateways)
         city = parse_city(doc["city"], gateways, get("run", "rounds", 5)) if "city" in doc else {}
+        model, anomalies = _model_and_data(doc, base_dir, source, neighbourhoods)
     except ConfigError as exc:
         raise ScenarioError(str(exc)) from exc
     try:
@@ -465,7 +489,7 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         adversaries=adversaries,
         runner=get("fleet", "runner", "process"),
         pool_size=get("fleet", "pool_size", 100),
-        model=get("training", "model", "imu_cnn"),
+        model=model,
         enrollment=get("fleet", "enrollment", "open"),
         faults=faults,
         device_profiles=device_profiles,
@@ -474,13 +498,12 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         defense=copy.deepcopy(dict(doc.get("defense", {}))),
         city=city,
         neighbourhoods=neighbourhoods,
+        anomalies=anomalies,
     )
     if scenario.runner not in RUNNERS:
         raise ScenarioError(f"fleet.runner must be one of {', '.join(RUNNERS)}, not {scenario.runner!r}")
     if scenario.enrollment not in ENROLLMENTS:
         raise ScenarioError(f"fleet.enrollment must be one of {', '.join(ENROLLMENTS)}, not {scenario.enrollment!r}")
-    if scenario.model not in MODELS:
-        raise ScenarioError(f"training.model must be one of {', '.join(MODELS)}, not {scenario.model!r}")
     if scenario.model == "synthetic" and scenario.runner != "pool":
         raise ScenarioError('training.model = "synthetic" runs in device pools: set fleet.runner = "pool"')
     for name, value in (("fleet.pool_size", scenario.pool_size), ("run.rounds", scenario.rounds), ("fleet.devices", scenario.devices),
@@ -497,6 +520,19 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
     if "variant" in doc:
         scenario = _with_variants(scenario, doc, base_dir)
     return scenario
+
+
+def _model_and_data(doc: dict[str, Any], base_dir: Path, source: str,
+                    neighbourhoods: tuple[tuple[int, ...], ...]) -> tuple[str, Anomalies | None]:
+    """training.model (a family, "synthetic" or a model folder) and dataset.anomalies, checked against the data:
+    a model the data does not fit is refused now, naming both shapes (hw/model_tables.py)."""
+    model = model_tables.parse_model(doc.get("training", {}).get("model", "imu_cnn"), base_dir)
+    spec = model_tables.model_spec(model)
+    data = None if model == model_tables.SYNTHETIC else model_tables.describe_data(source)
+    if data is not None:
+        model_tables.check_fit(spec, data, neighbourhoods)
+    table = doc.get("dataset", {}).get("anomalies")
+    return model, None if table is None else model_tables.parse_anomalies(table, spec, data)
 
 
 def _check_strategy_overrides(scenario: Scenario) -> None:

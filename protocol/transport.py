@@ -61,29 +61,30 @@ class BrokerAuth:
             client.username_pw_set(self.username, self.password() or None)
 
 
-def read_broker_auth(doc: dict[str, Any], base_dir: Path = Path(".")) -> BrokerAuth:
-    """The TLS and credential fields of `[broker]`; every named file must exist."""
+def read_broker_auth(doc: dict[str, Any], base_dir: Path = Path("."), section: str = "broker") -> BrokerAuth:
+    """The TLS and credential fields of `[broker]` (or of another table holding the same keys, such as an
+    agent's `[inference.mqtt]`); every named file must exist. Errors name `section.key`."""
 
     def path(key: str) -> Path | None:
-        value = setting(doc, "broker", key, str, "")
+        value = setting(doc, section, key, str, "")
         if not value:
             return None
-        resolved = resolve_path(value, base_dir, f"broker.{key}")
-        if not is_file(resolved, f"broker.{key}"):
-            raise ConfigError(f"broker.{key}: {resolved} is not a file")
+        resolved = resolve_path(value, base_dir, f"{section}.{key}")
+        if not is_file(resolved, f"{section}.{key}"):
+            raise ConfigError(f"{section}.{key}: {resolved} is not a file")
         return resolved
 
     auth = BrokerAuth(path("tls_ca"), path("tls_cert"), path("tls_key"),
-                      setting(doc, "broker", "username", str, ""), path("password_file"))
+                      setting(doc, section, "username", str, ""), path("password_file"))
     if (auth.tls_cert is None) != (auth.tls_key is None):
-        raise ConfigError("broker.tls_cert and broker.tls_key go together: set both or neither")
+        raise ConfigError(f"{section}.tls_cert and {section}.tls_key go together: set both or neither")
     if auth.tls_cert is not None and not auth.tls:
-        raise ConfigError("broker.tls_cert needs broker.tls_ca (the CA that signed the broker's certificate)")
+        raise ConfigError(f"{section}.tls_cert needs {section}.tls_ca (the CA that signed the broker's certificate)")
     if auth.password_file is not None and not auth.username:
-        raise ConfigError("broker.password_file needs broker.username")
+        raise ConfigError(f"{section}.password_file needs {section}.username")
     if auth.password_file is not None:
         try:
             auth.password()
         except PermissionError as exc:
-            raise ConfigError(f"broker.password_file: {exc}") from exc
+            raise ConfigError(f"{section}.password_file: {exc}") from exc
     return auth

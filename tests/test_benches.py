@@ -48,10 +48,14 @@ def test_ledger_gossip_prints_its_figures():
 
 @pytest.mark.parametrize("live", [False, True], ids=["replay", "live"])
 def test_agent_footprint_prints_its_figures(live):
-    figures = run_bench("bench/agent_footprint.py", "--idle-s", "1", "--skip-install", *(["--live"] if live else []))
+    figures = run_bench("bench/agent_footprint.py", "--idle-s", "1", "--skip-install", "--inference-every-s", "1",
+                        *(["--live"] if live else []))
     assert figures["data"] == ("live 50 Hz" if live else "replay")
     assert 10 < figures["peak_rss_mb"] < 1000 and figures["cpu_s"] > 0
     assert 0 <= figures["idle_cpu_pct"] < 100 and figures["train_step_ms"] > 0
+    assert figures["inference"] == "every 1 s" and figures["inference_runs"] >= 1  # it ran inside the agent ...
+    assert figures["inference_lines_read"] >= 1  # ... and a local client read its results
+    assert 0 < figures["inference_ms_per_window_at_32"] < figures["inference_ms"]
 
 
 def test_accuracy_prints_centralized_fedavg_fedprox_and_the_gap():

@@ -300,6 +300,7 @@ AGENT_KEYS = {
     "model": "freeze_window_s, name",
     "budget": "low_power_file, max_cpu_temp_c, max_samples, max_train_s, thermal_zone",
     "city": "genesis, prefer, rehome_after_s",
+    "inference": "calibration_windows, every_s, min_calibration, mqtt, socket, threshold_quantile, windows",
 }
 
 
@@ -312,7 +313,7 @@ AGENT_KEYS = {
     *[pytest.param(parse_agent, GOOD_AGENT, section, typo, AGENT_KEYS[section], id=f"agent {section}.{typo}")
       for section, typo in [
           ("device", "resend"), ("gateway", "rootkey"), ("broker", "hots"), ("data", "retention_s"),
-          ("model", "freeze_window"), ("budget", "max_train"), ("city", "rehome_after")]],
+          ("model", "freeze_window"), ("budget", "max_train"), ("city", "rehome_after"), ("inference", "every")]],
 ])
 def test_a_misspelt_key_in_any_table_is_refused_naming_it_and_the_known_ones(parse, good, section, typo, known):
     # e.g. `[rounds] num_round = 100` would otherwise leave the run unbounded, silently
@@ -328,7 +329,8 @@ def test_a_misspelt_key_in_any_table_is_refused_naming_it_and_the_known_ones(par
     pytest.param(parse_gateway, GOOD_GATEWAY, "num_rounds", 5,
                  r"unknown key num_rounds \(outside any section\); known: agg", id="gateway top-level key"),
     pytest.param(parse_agent, GOOD_AGENT, "sensors", [{"kind": "mpu6050"}],
-                 r"unknown section \[sensors\]; known: broker, budget, city, data, device, gateway, model, sensor$",
+                 r"unknown section \[sensors\]; known: broker, budget, city, data, device, gateway, inference, model, "
+                 r"sensor$",
                  id="agent [[sensors]]"),
     pytest.param(parse_agent, GOOD_AGENT, "budgets", {"max_train_s": 1.0}, r"unknown section \[budgets\]",
                  id="agent [budgets]"),
