@@ -84,7 +84,14 @@ install -d -m 0755 "$ETC" "$UNIT_DIR" "$(dirname "$VENV")"
 install -d -m 0700 "$STATE"
 
 echo "install.sh: virtual environment with the agent extra only ($VENV)"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+    # The agent runs on Python 3.10 to 3.13 (tomli is installed on 3.10); Debian and Ubuntu ship venv apart.
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+        die "the agent needs Python 3.10 or newer; python3 here is $(python3 -V 2>&1)"
+    python3 -c 'import ensurepip, venv' 2>/dev/null ||
+        die "python3 has no venv module: apt-get install python3-venv"
+    python3 -m venv "$VENV"
+fi
 # shellcheck disable=SC2086  # PIP_ARGS is a list of options
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PIP_ARGS "$SOURCE[agent]"
 

@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from agent import config as agent_config
 from agent.config import ConfigError as AgentConfigError
@@ -18,7 +17,7 @@ from gateway import config as gateway_config
 from gateway.config import ConfigError as GatewayConfigError
 from gateway.config import parse_config as parse_gateway
 from hw.scenario import ScenarioError, load_scenario, parse_scenario
-from protocol.config import ConfigError
+from protocol.config import ConfigError, tomllib  # tomllib: the stdlib's, or tomli on Python 3.10
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_AGENT = {

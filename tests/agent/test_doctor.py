@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
+from required_tools import require
 
 from hw.broker import Broker, find_mosquitto, free_port
+from protocol.config import tomllib  # the stdlib's, or tomli on Python 3.10
 from protocol.keys import Identity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,8 +72,7 @@ def test_each_problem_is_named_with_what_to_do(broker, tmp_path):
 @pytest.fixture
 def refusing_broker(tmp_path):
     """A Mosquitto that refuses every login: no anonymous access and no password file."""
-    if find_mosquitto() is None:
-        pytest.skip("needs mosquitto")
+    require(find_mosquitto() is not None, "needs mosquitto (hw/install-system.sh)")
     with Broker(tmp_path / "refusing", kind="mosquitto", anonymous=False) as broker:
         yield broker.port
 

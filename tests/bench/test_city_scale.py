@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from required_tools import require
 
 from hw.broker import find_mosquitto
 
@@ -31,8 +32,7 @@ def _processes_mentioning(text: str) -> list[str]:
 
 @pytest.mark.timeout(200)
 def test_city_scale_smoke(tmp_path):
-    if find_mosquitto() is None:
-        pytest.skip("the bench measures over a real Mosquitto, which is not installed")
+    require(find_mosquitto() is not None, "the bench measures over a real Mosquitto (hw/install-system.sh)")
     workdir = tmp_path / "run"
     bench = subprocess.Popen(
         [sys.executable, "bench/city_scale.py", "--gateways", "2", "--devices-per-gateway", "2", "--rounds", "2",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from dashboard_helpers import gateway_id, run_messages
+from required_tools import needs
 
 from dashboard.chart import accuracy_svg
 from dashboard.cli import main, parse_listen
@@ -24,6 +25,7 @@ from dashboard.feed import parse_broker_url
 from dashboard.fleet import Fleet
 from dashboard.server import serve
 from dashboard.view import snapshot
+from hw.broker import find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 GW = gateway_id()
@@ -206,8 +208,8 @@ def _tls_broker(tmp_path: Path) -> tuple[subprocess.Popen, int, Path, Path]:
     return broker, port, conf_dir / "ca.crt", password
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None or shutil.which("openssl") is None,
-                    reason="needs mosquitto, mosquitto_passwd and openssl (hw/install-system.sh)")
+@needs(find_mosquitto() is not None and shutil.which("mosquitto_passwd") is not None
+       and shutil.which("openssl") is not None, "needs mosquitto, mosquitto_passwd and openssl (hw/install-system.sh)")
 def test_over_tls_with_a_password_the_dashboard_reads_the_status_topics_and_stops_on_sigterm(tmp_path):
     import paho.mqtt.client as mqtt
 

@@ -11,12 +11,12 @@ import json
 
 import numpy as np
 import pytest
-import tomllib
 from emulation import emulate
 
 from firmware_models.runtime import TrainableModel
 from gateway.blobs import BlobStore
 from hw.datasets import load_device_npz
+from protocol.config import tomllib  # the stdlib's, or tomli on Python 3.10
 from protocol.schemas import decode_model
 
 SKEW = [[0, 1, 2, 3, 4], [2, 3, 4, 5, 6]]

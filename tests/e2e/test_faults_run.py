@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from required_tools import needs
 
 from hw.broker import find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="the fault scenario runs on Mosquitto")
+pytestmark = needs(find_mosquitto() is not None, "the fault scenario runs on Mosquitto (hw/install-system.sh)")
 
 
 @pytest.fixture(scope="module")

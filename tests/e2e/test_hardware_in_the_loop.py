@@ -13,19 +13,20 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
+from required_tools import needs
 
 from hw.broker import find_mosquitto, free_port
 from ledger.store import Ledger
+from protocol.config import tomllib  # the stdlib's, or tomli on Python 3.10
 from protocol.keys import Identity
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="--listen needs Mosquitto")
+pytestmark = needs(find_mosquitto() is not None, "--listen needs Mosquitto (hw/install-system.sh)")
 
 SCENARIO = """
 [run]

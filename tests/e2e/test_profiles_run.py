@@ -7,10 +7,11 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+from protocol.config import tomllib  # the stdlib's, or tomli on Python 3.10
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from required_tools import needs
 
 from gateway.blob_exchange import BlobExchange, ExchangeSettings
 from gateway.blobs import BlobStore
@@ -24,7 +25,7 @@ from protocol.blob_messages import MAX_WANT, Absent, Chunk, Want, split
 from protocol.digest import sha256
 from protocol.keys import Identity
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="needs mosquitto")
+pytestmark = needs(find_mosquitto() is not None, "needs mosquitto (hw/install-system.sh)")
 
 WAIT = 10.0
 FAST = ExchangeSettings(fetch_timeout_s=3.0, idle_s=0.4)

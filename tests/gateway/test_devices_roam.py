@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from required_tools import needs
 
 from hw.broker import Broker, _child_env, find_mosquitto
 from hw.city import write_genesis
@@ -26,7 +27,7 @@ from hw.datasets import load_watch_devices, save_device_npz
 from ledger.store import Ledger
 from protocol.keys import Identity
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="needs mosquitto (hw/install-system.sh)")
+pytestmark = needs(find_mosquitto() is not None, "needs mosquitto (hw/install-system.sh)")
 
 ROOT = Path(__file__).resolve().parents[2]
 REHOME_AFTER_S = 3.0

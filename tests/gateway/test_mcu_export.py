@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from required_tools import missing
 
 import firmware_models
 from gateway.config import ConfigError
@@ -39,7 +40,7 @@ def script(path: Path, body: str) -> Path:
 def test_each_release_becomes_a_signed_int8_model_that_agrees_with_the_float_one():
     python = tf_python()
     if python is None:
-        pytest.skip("no Python with TensorFlow (set STARLING_TF_PYTHON, or run `make test` for .venv-build)")
+        missing("needs a Python with TensorFlow: set STARLING_TF_PYTHON, or run `make test` (it makes .venv-build)")
     from firmware_models.runtime import TrainableModel, load_interpreter_class
     from hw.datasets import load_watch_devices
 

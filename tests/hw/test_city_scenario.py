@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 
 from hw.emulate import _gateway_command, _gateway_config, choose_attackers
 from hw.fleet import GatewayRun
 from hw.partition import partition
 from hw.scenario import ScenarioError, load_scenario, parse_scenario
+from protocol.config import tomllib  # the stdlib's, or tomli on Python 3.10
 from protocol.keys import Identity
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from required_tools import needs
 
 from hw.broker import _child_env, find_mosquitto
 from hw.faults import STOP_TIMEOUT_S, FaultRunner, apply_overrides, fault_sections, parse_faults
 from hw.fleet import Ending, Fleet, Network, Process
 from protocol.config import ConfigError
 
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+needs_mosquitto = needs(find_mosquitto() is not None, "needs mosquitto (hw/install-system.sh)")
 
 
 # --- the [[fault]] tables ------------------------------------------------------------------
@@ -363,7 +364,7 @@ def test_the_fleet_rewrites_the_config_before_the_gateway_starts_again(tmp_path:
     conf = g.write_config({"gateway": {"name": "gw-1 \U0001f426"}, "strategy": {"name": "FedAvg", "params": {}},
                            "rounds": {"num_rounds": 20, "lr": 0.2}})
     # The "gateway" reads its config when it starts: what it read is in its log.
-    reader = f"import tomllib; print(tomllib.load(open({str(conf)!r}, 'rb'))['rounds'], flush=True)"
+    reader = f"from protocol.config import tomllib; print(tomllib.load(open({str(conf)!r}, 'rb'))['rounds'], flush=True)"
     process = Process([sys.executable, "-c", reader + "; import time; time.sleep(60)"], tmp_path / "gw.log",
                       _child_env())
     g.proc = process

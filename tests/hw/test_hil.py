@@ -17,6 +17,7 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from required_tools import needs
 
 from agent.config import load_config
 from hw.broker import Broker, find_mosquitto
@@ -24,7 +25,7 @@ from hw.hil import VoucherDesk, advertised_address, instructions, parse_listen, 
 from protocol.keys import Identity
 from protocol.vouchers import Voucher, VoucherRefused
 
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+needs_mosquitto = needs(find_mosquitto() is not None, "needs mosquitto (hw/install-system.sh)")
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -6,11 +6,12 @@ import json
 import os
 import stat
 import subprocess
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from protocol.config import tomllib  # the stdlib's, or tomli on Python 3.10
 
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY_ID = "0123456789abcdef0123456789abcdef"

@@ -31,13 +31,14 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from required_tools import needs
 
 from hw.broker import find_mosquitto, free_port
 from hw.mosquitto.render import add_user, render
 
-pytestmark = pytest.mark.skipif(
-    find_mosquitto() is None or shutil.which("mosquitto_passwd") is None or shutil.which("openssl") is None,
-    reason="needs mosquitto, mosquitto_passwd and openssl (hw/install-system.sh)",
+pytestmark = needs(
+    find_mosquitto() is not None and shutil.which("mosquitto_passwd") is not None and shutil.which("openssl") is not None,
+    "needs mosquitto, mosquitto_passwd and openssl (hw/install-system.sh)",
 )
 
 REPO = Path(__file__).resolve().parents[2]

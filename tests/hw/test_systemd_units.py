@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from required_tools import needs
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "hw" / "systemd" / "starling-agent.service"
@@ -23,7 +24,7 @@ def settings(text: str) -> dict[str, str]:
     return found
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (hw/install-system.sh)")
+@needs(shutil.which("systemd-analyze") is not None, "needs systemd-analyze (hw/install-system.sh)")
 def test_the_agent_unit_passes_systemd_analyze_verify(tmp_path):
     # verify checks that ExecStart exists: point it at this environment's agent (as install.sh's venv holds it).
     agent = shutil.which("starling-agent") or str(Path(sys.executable).resolve())

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from required_tools import needs
 
 from hw.broker import Broker, _child_env, find_mosquitto, free_port
 from mqttlink import ConnectError, Connection, ConnectionOptions, Message, Will
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="needs mosquitto")
+pytestmark = needs(find_mosquitto() is not None, "needs mosquitto (hw/install-system.sh)")
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 5.0  # upper bound for anything that should happen
