@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from required_tools import needs
 
 from hw.broker import find_mosquitto, free_port

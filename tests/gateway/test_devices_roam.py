@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from required_tools import needs
 
 from hw.broker import Broker, _child_env, find_mosquitto

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from required_tools import needs
 
 ROOT = Path(__file__).resolve().parents[2]
