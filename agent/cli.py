@@ -2,16 +2,20 @@
 
     starling-agent keygen --key PATH     make a device key (mode 0600) and print its id
     starling-agent run --config FILE     run the service (and its sensor sampler) until SIGTERM / Ctrl-C
-    starling-agent doctor --config FILE  check config, key, model, sensors, broker; say what is wrong
+    starling-agent doctor --config FILE  check config, key, model, sensors, broker, inference; say what is wrong
     starling-agent predict --config FILE [--input WINDOWS.npz|.npy] [--windows N]
                                          one-shot predictions as JSON lines (agent/inference.py): on the
                                          windows in the file, or on the device's newest ones
+
+The model is `[model] name` (shipped in firmware_models) or `[model] path` (a built model's folder); every
+command loads it through agent/model_source.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import threading
@@ -23,6 +27,7 @@ from protocol.keys import load_or_create
 
 from .config import ConfigError, load_config
 from .data_source import DataError, open_data
+from .model_source import ModelError, load_model, model_source
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -43,31 +48,48 @@ def _run(args: argparse.Namespace) -> int:
         print(f"starling-agent: device.voucher: {config.voucher} does not exist", file=sys.stderr)
         return 2
     # Heavy imports only once the config is known to be good.
-    import firmware_models
-    from firmware_models.runtime import TrainableModel
-
     from .service import Agent
 
-    manifest = firmware_models.load_manifest(config.model)
-    model_file = firmware_models.model_dir(config.model) / "model.tflite"
-    model = TrainableModel(model_file)
+    try:
+        source = model_source(config)  # [model] name or path: the manifest says the rest
+        model = source.load()
+    except ModelError as exc:
+        print(f"starling-agent: model: {exc}", file=sys.stderr)
+        return 2
+    manifest = source.manifest
+    logs.event(logging.getLogger("starling.agent"), "agent.model", model=source.label,
+               source="package" if source.packaged else "path", input_shape="x".join(map(str, source.input_shape)),
+               task=source.task, sha256=manifest["sha256"][:16])
+    seed = identity.node_id % 2**32
+    inference_model = personalizer = None
+    if config.inference is not None:  # its own model instance: training never touches its weights
+        from .personalize import CannotPersonalize, Personalizer
+
+        inference_model = source.load()
+        try:
+            personalizer = (Personalizer(config.personalization, inference_model, seed)
+                            if config.personalization is not None else None)
+        except CannotPersonalize as exc:
+            print(f"starling-agent: personalization: {exc}", file=sys.stderr)
+            return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         with open_data(config, manifest) as data:
             inference = None
-            if config.inference is not None:  # its own model instance: training never touches its weights
-                from .inference import Inference, windows_of
+            if inference_model is not None:
+                from .inference import Inference, training_of, windows_of
                 from .local_out import MqttOut, SocketOut
 
                 settings = config.inference
                 sinks = ([SocketOut(settings.socket)] if settings.socket else []) + (
                     [MqttOut(settings.mqtt, identity.id)] if settings.mqtt else [])
-                inference = Inference(settings, TrainableModel(model_file, manifest=manifest), manifest,
-                                      config.state_dir, identity.id, windows_of(data), sinks)
-            Agent(config, identity, model, data, architecture=manifest["sha256"],
-                  seed=identity.node_id % 2**32, inference=inference).run(stop)
+                inference = Inference(settings, inference_model, manifest, config.state_dir, identity.id,
+                                      windows_of(data), sinks, personalizer=personalizer,
+                                      training=training_of(data))
+            Agent(config, identity, model, data, architecture=manifest["sha256"], seed=seed,
+                  inference=inference).run(stop)
     except DataError as exc:
         print(f"starling-agent: {exc}", file=sys.stderr)
         return 2
@@ -92,25 +114,31 @@ def _predict(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"starling-agent: {exc}", file=sys.stderr)
         return 2
-    import firmware_models
-    from firmware_models.runtime import TrainableModel
     from protocol.keys import Identity
 
     from .config import InferenceSettings
     from .inference import InputError, predict_once
+    from .personalize import CannotPersonalize
 
     settings = config.inference or InferenceSettings(socket=None)
-    manifest = firmware_models.load_manifest(config.model)
-    model = TrainableModel(firmware_models.model_dir(config.model) / "model.tflite", manifest=manifest)
     try:
-        device = Identity.load(config.key).id  # only to say whose results these are: never created here
+        manifest, model = load_model(config)
+    except ModelError as exc:
+        print(f"starling-agent: model: {exc}", file=sys.stderr)
+        return 2
+    try:
+        identity = Identity.load(config.key)  # only to say whose results these are: never created here
+        device, seed = identity.id, identity.node_id % 2**32  # the service's personalization seed
     except (KeyFileError, OSError):
-        device = ""
+        device, seed = "", 0
     try:
         results = predict_once(config, settings, model, manifest, device, args.input,
-                               args.windows or settings.windows)
+                               args.windows or settings.windows, seed)
     except InputError as exc:
         print(f"starling-agent: {exc}", file=sys.stderr)
+        return 2
+    except CannotPersonalize as exc:
+        print(f"starling-agent: personalization: {exc}", file=sys.stderr)
         return 2
     for result in results:
         print(json.dumps(result, separators=(",", ":")))

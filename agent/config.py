@@ -30,9 +30,13 @@
     capacity = 200000                # rows kept (oldest dropped first)
     retention_days = 7.0             # rows older than this are dropped
     test_fraction = 0.2              # the newest windows held out as the device's test windows
+    features = ""                    # "window_stats": a model on feature rows (tabular_mlp) learns from each
+                                     # window's per-channel mean, std, min, max (agent/features.py); "": none
+    feature_window = 50              # with features: rows per window (2 .. 1000), `stride` rows apart
 
     [model]
-    name = "imu_cnn"                 # a model shipped in firmware_models
+    name = "imu_cnn"                 # a model shipped in firmware_models ...
+    # path = "/var/lib/starling/model"  # ... or instead a built model's folder (`starling-models build --out DIR`)
     freeze_window_s = 86400.0        # refuse a release (model_frozen) whose expiry is more than this older
                                      # than the newest expiry accepted from the gateway (600 s .. 365 days)
 
@@ -60,6 +64,11 @@
     qos = 0                          # or 1
     # tls_ca, tls_cert, tls_key, username, password_file: as in [broker]
 
+    [personalization]                # optional, with [inference]: fine-tune the classifier's output layer on the
+    steps = 50                       # device's own labelled windows for inference, each time a release arrives
+    lr = 0.1                         # (agent/personalize.py); kept on the device, never sent
+    weights = []                     # the weights it tunes (default: the output layer, found by shape)
+
 A bad config is refused with the field and the reason (`ConfigError`); so is an unknown table or key
 (naming it and the known ones: the ones parse_config reads).
 """
@@ -73,6 +82,7 @@ from typing import Any
 
 from protocol.config import (
     ConfigError,
+    bounded_setting,
     noting_lookups,
     read_toml,
     refuse_unread,
@@ -86,7 +96,8 @@ from protocol.transport import BrokerAuth, read_broker_auth
 
 from .budget import DEFAULT_THERMAL_ZONE, Budget
 
-__all__ = ["AgentConfig", "ConfigError", "InferenceSettings", "LocalMqtt", "Sampling", "load_config", "parse_config"]
+__all__ = ["AgentConfig", "ConfigError", "InferenceSettings", "LocalMqtt", "Personalization", "Sampling", "load_config",
+           "parse_config", "parse_personalization"]
 
 DEFAULT_FREEZE_WINDOW_S = 86400.0
 DEFAULT_REHOME_AFTER_S = 600.0
@@ -99,6 +110,8 @@ QUANTILE_BOUNDS = (0.5, 0.9999)
 INFERENCE_SOCKET = "inference.sock"  # in state_dir, unless [inference] socket says otherwise
 MAX_SOCKET_PATH = 107  # bytes: sockaddr_un's sun_path holds 108, with the terminating NUL
 INFERENCE_MQTT = "inference.mqtt"  # the table, as errors name it
+PERSONAL_STEPS_MAX = 10_000  # SGD steps of one batch each: a few seconds on a Raspberry Pi at most
+PERSONAL_LR_BOUNDS = (1e-6, 10.0)
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,10 @@ class AgentConfig:
     broker_host: str
     broker_port: int
     replay: Path | None  # recorded windows; None: live samples from `sensors` (see `sampling`)
+    # The model ([model], agent/model_source.py): a model shipped in firmware_models by `name`, or a built model's
+    # folder (`path`, then also `model` as text, for messages); `model_source(config)` loads either.
     model: str = "imu_cnn"
+    model_path: Path | None = None
     voucher: Path | None = None  # an operator's voucher, for gateways whose policy is "voucher"
     resend_s: float = 10.0
     enroll_retry_s: float = 5.0
@@ -133,6 +149,8 @@ class AgentConfig:
     city_genesis: bytes | None = None
     # Inference on the device ([inference], agent/inference.py); None: off, the table is absent.
     inference: InferenceSettings | None = None
+    # Personalization of the model inference runs ([personalization], agent/personalize.py); None: off.
+    personalization: Personalization | None = None
 
     @property
     def roams(self) -> bool:
@@ -150,6 +168,8 @@ class Sampling:
     capacity: int = 200_000
     retention_s: float = 7 * 86400.0
     test_fraction: float = 0.2
+    features: str = ""  # "": the model takes raw windows (or readings); "window_stats": rows (agent/features.py)
+    feature_window: int = 50  # rows of samples per feature row
 
 
 @dataclass(frozen=True)
@@ -175,6 +195,15 @@ class InferenceSettings:
     calibration_windows: int = 2000
     min_calibration: int = 100
     mqtt: LocalMqtt | None = None
+
+
+@dataclass(frozen=True)
+class Personalization:
+    """How the device tailors the model it runs to its own data ([personalization]; agent/personalize.py)."""
+
+    steps: int = 50  # SGD steps, one batch of the device's labelled training windows each
+    lr: float = 0.1
+    weights: tuple[str, ...] = ()  # the weights tuned; (): the classifier's output layer
 
 
 def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig:
@@ -206,6 +235,8 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
     if not low <= freeze_window <= high:
         raise ConfigError(f"model.freeze_window_s must be between {low:.0f} and {high:.0f} seconds, got {freeze_window}")
     state_dir = path("device", "state_dir")
+    if "personalization" in doc and "inference" not in doc:
+        raise ConfigError("[personalization] needs [inference]: the personalized model is the one inference runs")
     config = AgentConfig(
         name=setting(doc, "device", "name", str),
         key=path("device", "key"),
@@ -215,7 +246,7 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         broker_host=setting(doc, "broker", "host", str, "127.0.0.1"),
         broker_port=port,
         replay=path("data", "replay") if replay else None,
-        model=setting(doc, "model", "name", str, "imu_cnn"),
+        **_model(doc, base_dir),
         voucher=path("device", "voucher") if "voucher" in table(doc, "device") else None,
         resend_s=resend,
         enroll_retry_s=setting(doc, "device", "enroll_retry_s", float, 5.0),
@@ -227,9 +258,35 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig
         gateway_root_key=root_key,
         **_city(doc, base_dir, root_key),
         inference=_inference(doc, base_dir, state_dir),
+        personalization=parse_personalization(doc),
     )
     refuse_unread(doc)
     return config
+
+
+def _model(doc: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """[model] name or path (not both): a packaged model, or a built model's folder, checked now (a folder that is
+    no built model stops the agent at start, not at its first round)."""
+    from .model_source import ModelError, read_folder
+
+    name = setting(doc, "model", "name", str, "imu_cnn")
+    folder = setting(doc, "model", "path", str, "")
+    given = table(doc, "model")
+    if "name" in given and "path" in given:
+        raise ConfigError("model.name and model.path are both set: give one (name: a model shipped in "
+                          "firmware_models; path: a built model's folder)")
+    if "path" not in given:
+        if not name:
+            raise ConfigError("model.name must not be empty")
+        return {"model": name}
+    if not folder:
+        raise ConfigError("model.path must not be empty")
+    path = resolve_path(folder, base_dir, "model.path")
+    try:
+        read_folder(path)
+    except ModelError as exc:
+        raise ConfigError(f"model.path: {exc}") from exc
+    return {"model": str(path), "model_path": path}
 
 
 def _is_gateway_id(text: str) -> bool:
@@ -270,10 +327,7 @@ def _inference(doc: dict[str, Any], base_dir: Path, state_dir: Path) -> Inferenc
         return None
 
     def bounded(key: str, kind: type, default: Any, low: Any, high: Any) -> Any:
-        value = setting(doc, "inference", key, kind, default)
-        if not low <= value <= high:
-            raise ConfigError(f"inference.{key} must be between {low} and {high}, got {value}")
-        return value
+        return bounded_setting(doc, "inference", key, kind, default, low, high)
 
     every = bounded("every_s", float, 10.0, *INFERENCE_EVERY_BOUNDS_S)
     windows = bounded("windows", int, 32, 1, INFERENCE_WINDOWS_MAX)
@@ -288,6 +342,19 @@ def _inference(doc: dict[str, Any], base_dir: Path, state_dir: Path) -> Inferenc
     mqtt = table(doc, "inference").get("mqtt")
     return InferenceSettings(every, windows, socket_path, quantile, kept, least,
                              None if mqtt is None else _local_mqtt(mqtt, base_dir))
+
+
+def parse_personalization(doc: dict[str, Any]) -> Personalization | None:
+    """The [personalization] table (None when absent); also the emulator's (hw/scenario.py)."""
+    if "personalization" not in doc:
+        return None
+    steps = bounded_setting(doc, "personalization", "steps", int, Personalization.steps, 1, PERSONAL_STEPS_MAX)
+    lr = bounded_setting(doc, "personalization", "lr", float, Personalization.lr, *PERSONAL_LR_BOUNDS)
+    weights = setting(doc, "personalization", "weights", list, [])
+    if not all(isinstance(name, str) and name for name in weights) or len(set(weights)) != len(weights):
+        raise ConfigError("personalization.weights must be a list of distinct weight names (the model's manifest "
+                          "lists them)")
+    return Personalization(steps, lr, tuple(weights))
 
 
 def _local_mqtt(given: Any, base_dir: Path) -> LocalMqtt:
@@ -323,6 +390,10 @@ def _public_key(text: str, field: str) -> bytes:
     return key
 
 
+FEATURE_KINDS = ("window_stats",)  # agent/features.py KINDS (not imported: config parsing stays numpy-free)
+FEATURE_WINDOW_BOUNDS = (2, 1000)  # agent/features.py: 2 .. MAX_WINDOW rows
+
+
 def _sampling(doc: dict[str, Any], base_dir: Path) -> Sampling:
     def positive(key: str, kind: type, default: float) -> Any:
         value = setting(doc, "data", key, kind, default)
@@ -337,6 +408,15 @@ def _sampling(doc: dict[str, Any], base_dir: Path) -> Sampling:
     stride = setting(doc, "data", "stride", int, 0)
     if stride < 0:
         raise ConfigError(f"data.stride must not be negative, got {stride}")
+    features = setting(doc, "data", "features", str, "")
+    if features and features not in FEATURE_KINDS:
+        raise ConfigError(f"data.features must be one of {', '.join(FEATURE_KINDS)} (or \"\": none), got {features!r}")
+    if features and "replay" in table(doc, "data"):
+        raise ConfigError("data.features is for live samples: a replay file holds the model's inputs already")
+    feature_window = setting(doc, "data", "feature_window", int, Sampling.feature_window)
+    low, high = FEATURE_WINDOW_BOUNDS
+    if not low <= feature_window <= high:
+        raise ConfigError(f"data.feature_window must be between {low} and {high} rows, got {feature_window}")
     return Sampling(
         rate_hz=positive("rate_hz", float, 50.0),
         labels=resolve_path(labels, base_dir, "data.labels") if labels else None,
@@ -344,6 +424,8 @@ def _sampling(doc: dict[str, Any], base_dir: Path) -> Sampling:
         capacity=positive("capacity", int, 200_000),
         retention_s=positive("retention_days", float, 7.0) * 86400.0,
         test_fraction=test_fraction,
+        features=features,
+        feature_window=feature_window,
     )
 
 

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from .config import AgentConfig
+from .features import FeatureError, window_stats
 from .labels import LabelError, LabelSource
-from .live_data import LiveData
+from .live_data import LiveData, max_gap_for
 from .sample_store import SampleStore
 from .sampler import Sampler
 from .samples import LocalData, load_replay
@@ -72,10 +73,13 @@ def open_data(config: AgentConfig, manifest: dict[str, Any]) -> Iterator[LocalDa
                                                 sampling.retention_s))
         try:
             live = LiveData(store, input_shape, labels, stride=sampling.stride or None,
-                            test_fraction=sampling.test_fraction)
+                            test_fraction=sampling.test_fraction, max_gap_s=max_gap_for(sampling.rate_hz),
+                            features=window_stats(sampling.features, sampling.feature_window, channels),
+                            input_channels=manifest.get("input_channels"))
         except ValueError as exc:
             names = ", ".join(c for s in sensors for c in s.channels)
-            raise DataError(f"sensor: {exc} ({names})") from exc
+            field = "data.features" if isinstance(exc, FeatureError) else "sensor"  # it names both widths
+            raise DataError(f"{field}: {exc} ({names})") from exc
         if labels is not None:
             try:  # a bad file is refused now; a missing one may be written later (rounds are skipped until then)
                 labels.check()

@@ -10,17 +10,20 @@ skipped when the config itself is bad):
     key          the device key exists, is mode 0600 and loads
     state        the state folder is writable
     interpreter  LiteRT or tflite-runtime imports (and which), numpy's version
-    model        the shipped model matches its manifest and its signatures run
+    model        the model ([model] name, or a built folder's [model] path) matches
+                 its manifest and its signatures run; says its input shape and task
     data         the replay file loads with the model's shape; or the sensors'
                  channels fit the model and the label file (when needed) reads
     sensor[i]    each [[sensor]] opens and gives one finite sample
     broker       TCP, then TLS (certificate checked against the host) when
                  configured, then an MQTT CONNECT with the device's credentials
+    inference.socket  with [inference] (and a socket): its folder exists and is
+                 writable, or can be made; its path is free or an (old) socket
+    inference.mqtt    with [inference.mqtt]: that broker, checked as `broker` is
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,8 +38,10 @@ from typing import Any
 
 from protocol.errors import KeyFileError
 from protocol.keys import Identity
+from protocol.transport import BrokerAuth
 
-from .config import AgentConfig, ConfigError, load_config
+from .config import AgentConfig, ConfigError, InferenceSettings, load_config
+from .model_source import model_source
 
 BROKER_TIMEOUT_S = 5.0
 MQTT_LOG = "starling.agent.doctor"
@@ -72,6 +77,13 @@ def run_checks(config_path: Path) -> list[Check]:
     for i, sensor in enumerate(config.sensors):
         checks.append(_check(f"sensor[{i}]", lambda sensor=sensor: _sensor(sensor)))
     checks.append(_check("broker", lambda: _broker(config)))
+    inference = config.inference
+    if inference is not None and inference.socket is not None:
+        checks.append(_check("inference.socket", lambda: _inference_socket(inference)))
+    if inference is not None and inference.mqtt is not None:
+        checks.append(_check("inference.mqtt", lambda: _inference_mqtt(inference)))
+    if config.personalization is not None:
+        checks.append(_check("personalization", lambda: _personalization(config)))
     return checks
 
 
@@ -105,28 +117,28 @@ def _interpreter() -> str:
 
 
 def _model(config: AgentConfig) -> str:
-    import firmware_models
-    from firmware_models.runtime import TrainableModel
+    source = model_source(config)  # what `starling-agent run` loads: [model] name or path
+    weights = source.load().get_weights()  # the file's sha256 checked against the manifest first
+    return f"{source.describe()}; {sum(w.size for w in weights.values())} parameters, signatures run"
 
-    manifest = firmware_models.load_manifest(config.model)
-    path = firmware_models.model_dir(config.model) / "model.tflite"
-    if hashlib.sha256(path.read_bytes()).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{path} does not match its manifest's sha256: reinstall the agent")
-    weights = TrainableModel(path).get_weights()
-    return f"{config.model}: {sum(w.size for w in weights.values())} parameters, signatures run"
+
+def _personalization(config: AgentConfig) -> str:
+    """What `starling-agent run` would tune (it refuses to start when this fails)."""
+    from .personalize import tuned_weights
+
+    names = tuned_weights(config.personalization, model_source(config).load())
+    return f"{config.personalization.steps} steps at lr {config.personalization.lr:g} on {', '.join(names)}"
 
 
 def _data(config: AgentConfig) -> str:
     import math
-
-    import firmware_models
 
     from .data_source import needs_labels, num_classes
     from .labels import LabelSource
     from .samples import load_replay
     from .sensors import open_sensor
 
-    manifest = firmware_models.load_manifest(config.model)
+    manifest = model_source(config).manifest
     shape = tuple(manifest["input_shape"])
     if config.replay is not None:
         data = load_replay(config.replay, shape)
@@ -170,9 +182,57 @@ def _sensor(options: dict[str, Any]) -> str:
 
 
 def _broker(config: AgentConfig) -> str:
+    return _mqtt(config.broker_host, config.broker_port, config.broker_auth, "is it the device id, with the right "
+                 "password?")
+
+
+def _inference_socket(settings: InferenceSettings) -> str:
+    """The socket inference serves on can be made: its folder is (or can be) there and writable, and the path
+    is free or holds a socket (one an earlier run left is replaced; a file of another kind is not)."""
+    path = settings.socket
+    try:
+        mode = path.lstat().st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (the folder may not be there either)
+        mode = None
+    if mode is not None and not stat.S_ISSOCK(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a symlink" if stat.S_ISLNK(mode) else "a file"
+        raise FileExistsError(f"{path} is {kind}, not a socket: the agent cannot listen there; remove it or set "
+                              "another [inference] socket")
+    folder = path.parent
+    if folder.is_dir():
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".doctor-"):
+            pass
+        where = f"{folder} is writable"
+    else:
+        existing = next(p for p in folder.parents if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder} does not exist and cannot be made ({existing} is not a writable "
+                                  "folder): create it for the agent's user, or set another [inference] socket")
+        where = f"{folder} will be made (in {existing}, writable)"
+    if mode is None:
+        return f"{path}: {where}"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+        state = "a running agent serves on it"
+    except OSError:
+        state = "an old socket, replaced when the agent starts"
+    finally:
+        probe.close()
+    return f"{path}: {state}; {where}"
+
+
+def _inference_mqtt(settings: InferenceSettings) -> str:
+    mqtt = settings.mqtt
+    return _mqtt(mqtt.host, mqtt.port, mqtt.auth, "are [inference.mqtt] username and password_file right?")
+
+
+def _mqtt(host: str, port: int, auth: BrokerAuth, login_hint: str) -> str:
+    """TCP to host:port, TLS when `auth` says so, then an MQTT CONNECT with its credentials (each within
+    BROKER_TIMEOUT_S); the reason in plain words when one fails."""
     from mqttlink import ConnectError, Connection, ConnectionOptions
 
-    host, port, auth = config.broker_host, config.broker_port, config.broker_auth
     try:
         with socket.create_connection((host, port), timeout=BROKER_TIMEOUT_S) as sock:
             if auth.tls:
@@ -199,7 +259,7 @@ def _broker(config: AgentConfig) -> str:
             pass
     except ConnectError as exc:
         if exc.refused:
-            hint = f"username {auth.username or '-'}: is it the device id, with the right password?"
+            hint = f"username {auth.username or '-'}: {login_hint}"
             raise PermissionError(f"the broker refused the login: {exc.refused} ({hint})") from None
         raise ConnectionError(f"{host}:{port} accepted the connection but sent no MQTT CONNACK") from None
     return f"{host}:{port}" + (f" over {protocol}" if auth.tls else " (plain MQTT, no TLS)") + ", MQTT login accepted"

@@ -59,7 +59,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,8 +71,10 @@ from protocol.atomic import write_atomic
 from protocol.logs import event
 
 from .config import InferenceSettings
-from .live_data import LiveData
+from .features import WindowStats, features_for_model, model_inputs, store_channels, window_length
+from .live_data import LiveData, NoData, max_gap_for
 from .local_out import SocketOut
+from .personalize import NotBetter, Personalizer
 from .sample_store import SampleStore
 from .samples import LocalData
 
@@ -112,9 +114,9 @@ class LiveWindows:
     """Windows cut from the sample store, as the rounds cut them (same length, stride and gap rule)."""
 
     def __init__(self, store: SampleStore, input_shape: Sequence[int], stride: int | None = None,
-                 max_gap_s: float = MAX_GAP_S) -> None:
-        self.store, self.input_shape = store, tuple(input_shape)
-        self.length = self.input_shape[0] if len(self.input_shape) == 2 else 1
+                 max_gap_s: float = MAX_GAP_S, features: WindowStats | None = None) -> None:
+        self.store, self.input_shape, self.features = store, tuple(input_shape), features
+        self.length = window_length(self.input_shape, features)
         self.stride = stride or max(1, self.length // 2)
         self.max_gap_s = max_gap_s
         self._last_end = -math.inf  # the newest window's end handed out so far
@@ -124,7 +126,7 @@ class LiveWindows:
         """The newest `limit` windows, oldest first, with their first and last sample times."""
         x, starts, ends = self.store.windows_with_times(self.length, self.stride, limit, self.max_gap_s)
         where = [{"start": float(s), "end": float(e)} for s, e in zip(starts, ends)]
-        return x.reshape(len(x), *self.input_shape), where
+        return model_inputs(x, self.input_shape, self.features), where
 
     def newest(self, limit: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Up to `limit` windows that end after the last ones handed out, oldest first, with their times.
@@ -148,7 +150,7 @@ class LiveWindows:
     def recent(self, limit: int) -> np.ndarray:
         """The newest `limit` windows, whether handed out or not (to calibrate on)."""
         x = self.store.windows(self.length, self.stride, limit, self.max_gap_s)
-        return x.reshape(len(x), *self.input_shape)
+        return model_inputs(x, self.input_shape, self.features)
 
 
 class RecordedWindows:
@@ -175,11 +177,19 @@ class RecordedWindows:
         return self.latest(limit)[0]
 
 
+def training_of(data: LocalData | LiveData) -> Callable[[], LocalData]:
+    """The device's labelled training windows, for personalization: the replay file's, or the newest ones the
+    sample store holds, cut as a round cuts them (`LiveData.snapshot`, which raises NoData without enough)."""
+    if isinstance(data, LiveData):
+        return data.snapshot
+    return lambda: data
+
+
 def windows_of(data: LocalData | LiveData) -> LiveWindows | RecordedWindows:
     """The inference's windows for the agent's data: the live sample store, or the replay file's windows
     (training ones first, then the test ones, the newest in time)."""
     if isinstance(data, LiveData):
-        return LiveWindows(data.store, data.input_shape, data.stride, data.max_gap_s)
+        return LiveWindows(data.store, data.input_shape, data.stride, data.max_gap_s, data.features)
     return RecordedWindows(np.concatenate([data.x_train, data.x_test]))
 
 
@@ -262,8 +272,15 @@ class Inference:
 
     def __init__(self, settings: InferenceSettings, model, manifest: dict[str, Any], state_dir: Path,
                  device: str, source: LiveWindows | RecordedWindows, sinks: Sequence[Sink] = (),
-                 writable: bool = True) -> None:
+                 writable: bool = True, personalizer: Personalizer | None = None,
+                 training: Callable[[], LocalData] | None = None) -> None:
         self.settings, self.model, self.device, self.source = settings, model, device, source
+        # [personalization]: each release tuned to the device's labelled windows (`training()`, which may raise
+        # NoData) before it runs; `personal` says whether the weights in use are so tuned.
+        if personalizer is not None and training is None:
+            raise ValueError("personalization needs the device's training windows")
+        self.personalizer, self.training = personalizer, training
+        self.personal = False
         self.sinks = list(sinks)
         classes = manifest.get("classes")
         self.class_names = classes if isinstance(classes, list) and len(classes) == model.num_classes else None
@@ -307,6 +324,7 @@ class Inference:
                 self.release = Release(_frozen(weights), int(doc["version"]), bytes(doc["digest"]).hex())
             except Exception as exc:  # mangled, or from another model: the shipped weights until a release
                 event(log, "inference.model_not_loaded", logging.WARNING, reason=str(exc)[:200])
+        self._personalize()
         self._calibrate()
 
     def _take_pending(self) -> None:
@@ -318,7 +336,33 @@ class Inference:
         self.model.set_weights(pending.weights)
         self.release = pending
         event(log, "inference.model", version=pending.version, digest=pending.digest)
+        self._personalize()
         self._calibrate()
+
+    def _personalize(self) -> None:
+        """With [personalization]: tune the release in use to the device's labelled training windows (kept in
+        this model only, never sent). Without such windows, or if tuning fails, the release runs as it is."""
+        self.personal = False
+        if self.personalizer is None:
+            return
+        started = time.perf_counter()
+        try:
+            data = self.training()
+            self.personalizer.fit(self.release.weights, data.x_train, data.y_train)
+        except NoData as exc:  # a live device with too few labelled windows yet: the next release tries again
+            event(log, "inference.not_personalized", reason=exc.reason)
+            return
+        except NotBetter as exc:  # the release fits this device's windows at least as well: it runs as it is
+            event(log, "inference.not_personalized", reason="not_better", detail=str(exc)[:300])
+            return
+        except Exception as exc:  # the store could not be read, say: the release itself is still a good model
+            self.model.set_weights(self.release.weights)
+            event(log, "inference.not_personalized", logging.WARNING, reason=f"{type(exc).__name__}: {exc}"[:300])
+            return
+        self.personal = True
+        event(log, "inference.personalized", windows=len(data.x_train), steps=self.personalizer.settings.steps,
+              weights=",".join(self.personalizer.names), ms=round((time.perf_counter() - started) * 1000, 1),
+              **self._model_fields())
 
     def _calibrate(self) -> None:
         """A reconstruction model's threshold for the release in use: kept, or seeded from the newest windows."""
@@ -346,7 +390,8 @@ class Inference:
     def predict(self, x: np.ndarray, where: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """One result per window of `x` (`where[i]` says which window it is), with the release in use."""
         release, now = self.release, round(time.time(), 3)
-        head = {"device": self.device, "t": now, "model_version": release.version, "model_digest": release.digest}
+        head = {"device": self.device, "t": now, "model_version": release.version, "model_digest": release.digest,
+                **({"personal": self.personal} if self.personalizer is not None else {})}
         results = []
         if self.classifier:
             probs = self.model.predict(x)
@@ -489,8 +534,11 @@ def read_windows(path: Path, input_shape: Sequence[int]) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def device_windows(config, manifest: dict[str, Any]):
-    """The device's own windows, read only: the replay file's, or the live sample store's (no sampling)."""
+def device_data(config, manifest: dict[str, Any]):
+    """The device's own windows, read only: (its inference windows, its labelled training windows as a
+    `training_of` callable): the replay file's, or the live sample store's (no sampling)."""
+    from .data_source import needs_labels, num_classes
+    from .labels import LabelSource
     from .samples import load_replay
 
     shape = tuple(manifest["input_shape"])
@@ -499,27 +547,40 @@ def device_windows(config, manifest: dict[str, Any]):
             data = load_replay(config.replay, shape)
         except (OSError, ValueError) as exc:
             raise InputError(f"data.replay: {exc}") from exc
-        yield windows_of(data)
+        yield windows_of(data), training_of(data)
         return
     db = config.state_dir / "samples.db"
     if not db.is_file():
-        yield RecordedWindows(np.zeros((0, *shape), np.float32))  # nothing sampled yet
+        def nothing() -> LocalData:
+            raise NoData("not_enough_data", "nothing sampled yet")
+
+        yield RecordedWindows(np.zeros((0, *shape), np.float32)), nothing
         return
-    length = shape[0] if len(shape) == 2 else 1
+    features = features_for_model(config.sampling.features, config.sampling.feature_window, shape)
     try:
-        store = SampleStore(db, math.prod(shape) // length, config.sampling.capacity, config.sampling.retention_s)
+        store = SampleStore(db, store_channels(shape, features), config.sampling.capacity, config.sampling.retention_s)
     except sqlite3.Error as exc:  # e.g. run as a user who may not read the agent's state folder
         raise InputError(f"cannot read the sample store {db}: {exc}") from exc
+    labels = (LabelSource(config.sampling.labels, num_classes(manifest))
+              if needs_labels(manifest) and config.sampling.labels is not None else None)
     with store:
-        yield LiveWindows(store, shape, config.sampling.stride or None)
+        live = LiveData(store, shape, labels, stride=config.sampling.stride or None,
+                        test_fraction=config.sampling.test_fraction, max_gap_s=max_gap_for(config.sampling.rate_hz),
+                        features=features)
+        yield windows_of(live), training_of(live)
 
 
 def predict_once(config, settings: InferenceSettings, model, manifest: dict[str, Any], device: str,
-                 input_path: Path | None = None, count: int = 32) -> list[dict[str, Any]]:
+                 input_path: Path | None = None, count: int = 32, seed: int = 0) -> list[dict[str, Any]]:
     """`starling-agent predict`: the results for the windows in `input_path`, or for the device's newest
-    `count` windows, with the release and threshold the service keeps (read, never written)."""
-    with device_windows(config, manifest) as source:
-        inference = Inference(settings, model, manifest, config.state_dir, device, source, writable=False)
+    `count` windows, with the release and threshold the service keeps (read, never written), and, with
+    [personalization], that release tuned to the device's training windows as the service tunes it (`seed`:
+    the service's, its device key's node id mod 2**32)."""
+    with device_data(config, manifest) as (source, training):
+        personalizer = (Personalizer(config.personalization, model, seed)
+                        if config.personalization is not None else None)
+        inference = Inference(settings, model, manifest, config.state_dir, device, source, writable=False,
+                              personalizer=personalizer, training=training)
         inference.load()  # the release in use and the threshold (or one seeded from the device's windows)
         if input_path is not None:
             x = read_windows(input_path, model.input_shape)

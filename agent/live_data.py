@@ -9,6 +9,11 @@ its training windows; the windows that overlap both sides are dropped so no
 sample is in both. A classifier trains only on labelled windows; a
 self-supervised model (no `labels`) trains on every window, with label 0.
 
+With `features` (agent/features.py, `[data] features`), a model on feature
+rows learns from windows of `features.window` rows, each summed up as one
+row (`window_stats`: per-channel mean, std, min, max); the windows are cut,
+labelled and split exactly as above, only what the model sees is the row.
+
 When the device has too little to offer, `snapshot` raises `NoData` with a
 short reason, and the agent answers the task with a signed skip.
 """
@@ -16,12 +21,22 @@ short reason, and the agent answers the task with a signed skip.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
+from .features import WindowStats, model_inputs, window_length
 from .labels import LabelError, LabelSource, MissingLabels
 from .sample_store import SampleStore
 from .samples import LocalData
+
+MAX_GAP_S = 1.0  # a longer step between two samples is a gap no window crosses (sensors stopped, device off)
+
+
+def max_gap_for(rate_hz: float) -> float:
+    """The gap rule for a sampler of `rate_hz` rows a second: `MAX_GAP_S`, or three of its periods when it is
+    slower than that (a 1 Hz BME280 device's rows are a second apart give or take jitter; one a minute, a minute)."""
+    return max(MAX_GAP_S, 3.0 / rate_hz)
 
 
 class NoData(Exception):
@@ -35,12 +50,19 @@ class NoData(Exception):
 class LiveData:
     def __init__(self, store: SampleStore, input_shape: tuple[int, ...], labels: LabelSource | None = None,
                  stride: int | None = None, max_windows: int = 1000, test_fraction: float = 0.2,
-                 min_train_windows: int = 32, max_gap_s: float = 1.0) -> None:
+                 min_train_windows: int = 32, max_gap_s: float = MAX_GAP_S, features: WindowStats | None = None,
+                 input_channels: Sequence[str] | None = None) -> None:
         self.store, self.input_shape, self.labels = store, tuple(input_shape), labels
+        self.features = features
+        if features is not None:  # rows of features, each from a window of `features.window` samples
+            if features.channels != store.channels:
+                raise ValueError(f"{features.name} is set up for {features.channels} channels, the sensors give "
+                                 f"{store.channels}")
+            features.check(self.input_shape, input_channels)  # FeatureError (a ValueError) naming both
+        elif window_length(self.input_shape) * store.channels != math.prod(self.input_shape):
+            raise ValueError(f"the model takes {self.input_shape}, the sensors give {store.channels} channels")
         # A window is [length, channels]; a model on single readings ([features]) takes windows of one sample.
-        self.length = input_shape[0] if len(input_shape) == 2 else 1
-        if self.length * store.channels != math.prod(input_shape):
-            raise ValueError(f"the model takes {tuple(input_shape)}, the sensors give {store.channels} channels")
+        self.length = window_length(self.input_shape, features)
         self.stride = stride or max(1, self.length // 2)
         self.max_windows, self.test_fraction = max_windows, test_fraction
         self.min_train_windows, self.max_gap_s = min_train_windows, max_gap_s
@@ -67,5 +89,6 @@ class LiveData:
         if len(train) < self.min_train_windows:
             raise NoData("not_enough_data", f"{len(train)} training windows, at least {self.min_train_windows} "
                          "needed")
-        x = windows.reshape(len(windows), *self.input_shape)
-        return LocalData(x[train], y[train], x[first_test:], y[first_test:])
+        keep = np.concatenate([train, np.arange(first_test, len(windows))])  # only these become model inputs
+        x = model_inputs(windows[keep], self.input_shape, self.features)
+        return LocalData(x[:len(train)], y[train], x[len(train):], y[first_test:])

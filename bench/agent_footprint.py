@@ -18,10 +18,12 @@ seconds for the round; then its CPU use over `--idle-s` seconds of idling
 signature calls at batch 32 in this process; `inference_ms` the median of 200
 `predict` calls on one window (the graph runs its batch of 32 regardless: the
 cost of a window alone), `inference_ms_per_window_at_32` a full batch's median
-divided by 32. install_mb is the size of a fresh virtual environment holding
+divided by 32; `personalize_ms` the median of 5 tunings of a release with the
+[personalization] defaults (`--personalize` also turns it on in the agent, once
+per release: `personalized` counts them). install_mb is the size of a fresh virtual environment holding
 only the `agent` extra (hw/install.sh into a scratch root).
 
-Prints {"peak_rss_mb", "cpu_s", "train_step_ms", "inference_ms", "inference_runs", "idle_cpu_pct",
+Prints {"peak_rss_mb", "cpu_s", "train_step_ms", "inference_ms", "personalize_ms", "inference_runs", "idle_cpu_pct",
 "install_mb", ...}. Goals (issue 5, 16): peak RSS <= 90 MB with inference on, idle CPU <= 1%,
 install <= 200 MB, inference <= 5 ms per window.
 """
@@ -151,7 +153,27 @@ def live_data_config(work: Path, device) -> str:
             f'[[sensor]]\nkind = "replay"\npath = "{work / "stream.npz"}"\nrate_hz = 50.0\n')
 
 
-def one_round(work: Path, idle_s: float, live: bool = False, inference_every_s: float = 10.0) -> dict[str, float]:
+def personalize_ms(repeats: int = 5) -> float:
+    """One [personalization] with its defaults (agent/personalize.py: 50 steps on the output layer) of the IMU
+    CNN to a wearer's training windows, in this process: the median ms (once per release on a device)."""
+    from agent.config import Personalization
+    from agent.personalize import Personalizer
+    from firmware_models.runtime import TrainableModel
+
+    model = TrainableModel.from_package()
+    device = load_watch_devices([1])[0]
+    tuner, release = Personalizer(Personalization(), model, seed=0), model.get_weights()
+    tuner.fit(release, device.x_train, device.y_train)  # warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tuner.fit(release, device.x_train, device.y_train)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def one_round(work: Path, idle_s: float, live: bool = False, inference_every_s: float = 10.0,
+              personalize: bool = False) -> dict[str, float]:
     device = load_watch_devices([1])[0]
     data = work / "device.npz"
     save_device_npz(device, data)
@@ -160,6 +182,7 @@ def one_round(work: Path, idle_s: float, live: bool = False, inference_every_s: 
     inference = inference_every_s > 0
     if inference:
         data_config += f'[inference]\nevery_s = {inference_every_s}\nsocket = "{sock}"\n'
+        data_config += "[personalization]\n" if personalize else ""  # its defaults
     reader = Reader(sock)
 
     gateway = Identity.generate()
@@ -208,6 +231,8 @@ def one_round(work: Path, idle_s: float, live: bool = False, inference_every_s: 
         log = (work / "agent.log").read_text()
         figures["inference_runs"] = sum(1 for line in log.splitlines() if " inference.done " in line)
         figures["inference_lines_read"] = reader.lines
+        if personalize:
+            figures["personalized"] = sum(1 for line in log.splitlines() if " inference.personalized " in line)
     return figures
 
 
@@ -217,6 +242,7 @@ def main() -> int:
     parser.add_argument("--skip-install", action="store_true", help="do not measure the install size")
     parser.add_argument("--live", action="store_true", help="sample a 50 Hz sensor and train on the sample store")
     parser.add_argument("--no-inference", action="store_true", help="the agent without [inference]")
+    parser.add_argument("--personalize", action="store_true", help="with [personalization] (its defaults)")
     parser.add_argument("--inference-every-s", type=float, default=10.0, help="[inference] every_s (default: "
                         "the config's default)")
     args = parser.parse_args()
@@ -224,16 +250,18 @@ def main() -> int:
         work = Path(tmp)
         print("one round with the real agent process", file=sys.stderr, flush=True)
         every_s = 0.0 if args.no_inference else args.inference_every_s
-        figures = one_round(work, args.idle_s, args.live, every_s)
+        figures = one_round(work, args.idle_s, args.live, every_s, args.personalize and not args.no_inference)
         figures["train_step_ms"] = round(train_step_ms(), 2)
         one, per_window = inference_ms()
         figures["inference_ms"], figures["inference_ms_per_window_at_32"] = round(one, 3), round(per_window, 4)
+        figures["personalize_ms"] = round(personalize_ms(), 1)
         if not args.skip_install:
             print("installing the agent extra into a scratch root", file=sys.stderr, flush=True)
             figures["install_mb"] = round(install_mb(work), 1)
     figures["idle_s"] = args.idle_s
     figures["data"] = "live 50 Hz" if args.live else "replay"
-    figures["inference"] = "off" if args.no_inference else f"every {args.inference_every_s:g} s"
+    figures["inference"] = "off" if args.no_inference else f"every {args.inference_every_s:g} s" + (
+        ", personalized" if args.personalize else "")
     print(json.dumps(figures))
     return 0
 

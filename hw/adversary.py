@@ -35,6 +35,7 @@ from typing import Any
 from agent import learner as _learner
 from agent import service as _service
 from agent.config import AgentConfig
+from agent.model_source import load_model
 from agent.samples import LocalData
 from agent.service import Agent
 from protocol import envelope
@@ -58,7 +59,6 @@ from .attacks import (
     Sybil,
     UnderBound,
 )
-from .own_model import load_model
 
 log = logging.getLogger("starling.adversary")
 
@@ -248,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="under_bound: the gateway's [defense] median_multiple it stays under "
                              f"(default {BOUND_MULTIPLE:g}, the gateway's default)")
     parser.add_argument("--model-dir", metavar="DIR",
-                        help="a built model's folder to train instead of the config's [model] name "
-                             "(a scenario's training.model folder: hw/own_model.py)")
+                        help="a built model's folder to train instead of the config's [model] "
+                             "(name or path)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: device.voucher: {config.voucher} does not exist", file=sys.stderr)
         return 2
     try:
-        manifest, model = load_model(args.model_dir or config.model)
+        manifest, model = load_model(args.model_dir or config)  # as `starling-agent run` loads it
     except (OSError, ValueError) as exc:
         print(f"{prog}: model {args.model_dir or config.model}: {exc}", file=sys.stderr)
         return 2

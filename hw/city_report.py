@@ -80,11 +80,10 @@ class Evaluator:
     """Any weights on every device's local test windows, as the devices evaluate (agent.learner.evaluate)."""
 
     def __init__(self, model: str, devices: list[tuple[str, str, Path]]) -> None:
-        """`model`: a model of the zoo by name, or a built model's folder (hw/own_model.py); `devices`: (device,
+        """`model`: a model of the zoo by name, or a built model's folder (agent/model_source.py); `devices`: (device,
         gateway, replay file)."""
+        from agent.model_source import load_model
         from agent.samples import load_replay
-
-        from .own_model import load_model
 
         manifest, self.model = load_model(model)
         self.devices = [(name, gateway, load_replay(Path(path), tuple(manifest["input_shape"])))

@@ -67,11 +67,11 @@ def build_agents(doc: dict[str, Any], base: Path) -> list:
                                 synthetic_data(int(device.get("examples", 64))), seed=seed))
         return agents
     from agent.data_source import open_data
-    from hw.own_model import load_model
+    from agent.model_source import load_model
 
     for device in doc["devices"]:
         config = load_config(base / device["config"])
-        manifest, model = load_model(doc["model"])  # a model of the zoo by name, or a folder (hw/own_model.py)
+        manifest, model = load_model(config)  # its [model] name or path, as `starling-agent run` loads it
         with open_data(config, manifest) as data:  # replay data: loaded now, nothing to keep running
             if not hasattr(data, "x_train"):
                 raise ValueError(f"{device['config']}: a pool runs replay data only (no live sensors)")

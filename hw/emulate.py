@@ -66,9 +66,9 @@ the fault timeline. Device pools are made per profile.
 
 The model (`[training] model`, hw/model_tables.py): a family of the zoo by name
 (the gateways start from its manifest and weights, the devices' agent.toml
-names it), or a built model's folder (the devices start through
-hw/own_model.py, attackers with `hw.adversary --model-dir`: the agent loads
-models of the package only). A reconstruction model (imu_autoencoder) keeps
+names it: `[model] name`), or a built model's folder (the devices'
+agent.toml has `[model] path`; a --listen join kit carries a copy of the
+folder). A reconstruction model (imu_autoencoder) keeps
 every round's model in the gateways' blob stores, and after the run each
 round's is scored on its gateway's devices' test windows: `rounds[i]`
 gets `reconstruction_loss` and, with `[dataset] anomalies`, `anomaly_auc`;
@@ -124,6 +124,7 @@ from .model_report import add_model_figures
 from .model_tables import RECONSTRUCTION
 from .monitor import Monitor
 from .partition import prepare_devices
+from .personal_report import add_personal_figures
 from .profiles import CpuThrottle, DeviceProfile, assign, memory_cap
 from .run_report import build_report, final_accuracy, link_outages, profile_sections, write_report
 from .scenario import Adversary, Scenario, ScenarioError, load_scenario
@@ -182,9 +183,6 @@ def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Ev
     if hil is not None and scenario.model == "synthetic":
         raise ScenarioError('--listen: a real device cannot train training.model = "synthetic" (it exists only '
                             "in the emulator's device pools); use a scenario with the imu_cnn model")
-    if hil is not None and not scenario.model_spec.packaged:
-        raise ScenarioError(f"--listen: a real device's agent loads a model shipped in firmware_models by name "
-                            f"([model] name); training.model is the folder {scenario.model}: use a model of the zoo")
     if scenario.variants:
         return _run_variants(scenario, report_path, workdir, stop, hil)
     return _run_one(scenario, report_path, workdir, stop, hil)
@@ -381,6 +379,7 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
         report["city"] = city_of_run(scenario, gateways, devices, {n: g.name for n, g in gateway_of.items()}, _say)
     if not stop.is_set():
         add_model_figures(report, scenario, gateways, devices, _say)  # a reconstruction model's loss and AUC
+        add_personal_figures(report, scenario, gateways, devices, _say)  # [personalization]: global vs personal
     report["final_accuracy"] = final_accuracy(report)
     _say(f"starling-emulate: report {report_path}, {write_report(report, report_path)}")
     return report
@@ -423,10 +422,11 @@ def _device_processes(scenario: Scenario, devices: list[tuple[str, Path]], gatew
                        if profile.cpu_slowdown > 1 else None)
 
     spec = scenario.model_spec
-    # A built model's folder: the agent names models of the package only, so its devices start through
-    # hw/own_model.py (attackers through hw.adversary --model-dir); a model of the zoo by its [model] name.
+    # Every device's agent.toml names its model: a model of the zoo by [model] name, a built model's folder by
+    # [model] path (the agent, its attackers and pools all load it through agent/model_source.py).
     folder = None if scenario.model == "synthetic" or spec.packaged else str(spec.folder)
-    model_table = {} if scenario.model == "synthetic" else {"model": {"name": spec.family}}
+    model_table = {} if scenario.model == "synthetic" else {
+        "model": {"path": folder} if folder else {"name": spec.family}}
     device_procs: dict[str, Process] = {}
     pooled: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # profile name -> its pooled devices
     for name, data in devices:
@@ -454,13 +454,10 @@ def _device_processes(scenario: Scenario, devices: list[tuple[str, Path]], gatew
                                         fleet=len(g.devices))
             else:
                 cmd = adversary.command(conf)
-            cmd += ["--model-dir", folder] if folder else []
         elif scenario.runner == "pool":  # pools are made per profile: a pool's process has one CPU share
             seed = scenario.seed * 100_003 + sum(map(len, pooled.values())) + 1
             pooled.setdefault(profile.name if profile else "", []).append((name, {"config": str(conf), "seed": seed}))
             continue
-        elif folder:
-            cmd = [sys.executable, "-m", "hw.own_model", "--model", folder, "--config", str(conf)]
         else:
             cmd = [sys.executable, "-m", "agent.cli", "run", "--config", str(conf)]
         device_procs[name] = process(cmd, workdir / "logs" / f"{name}.log", profile)
@@ -506,6 +503,8 @@ def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: th
             # a reconstruction model with injected anomalies: its last round's AUC (hw/model_report.py)
             **({"anomaly_auc": sub["rounds"][-1].get("anomaly_auc")} if variant.anomalies and sub.get("rounds")
                else {}),
+            # [personalization]: each device's tuning of the final model (hw/personal_report.py)
+            **{key: sub[key] for key in ("global_accuracy", "personalized_accuracy") if key in sub},
             "state": sub["gateway"]["state"],
             "report": str(workdir / variant.name / "report.json"),
         })

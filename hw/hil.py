@@ -16,7 +16,9 @@ exposed listener is anonymous, so vouchers are what keep strangers out.
 
 The kit folder is what gets copied to the Pi (agent.toml, the operator's
 public key, JOIN.txt with the steps, voucher.cbor once the device's key is
-known). The operator's private key stays in the desk folder on this machine;
+known; `model/`, a copy of the folder, when the run's model is a built
+model's folder rather than a model of the zoo: the kit's agent.toml names it
+by `[model] path`). The operator's private key stays in the desk folder on this machine;
 a kit is refused inside it. docs/hardware-in-the-loop.md walks through it.
 """
 
@@ -27,6 +29,7 @@ import json
 import math
 import re
 import shlex
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -197,9 +200,33 @@ def write_join_kit(folder: Path, address: str, port: int, gateways: list[dict[st
     else:
         (folder / "voucher.cbor").unlink(missing_ok=True)  # a kit rewritten without a device key: none stale
     write_atomic(folder / "operator.pub", (kit.operator_public_key + "\n").encode())
-    write_atomic(kit.config, _agent_toml(kit, model, sensors, name, etc, state).encode())
+    model_lines = _kit_model(folder, model, etc)
+    write_atomic(kit.config, _agent_toml(kit, model_lines, sensors, name, etc, state).encode())
     write_atomic(kit.steps, _join_text(kit, model, sensors).encode())
     return kit
+
+
+KIT_MODEL = "model"  # the kit's copy of a built model's folder, installed as <etc>/model on the device
+
+
+def _kit_model(kit: Path, model: str, etc: PurePosixPath) -> list[str]:
+    """The agent.toml's [model] lines for `model`: a model of the zoo by name; a built model's folder (any other
+    `model`, its path) copied into the kit (its manifest and the files it names), named by path on the device."""
+    import firmware_models
+    from agent.model_source import read_folder
+
+    copy = kit / KIT_MODEL
+    if model in firmware_models.MODELS:
+        shutil.rmtree(copy, ignore_errors=True)  # a kit rewritten for a packaged model: no stale folder
+        return [f"name = {toml_value(model)}"]
+    source = read_folder(Path(model))  # a folder that is no built model: refused before anything is copied
+    copy.mkdir(exist_ok=True)
+    for file in ("manifest.json", source.manifest.get("file", "model.tflite"),
+                 source.manifest.get("weights_file", "weights.npz")):
+        if (source.folder / file).is_file():
+            shutil.copyfile(source.folder / file, copy / file)
+    return [f"path = {toml_value(str(etc / KIT_MODEL))}   # a built model's folder: the kit's {KIT_MODEL}/ "
+            "(see JOIN.txt)"]
 
 
 def instructions(kit: JoinKit) -> str:
@@ -263,7 +290,7 @@ def _device_public_key(device_key: bytes | str | Path | None) -> bytes | None:
     return bytes.fromhex(text)
 
 
-def _agent_toml(kit: JoinKit, model: str, sensors: tuple[str, ...], name: str,
+def _agent_toml(kit: JoinKit, model_lines: list[str], sensors: tuple[str, ...], name: str,
                 etc: PurePosixPath, state: PurePosixPath) -> str:
     # Laid out by hand (the comments are for the person at the device); every value through the one writer.
     q = toml_value
@@ -286,7 +313,7 @@ def _agent_toml(kit: JoinKit, model: str, sensors: tuple[str, ...], name: str,
         f"port = {q(kit.port)}",
         "",
         "[model]",
-        f"name = {q(model)}",
+        *model_lines,
         "",
         "[data]",
     ]
@@ -323,7 +350,16 @@ def _agent_toml(kit: JoinKit, model: str, sensors: tuple[str, ...], name: str,
 
 
 def _join_text(kit: JoinKit, model: str, sensors: tuple[str, ...]) -> str:
+    import firmware_models
+
     gw = kit.gateway
+    packaged = model in firmware_models.MODELS
+    install_model = f" --model {model}" if packaged else ""  # a built folder: installed in step 2, by path
+    model_steps = [] if packaged else [
+        "   and the model the run trains (a built model's folder, the kit's model/; agent.toml names it):",
+        f"       sudo rm -rf {DEVICE_ETC / KIT_MODEL} && "
+        f"sudo cp -r ~/starling-hil/{KIT_MODEL} {DEVICE_ETC / KIT_MODEL}",
+    ]
     data = " ".join(f"--sensor {kind}" for kind in sensors) or "--replay ~/replay.npz"
     etc, state = DEVICE_ETC, DEVICE_STATE
     voucher_steps = (
@@ -349,11 +385,12 @@ def _join_text(kit: JoinKit, model: str, sensors: tuple[str, ...]) -> str:
         "1. Only once per Pi: install the agent (a venv, the device key, the systemd unit), not started yet:",
         f"       sudo ~/starling/hw/install.sh --gateway-id {gw['id']} \\",
         f"           --gateway-key {gw['public_key']} \\",
-        f"           --broker {kit.address}:{kit.port} {data} --model {model} --no-start",
+        f"           --broker {kit.address}:{kit.port} {data}{install_model} --no-start",
         *([] if sensors else ["   (replay.npz: recorded windows, e.g. a file from the run folder's data/)"]),
         "",
         "2. Use this run's config (the gateway's keys are new in every emulator run):",
         f"       sudo install -m 0640 -g starling ~/starling-hil/agent.toml {etc}/agent.toml",
+        *model_steps,
         "",
         *voucher_steps,
         "",

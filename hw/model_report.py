@@ -2,7 +2,7 @@
 how well that error finds the injected anomalies.
 
     add_model_figures(report, scenario, gateways, devices, say)   # hw/emulate.py, after build_report
-    html = model_html(report, plots, folder_rel)                  # hw/report.py's page; draw(plotter) its plot
+    html = model_html(report, plots, folder_rel)                  # hw/report.py's page; draw(plotter): hw/report_plots.py
 
 Where a classifier's figures come from: its devices' own federated evaluation, each round, of the model the
 gateway released in that round (`accuracy` and `loss` of result.json's rounds, weighted by the gateway's rule). A
@@ -34,6 +34,19 @@ import numpy as np
 
 from .anomalies import KIND_CODES, auc
 from .model_tables import RECONSTRUCTION, SYNTHETIC
+from .report_parts import (
+    PALETTE,
+    as_dict,
+    as_list,
+    as_num,
+    as_rounds,
+    esc,
+    fmt,
+    img,
+    plot_label,
+    round_index,
+    table,
+)
 from .scenario import Scenario
 
 ROUND_KEYS = ("reconstruction_loss", "anomaly_auc")
@@ -50,7 +63,7 @@ def add_model_figures(report: dict[str, Any], scenario: Scenario, gateways: list
     section: dict[str, Any] = {**asdict(scenario.anomalies), "kinds": list(scenario.anomalies.kinds),
                                "gateways": {}} if scenario.anomalies else {}
     try:
-        from .own_model import load_model
+        from agent.model_source import load_model
 
         _, model = load_model(scenario.model)
         windows = dict(_test_windows(path) for _, path in devices)
@@ -104,7 +117,7 @@ def _score_rounds(model: Any, gateway: dict[str, Any], x: np.ndarray, kinds: np.
         if digest is None:
             continue
         if digest not in errors_of:
-            weights = _model_weights(blobs, digest)
+            weights = round_model(blobs, digest)
             if weights is None:
                 missing.append(digest)
                 errors_of[digest] = None
@@ -134,7 +147,7 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, DIGITS)
 
 
-def _model_weights(blobs: Path, digest: str) -> dict[str, np.ndarray] | None:
+def round_model(blobs: Path, digest: str) -> dict[str, np.ndarray] | None:
     """The model `digest` (hex) from a gateway's blob store (read-only); None if it does not hold it."""
     from gateway.blobs import BlobStore
     from protocol.schemas import decode_model
@@ -150,10 +163,8 @@ def _model_weights(blobs: Path, digest: str) -> dict[str, np.ndarray] | None:
 
 def draw(plotter: Any) -> Path | None:
     """Reconstruction loss and anomaly AUC per round, a line per gateway; None when the report has neither."""
-    from .report import PALETTE, _label, _num, _round_index
-
     series = plotter._per_round()
-    present = [key for key in ROUND_KEYS if any(_num(r.get(key)) is not None for _, rs in series for r in rs)]
+    present = [key for key in ROUND_KEYS if any(as_num(r.get(key)) is not None for _, rs in series for r in rs)]
     if not present:
         return None
     fig, axes = plotter._figure(rows=len(present), height=3.0)
@@ -161,9 +172,9 @@ def draw(plotter: Any) -> Path | None:
               "anomaly_auc": ("Anomaly AUC per round (the error as the score of the injected faults)", (0.0, 1.02))}
     for ax, key in zip(axes, present):
         for i, (name, rs) in enumerate(series):
-            pts = [(x, v) for x, r in zip(_round_index(rs), rs) if (v := _num(r.get(key))) is not None]
+            pts = [(x, v) for x, r in zip(round_index(rs), rs) if (v := as_num(r.get(key))) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", markersize=3, color=PALETTE[i % len(PALETTE)], label=_label(name))
+                ax.plot(*zip(*pts), marker="o", markersize=3, color=PALETTE[i % len(PALETTE)], label=plot_label(name))
         label, limits = titles[key]
         ax.set_ylabel(key)
         ax.set_title(label)
@@ -176,27 +187,25 @@ def draw(plotter: Any) -> Path | None:
 def model_html(report: dict[str, Any], plots: dict[str, Path], folder_rel: str) -> str:
     """The page's "Reconstruction and anomalies" part: the plot and the last round's AUC by kind; "" when the
     report has no reconstruction figures."""
-    from .report import _dict, _img, _list, _num, _rounds, _table, esc, fmt
-
-    rounds = [r for g in _dict(report.get("gateways")).values() if isinstance(g, dict)
-              for r in _rounds(g.get("rounds"))] or _rounds(report.get("rounds"))
-    section = _dict(report.get("anomalies"))
-    if not section and not any(_num(r.get(key)) is not None for r in rounds for key in ROUND_KEYS):
+    rounds = [r for g in as_dict(report.get("gateways")).values() if isinstance(g, dict)
+              for r in as_rounds(g.get("rounds"))] or as_rounds(report.get("rounds"))
+    section = as_dict(report.get("anomalies"))
+    if not section and not any(as_num(r.get(key)) is not None for r in rounds for key in ROUND_KEYS):
         return ""
     parts = ["<h2>Reconstruction and anomalies</h2>\n",
-             _img(plots, "model", "reconstruction error and anomaly AUC per round", folder_rel)]
+             img(plots, "model", "reconstruction error and anomaly AUC per round", folder_rel)]
     if section:
-        kinds = [str(k) for k in _list(section.get("kinds"))]
-        faulted = _dict(section.get("faulted"))
-        parts.append(f"<p>Injected: {esc(', '.join(kinds))} in {fmt(_num(section.get('share')), 2)} of each "
-                     f"device's test windows (magnitude {fmt(_num(section.get('magnitude')), 2)}): "
+        kinds = [str(k) for k in as_list(section.get("kinds"))]
+        faulted = as_dict(section.get("faulted"))
+        parts.append(f"<p>Injected: {esc(', '.join(kinds))} in {fmt(as_num(section.get('share')), 2)} of each "
+                     f"device's test windows (magnitude {fmt(as_num(section.get('magnitude')), 2)}): "
                      + esc(", ".join(f"{k} {faulted.get(k, 0)}" for k in kinds))
-                     + f" of {fmt(_num(section.get('windows')), 0)} windows.</p>\n")
-        rows = [[esc(gw), fmt(_num(g.get("round")), 0), fmt(_num(g.get("anomaly_auc")))]
-                + [fmt(_num(_dict(g.get("by_kind")).get(k))) for k in kinds]
-                for gw, g in _dict(section.get("gateways")).items() if isinstance(g, dict)]
+                     + f" of {fmt(as_num(section.get('windows')), 0)} windows.</p>\n")
+        rows = [[esc(gw), fmt(as_num(g.get("round")), 0), fmt(as_num(g.get("anomaly_auc")))]
+                + [fmt(as_num(as_dict(g.get("by_kind")).get(k))) for k in kinds]
+                for gw, g in as_dict(section.get("gateways")).items() if isinstance(g, dict)]
         if rows:
-            parts.append(_table(["gateway", "last round", "anomaly AUC", *(f"AUC {esc(k)}" for k in kinds)], rows,
+            parts.append(table(["gateway", "last round", "anomaly AUC", *(f"AUC {esc(k)}" for k in kinds)], rows,
                                 range(1, 3 + len(kinds))))
         if section.get("error"):
             parts.append(f'<p class="bad">{esc(section["error"])}</p>\n')

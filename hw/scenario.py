@@ -96,6 +96,11 @@
     momentum = 0.0             # slow momentum of the city merges (0 to below 1; gateway/city_merge.py)
                                # written into every gateway's config; the report gets a `city` section
 
+    [personalization]          # optional, a classifier: after the run each device tunes the final model to
+    steps = 50                 # its training windows as an agent with [personalization] does before inference
+    lr = 0.1                   # (agent/personalize.py); the report gets global_accuracy and
+    weights = []               # personalized_accuracy (hw/personal_report.py); checked as the agent checks it
+
     [[device_profile]]         # any number: a seeded share of the devices runs slower and leaner
     name = "old-pi"            # (hw/profiles.py)
     fraction = 0.3             # of all devices, or count = 3
@@ -143,6 +148,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.config import Personalization, parse_personalization
 from protocol.config import ConfigError, read_toml, resolve_path
 
 from . import model_tables
@@ -165,9 +171,10 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "aggregation": {},  # keys and values: the gateway's own parser (_gateway_tables)
     "defense": {},
     "city": {"every": int, "rule": str, "deadline_s": NUMBER, "audit_share": NUMBER, "momentum": NUMBER},
+    "personalization": {"steps": int, "lr": NUMBER, "weights": list},  # checked by agent/config.py
 }
 GATEWAY_TABLES = ("aggregation", "defense")  # go verbatim into every gateway's config
-DROPPABLE = (*GATEWAY_TABLES, "city")  # a variant's empty table drops the base's
+DROPPABLE = (*GATEWAY_TABLES, "city", "personalization")  # a variant's empty table drops the base's
 VARIANT_LISTS = ("adversary", "fault")  # a variant's list replaces the base's ([]: none)
 ARRAYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "adversary": {"attack": str, "fraction": NUMBER, "count": int, "scale": NUMBER, "sigma": NUMBER,
@@ -278,6 +285,8 @@ class Scenario:
     city: dict[str, Any] = field(default_factory=dict)  # [city] with every key set ({}: no city tier)
     neighbourhoods: tuple[tuple[int, ...], ...] = ()  # dataset.classes_by_neighbourhood (): no label skew
     anomalies: Anomalies | None = None  # dataset.anomalies (None: every test window as recorded)
+    # [personalization]: the devices' tuning of the final model, measured (hw/personal_report.py); None: not asked
+    personalization: Personalization | None = None
 
     @property
     def model_spec(self) -> model_tables.ModelSpec:
@@ -499,6 +508,7 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         city=city,
         neighbourhoods=neighbourhoods,
         anomalies=anomalies,
+        personalization=_personalization(doc, model),
     )
     if scenario.runner not in RUNNERS:
         raise ScenarioError(f"fleet.runner must be one of {', '.join(RUNNERS)}, not {scenario.runner!r}")
@@ -601,6 +611,20 @@ def _check_gateway_tables(doc: dict[str, Any], scenario: Scenario) -> None:
         parse_config(probe)
     except ConfigError as exc:
         raise ScenarioError(str(exc)) from exc
+
+
+def _personalization(doc: dict[str, Any], model: str) -> Personalization | None:
+    """[personalization], checked as the agent checks it (agent/config.py); it tunes a classifier's labels."""
+    if "personalization" not in doc:
+        return None
+    try:
+        settings = parse_personalization({"personalization": doc["personalization"]})
+    except ConfigError as exc:
+        raise ScenarioError(str(exc)) from exc
+    if model == model_tables.SYNTHETIC or model_tables.model_spec(model).task != model_tables.CLASSIFICATION:
+        raise ScenarioError(f"[personalization] tunes a classifier to each device's labels; training.model {model!r} "
+                            "is not one")
+    return settings
 
 
 def _merge(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:

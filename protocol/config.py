@@ -57,6 +57,15 @@ def setting(doc: dict[str, Any], section: str, key: str, kind: type | tuple[type
     return value
 
 
+def bounded_setting(doc: dict[str, Any], section: str, key: str, kind: type, default: Any, low: Any,
+                    high: Any) -> Any:
+    """`setting`, which must also lie in [low, high]: "section.key must be between low and high, got v"."""
+    value = setting(doc, section, key, kind, default)
+    if not low <= value <= high:
+        raise ConfigError(f"{section}.{key} must be between {low} and {high}, got {value}")
+    return value
+
+
 def table(doc: dict[str, Any], section: str) -> dict[str, Any]:
     """`doc[section]`, which must be a table when present."""
     value = doc.get(section, {})

@@ -295,11 +295,12 @@ AGENT_KEYS = {
     "device": "enroll_retry_s, key, name, resend_s, state_dir, voucher",
     "gateway": "id, public_key, root_key",
     "broker": "host, password_file, port, tls_ca, tls_cert, tls_key, username",
-    "data": "capacity, labels, rate_hz, replay, retention_days, stride, test_fraction",
-    "model": "freeze_window_s, name",
+    "data": "capacity, feature_window, features, labels, rate_hz, replay, retention_days, stride, test_fraction",
+    "model": "freeze_window_s, name, path",
     "budget": "low_power_file, max_cpu_temp_c, max_samples, max_train_s, thermal_zone",
     "city": "genesis, prefer, rehome_after_s",
     "inference": "calibration_windows, every_s, min_calibration, mqtt, socket, threshold_quantile, windows",
+    "personalization": "lr, steps, weights",
 }
 
 
@@ -329,7 +330,7 @@ def test_a_misspelt_key_in_any_table_is_refused_naming_it_and_the_known_ones(par
                  r"unknown key num_rounds \(outside any section\); known: agg", id="gateway top-level key"),
     pytest.param(parse_agent, GOOD_AGENT, "sensors", [{"kind": "mpu6050"}],
                  r"unknown section \[sensors\]; known: broker, budget, city, data, device, gateway, inference, model, "
-                 r"sensor$",
+                 r"personalization, sensor$",
                  id="agent [[sensors]]"),
     pytest.param(parse_agent, GOOD_AGENT, "budgets", {"max_train_s": 1.0}, r"unknown section \[budgets\]",
                  id="agent [budgets]"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from emulation import ROOT, emulate, env
+from required_tools import require
 
 from hw.datasets import load_watch_devices
 from hw.scenario import ScenarioError, load_scenario
@@ -39,16 +40,15 @@ def _write_devices(folder: Path, channels: slice = slice(None), classes: int = C
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The data folder, its normalization file and the 6-class model built from it."""
-    if not BUILD.exists():
-        pytest.skip(f"{BUILD} is missing: building a model needs the TensorFlow venv (`make test` makes .venv-build)")
+    require(BUILD.exists(), f"needs TensorFlow: {BUILD} is missing (`make test` makes .venv-build)")
     tmp = tmp_path_factory.mktemp("own")
     windows = _write_devices(tmp / "data")
     np.savez(tmp / "data.npz", X=windows)
     done = subprocess.run([str(BUILD), "build", "--family", "imu_cnn", "--classes", str(CLASSES),
                            "--normalization", str(tmp / "data.npz"), "--out", str(tmp / "six")],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
-    if done.returncode == 2 and "needs TensorFlow" in done.stderr:
-        pytest.skip(f"TensorFlow is missing in .venv-build: {done.stderr.strip()}")
+    require(not (done.returncode == 2 and "needs TensorFlow" in done.stderr),
+            f"needs TensorFlow in .venv-build (`make test` installs it): {done.stderr.strip()}")
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp
 

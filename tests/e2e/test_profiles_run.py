@@ -78,8 +78,11 @@ def test_devices_behind_the_link_reconnect_after_its_outage_and_their_traffic_is
     [link] = report["links"]
     assert len(link["devices"]) == 2 and link["accepted"] >= 2 * 3
     assert link["bytes_up"] > 10_000 and link["bytes_down"] > 10_000
-    # The outage (1-4 s after the relay started) cut or refused their connections; they came back.
-    assert link["dropped"] + link["refused"] >= 1 and link["connections"] >= 3
+    # The outage (1-4 s after the relay started) cut or refused their connections; they came back: each device
+    # connected, and one whose connection was cut connected again (on a loaded machine the devices may first
+    # try during the outage, refused, and connect only after it).
+    assert link["dropped"] + link["refused"] >= 1
+    assert link["connections"] >= len(link["devices"]) + (1 if link["dropped"] else 0)
     for name in link["devices"]:
         config = tomllib.loads((tmp_path / "run" / "devices" / name / "agent.toml").read_text())
         assert config["broker"]["port"] != report_port(tmp_path)

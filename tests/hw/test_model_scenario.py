@@ -215,12 +215,30 @@ def test_the_shipped_anomalies_scenario_runs_the_autoencoder_on_faulted_watch_wi
     assert s.model_spec.task == "reconstruction"
 
 
-def test_a_real_device_cannot_join_a_run_whose_model_is_a_folder(tmp_path):
-    from hw.emulate import Hil, run
+def test_a_real_device_joins_a_run_whose_model_is_a_folder_with_the_folder_from_its_join_kit(tmp_path):
+    from agent.config import load_config
+    from agent.model_source import model_source
+    from hw.hil import VoucherDesk, write_join_kit
+    from protocol.keys import Identity
 
-    folder = _model_folder(tmp_path, "imu_cnn")
+    classes = ["sit", "stand", "walk", "stairs-up", "stairs-down", "bike", "run"]  # imu_cnn's 7, named anew
+    folder = _model_folder(tmp_path, "imu_cnn", classes=classes)
     s = parse_scenario({"fleet": {"devices": 2}, "training": {"model": str(folder)}})
-    with pytest.raises(ScenarioError, match=r"--listen: a real device's agent loads a model shipped in "
-                                            r"firmware_models by name"):
-        run(s, tmp_path / "report.json", tmp_path / "run", hil=Hil(("127.0.0.1", 1883)))
-    assert not (tmp_path / "run").exists()  # refused before anything started
+    gateway, pi = Identity.generate(), tmp_path / "pi"
+    kit = write_join_kit(tmp_path / "kit", "10.0.0.5", 1883, [{"name": "gw-1", "id": gateway.id,
+                         "public_key": gateway.public_key.hex()}], s.model, None, VoucherDesk(tmp_path / "d"),
+                         root=pi)
+    assert sorted(p.name for p in (kit.folder / "model").iterdir()) == ["manifest.json", "model.tflite",
+                                                                       "weights.npz"]
+    steps = kit.steps.read_text()
+    assert "sudo cp -r ~/starling-hil/model /etc/starling/model" in steps and "--model" not in steps
+    shutil.copytree(kit.folder / "model", pi / "etc/starling/model")  # that step, on the device
+    config = load_config(kit.config)
+    assert config.model_path == pi / "etc/starling/model"
+    source = model_source(config)  # what `starling-agent run` loads there
+    assert source.manifest["classes"] == classes and source.load().num_classes == 7
+    # The kit written again for a model of the zoo names it, with no folder left over.
+    kit = write_join_kit(tmp_path / "kit", "10.0.0.5", 1883, [{"name": "gw-1", "id": gateway.id,
+                         "public_key": gateway.public_key.hex()}], "imu_cnn", None, VoucherDesk(tmp_path / "d"),
+                         root=pi)
+    assert not (kit.folder / "model").exists() and load_config(kit.config).model == "imu_cnn"

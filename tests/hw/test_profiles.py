@@ -11,8 +11,16 @@ import time
 import pytest
 
 from hw.links import LinkProfile
-from hw.profiles import (MIN_MEMORY_MB, CpuThrottle, DeviceProfile, LinkSpec, assign, memory_cap,
-                         parse_device_profiles, parse_links)
+from hw.profiles import (
+    MIN_MEMORY_MB,
+    CpuThrottle,
+    DeviceProfile,
+    LinkSpec,
+    assign,
+    memory_cap,
+    parse_device_profiles,
+    parse_links,
+)
 from protocol.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

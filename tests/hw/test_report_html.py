@@ -315,3 +315,73 @@ def test_a_lineage_through_a_stop_and_a_crash_is_shown_with_both_faults_marked(t
     broken["lineage"].update(complete=False, gap={"model": "ab" * 32, "after": None})
     page = write_html_report(broken, tmp_path / "c" / "r.html")[0].read_text()
     assert '<span class="bad">broken</span> at abababababababab…' in page
+
+
+def _personalized(report: dict) -> dict:
+    """`report` as a run with [personalization] leaves it (hw/personal_report.py): one device is HOSTILE."""
+    report.update({
+        "global_accuracy": 0.8, "personalized_accuracy": 0.85,
+        "personalization": {
+            "steps": 20, "lr": 0.05, "weights": ["dense_w", "dense_b"],
+            "gateways": {"gw-1": {"round": 5, "model": "ab" * 32}},
+            "devices": [
+                {"device": "d-1", "gateway": "gw-1", "test_windows": 40, "train_windows": 160, "global": 0.75,
+                 "personalized": 0.85},
+                {"device": HOSTILE, "gateway": "gw-1", "test_windows": 60, "train_windows": 240, "global": 0.85,
+                 "personalized": 0.85},
+                {"device": "d-3", "gateway": "gw-1", "test_windows": 0, "global": None, "personalized": None},
+            ],
+            "gain": 0.05,
+        },
+    })
+    return report
+
+
+def test_the_page_shows_personalization_when_the_report_has_it(tmp_path):
+    page = write_html_report(_personalized(copy.deepcopy(QUICKSTART)), tmp_path / "r.html")[0].read_text()
+    assert page.index("<h2>Accuracy</h2>") < page.index("<h2>Personalization</h2>") < page.index(
+        "<h2>Participation</h2>")
+    part = page.split("<h2>Personalization</h2>")[1].split("<h2>")[0]
+    assert "final model (gw-1's round 5)" in part
+    assert "20 SGD steps of dense_w, dense_b at learning rate 0.05." in part
+    assert "Mean over the 2 devices" in part
+    assert "<b>0.800</b> with the final model, <b>0.850</b> personalized, a gain of <b>+0.050</b>" in part
+    assert ("<tr><th>device</th><th>gateway</th><th>test windows</th><th>global model</th><th>personalized</th>"
+            "<th>difference</th></tr>") in part
+    assert ('<tr><td>d-1</td><td>gw-1</td><td class="n">40</td><td class="n">0.750</td><td class="n">0.850</td>'
+            '<td class="n">+0.100</td></tr>') in part
+    assert f'<tr><td>{html.escape(HOSTILE)}</td><td>gw-1</td><td class="n">60</td>' in part
+    assert '<td class="n">0.850</td><td class="n">0.850</td><td class="n">+0.000</td>' in part
+    assert '<tr><td>d-3</td><td>gw-1</td><td class="n">0</td><td class="n">–</td><td class="n">–</td>' in part
+    assert "<script>" not in page and 'class="bad"' not in part
+
+
+def test_personalization_that_failed_says_why(tmp_path):
+    report = _personalized(copy.deepcopy(QUICKSTART))
+    del report["global_accuracy"], report["personalized_accuracy"]
+    section = report["personalization"]
+    section.update(devices=[], error="RuntimeError: " + HOSTILE, weights=[])
+    section["gateways"]["gw-2"] = {"round": None, "missing": True}
+    del section["gain"]
+    part = write_html_report(report, tmp_path / "r.html")[0].read_text().split("<h2>Personalization</h2>")[1]
+    part = part.split("<h2>")[0]
+    assert "Mean over" not in part and "<table>" not in part and "of the output layer" in part
+    assert '<p class="bad">No final model in the blob store of gw-2' in part
+    assert f'<p class="bad">Personalization could not be measured: RuntimeError: {html.escape(HOSTILE)}</p>' in part
+
+
+def test_without_personalization_the_page_has_no_such_part(tmp_path):
+    page = write_html_report(copy.deepcopy(QUICKSTART), tmp_path / "r.html")[0].read_text()
+    assert "Personalization" not in page and "personalized" not in page
+    page = write_html_report(city_report(rounds=4), tmp_path / "c.html")[0].read_text()
+    assert "Personalization" not in page and "personalized" not in page
+
+
+def test_the_comparison_shows_personalization_when_a_variant_has_it(tmp_path):
+    report = city_report(rounds=4)
+    report["comparison"][0].update(global_accuracy=0.8, personalized_accuracy=0.875)
+    table = write_html_report(report, tmp_path / "r.html")[0].read_text().split("<h2>Comparison</h2>")[1]
+    table = table.split("</table>")[0]
+    assert "<th>global model, device mean</th><th>personalized, device mean</th></tr>" in table
+    assert '<td class="n">0.850</td><td class="n">–</td><td class="n">0.800</td><td class="n">0.875</td></tr>' in table
+    assert '<td class="n">0.120</td><td class="n">–</td><td class="n">–</td><td class="n">–</td></tr>' in table

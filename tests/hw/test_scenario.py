@@ -266,3 +266,28 @@ def test_crafted_attackers_get_their_gateway_rendezvous_folder_colluders_and_fle
 def test_bad_aggregation_defense_and_attack_parameters_are_named(doc, match):
     with pytest.raises(ScenarioError, match=match):
         parse_scenario(doc)
+
+
+def test_personalization_is_parsed_as_the_agent_parses_it_and_a_variant_can_drop_it():
+    base = {"run": {"rounds": 1}, "fleet": {"devices": 2}, "personalization": {"steps": 20, "lr": 0.05},
+            "variant": [{"name": "tuned"}, {"name": "more", "personalization": {"steps": 80}},
+                        {"name": "plain", "personalization": {}}]}
+    scenario = parse_scenario(base)
+    assert (scenario.personalization.steps, scenario.personalization.lr) == (20, 0.05)
+    tuned, more, plain = scenario.variants
+    assert tuned.personalization == scenario.personalization
+    assert (more.personalization.steps, more.personalization.lr) == (80, 0.05)
+    assert plain.personalization is None
+    assert scenario.to_dict()["personalization"] == {"steps": 20, "lr": 0.05, "weights": ()}
+    assert parse_scenario({"fleet": {"devices": 2}}).personalization is None
+
+
+@pytest.mark.parametrize("doc, match", [
+    ({"personalization": {"steps": 0}}, r"personalization\.steps must be between 1 and 10000"),
+    ({"personalization": {"rate": 1}}, r"personalization\.rate"),
+    ({"personalization": {}, "training": {"model": "imu_autoencoder"}},
+     r"\[personalization\] tunes a classifier .* 'imu_autoencoder' is not one"),
+])
+def test_bad_personalization_is_named(doc, match):
+    with pytest.raises(ScenarioError, match=match):
+        parse_scenario({"fleet": {"devices": 2}, **doc})
