@@ -13,6 +13,12 @@ Strategy options the device honours:
 - `clipping_norm` (Flower's client-side DP wrappers): the update is scaled
   to at most that L2 norm over all arrays, and `norm_bit` (1 if it had to be
   clipped) is reported for adaptive clipping.
+
+The task's codec: i8 (the default), f16 or f32 send every entry; topk sends
+the task's `density` of each tensor's largest entries, with error feedback
+(agent/error_feedback.py): the residual kept from earlier rounds is added to
+this round's delta before clipping and selection, and what is not sent of the
+result comes back in `Outcome.residual` for the caller to keep.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from protocol import schemas
+from protocol.tensors import TOPK
 
 from .samples import LocalData
 
@@ -37,6 +44,7 @@ class Outcome:
     attachment: bytes
     examples: int
     metrics: dict[str, float]
+    residual: dict[str, np.ndarray] | None = None  # topk: what was not sent, for the next round (error feedback)
 
 
 class BadOption(ValueError):
@@ -64,11 +72,12 @@ def clip(delta: dict[str, np.ndarray], norm: float) -> tuple[dict[str, np.ndarra
 
 
 def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Task, rng: np.random.Generator,
-          max_seconds: float = 0.0, max_samples: int = 0) -> Outcome:
+          max_seconds: float = 0.0, max_samples: int = 0, residual: dict[str, np.ndarray] | None = None) -> Outcome:
     """Train from `base` and return the weight delta encoded with the task's codec.
 
     Within the device's budget: at most `max_samples` windows (drawn afresh each round) and
-    `max_seconds` of training (0: no limit but the task's deadline).
+    `max_seconds` of training (0: no limit but the task's deadline). `residual`: with the topk codec,
+    what earlier rounds did not send (ignored by the dense codecs, and when it does not fit `base`).
     """
     model.set_weights(base)
     in_graph = bool(getattr(model, "supports_proximal", False))
@@ -107,13 +116,26 @@ def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Tas
                 seen += len(idx)
     new = model.get_weights()
     delta = {name: new[name] - base[name] for name in base}
+    sparse = task.codec == TOPK
+    if sparse and residual is not None and fits(residual, delta):
+        delta = {name: (delta[name] + residual[name]).astype(np.float32) for name in delta}
     per_epoch = -(-n // batch)
     metrics = {"train_loss": float(np.mean(losses[-per_epoch:])) if losses else 0.0, "steps": float(len(losses))}
     if clipping_norm is not None:
         delta, clipped = clip(delta, clipping_norm)
         metrics["norm_bit"] = float(clipped)
     examples = seen  # windows actually trained on: fewer than n only when time ran out in the first epoch
-    return Outcome(schemas.encode_update(delta, metrics, task.codec), examples, metrics)
+    attachment = schemas.encode_update(delta, metrics, task.codec, task.density)
+    if not sparse:
+        return Outcome(attachment, examples, metrics)
+    sent, _ = schemas.decode_update(attachment)  # exactly what the gateway will add to the base
+    left = {name: (delta[name] - sent[name]).astype(np.float32) for name in delta}
+    return Outcome(attachment, examples, metrics, left)
+
+
+def fits(residual: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> bool:
+    """Whether a kept residual has the delta's tensors, names and shapes."""
+    return residual.keys() == delta.keys() and all(np.shape(residual[k]) == np.shape(delta[k]) for k in delta)
 
 
 def evaluate(model, base: dict[str, np.ndarray], data: LocalData) -> Outcome:

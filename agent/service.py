@@ -53,9 +53,11 @@ from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id
 from protocol.logs import event
 from protocol.rotation import Chain
+from protocol.tensors import TOPK
 
 from . import learner
 from .config import AgentConfig
+from .error_feedback import ErrorFeedback
 from .inference import Inference
 from .live_data import LiveData, NoData
 from .roaming import Roaming
@@ -95,6 +97,7 @@ class Agent:
         self.data = data
         self.rng = np.random.default_rng(seed)
         self.store = StateStore(config.state_dir)
+        self.feedback = ErrorFeedback(config.state_dir)  # topk uploads: what earlier rounds did not send
         self.roaming = Roaming(config, self.store, identity.id, time.monotonic())  # where the device lives
         self.state = self.store.load(self.roaming.home)
         self._moving = threading.Lock()  # held while the worker moves the device: the loop sends nothing then
@@ -308,8 +311,10 @@ class Agent:
             base = self._fetch_model(env.ctx.base)
             if task.kind == "train":
                 budget = self.config.budget
+                residual = (self.feedback.load(self.weight_shapes, self._lineage(), self.state.trusted_version)
+                            if task.codec == TOPK else None)
                 outcome = learner.train(self.model, base, data, task, self.rng, budget.max_train_s,
-                                        budget.max_samples)
+                                        budget.max_samples, residual)
             else:
                 outcome = learner.evaluate(self.model, base, data)
             wire = envelope.seal(self.identity, "reply", ctx, {"examples": outcome.examples}, outcome.attachment)
@@ -317,6 +322,8 @@ class Agent:
         # and unsent while the fsyncs below run, or it sends the reply twice.
         self._sent_at[key] = time.monotonic()
         self.store.put_pending(key, wire)  # on disk before it leaves the device ...
+        if task.kind == "train" and not skip:  # the residual this reply leaves (None: a dense codec, dropped)
+            self.feedback.keep(outcome.residual, self._lineage(), self.state.trusted_version)
         self.state.answered = [*self.state.answered, key][-ANSWERED_KEPT:]
         self.store.save(self.state)  # ... and the task marked answered: a redelivery is not trained again
         if saved:
@@ -328,6 +335,10 @@ class Agent:
             examples=outcome.examples, bytes=len(wire), seconds=round(time.monotonic() - started, 2),
             **{k: round(v, 4) for k, v in outcome.metrics.items()},
         )
+
+    def _lineage(self) -> str:
+        """What a kept residual belongs to: this home gateway's model lineage and this model architecture."""
+        return f"{self.roaming.home}:{self.architecture}"
 
     def _local_data(self, kind: str) -> LocalData:
         """This round's windows; raises NoData when there is nothing to learn or test on."""

@@ -1,9 +1,9 @@
-"""Starling side by side with Flower's own deployment runtime, on the same task; prints JSON (issue 8).
+"""Starling side by side with Flower's own deployment runtime, on the same task, 3 seeds a side; prints JSON.
 
-    python bench/vs_flower.py                         # 10 devices, 10 rounds: about 8 min on 2 cores
-    python bench/vs_flower.py --devices 2 --rounds 1  # smoke size, about 30 s
+    python bench/vs_flower.py                                   # 10 devices, 5 rounds, 3 seeds: ~30 min on 2 cores
+    python bench/vs_flower.py --devices 2 --rounds 1 --seeds 1  # smoke size, about 1.5 min
 
-The task, identical on both sides: the watch data (subjects 1..N, one per
+The task, identical on every side: the watch data (subjects 1..N, one per
 device, the very `.npz` files the Starling emulator writes, stride 64), the
 IMU CNN (the shipped `.tflite`, trained through the LiteRT interpreter by
 `firmware_models.runtime.TrainableModel`), FedAvg with every device training
@@ -11,28 +11,46 @@ and evaluating every round, R rounds, the Starling quickstart's local
 training (2 epochs, lr 0.2, batch 32); accuracy is the test-example-weighted
 mean of each device's accuracy on its own test windows.
 
-1. Flower, as Flower ships it: `flower-superlink --insecure` (subprocess
-   isolation: it starts `flower-superexec`, which starts `flwr-serverapp`) and
-   N `flower-supernode --insecure` processes on loopback, each with its data
-   file in its node config; the Flower App in `bench/flower_app/` is submitted
-   with `flwr run`: a ServerApp running `flwr.serverapp.strategy.FedAvg` and a
-   ClientApp that trains the model with `TrainableModel.train_epochs` and sends
-   the trained weights back as float32 (Flower's default).
-2. Starling: one Mosquitto, one gateway (`python -m gateway.cli run`, the
+Three sides (issue 17), each run once per seed (--seeds, default 3; seed k
+sets every device's shuffling: Flower's node `seed`, Starling's device keys,
+from which the agents seed their shuffles):
+
+1. `flower`: Flower as it ships, subprocess isolation (its default):
+   `flower-superlink --insecure` (it starts `flower-superexec`, which starts
+   `flwr-serverapp`) and N `flower-supernode --insecure` on loopback, each
+   starting its own `flower-superexec`, which starts a new `flwr-clientapp`
+   process for every message (train, evaluate) that imports Flower, LiteRT,
+   the model and the data again. The Flower App in `bench/flower_app/` is
+   submitted with `flwr run`: a ServerApp running `flwr.serverapp.strategy.FedAvg`
+   and a ClientApp that trains with `TrainableModel.train_epochs` and replies
+   with the trained weights as float32 (Flower's default).
+2. `flower_process`: the same deployment with `--isolation process` on the
+   SuperLink and on every SuperNode: they start no app process; the bench
+   starts, as Flower's process-isolation guide has the operator do, one
+   `flower-superexec --runtime-api-address <its Runtime API> --insecure` per
+   SuperNode (and one for the SuperLink's ServerApp). In flwr 1.42 that is
+   what process isolation is: `flwr-clientapp` takes a one-task `--token` and
+   exits after one message, and SuperExec's subprocess executor (the only
+   local one; warm pools are Kubernetes-only, not for ClientApps) starts one
+   per message. So a ClientApp still starts per message here too; what
+   differs is who starts it. `devices_processes` counts the ClientApp
+   processes of each side.
+3. `starling`: one Mosquitto, one gateway (`python -m gateway.cli run`, the
    same Flower FedAvg over its MQTT grid, Ed25519-signed messages, the ledger),
    N agents (`python -m agent.cli run`) replaying the same files. The gateway
    asks for int8 updates (the codec is fixed to "i8" in gateway/grid.py):
    devices send int8 weight deltas, the gateway publishes each global model
    once as float32 CBOR on a retained, content-addressed topic.
 
-What is measured, the same way on both sides:
+What is measured, the same way on every side:
 - Bytes on the wire: every device connection goes through a counting TCP
-  relay in this process (supernodes -> relay -> SuperLink Fleet API; agents
-  -> relay -> Mosquitto). Counted: all TCP payload bytes of the device
-  connections both ways, i.e. HTTP / MQTT framing and headers included, TCP/IP
-  packet headers not. The server's internal connections (ServerApp ->
-  SuperLink, `flwr run` -> Control API; gateway -> Mosquitto) do not go
-  through the relay and are not counted.
+  relay in this process (hw.links.LinkRelay with no impairment and a byte
+  tap; supernodes -> relay -> SuperLink; agents -> relay -> Mosquitto).
+  Counted: all TCP payload bytes of the device connections both ways, i.e.
+  HTTP / MQTT framing and headers included, TCP/IP packet headers not. The
+  server's internal connections (ServerApp and its SuperExec -> SuperLink,
+  `flwr run` -> Control API; gateway -> Mosquitto) and each device's own
+  loopback ones (ClientApp and SuperExec -> SuperNode) are not counted.
 - The round window: Flower from the ServerApp's `evaluate_fn` call before
   round 1 to its call after round R's evaluation (start-up, node registration
   and the ServerApp's imports are outside it, the FAB download is inside it).
@@ -45,29 +63,35 @@ What is measured, the same way on both sides:
 - Server CPU seconds and peak RSS from /proc (utime+stime of
   /proc/<pid>/stat, VmHWM of /proc/<pid>/status), sampled every 0.2 s over the
   whole life of the processes, start-up included. Flower: `flower-superlink`
-  and all its descendants (`flower-superexec`, `flwr-serverapp`). Starling:
-  the gateway process and its descendants (none unless ingest workers are
-  configured); Mosquitto is reported beside it (`broker_cpu_s`,
-  `broker_peak_rss_mb`), not in `server_cpu_s`. Peak RSS is the sum of the
+  and all its descendants (`flower-superexec`, `flwr-serverapp`); with
+  process isolation the ServerApp's `flower-superexec` and its
+  `flwr-serverapp` too. Starling: the gateway process and its descendants
+  and Mosquitto (as the SuperLink is Flower's broker); `broker_cpu_s` and
+  `broker_peak_rss_mb` show Mosquitto's share. Peak RSS is the sum of the
   counted processes' VmHWM. `server_cpu_s_window` is the CPU spent inside the
   round window. The devices' processes are not counted as server; their CPU
-  (supernodes with their superexecs and `flwr-clientapp` processes; agents)
-  is `devices_cpu_s`, for reference.
+  (supernodes, their superexecs and every `flwr-clientapp`; agents) is
+  `devices_cpu_s`, `devices_peak_rss_mb` the largest sum of their VmRSS seen
+  in one sample, `devices_processes` per program (count, CPU, summed VmHWM).
 - `idle_bytes_per_s`: what the devices exchange while no round runs, over
   --idle-s seconds (Flower: registered nodes polling before `flwr run`;
-  Starling: agents connected after the gateway exits). Flower's nodes poll,
-  so its bytes per round grow with the round's length.
+  Starling: agents connected after the gateway exits).
 
-Output: `{"config", "flower": {...}, "starling": {...}, "ratio": {"bytes_per_round",
-"seconds_per_round", ...}, "goals": {...}}`; each side has `bytes_per_round`
-{up, down, total}, `seconds_per_round`, `server_cpu_s`, `server_peak_rss_mb`,
-`final_accuracy`, and per-round detail. Goals (issue 8): Starling's bytes per
-round <= 0.35x Flower's at equal final accuracy (within 1 point), wall time
-per round <= 1.0x. Progress goes to stderr, the JSON to stdout. Every process
-started is stopped, also on failure or SIGTERM; every wait is bounded (--timeout-s per side).
-Both sides share this machine's cores with each other's devices: the
-Flower ClientApp is a new `flwr-clientapp` process per message (Flower's
-subprocess isolation), which on 2 cores for 10 devices dominates its round time.
+Output, one JSON line on stdout: `{"config", "flower", "flower_process",
+"starling", "ratio", "goals", "runs"}`. Each side's entry is over its seeds:
+means of `bytes_per_round` {up, down, total}, `seconds_per_round`,
+`final_accuracy`, server and device figures, and `spread` ({mean, min, max,
+std, values} of bytes per round, seconds per round, final accuracy); `runs`
+holds every run's full figures with per-round detail. `ratio` is Starling's
+mean over each baseline's mean (`ratio.flower`, `ratio.flower_process`).
+Goals (issue 17): bytes per round <= 0.15x of both baselines; Starling's mean
+final accuracy >= each baseline's mean - 0.01; seconds per round <= 0.5x of
+`flower_process`. Progress and a summary table go to stderr. Every process
+started is stopped, also on failure or SIGTERM; every wait is bounded
+(--timeout-s per run). The runs go seed by seed, the sides in turn, so that
+a slow spell of the machine touches every side. All sides' devices share this
+machine's cores: on 2 cores, 10 devices' per-message ClientApp processes
+dominate Flower's round time.
 """
 
 from __future__ import annotations
@@ -75,12 +99,14 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,12 +122,15 @@ sys.path.insert(0, str(ROOT))
 
 from hw.broker import Broker, _child_env, free_port  # noqa: E402
 from hw.emulate import prepare_devices  # noqa: E402
+from hw.fleet import Process  # noqa: E402
+from hw.links import LinkRelay  # noqa: E402
 from hw.scenario import Scenario  # noqa: E402
 from hw.toml_files import write_toml  # noqa: E402
 
 FLOWER_APP = ROOT / "bench" / "flower_app"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_S = 0.2
+SIDES = ("flower", "flower_process", "starling")
 
 
 def say(text: str) -> None:
@@ -111,64 +140,21 @@ def say(text: str) -> None:
 # --------------------------------------------------------------------------- bytes on the wire
 
 
-class CountingRelay:
-    """A TCP relay that counts every payload byte each way, with a timestamp per chunk.
-
-    `up` is client -> target (device to server), `down` target -> client. Each
-    direction of each connection has its own thread doing blocking recv/sendall,
-    so a slow reader on one side never stalls the other direction.
-    """
+class CountingRelay(LinkRelay):
+    """hw.links.LinkRelay without impairment, timestamping every chunk it relays (`up`: device -> server)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        self._listener.settimeout(0.2)
-        self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
         self.events: list[tuple[float, int, int]] = []  # (time, +up, +down), appended in time order
-        self.connections = 0
-        self._thread = threading.Thread(target=self._accept, name="relay-accept", daemon=True)
+        super().__init__(target, tap=self._count)
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            client.settimeout(None)
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._sockets += [client, upstream]
-                self.connections += 1
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+    def _count(self, direction: str, n: int) -> None:
+        with self._lock:
+            self.events.append((time.time(), n, 0) if direction == "up" else (time.time(), 0, n))
 
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        try:
-            while True:
-                data = src.recv(262144)
-                if not data:
-                    break
-                n = len(data)
-                with self._lock:
-                    self.events.append((time.time(), n if up else 0, 0 if up else n))
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-            with contextlib.suppress(OSError):
-                src.shutdown(socket.SHUT_RD)
+    @property
+    def connections(self) -> int:
+        return self.stats.connections
 
     def totals(self, start: float = 0.0, end: float = float("inf")) -> tuple[int, int]:
         """Bytes (up, down) relayed in [start, end)."""
@@ -177,22 +163,6 @@ class CountingRelay:
         times = [e[0] for e in events]
         lo, hi = bisect.bisect_left(times, start), bisect.bisect_left(times, end)
         return sum(e[1] for e in events[lo:hi]), sum(e[2] for e in events[lo:hi])
-
-    def __enter__(self) -> CountingRelay:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._listener.close()
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                sock.close()
 
 
 # --------------------------------------------------------------------------- processes
@@ -235,12 +205,16 @@ def _alive(pid: int) -> bool:
     return stat is not None and stat[0] != "Z"
 
 
-def _hwm_kb(pid: int) -> int:
+def _memory_kb(pid: int) -> tuple[int, int]:
+    """(VmHWM, VmRSS) in kB; zeros if unreadable."""
+    hwm = rss = 0
     with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as fh:
         for line in fh:
             if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+                hwm = int(line.split()[1])
+            elif line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+    return hwm, rss
 
 
 def _name(pid: int) -> str:
@@ -258,12 +232,13 @@ def _name(pid: int) -> str:
 
 @dataclass
 class Usage:
-    """CPU and peak RSS of some process trees, from /proc, sampled."""
+    """CPU and memory of some process trees, from /proc, sampled."""
 
     cpu: dict[int, float] = field(default_factory=dict)  # pid -> last CPU seconds seen
     hwm: dict[int, int] = field(default_factory=dict)  # pid -> largest VmHWM (kB) seen
     names: dict[int, str] = field(default_factory=dict)
     series: list[tuple[float, float]] = field(default_factory=list)  # (time, total CPU seconds)
+    rss_peak_kb: int = 0  # the largest sum of VmRSS over the live processes in one sample
 
     def cpu_s(self) -> float:
         return sum(self.cpu.values())
@@ -289,7 +264,7 @@ class Usage:
 
 
 class Sampler:
-    """Samples named groups of process trees every SAMPLE_S seconds in a thread."""
+    """Samples named groups of process trees every SAMPLE_S seconds in a thread (a pid may be in several)."""
 
     def __init__(self) -> None:
         self.groups: dict[str, list[int]] = {}
@@ -308,7 +283,7 @@ class Sampler:
         with self._lock:
             now = time.time()
             for group, roots in self.groups.items():
-                usage = self.usage[group]
+                usage, rss_kb = self.usage[group], 0
                 for root in roots:
                     for pid in tree(root):
                         stat = _stat(pid)
@@ -319,7 +294,10 @@ class Sampler:
                             usage.names[pid] = _name(pid)
                         usage.cpu[pid] = max(cpu, usage.cpu.get(pid, 0.0))
                         if state != "Z":
-                            usage.hwm[pid] = max(_hwm_kb(pid), usage.hwm.get(pid, 0))
+                            hwm, rss = _memory_kb(pid)
+                            usage.hwm[pid] = max(hwm, usage.hwm.get(pid, 0))
+                            rss_kb += rss
+                usage.rss_peak_kb = max(usage.rss_peak_kb, rss_kb)
                 usage.series.append((now, usage.cpu_s()))
 
     def names(self, group: str) -> dict[int, str]:
@@ -340,32 +318,29 @@ class Sampler:
 
 
 class Processes:
-    """Every process this bench starts, each with its descendants stopped at the end (also on failure)."""
+    """Every process of one run (hw.fleet.Process), each stopped with its descendants at the end."""
 
     def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self._files: list[Any] = []
+        self.procs: list[Process] = []
 
-    def start(self, cmd: list[str], log: Path, env: dict[str, str],
-              cwd: Path | None = None) -> subprocess.Popen:
+    def start(self, cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
         log.parent.mkdir(parents=True, exist_ok=True)
-        out = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self._files.append(out)
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        proc = Process(cmd, log, env)
+        proc.start()
         self.procs.append(proc)
-        return proc
+        return proc.popen
 
-    def stop(self, procs: list[subprocess.Popen] | None = None, timeout: float = 15.0) -> None:
-        """SIGTERM each process tree (the roots, then their leftover descendants); SIGKILL after `timeout`."""
-        procs = self.procs if procs is None else procs
+    def close(self, timeout: float = 15.0) -> None:
+        """SIGTERM every process (the roots, then their leftover descendants); SIGKILL after `timeout`."""
+        popens = [p.popen for p in self.procs if p.popen is not None]
         family: list[int] = []
-        for p in procs:
+        for p in popens:
             family += [pid for pid in tree(p.pid) if pid != p.pid]
             if p.poll() is None:
                 with contextlib.suppress(OSError):
                     p.send_signal(signal.SIGTERM)
         end = time.monotonic() + timeout
-        for p in procs:
+        for p in popens:
             try:
                 p.wait(max(0.1, end - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -383,12 +358,7 @@ class Processes:
         for pid in alive:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-
-    def close(self) -> None:
-        self.stop()
-        for fh in self._files:
-            fh.close()
-        self._files = []
+        self.procs = []
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen, what: str, log: Path) -> None:
@@ -438,6 +408,8 @@ def _figures(relay: CountingRelay, usage: dict[str, Usage], bounds: list[float],
         "server_peak_rss_mb": round(server.peak_rss_mb(), 1),
         "server_processes": server.by_process(),
         "devices_cpu_s": round(devices.cpu_s(), 2),
+        "devices_peak_rss_mb": round(devices.rss_peak_kb / 1024, 1),
+        "devices_processes": devices.by_process(),
         "device_connections": relay.connections,
     }
 
@@ -489,7 +461,7 @@ def _flower_wait_registered(link_log: Path, count: int, superlink: subprocess.Po
         time.sleep(0.2)
 
 
-def _flower_wait_done(out_file: Path, superlink: subprocess.Popen, sampler: Sampler, rounds: int,
+def _flower_wait_done(label: str, out_file: Path, superlink: subprocess.Popen, sampler: Sampler, rounds: int,
                       deadline: float) -> dict[str, Any]:
     """Wait for the ServerApp's results, showing its rounds as they end; fail fast if it died."""
     progress = Path(str(out_file) + ".progress")
@@ -500,7 +472,7 @@ def _flower_wait_done(out_file: Path, superlink: subprocess.Popen, sampler: Samp
             for m in marks[shown:]:
                 r = m["round"]
                 took = "starts" if r == 0 else f"{m['time'] - marks[r - 1]['time']:.1f} s"
-                say(f"flower: round {r}/{rounds} {took}")
+                say(f"{label}: round {r}/{rounds} {took}")
             shown = len(marks)
         if time.monotonic() > deadline:
             raise TimeoutError(f"the Flower run did not finish in time; see {out_file.parent}/logs")
@@ -515,9 +487,12 @@ def _flower_wait_done(out_file: Path, superlink: subprocess.Popen, sampler: Samp
     return json.loads(out_file.read_text())
 
 
-def run_flower(devices: list[tuple[str, Path]], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run_flower(devices: list[tuple[str, Path]], args: argparse.Namespace, workdir: Path, seed: int,
+               isolation: str = "subprocess") -> dict[str, Any]:
+    """One Flower run; `isolation` "process": the bench starts the SuperExecs that start the app processes."""
     import flwr
 
+    label = "flower" if isolation == "subprocess" else "flower_process"
     workdir.mkdir(parents=True, exist_ok=True)
     home = workdir / "flwr-home"
     home.mkdir(exist_ok=True)
@@ -529,29 +504,37 @@ def run_flower(devices: list[tuple[str, Path]], args: argparse.Namespace, workdi
     write_toml(home / "config.toml", {"superlink": {"default": "bench",
                                                      "bench": {"address": f"127.0.0.1:{port}", "insecure": True}}})
     deadline = time.monotonic() + args.timeout_s
+    superexec = [_flower_exe("flower-superexec"), "--insecure", "--runtime-api-address"]
     with contextlib.ExitStack() as stack:
         sampler = stack.enter_context(Sampler())
         procs = Processes()
         stack.callback(_finish, sampler, procs)
-        superlink = procs.start([_flower_exe("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                 "--port", str(port), "--disable-runtime-dependency-installation"],
-                                link_log, env, cwd=workdir)
+        superlink = procs.start([_flower_exe("flower-superlink"), "--insecure", "--isolation", isolation,
+                                 "--host", "127.0.0.1", "--port", str(port),
+                                 "--disable-runtime-dependency-installation"], link_log, env)
         sampler.watch("server", superlink.pid)
         _wait_port(port, 60, superlink, "flower-superlink", link_log)
-        relay = CountingRelay(("127.0.0.1", port))
-        stack.enter_context(relay)
+        if isolation == "process":  # the ServerApp's SuperExec, beside the SuperLink, on its Runtime API
+            sampler.watch("server", procs.start(superexec + [f"127.0.0.1:{port}"],
+                                                logs / "superexec-serverapp.log", env).pid)
+        relay = stack.enter_context(CountingRelay(("127.0.0.1", port)))
         stack.callback(_finish, sampler, procs)  # the processes stop before the relay closes
-        say(f"flower {flwr.__version__}: superlink on 127.0.0.1:{port}, {len(devices)} supernodes "
-            f"through the counting relay :{relay.port}")
+        say(f"{label} (flwr {flwr.__version__}, --isolation {isolation}): superlink on 127.0.0.1:{port}, "
+            f"{len(devices)} supernodes through the counting relay :{relay.port}")
         for i, (name, data) in enumerate(devices):
-            node = procs.start([_flower_exe("flower-supernode"), "--insecure", "--superlink",
-                                f"127.0.0.1:{relay.port}", "--port", str(free_port()),
-                                "--node-config", f'data="{data}" seed={i + 1} name="{name}"'],
-                               logs / f"supernode-{name}.log", env, cwd=workdir)
+            runtime_port = free_port()
+            node = procs.start([_flower_exe("flower-supernode"), "--insecure", "--isolation", isolation,
+                                "--superlink", f"127.0.0.1:{relay.port}", "--port", str(runtime_port),
+                                "--node-config", f'data="{data}" seed={1000 * (seed - 1) + i + 1} name="{name}"'],
+                               logs / f"supernode-{name}.log", env)
             sampler.watch("devices", node.pid)
+            if isolation == "process":  # the device's SuperExec: it starts a flwr-clientapp per message
+                _wait_port(runtime_port, 60, node, f"flower-supernode {name}", logs / f"supernode-{name}.log")
+                sampler.watch("devices", procs.start(superexec + [f"127.0.0.1:{runtime_port}"],
+                                                     logs / f"superexec-{name}.log", env).pid)
         _flower_wait_registered(link_log, len(devices), superlink, min(deadline, time.monotonic() + 120))
         idle = _idle_rate(relay, args.idle_s)
-        say(f"flower: {len(devices)} supernodes registered (idle: {idle} B/s); flwr run bench/flower_app")
+        say(f"{label}: {len(devices)} supernodes registered (idle: {idle} B/s); flwr run bench/flower_app")
         run_config = (f"num-server-rounds={args.rounds} min-nodes={len(devices)} local-epochs={args.epochs} "
                       f"lr={args.lr} batch-size={args.batch_size} round-timeout-s={float(args.timeout_s)} "
                       f'out="{out_file}"')
@@ -560,7 +543,7 @@ def run_flower(devices: list[tuple[str, Path]], args: argparse.Namespace, workdi
                                    env=env, cwd=workdir, capture_output=True, text=True, timeout=120)
         if submitted.returncode != 0:
             raise RuntimeError(f"flwr run failed: {submitted.stdout[-2000:]} {submitted.stderr[-2000:]}")
-        result = _flower_wait_done(out_file, superlink, sampler, args.rounds, deadline)
+        result = _flower_wait_done(label, out_file, superlink, sampler, args.rounds, deadline)
         sampler.sample()
         marks = [result["marks"][str(r)] for r in range(args.rounds + 1)]
         figures = _figures(relay, sampler.usage, marks, args.rounds)
@@ -569,16 +552,25 @@ def run_flower(devices: list[tuple[str, Path]], args: argparse.Namespace, workdi
     for r, row in enumerate(per_round, start=1):
         row["round"] = r
         row["accuracy"] = round(accuracy[r - 1], 4)
+    starts = ("the SuperLink and each SuperNode start their own flower-superexec" if isolation == "subprocess"
+              else "the bench starts a flower-superexec for the SuperLink and one per SuperNode")
     return {
-        "runtime": f"flwr {flwr.__version__}: flower-superlink --insecure (subprocess isolation) + "
-                   f"{len(devices)} flower-supernode --insecure, flwr run bench/flower_app",
+        "runtime": f"flwr {flwr.__version__}: flower-superlink --insecure --isolation {isolation} + "
+                   f"{len(devices)} flower-supernode --insecure --isolation {isolation}, flwr run "
+                   f"bench/flower_app; {starts}, which starts a flwr-clientapp process per message",
         "update": "float32 weights (Flower's ArrayRecord); the full model goes down twice a round "
                   "(train and evaluate messages)",
+        "seed": seed,
         **figures,
         "idle_bytes_per_s": idle,
         "final_accuracy": round(accuracy[-1], 4),
         "rounds": per_round,
     }
+
+
+def run_flower_process(devices: list[tuple[str, Path]], args: argparse.Namespace, workdir: Path,
+                       seed: int) -> dict[str, Any]:
+    return run_flower(devices, args, workdir, seed, isolation="process")
 
 
 # --------------------------------------------------------------------------- Starling
@@ -640,8 +632,16 @@ def gateway_round_ends(log: Path) -> dict[int, float]:
     return ends
 
 
+def _seeded_identity(seed: int, who: str):
+    """An Ed25519 identity from the run's seed: agents seed their shuffles from their key (agent/cli.py)."""
+    from protocol.keys import Identity
+
+    return Identity.from_seed(hashlib.sha256(f"bench/vs_flower seed {seed} {who}".encode()).digest())
+
+
 def _starling_configs(workdir: Path, gateway, gateway_key: Path, broker: Broker, relay_port: int,
-                      devices: list[tuple[str, Path]], args: argparse.Namespace) -> tuple[Path, list[Path]]:
+                      devices: list[tuple[str, Path]], args: argparse.Namespace,
+                      seed: int) -> tuple[Path, list[Path]]:
     """The gateway's config (talking to the broker directly) and one per agent (through the relay)."""
     n = len(devices)
     conf = workdir / "gateway" / "gateway.toml"
@@ -658,6 +658,7 @@ def _starling_configs(workdir: Path, gateway, gateway_key: Path, broker: Broker,
     for name, data in devices:
         home = workdir / "devices" / name
         home.mkdir(parents=True, exist_ok=True)
+        _seeded_identity(seed, name).save(home / "device.key")
         write_toml(home / "agent.toml", {
             "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state")},
             "gateway": {"id": gateway.id, "public_key": gateway.public_key.hex()},
@@ -668,27 +669,28 @@ def _starling_configs(workdir: Path, gateway, gateway_key: Path, broker: Broker,
     return conf, agents
 
 
-def run_starling(devices: list[tuple[str, Path]], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from protocol.keys import Identity
-
+def run_starling(devices: list[tuple[str, Path]], args: argparse.Namespace, workdir: Path,
+                 seed: int) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     env = _child_env()
     logs = workdir / "logs"
     gw_log = logs / "gateway.log"
     deadline = time.monotonic() + args.timeout_s
-    gateway = Identity.generate()
+    gateway = _seeded_identity(seed, "gateway")
     gateway_key = workdir / "gateway" / "gateway.key"
+    gateway_key.parent.mkdir(parents=True, exist_ok=True)
     gateway.save(gateway_key)
     with contextlib.ExitStack() as stack:
         sampler = stack.enter_context(Sampler())
         broker = stack.enter_context(Broker(workdir / "broker", kind=args.broker))
         sampler.watch("broker", broker.process.pid)
+        sampler.watch("server", broker.process.pid)  # Mosquitto counts as server, as the SuperLink does
         relay = stack.enter_context(CountingRelay((broker.host, broker.port)))
         procs = Processes()
         stack.callback(_finish, sampler, procs)  # the processes stop before the relay and the broker do
         say(f"starling: {broker.kind} broker on 127.0.0.1:{broker.port}, 1 gateway, {len(devices)} agents "
             f"through the counting relay :{relay.port}")
-        conf, agents = _starling_configs(workdir, gateway, gateway_key, broker, relay.port, devices, args)
+        conf, agents = _starling_configs(workdir, gateway, gateway_key, broker, relay.port, devices, args, seed)
         watch = StatusWatch(broker.port, gateway.id, args.rounds)
         stack.callback(watch.close)
         gw = procs.start([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], gw_log, env)
@@ -718,6 +720,7 @@ def run_starling(devices: list[tuple[str, Path]], args: argparse.Namespace, work
             ends, clock = watch.done_at, "status topic"  # the log format changed: when the status arrived
         start0 = ends[0] - records[0]["seconds"]  # round 0 starts as its evaluation tasks go out
         bounds = [start0] + [ends[r] for r in range(0, args.rounds + 1)]
+        sampler.sample()
         figures = _figures(relay, sampler.usage, [start0, ends[args.rounds]], args.rounds)
         # Without round 0 (the initial model's distribution and evaluation), for reference.
         up1, down1 = relay.totals(ends[0], ends[args.rounds])
@@ -737,6 +740,7 @@ def run_starling(devices: list[tuple[str, Path]], args: argparse.Namespace, work
                    "(signed CBOR over MQTT, ledger on)",
         "update": "int8 weight deltas up (codec 'i8', set by gateway/grid.py); each new float32 model "
                   "goes down once (retained, content-addressed)",
+        "seed": seed,
         **figures,
         "idle_bytes_per_s": idle,
         "broker_cpu_s": round(broker_usage.cpu_s(), 2),
@@ -749,24 +753,127 @@ def run_starling(devices: list[tuple[str, Path]], args: argparse.Namespace, work
     }
 
 
+RUNNERS = {"flower": run_flower, "flower_process": run_flower_process, "starling": run_starling}
+
+
+# --------------------------------------------------------------------------- over the seeds
+
+
+def _spread(values: list[float], digits: int) -> dict[str, Any]:
+    return {"mean": round(statistics.fmean(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits),
+            "std": round(statistics.stdev(values), digits) if len(values) > 1 else 0.0,
+            "values": [round(v, digits) for v in values]}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side over its successful runs: the means, and the spread of the three headline figures."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": "; ".join(r["error"] for r in runs) or "no run"}
+
+    def mean(get, digits: int = 2) -> float:
+        return round(statistics.fmean(get(r) for r in ok), digits)
+
+    out: dict[str, Any] = {
+        "runtime": ok[0]["runtime"], "update": ok[0]["update"], "seeds": [r["seed"] for r in ok],
+        "failed_runs": len(runs) - len(ok),
+        "bytes_per_round": {k: round(mean(lambda r, k=k: r["bytes_per_round"][k])) for k in ("up", "down", "total")},
+        "seconds_per_round": mean(lambda r: r["seconds_per_round"], 3),
+        "final_accuracy": mean(lambda r: r["final_accuracy"], 4),
+    }
+    for key in ("server_cpu_s", "server_cpu_s_window", "server_peak_rss_mb", "devices_cpu_s",
+                "devices_peak_rss_mb", "broker_cpu_s", "broker_peak_rss_mb"):
+        if key in ok[0]:
+            out[key] = mean(lambda r, key=key: r[key], 1 if key.endswith("mb") else 2)
+    idle = [r["idle_bytes_per_s"] for r in ok if r.get("idle_bytes_per_s") is not None]
+    out["idle_bytes_per_s"] = round(statistics.fmean(idle), 1) if idle else None
+    clientapps = [r["devices_processes"].get("flwr-clientapp", {}).get("count", 0) for r in ok]
+    if any(clientapps):
+        out["clientapp_processes_per_run"] = clientapps
+    out["spread"] = {
+        "bytes_per_round": _spread([r["bytes_per_round"]["total"] for r in ok], 0),
+        "seconds_per_round": _spread([r["seconds_per_round"] for r in ok], 3),
+        "final_accuracy": _spread([r["final_accuracy"] for r in ok], 4),
+    }
+    return out
+
+
+def _ratios(s: dict[str, Any], f: dict[str, Any]) -> dict[str, float | None]:
+    ratio = lambda a, b: round(a / b, 3) if b else None  # noqa: E731
+    return {
+        "bytes_per_round": ratio(s["bytes_per_round"]["total"], f["bytes_per_round"]["total"]),
+        "seconds_per_round": ratio(s["seconds_per_round"], f["seconds_per_round"]),
+        "bytes_up_per_round": ratio(s["bytes_per_round"]["up"], f["bytes_per_round"]["up"]),
+        "bytes_down_per_round": ratio(s["bytes_per_round"]["down"], f["bytes_per_round"]["down"]),
+        "server_cpu_s": ratio(s["server_cpu_s"], f["server_cpu_s"]),
+        "server_peak_rss_mb": ratio(s["server_peak_rss_mb"], f["server_peak_rss_mb"]),
+    }
+
+
+def judge(doc: dict[str, Any]) -> None:
+    """`ratio` and `goals` (issue 17) into `doc`, from the sides' means."""
+    s = doc.get("starling", {})
+    baselines = [b for b in ("flower", "flower_process") if "bytes_per_round" in doc.get(b, {})]
+    if "bytes_per_round" not in s or not baselines:
+        return
+    doc["ratio"] = {b: _ratios(s, doc[b]) for b in baselines}
+    goals: dict[str, Any] = {
+        "accuracy_gap_points": {b: round(100 * (s["final_accuracy"] - doc[b]["final_accuracy"]), 2)
+                                for b in baselines},
+        "equal_accuracy_on_means": all(s["final_accuracy"] >= doc[b]["final_accuracy"] - 0.01 for b in baselines),
+        "bytes_per_round_le_0_15x": all(doc["ratio"][b]["bytes_per_round"] <= 0.15 for b in baselines),
+    }
+    if "flower_process" in baselines:
+        goals["seconds_per_round_le_0_5x_flower_process"] = doc["ratio"]["flower_process"]["seconds_per_round"] <= 0.5
+    goals["judged_against"] = baselines
+    doc["goals"] = goals
+
+
+def table(doc: dict[str, Any]) -> str:
+    """The sides' means (min-max over the seeds) as text, for stderr."""
+    sides = [s for s in SIDES if "bytes_per_round" in doc.get(s, {})]
+    lines = [f"{'mean over seeds (min-max)':<28}" + "".join(f"{s:>32}" for s in sides)]
+
+    def cell(side: str, key: str, fmt: str) -> str:
+        sp = doc[side]["spread"][key]
+        return f"{format(sp['mean'], fmt)} ({format(sp['min'], fmt)}-{format(sp['max'], fmt)})"
+
+    for label, key, fmt in (("bytes per round", "bytes_per_round", ",.0f"),
+                            ("seconds per round", "seconds_per_round", ".2f"),
+                            ("final accuracy", "final_accuracy", ".4f")):
+        lines.append(f"{label:<28}" + "".join(f"{cell(s, key, fmt):>32}" for s in sides))
+    lines.append(f"{'server CPU s / peak RSS MB':<28}" + "".join(
+        f"{doc[s]['server_cpu_s']:>22.1f} / {doc[s]['server_peak_rss_mb']:>6.0f}" for s in sides))
+    for b, r in doc.get("ratio", {}).items():
+        lines.append(f"starling / {b}: bytes {r['bytes_per_round']}, seconds {r['seconds_per_round']}, "
+                     f"server CPU {r['server_cpu_s']}, server RSS {r['server_peak_rss_mb']}")
+    if "goals" in doc:
+        lines.append("goals: " + json.dumps({k: v for k, v in doc["goals"].items() if k != "judged_against"}))
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=10, help="watch subjects 1..N, one per device (<= 10)")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=3, help="runs per side, seeds 1..N")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--stride", type=int, default=64, help="window stride of the watch data")
     parser.add_argument("--deadline-s", type=float, default=60.0, help="Starling's round deadline")
-    parser.add_argument("--timeout-s", type=float, default=1800.0, help="bound on each side's whole run")
+    parser.add_argument("--timeout-s", type=float, default=1800.0, help="bound on each run")
     parser.add_argument("--idle-s", type=float, default=6.0,
                         help="measure the devices' idle traffic this long (Flower: registered, before "
                              "the run; Starling: after the gateway exits); 0: skip")
     parser.add_argument("--broker", default="mosquitto", choices=("mosquitto", "auto", "embedded"))
-    parser.add_argument("--only", choices=("flower", "starling"), help="run one side (no ratios)")
+    parser.add_argument("--sides", default=",".join(SIDES),
+                        help=f"comma-separated, of {', '.join(SIDES)} (ratios need starling and a baseline)")
+    parser.add_argument("--only", choices=SIDES, help="run one side (the same as --sides SIDE)")
     parser.add_argument("--workdir", help="keep every log, key, config and data file here (default: temp)")
     args = parser.parse_args(argv)
 
@@ -774,10 +881,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + signum)  # unwinds like an error: every process started is stopped
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    sides = [args.only] if args.only else [s.strip() for s in args.sides.split(",") if s.strip()]
+    if not sides or any(s not in SIDES for s in sides):
+        parser.error(f"--sides takes some of {', '.join(SIDES)}")
     if not 1 <= args.devices <= 10:
         parser.error("--devices must be 1..10 (the watch data has 10 subjects)")
-    if args.rounds < 1 or args.epochs < 1 or args.lr <= 0:
-        parser.error("--rounds, --epochs and --lr must be positive")
+    if args.rounds < 1 or args.epochs < 1 or args.lr <= 0 or args.seeds < 1:
+        parser.error("--rounds, --seeds, --epochs and --lr must be positive")
     with contextlib.ExitStack() as stack:
         if args.workdir:
             workdir = Path(args.workdir).resolve()
@@ -788,50 +898,38 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         subjects = tuple(range(1, args.devices + 1))
         scenario = Scenario(devices=args.devices, subjects=subjects, stride=args.stride)
-        devices = prepare_devices(scenario, workdir)  # one .npz per device, read by both sides
+        devices = prepare_devices(scenario, workdir)  # one .npz per device, read by every side
         config = {"devices": args.devices, "subjects": list(subjects), "rounds": args.rounds,
-                  "epochs": args.epochs,
+                  "seeds": args.seeds, "epochs": args.epochs,
                   "lr": args.lr, "batch_size": args.batch_size, "stride": args.stride, "strategy": "FedAvg",
-                  "model": "imu_cnn (TFLite, TrainableModel)", "cpus": os.cpu_count()}
-        doc: dict[str, Any] = {"config": config}
+                  "model": "imu_cnn (TFLite, TrainableModel)", "cpus": os.cpu_count(), "sides": sides}
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         failed = False
-        for side, runner in (("flower", run_flower), ("starling", run_starling)):
-            if args.only and args.only != side:
-                continue
-            say(f"--- {side}: {args.devices} devices, {args.rounds} rounds, {args.epochs} epochs, "
-                f"lr {args.lr}")
-            started = time.monotonic()
-            try:
-                doc[side] = runner(devices, args, workdir / side)
-            except (RuntimeError, TimeoutError, OSError, KeyError, ValueError) as exc:
-                say(f"{side} failed: {exc}")
-                doc[side] = {"error": str(exc)}
-                failed = True
-                continue
-            got = doc[side]
-            say(f"{side}: done in {time.monotonic() - started:.0f} s: "
-                f"{got['bytes_per_round']['total']} B a round, "
-                f"{got['seconds_per_round']} s a round, final accuracy {got['final_accuracy']}")
-        f, s = doc.get("flower", {}), doc.get("starling", {})
-        if "bytes_per_round" in f and "bytes_per_round" in s:
-            ratio = lambda a, b: round(a / b, 3) if b else None  # noqa: E731
-            doc["ratio"] = {
-                "bytes_per_round": ratio(s["bytes_per_round"]["total"], f["bytes_per_round"]["total"]),
-                "seconds_per_round": ratio(s["seconds_per_round"], f["seconds_per_round"]),
-                "bytes_up_per_round": ratio(s["bytes_per_round"]["up"], f["bytes_per_round"]["up"]),
-                "bytes_down_per_round": ratio(s["bytes_per_round"]["down"], f["bytes_per_round"]["down"]),
-                "server_cpu_s": ratio(s["server_cpu_s"], f["server_cpu_s"]),
-                "server_peak_rss_mb": ratio(s["server_peak_rss_mb"], f["server_peak_rss_mb"]),
-            }
-            gap = round(100 * (s["final_accuracy"] - f["final_accuracy"]), 2)
-            doc["goals"] = {
-                "accuracy_gap_points": gap,
-                "equal_accuracy_within_1_point": abs(gap) <= 1.0,
-                "bytes_per_round_le_0_35x": doc["ratio"]["bytes_per_round"] <= 0.35,
-                "seconds_per_round_le_1_0x": doc["ratio"]["seconds_per_round"] <= 1.0,
-            }
+        began = time.monotonic()
+        for seed in range(1, args.seeds + 1):
+            for side in sides:
+                say(f"--- {side}, seed {seed}/{args.seeds}: {args.devices} devices, {args.rounds} rounds, "
+                    f"{args.epochs} epochs, lr {args.lr} ({time.monotonic() - began:.0f} s so far)")
+                started = time.monotonic()
+                try:
+                    got = RUNNERS[side](devices, args, workdir / side / f"seed-{seed}", seed)
+                except (RuntimeError, TimeoutError, OSError, KeyError, ValueError) as exc:
+                    say(f"{side} seed {seed} failed: {exc}")
+                    runs[side].append({"seed": seed, "error": str(exc)})
+                    failed = True
+                    continue
+                runs[side].append(got)
+                say(f"{side} seed {seed}: done in {time.monotonic() - started:.0f} s: "
+                    f"{got['bytes_per_round']['total']} B a round, "
+                    f"{got['seconds_per_round']} s a round, final accuracy {got['final_accuracy']}")
+        doc: dict[str, Any] = {"config": config}
+        for side in sides:
+            doc[side] = summarize(runs[side])
+        judge(doc)
+        doc["runs"] = runs
         if args.workdir:
             doc["workdir"] = str(workdir)
+        say(f"all runs done in {time.monotonic() - began:.0f} s\n{table(doc)}")
         print(json.dumps(doc))
     return 1 if failed else 0
 

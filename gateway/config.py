@@ -48,6 +48,14 @@
     wait_devices_s = 120.0                # ... this long at a time: then a bounded run (num_rounds) fails,
                                           # a service says so in its log and waits on
 
+    [training]                            # how devices send their updates (the task's codec)
+    codec = "i8"                          # "i8" (int8, a per-tensor scale), "f16", "f32", or "topk": per
+                                          # tensor, only the density share of largest entries (int8 values,
+                                          # their indices), with error feedback on the device (what is not
+                                          # sent is added to its next round's delta: agent/error_feedback.py)
+    density = 0.1                         # topk: the share of each tensor's entries sent, in (0, 1]
+                                          # (the other codecs send every entry and ignore it)
+
     [aggregation]
     weights = "capped"                    # what a reply weighs: "capped" (min(claim, cap)), "uniform", or
                                           # "reported" (the device's own claim: trusted devices only)
@@ -106,7 +114,8 @@ from protocol.config import (
     resolve_path,
     setting,
 )
-from protocol.schemas import MAX_EXAMPLES
+from protocol.schemas import CODEC, DENSITY, MAX_EXAMPLES
+from protocol.tensors import DEFAULT_DENSITY, UPLOAD_CODECS, check_density
 from protocol.transport import BrokerAuth, read_broker_auth
 
 from .blob_keeper import BlobSettings
@@ -153,6 +162,8 @@ class GatewayConfig:
     lr: float = 0.05
     min_devices: int = 2
     wait_devices_s: float = 120.0
+    codec: str = "i8"  # [training] codec: how devices encode their updates (protocol/tensors.py UPLOAD_CODECS)
+    density: float = DEFAULT_DENSITY  # [training] density: topk's share of each tensor's entries
     weights: WeightRule = field(default_factory=WeightRule)  # [aggregation]: what a reply weighs
     blobs: BlobSettings = field(default_factory=BlobSettings)  # [blobs]: updates and models kept by digest
     city: CitySettings | None = None  # [city]: the city tier; None: this gateway merges with nobody
@@ -251,6 +262,8 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         lr=_positive("rounds.lr", setting(doc, "rounds", "lr", float, 0.05)),
         min_devices=int(_positive("rounds.min_devices", setting(doc, "rounds", "min_devices", int, 2))),
         wait_devices_s=_positive("rounds.wait_devices_s", setting(doc, "rounds", "wait_devices_s", float, 120.0)),
+        codec=_codec(doc),
+        density=_density(doc),
         weights=_weight_rule(doc),
         blobs=_blobs(doc),
         city=_city(doc),
@@ -271,6 +284,25 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     return parse_config(read_toml(path), Path(path).parent)
+
+
+TRAINING = "training"  # the table; its keys are the task's (protocol/schemas.py CODEC, DENSITY)
+
+
+def _codec(doc: dict[str, Any]) -> str:
+    codec = setting(doc, TRAINING, CODEC, str, "i8")
+    if codec not in UPLOAD_CODECS:
+        raise ConfigError(f"{TRAINING}.{CODEC} must be one of {UPLOAD_CODECS}, got {codec!r}")
+    return codec
+
+
+def _density(doc: dict[str, Any]) -> float:
+    density = setting(doc, TRAINING, DENSITY, float, DEFAULT_DENSITY)
+    try:
+        density = check_density(density)
+    except ValueError as exc:
+        raise ConfigError(f"{TRAINING}.{DENSITY}: {exc}") from None
+    return density
 
 
 def _weight_rule(doc: dict[str, Any]) -> WeightRule:

@@ -8,6 +8,9 @@ everything about the exchange; replies are checked and admitted there (by
 the intake, on the gateway's worker thread), and only accepted ones become
 Flower reply messages, whose `ArrayRecord` holds full weights (base +
 dequantized delta): strategies see ordinary arrays and never a rejected reply.
+Training tasks ask for the update in the configured codec ([training] codec:
+i8 by default, f16, f32, or topk at [training] density, which the decoder
+expands to the dense delta the device's error feedback accounts for).
 
 Task ids are `<kind>-<round>-<run>.<n>`: `<run>` is fresh in every gateway
 process, so replies recorded in an earlier run can never be replayed into a
@@ -36,6 +39,7 @@ from flwr.supercore.run import Run
 from protocol import schemas
 from protocol.keys import identity_id
 from protocol.logs import event
+from protocol.tensors import DEFAULT_DENSITY, UPLOAD_CODECS, check_density
 
 from .ingest import Accepted, OpenTask
 from .models import Release
@@ -95,10 +99,16 @@ class MqttGrid(Grid):
     """A Flower Grid whose nodes are enrolled, online devices reached over MQTT."""
 
     def __init__(self, book: RoundBook, outbox: Outbox, release_for: Callable[[dict[str, np.ndarray] | None, int], Release],
-                 devices: Devices, deadline_s: float, stop: threading.Event, weights: WeightRule = WeightRule()) -> None:
+                 devices: Devices, deadline_s: float, stop: threading.Event, weights: WeightRule = WeightRule(),
+                 *, codec: str = "i8", density: float = DEFAULT_DENSITY) -> None:
         """`release_for(weights or None, round)`: the release a message's arrays are (None: the current
         model), published if it is new. `stop` (SIGTERM) ends every wait at once. `weights`: what each
-        reply weighs for the strategy (its "num-examples"), never simply the device's claim."""
+        reply weighs for the strategy (its "num-examples"), never simply the device's claim. `codec` and
+        `density` ([training]): how training tasks ask devices to encode their updates (evaluate tasks
+        send no weights and keep "i8")."""
+        if codec not in UPLOAD_CODECS:
+            raise ValueError(f"codec must be one of {UPLOAD_CODECS}, got {codec!r}")
+        self.codec, self.density = codec, check_density(density)
         self._book = book
         self._weights = weights
         self._outbox = outbox
@@ -190,7 +200,8 @@ class MqttGrid(Grid):
         restored = self._book.open(kind, round_, task_id, release.digest, release.lineage, tasks, exchange_config)
         for task, config in zip(tasks, wires):
             if task.device_id not in restored:  # answered before the interruption: the journal kept its reply
-                self._outbox.task(task.device_id, kind, round_, task_id, release.digest, config)
+                codec = self.codec if kind == "train" else "i8"
+                self._outbox.task(task.device_id, kind, round_, task_id, release.digest, config, codec, self.density)
         return [task.message_id for task in tasks]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

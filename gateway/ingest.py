@@ -47,6 +47,8 @@ import numpy as np
 from protocol import envelope, schemas, topics
 from protocol.errors import ProtocolError, SchemaError
 
+from . import ingest_profile
+
 TRAIN_METRICS = frozenset({"train_loss", "steps"})
 EVALUATE_METRICS = frozenset({"loss", "accuracy"})  # a classifier's evaluation
 # What an evaluate reply reports, by the model's task (its manifest's "task"): a self-supervised
@@ -180,6 +182,8 @@ class Authenticator:
         self.max_reply_bytes = max_reply_bytes  # refused before decoding: oversize costs nothing
 
     def authenticate(self, topic: str, payload: bytes) -> Authenticated | Rejected:
+        profile = ingest_profile.PROFILE  # None unless STARLING_INGEST_PROFILE is set: one test per stage
+        t = profile.now() if profile is not None else 0.0
         topic_device = topics.device_of(topic)
         if len(payload) > self.max_reply_bytes:
             return Rejected("limits", topic_device, f"{len(payload)} bytes, limit {self.max_reply_bytes}")
@@ -187,6 +191,8 @@ class Authenticator:
             env = envelope.decode(payload)
         except ProtocolError as exc:
             return Rejected(exc.reason, topic_device, exc.detail)
+        if profile is not None:
+            t = profile.add("stage1.decode", t)
         if env.type != "reply":
             return Rejected("schema", topic_device, f"a {env.type!r} message on a reply topic", env)
         device = env.ctx.sender_id
@@ -204,13 +210,19 @@ class Authenticator:
                 raise SchemaError("a skip carries no update")
             if not reply.skip and env.attachment is None:
                 raise SchemaError("a reply must carry its update as an attachment")
+            if profile is not None:
+                t = profile.add("stage1.checks", t)
             env.verify()
         except ProtocolError as exc:
             return Rejected(exc.reason, device, exc.detail, env)
+        if profile is not None:
+            t = profile.add("stage1.verify", t)
         if reply.skip:
             return Authenticated(env, reply, {}, {})
         try:
             shapes, metrics = schemas.check_update(env.attachment)
         except ProtocolError as exc:
             return Rejected(exc.reason, device, exc.detail, env, authenticated=True)
+        if profile is not None:
+            profile.add("stage1.update_check", t)
         return Authenticated(env, reply, shapes, metrics)

@@ -38,6 +38,7 @@ from protocol import topics
 from protocol.logs import event
 from protocol.transport import BrokerAuth
 
+from . import ingest_profile
 from .ingest import Authenticator
 
 log = logging.getLogger("starling.gateway.ingest")
@@ -80,13 +81,20 @@ def worker_main(index: int, settings: WorkerSettings, enrolled: list[bytes], rev
                             settings.max_reply_bytes)
     outbox: queue.Queue = queue.Queue()
     handled = [0]
+    profile = ingest_profile.PROFILE  # with STARLING_INGEST_PROFILE: this worker's own file beside the gateway's
+    if profile is not None:
+        profile.path = profile.path.with_name(f"{profile.path.stem}-worker{index}{profile.path.suffix}")
 
     def deliver(message: mqttlink.Message) -> None:  # on paho's thread: stage 1 is this process's whole job
         handled[0] += 1
+        if profile is not None:
+            profile.begin()
         try:
             outbox.put((message.topic, message.payload, checker.authenticate(message.topic, message.payload)))
         except Exception:  # never expected (outcomes are values); never fatal either
             log.exception("ingest.failed topic=%s", message.topic)
+        if profile is not None:
+            profile.counted(1)
 
     broker = mqttlink.Connection(mqttlink.ConnectionOptions(
         client_id=settings.client_id(index), host=settings.host, port=settings.port, auth=settings.auth,
@@ -126,6 +134,8 @@ def worker_main(index: int, settings: WorkerSettings, enrolled: list[bytes], rev
         pass
     finally:
         broker.close()
+        if profile is not None and profile.replies:
+            profile.write()
         event(log, "ingest.stopped", worker=index, replies=handled[0])
 
 

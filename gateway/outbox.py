@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from protocol import envelope, schemas, topics
 from protocol.keys import Identity
+from protocol.tensors import DEFAULT_DENSITY
 
 ENROLL_TASK = "enroll"  # the task id of enrollment receipts
 
@@ -23,9 +24,11 @@ class Outbox:
         self._publish = publish
 
     def task(self, device_id: str, kind: str, round_: int, task_id: str, base: bytes,
-             config: schemas.TrainConfig) -> None:
+             config: schemas.TrainConfig, codec: str = "i8", density: float = DEFAULT_DENSITY) -> None:
+        """A task asking for the update in `codec` (topk: `density` of each tensor's entries)."""
         ctx = envelope.Context(self._identity.public_key, self._gateway_id, round_, task_id, base)
-        wire = envelope.seal(self._identity, "task", ctx, schemas.Task(kind, device_id, config, "i8").to_body())
+        body = schemas.Task(kind, device_id, config, codec, density).to_body()
+        wire = envelope.seal(self._identity, "task", ctx, body)
         self._publish(topics.task(self._gateway_id, device_id), wire)
 
     def receipt(self, reply: envelope.Envelope, device_id: str, accepted: bool, reason: str) -> None:

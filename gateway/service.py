@@ -315,7 +315,8 @@ class Gateway:
         releases = Releases(lineage, publisher, self.keeper, model_family(self.manifest), cfg.state_dir / "model.npz",
                             on_step=(lambda r: mcu.submit(r.digest, r.version, r.weights)) if mcu else (lambda r: None),
                             blobs=self.blobs)
-        grid = MqttGrid(book, outbox, releases.release_for, self.registry, cfg.deadline_s, stop, cfg.weights)
+        grid = MqttGrid(book, outbox, releases.release_for, self.registry, cfg.deadline_s, stop, cfg.weights,
+                        codec=cfg.codec, density=cfg.density)
         schedule = Schedule(cfg.num_rounds, cfg.interval_s, cfg.min_devices, cfg.wait_devices_s, cfg.evaluate_every,
                             cfg.deadline_s)
         train = {EPOCHS: cfg.epochs, BATCH_SIZE: cfg.batch_size, LR: cfg.lr}

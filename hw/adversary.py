@@ -140,11 +140,12 @@ class _LearnerView:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
-    def train(self, *args, **kwargs) -> _learner.Outcome:
+    def train(self, model, base, data, task, rng, max_seconds=0.0, max_samples=0, residual=None) -> _learner.Outcome:
         attack = getattr(_current, "attack", None)
         if attack is None:
-            return self._real.train(*args, **kwargs)
-        return attack.train(self._real.train, *args, **kwargs)
+            return self._real.train(model, base, data, task, rng, max_seconds, max_samples, residual)
+        # An attacker keeps no error feedback (topk): what it sends is its attack's, not an honest delta's rest.
+        return attack.train(self._real.train, model, base, data, task, rng, max_seconds, max_samples)
 
 
 def _install_view() -> None:

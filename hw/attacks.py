@@ -136,17 +136,23 @@ class UpdateAttack(Attack):
             honest = real_train(model, base, data, task, rng, max_seconds, max_samples)
         else:
             honest = plausible_outcome(model, base, data, task, max_samples)
-        out = tamper(honest, self.transform, task.codec)
+        out = tamper(honest, self.transform, task)
         self.sent.append((honest.attachment, out.attachment))
         return out
 
 
 def tamper(outcome: _learner.Outcome, transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-           codec: str) -> _learner.Outcome:
-    """`outcome` with its delta decoded, transformed and re-encoded in `codec` (metrics and count kept)."""
+           task: schemas.Task) -> _learner.Outcome:
+    """`outcome` with its delta decoded, transformed and re-encoded in the task's codec (and topk density;
+    metrics and count kept)."""
     delta, metrics = schemas.decode_update(outcome.attachment)
     changed = {k: np.asarray(v, np.float32) for k, v in transform(delta).items()}
-    return _learner.Outcome(schemas.encode_update(changed, metrics, codec), outcome.examples, outcome.metrics)
+    return _learner.Outcome(encode_for(task, changed, metrics), outcome.examples, outcome.metrics)
+
+
+def encode_for(task: schemas.Task, delta: dict[str, np.ndarray], metrics: dict[str, float]) -> bytes:
+    """An update attachment as `task` asks for it: its codec, and its density under topk."""
+    return schemas.encode_update(delta, metrics, task.codec, task.density)
 
 
 def plausible_outcome(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Task,
@@ -159,7 +165,7 @@ def plausible_outcome(model, base: dict[str, np.ndarray], data: LocalData, task:
     if "clipping_norm" in task.config.options:
         metrics["norm_bit"] = 0.0
     delta = {k: np.zeros_like(np.asarray(v, np.float32)) for k, v in base.items()}
-    return _learner.Outcome(schemas.encode_update(delta, metrics, task.codec), n, metrics)
+    return _learner.Outcome(encode_for(task, delta, metrics), n, metrics)
 
 
 def _base_loss(model, base, data: LocalData, batch: int) -> float:

@@ -114,6 +114,7 @@ from typing import Any
 
 from protocol.atomic import write_atomic
 from protocol.keys import Identity
+from protocol.schemas import CODEC, DENSITY
 
 from .broker import _child_env
 from .city_report import all_devices_accuracy, city_of_run, comparison_view
@@ -216,6 +217,8 @@ def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], 
                    # (not for sybils a voucher policy keeps out)
                    "min_devices": len(g.devices) - unenrollable + (1 if wait_real_device else 0),
                    "wait_devices_s": scenario.timeout_s if wait_real_device else 120.0},
+        # The upload codec ([training] codec, and density for topk only): gateway/config.py's keys.
+        "training": {CODEC: scenario.codec, **({DENSITY: scenario.density} if scenario.density is not None else {})},
         # The emulator's devices are its own; with real devices joining, vouchers gate enrollment.
         "enrollment": enrollment or {"policy": "open"},
         # The scenario's [aggregation] and [defense], verbatim (checked at load by the gateway's own parser).

@@ -17,7 +17,9 @@ connection and direction:
   * outages: during each (start, end) window, counted in seconds from
     `start()`, every connection is dropped and new ones are refused — the
     devices' MQTT clients reconnect with backoff afterwards.
-A seeded random source makes jitter and loss reproducible.
+A seeded random source makes jitter and loss reproducible. `tap(direction,
+nbytes)`, if given, is called on the relay's thread for every chunk read
+("up": client -> target, "down"), e.g. to timestamp the traffic.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import contextlib
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .broker import free_port
@@ -65,8 +68,8 @@ class LinkStats:
 
 class LinkRelay:
     def __init__(self, target: tuple[str, int], profile: LinkProfile = LinkProfile(), port: int | None = None,
-                 seed: int = 0) -> None:
-        self.target, self.profile = target, profile
+                 seed: int = 0, tap: Callable[[str, int], None] | None = None) -> None:
+        self.target, self.profile, self.tap = target, profile, tap
         self.port = port or free_port()
         self.stats = LinkStats()
         self._random = random.Random(seed)
@@ -186,6 +189,8 @@ class LinkRelay:
                     self.stats.bytes_up += len(data)
                 else:
                     self.stats.bytes_down += len(data)
+                if data and self.tap is not None:
+                    self.tap(direction, len(data))
                 await queue.put((loop.time() + delay, data))
                 if not data:
                     break

@@ -55,6 +55,8 @@
     batch_size = 32
     lr = 0.05
     deadline_s = 60
+    # codec = "i8"             # how devices send their updates: "i8", "f16", "f32" or "topk" (the gateways'
+    # density = 0.1            # [training] codec and density, topk's share of entries: gateway/config.py)
 
     [broker]
     kind = "auto"              # "mosquitto", "embedded" or "auto"
@@ -150,6 +152,7 @@ from typing import Any
 
 from agent.config import Personalization, parse_personalization
 from protocol.config import ConfigError, read_toml, resolve_path
+from protocol.tensors import UPLOAD_CODECS, check_density
 
 from . import model_tables
 from .anomalies import Anomalies
@@ -166,7 +169,8 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "dataset": {"source": str, "stride": int, "partition": str, "alpha": NUMBER, "test_fraction": NUMBER,
                 "classes_by_neighbourhood": list, "anomalies": dict},
     "strategy": {"name": str, "params": dict, "dp": dict},
-    "training": {"epochs": int, "batch_size": int, "lr": NUMBER, "deadline_s": NUMBER, "model": str},
+    "training": {"epochs": int, "batch_size": int, "lr": NUMBER, "deadline_s": NUMBER, "model": str, "codec": str,
+                 "density": NUMBER},
     "broker": {"kind": str},
     "aggregation": {},  # keys and values: the gateway's own parser (_gateway_tables)
     "defense": {},
@@ -266,6 +270,8 @@ class Scenario:
     batch_size: int = 32
     lr: float = 0.05
     deadline_s: float = 60.0
+    codec: str = "i8"  # [training] codec: the gateways' upload codec
+    density: float | None = None  # [training] density: topk's share of entries (None: the gateway's default)
     broker: str = "auto"
     gateways: int = 1
     partition: str = "subject"
@@ -490,6 +496,8 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         batch_size=get("training", "batch_size", 32),
         lr=float(get("training", "lr", 0.05)),
         deadline_s=float(get("training", "deadline_s", 60.0)),
+        codec=get("training", "codec", "i8"),
+        density=_density(get("training", "density", None)),
         broker=get("broker", "kind", "auto"),
         gateways=gateways,
         partition=partition,
@@ -524,12 +532,22 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
             raise ScenarioError(f"{name} must be positive, got {value}")
     if scenario.broker not in ("auto", "mosquitto", "embedded"):
         raise ScenarioError(f"broker.kind must be auto, mosquitto or embedded, not {scenario.broker!r}")
+    if scenario.codec not in UPLOAD_CODECS:
+        raise ScenarioError(f"training.codec must be one of {', '.join(UPLOAD_CODECS)}, not {scenario.codec!r}")
     _check_strategy_overrides(scenario)
     if any(section in doc for section in GATEWAY_TABLES):
         _check_gateway_tables(doc, scenario)
     if "variant" in doc:
         scenario = _with_variants(scenario, doc, base_dir)
     return scenario
+
+
+def _density(value: Any) -> float | None:
+    """training.density: None (absent) or a number in (0, 1]."""
+    try:
+        return None if value is None else check_density(value)
+    except ValueError as exc:
+        raise ScenarioError(f"training.density: {exc}") from None
 
 
 def _model_and_data(doc: dict[str, Any], base_dir: Path, source: str,

@@ -25,8 +25,17 @@ import numpy as np
 from . import cbor
 from .digest import DIGEST_BYTES
 from .errors import LimitExceeded, SchemaError, _brief
-from .fields import check_bytes, check_int, check_number, check_text
-from .tensors import DEFAULT_LIMITS, TensorLimits, decode_tensors, encode_tensors
+from .fields import check_bytes, check_float, check_int, check_number, check_text
+from .tensors import (
+    DEFAULT_DENSITY,
+    DEFAULT_LIMITS,
+    TOPK,
+    UPLOAD_CODECS,
+    TensorLimits,
+    check_density,
+    decode_tensors,
+    encode_tensors,
+)
 
 MAX_TEXT = 256
 MAX_METRICS = 16
@@ -36,6 +45,9 @@ MAX_MODEL_BYTES = 16 * 1024 * 1024
 CHUNK_BYTES = 256 * 1024  # larger models travel in chunks of this size
 MAX_CHUNKS = MAX_MODEL_BYTES // CHUNK_BYTES
 TASK_KINDS = ("train", "evaluate")
+# A task's upload codec and topk density: the keys of its body, and of the gateway's [training] config table
+# that sets them (gateway/config.py; hw/emulate.py writes them from a scenario's [training]).
+CODEC, DENSITY = "codec", "density"
 
 
 def _check_fields(doc: dict[str, Any], required: set[str], optional: frozenset[str] = frozenset()) -> None:
@@ -133,26 +145,42 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Task:
-    """A gateway's instruction to one device; ctx.base names the model by digest."""
+    """A gateway's instruction to one device; ctx.base names the model by digest.
+
+    `codec` is how the device must encode its update (`tensors.UPLOAD_CODECS`); with "topk" the body also
+    carries `density`, the share of each tensor's entries to send, in (0, 1] (and only then: a dense
+    codec's task has no density field, so its signed bytes are what they always were).
+    """
 
     kind: str  # "train" or "evaluate"
     device: str  # the id of the device this task is for
     config: TrainConfig = field(default_factory=TrainConfig)
     codec: str = "i8"  # how the device must encode its update
+    density: float = DEFAULT_DENSITY  # topk only: the share of entries sent
 
     def to_body(self) -> dict[str, Any]:
-        return {"kind": self.kind, "device": self.device, "config": self.config.to_wire(), "codec": self.codec}
+        if self.codec not in UPLOAD_CODECS:
+            raise ValueError(f"codec must be one of {UPLOAD_CODECS}, got {self.codec!r}")
+        body = {"kind": self.kind, "device": self.device, "config": self.config.to_wire(), CODEC: self.codec}
+        return {**body, DENSITY: check_density(self.density)} if self.codec == TOPK else body
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Task:
-        _check_fields(body, {"kind", "device", "config", "codec"})
+        codec = body.get(CODEC) if isinstance(body, dict) else None
+        _check_fields(body, {"kind", "device", "config", CODEC} | ({DENSITY} if codec == TOPK else set()))
         kind = check_text(body["kind"], "kind", MAX_TEXT)
         if kind not in TASK_KINDS:
             raise SchemaError(f"task kind {kind!r} is not one of {TASK_KINDS}")
-        codec = check_text(body["codec"], "codec", MAX_TEXT)
-        if codec not in ("f32", "f16", "i8"):
+        codec = check_text(body[CODEC], CODEC, MAX_TEXT)
+        if codec not in UPLOAD_CODECS:
             raise SchemaError(f"unknown codec {codec!r}")
-        return cls(kind, check_text(body["device"], "device", 64), TrainConfig.from_wire(body["config"]), codec)
+        density = DEFAULT_DENSITY
+        if codec == TOPK:
+            density = check_float(body[DENSITY], DENSITY, 0.0, 1.0)
+            if not density > 0:
+                raise SchemaError("density must be above 0")
+        return cls(kind, check_text(body["device"], "device", 64), TrainConfig.from_wire(body["config"]), codec,
+                   density)
 
 
 @dataclass(frozen=True)
@@ -337,9 +365,12 @@ class EnrollRequest:
 # --- attachments ---------------------------------------------------------------------
 
 
-def encode_update(delta: dict[str, np.ndarray], metrics: dict[str, float], codec: str = "i8") -> bytes:
-    """The reply attachment: the weight delta in `codec` and the device's metrics."""
-    return cbor.dumps({"tensors": encode_tensors(delta, codec), "metrics": {k: float(v) for k, v in metrics.items()}})
+def encode_update(delta: dict[str, np.ndarray], metrics: dict[str, float], codec: str = "i8",
+                  density: float = DEFAULT_DENSITY) -> bytes:
+    """The reply attachment: the weight delta in `codec` (topk: `density` of each tensor's entries) and the
+    device's metrics."""
+    return cbor.dumps({"tensors": encode_tensors(delta, codec, density),
+                       "metrics": {k: float(v) for k, v in metrics.items()}})
 
 
 def decode_update(

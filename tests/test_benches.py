@@ -23,6 +23,20 @@ def test_gateway_ingest_prints_its_figures():
     assert figures["replies"] == 100 and figures["rejected"] == {}
     assert figures["verified_per_s"] > 0 and figures["verify_limit_per_s"] > 0
     assert abs(figures["ratio"] - figures["verified_per_s"] / figures["verify_limit_per_s"]) < 0.002
+    # What the time went on: each process's CPU per reply, and the gateway's own account by stage.
+    assert set(figures["cpu_us_per_reply"]) == {"gateway", "broker", "loadgen", "all"}
+    profile = figures["profile"]
+    assert profile["replies"] == 100 and profile["stages_us"]["stage1.verify"] > 0
+    assert abs(sum(profile["share"].values()) - 1.0) < 0.01
+
+
+def test_gateway_ingest_with_a_worker_profiles_stage_one_there():
+    figures = run_bench("bench/gateway_ingest.py", "--replies", "100", "--params", "1000", "--workers", "1")
+    assert figures["replies"] == 100 and figures["cpu_us_per_reply"]["ingest_workers"] > 0
+    profile = figures["profile"]
+    assert profile["stages_us"]["stage1.verify"] == 0  # the gateway trusts the worker's stage 1 ...
+    assert profile["replies"] == 100 and profile["stages_us"]["receipt.sign"] > 0  # ... and signs the receipts
+    assert profile["workers"]["worker0"]["replies"] == 100 and profile["workers"]["worker0"]["stages_us"]["stage1.verify"] > 0
 
 
 def test_round_scale_prints_its_figures():

@@ -285,6 +285,7 @@ GATEWAY_KEYS = {
     "model": "manifest, mcu_python, release_ttl_s",
     "strategy": "dp, name, params",
     "rounds": "batch_size, deadline_s, epochs, evaluate_every, interval_s, lr, min_devices, num_rounds, wait_devices_s",
+    "training": "codec, density",
     "aggregation": "max_examples, median_multiple, weights",
     "defense": "centered_clipping, median_multiple, norm_bound",
     "blobs": "fetch_timeout_s, keep, max_mb, serve, serve_mb_per_s",
@@ -309,7 +310,8 @@ AGENT_KEYS = {
       for section, typo in [
           ("gateway", "rotation"), ("broker", "tls-ca"), ("ledger", "checkpoint_evry"), ("ingest", "worker"),
           ("model", "manifest_path"), ("strategy", "param"), ("rounds", "num_round"), ("aggregation", "weight"),
-          ("defense", "norm_bounds"), ("blobs", "keep_tags"), ("city", "evry"), ("enrollment", "operator_key")]],
+          ("defense", "norm_bounds"), ("blobs", "keep_tags"), ("city", "evry"), ("enrollment", "operator_key"),
+          ("training", "codecs")]],
     *[pytest.param(parse_agent, GOOD_AGENT, section, typo, AGENT_KEYS[section], id=f"agent {section}.{typo}")
       for section, typo in [
           ("device", "resend"), ("gateway", "rootkey"), ("broker", "hots"), ("data", "retention_s"),
@@ -324,7 +326,7 @@ def test_a_misspelt_key_in_any_table_is_refused_naming_it_and_the_known_ones(par
 @pytest.mark.parametrize("parse, good, name, value, match", [
     pytest.param(parse_gateway, GOOD_GATEWAY, "round", {"num_rounds": 5}, (
         r"unknown section \[round\]; known: aggregation, blobs, broker, city, defense, enrollment, gateway, ingest, "
-        r"ledger, model, rounds, strategy$"), id="gateway [round]"),
+        r"ledger, model, rounds, strategy, training$"), id="gateway [round]"),
     pytest.param(parse_gateway, GOOD_GATEWAY, "trainig", {}, r"unknown section \[trainig\]", id="gateway [trainig]"),
     pytest.param(parse_gateway, GOOD_GATEWAY, "num_rounds", 5,
                  r"unknown key num_rounds \(outside any section\); known: agg", id="gateway top-level key"),

@@ -46,6 +46,7 @@ from hw.synthetic import SyntheticModel, synthetic_data, write_manifest
 from protocol import envelope, schemas, topics
 from protocol.errors import BadSignature
 from protocol.keys import Identity
+from protocol.tensors import topk_count
 from protocol.vouchers import issue
 
 METRICS = {"train_loss": 0.5, "steps": 3.0}
@@ -86,12 +87,12 @@ def test_sign_flip_sends_exactly_the_negated_update_with_the_same_count_and_metr
 @pytest.mark.parametrize("codec", ["i8", "f32"])
 def test_scaling_multiplies_the_update_by_its_factor(codec):
     honest = honest_outcome(codec)
-    out = tamper(honest, Scaling(10.0).transform, codec)
+    out = tamper(honest, Scaling(10.0).transform, task(codec))
     sent, _ = schemas.decode_update(out.attachment)
     trained, _ = schemas.decode_update(honest.attachment)
     for name in trained:
         np.testing.assert_allclose(sent[name], 10.0 * trained[name], rtol=1e-5, atol=1e-7)
-    out = tamper(honest, Scaling(-2.5).transform, codec)
+    out = tamper(honest, Scaling(-2.5).transform, task(codec))
     np.testing.assert_allclose(schemas.decode_update(out.attachment)[0]["t1"], -2.5 * trained["t1"], rtol=1e-5)
 
 
@@ -527,3 +528,12 @@ def test_a_gateway_accepts_a_signed_inflated_claim_and_weighs_it_as_the_capped_r
     cap = 96  # 1 x the median claim (96): the inflated reply weighs what device b weighs
     assert share["inflated"] == pytest.approx(cap / (64 + 96 + cap))  # 0.375, where "reported" would give ~0.99998
     assert share["a"] == pytest.approx(64 / (64 + 96 + cap))
+
+
+def test_a_tampered_topk_update_keeps_the_tasks_density():
+    honest = honest_outcome("topk")
+    sparse = schemas.Task("train", "dev", schemas.TrainConfig(epochs=2, batch_size=32, lr=0.1), "topk", 0.05)
+    out = tamper(honest, Scaling(-1.0).transform, sparse)
+    sent, _ = schemas.decode_update(out.attachment)
+    assert np.count_nonzero(sent["t0"]) <= topk_count(40 * 30, 0.05) < np.count_nonzero(
+        schemas.decode_update(honest.attachment)[0]["t0"])

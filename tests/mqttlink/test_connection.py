@@ -232,3 +232,10 @@ def test_byte_counters_count_payloads_in_and_counted_payloads_out(broker):
         conn.publish("t/bytes", b"abcde", counted=False)
         assert [payload for _, payload in payloads(conn.inbox, 2)] == [b"0123456789", b"abcde"]
         assert (conn.bytes_out, conn.bytes_in) == (10, 15)
+
+
+@pytest.mark.parametrize("nodelay", [True, False])
+def test_tcp_nodelay_is_set_on_the_socket_unless_turned_off(broker, nodelay):
+    with Connection(options(broker.port, tcp_nodelay=nodelay)) as conn:
+        sock = conn.client.socket()
+        assert bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) is nodelay
