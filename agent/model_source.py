@@ -19,12 +19,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from firmware_models.runtime import TrainableModel
 
-    from .config import AgentConfig
+
+class NamesAModel(Protocol):
+    """What this module reads of an agent config (agent/config.py's AgentConfig, which imports this module)."""
+
+    model: str
+    model_path: Path | None
 
 __all__ = ["ModelError", "ModelSource", "load_model", "model_source", "read_folder"]
 
@@ -122,7 +127,7 @@ def read_folder(folder: Path, label: str | None = None, packaged: bool = False) 
     return source
 
 
-def model_source(model: AgentConfig | str | Path) -> ModelSource:
+def model_source(model: NamesAModel | str | Path) -> ModelSource:
     """The model an agent config names (`[model] name` or `[model] path`), or a model given as a name of the zoo
     or a folder's path."""
     import firmware_models
@@ -139,7 +144,7 @@ def model_source(model: AgentConfig | str | Path) -> ModelSource:
     return read_folder(Path(model))
 
 
-def load_model(model: AgentConfig | str | Path) -> tuple[dict[str, Any], TrainableModel]:
+def load_model(model: NamesAModel | str | Path) -> tuple[dict[str, Any], TrainableModel]:
     """The manifest and a new `TrainableModel` of `model` (see model_source)."""
     source = model_source(model)
     return source.manifest, source.load()
