@@ -27,6 +27,7 @@ from protocol.keys import load_or_create
 
 from .config import ConfigError, load_config
 from .data_source import DataError, open_data
+from .learner import device_seed
 from .model_source import ModelError, load_model, model_source
 
 
@@ -60,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     logs.event(logging.getLogger("starling.agent"), "agent.model", model=source.label,
                source="package" if source.packaged else "path", input_shape="x".join(map(str, source.input_shape)),
                task=source.task, sha256=manifest["sha256"][:16])
-    seed = identity.node_id % 2**32
+    seed = device_seed(identity.node_id)
     inference_model = personalizer = None
     if config.inference is not None:  # its own model instance: training never touches its weights
         from .personalize import CannotPersonalize, Personalizer
@@ -128,7 +129,7 @@ def _predict(args: argparse.Namespace) -> int:
         return 2
     try:
         identity = Identity.load(config.key)  # only to say whose results these are: never created here
-        device, seed = identity.id, identity.node_id % 2**32  # the service's personalization seed
+        device, seed = identity.id, device_seed(identity.node_id)  # the service's personalization seed
     except (KeyFileError, OSError):
         device, seed = "", 0
     try:

@@ -98,11 +98,9 @@ def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Tas
     losses: list[float] = []
     seen = 0
     for epoch in range(cfg.epochs):
-        order = rng.permutation(n)
-        for start in range(0, n, batch):  # the runtime pads a short last batch
+        for idx in epoch_batches(rng, n, batch):
             if time.time() > stop_at:
                 break
-            idx = order[start : start + batch]
             y = None if unlabelled else data.y_train[idx]  # a self-supervised model learns from x alone
             if in_graph:
                 losses.append(float(model.train_step(data.x_train[idx], y, cfg.lr, mu)))
@@ -113,7 +111,7 @@ def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Tas
                     after = model.get_weights()
                     model.set_weights({k: after[k] - cfg.lr * mu * (before[k] - base[k]) for k in after})
             if epoch == 0:
-                seen += len(idx)
+                seen = min(n, seen + len(idx))  # a wrapped last batch repeats windows already counted
     new = model.get_weights()
     delta = {name: new[name] - base[name] for name in base}
     sparse = task.codec == TOPK
@@ -131,6 +129,37 @@ def train(model, base: dict[str, np.ndarray], data: LocalData, task: schemas.Tas
     sent, _ = schemas.decode_update(attachment)  # exactly what the gateway will add to the base
     left = {name: (delta[name] - sent[name]).astype(np.float32) for name in delta}
     return Outcome(attachment, examples, metrics, left)
+
+
+def device_seed(node_id: int) -> int:
+    """The seed of a device's training shuffles: its node id (derived from its key), in 32 bits."""
+    return node_id % 2**32
+
+
+def round_rng(seed: int, round_: int) -> np.random.Generator:
+    """The generator of one round's training (its shuffles, its `max_samples` draw).
+
+    Seeded by the device and the round rather than drawn on from one stream, so a round's training
+    does not depend on what the device did before (rounds it skipped, a restart): the same data in
+    the same round gives the same update. Flower's ClientApp in bench/flower_app seeds its shuffles
+    the same way, which pairs the two sides' runs of bench/vs_flower.py.
+    """
+    return np.random.default_rng([seed, round_])
+
+
+def epoch_batches(rng: np.random.Generator, n: int, batch: int) -> list[np.ndarray]:
+    """One epoch's batches of window indices, cut as `TrainableModel.train_epochs` cuts them.
+
+    A fresh permutation of the n windows, in full batches; a short last batch is completed with the
+    first windows of the same permutation, so every step sees `batch` distinct real windows (fewer
+    only when the device holds fewer than `batch`). The same generator state gives the same batches
+    as the runtime's own loop: a side by side that seeds both alike trains both alike.
+    """
+    order = rng.permutation(n)
+    steps = -(-n // batch)
+    if n >= batch:
+        order = np.resize(order, steps * batch)
+    return [order[s * batch : (s + 1) * batch] for s in range(steps)]
 
 
 def fits(residual: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> bool:

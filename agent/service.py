@@ -19,6 +19,13 @@ already trusted under its version (`model_version_conflict`), and was not signed
 long before the newest release this device knows (`model_frozen`: its expiry is
 more than `[model] freeze_window_s` older than the newest expiry accepted).
 
+Downloads: a task whose model has a published delta names its base (`Task.delta_base`); a device holding
+that model (the one it keeps in memory, `_models`) fetches the signed delta (`schemas.ModelDelta`, which
+passes every release check above), rebuilds the model (`tensors.apply_delta`) and keeps it only if it
+hashes to the task's digest. Any other device, and one whose delta fails in any way, fetches the full
+release as before: a failed delta is counted by reason (`Counters.delta_refused`) and logged once, never
+a refused task.
+
 Roaming (agent/roaming.py): with the root key, "the gateway" is the device's home, the configured gateway
 or the member it re-homed to. `Roaming` keeps the city, the home and the decision to leave it; the agent
 carries that decision out on its connection and its state (`Agent._roam`, `Agent._rehome`). The move is one
@@ -53,7 +60,7 @@ from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id
 from protocol.logs import event
 from protocol.rotation import Chain
-from protocol.tensors import TOPK
+from protocol.tensors import TOPK, apply_delta
 
 from . import learner
 from .config import AgentConfig
@@ -68,6 +75,7 @@ from .systemd import Notifier
 log = logging.getLogger("starling.agent")
 
 MODEL_WAIT_S = 30.0
+DELTA_WAIT_S = 10.0  # a delta the task names is retained already; if it is not there, the full model is
 REHOME = "agent/rehome"  # not an MQTT topic: the loop's request that the worker move the device (`_rehome`)
 
 
@@ -78,6 +86,8 @@ class Counters:
     accepted: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     refused_tasks: dict[str, int] = field(default_factory=dict)
+    downloads: dict[str, int] = field(default_factory=dict)  # models fetched: "delta" or "full"
+    delta_refused: dict[str, int] = field(default_factory=dict)  # deltas given up for the full model, by reason
 
 
 class Agent:
@@ -95,7 +105,7 @@ class Agent:
         self.identity = identity
         self.model = model
         self.data = data
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed  # each round's training shuffles come from (seed, round): learner.round_rng
         self.store = StateStore(config.state_dir)
         self.feedback = ErrorFeedback(config.state_dir)  # topk uploads: what earlier rounds did not send
         self.roaming = Roaming(config, self.store, identity.id, time.monotonic())  # where the device lives
@@ -106,12 +116,26 @@ class Agent:
         self.architecture = architecture
         self.weight_shapes = {name: w.shape for name, w in model.get_weights().items()}
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._models: dict[bytes, dict[str, np.ndarray]] = {}
+        self._models = self._own_model(model)
         self._model_arrived = threading.Condition()
         self._raw_models: dict[int, bytes] = {}  # -1: the release; 0..n-1: its chunks
         self._wanted: bytes | None = None
+        self._wanted_delta: bytes | None = None  # the model whose delta is awaited ...
+        self._raw_delta: bytes | None = None  # ... and its signed message, once here
         self.inference = inference
         self.conn = self._make_connection()
+
+    def _own_model(self, model) -> dict[bytes, dict[str, np.ndarray]]:
+        """The model cache a device starts with: the weights it was flashed with, by their digest, while it
+        trusts no release yet. A gateway's lineage starts from the same family's initial weights, so a new
+        device needs no download for the first model, and takes the next one as a delta from it. A device
+        that trusts a release starts empty: each model it is asked for again passes the release checks
+        (a rollback to the initial model among them)."""
+        state = self.state
+        if state.trusted_version > 0 or state.trusted_digest or state.newest_expires:
+            return {}
+        weights = model.get_weights()
+        return {sha256(schemas.encode_model(weights)): weights}
 
     # --- MQTT plumbing -------------------------------------------------------------
 
@@ -157,6 +181,12 @@ class Agent:
             self._inbox.put((msg.topic, msg.payload, ""))
             return
         digest_hex, _, index = msg.topic[len(prefix):].partition("/")
+        if digest_hex == topics.DELTA:
+            with self._model_arrived:
+                if self._wanted_delta is not None and index == self._wanted_delta.hex() and msg.payload:
+                    self._raw_delta = msg.payload
+                    self._model_arrived.notify_all()
+            return
         with self._model_arrived:
             if self._wanted is None or digest_hex != self._wanted.hex() or not msg.payload:
                 return  # not the model we wait for (or a cleared retained message): memory is scarce
@@ -192,18 +222,75 @@ class Agent:
         self.roaming.heard(time.monotonic())  # the home signed it: it is there
         return env
 
-    def _wait_for(self, pieces: Callable[[], bool], deadline: float) -> None:
+    def _wait_for(self, pieces: Callable[[], bool], deadline: float, reason: str = "model_unavailable") -> None:
         with self._model_arrived:
             while not pieces():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise _Refused("model_unavailable")
+                    raise _Refused(reason)
                 self._model_arrived.wait(left)
 
-    def _fetch_model(self, digest: bytes) -> dict[str, np.ndarray]:
-        """The weights with content address `digest`, from cache or the retained release (and chunks)."""
+    def _fetch_model(self, digest: bytes, delta_base: bytes = b"") -> dict[str, np.ndarray]:
+        """The weights with content address `digest`: from cache, rebuilt from the delta the task names when
+        this device holds its base (`delta_base`), else from the retained release (and chunks)."""
         if digest in self._models:
             return self._models[digest]
+        if delta_base and delta_base in self._models:
+            try:
+                weights, release, received = self._fetch_delta(digest, delta_base)
+            except (ProtocolError, _Refused) as exc:
+                self.counters.delta_refused[exc.reason] = self.counters.delta_refused.get(exc.reason, 0) + 1
+                event(log, "model.delta_refused", logging.WARNING, digest=digest.hex()[:16], reason=exc.reason,
+                      detail=str(exc), then="full")
+            else:
+                return self._keep(digest, weights, release, "delta", received)
+        weights, release, received = self._fetch_full(digest)
+        return self._keep(digest, weights, release, "full", received)
+
+    def _keep(self, digest: bytes, weights: dict[str, np.ndarray], release: schemas.ModelRelease,
+              how: str, received: int) -> dict[str, np.ndarray]:
+        """An accepted model: trusted, cached (only the newest: memory is scarce), handed to inference."""
+        event(log, "model.fetched", digest=digest.hex()[:16], version=release.version, how=how, bytes=received)
+        self._remember(release)
+        self._models = {digest: weights}
+        self.counters.downloads[how] = self.counters.downloads.get(how, 0) + 1
+        if self.inference is not None and digest.hex() == self.state.trusted_digest:  # the newest one trusted
+            self.inference.install(weights, release.version, digest.hex())
+        return weights
+
+    def _fetch_delta(self, digest: bytes, base: bytes) -> tuple[dict[str, np.ndarray], schemas.ModelRelease, int]:
+        """Model `digest` rebuilt from its signed delta on the cached model `base`; raises `_Refused` or
+        `ProtocolError` (the caller falls back to the full model) for anything amiss."""
+        address = topics.model_delta(self.roaming.home, digest.hex())
+        with self._model_arrived:
+            self._wanted_delta, self._raw_delta = digest, None
+        self.conn.subscribe([(address, 1)])
+        try:
+            self._wait_for(lambda: self._raw_delta is not None, time.monotonic() + DELTA_WAIT_S, "delta_unavailable")
+            received = len(self._raw_delta)
+            env = self._open_from_gateway(self._raw_delta, "delta")  # signature, key, gateway, attachment digest
+        finally:
+            self.conn.unsubscribe([address])
+            with self._model_arrived:
+                self._wanted_delta, self._raw_delta = None, None
+        delta = schemas.ModelDelta.from_body(env.body)
+        release = delta.release()
+        self._check_release(release, digest)  # expiry, architecture, rollback, version conflict, freeze window
+        if delta.base != base:
+            raise _Refused("delta_base_mismatch")  # not a step from the model this device holds
+        if env.attachment is None or len(env.attachment) != delta.size:
+            raise _Refused("delta_size_mismatch")
+        step = schemas.decode_delta(env.attachment, delta.codec)
+        if {k: v.shape for k, v in step.items()} != self.weight_shapes:
+            raise _Refused("delta_shape_mismatch")
+        weights = apply_delta(self._models[base], step)
+        if sha256(schemas.encode_model(weights)) != digest:
+            raise _Refused("delta_digest_mismatch")  # signed, yet it does not rebuild the model the task names
+        return weights, release, received
+
+    def _fetch_full(self, digest: bytes) -> tuple[dict[str, np.ndarray], schemas.ModelRelease, int]:
+        """The model `digest` from its retained release (and chunks), every release check passed; with the
+        bytes received."""
         address = topics.model(self.roaming.home, digest.hex())
         with self._model_arrived:
             self._wanted, self._raw_models = digest, {}
@@ -222,6 +309,7 @@ class Agent:
                 model = b"".join(self._raw_models[i] for i in range(release.chunks))
             if model is None or len(model) != release.size or sha256(model) != digest:
                 raise _Refused("model_digest_mismatch")
+            received = len(self._raw_models[-1]) + (len(model) if release.chunks > 1 else 0)
         finally:
             self.conn.unsubscribe([address, address + "/+"])
             with self._model_arrived:
@@ -229,11 +317,7 @@ class Agent:
         weights = schemas.decode_model(model)
         if {k: v.shape for k, v in weights.items()} != self.weight_shapes:
             raise _Refused("model_shape_mismatch")
-        self._remember(release)
-        self._models = {digest: weights}  # keep only the newest: memory is scarce
-        if self.inference is not None and digest.hex() == self.state.trusted_digest:  # the newest one trusted
-            self.inference.install(weights, release.version, digest.hex())
-        return weights
+        return weights, release, received
 
     def _check_release(self, release: schemas.ModelRelease, digest: bytes) -> None:
         """Refuse (raise `_Refused`) a gateway-signed release this device must not act on, each for its reason.
@@ -308,13 +392,14 @@ class Agent:
             wire = envelope.seal(self.identity, "reply", ctx, schemas.Reply(schemas.SKIP_DIGEST, 0, skip).to_body())
             event(log, "task.skipped", round=env.ctx.round, task=env.ctx.task, reason=skip)
         else:
-            base = self._fetch_model(env.ctx.base)
+            base = self._fetch_model(env.ctx.base, task.delta_base)
             if task.kind == "train":
                 budget = self.config.budget
                 residual = (self.feedback.load(self.weight_shapes, self._lineage(), self.state.trusted_version)
                             if task.codec == TOPK else None)
-                outcome = learner.train(self.model, base, data, task, self.rng, budget.max_train_s,
-                                        budget.max_samples, residual)
+                rng = learner.round_rng(self.seed, env.ctx.round)
+                outcome = learner.train(self.model, base, data, task, rng, budget.max_train_s, budget.max_samples,
+                                        residual)
             else:
                 outcome = learner.evaluate(self.model, base, data)
             wire = envelope.seal(self.identity, "reply", ctx, {"examples": outcome.examples}, outcome.attachment)

@@ -11,9 +11,13 @@ and evaluating every round, R rounds, the Starling quickstart's local
 training (2 epochs, lr 0.2, batch 32); accuracy is the test-example-weighted
 mean of each device's accuracy on its own test windows.
 
-Three sides (issue 17), each run once per seed (--seeds, default 3; seed k
-sets every device's shuffling: Flower's node `seed`, Starling's device keys,
-from which the agents seed their shuffles):
+Three sides (issue 17), each run once per seed (--seeds, default 3). Seed k
+sets every device's shuffling, identically on every side: it makes the Starling
+devices' keys, each agent seeds round r's shuffles with (its key's seed, r)
+(agent/learner.py `round_rng`), and the Flower ClientApp of the same device gets
+that seed as its node `seed` and does the same. Both train loops cut batches
+alike, so the sides' kth runs are paired: they differ by what the runtimes do
+(int8 uploads, capped weights, compact downloads), not by the shuffles' luck:
 
 1. `flower`: Flower as it ships, subprocess isolation (its default):
    `flower-superlink --insecure` (it starts `flower-superexec`, which starts
@@ -37,10 +41,12 @@ from which the agents seed their shuffles):
    processes of each side.
 3. `starling`: one Mosquitto, one gateway (`python -m gateway.cli run`, the
    same Flower FedAvg over its MQTT grid, Ed25519-signed messages, the ledger),
-   N agents (`python -m agent.cli run`) replaying the same files. The gateway
-   asks for int8 updates (the codec is fixed to "i8" in gateway/grid.py):
-   devices send int8 weight deltas, the gateway publishes each global model
-   once as float32 CBOR on a retained, content-addressed topic.
+   N agents (`python -m agent.cli run`) replaying the same files, with the
+   gateway's defaults: devices send int8 weight deltas (`[training] codec =
+   "i8"`), and each new model reaches them as a signed int8 delta from the one
+   before (`download = "i8"`; the full float32 model stays retained as the
+   fallback). The first model is the family's initial weights, which every
+   agent was started with: no device downloads it.
 
 What is measured, the same way on every side:
 - Bytes on the wire: every device connection goes through a counting TCP
@@ -525,7 +531,7 @@ def run_flower(devices: list[tuple[str, Path]], args: argparse.Namespace, workdi
             runtime_port = free_port()
             node = procs.start([_flower_exe("flower-supernode"), "--insecure", "--isolation", isolation,
                                 "--superlink", f"127.0.0.1:{relay.port}", "--port", str(runtime_port),
-                                "--node-config", f'data="{data}" seed={1000 * (seed - 1) + i + 1} name="{name}"'],
+                                "--node-config", f'data="{data}" seed={_device_seed(seed, name)} name="{name}"'],
                                logs / f"supernode-{name}.log", env)
             sampler.watch("devices", node.pid)
             if isolation == "process":  # the device's SuperExec: it starts a flwr-clientapp per message
@@ -639,6 +645,15 @@ def _seeded_identity(seed: int, who: str):
     return Identity.from_seed(hashlib.sha256(f"bench/vs_flower seed {seed} {who}".encode()).digest())
 
 
+def _device_seed(seed: int, name: str) -> int:
+    """A device's shuffle seed, the same on every side: the seed its Starling agent derives from its key
+    (agent/learner.py). Both sides then draw each round's shuffles from (this seed, the round), so the kth
+    runs of the sides are paired: what differs between them is the runtime, not the luck of the shuffles."""
+    from agent.learner import device_seed
+
+    return device_seed(_seeded_identity(seed, name).node_id)
+
+
 def _starling_configs(workdir: Path, gateway, gateway_key: Path, broker: Broker, relay_port: int,
                       devices: list[tuple[str, Path]], args: argparse.Namespace,
                       seed: int) -> tuple[Path, list[Path]]:
@@ -738,8 +753,8 @@ def run_starling(devices: list[tuple[str, Path]], args: argparse.Namespace, work
     return {
         "runtime": f"{broker.kind} + 1 starling-gateway + {len(devices)} starling-agent "
                    "(signed CBOR over MQTT, ledger on)",
-        "update": "int8 weight deltas up (codec 'i8', set by gateway/grid.py); each new float32 model "
-                  "goes down once (retained, content-addressed)",
+        "update": "int8 weight deltas up ([training] codec 'i8'); each new model down as a signed int8 delta "
+                  "from the one before (download 'i8'; the full float32 model retained as the fallback)",
         "seed": seed,
         **figures,
         "idle_bytes_per_s": idle,

@@ -9,7 +9,10 @@ reasoned about on its own.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
+
+from protocol.tensors import TOPK, topk_count
 
 from .ingest import Accepted, Authenticated, Deferred, Duplicate, OpenTask, Rejected, Skipped
 
@@ -67,6 +70,9 @@ def admit(book: RoundView, auth: Authenticated, now: float) -> Accepted | Skippe
     if task.kind == "train":
         if auth.shapes != {k: v.shape for k, v in task.base_weights.items()}:
             return refuse("wrong_shape", "delta does not match the model's weights")
+        wrong = codec_mismatch(task, auth)
+        if wrong:
+            return refuse("wrong_codec", wrong)
         if set(metrics) != task.train_metrics or reply.examples < 1:
             return refuse("wrong_metrics", f"train metrics {sorted(metrics)}")
     else:
@@ -75,3 +81,18 @@ def admit(book: RoundView, auth: Authenticated, now: float) -> Accepted | Skippe
         if not 0.0 <= metrics.get("accuracy", 0.0) <= 1.0 or any(metrics[k] < 0 for k in metrics):
             return refuse("wrong_metrics", "accuracy, loss or error out of range")
     return Accepted(task, env, metrics, reply.examples)
+
+
+def codec_mismatch(task: OpenTask, auth: Authenticated) -> str:
+    """Why the update is not encoded as its task asked ("" if it is): another codec in any tensor, or with
+    topk more entries than the task's density allows. A device asked for a sparse update that sends a dense
+    one (or a denser one) would get more than its share of the uplink, and of the aggregate's attention."""
+    codecs = sorted({codec for codec, _ in auth.encodings.values()} - {task.codec})
+    if codecs:
+        return f"the task asked for {task.codec}, the update has {', '.join(codecs)}"
+    if task.codec == TOPK:
+        for name, (_, sent) in auth.encodings.items():
+            allowed = topk_count(math.prod(auth.shapes[name]), task.density)
+            if sent > allowed:
+                return f"tensor {name!r}: {sent} entries, the task's density {task.density} allows {allowed}"
+    return ""

@@ -47,6 +47,14 @@
     min_devices = 5                       # a round waits for this many enrolled, online devices ...
     wait_devices_s = 120.0                # ... this long at a time: then a bounded run (num_rounds) fails,
                                           # a service says so in its log and waits on
+    mode = "sync"                         # "sync": a round is one exchange, closed when all replied; "buffered":
+                                          # FedBuff (gateway/buffered.py): every device trains all the time and
+                                          # a step (a "round") aggregates every `buffer` arrived updates
+    # buffer = 3                          # buffered only: K, the updates a step aggregates
+    # max_staleness = 4                   # buffered only: an update trained more steps behind is refused
+    # staleness_exponent = 0.5            # buffered only: an update s steps behind weighs (1 + s) ** -exponent
+                                          # (0.5: FedBuff's 1/sqrt(1 + s); 0: staleness does not count)
+                                          # with FedAvg, FedProx, FedMedian or FedTrimmedAvg, without DP
 
     [training]                            # how devices send their updates (the task's codec)
     codec = "i8"                          # "i8" (int8, a per-tensor scale), "f16", "f32", or "topk": per
@@ -55,6 +63,10 @@
                                           # sent is added to its next round's delta: agent/error_feedback.py)
     density = 0.1                         # topk: the share of each tensor's entries sent, in (0, 1]
                                           # (the other codecs send every entry and ignore it)
+    download = "i8"                       # how each new model reaches devices holding the one before it: a
+                                          # signed delta, "i8" (int8, a per-tensor scale) or "f16"; the
+                                          # release is base + that delta, exactly what devices rebuild;
+                                          # "full": the float32 model only (always there as the fallback)
 
     [aggregation]
     weights = "capped"                    # what a reply weighs: "capped" (min(claim, cap)), "uniform", or
@@ -114,11 +126,12 @@ from protocol.config import (
     resolve_path,
     setting,
 )
-from protocol.schemas import CODEC, DENSITY, MAX_EXAMPLES
+from protocol.schemas import CODEC, DEFAULT_DOWNLOAD, DENSITY, DOWNLOAD, DOWNLOADS, MAX_EXAMPLES
 from protocol.tensors import DEFAULT_DENSITY, UPLOAD_CODECS, check_density
 from protocol.transport import BrokerAuth, read_broker_auth
 
 from .blob_keeper import BlobSettings
+from .buffered import MAX_BUFFER, MAX_STALENESS, MODES, BufferSettings, check_strategy
 from .city import CitySettings
 from .city_merge import RULES as CITY_RULES
 from .strategies import make_strategy
@@ -130,6 +143,7 @@ MAX_BLOB_TAGS = 1_000_000  # blobs.keep
 MAX_BLOB_MB = 1e9  # blobs.max_mb (a petabyte: "no cap" is 0)
 MAX_FETCH_TIMEOUT_S = 86400.0  # blobs.fetch_timeout_s, city.deadline_s
 MAX_CITY_EVERY = 1_000_000  # city.every
+MAX_STALENESS_EXPONENT = 10.0  # rounds.staleness_exponent (at 10 an update one step behind weighs 1/1024)
 
 
 @dataclass(frozen=True)
@@ -164,9 +178,11 @@ class GatewayConfig:
     wait_devices_s: float = 120.0
     codec: str = "i8"  # [training] codec: how devices encode their updates (protocol/tensors.py UPLOAD_CODECS)
     density: float = DEFAULT_DENSITY  # [training] density: topk's share of each tensor's entries
+    download: str = DEFAULT_DOWNLOAD  # [training] download: "i8"/"f16" deltas beside each release, or "full"
     weights: WeightRule = field(default_factory=WeightRule)  # [aggregation]: what a reply weighs
     blobs: BlobSettings = field(default_factory=BlobSettings)  # [blobs]: updates and models kept by digest
     city: CitySettings | None = None  # [city]: the city tier; None: this gateway merges with nobody
+    buffered: BufferSettings | None = None  # [rounds] mode = "buffered": its settings; None: synchronous rounds
     policy: str = "open"
     allowlist: tuple[bytes, ...] = ()
     operator_keys: tuple[bytes, ...] = ()  # who may sign vouchers
@@ -262,8 +278,10 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         lr=_positive("rounds.lr", setting(doc, "rounds", "lr", float, 0.05)),
         min_devices=int(_positive("rounds.min_devices", setting(doc, "rounds", "min_devices", int, 2))),
         wait_devices_s=_positive("rounds.wait_devices_s", setting(doc, "rounds", "wait_devices_s", float, 120.0)),
+        buffered=_buffered(doc),
         codec=_codec(doc),
         density=_density(doc),
+        download=_download(doc),
         weights=_weight_rule(doc),
         blobs=_blobs(doc),
         city=_city(doc),
@@ -278,7 +296,9 @@ def parse_config(doc: dict[str, Any], base_dir: Path = Path(".")) -> GatewayConf
         raise ConfigError("city: the city tier needs the city's ledger ([ledger] genesis)")
     if config.city is not None and not config.blobs.serve:
         raise ConfigError("city: the city tier needs [blobs] serve = true (members fetch each other's models)")
-    config.make_strategy()  # fail now, not mid-run
+    strategy = config.make_strategy()  # fail now, not mid-run
+    if config.buffered is not None and (why := check_strategy(strategy, config.strategy_dp)) is not None:
+        raise ConfigError(f'rounds.mode = "buffered" does not work with strategy {config.strategy!r}: {why}')
     return config
 
 
@@ -286,7 +306,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     return parse_config(read_toml(path), Path(path).parent)
 
 
-TRAINING = "training"  # the table; its keys are the task's (protocol/schemas.py CODEC, DENSITY)
+TRAINING = "training"  # the table; its keys are the task's (protocol/schemas.py CODEC, DENSITY) and DOWNLOAD
 
 
 def _codec(doc: dict[str, Any]) -> str:
@@ -296,6 +316,13 @@ def _codec(doc: dict[str, Any]) -> str:
     return codec
 
 
+def _download(doc: dict[str, Any]) -> str:
+    download = setting(doc, TRAINING, DOWNLOAD, str, DEFAULT_DOWNLOAD)
+    if download not in DOWNLOADS:
+        raise ConfigError(f"{TRAINING}.{DOWNLOAD} must be one of {DOWNLOADS}, got {download!r}")
+    return download
+
+
 def _density(doc: dict[str, Any]) -> float:
     density = setting(doc, TRAINING, DENSITY, float, DEFAULT_DENSITY)
     try:
@@ -303,6 +330,29 @@ def _density(doc: dict[str, Any]) -> float:
     except ValueError as exc:
         raise ConfigError(f"{TRAINING}.{DENSITY}: {exc}") from None
     return density
+
+
+def _buffered(doc: dict[str, Any]) -> BufferSettings | None:
+    """[rounds] mode and the buffered mode's keys (None: synchronous rounds; the keys are refused there)."""
+    mode = setting(doc, "rounds", "mode", str, "sync")
+    if mode not in MODES:
+        raise ConfigError(f"rounds.mode must be one of {MODES}, got {mode!r}")
+    given = [k for k in ("buffer", "max_staleness", "staleness_exponent") if k in doc.get("rounds", {})]
+    buffer = setting(doc, "rounds", "buffer", int, BufferSettings.buffer)  # (read in either mode: known keys)
+    staleness = setting(doc, "rounds", "max_staleness", int, BufferSettings.max_staleness)
+    exponent = setting(doc, "rounds", "staleness_exponent", float, BufferSettings.staleness_exponent)
+    if mode == "sync":
+        if given:
+            raise ConfigError(f'rounds.{given[0]} is a setting of rounds.mode = "buffered" (the mode is "sync")')
+        return None
+    if not 1 <= buffer <= MAX_BUFFER:
+        raise ConfigError(f"rounds.buffer must be 1 to {MAX_BUFFER} (updates per buffered step), got {buffer}")
+    if not 0 <= staleness <= MAX_STALENESS:
+        raise ConfigError(f"rounds.max_staleness must be 0 to {MAX_STALENESS} (steps behind the head), got {staleness}")
+    if not 0.0 <= exponent <= MAX_STALENESS_EXPONENT:
+        raise ConfigError(f"rounds.staleness_exponent must be 0 to {MAX_STALENESS_EXPONENT} (a stale update weighs "
+                          f"(1 + staleness) ** -exponent), got {exponent}")
+    return BufferSettings(buffer, staleness, exponent)
 
 
 def _weight_rule(doc: dict[str, Any]) -> WeightRule:

@@ -27,12 +27,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from logging import INFO
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
-
 
 PARAMETERS: dict[str, type] = {  # the [defense] keys (UpdateBound's parameters) and their types
     "norm_bound": float,

@@ -16,7 +16,9 @@ such as FedAdam use them), through a template method over a few hooks:
                              the head: restore the strategy's state, publish the head again
     wait_turn(r)             the interval since the last round's start; enough devices online
     train_round(r)           one training exchange, its updates kept (blob_keeper.py) and on the ledger,
-                             the next release
+                             the next release (aggregate_step: the strategy's aggregate, journaled, published,
+                             on the ledger with its inputs; gateway/buffered.py's engine overrides train_round
+                             and begin, and aggregates every K arrived updates through aggregate_step too)
     city_epoch(r)            the city's merge of the member gateways' models (city.py), released as the
                              next step: the rounds go on from the city model
     evaluate_round(r)        one federated evaluation exchange (after a city epoch: of the city model)
@@ -215,7 +217,17 @@ class RoundEngine:
                 inputs += self._keeper.record_updates(traffic, self._exchanges)
         self._board.exchanges_closed(round_, closed)
         trained = [t for t in closed if t.kind == "train"]
-        exchanges = [t.task for t in trained]
+        # The release records what its updates were trained with: the config the exchange's devices got
+        # (a round re-opened after a restart keeps the config it began with).
+        self.aggregate_step(round_, head, replies, _sources(replies, trained), set(inputs),
+                            [t.task for t in trained], trained[0].config if trained else {})
+
+    def aggregate_step(self, round_: int, head: Any, replies: list[Message], sources: list[Source],
+                       recorded: set[bytes], exchanges: list[str], task_config: dict, extra: dict | None = None) -> None:
+        """The strategy's aggregate of `replies` (each reply's sender and update: `sources`) as the lineage's next
+        step: journaled, published, on the ledger with its inputs (those `recorded` there) and their effective
+        weights, then each update's contribution. `exchanges` are finished with it; `extra`: more the release
+        records it came from (a buffered step's staleness)."""
         try:
             arrays, _ = self._strategy.aggregate_train(round_, replies)
         except Exception:  # a strategy's error costs this round's model, not the service
@@ -226,12 +238,9 @@ class RoundEngine:
             self._releases.skip_round(exchanges)
             return
         weights = {k: v.numpy() for k, v in arrays.items()}
-        shaped = provenance(self._rule, _sources(replies, trained), selected, NUM_EXAMPLES, head.weights, weights)
-        recorded = set(inputs)  # (an update the ledger refused cannot be named as an input)
-        # The release records what its updates were trained with: the config the exchange's devices got
-        # (a round re-opened after a restart keeps the config it began with).
-        config = {**self._release_config, **(trained[0].config if trained else {})}
-        kept = [i for i in shaped.inputs if i[0] in recorded]
+        shaped = provenance(self._rule, sources, selected, NUM_EXAMPLES, head.weights, weights)
+        config = {**self._release_config, **task_config, **(extra or {})}
+        kept = [i for i in shaped.inputs if i[0] in recorded]  # (an update the ledger refused cannot be an input)
         release = self._releases.advance(weights, round_, shaped.kind, kept, self._strategy_name, config,
                                          strategy_state.capture(self._strategy), exchanges,
                                          recompute.aggregate_params(self._strategy, shaped, kept))

@@ -11,6 +11,9 @@ dequantized delta): strategies see ordinary arrays and never a rejected reply.
 Training tasks ask for the update in the configured codec ([training] codec:
 i8 by default, f16, f32, or topk at [training] density, which the decoder
 expands to the dense delta the device's error feedback accounts for).
+A task whose model has a published delta (releases.py, [training] download)
+names its base (`Task.delta_base`): a device holding that model fetches the
+small delta, any other the full release.
 
 Task ids are `<kind>-<round>-<run>.<n>`: `<run>` is fresh in every gateway
 process, so replies recorded in an earlier run can never be replayed into a
@@ -190,7 +193,8 @@ class MqttGrid(Grid):
             message_id = str(uuid4())
             message.metadata.__dict__["_message_id"] = message_id  # as Flower's own grids do
             tasks.append(OpenTask(message_id, identity_id(device_key), device_key, kind, round_, task_id,
-                                  release.digest, release.weights, deadline, config.options))
+                                  release.digest, release.weights, deadline, config.options,
+                                  self.codec if kind == "train" else "i8", self.density))
             wires.append(config)
             with self._lock:
                 self._instructions[message_id] = message
@@ -198,10 +202,12 @@ class MqttGrid(Grid):
         # so that a re-opened round asks the rest the same, and recorded with the round's release.
         exchange_config = {k: v for k, v in wires[0].to_wire().items() if k != "deadline"} if wires else {}
         restored = self._book.open(kind, round_, task_id, release.digest, release.lineage, tasks, exchange_config)
+        # A device holding the release before this one downloads the delta published beside it instead.
+        delta_base = release.delta.base if release.delta is not None else b""
         for task, config in zip(tasks, wires):
             if task.device_id not in restored:  # answered before the interruption: the journal kept its reply
-                codec = self.codec if kind == "train" else "i8"
-                self._outbox.task(task.device_id, kind, round_, task_id, release.digest, config, codec, self.density)
+                self._outbox.task(task.device_id, kind, round_, task_id, release.digest, config, task.codec,
+                                  task.density, delta_base)
         return [task.message_id for task in tasks]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -217,6 +223,12 @@ class MqttGrid(Grid):
             reply.metadata.__dict__["_message_id"] = str(uuid4())
             out.append(reply)
         return out
+
+    def forget(self, message_ids: Iterable[str]) -> None:
+        """Drop the instructions of messages whose replies are not pulled (a buffered engine's, gateway/buffered.py)."""
+        with self._lock:
+            for message_id in message_ids:
+                self._instructions.pop(message_id, None)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

@@ -21,6 +21,7 @@ round book (rounds.py):
     wrong_round / wrong_base              bound to another round or base model
     late                                  arrived after the round's deadline
     wrong_shape / wrong_metrics           the update does not fit the model or the task
+    wrong_codec                           the update is not encoded as its task asked (codec, topk density)
     --- the intake (intake.py)
     internal_error                        a check itself failed (a bug): logged with its traceback, and
                                           only this reply is lost, not the rest of its batch
@@ -46,6 +47,7 @@ import numpy as np
 
 from protocol import envelope, schemas, topics
 from protocol.errors import ProtocolError, SchemaError
+from protocol.tensors import DEFAULT_DENSITY
 
 from . import ingest_profile
 
@@ -73,6 +75,8 @@ class OpenTask:
     base_weights: dict[str, np.ndarray]
     deadline: float
     options: dict = field(default_factory=dict)
+    codec: str = "i8"  # how a train reply must encode its update (the task's codec) ...
+    density: float = DEFAULT_DENSITY  # ... and with topk, at most this share of each tensor's entries
 
     @property
     def train_metrics(self) -> frozenset[str]:
@@ -159,6 +163,7 @@ class Authenticated:
     reply: schemas.Reply
     shapes: dict[str, tuple[int, ...]]
     metrics: dict[str, float]
+    encodings: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (codec, entries sent)
 
 
 class Authenticator:
@@ -220,9 +225,9 @@ class Authenticator:
         if reply.skip:
             return Authenticated(env, reply, {}, {})
         try:
-            shapes, metrics = schemas.check_update(env.attachment)
+            update = schemas.check_update(env.attachment)
         except ProtocolError as exc:
             return Rejected(exc.reason, device, exc.detail, env, authenticated=True)
         if profile is not None:
             profile.add("stage1.update_check", t)
-        return Authenticated(env, reply, shapes, metrics)
+        return Authenticated(env, reply, update.shapes, update.metrics, update.encodings)

@@ -15,7 +15,9 @@ table objects read and write it:
 
     Exchanges     exchange  a training exchange: task id, lineage, round, base digest, selected nodes, the
                             task config its devices got, closed (no more replies), recorded (its updates
-                            are on the ledger), finished (aggregated: the round's release, if any, is written)
+                            are on the ledger), finished (aggregated: the round's release, if any, is written),
+                            buffered (one device's task of a buffered run, gateway/buffered.py: many are
+                            unfinished at once, on several bases, and a restart keeps them all)
                   accepted  (task id, device id) -> the reply's wire bytes (an update, or a signed skip)
     RoundHistory  round_record  (lineage, round) -> the round's record (JSON), for status and result.json
     lineage.py    lineage, release, model, strategy_state: the chain of released models
@@ -99,6 +101,13 @@ def _exchange_config(db: Database) -> None:
     db.execute("alter table exchange add column config text not null default '{}'")
 
 
+@MIGRATIONS(name="004_buffered")
+def _buffered(db: Database) -> None:
+    """Buffered rounds (gateway/buffered.py): their exchanges are told apart, since a restart resumes every
+    unfinished one of them, not only the newest."""
+    db.execute("alter table exchange add column buffered integer not null default 0")
+
+
 class Journal:
     """The database: one connection shared by the gateway's threads under one lock.
 
@@ -156,12 +165,13 @@ class Exchanges:
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
 
-    def open(self, task: str, lineage: int, round_: int, base: bytes, nodes: list[int], config: dict | None = None
-             ) -> None:
+    def open(self, task: str, lineage: int, round_: int, base: bytes, nodes: list[int], config: dict | None = None,
+             buffered: bool = False) -> None:
         with self._journal.atomic() as db:
-            db.execute("insert or ignore into exchange (task, lineage, round, base, nodes, config, finished) "
-                       "values (?, ?, ?, ?, ?, ?, 0)",
-                       [task, lineage, round_, base, json.dumps(sorted(nodes)), json.dumps(config or {}, sort_keys=True)])
+            db.execute("insert or ignore into exchange (task, lineage, round, base, nodes, config, finished, buffered) "
+                       "values (?, ?, ?, ?, ?, ?, 0, ?)",
+                       [task, lineage, round_, base, json.dumps(sorted(nodes)), json.dumps(config or {}, sort_keys=True),
+                        int(buffered)])
 
     def accept_many(self, rows: list[tuple[str, str, bytes]]) -> None:
         """Journal accepted replies (task, device, wire bytes) in one transaction: one fsync for the batch."""
@@ -209,7 +219,7 @@ class Exchanges:
         """
         with self._journal.atomic() as db:
             rows = db.execute("select task, lineage, round, base, nodes, closed, recorded, config from exchange "
-                              "where finished = 0 order by round desc, rowid desc").fetchall()
+                              "where finished = 0 and buffered = 0 order by round desc, rowid desc").fetchall()
             resumable = [r for r in rows if r[1] == lineage and r[3] == base]
             for row in rows:
                 if not resumable or row[0] != resumable[0][0]:
@@ -220,6 +230,23 @@ class Exchanges:
             replies = [r[0] for r in db.execute("select reply from accepted where task = ?", [task]).fetchall()]
         return Interrupted(task, lineage_, round_, base_, json.loads(nodes), replies, bool(closed), bool(recorded),
                            json.loads(config))
+
+    def buffered(self, lineage: int) -> list[Interrupted]:
+        """Every unfinished buffered exchange of `lineage`, oldest first, with its journaled replies: what a
+        buffered run had accepted but not aggregated yet when it stopped. Those of other lineages can never
+        be aggregated: they are marked finished here."""
+        with self._journal.atomic() as db:
+            db.execute("update exchange set finished = 1 where finished = 0 and buffered = 1 and lineage != ?",
+                       [lineage])
+            rows = db.execute("select task, lineage, round, base, nodes, closed, recorded, config from exchange "
+                              "where finished = 0 and buffered = 1 and lineage = ? order by round, rowid",
+                              [lineage]).fetchall()
+            out = []
+            for task, lineage_, round_, base, nodes, closed, recorded, config in rows:
+                replies = [r[0] for r in db.execute("select reply from accepted where task = ?", [task]).fetchall()]
+                out.append(Interrupted(task, lineage_, round_, base, json.loads(nodes), replies, bool(closed),
+                                       bool(recorded), json.loads(config)))
+        return out
 
     def last_round(self, lineage: int) -> int:
         rows = self._journal.read("select max(round) from exchange where lineage = ?", lineage)

@@ -36,7 +36,7 @@ from protocol import schemas
 from protocol.digest import sha256
 
 from .journal import Journal
-from .models import Release
+from .models import Delta, Release
 
 MODELS_KEPT = 3  # step releases whose bytes stay in the journal (the head and the two before it)
 ADOPTED = "adopted from a journal of an earlier gateway version"
@@ -160,9 +160,10 @@ class Lineage:
 
     def advance(self, weights: dict[str, np.ndarray], round_: int, rule: str,
                 inputs: list[tuple[bytes, float | None]], strategy: str, config: dict, state: bytes | None,
-                exchanges: list[str], params: dict | None = None) -> Release | None:
+                exchanges: list[str], params: dict | None = None, delta: Delta | None = None) -> Release | None:
         """The round's new model, as the next step (None if it equals the head: nothing to release).
-        `params`: what its aggregate vertex records for a recompute (gateway/recompute.py).
+        `params`: what its aggregate vertex records for a recompute (gateway/recompute.py); `delta`: the
+        step from the head devices may download instead (kept with the head in memory, not journaled).
 
         One transaction writes the release, its bytes, the strategy's state and marks the round's
         exchanges finished, so a restart neither loses the step nor aggregates the round again.
@@ -183,7 +184,7 @@ class Lineage:
             db.execute("delete from strategy_state where version < ?", [version])
             self._prune(db)
         self._head = Release(digest, version, lineage, round_, head.digest if head else b"", weights, len(model),
-                             model=model)
+                             model=model, delta=delta)
         return self._head
 
     def finish_exchange(self, exchange: str) -> None:

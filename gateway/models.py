@@ -10,6 +10,13 @@ expires after `ttl_s` (devices refuse a stale one), so a restarted gateway
 publishes its current model again with a fresh expiry. Models over 256 KB
 are published as retained chunks `model/<digest>/<i>` next to the signed
 release. Only the `KEEP_RETAINED` newest releases stay retained.
+
+A release that is a step from the one before it (releases.py, `[training]
+download` i8 or f16) also goes out as a signed delta, retained on
+`model/delta/<digest>` (`schemas.ModelDelta`, one message of at most
+`MAX_DELTA_BYTES`): a device holding the base downloads that instead of the
+full model, and tasks say when there is one (`Task.delta_base`). It is signed
+again with the full release and cleared with it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,15 @@ DEFAULT_TTL_S = 7 * 86400.0
 
 
 @dataclass(frozen=True)
+class Delta:
+    """A release's step from its parent, as devices holding the parent download it."""
+
+    base: bytes  # the parent's digest
+    codec: str  # tensors.DELTA_CODECS
+    data: bytes  # schemas.encode_delta: at most schemas.MAX_DELTA_BYTES
+
+
+@dataclass(frozen=True)
 class Release:
     """One released model."""
 
@@ -40,6 +56,7 @@ class Release:
     size: int  # bytes of the encoded model
     step: bool = True  # a step of the lineage (else a model a strategy sent that did not become the head)
     model: bytes = b""  # the encoded model (schemas.encode_model), when at hand: publishing needs no second encoding
+    delta: Delta | None = None  # the step from `parent` devices may download instead (only in the process that made it)
 
 
 def chunk_count(size: int) -> int:
@@ -76,16 +93,27 @@ class ModelPublisher:
             wire = envelope.seal(self.identity, "model", ctx, body)
             sent = len(wire) + len(model)
         self._publish(address, wire, retain=True)
+        if release.delta is not None:  # after the full release: a device that falls back finds it
+            sent += self._publish_delta(release, release.delta, ctx)
         self._retained = [r for r in self._retained if r[0] != release.digest] + [(release.digest, len(chunks))]
         for digest, count in self._retained[:-KEEP_RETAINED]:
             self._clear(digest, count)
         self._retained = self._retained[-KEEP_RETAINED:]
         return sent
 
+    def _publish_delta(self, release: Release, delta: Delta, ctx: envelope.Context) -> int:
+        body = schemas.ModelDelta(b"", release.digest, delta.base, release.version, self.architecture,
+                                  time.time() + self.ttl_s, len(delta.data), delta.codec).to_body()
+        wire = envelope.seal(self.identity, "delta", ctx, body, delta.data)  # (seal sets the digest)
+        self._publish(topics.model_delta(self.gateway_id, release.digest.hex()), wire, retain=True)
+        return len(wire)
+
     def _clear(self, digest: bytes, chunks: int) -> None:
-        """An empty retained message deletes the retained one on the broker."""
+        """An empty retained message deletes the retained one on the broker (its delta's too: an earlier run
+        may have left one this run does not know of)."""
         address = topics.model(self.gateway_id, digest.hex())
         self._publish(address, b"", retain=True)
+        self._publish(topics.model_delta(self.gateway_id, digest.hex()), b"", retain=True)
         if chunks > 1:
             for index in range(chunks):
                 self._publish(f"{address}/{index}", b"", retain=True)

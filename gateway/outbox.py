@@ -24,10 +24,12 @@ class Outbox:
         self._publish = publish
 
     def task(self, device_id: str, kind: str, round_: int, task_id: str, base: bytes,
-             config: schemas.TrainConfig, codec: str = "i8", density: float = DEFAULT_DENSITY) -> None:
-        """A task asking for the update in `codec` (topk: `density` of each tensor's entries)."""
+             config: schemas.TrainConfig, codec: str = "i8", density: float = DEFAULT_DENSITY,
+             delta_base: bytes = b"") -> None:
+        """A task asking for the update in `codec` (topk: `density` of each tensor's entries); `delta_base`:
+        the model a published delta to `base` applies to (b"": the full model only)."""
         ctx = envelope.Context(self._identity.public_key, self._gateway_id, round_, task_id, base)
-        body = schemas.Task(kind, device_id, config, codec, density).to_body()
+        body = schemas.Task(kind, device_id, config, codec, density, delta_base).to_body()
         wire = envelope.seal(self._identity, "task", ctx, body)
         self._publish(topics.task(self._gateway_id, device_id), wire)
 

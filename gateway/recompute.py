@@ -21,6 +21,9 @@ besides the base model and the update bytes (content-addressed blobs):
   byte-identical updates from several devices (one input) are replayed once each;
 - the dequantization: the gateway's own (`ingest.dequantize`), base + delta in
   float32 (`grid.train_content`), the same contents the gateway's grid builds.
+- how the release was rounded for its delta download (`params.download`, "i8"
+  or "f16", absent for a full release): the released model is the base plus the
+  dequantized delta of the aggregate (`tensors.delta_step`), and so is the recompute.
 
 What cannot be recomputed is refused as unverifiable, with the reason, never
 called a mismatch: a mismatch is evidence against the gateway that wrote it.
@@ -64,6 +67,7 @@ import numpy as np
 from protocol import schemas
 from protocol.digest import sha256
 from protocol.errors import ProtocolError
+from protocol.tensors import DELTA_CODECS, delta_step
 
 from .grid import train_content
 from .ingest import dequantize
@@ -180,6 +184,8 @@ def unverifiable(strategy: str, params: dict[str, Any] | None) -> str | None:
         return f"{strategy!r} is not a strategy this recompute knows ({', '.join(VERIFIABLE)})"
     if "sequence" not in params:
         return "the aggregate records no sequence (an input it aggregated is not on record)"
+    if params.get(schemas.DOWNLOAD, DELTA_CODECS[0]) not in DELTA_CODECS:
+        return f"the release was rounded by a download codec this recompute does not know: {params[schemas.DOWNLOAD]!r}"
     if strategy in _SIMD_ORDERED:
         recorded, here = params.get("versions", {}), versions()
         differ = [k for k in ("numpy", "numpy_simd") if recorded.get(k) != here[k]]
@@ -209,7 +215,13 @@ def recompute(strategy: str, params: dict[str, Any], base: dict[str, np.ndarray]
     arrays = _aggregate(strategy, instance, params["strategy"], contents, round_)
     if arrays is None:
         raise Unverifiable(f"{strategy} made no model from these inputs")
-    return {k: v.numpy() for k, v in arrays.items()}
+    weights = {k: v.numpy() for k, v in arrays.items()}
+    if schemas.DOWNLOAD in params:  # released as base + the delta devices download: the same rounding
+        try:
+            return delta_step(base, weights, params[schemas.DOWNLOAD])[1]
+        except ProtocolError as exc:  # the gateway rounded this release, so its step fitted the codec there
+            raise Unverifiable(f"the aggregate does not round as its release did: {exc}") from exc
+    return weights
 
 
 def digest_of(weights: dict[str, np.ndarray]) -> bytes:

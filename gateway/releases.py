@@ -14,6 +14,15 @@ Every model published (a lineage's first, each round's, the head published
 again by a restarted gateway, a model a strategy sent that is not the head)
 goes to the blob store by its digest (blob_keeper.py), tagged with the
 head's version: a step under its own, any other under the current head's.
+
+Downloads (`[training] download`, i8 or f16): a round's model is released
+as the head plus the dequantized difference (`tensors.delta_step`), the very
+model a device holding the head rebuilds from the delta published beside it,
+so the gateway, its devices and the next round (which trains from the head)
+never drift apart. The aggregate's recompute params say so (`download`), and
+an auditor's recompute applies the same rounding (recompute.py). A lineage's
+first model, a city merge, a step f16 cannot hold and a delta over
+`schemas.MAX_DELTA_BYTES` stay full releases.
 """
 
 from __future__ import annotations
@@ -30,13 +39,15 @@ import numpy as np
 from ledger.errors import LedgerError
 from protocol import schemas
 from protocol.atomic import write_atomic
+from protocol.errors import ProtocolError
 from protocol.logs import event
+from protocol.tensors import delta_step
 
 from .blob_keeper import BlobKeeper
 from .city import CITY_STEP, CityMerge
 from .ledger_keeper import LedgerKeeper
 from .lineage import Lineage, encode
-from .models import ModelPublisher, Release
+from .models import Delta, ModelPublisher, Release
 
 log = logging.getLogger("starling.gateway.releases")
 
@@ -44,9 +55,13 @@ log = logging.getLogger("starling.gateway.releases")
 class Releases:
     def __init__(self, lineage: Lineage, publisher: ModelPublisher, keeper: LedgerKeeper, architecture: str,
                  model_path: Path, on_step: Callable[[Release], None] = lambda release: None,
-                 blobs: BlobKeeper | None = None) -> None:
+                 blobs: BlobKeeper | None = None, download: str = schemas.DEFAULT_DOWNLOAD) -> None:
         """`on_step(release)`: after each lineage step is out (the MCU exporter's submit); `blobs`: where each
-        published model is kept by its digest."""
+        published model is kept by its digest; `download` ([training]): a round's step goes out as a delta
+        in this codec ("i8", "f16"), or only as the full model ("full")."""
+        if download not in schemas.DOWNLOADS:
+            raise ValueError(f"download must be one of {schemas.DOWNLOADS}, got {download!r}")
+        self._download = download
         self._blobs = blobs
         self._lineage = lineage
         self._publisher = publisher
@@ -88,11 +103,34 @@ class Releases:
                 inputs: list[tuple[bytes, float | None]], strategy: str, config: dict, state: bytes | None,
                 exchanges: list[str], params: dict | None = None) -> Release | None:
         """A round's new model as the lineage's next step (None: it equals the head); `rule` and `inputs`
-        (update digest, effective weight) say what shaped it, `params` what a recompute needs (recompute.py)."""
-        release = self._lineage.advance(weights, round_, rule, inputs, strategy, config, state, exchanges, params)
+        (update digest, effective weight) say what shaped it, `params` what a recompute needs (recompute.py).
+        With a delta download the released model is the head plus the delta devices get (module doc)."""
+        weights, delta = self._as_delta(weights)
+        if delta is not None and params is not None:
+            params = {**params, schemas.DOWNLOAD: delta.codec}  # the recompute rounds the same way
+        release = self._lineage.advance(weights, round_, rule, inputs, strategy, config, state, exchanges, params,
+                                        delta)
         if release is not None:
             self._out(release)
         return release
+
+    def _as_delta(self, weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Delta | None]:
+        """(the model to release, the delta from the head that rebuilds it), or (`weights`, None) for a full
+        release: download "full", no head, a step the codec cannot hold, or a delta too large to send."""
+        head = self._lineage.head
+        if self._download == schemas.FULL or head is None:
+            return weights, None
+        try:
+            tensors, rounded = delta_step(head.weights, weights, self._download)
+        except ProtocolError as exc:  # other shapes, a step beyond f16's range: the full model, as before
+            event(log, "model.delta_skipped", logging.WARNING, reason=str(exc))
+            return weights, None
+        data = schemas.encode_delta(tensors)
+        if len(data) > schemas.MAX_DELTA_BYTES:
+            event(log, "model.delta_skipped", logging.WARNING, bytes=len(data), limit=schemas.MAX_DELTA_BYTES,
+                  reason="delta_too_large")
+            return weights, None
+        return rounded, Delta(head.digest, self._download, data)
 
     def merge_city(self, merged: CityMerge, config: dict, state: bytes | None) -> Release | None:
         """A city epoch's model as the lineage's next step (journaled, published, then its `city` vertex
@@ -131,7 +169,8 @@ class Releases:
         sent = self._publisher.publish(release)
         self._published[release.digest] = time.monotonic()
         event(log, "model.released", digest=release.digest.hex()[:16], version=release.version, round=release.round,
-              lineage=release.lineage, bytes=sent)
+              lineage=release.lineage, bytes=sent,
+              delta=len(release.delta.data) if release.delta is not None else 0)
         if self._blobs is not None:  # (the head: this release once it is a step; else the model devices are on)
             head = self._lineage.head
             self._blobs.keep_model(head.version if head is not None else release.version, release.digest,

@@ -13,6 +13,7 @@ Who calls what:
     the grid (engine thread)      resume_for, open, wait, close, take_replies
     the intake (worker thread)    admit_batch: stage 2 for a batch of stage-1 outcomes
     the engine                    take_closed: each exchange's traffic, once
+    the buffered engine           wait_any, take_interrupted, restore_accepted (gateway/buffered.py)
 
 Stage 2 itself is `admission.admit`, a pure function of this book; the book
 applies its outcome. A reply is journaled (one commit per batch) before
@@ -26,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from uuid import uuid4
 
 from protocol import envelope, topics
 from protocol.keys import node_id
@@ -83,11 +85,14 @@ class RoundBook:
         evaluate_metrics: frozenset[str],
         requeue: Callable[[list[tuple[str, bytes]]], None],
         interrupted: Interrupted | None = None,
+        buffered: bool = False,
     ) -> None:
         """`exchanges`: the journal's table (None: nothing survives a crash, for tests of the logic only).
         `authenticate`: stage 1, for replies restored from the journal. `requeue`: hands deferred replies
-        back to the intake once their exchange re-opened. `interrupted`: the exchange to resume."""
+        back to the intake once their exchange re-opened. `interrupted`: the exchange to resume.
+        `buffered`: the exchanges are a buffered run's (journaled as such: a restart keeps them all)."""
         self._exchanges = exchanges
+        self._buffered = buffered
         self._authenticate = authenticate
         self._is_revoked = is_revoked
         self.evaluate_metrics = evaluate_metrics
@@ -179,7 +184,8 @@ class RoundBook:
             if empty:
                 self._done.append(self._traffic.pop(task_id))
         if kind == "train" and self._exchanges is not None:
-            self._exchanges.open(task_id, lineage, round_, base, [node_id(t.device_key) for t in tasks], config)
+            self._exchanges.open(task_id, lineage, round_, base, [node_id(t.device_key) for t in tasks], config,
+                                 self._buffered)
             if empty:
                 self._exchanges.close(task_id)
         if deferred:
@@ -209,6 +215,51 @@ class RoundBook:
                 if left <= 0:
                     return
                 self._cv.wait(min(left, 0.5))
+
+    def wait_any(self, message_ids: set[str], until: float, stop: threading.Event) -> set[str]:
+        """Until one of these messages has a reply or a skip, `until` (monotonic) passed, or `stop` is set;
+        return the ones answered."""
+        with self._cv:
+            while not (answered := message_ids & self._answered) and not stop.is_set():
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(min(left, 0.5))
+            return answered
+
+    def take_interrupted(self) -> Interrupted | None:
+        """The exchange an interrupted run left, handed over instead of re-opened (a buffered engine keeps its
+        journaled replies, not its devices); the replies deferred for it go back to the intake."""
+        with self._cv:
+            interrupted, self._interrupted = self._interrupted, None
+            deferred, self._deferred = self._deferred, []
+        if deferred:
+            self._requeue(deferred)  # now late or not selected: their devices get an answer
+        return interrupted
+
+    def restore_accepted(self, journaled: list[Interrupted]) -> list[RoundTraffic]:
+        """Journaled replies of exchanges that are not re-opened (a buffered run's, gateway/buffered.py), checked
+        again (stage 1) and remembered as accepted: their devices' re-sends are duplicates, not new. One traffic
+        per exchange, its `accepted` the updates (signed skips are left out); nothing is journaled again."""
+        out = []
+        with self._cv:
+            for exchange in journaled:
+                traffic = RoundTraffic("train", exchange.round, exchange.task, exchange.base, config=exchange.config)
+                for wire in exchange.replies:
+                    env = envelope.decode(wire)
+                    auth = self._authenticate(topics.reply(env.ctx.gateway, env.ctx.sender_id), wire)
+                    if isinstance(auth, Rejected):  # (a key revoked since: its update is not aggregated)
+                        event(log, "reply.not_restored", logging.WARNING, device=auth.device_id, reason=auth.reason)
+                        continue
+                    if auth.reply.skip:
+                        continue
+                    task = OpenTask(str(uuid4()), env.ctx.sender_id, env.ctx.sender, "train", exchange.round,
+                                    exchange.task, exchange.base, {}, 0.0)
+                    self._accepted[(task.device_id, task.task)] = (task.round, auth.reply.digest)
+                    traffic.accepted.append(Accepted(task, env, auth.metrics, auth.reply.examples))
+                traffic.restored = len(traffic.accepted)
+                out.append(traffic)
+        return out
 
     def close(self, message_ids: set[str]) -> None:
         """End the exchanges of these messages: a reply after this is `late`; their traffic is done."""

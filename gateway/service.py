@@ -13,7 +13,8 @@ Parts (each the one owner of its state):
     BlobKeeper                   blob_keeper.py   every update and model the ledger names, by digest; served
     CityTier, CityAuditor        city.py ...      the city's merges every few rounds; peers' work recomputed
     StatusBoard                  status.py        status topics and result.json
-    RoundEngine                  engine.py        the rounds, one after another
+    RoundEngine                  engine.py        the rounds, one after another (BufferedEngine, buffered.py:
+                                                  [rounds] mode = "buffered", a step every K arrived updates)
 
 Threads:
 
@@ -55,6 +56,7 @@ from protocol.logs import event
 from protocol.rotation import own_chain
 
 from .blob_keeper import BlobKeeper, BlobSettings
+from .buffered import BufferedEngine
 from .city import CityTier
 from .city_audit import CityAuditor
 from .config import GatewayConfig
@@ -240,7 +242,7 @@ class Gateway:
         # exchange must wait for it to re-open, not be refused.
         self.book = book = RoundBook(journal.exchanges, authenticator.authenticate, registry.is_revoked,
                                      self.evaluate_metrics, lambda items: [inbox.put((t, p, None)) for t, p in items],
-                                     interrupted)
+                                     interrupted, buffered=cfg.buffered is not None)
         self.enrollment = Enrollment(self.id, cfg.policy, cfg.allowlist, cfg.operator_keys, registry, outbox,
                                      lambda key, name, policy, evidence: self.keeper.enroll(key, name, policy,
                                                                                             evidence))
@@ -314,7 +316,7 @@ class Gateway:
                                    cfg.release_ttl_s, retained=lineage.recent(KEEP_RETAINED))
         releases = Releases(lineage, publisher, self.keeper, model_family(self.manifest), cfg.state_dir / "model.npz",
                             on_step=(lambda r: mcu.submit(r.digest, r.version, r.weights)) if mcu else (lambda r: None),
-                            blobs=self.blobs)
+                            blobs=self.blobs, download=cfg.download)
         grid = MqttGrid(book, outbox, releases.release_for, self.registry, cfg.deadline_s, stop, cfg.weights,
                         codec=cfg.codec, density=cfg.density)
         schedule = Schedule(cfg.num_rounds, cfg.interval_s, cfg.min_devices, cfg.wait_devices_s, cfg.evaluate_every,
@@ -324,9 +326,12 @@ class Gateway:
         recorder = SelectionRecorder()  # the strategy tells it which replies it aggregated (provenance.py)
         # (a DP run's privacy accountant reports the devices enrolled here as its population: privacy.py)
         self.strategy = cfg.make_strategy(recorder, population=lambda: self.registry.counts()[0])
-        return RoundEngine(self.strategy, cfg.strategy, grid, book, releases, self.keeper,
-                           journal.exchanges, self.board, self.registry, schedule, train, release_config,
-                           self.initial_weights, beginning, stop, recorder, self.blobs, self.city)
+        parts = (self.strategy, cfg.strategy, grid, book, releases, self.keeper, journal.exchanges, self.board,
+                 self.registry, schedule, train, release_config, self.initial_weights, beginning, stop, recorder,
+                 self.blobs, self.city)
+        if cfg.buffered is not None:  # [rounds] mode = "buffered": a step every K arrived updates
+            return BufferedEngine(*parts, settings=cfg.buffered, weights=cfg.weights)
+        return RoundEngine(*parts)
 
     # --- the worker thread ---------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ from typing import Any
 
 from protocol.atomic import write_atomic
 from protocol.keys import Identity
-from protocol.schemas import CODEC, DENSITY
+from protocol.schemas import CODEC, DENSITY, DOWNLOAD
 
 from .broker import _child_env
 from .city_report import all_devices_accuracy, city_of_run, comparison_view
@@ -216,9 +216,11 @@ def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], 
                    # A named real device (--hil-device) is waited for, as long as the run may last.
                    # (not for sybils a voucher policy keeps out)
                    "min_devices": len(g.devices) - unenrollable + (1 if wait_real_device else 0),
-                   "wait_devices_s": scenario.timeout_s if wait_real_device else 120.0},
-        # The upload codec ([training] codec, and density for topk only): gateway/config.py's keys.
-        "training": {CODEC: scenario.codec, **({DENSITY: scenario.density} if scenario.density is not None else {})},
+                   "wait_devices_s": scenario.timeout_s if wait_real_device else 120.0,
+                   **scenario.gateway_rounds},  # the scenario's [rounds]: mode, buffer, ... (gateway/buffered.py)
+        # The upload codec ([training] codec, and density for topk only) and the model downloads: gateway/config.py's.
+        "training": {CODEC: scenario.codec, **({DENSITY: scenario.density} if scenario.density is not None else {}),
+                     DOWNLOAD: scenario.download},
         # The emulator's devices are its own; with real devices joining, vouchers gate enrollment.
         "enrollment": enrollment or {"policy": "open"},
         # The scenario's [aggregation] and [defense], verbatim (checked at load by the gateway's own parser).
@@ -227,6 +229,8 @@ def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], 
     }
     if scenario.city:  # the tier, every key set; and every city model of the run kept for the report
         doc["city"] = dict(scenario.city)
+        doc["blobs"] = {"keep": max(CITY_KEEP_TAGS, scenario.rounds + 2)}
+    if scenario.gateway_rounds:  # every release stays in the blob store: bench/async_rounds.py scores each one
         doc["blobs"] = {"keep": max(CITY_KEEP_TAGS, scenario.rounds + 2)}
     if manifest is not None:  # the model's shapes and initial weights (synthetic: written for the run)
         doc["model"] = {"manifest": str(manifest)}

@@ -57,9 +57,14 @@
     deadline_s = 60
     # codec = "i8"             # how devices send their updates: "i8", "f16", "f32" or "topk" (the gateways'
     # density = 0.1            # [training] codec and density, topk's share of entries: gateway/config.py)
+    # download = "i8"          # how new models reach the devices: "i8"/"f16" deltas, or "full" (the gateways')
 
     [broker]
     kind = "auto"              # "mosquitto", "embedded" or "auto"
+
+    [rounds]                   # optional: merged into every gateway's [rounds] (gateway/config.py)
+    mode = "buffered"          # "sync" (default) or "buffered": a step every `buffer` arrived updates
+    buffer = 3                 # and max_staleness, staleness_exponent, evaluate_every (steps or rounds)
 
     [[adversary]]              # any number: a seeded choice of devices runs hw.adversary instead
     attack = "sign_flip"       # one of hw.adversary.ATTACKS
@@ -152,6 +157,7 @@ from typing import Any
 
 from agent.config import Personalization, parse_personalization
 from protocol.config import ConfigError, read_toml, resolve_path
+from protocol.schemas import DEFAULT_DOWNLOAD, DOWNLOADS
 from protocol.tensors import UPLOAD_CODECS, check_density
 
 from . import model_tables
@@ -170,12 +176,14 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
                 "classes_by_neighbourhood": list, "anomalies": dict},
     "strategy": {"name": str, "params": dict, "dp": dict},
     "training": {"epochs": int, "batch_size": int, "lr": NUMBER, "deadline_s": NUMBER, "model": str, "codec": str,
-                 "density": NUMBER},
+                 "density": NUMBER, "download": str},
     "broker": {"kind": str},
     "aggregation": {},  # keys and values: the gateway's own parser (_gateway_tables)
     "defense": {},
     "city": {"every": int, "rule": str, "deadline_s": NUMBER, "audit_share": NUMBER, "momentum": NUMBER},
     "personalization": {"steps": int, "lr": NUMBER, "weights": list},  # checked by agent/config.py
+    # the gateways' round mode (gateway/buffered.py), merged into their [rounds]; checked by gateway/config.py
+    "rounds": {"mode": str, "buffer": int, "max_staleness": int, "staleness_exponent": NUMBER, "evaluate_every": int},
 }
 GATEWAY_TABLES = ("aggregation", "defense")  # go verbatim into every gateway's config
 DROPPABLE = (*GATEWAY_TABLES, "city", "personalization")  # a variant's empty table drops the base's
@@ -272,6 +280,7 @@ class Scenario:
     deadline_s: float = 60.0
     codec: str = "i8"  # [training] codec: the gateways' upload codec
     density: float | None = None  # [training] density: topk's share of entries (None: the gateway's default)
+    download: str = DEFAULT_DOWNLOAD  # [training] download: the gateways' model downloads (i8, f16, full)
     broker: str = "auto"
     gateways: int = 1
     partition: str = "subject"
@@ -289,6 +298,7 @@ class Scenario:
     aggregation: dict[str, Any] = field(default_factory=dict)  # [aggregation], verbatim into the gateways' configs
     defense: dict[str, Any] = field(default_factory=dict)  # [defense], likewise ({}: none)
     city: dict[str, Any] = field(default_factory=dict)  # [city] with every key set ({}: no city tier)
+    gateway_rounds: dict[str, Any] = field(default_factory=dict)  # [rounds]: mode, buffer, ... ({}: the defaults)
     neighbourhoods: tuple[tuple[int, ...], ...] = ()  # dataset.classes_by_neighbourhood (): no label skew
     anomalies: Anomalies | None = None  # dataset.anomalies (None: every test window as recorded)
     # [personalization]: the devices' tuning of the final model, measured (hw/personal_report.py); None: not asked
@@ -498,6 +508,7 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         deadline_s=float(get("training", "deadline_s", 60.0)),
         codec=get("training", "codec", "i8"),
         density=_density(get("training", "density", None)),
+        download=get("training", "download", DEFAULT_DOWNLOAD),
         broker=get("broker", "kind", "auto"),
         gateways=gateways,
         partition=partition,
@@ -514,6 +525,7 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         aggregation=copy.deepcopy(dict(doc.get("aggregation", {}))),
         defense=copy.deepcopy(dict(doc.get("defense", {}))),
         city=city,
+        gateway_rounds=copy.deepcopy(dict(doc.get("rounds", {}))),
         neighbourhoods=neighbourhoods,
         anomalies=anomalies,
         personalization=_personalization(doc, model),
@@ -534,6 +546,8 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         raise ScenarioError(f"broker.kind must be auto, mosquitto or embedded, not {scenario.broker!r}")
     if scenario.codec not in UPLOAD_CODECS:
         raise ScenarioError(f"training.codec must be one of {', '.join(UPLOAD_CODECS)}, not {scenario.codec!r}")
+    if scenario.download not in DOWNLOADS:
+        raise ScenarioError(f"training.download must be one of {', '.join(DOWNLOADS)}, not {scenario.download!r}")
     _check_strategy_overrides(scenario)
     if any(section in doc for section in GATEWAY_TABLES):
         _check_gateway_tables(doc, scenario)

@@ -94,7 +94,8 @@ ARCHITECTURE_MAX = 256  # a model architecture id (a hex digest in practice)
 MAX_VERSION = 2**63 - 1  # a release version; fits SQLite's INTEGER
 RECORD_FIELDS = 4  # [device public key, update digest, examples, device signature]
 RULE_MAX = 32  # an aggregate's rule: "weighted", "selected", "coordinate" (gateway/provenance.py)
-PARAMS_FIELDS = frozenset({"strategy", "wrappers", "sequence", "versions"})  # an aggregate's `params`
+PARAMS_FIELDS = frozenset({"strategy", "wrappers", "sequence", "versions", "download"})  # an aggregate's `params`
+DOWNLOAD_MAX = 16  # params.download: a delta codec name (protocol.tensors.DELTA_CODECS)
 MAX_PARAMS = 64  # strategy constructor parameters (and software versions) recorded
 PARAM_NAME_MAX = 64
 PARAM_TEXT_MAX = 256
@@ -248,6 +249,8 @@ def _check_params(params: Any, inputs: int, coordinate: bool) -> None:
                                    float32 sums depend on their order, and byte-identical updates are one
                                    input but were aggregated once per reply. Absent: not replayable.
         versions  {name: text}     the software that computed it (flwr, numpy)
+        download  text             the release is the base plus the aggregate's step rounded by this delta
+                                   codec ("i8", "f16": gateway/releases.py); absent for a full release
     """
     if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
         raise SchemaError("params must be a map with text keys")
@@ -257,6 +260,8 @@ def _check_params(params: Any, inputs: int, coordinate: bool) -> None:
     _check_scalars(params["strategy"], "params.strategy", text_only=False)
     if "versions" in params:
         _check_scalars(params["versions"], "params.versions", text_only=True)
+    if "download" in params:
+        check_text(params["download"], "params.download", DOWNLOAD_MAX, 1)
     if "wrappers" in params:
         for name in check_list(params["wrappers"], "params.wrappers", MAX_WRAPPERS, 1):
             check_text(name, "a wrapper", STRATEGY_MAX, 1)

@@ -31,7 +31,7 @@ from .keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, identity_id, veri
 VERSION = 1
 DOMAIN = b"starling/envelope/v1\x00"
 MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
-TYPES = frozenset({"enroll", "task", "reply", "receipt", "model", "mcu"})
+TYPES = frozenset({"enroll", "task", "reply", "receipt", "model", "delta", "mcu"})
 ID_MAX = 64
 # Task ids become file names on devices (state/pending/<round>-<task>.reply): no '/', NUL or space.
 TASK_ID = re.compile(r"[A-Za-z0-9._-]{0,64}")

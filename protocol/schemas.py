@@ -11,11 +11,13 @@ counterparts.
     reply    device  -> gateway the signed result: digest of the update payload + example count
     receipt  gateway -> device  accepted or rejected (with the reason) for one reply
     model    gateway -> all     a global model, content-addressed by its digest
+    delta    gateway -> all     the same model as a compact step from the release before it
     enroll   device  -> gateway a request to join, signed with the device key
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,12 +31,14 @@ from .fields import check_bytes, check_float, check_int, check_number, check_tex
 from .tensors import (
     DEFAULT_DENSITY,
     DEFAULT_LIMITS,
+    DELTA_CODECS,
     TOPK,
     UPLOAD_CODECS,
     TensorLimits,
     check_density,
     decode_tensors,
     encode_tensors,
+    index_dtype,
 )
 
 MAX_TEXT = 256
@@ -48,6 +52,14 @@ TASK_KINDS = ("train", "evaluate")
 # A task's upload codec and topk density: the keys of its body, and of the gateway's [training] config table
 # that sets them (gateway/config.py; hw/emulate.py writes them from a scenario's [training]).
 CODEC, DENSITY = "codec", "density"
+# How each new release travels to devices holding the one before it ([training] download): a delta in
+# i8 or f16 (tensors.DELTA_CODECS), or only the full float32 model. A task names the base a delta exists
+# for under DELTA_BASE.
+DOWNLOAD, FULL = "download", "full"
+DOWNLOADS = (*DELTA_CODECS, FULL)
+DEFAULT_DOWNLOAD = "i8"
+DELTA_BASE = "delta_base"
+MAX_DELTA_BYTES = CHUNK_BYTES  # a delta travels in one message; a larger step goes out as the full model only
 
 
 def _check_fields(doc: dict[str, Any], required: set[str], optional: frozenset[str] = frozenset()) -> None:
@@ -157,17 +169,23 @@ class Task:
     config: TrainConfig = field(default_factory=TrainConfig)
     codec: str = "i8"  # how the device must encode its update
     density: float = DEFAULT_DENSITY  # topk only: the share of entries sent
+    delta_base: bytes = b""  # the model a delta to this task's model exists for (b"": none; only the full model)
 
     def to_body(self) -> dict[str, Any]:
         if self.codec not in UPLOAD_CODECS:
             raise ValueError(f"codec must be one of {UPLOAD_CODECS}, got {self.codec!r}")
         body = {"kind": self.kind, "device": self.device, "config": self.config.to_wire(), CODEC: self.codec}
-        return {**body, DENSITY: check_density(self.density)} if self.codec == TOPK else body
+        if self.codec == TOPK:
+            body[DENSITY] = check_density(self.density)
+        if self.delta_base:  # (absent, not empty, without one: a task's signed bytes stay what they were)
+            body[DELTA_BASE] = self.delta_base
+        return body
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Task:
         codec = body.get(CODEC) if isinstance(body, dict) else None
-        _check_fields(body, {"kind", "device", "config", CODEC} | ({DENSITY} if codec == TOPK else set()))
+        _check_fields(body, {"kind", "device", "config", CODEC} | ({DENSITY} if codec == TOPK else set()),
+                      frozenset({DELTA_BASE}))
         kind = check_text(body["kind"], "kind", MAX_TEXT)
         if kind not in TASK_KINDS:
             raise SchemaError(f"task kind {kind!r} is not one of {TASK_KINDS}")
@@ -179,8 +197,9 @@ class Task:
             density = check_float(body[DENSITY], DENSITY, 0.0, 1.0)
             if not density > 0:
                 raise SchemaError("density must be above 0")
+        delta_base = check_bytes(body[DELTA_BASE], DELTA_BASE, DIGEST_BYTES) if DELTA_BASE in body else b""
         return cls(kind, check_text(body["device"], "device", 64), TrainConfig.from_wire(body["config"]), codec,
-                   density)
+                   density, delta_base)
 
 
 @dataclass(frozen=True)
@@ -291,6 +310,61 @@ class ModelRelease:
 
 
 @dataclass(frozen=True)
+class ModelDelta:
+    """A signed step from one release to the next: the compact download for a device holding `base`.
+
+    The attachment (`encode_delta`, `size` bytes, at most `MAX_DELTA_BYTES`; `digest` is its SHA-256) is
+    the dense difference `target - base` in `codec` (i8 or f16); a device rebuilds the model as
+    `tensors.apply_delta(base, decode_delta(...))`, which must hash to `target`: the gateway releases
+    exactly that model. `version`, `architecture` and `expires` are the target release's, and every check
+    of a release applies to them (`release()`): a delta cannot carry a model its full release could not.
+    """
+
+    digest: bytes  # of the attachment (the envelope sets it)
+    target: bytes  # the model it rebuilds: the release's digest
+    base: bytes  # the model it applies to: the release before it
+    version: int
+    architecture: str
+    expires: float
+    size: int
+    codec: str
+
+    def to_body(self) -> dict[str, Any]:
+        if not self.expires > 0:
+            raise ValueError(f"a model delta must expire (expires > 0), got {self.expires!r}")
+        if self.codec not in DELTA_CODECS:
+            raise ValueError(f"a delta's codec must be one of {DELTA_CODECS}, got {self.codec!r}")
+        return {"digest": self.digest, "target": self.target, "base": self.base, "version": self.version,
+                "architecture": self.architecture, "expires": float(self.expires), "size": self.size,
+                CODEC: self.codec}
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ModelDelta:
+        _check_fields(body, {"digest", "target", "base", "version", "architecture", "expires", "size", CODEC})
+        delta = cls(
+            check_bytes(body["digest"], "digest", DIGEST_BYTES),
+            check_bytes(body["target"], "target", DIGEST_BYTES),
+            check_bytes(body["base"], "base", DIGEST_BYTES),
+            check_int(body["version"], "version", 0, 2**31 - 1),
+            check_text(body["architecture"], "architecture", 64),
+            check_number(body["expires"], "expires", 0.0, 1e11),
+            check_int(body["size"], "size", 1, MAX_DELTA_BYTES),
+            check_text(body[CODEC], CODEC, MAX_TEXT),
+        )
+        if not delta.expires > 0:
+            raise NoExpiry("expires must be > 0: a delta that never expires is refused")
+        if delta.codec not in DELTA_CODECS:
+            raise SchemaError(f"a delta's codec must be one of {DELTA_CODECS}, got {delta.codec!r}")
+        if delta.base == delta.target:
+            raise SchemaError("a delta's base and target are the same model")
+        return delta
+
+    def release(self) -> ModelRelease:
+        """The release this delta stands for, for the checks every release passes."""
+        return ModelRelease(self.target, self.version, self.architecture, self.expires)
+
+
+@dataclass(frozen=True)
 class McuRelease:
     """A signed microcontroller export of a global model, for inference-only devices.
 
@@ -384,14 +458,29 @@ def decode_update(
     return decode_tensors(doc["tensors"], limits), _metrics(doc["metrics"])
 
 
-def check_update(data: bytes, limits: TensorLimits = DEFAULT_LIMITS) -> tuple[dict[str, tuple[int, ...]], dict[str, float]]:
-    """Every check of `decode_update`, without building float arrays: (tensor shapes, metrics)."""
+@dataclass(frozen=True)
+class CheckedUpdate:
+    """What `check_update` learned of an update: each tensor's shape, its metrics, and how each tensor was
+    sent (name -> (codec, entries sent: every element but with topk))."""
+
+    shapes: dict[str, tuple[int, ...]]
+    metrics: dict[str, float]
+    encodings: dict[str, tuple[str, int]]
+
+
+def check_update(data: bytes, limits: TensorLimits = DEFAULT_LIMITS) -> CheckedUpdate:
+    """Every check of `decode_update`, without building float arrays."""
     doc = cbor.loads(data, max_bytes=MAX_UPDATE_BYTES)
     if not isinstance(doc, dict):
         raise SchemaError("an update must be a map")
     _check_fields(doc, {"tensors", "metrics"})
     arrays = decode_tensors(doc["tensors"], limits, dequantize=False)
-    return {k: v.shape for k, v in arrays.items()}, _metrics(doc["metrics"])
+    encodings = {}
+    for tensor in doc["tensors"]:  # (well formed: decode_tensors checked every one)
+        size = math.prod(tensor["shape"])
+        sent = len(tensor["index"]) // index_dtype(size).itemsize if tensor["codec"] == TOPK else size
+        encodings[tensor["name"]] = (tensor["codec"], sent)
+    return CheckedUpdate({k: v.shape for k, v in arrays.items()}, _metrics(doc["metrics"]), encodings)
 
 
 def encode_model(weights: dict[str, np.ndarray]) -> bytes:
@@ -405,4 +494,22 @@ def decode_model(data: bytes, limits: TensorLimits = DEFAULT_LIMITS) -> dict[str
     if not isinstance(doc, dict):
         raise SchemaError("a model must be a map")
     _check_fields(doc, {"tensors"})
+    return decode_tensors(doc["tensors"], limits)
+
+
+def encode_delta(tensors: list[dict[str, Any]]) -> bytes:
+    """The delta attachment: wire tensors of one codec (tensors.delta_step)."""
+    return cbor.dumps({"tensors": tensors})
+
+
+def decode_delta(data: bytes, codec: str, limits: TensorLimits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
+    """Decode a delta attachment into name -> float32 step, with limits; every tensor must be in `codec`
+    (the signed body's)."""
+    doc = cbor.loads(data, max_bytes=MAX_DELTA_BYTES)
+    if not isinstance(doc, dict):
+        raise SchemaError("a delta must be a map")
+    _check_fields(doc, {"tensors"})
+    if isinstance(doc["tensors"], list) and any(not isinstance(t, dict) or t.get("codec") != codec
+                                                for t in doc["tensors"]):
+        raise SchemaError(f"every tensor of a delta must be in its codec {codec!r}")
     return decode_tensors(doc["tensors"], limits)

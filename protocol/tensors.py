@@ -30,6 +30,11 @@ value count unlike the index count, more entries than the tensor has, and a
 scale that is not finite and positive. What the entries left out would have
 added is the sender's to keep (agent/error_feedback.py): the decoded tensor
 is exactly `topk_dense` of what was sent.
+
+A release's step from its parent (`delta_step`, `apply_delta`) travels to devices that hold the parent
+as the dense difference in `DELTA_CODECS` (i8 or f16, encoded as above). The released model is
+defined as what a device rebuilds, `parent + decode(encode(new - parent))` in float32, so the gateway,
+every device and an auditor's recompute compute the same bits from the same wire tensors.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ CODECS = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i8": np.dtype("i1")} 
 TOPK = "topk"  # the sparse codec
 UPLOAD_CODECS = ("i8", "f16", "f32", TOPK)  # what a task may ask a device to encode its update in
 DEFAULT_DENSITY = 0.1  # topk: the share of each tensor's entries sent, in (0, 1]
+DELTA_CODECS = ("i8", "f16")  # how a release's step from its parent may travel (a delta download)
 NAME_MAX = 64
 
 
@@ -250,4 +256,33 @@ def decode_tensors(docs: Any, limits: TensorLimits = DEFAULT_LIMITS, dequantize:
         if total > limits.max_total_elements:
             raise LimitExceeded(f"more than {limits.max_total_elements} elements in all")
         out[name] = array
+    return out
+
+
+def delta_step(base: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray],
+               codec: str) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """(the wire tensors of `new - base` in `codec`, the model a device rebuilds from them: `apply_delta`),
+    both in the base's tensor order.
+
+    The rebuilt model, not `new`, is what a gateway releases: it is the only one devices can have. Raises
+    `NonFiniteValues` for a step f16 cannot hold (or non-finite weights), `BadTensor` for a codec outside
+    `DELTA_CODECS` or weights whose names or shapes differ."""
+    if codec not in DELTA_CODECS:
+        raise BadTensor(f"a delta's codec must be one of {DELTA_CODECS}, got {codec!r}")
+    if set(base) != set(new) or any(np.shape(base[k]) != np.shape(new[k]) for k in base):
+        raise BadTensor("a delta needs the same tensors, names and shapes, on both sides")
+    step = {k: np.asarray(new[k], dtype=np.float32) - np.asarray(base[k], dtype=np.float32) for k in base}
+    docs = encode_tensors(step, codec)
+    return docs, apply_delta(base, decode_tensors(docs))
+
+
+def apply_delta(base: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`base + step`, tensor by tensor in float32 (one IEEE addition per element: the same bits everywhere).
+    Raises `NonFiniteValues` when a sum overflows, `BadTensor` when the names or shapes differ."""
+    if list(base) != list(step) or any(np.shape(base[k]) != np.shape(step[k]) for k in base):
+        raise BadTensor("a delta's tensors must be the base model's, names and shapes")
+    with np.errstate(over="ignore"):
+        out = {k: np.asarray(base[k], dtype=np.float32) + np.asarray(step[k], dtype=np.float32) for k in base}
+    if not all(np.all(np.isfinite(v)) for v in out.values()):
+        raise NonFiniteValues("the base model plus the delta is not finite")
     return out

@@ -1,6 +1,7 @@
 """MQTT topic names. Ids are lowercase hex, so they never contain '/', '+' or '#'.
 
     starling/<gw>/model/<digest-hex>   retained, signed model releases
+    starling/<gw>/model/delta/<digest-hex>  retained, signed delta from the release before to that one
     starling/<gw>/mcu/latest           retained, signed int8 TFLite Micro export of the latest release
     starling/<gw>/keys                 retained, the gateway's key rotations signed by the root key
     starling/<gw>/members              retained, the city's root-signed membership vertices (protocol/membership.py)
@@ -23,6 +24,14 @@ ROOT = "starling"
 
 def model(gateway: str, digest_hex: str) -> str:
     return f"{ROOT}/{gateway}/model/{digest_hex}"
+
+
+DELTA = "delta"  # never a digest (those are hex): under model/, so a broker ACL for model/# covers it
+
+
+def model_delta(gateway: str, digest_hex: str) -> str:
+    """The delta that rebuilds model `digest_hex` from the release before it."""
+    return f"{ROOT}/{gateway}/model/{DELTA}/{digest_hex}"
 
 
 def mcu(gateway: str) -> str:

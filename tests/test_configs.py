@@ -284,8 +284,9 @@ GATEWAY_KEYS = {
     "ingest": "workers",
     "model": "manifest, mcu_python, release_ttl_s",
     "strategy": "dp, name, params",
-    "rounds": "batch_size, deadline_s, epochs, evaluate_every, interval_s, lr, min_devices, num_rounds, wait_devices_s",
-    "training": "codec, density",
+    "rounds": ("batch_size, buffer, deadline_s, epochs, evaluate_every, interval_s, lr, max_staleness, min_devices, "
+               "mode, num_rounds, staleness_exponent, wait_devices_s"),
+    "training": "codec, density, download",
     "aggregation": "max_examples, median_multiple, weights",
     "defense": "centered_clipping, median_multiple, norm_bound",
     "blobs": "fetch_timeout_s, keep, max_mb, serve, serve_mb_per_s",

@@ -233,6 +233,12 @@ def test_a_task_signed_by_another_key_is_refused(peer, start_agent, model):
     assert refusals(agent) == {"not_from_gateway": 1, "bad_signature": 1}
 
 
+def not_flashed(model) -> dict[str, np.ndarray]:
+    """Weights other than the ones the agent starts with: a device fetches (and checks) a release of them,
+    where it would use its own copy of the model it was flashed with (Agent._own_model)."""
+    return {k: (v + 0.25).astype(np.float32) for k, v in model.get_weights().items()}
+
+
 def test_a_model_older_than_one_already_trusted_is_refused(peer, start_agent, model):
     device = Identity.generate()
     agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=5))
@@ -245,7 +251,7 @@ def test_a_model_older_than_one_already_trusted_is_refused(peer, start_agent, mo
 def test_an_expired_release_is_refused(peer, start_agent, model):
     device = Identity.generate()
     agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=0))
-    digest = peer.release(model.get_weights(), version=1, expires_in=-1.0)
+    digest = peer.release(not_flashed(model), version=1, expires_in=-1.0)
     peer.task(device, digest)
     peer.nothing("reply")
     assert refusals(agent) == {"model_expired": 1}
@@ -309,7 +315,7 @@ def test_a_reply_left_on_disk_by_a_power_cut_is_sent_at_start(peer, start_agent,
 def test_a_release_that_never_expires_is_refused(peer, start_agent, model):
     device = Identity.generate()
     agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=0))
-    digest = peer.release(model.get_weights(), version=1, expires=0.0)  # what "no expiry" used to be
+    digest = peer.release(not_flashed(model), version=1, expires=0.0)  # what "no expiry" used to be
     peer.task(device, digest)
     peer.nothing("reply")
     assert refusals(agent) == {"model_no_expiry": 1}
@@ -319,7 +325,7 @@ def test_a_release_that_never_expires_is_refused(peer, start_agent, model):
 def test_a_second_digest_under_a_version_already_trusted_is_refused(peer, start_agent, model):
     device = Identity.generate()
     agent = start_agent(device, AgentState(GATEWAY.id, enrolled=True, trusted_version=0), resend_s=60.0)
-    weights = model.get_weights()
+    weights = not_flashed(model)
     first = peer.release(weights, version=1)
     peer.task(device, first)
     peer.next("reply")

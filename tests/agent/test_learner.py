@@ -105,3 +105,27 @@ def test_a_self_supervised_model_trains_and_evaluates_without_labels():
     after = learner.evaluate(model, {k: base[k] + delta[k] for k in base}, data).metrics
     assert set(before) == {"loss", "error_p95"} and outcome.examples == 64
     assert after["loss"] < before["loss"]
+
+
+@pytest.mark.parametrize("n", [70, 20])  # a short last batch wrapped; fewer windows than one batch
+def test_training_takes_the_runtimes_own_steps_for_the_same_generator(n):
+    """The device's training loop cuts each epoch as `TrainableModel.train_epochs` does, so the same
+    generator gives the same weights: what lets bench/vs_flower.py pair its Flower and Starling runs."""
+    from agent.samples import LocalData
+    from firmware_models.runtime import TrainableModel
+
+    model = TrainableModel.from_package("imu_cnn")
+    data_rng = np.random.default_rng(5)
+    x = data_rng.normal(size=(n, 128, 6)).astype(np.float32)
+    y = data_rng.integers(0, model.num_classes, n).astype(np.int32)
+    base = model.get_weights()
+    task = schemas.Task("train", "d", schemas.TrainConfig(epochs=2, lr=0.1, batch_size=32), "f32")
+    outcome = learner.train(model, base, LocalData(x, y, x[:4], y[:4]), task, np.random.default_rng([7, 1]))
+    delta, metrics = schemas.decode_update(outcome.attachment)
+    assert outcome.examples == n and metrics["steps"] == 2 * -(-n // 32)
+
+    model.set_weights(base)
+    model.train_epochs(x, y, epochs=2, batch_size=32, lr=0.1, rng=np.random.default_rng([7, 1]))
+    runtime = model.get_weights()
+    for name in base:
+        np.testing.assert_allclose(base[name] + delta[name], runtime[name], atol=1e-6)

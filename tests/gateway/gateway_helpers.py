@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ from agent.config import AgentConfig
 from agent.service import Agent
 from hw.broker import Broker
 from hw.synthetic import SyntheticModel, synthetic_data, write_manifest
+from protocol import envelope, schemas, topics
 from protocol.keys import Identity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,3 +78,43 @@ def start_gateway(conf: Path, log: Path | None = None) -> subprocess.Popen:
     with open(log or conf.parent / "gateway.log", "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)], cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT)
+
+
+class AcceptedReceipts:
+    """The gateway's accepted receipts for tasks whose id starts with `task_prefix`, as the devices hear them."""
+
+    def __init__(self, broker: Broker, gateway: Identity, task_prefix: str = "train-") -> None:
+        import paho.mqtt.client as mqtt
+
+        self.task_prefix = task_prefix
+        self.accepted: queue.Queue[schemas.Receipt] = queue.Queue()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="receipts")
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(topics.receipt(gateway.id, "+"), qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        env = envelope.decode(msg.payload)
+        receipt = schemas.Receipt.from_body(env.body)
+        if receipt.accepted and env.ctx.task.startswith(self.task_prefix):
+            self.accepted.put(receipt)
+
+    def first(self, timeout: float = 60.0) -> bytes:
+        """The digest of the next update accepted."""
+        return self.accepted.get(timeout=timeout).reply
+
+    def wait(self, count: int, timeout: float = 60.0) -> set[str]:
+        """The devices of at least `count` accepted replies (asserted within `timeout`)."""
+        seen, end = set(), time.monotonic() + timeout
+        while len(seen) < count and time.monotonic() < end:
+            try:
+                seen.add(self.accepted.get(timeout=0.5).device)
+            except queue.Empty:
+                pass
+        assert len(seen) >= count, f"only {len(seen)} accepted replies to {self.task_prefix}* tasks"
+        return seen
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -44,10 +44,10 @@ class Harness:
         self.published.append((topic, payload))
 
     def open(self, kind: str = "train", round_: int = 3, deadline: float | None = None, task: str | None = None,
-             device: Identity = DEVICE) -> OpenTask:
+             device: Identity = DEVICE, codec: str = "i8", density: float = 0.1) -> OpenTask:
         """Open a one-device exchange, as the grid does when it pushes a round's tasks."""
         task = OpenTask(f"m-{kind}-{round_}", device.id, device.public_key, kind, round_, task or f"{kind}-{round_}",
-                        BASE, BASE_WEIGHTS, deadline if deadline is not None else time.time() + 60)
+                        BASE, BASE_WEIGHTS, deadline if deadline is not None else time.time() + 60, {}, codec, density)
         self.book.open(kind, round_, task.task, BASE, LINEAGE, [task])
         return task
 
@@ -66,20 +66,22 @@ class Harness:
         return out
 
 
-def make_checker(kind: str = "train", deadline: float | None = None) -> Harness:
-    """A gateway in round 3 with one open task of `kind` for DEVICE."""
+def make_checker(kind: str = "train", deadline: float | None = None, codec: str = "i8",
+                 density: float = 0.1) -> Harness:
+    """A gateway in round 3 with one open task of `kind` for DEVICE (a train task asking for `codec`)."""
     harness = Harness()
-    harness.open(kind, 3, deadline)
+    harness.open(kind, 3, deadline, codec=codec, density=density)
     assert harness.book.current_round == 3
     return harness
 
 
 def reply(identity=DEVICE, *, round_=3, task="train-3", base=BASE, gateway=None, delta=None, metrics=None,
-          examples=10) -> bytes:
+          examples=10, codec="i8", density=0.1) -> bytes:
     delta = {k: np.full_like(v, 0.5) for k, v in BASE_WEIGHTS.items()} if delta is None else delta
     metrics = {"train_loss": 1.0, "steps": 3.0} if metrics is None else metrics
     ctx = envelope.Context(identity.public_key, gateway or GATEWAY.id, round_, task, base)
-    return envelope.seal(identity, "reply", ctx, {"examples": examples}, schemas.encode_update(delta, metrics))
+    update = schemas.encode_update(delta, metrics, codec, density)
+    return envelope.seal(identity, "reply", ctx, {"examples": examples}, update)
 
 
 def topic(identity=DEVICE) -> str:
@@ -208,6 +210,20 @@ def test_a_reply_after_its_exchange_closed_is_late():
 def test_a_delta_of_the_wrong_shape_is_refused():
     delta = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(3, np.float32)}
     assert reason(make_checker().check(topic(), reply(delta=delta))) == "wrong_shape"
+
+
+@pytest.mark.parametrize("asked, sent", [("i8", "f32"), ("i8", "topk"), ("f16", "i8"), ("topk", "i8"), ("topk", "f32")])
+def test_an_update_in_another_codec_than_its_task_asked_for_is_refused(asked, sent):
+    outcome = make_checker(codec=asked).check(topic(), reply(codec=sent))
+    assert reason(outcome) == "wrong_codec" and asked in outcome.detail and sent in outcome.detail
+
+
+def test_a_sparse_update_denser_than_its_task_allows_is_refused():
+    delta = {k: np.random.default_rng(1).normal(size=v.shape).astype(np.float32) for k, v in BASE_WEIGHTS.items()}
+    assert isinstance(make_checker(codec="topk", density=0.25).check(topic(), reply(delta=delta, codec="topk",
+                                                                                     density=0.25)), Accepted)
+    outcome = make_checker(codec="topk", density=0.25).check(topic(), reply(delta=delta, codec="topk", density=0.5))
+    assert reason(outcome) == "wrong_codec" and "density 0.25" in outcome.detail
 
 
 def test_a_delta_with_non_finite_values_cannot_even_be_sent():

@@ -7,50 +7,17 @@ agents (synthetic models: two answer at once, two take a few seconds).
 from __future__ import annotations
 
 import json
-import queue
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-from gateway_helpers import AgentFleet, gateway_config, start_gateway
+from gateway_helpers import AcceptedReceipts, AgentFleet, gateway_config, start_gateway
 
 from hw.broker import Broker
 from ledger.store import Ledger
-from protocol import envelope, schemas, topics
 from protocol.keys import Identity
 
 STRATEGY = 'name = "FedAvg"\nparams = { min_available_nodes = 4, min_train_nodes = 4, min_evaluate_nodes = 4 }'
 ROUNDS = "num_rounds = 2\ndeadline_s = 60\nmin_devices = 4\nwait_devices_s = 60\nepochs = 1"
-
-
-class Receipts:
-    def __init__(self, broker: Broker, gateway: Identity) -> None:
-        self.accepted: queue.Queue = queue.Queue()
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="receipts")
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port)
-        self.client.subscribe(topics.receipt(gateway.id, "+"), qos=1)
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, msg) -> None:
-        env = envelope.decode(msg.payload)
-        receipt = schemas.Receipt.from_body(env.body)
-        if receipt.accepted and env.ctx.task.startswith("train-1-"):
-            self.accepted.put(receipt.device)
-
-    def wait(self, count: int, timeout: float = 60.0) -> set[str]:
-        seen, end = set(), time.monotonic() + timeout
-        while len(seen) < count and time.monotonic() < end:
-            try:
-                seen.add(self.accepted.get(timeout=0.5))
-            except queue.Empty:
-                pass
-        assert len(seen) >= count, f"only {len(seen)} accepted train replies"
-        return seen
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def round_one_updates(state: Path) -> tuple[list[bytes], list[list[bytes]]]:
@@ -65,7 +32,7 @@ def test_kill_9_mid_round_then_restart_keeps_every_accepted_reply_once(tmp_path)
     with Broker(tmp_path / "broker", kind="mosquitto") as broker:
         gateway = Identity.generate()
         conf = gateway_config(tmp_path, broker, gateway, STRATEGY, ROUNDS)
-        receipts = Receipts(broker, gateway)
+        receipts = AcceptedReceipts(broker, gateway, "train-1-")
         gateways = [start_gateway(conf)]
         fleet = AgentFleet(tmp_path, broker, gateway, delays=[0, 0, 6.0, 6.0])
         try:
@@ -96,7 +63,7 @@ def test_a_broker_restart_mid_round_loses_nothing(tmp_path):
     with Broker(tmp_path / "broker", kind="mosquitto", persistent=True) as broker:
         gateway = Identity.generate()
         conf = gateway_config(tmp_path, broker, gateway, STRATEGY, ROUNDS)
-        receipts = Receipts(broker, gateway)
+        receipts = AcceptedReceipts(broker, gateway, "train-1-")
         process = start_gateway(conf)
         fleet = AgentFleet(tmp_path, broker, gateway, delays=[0, 0, 4.0, 4.0])
         try:

@@ -9,7 +9,15 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from gateway.grid import NUM_EXAMPLES
-from gateway.provenance import COORDINATE, SELECTED, WEIGHTED, SelectionRecorder, Source, provenance, rule_kind
+from gateway.provenance import (
+    COORDINATE,
+    SELECTED,
+    WEIGHTED,
+    SelectionRecorder,
+    Source,
+    provenance,
+    rule_kind,
+)
 from gateway.strategies import make_strategy
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1

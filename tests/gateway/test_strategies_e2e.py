@@ -29,6 +29,7 @@ from hw.broker import Broker
 from hw.synthetic import SyntheticModel, synthetic_data, write_manifest
 from protocol import envelope, schemas, topics
 from protocol.keys import Identity
+from protocol.tensors import delta_step
 
 SHAPES = {"dense_w": (8, 4), "dense_b": (4,)}
 DEVICES = 5
@@ -148,7 +149,10 @@ def reference(config: GatewayConfig, recorded, final_digest: str):
     train_config = ConfigRecord({"epochs": TRAIN["epochs"], "batch-size": TRAIN["batch_size"], "lr": TRAIN["lr"]})
     list(strategy.configure_train(1, initial_arrays, train_config, _NodesOnly(list(range(DEVICES)))))
     expected, _ = strategy.aggregate_train(1, replies)
-    return {k: v.numpy() for k, v in expected.items()}, models[final_digest], replies
+    expected = {k: v.numpy() for k, v in expected.items()}
+    if config.download != schemas.FULL:  # released as the first model plus the delta devices download
+        expected = delta_step(initial, expected, config.download)[1]
+    return expected, models[final_digest], replies
 
 
 STRATEGIES = {

@@ -81,7 +81,7 @@ def test_sign_flip_sends_exactly_the_negated_update_with_the_same_count_and_metr
         np.testing.assert_array_equal(sent[name], -trained[name])
     assert metrics == METRICS and out.examples == honest.examples
     assert attack.sent[-1] == (honest.attachment, out.attachment)
-    assert sent["t0"].dtype == np.float32 and schemas.check_update(out.attachment)[0]["t0"] == (40, 30)
+    assert sent["t0"].dtype == np.float32 and schemas.check_update(out.attachment).shapes["t0"] == (40, 30)
 
 
 @pytest.mark.parametrize("codec", ["i8", "f32"])

@@ -48,9 +48,12 @@ def test_a_topk_update_is_a_fraction_of_an_int8_one_and_check_update_agrees_with
     dense = schemas.encode_update(delta, {"train_loss": 1.0}, "i8")
     assert len(sparse) < 0.4 * len(dense)
     decoded, metrics = schemas.decode_update(sparse)
-    shapes, checked = schemas.check_update(sparse)
-    assert shapes == {"a": (40, 30), "b": (64,)} and metrics == checked == {"train_loss": 1.0}
-    assert {k: v.shape for k, v in decoded.items()} == shapes
+    checked = schemas.check_update(sparse)
+    assert checked.shapes == {"a": (40, 30), "b": (64,)} and metrics == checked.metrics == {"train_loss": 1.0}
+    assert {k: v.shape for k, v in decoded.items()} == checked.shapes
+    # what admission compares with the task: each tensor's codec and the entries sent (k = ceil(0.1 x size))
+    assert checked.encodings == {"a": ("topk", 120), "b": ("topk", 7)}
+    assert schemas.check_update(dense).encodings == {"a": ("i8", 1200), "b": ("i8", 64)}
 
 
 def test_an_all_zero_tensor_still_encodes_and_decodes_to_zeros():
