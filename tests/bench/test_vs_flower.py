@@ -68,8 +68,10 @@ def test_vs_flower_smoke(tmp_path):
         assert set(got["bytes_per_round"]) == {"up", "down", "total"}
         [run] = figures["runs"][side]
         assert run["seed"] == 1 and len(run["rounds"]) >= 1
-        # Every side really trained: the model went down, an update came up, the devices evaluated it.
-        assert got["bytes_per_round"]["up"] > 10_000 and got["bytes_per_round"]["down"] > 40_000, (side, got)
+        # Every side really trained: the model went down (Flower: float32, ~47 KB a device; Starling: the
+        # int8 delta from the initial model the devices hold, ~12 KB), an update came up, the devices evaluated it.
+        model_down = 20_000 if side == "starling" else 40_000
+        assert got["bytes_per_round"]["up"] > 10_000 and got["bytes_per_round"]["down"] > model_down, (side, got)
         up, down, total = (got["bytes_per_round"][k] for k in ("up", "down", "total"))
         assert abs(total - up - down) <= 1  # each rounded on its own
         assert 0 < got["final_accuracy"] <= 1, (side, got["final_accuracy"])
