@@ -30,7 +30,7 @@ from protocol import schemas, topics
 REPLY_REASONS = {
     "malformed", "non_canonical", "schema", "topic_mismatch", "wrong_gateway", "revoked", "unknown_device",
     "bad_signature", "digest_mismatch", "limits", "bad_tensor", "non_finite", "replay", "conflicting_reply",
-    "stale_round", "not_selected", "wrong_round", "wrong_base", "late", "wrong_shape", "wrong_metrics",
+    "stale_round", "not_selected", "wrong_round", "wrong_base", "late", "wrong_shape", "wrong_metrics", "wrong_codec",
 }
 FLOOD = 160 * 256  # 40,960
 BATCH = 256  # what the gateway worker takes from its inbox at once
