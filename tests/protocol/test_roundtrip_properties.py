@@ -353,4 +353,5 @@ def test_check_update_refuses_exactly_what_decode_update_refuses(codec, raw, sca
         assert checked == decoded
     else:
         delta, metrics = decoded
-        assert checked == ({"w": delta["w"].shape}, metrics)
+        assert (checked.shapes, checked.metrics) == ({"w": delta["w"].shape}, metrics)
+        assert checked.encodings == {"w": (codec, count)}
