@@ -217,6 +217,8 @@ class LedgerKeeper:
             self.ledger.record_updates(*args, records, True)  # each signature verified at ingest
             exchanges.mark_recorded(traffic.task)
             return list(dict.fromkeys(r[1] for r in records))
+        except DuplicateUpdate as exc:  # expected now and then (below): not worth an error line
+            event(log, "ledger.batch_has_known", round=traffic.round, reason=str(exc))
         except LedgerError as exc:
             event(log, "ledger.batch_refused", logging.ERROR, round=traffic.round, reason=str(exc))
         kept = []
@@ -224,9 +226,12 @@ class LedgerKeeper:
             try:
                 self.ledger.record_updates(*args, [record])
                 kept.append(record[1])
-            except DuplicateUpdate:  # the same bytes from the same device, recorded in an earlier round: a device
-                kept.append(record[1])  # whose training is deterministic repeats itself; the update is on record
-                event(log, "ledger.record_known", device=identity_id(record[0]), update=record[1].hex()[:16])
+            except DuplicateUpdate:  # the same bytes from the same device, recorded in an earlier round or at another
+                kept.append(record[1])  # gateway: a device trains deterministically (same base, round and data give
+                # the same update), so a re-homed device repeats at its new gateway's round 1 what its old one's
+                # round 1 recorded. The update is on record; the aggregate that uses it names it.
+                event(log, "ledger.record_known", round=traffic.round, device=identity_id(record[0]),
+                      update=record[1].hex()[:16])
             except LedgerError as exc:
                 event(log, "ledger.record_refused", logging.ERROR, device=identity_id(record[0]), reason=str(exc))
         exchanges.mark_recorded(traffic.task)

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from gateway.devices import DeviceRegistry
-from gateway.journal import Journal
+from gateway.ingest import Accepted
+from gateway.journal import Exchanges, Journal
 from gateway.ledger_keeper import LedgerKeeper
 from gateway.lineage import Lineage
+from gateway.rounds import RoundTraffic
 from ledger.audit import contribution_totals, provenance
 from ledger.store import Ledger
 from ledger.verify import verify_store
@@ -246,4 +248,43 @@ def test_the_keeper_records_what_a_recompute_needs_and_params_the_ledger_refuses
         assert "params" not in second.body and second.body["output"] == sha256(b"o2")  # the record stands
         assert "ledger.params_refused" in caplog.text
     finally:
+        keeper.close()
+
+
+def test_an_update_on_record_already_costs_its_round_only_its_own_record(city, tmp_path: Path, caplog) -> None:
+    """A device trains deterministically: re-homed from ELSEWHERE, it sends HERE's round 1 the very bytes it sent
+    ELSEWHERE's round 1 (same base, round and data). The ledger holds that update once; HERE's round still records
+    the other devices' updates, and its aggregate may name all of them."""
+    genesis, other = city
+    keeper = keeper_of(tmp_path, genesis)
+    journal = Journal(tmp_path / "rounds.db")
+    try:
+        roamer, local = Identity.generate(), Identity.generate()
+        base, repeated, fresh = sha256(b"genesis model"), b"\x01" * 64, b"\x02" * 64
+        other.enroll_device(roamer.public_key, "roamer", "open")
+        other.record_updates(ELSEWHERE.id, 1, "train-1", base, [signed(roamer, ELSEWHERE.id, 1, base, repeated)])
+        gossip(other, keeper)
+        keeper.enroll(local.public_key, "local", "open")
+
+        def accepted(device: Identity, update: bytes) -> Accepted:
+            ctx = Context(sender=device.public_key, gateway=HERE.id, round=1, task="train-1", base=base)
+            sealed = envelope.seal(device, "reply", ctx, {"examples": 10}, attachment=update)
+            return Accepted(None, envelope.open_verified(sealed, "reply"), {}, 10)
+
+        traffic = RoundTraffic("train", 1, "train-1", base, accepted=[accepted(roamer, repeated),
+                                                                      accepted(local, fresh)])
+        exchanges = Exchanges(journal)
+        exchanges.open("train-1", 1, 1, base, [0, 1])
+        with caplog.at_level(logging.INFO, logger="starling.gateway.ledger"):
+            digests = keeper.record_updates(traffic, exchanges)
+        assert digests == [sha256(repeated), sha256(fresh)]  # both shaped the round; both are on record
+        assert exchanges.is_recorded("train-1")
+        mine = [v for v in keeper.ledger.vertices_of("updates") if v.creator == HERE.public_key]
+        assert [[r[0] for r in v.body["records"]] for v in mine] == [[local.public_key]]
+        assert "ledger.batch_has_known round=1" in caplog.text and "ledger.record_known round=1" in caplog.text
+        assert "batch_refused" not in caplog.text and "record_refused" not in caplog.text
+        assert keeper.record_updates(traffic, exchanges) == digests  # a round recorded before is not written again
+        assert len(list(keeper.ledger.vertices_of("updates"))) == 2
+    finally:
+        journal.close()
         keeper.close()

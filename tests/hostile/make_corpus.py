@@ -270,6 +270,7 @@ def reply_files() -> list[dict]:
         ("wrong_shape", d, world.reply(d, update=_update({"w": np.zeros((3, 3), np.float32),
                                                           "b": np.zeros(3, np.float32)}))),
         ("wrong_metrics", d, world.reply(d, update=_update(metrics={"train_loss": 0.5}))),
+        ("wrong_codec", d, world.reply(d, update=_update(codec="f16"))),  # the task asked for i8
     ]
     out = [{"surface": "reply", "file": "reply/accepted.cbor", "topic": topic_of(d), "reason": "accepted",
             "bytes": me, "before": []}]
