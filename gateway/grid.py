@@ -187,20 +187,25 @@ class MqttGrid(Grid):
                 event(log, "task.skipped", logging.WARNING, node=message.metadata.dst_node_id, reason="not_enrolled")
                 continue
             if reopen is not None and reopen.config:  # (a journal of the first version kept no config)
-                config = schemas.TrainConfig.from_wire({**reopen.config, "deadline": deadline})
+                config, codec, density = _asked(reopen.config, deadline)
             else:
                 config = task_config(next(iter(message.content.config_records.values()), {}), deadline)
+                codec, density = (self.codec, self.density) if kind == "train" else ("i8", DEFAULT_DENSITY)
             message_id = str(uuid4())
             message.metadata.__dict__["_message_id"] = message_id  # as Flower's own grids do
             tasks.append(OpenTask(message_id, identity_id(device_key), device_key, kind, round_, task_id,
-                                  release.digest, release.weights, deadline, config.options,
-                                  self.codec if kind == "train" else "i8", self.density))
+                                  release.digest, release.weights, deadline, config.options, codec, density))
             wires.append(config)
             with self._lock:
                 self._instructions[message_id] = message
         # What the exchange's devices are asked (the same for all of them with Flower's strategies): journaled,
         # so that a re-opened round asks the rest the same, and recorded with the round's release.
-        exchange_config = {k: v for k, v in wires[0].to_wire().items() if k != "deadline"} if wires else {}
+        exchange_config = {}
+        if wires:
+            exchange_config = {k: v for k, v in wires[0].to_wire().items() if k != "deadline"}
+            # with how it asked for its updates: a round re-opened after a restart (whose devices may have trained
+            # already) keeps asking what they were asked, whatever the config says now
+            exchange_config.update({schemas.CODEC: tasks[0].codec, schemas.DENSITY: tasks[0].density})
         restored = self._book.open(kind, round_, task_id, release.digest, release.lineage, tasks, exchange_config)
         # A device holding the release before this one downloads the delta published beside it instead.
         delta_base = release.delta.base if release.delta is not None else b""
@@ -251,6 +256,14 @@ class MqttGrid(Grid):
         if accepted.task.kind != "train":
             return RecordDict({"metrics": MetricRecord({NUM_EXAMPLES: weight, **accepted.metrics})})
         return train_content(accepted.task.base_weights, accepted.delta, weight, accepted.metrics)
+
+
+def _asked(journaled: dict, deadline: float) -> tuple[schemas.TrainConfig, str, float]:
+    """A re-opened exchange's task config, codec and density, as journaled when it opened. A journal written
+    before codecs were configurable kept none: its updates were int8."""
+    wire = dict(journaled)
+    codec, density = wire.pop(schemas.CODEC, "i8"), wire.pop(schemas.DENSITY, DEFAULT_DENSITY)
+    return schemas.TrainConfig.from_wire({**wire, "deadline": deadline}), codec, density
 
 
 def train_content(base: dict[str, np.ndarray], delta: dict[str, np.ndarray], weight: float,

@@ -124,7 +124,7 @@ class Gateway:
     """The parts of a gateway the grid works with, wired as gateway/service.py wires them."""
 
     def __init__(self, fleet: Fleet, tmp_path, deadline_s: float = 5.0, interrupted: Interrupted | None = None,
-                 is_revoked=lambda key: False, restore_hook=lambda: None) -> None:
+                 is_revoked=lambda key: False, restore_hook=lambda: None, codec: str = "f32") -> None:
         """`restore_hook()`: called as the book authenticates a journaled reply it restores."""
         self.journal = Journal(tmp_path / "rounds.db")
         self.lineage = Lineage(self.journal)
@@ -146,7 +146,7 @@ class Gateway:
         # Float32 updates: the fleet's replies hold exact values the tests average (admission refuses a reply
         # in another codec than its task's, `wrong_codec`).
         self.grid = MqttGrid(self.book, self.outbox, self.releases.release_for, fleet, deadline_s, self.stop,
-                             codec="f32")
+                             codec=codec)
         fleet.intake = self.intake
 
     def requeue(self, items: list[tuple[str, bytes]]) -> None:
@@ -419,7 +419,8 @@ def crash_after_the_first_reply(gateways) -> tuple[str, bytes, Interrupted]:
     task = envelope.decode(journaled).ctx
     assert interrupted == Interrupted(task.task, head.lineage, 1, head.digest, sorted(d.node_id for d in DEVICES),
                                       [journaled], closed=False, recorded=False,
-                                      config={"epochs": 1, "batch_size": 32, "lr": 0.3, "options": {}})
+                                      config={"epochs": 1, "batch_size": 32, "lr": 0.3, "options": {},
+                                              "codec": "f32", "density": 0.1})
     return topic, journaled, interrupted
 
 
@@ -431,16 +432,17 @@ def test_a_reply_re_sent_across_a_crash_is_a_duplicate_of_the_journaled_one(gate
     task = envelope.decode(journaled).ctx
     # The restart: the journal says which exchange to re-open, with its devices and its accepted reply.
     fleet = Fleet()
-    gateway = gateways(fleet, interrupted=interrupted)
+    gateway = gateways(fleet, interrupted=interrupted, codec="f16")
     deferred = fleet.send(topic, journaled)  # the re-send, before the round re-opens
     assert isinstance(deferred, Deferred) and gateway.book.rejections == {} and fleet.receipts(early) == []
-    # Restarted with another learning rate: the re-opened round still asks for the one it began with.
+    # Restarted with another learning rate and codec: the re-opened round still asks for what it began with
+    # (its journaled float32 reply is no wrong_codec, nor are the replies of the devices it tasks now).
     replies = gateway.grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(
         {"lr": 0.05}), gateway.grid))
     assert len(replies) == 3
     assert [t for t, _ in fleet.published if t == topics.task(GATEWAY.id, early.id)] == []  # not re-tasked
     retasked = [schemas.Task.from_body(envelope.decode(p).body) for t, p in fleet.published if "/task/" in t]
-    assert len(retasked) == 2 and {t.config.lr for t in retasked} == {0.3}
+    assert len(retasked) == 2 and {(t.config.lr, t.codec) for t in retasked} == {(0.3, "f32")}
     assert [(t, r.accepted) for t, r in fleet.receipts(early)] == [(task.task, True)]
     assert gateway.book.duplicates == 1 and gateway.book.rejections == {}
     (traffic,) = gateway.book.take_closed()
