@@ -189,7 +189,7 @@ class BufferedEngine(RoundEngine):
         self._grid.forget(message_ids)
         closed = self._book.take_closed()
         self._take_in([t for t in closed if t.kind == "train"], round_)
-        self._board.exchanges_closed(round_, closed)
+        self._board.exchanges_closed(round_, closed, buffered=True)
 
     def _take_in(self, trained: list[RoundTraffic], round_: int) -> None:
         """Closed training exchanges: their updates kept and on the ledger, then buffered (or refused as stale);
@@ -233,6 +233,7 @@ class BufferedEngine(RoundEngine):
                                   lambda a=accepted: a.delta))
         event(log, "buffer.step", step=round_, updates=len(batch), staleness=",".join(map(str, staleness)) or "-",
               base=head.version)
+        self._board.step_aggregated(round_, len(batch))
         if not batch:
             self._releases.skip_round(exchanges)
             return

@@ -114,8 +114,10 @@ class StatusBoard:
         self._round_start[round_] = (time.time(), received, sent)
         self._records.setdefault(round_, RoundRecord(round_))
 
-    def exchanges_closed(self, round_: int, closed: list[RoundTraffic]) -> None:
-        """Participants, skips and rejections after training; accuracy and loss after evaluation."""
+    def exchanges_closed(self, round_: int, closed: list[RoundTraffic], buffered: bool = False) -> None:
+        """Participants, skips and rejections after training; accuracy and loss after evaluation.
+        `buffered`: a buffered step closes many one-device exchanges: their skips add up, and the step says
+        how many updates it aggregated (`step_aggregated`)."""
         record = self._records.setdefault(round_, RoundRecord(round_))
         for traffic in closed:
             event(log, "round.closed", kind=traffic.kind, round=traffic.round, replies=len(traffic.accepted),
@@ -123,12 +125,18 @@ class StatusBoard:
                   duplicates=traffic.duplicates, restored=traffic.restored,
                   reasons=",".join(f"{r}:{n}" for r, n in sorted(traffic.rejected.items())) or "-")
             record.rejected += sum(traffic.rejected.values())
-            if traffic.kind == "train":
+            if traffic.kind == "train" and buffered:
+                record.skipped += sum(traffic.skipped.values())
+            elif traffic.kind == "train":
                 record.participants = len(traffic.accepted)
                 record.skipped = sum(traffic.skipped.values())
             else:
                 _evaluation(record, traffic.accepted, self._weights.effective([a.examples for a in traffic.accepted]))
         self._save(round_)
+
+    def step_aggregated(self, round_: int, updates: int) -> None:
+        """A buffered step's participants: the updates it aggregated (from exchanges closed in earlier steps too)."""
+        self._records.setdefault(round_, RoundRecord(round_)).participants = updates
 
     def forget_round(self, round_: int) -> None:
         """A round that began but never ran (nothing sent, nothing journaled): out of the status again."""

@@ -117,6 +117,9 @@ def test_a_buffered_run_aggregates_every_k_updates_with_one_ledger_aggregate_per
     log = (tmp_path / "gateway.log").read_text()
     assert "buffer.step step=5" in log
     assert all(len(u.body["records"]) == 1 for u in updates), "each task is its own exchange"
+    # a step's participants (status, result.json) are the updates it aggregated, not its last exchange's one
+    participants = {r["round"]: r["participants"] for r in result["rounds"] if r["round"] > 0}
+    assert participants == {a.body["round"]: len(a.body["inputs"]) for a in aggregates}, result["rounds"]
 
 
 def test_kill_9_keeps_the_updates_accepted_but_not_yet_aggregated(tmp_path):
