@@ -108,6 +108,14 @@ def _buffered(db: Database) -> None:
     db.execute("alter table exchange add column buffered integer not null default 0")
 
 
+@MIGRATIONS(name="005_release_delta")
+def _release_delta(db: Database) -> None:
+    """The head's delta from its parent ([training] download): a restarted gateway publishes its head with it,
+    so devices holding the parent download the step, not the whole model. Only the newest step's is kept."""
+    db.execute("create table release_delta (version integer primary key, base blob not null, codec text not null, "
+               "data blob not null)")
+
+
 class Journal:
     """The database: one connection shared by the gateway's threads under one lock.
 

@@ -139,7 +139,9 @@ class Lineage:
             "select digest, lineage, round, parent, size, step from release where version = ?", version)[0]
         data = self._journal.read("select data from model where digest = ?", digest)
         weights = schemas.decode_model(data[0][0]) if data else {}
-        return Release(digest, version, lineage, round_, parent, weights, size, bool(step), data[0][0] if data else b"")
+        delta = self._journal.read("select base, codec, data from release_delta where version = ?", version)
+        return Release(digest, version, lineage, round_, parent, weights, size, bool(step), data[0][0] if data else b"",
+                       Delta(*delta[0]) if delta and data else None)
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -163,7 +165,7 @@ class Lineage:
                 exchanges: list[str], params: dict | None = None, delta: Delta | None = None) -> Release | None:
         """The round's new model, as the next step (None if it equals the head: nothing to release).
         `params`: what its aggregate vertex records for a recompute (gateway/recompute.py); `delta`: the
-        step from the head devices may download instead (kept with the head in memory, not journaled).
+        step from the head devices may download instead (journaled with it: a restart publishes it again).
 
         One transaction writes the release, its bytes, the strategy's state and marks the round's
         exchanges finished, so a restart neither loses the step nor aggregates the round again.
@@ -179,6 +181,10 @@ class Lineage:
             lineage = head.lineage if head else self.current.id
             self._insert(db, version, digest, lineage, round_, head.digest if head else b"", model, step=True,
                          strategy=strategy, config=config, rule=rule, inputs=inputs, params=params)
+            db.execute("delete from release_delta")  # only the head's delta is ever published
+            if delta is not None:
+                db.execute("insert into release_delta values (?, ?, ?, ?)", [version, delta.base, delta.codec,
+                                                                              delta.data])
             if state is not None:
                 db.execute("insert into strategy_state values (?, ?)", [version, state])
             db.execute("delete from strategy_state where version < ?", [version])

@@ -56,7 +56,7 @@ class Release:
     size: int  # bytes of the encoded model
     step: bool = True  # a step of the lineage (else a model a strategy sent that did not become the head)
     model: bytes = b""  # the encoded model (schemas.encode_model), when at hand: publishing needs no second encoding
-    delta: Delta | None = None  # the step from `parent` devices may download instead (only in the process that made it)
+    delta: Delta | None = None  # the step from `parent` devices may download instead (the head's is journaled)
 
 
 def chunk_count(size: int) -> int:

@@ -108,6 +108,26 @@ def test_a_full_download_a_first_model_and_a_step_f16_cannot_hold_are_full_relea
     assert release.delta is None and release.digest == sha256(schemas.encode_model(huge))
 
 
+def test_a_restarted_gateway_publishes_its_head_with_its_delta_and_a_full_step_after_it_keeps_none(tmp_path):
+    releases, _ = releases_for(tmp_path, "i8")
+    head = releases.start(BASE, "first start")
+    made = advance(releases, step(BASE, 1), 1)
+    restarted, published = releases_for(tmp_path, "i8")  # the same journal, a new process
+    again = restarted.head
+    assert (again.digest, again.delta) == (made.digest, made.delta) and again.delta.base == head.digest
+    assert restarted.release_for(None, 2) == again  # the head is published again by this process ...
+    wire = dict(published)[topics.model_delta(GATEWAY.id, again.digest.hex())]  # ... with its delta
+    env = envelope.open_verified(wire, "delta")
+    rebuilt = apply_delta(head.weights, schemas.decode_delta(env.attachment, "i8"))
+    assert sha256(schemas.encode_model(rebuilt)) == again.digest
+
+    huge = {k: v + 1e6 for k, v in again.weights.items()}  # a full step: the journal keeps no delta for it
+    releases, _ = releases_for(tmp_path, "f16")
+    assert advance(releases, huge, 2).delta is None
+    assert releases_for(tmp_path, "f16")[0].head.delta is None
+    assert Journal(tmp_path / "rounds.db").read("select count(*) from release_delta") == [(0,)]
+
+
 def test_old_deltas_are_cleared_with_their_releases(tmp_path):
     releases, published = releases_for(tmp_path, "i8")
     weights = BASE
