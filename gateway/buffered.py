@@ -127,6 +127,13 @@ class BufferedEngine(RoundEngine):
         self._recorded: set[bytes] = set()  # update digests on the ledger (an aggregate may name them)
         self.stale = 0  # updates refused for staleness, since start
 
+    def report(self) -> dict[str, Any]:
+        """The status's account of the buffer: its settings, what waits in it, what is out, what was too stale."""
+        settings = self._settings
+        return {"buffer": settings.buffer, "max_staleness": settings.max_staleness,
+                "staleness_exponent": settings.staleness_exponent, "buffered": len(self._buffer),
+                "in_flight": len(self._in_flight), "stale": self.stale}
+
     # --- hooks ---------------------------------------------------------------------------------
 
     def begin(self) -> int:

@@ -54,6 +54,7 @@ from protocol.atomic import write_atomic
 from protocol.keys import Identity, identity_id
 from protocol.logs import event
 from protocol.rotation import own_chain
+from protocol.tensors import TOPK
 
 from .blob_keeper import BlobKeeper, BlobSettings
 from .buffered import BufferedEngine
@@ -189,6 +190,7 @@ class Gateway:
         self.auditor: CityAuditor | None = None
         self._final_city: dict[str, Any] | None = None
         self.strategy: Any = None  # the configured Flower strategy, once built
+        self.engine: RoundEngine | None = None  # the rounds, once they can start
         self._ingest: IngestWorkers | None = None
 
     @property
@@ -253,7 +255,7 @@ class Gateway:
             enroll_rejections=lambda: dict(self.enrollment.rejections), weights=cfg.weights,
             privacy=lambda: privacy_report(self.strategy),
             blobs=lambda: self.blobs.status() if self.blobs is not None else None,
-            city=self._city_report)
+            city=self._city_report, training=self._training_report)
         intake = ReplyIntake(authenticator, book, outbox, board.note)
         if interrupted is not None:
             event(log, "gateway.resume", round=interrupted.round, accepted=len(interrupted.replies),
@@ -291,7 +293,7 @@ class Gateway:
             worker.start()
             if cfg.mcu_python is not None:
                 mcu = McuExporter(cfg.mcu_python, self.manifest_path.parent, self.identity, self.id, connection.publish)
-            engine = self._engine(journal, lineage, book, outbox, beginning, mcu, connection, stop)
+            self.engine = engine = self._engine(journal, lineage, book, outbox, beginning, mcu, connection, stop)
             event(log, "gateway.start", id=self.id, name=cfg.name, strategy=cfg.strategy,
                   rounds=cfg.num_rounds or "-", ledger=str(self.ledger_path), next_round=beginning.next_round,
                   lineage=beginning.new_lineage or "continues")
@@ -405,6 +407,18 @@ class Gateway:
             return None
         return {**self.city.report(), "audits": self.auditor.report() if self.auditor is not None else None}
 
+    def _training_report(self) -> dict[str, Any]:
+        """The status's `training` section: the round mode (a buffered engine's account with it) and how updates
+        ([training] codec, density under topk) and models ([training] download) travel."""
+        cfg = self.config
+        doc: dict[str, Any] = {"mode": "sync" if cfg.buffered is None else "buffered", "codec": cfg.codec,
+                               "download": cfg.download}
+        if cfg.codec == TOPK:
+            doc["density"] = cfg.density
+        if isinstance(self.engine, BufferedEngine):
+            doc["buffered"] = self.engine.report()
+        return doc
+
     def _tell_ingest_workers(self, what: str, key: bytes) -> None:
         if self._ingest is not None:
             (self._ingest.enroll if what == "enroll" else self._ingest.revoke)(key)
@@ -456,6 +470,7 @@ class Gateway:
             "duplicates": self.book.duplicates,  # honest re-sends of accepted replies: not rejections
             "enroll_rejections": dict(self.enrollment.rejections),
             "privacy": privacy_report(self.strategy),  # a DP run's privacy spent (gateway/privacy.py), or None
+            "training": self._training_report(),  # the round mode (and a buffered run's stale count), the codecs
             "ledger": {"path": str(self.ledger_path), "height": height},
             "blobs": self.blobs.status() if self.blobs is not None else None,
             "city": self._final_city,  # taken before the ledger closed

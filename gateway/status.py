@@ -59,14 +59,17 @@ class StatusBoard:
                  enroll_rejections: Callable[[], dict[str, int]], weights: WeightRule = WeightRule(),
                  privacy: Callable[[], dict[str, Any] | None] = lambda: None,
                  blobs: Callable[[], dict[str, Any] | None] = lambda: None,
-                 city: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+                 city: Callable[[], dict[str, Any] | None] = lambda: None,
+                 training: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
         """`meter()`: (bytes received from devices, bytes sent to them) so far; `ledger_status()`: height,
         finality and peers (None before the ledger opened); `weights`: how the evaluation averages weigh
         each device (the rule the strategy's replies are weighed by); `privacy()`: a DP run's privacy spent
         (gateway/privacy.py), None when nothing is accounted; `blobs()`: the blob store and its exchange
         (gateway/blob_keeper.py), None before the store opened; `city()`: the city tier's epochs, flagged
-        gateways and audits (gateway/city.py), None without the tier."""
+        gateways and audits (gateway/city.py), None without the tier; `training()`: how rounds run and updates and
+        models travel (the round mode, with a buffered engine's account, the codecs), None before they are known."""
         self._weights = weights
+        self._training = training
         self._city = city
         self._privacy = privacy
         self._blobs = blobs
@@ -237,6 +240,7 @@ class StatusBoard:
             "blobs": self._blobs(),  # updates and models kept by digest, and what was served and fetched
             "city": self._city_status(),  # the city tier: epochs, flagged gateways (mismatch evidence), audits
             "privacy": self._privacy(),
+            "training": self._training(),
             "history": history,
             "revoked": {"count": len(revoked), "devices": revoked[:MAX_STATUS_REVOKED]},
             "time": time.time(),

@@ -120,6 +120,10 @@ def test_a_buffered_run_aggregates_every_k_updates_with_one_ledger_aggregate_per
     # a step's participants (status, result.json) are the updates it aggregated, not its last exchange's one
     participants = {r["round"]: r["participants"] for r in result["rounds"] if r["round"] > 0}
     assert participants == {a.body["round"]: len(a.body["inputs"]) for a in aggregates}, result["rounds"]
+    training = result["training"]  # (the status has the same section, live)
+    assert (training["mode"], training["codec"]) == ("buffered", "i8")
+    assert {k: training["buffered"][k] for k in ("buffer", "max_staleness", "stale")} == {
+        "buffer": 2, "max_staleness": 3, "stale": log.count("buffer.stale ")}
 
 
 def test_kill_9_keeps_the_updates_accepted_but_not_yet_aggregated(tmp_path):

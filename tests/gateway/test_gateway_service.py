@@ -51,6 +51,7 @@ def test_sigterm_stops_a_waiting_gateway_cleanly(broker, tmp_path):
     result = json.loads((tmp_path / "state" / "result.json").read_text())
     assert result["state"] == "stopped"
     assert result["ledger"]["height"] == 1  # genesis only
+    assert result["training"] == {"mode": "sync", "codec": "i8", "download": "i8"}  # the defaults
 
 
 def test_run_refuses_a_missing_key_instead_of_inventing_one(broker, tmp_path):
