@@ -7,7 +7,7 @@
     inference.stop()             # with the rest of the agent (SIGTERM)
 
 The model: the newest release this device accepted from its gateway (the
-signed, checked global model; the agent calls `install` from `_fetch_model`),
+signed, checked global model; `Downloads.fetch` calls `install` with it),
 else the weights shipped with the model. Not the device's own fine-tuning of
 a round: that is one round's step from the release, sent as an update the
 gateway may still reject. The release in use is kept in

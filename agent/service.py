@@ -1,9 +1,9 @@
 """The agent's MQTT loop: enroll, take signed tasks, answer with signed replies.
 
 Threads: paho's network thread (inside `mqttlink.Connection`) only saves tasks
-to disk and queues; one worker thread does the slow things (fetching and
-checking models, training, signing); the caller's thread re-sends
-unacknowledged replies until `stop` is set.
+to disk and queues, or files a model piece a fetch waits for (`Downloads.file`);
+one worker thread does the slow things (fetching and checking models, training,
+signing); the caller's thread re-sends unacknowledged replies until `stop` is set.
 
 Trust: every task, model and receipt must be signed by the gateway's key
 (`Agent._check_gateway_key`, the one place that says which key counts: the one
@@ -11,20 +11,9 @@ in the config, or where the gateway's key rotations led) and bound to this
 gateway and this device; a key a rotation retired is refused (`key_rotated`).
 Rotations come retained on the gateway's keys topic and are followed only when
 signed by the city's root key in the config (`protocol.rotation`); a model must hash to the
-digest the task names, and its signed release must pass `Agent._check_release`:
-it expires (`model_no_expiry`, from the schema) and has not expired
-(`model_expired`), fits this device's model (`model_architecture_mismatch`), is
-not older than the version already trusted (`model_rollback`), names the digest
-already trusted under its version (`model_version_conflict`), and was not signed
-long before the newest release this device knows (`model_frozen`: its expiry is
-more than `[model] freeze_window_s` older than the newest expiry accepted).
+digest the task names, and its signed release must pass the release checks (`Downloads.check_release`).
 
-Downloads: a task whose model has a published delta names its base (`Task.delta_base`); a device holding
-that model (the one it keeps in memory, `_models`) fetches the signed delta (`schemas.ModelDelta`, which
-passes every release check above), rebuilds the model (`tensors.apply_delta`) and keeps it only if it
-hashes to the task's digest. Any other device, and one whose delta fails in any way, fetches the full
-release as before: a failed delta is counted by reason (`Counters.delta_refused`) and logged once, never
-a refused task.
+Downloads (agent/downloads.py): `Downloads.fetch` gives the model a task names: held, rebuilt or whole.
 
 Roaming (agent/roaming.py): with the root key, "the gateway" is the device's home, the configured gateway
 or the member it re-homed to. `Roaming` keeps the city, the home and the decision to leave it; the agent
@@ -36,7 +25,7 @@ are the new home's; then the device enrolls there again, and the new home admits
 (a revoked device is refused there too: the ledger says so).
 
 Inference (agent/inference.py, with `[inference]`): its own thread and its own model instance. The worker
-hands it each release it accepts (`_fetch_model`), whole; the inference thread swaps it in between two runs,
+hands it each release it accepts (`Downloads.fetch`), whole; the inference thread swaps it in between two runs,
 so no run sees half a release, and training never touches the weights inference runs with. After a re-home
 it runs the old home's release until the new home's first one arrives.
 """
@@ -48,22 +37,19 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from mqttlink import Connection, ConnectionOptions, Message, Will
 from protocol import envelope, schemas, topics
-from protocol.digest import sha256
 from protocol.errors import ProtocolError
 from protocol.keys import Identity, identity_id
 from protocol.logs import event
 from protocol.rotation import Chain
-from protocol.tensors import TOPK, apply_delta
+from protocol.tensors import TOPK
 
 from . import learner
 from .config import AgentConfig
+from .downloads import Downloads, Refused
 from .error_feedback import ErrorFeedback
 from .inference import Inference
 from .live_data import LiveData, NoData
@@ -74,8 +60,6 @@ from .systemd import Notifier
 
 log = logging.getLogger("starling.agent")
 
-MODEL_WAIT_S = 30.0
-DELTA_WAIT_S = 10.0  # a delta the task names is retained already; if it is not there, the full model is
 REHOME = "agent/rehome"  # not an MQTT topic: the loop's request that the worker move the device (`_rehome`)
 
 
@@ -95,6 +79,7 @@ class Agent:
 
     `data` is fixed `LocalData` (a replay file) or `LiveData` (the sample store), cut afresh each round.
     `inference`, when given, runs from `run` to its end and gets every release the device accepts.
+    `downloads` (agent/downloads.py) holds the model in memory and fetches the ones tasks name.
     """
 
     def __init__(
@@ -116,26 +101,14 @@ class Agent:
         self.architecture = architecture
         self.weight_shapes = {name: w.shape for name, w in model.get_weights().items()}
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._models = self._own_model(model)
-        self._model_arrived = threading.Condition()
-        self._raw_models: dict[int, bytes] = {}  # -1: the release; 0..n-1: its chunks
-        self._wanted: bytes | None = None
-        self._wanted_delta: bytes | None = None  # the model whose delta is awaited ...
-        self._raw_delta: bytes | None = None  # ... and its signed message, once here
         self.inference = inference
+        self.downloads = Downloads(  # the models tasks name; the home, connection and state as they are now
+            home=lambda: self.roaming.home, connection=lambda: self.conn, open_signed=self._open_from_gateway,
+            state=lambda: self.state, store=self.store, counters=self.counters, weight_shapes=self.weight_shapes,
+            architecture=architecture, freeze_window_s=config.freeze_window_s, flashed=model,
+            install=inference.install if inference is not None else None,
+        )
         self.conn = self._make_connection()
-
-    def _own_model(self, model) -> dict[bytes, dict[str, np.ndarray]]:
-        """The model cache a device starts with: the weights it was flashed with, by their digest, while it
-        trusts no release yet. A gateway's lineage starts from the same family's initial weights, so a new
-        device needs no download for the first model, and takes the next one as a delta from it. A device
-        that trusts a release starts empty: each model it is asked for again passes the release checks
-        (a rollback to the initial model among them)."""
-        state = self.state
-        if state.trusted_version > 0 or state.trusted_digest or state.newest_expires:
-            return {}
-        weights = model.get_weights()
-        return {sha256(schemas.encode_model(weights)): weights}
 
     # --- MQTT plumbing -------------------------------------------------------------
 
@@ -177,24 +150,10 @@ class Agent:
                 name = ""
             self._inbox.put((msg.topic, msg.payload, name))
             return
-        if not msg.topic.startswith(prefix):
-            self._inbox.put((msg.topic, msg.payload, ""))
+        if msg.topic.startswith(prefix):
+            self.downloads.file(msg.topic[len(prefix):], msg.payload)
             return
-        digest_hex, _, index = msg.topic[len(prefix):].partition("/")
-        if digest_hex == topics.DELTA:
-            with self._model_arrived:
-                if self._wanted_delta is not None and index == self._wanted_delta.hex() and msg.payload:
-                    self._raw_delta = msg.payload
-                    self._model_arrived.notify_all()
-            return
-        with self._model_arrived:
-            if self._wanted is None or digest_hex != self._wanted.hex() or not msg.payload:
-                return  # not the model we wait for (or a cleared retained message): memory is scarce
-            if index == "":
-                self._raw_models[-1] = msg.payload  # the signed release
-            elif index.isdigit() and int(index) < schemas.MAX_CHUNKS:
-                self._raw_models[int(index)] = msg.payload
-            self._model_arrived.notify_all()
+        self._inbox.put((msg.topic, msg.payload, ""))
 
     # --- checks ----------------------------------------------------------------------
 
@@ -204,12 +163,12 @@ class Agent:
         return bytes.fromhex(self.state.gateway_key) if self.state.gateway_key else self.roaming.home_key
 
     def _check_gateway_key(self, key: bytes) -> None:
-        """Refuse (raise `_Refused`) a message not signed by the gateway's current key."""
+        """Refuse (raise `Refused`) a message not signed by the gateway's current key."""
         if key == self.gateway_key:
             return
         if key.hex() in self.state.retired_keys:
-            raise _Refused("key_rotated")  # the operator's root key replaced it: perhaps stolen
-        raise _Refused("not_from_gateway")
+            raise Refused("key_rotated")  # the operator's root key replaced it: perhaps stolen
+        raise Refused("not_from_gateway")
 
     def _open_from_gateway(self, payload: bytes, expected_type: str) -> envelope.Envelope:
         env = envelope.decode(payload)
@@ -217,145 +176,10 @@ class Agent:
             raise ProtocolError(f"expected {expected_type}, got {env.type}")
         self._check_gateway_key(env.ctx.sender)
         if env.ctx.gateway != self.roaming.home:
-            raise _Refused("wrong_gateway")
+            raise Refused("wrong_gateway")
         env.verify()
         self.roaming.heard(time.monotonic())  # the home signed it: it is there
         return env
-
-    def _wait_for(self, pieces: Callable[[], bool], deadline: float, reason: str = "model_unavailable") -> None:
-        with self._model_arrived:
-            while not pieces():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise _Refused(reason)
-                self._model_arrived.wait(left)
-
-    def _fetch_model(self, digest: bytes, delta_base: bytes = b"") -> dict[str, np.ndarray]:
-        """The weights with content address `digest`: from cache, rebuilt from the delta the task names when
-        this device holds its base (`delta_base`), else from the retained release (and chunks)."""
-        if digest in self._models:
-            return self._models[digest]
-        if delta_base and delta_base in self._models:
-            try:
-                weights, release, received = self._fetch_delta(digest, delta_base)
-            except (ProtocolError, _Refused) as exc:
-                self.counters.delta_refused[exc.reason] = self.counters.delta_refused.get(exc.reason, 0) + 1
-                event(log, "model.delta_refused", logging.WARNING, digest=digest.hex()[:16], reason=exc.reason,
-                      detail=str(exc), then="full")
-            else:
-                return self._keep(digest, weights, release, "delta", received)
-        weights, release, received = self._fetch_full(digest)
-        return self._keep(digest, weights, release, "full", received)
-
-    def _keep(self, digest: bytes, weights: dict[str, np.ndarray], release: schemas.ModelRelease,
-              how: str, received: int) -> dict[str, np.ndarray]:
-        """An accepted model: trusted, cached (only the newest: memory is scarce), handed to inference."""
-        event(log, "model.fetched", digest=digest.hex()[:16], version=release.version, how=how, bytes=received)
-        self._remember(release)
-        self._models = {digest: weights}
-        self.counters.downloads[how] = self.counters.downloads.get(how, 0) + 1
-        if self.inference is not None and digest.hex() == self.state.trusted_digest:  # the newest one trusted
-            self.inference.install(weights, release.version, digest.hex())
-        return weights
-
-    def _fetch_delta(self, digest: bytes, base: bytes) -> tuple[dict[str, np.ndarray], schemas.ModelRelease, int]:
-        """Model `digest` rebuilt from its signed delta on the cached model `base`; raises `_Refused` or
-        `ProtocolError` (the caller falls back to the full model) for anything amiss."""
-        address = topics.model_delta(self.roaming.home, digest.hex())
-        with self._model_arrived:
-            self._wanted_delta, self._raw_delta = digest, None
-        self.conn.subscribe([(address, 1)])
-        try:
-            self._wait_for(lambda: self._raw_delta is not None, time.monotonic() + DELTA_WAIT_S, "delta_unavailable")
-            received = len(self._raw_delta)
-            env = self._open_from_gateway(self._raw_delta, "delta")  # signature, key, gateway, attachment digest
-        finally:
-            self.conn.unsubscribe([address])
-            with self._model_arrived:
-                self._wanted_delta, self._raw_delta = None, None
-        delta = schemas.ModelDelta.from_body(env.body)
-        release = delta.release()
-        self._check_release(release, digest)  # expiry, architecture, rollback, version conflict, freeze window
-        if delta.base != base:
-            raise _Refused("delta_base_mismatch")  # not a step from the model this device holds
-        if env.attachment is None or len(env.attachment) != delta.size:
-            raise _Refused("delta_size_mismatch")
-        step = schemas.decode_delta(env.attachment, delta.codec)
-        if {k: v.shape for k, v in step.items()} != self.weight_shapes:
-            raise _Refused("delta_shape_mismatch")
-        weights = apply_delta(self._models[base], step)
-        if sha256(schemas.encode_model(weights)) != digest:
-            raise _Refused("delta_digest_mismatch")  # signed, yet it does not rebuild the model the task names
-        return weights, release, received
-
-    def _fetch_full(self, digest: bytes) -> tuple[dict[str, np.ndarray], schemas.ModelRelease, int]:
-        """The model `digest` from its retained release (and chunks), every release check passed; with the
-        bytes received."""
-        address = topics.model(self.roaming.home, digest.hex())
-        with self._model_arrived:
-            self._wanted, self._raw_models = digest, {}
-        # Offline (a task saved before a power cut), the connection subscribes once it is up.
-        self.conn.subscribe([(address, 1), (address + "/+", 1)])
-        deadline = time.monotonic() + MODEL_WAIT_S
-        try:
-            self._wait_for(lambda: -1 in self._raw_models, deadline)
-            env = self._open_from_gateway(self._raw_models[-1], "model")
-            release = schemas.ModelRelease.from_body(env.body)  # expires == 0: NoExpiry, "model_no_expiry"
-            self._check_release(release, digest)
-            if release.chunks == 1:
-                model = env.attachment
-            else:
-                self._wait_for(lambda: all(i in self._raw_models for i in range(release.chunks)), deadline)
-                model = b"".join(self._raw_models[i] for i in range(release.chunks))
-            if model is None or len(model) != release.size or sha256(model) != digest:
-                raise _Refused("model_digest_mismatch")
-            received = len(self._raw_models[-1]) + (len(model) if release.chunks > 1 else 0)
-        finally:
-            self.conn.unsubscribe([address, address + "/+"])
-            with self._model_arrived:
-                self._wanted, self._raw_models = None, {}
-        weights = schemas.decode_model(model)
-        if {k: v.shape for k, v in weights.items()} != self.weight_shapes:
-            raise _Refused("model_shape_mismatch")
-        return weights, release, received
-
-    def _check_release(self, release: schemas.ModelRelease, digest: bytes) -> None:
-        """Refuse (raise `_Refused`) a gateway-signed release this device must not act on, each for its reason.
-
-        The freeze window (`model_frozen`): the rollback rule and one digest per version already keep a
-        device from being moved back to an older model, and an honest gateway signs versions in order, so a
-        stale release of a higher version still carries a newer model than the device trusts: the window
-        guards no model choice of its own. What it adds is a staleness bound that does not rest on the
-        device's clock (a Pi has no battery-backed clock: booted behind, it takes an expired release for a
-        live one): a release whose expiry is more than `freeze_window_s` older than the newest expiry this
-        device accepted from its gateway was signed that long before a release it already knows, so it is
-        refused at any version: an old signed copy a broker replays, or a release from a gateway whose clock
-        went back. A gateway with a sane clock and a constant `release_ttl_s` that signs its models in
-        version order never trips it (README, "Enrollment, revocation, releases", says what does).
-        """
-        state = self.state
-        if release.digest != digest:
-            raise _Refused("model_digest_mismatch")  # not the model the task names
-        if time.time() > release.expires:
-            raise _Refused("model_expired")
-        if self.architecture and release.architecture != self.architecture:
-            raise _Refused("model_architecture_mismatch")
-        if release.version < state.trusted_version:
-            raise _Refused("model_rollback")
-        if release.version == state.trusted_version and state.trusted_digest not in ("", release.digest.hex()):
-            raise _Refused("model_version_conflict")
-        if release.expires < state.newest_expires - self.config.freeze_window_s:
-            raise _Refused("model_frozen")
-
-    def _remember(self, release: schemas.ModelRelease) -> None:
-        """An accepted release: trust its version and digest, and keep the newest expiry seen (on disk)."""
-        state = self.state
-        before = (state.trusted_version, state.trusted_digest, state.newest_expires)
-        if release.version > state.trusted_version or not state.trusted_digest:  # "": a state from before digests
-            state.trusted_version, state.trusted_digest = release.version, release.digest.hex()
-        state.newest_expires = max(state.newest_expires, release.expires)
-        if (state.trusted_version, state.trusted_digest, state.newest_expires) != before:
-            self.store.save(state)  # only on a change: a republished release with the same expiry writes nothing
 
     # --- handlers --------------------------------------------------------------------
 
@@ -364,7 +188,7 @@ class Agent:
         env = self._open_from_gateway(payload, "task")
         task = schemas.Task.from_body(env.body)
         if task.device != self.identity.id:
-            raise _Refused("not_for_this_device")
+            raise Refused("not_for_this_device")
         key = f"{env.ctx.round:06d}-{env.ctx.task}"
         pending = self.store.read_pending(key)
         if pending is not None:  # asked again while our reply has no receipt: a restarted gateway lacks it
@@ -376,7 +200,7 @@ class Agent:
             event(log, "task.duplicate", round=env.ctx.round, task=env.ctx.task)  # answered once: never again
             return
         if task.config.deadline and time.time() > task.config.deadline:
-            raise _Refused("deadline_passed")
+            raise Refused("deadline_passed")
         ctx = envelope.Context(self.identity.public_key, env.ctx.gateway, env.ctx.round, env.ctx.task, env.ctx.base)
         skip = self.config.budget.skip_reason() if task.kind == "train" else ""
         started = time.monotonic()
@@ -392,7 +216,7 @@ class Agent:
             wire = envelope.seal(self.identity, "reply", ctx, schemas.Reply(schemas.SKIP_DIGEST, 0, skip).to_body())
             event(log, "task.skipped", round=env.ctx.round, task=env.ctx.task, reason=skip)
         else:
-            base = self._fetch_model(env.ctx.base, task.delta_base)
+            base = self.downloads.fetch(env.ctx.base, task.delta_base)
             if task.kind == "train":
                 budget = self.config.budget
                 residual = (self.feedback.load(self.weight_shapes, self._lineage(), self.state.trusted_version)
@@ -438,7 +262,7 @@ class Agent:
         env = self._open_from_gateway(payload, "receipt")
         receipt = schemas.Receipt.from_body(env.body)
         if receipt.device != self.identity.id:
-            raise _Refused("not_for_this_device")
+            raise Refused("not_for_this_device")
         if env.ctx.task == "enroll":
             if receipt.accepted and not self.state.enrolled:
                 self.state.enrolled = True
@@ -482,7 +306,7 @@ class Agent:
                     self._rehome()
                 else:
                     self._handle_receipt(payload)
-            except (ProtocolError, _Refused, learner.BadOption) as exc:
+            except (ProtocolError, Refused, learner.BadOption) as exc:
                 self._count(exc.reason)
                 event(log, f"{kind}.refused", logging.WARNING, reason=exc.reason, detail=str(exc))
             except Exception:  # an agent must outlive any single bad message
@@ -495,7 +319,7 @@ class Agent:
         if not payload:
             return  # a cleared retained message
         if self.config.gateway_root_key is None:
-            raise _Refused("no_root_key")  # this device trusts one gateway key, configured: nothing to follow
+            raise Refused("no_root_key")  # this device trusts one gateway key, configured: nothing to follow
         current = self.gateway_key
         new, retired = Chain.decode(payload).follow(current, [self.config.gateway_root_key])
         if new == current:
@@ -512,7 +336,7 @@ class Agent:
         if not payload:
             return  # a cleared retained message
         if self.config.gateway_root_key is None:
-            raise _Refused("no_root_key")
+            raise Refused("no_root_key")
         self.roaming.learn_members(payload)
 
     def _roam(self, now: float) -> None:
@@ -542,7 +366,7 @@ class Agent:
             self.store.save(self.state)
             dropped = self.store.drop_pending_not_for(move.to, _gateway_of)
             self._sent_at.clear()
-            self._models = {}
+            self.downloads.forget()
             old_conn.unsubscribe(old_topics)  # the persistent session must not keep the old home's topics
             old_conn.close(goodbye=Will(old_online, b"0"))  # the old home, back one day, sees the device gone
             self.conn = self._make_connection()
@@ -646,11 +470,3 @@ def _gateway_of(wire: bytes) -> str:
         return envelope.decode(wire).ctx.gateway
     except ProtocolError:
         return ""
-
-
-class _Refused(Exception):
-    """A well-formed message this device will not act on, with a short reason."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason

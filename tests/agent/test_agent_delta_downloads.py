@@ -79,7 +79,7 @@ def test_a_device_holding_the_base_rebuilds_the_release_from_its_delta(peer, sta
     assert agent.counters.downloads == {"full": 1, "delta": 1}
     assert agent.counters.delta_refused == {} and agent.counters.refused_tasks == {}
     assert agent.state.trusted_version == 2 and agent.state.trusted_digest == digest.hex()
-    assert list(agent._models) == [digest]  # only the newest model stays in memory
+    assert agent.downloads.cached == [digest]  # only the newest model stays in memory
 
 
 def test_a_new_device_needs_no_download_for_the_model_it_was_flashed_with(peer, start_agent, model):
@@ -105,7 +105,7 @@ def test_a_device_that_trusts_a_release_starts_without_the_flashed_model(start_a
     model goes through the release checks (the rollback rule among them) like any other."""
     agent = start_agent(Identity.generate(), AgentState(GATEWAY.id, enrolled=True, trusted_version=3,
                                                         trusted_digest=bytes(32).hex()))
-    assert agent._models == {}
+    assert agent.downloads.cached == []
 
 
 def test_a_device_without_the_base_fetches_the_full_model_without_waiting(peer, start_agent, model):
@@ -173,9 +173,9 @@ def test_a_bad_delta_is_refused_with_its_reason_and_the_full_model_is_used(peer,
 
 
 def test_a_delta_that_never_comes_is_given_up_for_the_full_model(peer, start_agent, model, monkeypatch):
-    import agent.service
+    import agent.downloads
 
-    monkeypatch.setattr(agent.service, "DELTA_WAIT_S", 0.5)
+    monkeypatch.setattr(agent.downloads, "DELTA_WAIT_S", 0.5)
     device, agent_, weights, first = first_round(peer, start_agent, model)
     digest, _ = second_release(peer, weights)
     send_task(peer, device, digest, 2, delta_base=first)  # named, never published (or cleared meanwhile)

@@ -235,7 +235,7 @@ def test_a_task_signed_by_another_key_is_refused(peer, start_agent, model):
 
 def not_flashed(model) -> dict[str, np.ndarray]:
     """Weights other than the ones the agent starts with: a device fetches (and checks) a release of them,
-    where it would use its own copy of the model it was flashed with (Agent._own_model)."""
+    where it would use its own copy of the model it was flashed with (agent/downloads.py, `_flashed_cache`)."""
     return {k: (v + 0.25).astype(np.float32) for k, v in model.get_weights().items()}
 
 
@@ -387,11 +387,11 @@ def _release(version: int, expires: float, digest: bytes = b"\x01" * 32) -> sche
 
 
 def refused_for(agent: Agent, release: schemas.ModelRelease) -> str:
-    from agent.service import _Refused
+    from agent.downloads import Refused
 
     try:
-        agent._check_release(release, release.digest)
-    except _Refused as exc:
+        agent.downloads.check_release(release, release.digest)
+    except Refused as exc:
         return exc.reason
     return "accepted"
 
@@ -413,7 +413,7 @@ def test_a_state_from_before_digests_takes_the_next_release_at_its_version_as_th
     agent = idle_agent(AgentState(GATEWAY.id, True, 3))  # an old state file: no digest, no expiry
     first = _release(3, time.time() + 3600)
     assert refused_for(agent, first) == "accepted"
-    agent._remember(first)
+    agent.downloads.remember(first)
     again = StateStore(agent.config.state_dir).load(GATEWAY.id)
     assert (again.trusted_version, again.trusted_digest, again.newest_expires) == (3, "01" * 32, first.expires)
     assert refused_for(agent, _release(3, time.time() + 7200, b"\x02" * 32)) == "model_version_conflict"
@@ -424,10 +424,10 @@ def test_accepting_the_same_release_again_writes_nothing(idle_agent):
     agent = idle_agent(AgentState(GATEWAY.id, True, 3, [], "01" * 32, release.expires))
     saves = []
     agent.store.save = saves.append
-    agent._remember(release)
-    agent._remember(_release(3, release.expires - 60))  # an older copy, within the window
+    agent.downloads.remember(release)
+    agent.downloads.remember(_release(3, release.expires - 60))  # an older copy, within the window
     assert saves == []
-    agent._remember(_release(3, release.expires + 60))  # republished with a fresh expiry
+    agent.downloads.remember(_release(3, release.expires + 60))  # republished with a fresh expiry
     assert len(saves) == 1 and agent.state.newest_expires == release.expires + 60
 
 

@@ -1,9 +1,9 @@
 """An `agent.service.Agent` driven without a broker: messages go in through its MQTT callback
 (`Agent._on_message`, what its connection delivers), its own worker thread (`Agent._worker`) handles them.
 
-`Rig.settle` answers the agent's model fetch with whatever release the test
+`Rig.answer_fetch` answers the agent's model fetch (`Downloads.awaited`) with whatever release the test
 gives, so a task that gets as far as fetching its model never waits out
-`MODEL_WAIT_S`.
+`agent.downloads.MODEL_WAIT_S`.
 """
 
 from __future__ import annotations
@@ -105,10 +105,10 @@ class Rig:
     def answer_fetch(self, release: bytes, timeout: float = 10.0, digest: bytes | None = world.BASE) -> None:
         """Wait for the agent to ask for its base model (`digest`, or any with None), then hand it `release`."""
         deadline = time.monotonic() + timeout
-        while self.agent._wanted is None or (digest is not None and self.agent._wanted != digest):
+        while (awaited := self.agent.downloads.awaited) is None or (digest is not None and awaited != digest):
             assert time.monotonic() < deadline, "the agent never asked for its model"
             time.sleep(0.0005)
-        self.deliver(model_topic(self.agent._wanted), release)
+        self.deliver(model_topic(awaited), release)
 
     def close(self) -> None:
         self.stop.set()

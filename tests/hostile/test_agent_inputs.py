@@ -143,7 +143,7 @@ def test_model_release_mutants_answering_a_fetch_are_refused_and_the_model_is_no
             payload = b"\x00"  # an empty retained message only clears a release: not a message to refuse
         if payload == seeds[0]:
             payload = seeds[1]
-        agent._models.clear()  # as after a restart: the base model is fetched again, not taken from memory
+        agent.downloads.forget()  # as after a restart: the base model is fetched again, not taken from memory
         agent._inbox.put((agent.t_task, task, ""))
         rig.answer_fetch(payload)
         rig.wait_refused(i + 1)
@@ -155,7 +155,7 @@ def test_model_release_mutants_answering_a_fetch_are_refused_and_the_model_is_no
             "not_from_gateway"} <= set(agent.counters.refused_tasks)
     assert snapshot(agent) == before and agent.counters.replies_sent == 1
 
-    agent._models.clear()
+    agent.downloads.forget()
     agent._inbox.put((agent.t_task, task, ""))  # the real release still works
     rig.answer_fetch(world.release())
     deadline = time.monotonic() + 20

@@ -98,9 +98,9 @@ def test_the_replayed_reply_in_its_own_round_is_a_duplicate_not_a_rejection():
 
 
 def test_a_model_that_never_arrives_is_refused_as_unavailable(tmp_path, monkeypatch):
-    import agent.service
+    import agent.downloads
 
-    monkeypatch.setattr(agent.service, "MODEL_WAIT_S", 0.3)
+    monkeypatch.setattr(agent.downloads, "MODEL_WAIT_S", 0.3)
     agent_ = make_agent(tmp_path / "dev")
     rig = Rig(agent_)
     try:
