@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from protocol import schemas
+from protocol.fields import is_finite_number
 from protocol.tensors import TOPK
 
 from .samples import LocalData
@@ -57,7 +58,7 @@ def _option(task: schemas.Task, key: str) -> float | None:
     value = task.config.options.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not is_finite_number(value) or value < 0:
         raise BadOption(f"option {key} must be a finite non-negative number, got {value!r}")
     return float(value)
 

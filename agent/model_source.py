@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from protocol.fields import is_int
+
 if TYPE_CHECKING:
     from firmware_models.runtime import TrainableModel
 
@@ -111,8 +113,7 @@ def read_folder(folder: Path, label: str | None = None, packaged: bool = False) 
     if not isinstance(manifest, dict):
         raise ModelError(f"{where} is not a JSON object")
     shape = manifest.get("input_shape")
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                                           for d in shape):
+    if not isinstance(shape, list) or not shape or not all(is_int(d) and d > 0 for d in shape):
         raise ModelError(f"{where}: input_shape {shape!r} is not a list of positive sizes")
     if manifest.get("task", "classification") not in ("classification", "reconstruction"):
         raise ModelError(f"{where}: task {manifest.get('task')!r} is neither classification nor reconstruction")

@@ -45,6 +45,7 @@ from ledger.store import Ledger
 from ledger.vertex import Vertex
 from protocol.digest import sha256
 from protocol.errors import ProtocolError
+from protocol.fields import is_int
 from protocol.logs import event
 
 from .blob_keeper import BlobKeeper
@@ -194,7 +195,7 @@ class CityAuditor:
     def _city_weights(self, body: dict[str, Any]) -> str | None:
         """Why a `city` vertex's inputs are not sound offers with the ledger's weights (None: they are)."""
         cap = body.get("params", {}).get("max_examples", self._max_examples)
-        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        if not is_int(cap) or cap < 1:
             return "its params name no usable max_examples"
         offers = {o.vertex: o for o in self._ledger.offers(body["epoch"], cap)}
         for offer_id, model, weight in body["inputs"]:

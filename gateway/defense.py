@@ -34,6 +34,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from protocol.fields import is_number
+
 PARAMETERS: dict[str, type] = {  # the [defense] keys (UpdateBound's parameters) and their types
     "norm_bound": float,
     "median_multiple": float,
@@ -52,7 +54,7 @@ class UpdateBound(Strategy):
         than this many times the round's median delta norm (0: no relative bound); at least one is set.
         `centered_clipping`: clip around the previous round's aggregate delta instead of around zero."""
         for name, value in (("norm_bound", norm_bound), ("median_multiple", median_multiple)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if not is_number(value):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be finite and not negative, got {value!r}")

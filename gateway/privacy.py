@@ -82,6 +82,7 @@ from flwr.supercore.privacy_accounting import (
 )
 
 from protocol.config import ConfigError
+from protocol.fields import is_finite_number, is_int, is_number
 from protocol.logs import event
 
 log = logging.getLogger("starling.gateway.privacy")
@@ -109,7 +110,7 @@ def parse_settings(dp: dict[str, Any]) -> PrivacySettings:
         value = dp.get(key, default)
         if value is default:
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_finite_number(value):
             raise ConfigError(f"strategy.dp.{key} must be a finite number, got {value!r}")
         return value
 
@@ -133,7 +134,7 @@ def accounted(dp: dict[str, Any] | None) -> bool:
     if not dp or dp.get("wrapper") not in WRAPPERS or not isinstance(dp.get("params", {}), dict):
         return False
     noise = dp.get("params", {}).get("noise_multiplier")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise > 0:
+    if not is_number(noise) or not noise > 0:
         return False  # (0 or nothing: no noise; a bad value is the wrapper's constructor's to refuse)
     return dp.get("accounting", True) is not False
 
@@ -142,7 +143,7 @@ def check_strategy(cls: type, name: str, params: dict[str, Any], dp: dict[str, A
     """The strategy-side rules of accounting (module doc); return num_sampled_clients."""
     wrapper_params = dp.get("params", {})
     m = wrapper_params.get(SAMPLED)
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+    if not is_int(m) or m < 1:
         raise ConfigError(f"strategy.dp.params.{SAMPLED} must be a whole number >= 1, got {m!r}")
     if not math.isfinite(wrapper_params["noise_multiplier"]):
         raise ConfigError(f"strategy.dp.params.noise_multiplier must be finite, got {wrapper_params['noise_multiplier']!r}")
@@ -242,7 +243,7 @@ class FleetAccountant:
         return sum(self._events.values())
 
     def compose(self, event: GaussianPrivacyEvent, count: int = 1) -> None:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        if not is_int(count) or count < 1:
             raise ValueError("count must be a positive integer.")
         key = (float(event.noise_multiplier), int(event.sample_size))
         self._events[key] = self._events.get(key, 0) + count

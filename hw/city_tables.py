@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from protocol.config import ConfigError
+from protocol.fields import is_int
 
 from .datasets import CLASS_NAMES, CLASSES
 
@@ -56,7 +57,7 @@ def parse_neighbourhoods(dataset: dict[str, Any], source: str, devices: int,
         if not isinstance(classes, list) or not classes:
             raise ConfigError(f"{at} must be a non-empty list of class labels (integers)")
         for label in classes:
-            if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            if not is_int(label) or label < 0:
                 raise ConfigError(f"{at}: {label!r} is not a class label (an integer >= 0)")
             if source == "watch" and label >= CLASSES:
                 raise ConfigError(f"{at}: the watch data's classes are 0 to {CLASSES - 1} "

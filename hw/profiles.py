@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from protocol.config import ConfigError
+from protocol.fields import is_finite_number
 
 from .links import LinkProfile
 from .tables import array_of_tables, check_share, check_table, share_size
@@ -148,8 +149,7 @@ def parse_links(items: Any, where: str = "link") -> tuple[LinkSpec, ...]:
             raise ConfigError(f"{at}.loss must be in [0, 1), got {table['loss']}")
         outages = []
         for window in table.get("outages", []):
-            ok = isinstance(window, list) and len(window) == 2 and all(
-                isinstance(t, NUMBER) and not isinstance(t, bool) and math.isfinite(t) for t in window)
+            ok = isinstance(window, list) and len(window) == 2 and all(is_finite_number(t) for t in window)
             if not ok or not 0 <= window[0] < window[1]:
                 raise ConfigError(f"{at}.outages must be [[start_s, end_s], ...] with 0 <= start_s < end_s, "
                                   f"got {window!r}")

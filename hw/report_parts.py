@@ -5,8 +5,8 @@
 The page (hw/report.py) is put together from sections written by several modules: its plots
 (hw/report_plots.py), a reconstruction model's figures (hw/model_report.py), personalization
 (hw/personal_report.py). They all read the same report, the same way, and write the same kind of HTML; what
-they share is here, and this module imports nothing of the project, so any of them can import it at the top
-without a cycle.
+they share is here, and this module imports nothing of hw/ (of the project, only protocol.fields), so any of them
+can import it at the top without a cycle.
 
     as_num, as_dict, as_list, as_rounds, as_counts, as_series
                             a report value as the type wanted, or empty (None) when it is anything else: any
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
 
+from protocol.fields import is_finite_number
+
 NOT_IN_REPORT = "not in this report"
 MAX_LABEL = 40  # characters of a name shown in a plot legend or label
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -38,10 +40,7 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 def as_num(value: Any) -> float | None:
     """A finite number, or None (for None, strings, bools, NaN and anything else)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    return float(value) if is_finite_number(value) else None
 
 
 def as_dict(value: Any) -> dict:

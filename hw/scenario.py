@@ -157,6 +157,7 @@ from typing import Any
 
 from agent.config import Personalization, parse_personalization
 from protocol.config import ConfigError, read_toml, resolve_path
+from protocol.fields import is_int, is_number
 from protocol.schemas import DEFAULT_DOWNLOAD, DOWNLOADS
 from protocol.tensors import UPLOAD_CODECS, check_density
 
@@ -421,7 +422,7 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
             check_table(section, table, SCHEMA[section], error=ScenarioError)
     get = lambda s, k, d: doc.get(s, {}).get(k, d)  # noqa: E731
     subjects = tuple(get("fleet", "subjects", []))
-    if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= WATCH_SUBJECTS for s in subjects):
+    if not all(is_int(s) and 1 <= s <= WATCH_SUBJECTS for s in subjects):
         raise ScenarioError(f"fleet.subjects must be watch subject ids between 1 and {WATCH_SUBJECTS}")
     if len(set(subjects)) != len(subjects):
         raise ScenarioError("fleet.subjects names a subject twice")
@@ -626,8 +627,7 @@ def _check_gateway_tables(doc: dict[str, Any], scenario: Scenario) -> None:
             raise ScenarioError(f"unknown key {section}.{unknown[0]}; known: {', '.join(sorted(known[section]))}")
         for key, value in table.items():
             kind = known[section][key]
-            if kind is bool and not isinstance(value, bool) or kind is NUMBER and (
-                    isinstance(value, bool) or not isinstance(value, NUMBER)):
+            if kind is bool and not isinstance(value, bool) or kind is NUMBER and not is_number(value):
                 raise ScenarioError(f"{section}.{key} must be {'true or false' if kind is bool else 'a number'}, "
                                     f"got {type(value).__name__}")
     from gateway.config import parse_config

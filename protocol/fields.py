@@ -8,7 +8,7 @@ wrong type, `LimitExceeded` for a value out of bounds and `NonFiniteValues`
 for NaN or infinity.
 
 CBOR true and false decode to Python's `True` and `False`, which are ints:
-`is_int` and `is_number` are the one place that tells them apart.
+`is_int`, `is_number` and `is_finite_number` are the one place that tells them apart.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ def is_int(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """An integer or a float that is not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A number (`is_number`) whose float is finite: not NaN or infinity, nor an int beyond the float range."""
+    try:
+        return is_number(value) and math.isfinite(value)
+    except OverflowError:  # an integer (bignum) too large for a float
+        return False
 
 
 def check_fields(body: dict[str, Any], names: set[str], what: str) -> None:

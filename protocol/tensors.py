@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BadTensor, LimitExceeded, NonFiniteValues, SchemaError, _brief
-from .fields import is_int
+from .fields import is_int, is_number
 
 CODECS = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i8": np.dtype("i1")}  # dense codecs
 TOPK = "topk"  # the sparse codec
@@ -72,7 +72,7 @@ DEFAULT_LIMITS = TensorLimits()
 
 def check_density(density: Any) -> float:
     """A topk density: a number in (0, 1] (ValueError otherwise)."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+    if not is_number(density) or not 0.0 < density <= 1.0:
         raise ValueError(f"density must be a number in (0, 1], got {_brief(density)}")
     return float(density)
 

@@ -32,6 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from protocol.fields import is_int
+
 TEMPLATE_DIR = Path(__file__).resolve().parent
 TEMPLATES = ("starling.conf", "acl.conf")
 
@@ -66,7 +68,7 @@ def render(
     `server.key`, `passwd` and `acl.conf` (normally `dest` itself);
     relative paths are made absolute against the current directory.
     """
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+    if not is_int(port) or not 1 <= port <= 65535:
         raise ValueError(f"port must be an integer in 1..65535, not {port!r}")
     if not isinstance(gateway_id, str) or not _ID.fullmatch(gateway_id):
         raise ValueError(f"gateway id must be 32 lowercase hex characters, not {gateway_id!r}")
