@@ -22,7 +22,6 @@ sampled on arrival so alert rules can see how fast it grows.
 from __future__ import annotations
 
 import json
-import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 
 from protocol import cbor
 from protocol.errors import ProtocolError
+from protocol.fields import is_finite_number, is_int
 from protocol.keys import identity_id, verify
 
 ROOT = "starling"
@@ -338,7 +338,7 @@ class Fleet:
         except ProtocolError as exc:
             raise Malformed("bad_signature", str(exc)) from exc
         device, reason, when = body.get("device"), body.get("reason"), doc.get("time")
-        if not isinstance(device, bytes) or not isinstance(reason, str) or not _is_number(when):
+        if not isinstance(device, bytes) or not isinstance(reason, str) or not is_finite_number(when):
             raise Malformed("bad_vertex", "device.revoke body")
         device_id = identity_id(device)
         if device_id not in self.revocations:
@@ -375,15 +375,11 @@ def _json_object(payload: bytes, limit: int) -> dict[str, Any]:
     return doc
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _number(doc: dict[str, Any], key: str) -> float | None:
     value = doc.get(key)
     if value is None:
         return None
-    if not _is_number(value):
+    if not is_finite_number(value):  # (a JSON integer beyond the float range too)
         raise Malformed("bad_field", f"{key} must be a finite number")
     return float(value)
 
@@ -392,7 +388,7 @@ def _int(doc: dict[str, Any], key: str) -> int | None:
     value = doc.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise Malformed("bad_field", f"{key} must be a non-negative integer")
     return value
 

@@ -79,6 +79,7 @@ MALFORMED = [
     (STATUS, b'{"rejections": {"malformed": -1}}', "bad_field"),
     (STATUS, b'{"history": [{"accuracy": 0.5}]}', "bad_field"),
     (STATUS, b'{"history": [{"round": 1, "accuracy": NaN}]}', "bad_field"),
+    (STATUS, b'{"time": 1' + b"0" * 400 + b'}', "bad_field"),  # an integer beyond the float range
     (STATUS, b'{"ledger": {"peers": "all"}}', "bad_field"),
     (STATUS, b'{"revoked": {"count": 1, "devices": ["not-an-id"]}}', "bad_field"),
     (STATUS, b'{"name": "' + b"x" * 500 + b'"}', "bad_field"),
