@@ -47,23 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench.proc_usage import cpu_seconds, peak_rss_mb  # noqa: E402
 from hw.broker import Broker, _child_env  # noqa: E402
 from hw.datasets import load_watch_devices, save_device_npz  # noqa: E402
 from protocol.keys import Identity  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def train_step_ms(steps: int = 50) -> float:
@@ -213,12 +200,12 @@ def one_round(work: Path, idle_s: float, live: bool = False, inference_every_s: 
                 if gw.wait(600) != 0:
                     raise RuntimeError("the gateway failed: " + (work / "gateway.log").read_text()[-2000:])
                 time.sleep(2.0)  # the last receipt and release settle
-                round_cpu, peak = cpu_s(agent.pid), peak_rss_mb(agent.pid)
+                round_cpu, peak = cpu_seconds(agent.pid), peak_rss_mb(agent.pid)
                 print(f"round done: agent cpu {round_cpu:.1f} s, peak RSS {peak:.0f} MB; idling {idle_s:.0f} s",
                       file=sys.stderr, flush=True)
-                before, start = cpu_s(agent.pid), time.monotonic()
+                before, start = cpu_seconds(agent.pid), time.monotonic()
                 time.sleep(idle_s)
-                idle = (cpu_s(agent.pid) - before) / (time.monotonic() - start) * 100
+                idle = (cpu_seconds(agent.pid) - before) / (time.monotonic() - start) * 100
                 peak = max(peak, peak_rss_mb(agent.pid))
             finally:
                 agent.terminate()

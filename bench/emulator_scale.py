@@ -6,7 +6,7 @@ Runs `starling-emulate` on the scenario (by default hw/scenarios/city.toml: 3
 gateways, 167 devices each, real agent code in device pools with the
 synthetic training profile, one Mosquitto) and samples, twice a second, the
 resident memory of the emulator and all its descendants (broker, gateways,
-device pools) from /proc. seconds_per_round is the first gateway's rounds 1..N
+device pools) from /proc (bench/proc_usage.py). seconds_per_round is the first gateway's rounds 1..N
 end to end (their `t`, which includes waiting for the slowest device).
 
 Prints {"devices", "gateways", "rounds", "seconds", "seconds_per_round",
@@ -24,38 +24,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
-def tree_rss_mb(root: int) -> tuple[float, int]:
-    """Resident memory of `root` and every descendant (MB), and how many processes that is."""
-    total, count, todo = 0, 0, [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    count += 1
-                    break
-        except OSError:
-            continue
-        todo += _children(pid)
-    return total / 1024, count
+from bench.proc_usage import Sampler  # noqa: E402
 
 
 def main() -> int:
@@ -74,23 +48,15 @@ def main() -> int:
         scenario.write_text(text)
         report_path = Path(tmp) / "report.json"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
-        emulator = subprocess.Popen([sys.executable, "-m", "hw.emulate", "--scenario", str(scenario),
-                                     "--report", str(report_path)], cwd=ROOT, env=env,
-                                    stderr=subprocess.PIPE, text=True)
-        peak = [0.0, 0]
-
-        def sample() -> None:
-            while emulator.poll() is None:
-                rss, count = tree_rss_mb(emulator.pid)
-                peak[0], peak[1] = max(peak[0], rss), max(peak[1], count)
-                time.sleep(0.5)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        for line in emulator.stderr:  # the emulator's live progress, passed through
-            print(line, end="", file=sys.stderr, flush=True)
-        emulator.wait()
-        sampler.join(5)
+        with Sampler(interval=0.5) as sampler:  # the emulator's whole tree: its summed VmRSS, process count
+            emulator = subprocess.Popen([sys.executable, "-m", "hw.emulate", "--scenario", str(scenario),
+                                         "--report", str(report_path)], cwd=ROOT, env=env,
+                                        stderr=subprocess.PIPE, text=True)
+            sampler.watch("emulator", emulator.pid)
+            for line in emulator.stderr:  # the emulator's live progress, passed through
+                print(line, end="", file=sys.stderr, flush=True)
+            emulator.wait()
+        usage = sampler.usage["emulator"]
         if not report_path.exists():
             print(f"emulator_scale: the run wrote no report (exit {emulator.returncode})", file=sys.stderr)
             return 1
@@ -106,8 +72,8 @@ def main() -> int:
         "seconds_per_round": round((ends[-1] - ends[0]) / max(1, len(ends) - 1), 2) if len(ends) > 1 else None,
         "participants_per_round": {name: [r["participants"] for r in s["rounds"] if r.get("round", 0) > 0]
                                    for name, s in report["gateways"].items()},
-        "peak_tree_rss_mb": round(peak[0], 1),
-        "processes": peak[1],
+        "peak_tree_rss_mb": round(usage.rss_peak_kb / 1024, 1),
+        "processes": usage.processes_peak,
         "ledgers_identical": check.get("identical"),
         "every_accepted_update_in_every_ledger": check.get("every_accepted_update_in_every_ledger"),
         "rejections": {name: s["rejections"] for name, s in report["gateways"].items()},

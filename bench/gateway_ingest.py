@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.proc_usage import children, cpu_seconds, own_cpu_seconds  # noqa: E402
 from hw.broker import Broker  # noqa: E402
 from hw.loadgen import LoadGenerator, finished_gateway, start_gateway  # noqa: E402
 from protocol.keys import Identity, verify  # noqa: E402
@@ -57,31 +57,6 @@ def verify_rate(seconds: float = 2.0) -> float:
             verify(key.public_key, message, sig)
         count += 200
     return count / (time.perf_counter() - start)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (its threads included), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    """The child processes of `pid` (the gateway's ingest workers), from every one of its threads."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def with_shares(profile: dict) -> dict:

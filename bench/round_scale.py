@@ -28,20 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.proc_usage import peak_rss_mb  # noqa: E402
 from hw.broker import Broker  # noqa: E402
 from hw.loadgen import LoadGenerator, finished_gateway, start_gateway  # noqa: E402
 
 PARAMS = {"FedTrimmedAvg": "beta = 0.1, ", "Krum": "num_malicious_nodes = 10, ", "MultiKrum": "num_malicious_nodes = 10, "}
-
-
-def vm_hwm_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 SCORED = re.compile(r"round\.scored round=\d+ updates=\d+ inputs=\d+ rule=\w+ seconds=([0-9.]+)")
@@ -65,9 +56,9 @@ def one_round(strategy: str, devices: int, params: int, timeout: float) -> tuple
                 load.wait_receipts(len(wires), timeout)
                 end = time.monotonic() + timeout
                 while len(load.timeline.releases) <= releases_before and time.monotonic() < end:
-                    peak = max(peak, vm_hwm_mb(gateway.pid))
+                    peak = max(peak, peak_rss_mb(gateway.pid))
                     load.drain(0.1)
-                peak = max(peak, vm_hwm_mb(gateway.pid))
+                peak = max(peak, peak_rss_mb(gateway.pid))
                 finished_gateway(gateway, tmp, timeout)
                 scored = SCORED.search((tmp / "gateway.log").read_text())
             finally:

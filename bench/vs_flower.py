@@ -67,7 +67,8 @@ What is measured, the same way on every side:
   round are the window's totals divided by R, so Starling's round 0 is charged
   to Starling; `rounds_1_to_n` shows Starling without it.
 - Server CPU seconds and peak RSS from /proc (utime+stime of
-  /proc/<pid>/stat, VmHWM of /proc/<pid>/status), sampled every 0.2 s over the
+  /proc/<pid>/stat, VmHWM of /proc/<pid>/status: bench/proc_usage.py's
+  Sampler, following each process tree), sampled every 0.2 s over the
   whole life of the processes, start-up included. Flower: `flower-superlink`
   and all its descendants (`flower-superexec`, `flwr-serverapp`); with
   process isolation the ServerApp's `flower-superexec` and its
@@ -92,7 +93,8 @@ holds every run's full figures with per-round detail. `ratio` is Starling's
 mean over each baseline's mean (`ratio.flower`, `ratio.flower_process`).
 Goals (issue 17): bytes per round <= 0.15x of both baselines; Starling's mean
 final accuracy >= each baseline's mean - 0.01; seconds per round <= 0.5x of
-`flower_process`. Progress and a summary table go to stderr. Every process
+`flower_process` (the summaries over the seeds, `ratio`, `goals` and the
+table: bench/vs_flower_summary.py). Progress and a summary table go to stderr. Every process
 started is stopped, also on failure or SIGTERM; every wait is bounded
 (--timeout-s per run). The runs go seed by seed, the sides in turn, so that
 a slow spell of the machine touches every side. All sides' devices share this
@@ -112,13 +114,11 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.proc_usage import Sampler, Usage, alive, tree  # noqa: E402
+from bench.vs_flower_summary import SIDES, judge, summarize, table  # noqa: E402
 from hw.broker import Broker, _child_env, free_port  # noqa: E402
 from hw.emulate import prepare_devices  # noqa: E402
 from hw.fleet import Process  # noqa: E402
@@ -134,9 +136,8 @@ from hw.scenario import Scenario  # noqa: E402
 from hw.toml_files import write_toml  # noqa: E402
 
 FLOWER_APP = ROOT / "bench" / "flower_app"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE_S = 0.2
-SIDES = ("flower", "flower_process", "starling")
+PROGRAMS = ("flower-", "flwr-", "mosquitto")  # named by these in server_processes, devices_processes
 
 
 def say(text: str) -> None:
@@ -172,155 +173,7 @@ class CountingRelay(LinkRelay):
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as fh:
-                out += [int(c) for c in fh.read().split()]
-    return out
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and its live descendants."""
-    seen, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.append(p)
-        todo += _children(p)
-    return seen
-
-
-def _stat(pid: int) -> tuple[str, float] | None:
-    """(state, CPU seconds user+system) of one process, zombies included."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def _alive(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] != "Z"
-
-
-def _memory_kb(pid: int) -> tuple[int, int]:
-    """(VmHWM, VmRSS) in kB; zeros if unreadable."""
-    hwm = rss = 0
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                hwm = int(line.split()[1])
-            elif line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-    return hwm, rss
-
-
-def _name(pid: int) -> str:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
-        argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
-        for arg in argv[:4]:
-            base = os.path.basename(arg)
-            if base.startswith(("flower-", "flwr-", "mosquitto")):
-                return base
-        if "-m" in argv[:-1]:
-            return argv[argv.index("-m") + 1]
-        return os.path.basename(argv[0]) if argv else "?"
-    return "?"
-
-
-@dataclass
-class Usage:
-    """CPU and memory of some process trees, from /proc, sampled."""
-
-    cpu: dict[int, float] = field(default_factory=dict)  # pid -> last CPU seconds seen
-    hwm: dict[int, int] = field(default_factory=dict)  # pid -> largest VmHWM (kB) seen
-    names: dict[int, str] = field(default_factory=dict)
-    series: list[tuple[float, float]] = field(default_factory=list)  # (time, total CPU seconds)
-    rss_peak_kb: int = 0  # the largest sum of VmRSS over the live processes in one sample
-
-    def cpu_s(self) -> float:
-        return sum(self.cpu.values())
-
-    def peak_rss_mb(self) -> float:
-        return sum(self.hwm.values()) / 1024
-
-    def cpu_at(self, t: float) -> float:
-        """Total CPU seconds at time t, from the nearest sample at or before it."""
-        i = bisect.bisect_right([s[0] for s in self.series], t) - 1
-        return self.series[i][1] if i >= 0 else 0.0
-
-    def by_process(self) -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for pid, cpu in self.cpu.items():
-            if self.names.get(pid, "?") == "?" and cpu == 0:
-                continue  # gone before it could be read
-            entry = out.setdefault(self.names.get(pid, "?"), {"count": 0, "cpu_s": 0.0, "peak_rss_mb": 0.0})
-            entry["count"] += 1
-            entry["cpu_s"] = round(entry["cpu_s"] + cpu, 2)
-            entry["peak_rss_mb"] = round(entry["peak_rss_mb"] + self.hwm.get(pid, 0) / 1024, 1)
-        return out
-
-
-class Sampler:
-    """Samples named groups of process trees every SAMPLE_S seconds in a thread (a pid may be in several)."""
-
-    def __init__(self) -> None:
-        self.groups: dict[str, list[int]] = {}
-        self.usage: dict[str, Usage] = {}
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="proc-sampler", daemon=True)
-
-    def watch(self, group: str, pid: int) -> None:
-        with self._lock:
-            self.groups.setdefault(group, []).append(pid)
-            self.usage.setdefault(group, Usage())
-        self.sample()
-
-    def sample(self) -> None:
-        with self._lock:
-            now = time.time()
-            for group, roots in self.groups.items():
-                usage, rss_kb = self.usage[group], 0
-                for root in roots:
-                    for pid in tree(root):
-                        stat = _stat(pid)
-                        if stat is None:
-                            continue
-                        state, cpu = stat
-                        if pid not in usage.names:
-                            usage.names[pid] = _name(pid)
-                        usage.cpu[pid] = max(cpu, usage.cpu.get(pid, 0.0))
-                        if state != "Z":
-                            hwm, rss = _memory_kb(pid)
-                            usage.hwm[pid] = max(hwm, usage.hwm.get(pid, 0))
-                            rss_kb += rss
-                usage.rss_peak_kb = max(usage.rss_peak_kb, rss_kb)
-                usage.series.append((now, usage.cpu_s()))
-
-    def names(self, group: str) -> dict[int, str]:
-        with self._lock:
-            return dict(self.usage[group].names) if group in self.usage else {}
-
-    def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            self.sample()
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
+# (started and stopped here; their CPU and memory are sampled by bench/proc_usage.py's Sampler)
 
 
 class Processes:
@@ -353,15 +206,15 @@ class Processes:
                 p.kill()
                 p.wait(5)
         # Descendants (superexecs, app processes) that outlived their parent: by pid, the ones we saw.
-        alive = [pid for pid in family if _alive(pid)]
-        for pid in alive:
+        left = [pid for pid in family if alive(pid)]
+        for pid in left:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
         end = time.monotonic() + 5.0
-        while alive and time.monotonic() < end:
+        while left and time.monotonic() < end:
             time.sleep(0.1)
-            alive = [pid for pid in alive if _alive(pid)]
-        for pid in alive:
+            left = [pid for pid in left if alive(pid)]
+        for pid in left:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         self.procs = []
@@ -382,7 +235,7 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen, what: str, log
 
 def _exited(proc: subprocess.Popen) -> bool:
     """True once `proc` has exited (a zombie keeps its /proc entry, and its CPU, until it is reaped)."""
-    return proc.returncode is not None or not _alive(proc.pid)
+    return proc.returncode is not None or not alive(proc.pid)
 
 
 # --------------------------------------------------------------------------- figures
@@ -485,7 +338,7 @@ def _flower_wait_done(label: str, out_file: Path, superlink: subprocess.Popen, s
         if superlink.poll() is not None:
             raise RuntimeError(f"flower-superlink exited ({superlink.returncode}); see {out_file.parent}")
         apps = [pid for pid, name in sampler.names("server").items() if name == "flwr-serverapp"]
-        if apps and not any(_alive(pid) for pid in apps):
+        if apps and not any(alive(pid) for pid in apps):
             time.sleep(3)  # it writes its results just before it exits
             if not out_file.exists():
                 raise RuntimeError(f"the ServerApp ended without results; see {out_file.parent}/logs")
@@ -512,7 +365,7 @@ def run_flower(devices: list[tuple[str, Path]], args: argparse.Namespace, workdi
     deadline = time.monotonic() + args.timeout_s
     superexec = [_flower_exe("flower-superexec"), "--insecure", "--runtime-api-address"]
     with contextlib.ExitStack() as stack:
-        sampler = stack.enter_context(Sampler())
+        sampler = stack.enter_context(Sampler(SAMPLE_S, PROGRAMS))
         procs = Processes()
         stack.callback(_finish, sampler, procs)
         superlink = procs.start([_flower_exe("flower-superlink"), "--insecure", "--isolation", isolation,
@@ -696,7 +549,7 @@ def run_starling(devices: list[tuple[str, Path]], args: argparse.Namespace, work
     gateway_key.parent.mkdir(parents=True, exist_ok=True)
     gateway.save(gateway_key)
     with contextlib.ExitStack() as stack:
-        sampler = stack.enter_context(Sampler())
+        sampler = stack.enter_context(Sampler(SAMPLE_S, PROGRAMS))
         broker = stack.enter_context(Broker(workdir / "broker", kind=args.broker))
         sampler.watch("broker", broker.process.pid)
         sampler.watch("server", broker.process.pid)  # Mosquitto counts as server, as the SuperLink does
@@ -769,103 +622,6 @@ def run_starling(devices: list[tuple[str, Path]], args: argparse.Namespace, work
 
 
 RUNNERS = {"flower": run_flower, "flower_process": run_flower_process, "starling": run_starling}
-
-
-# --------------------------------------------------------------------------- over the seeds
-
-
-def _spread(values: list[float], digits: int) -> dict[str, Any]:
-    return {"mean": round(statistics.fmean(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits),
-            "std": round(statistics.stdev(values), digits) if len(values) > 1 else 0.0,
-            "values": [round(v, digits) for v in values]}
-
-
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One side over its successful runs: the means, and the spread of the three headline figures."""
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return {"error": "; ".join(r["error"] for r in runs) or "no run"}
-
-    def mean(get, digits: int = 2) -> float:
-        return round(statistics.fmean(get(r) for r in ok), digits)
-
-    out: dict[str, Any] = {
-        "runtime": ok[0]["runtime"], "update": ok[0]["update"], "seeds": [r["seed"] for r in ok],
-        "failed_runs": len(runs) - len(ok),
-        "bytes_per_round": {k: round(mean(lambda r, k=k: r["bytes_per_round"][k])) for k in ("up", "down", "total")},
-        "seconds_per_round": mean(lambda r: r["seconds_per_round"], 3),
-        "final_accuracy": mean(lambda r: r["final_accuracy"], 4),
-    }
-    for key in ("server_cpu_s", "server_cpu_s_window", "server_peak_rss_mb", "devices_cpu_s",
-                "devices_peak_rss_mb", "broker_cpu_s", "broker_peak_rss_mb"):
-        if key in ok[0]:
-            out[key] = mean(lambda r, key=key: r[key], 1 if key.endswith("mb") else 2)
-    idle = [r["idle_bytes_per_s"] for r in ok if r.get("idle_bytes_per_s") is not None]
-    out["idle_bytes_per_s"] = round(statistics.fmean(idle), 1) if idle else None
-    clientapps = [r["devices_processes"].get("flwr-clientapp", {}).get("count", 0) for r in ok]
-    if any(clientapps):
-        out["clientapp_processes_per_run"] = clientapps
-    out["spread"] = {
-        "bytes_per_round": _spread([r["bytes_per_round"]["total"] for r in ok], 0),
-        "seconds_per_round": _spread([r["seconds_per_round"] for r in ok], 3),
-        "final_accuracy": _spread([r["final_accuracy"] for r in ok], 4),
-    }
-    return out
-
-
-def _ratios(s: dict[str, Any], f: dict[str, Any]) -> dict[str, float | None]:
-    ratio = lambda a, b: round(a / b, 3) if b else None  # noqa: E731
-    return {
-        "bytes_per_round": ratio(s["bytes_per_round"]["total"], f["bytes_per_round"]["total"]),
-        "seconds_per_round": ratio(s["seconds_per_round"], f["seconds_per_round"]),
-        "bytes_up_per_round": ratio(s["bytes_per_round"]["up"], f["bytes_per_round"]["up"]),
-        "bytes_down_per_round": ratio(s["bytes_per_round"]["down"], f["bytes_per_round"]["down"]),
-        "server_cpu_s": ratio(s["server_cpu_s"], f["server_cpu_s"]),
-        "server_peak_rss_mb": ratio(s["server_peak_rss_mb"], f["server_peak_rss_mb"]),
-    }
-
-
-def judge(doc: dict[str, Any]) -> None:
-    """`ratio` and `goals` (issue 17) into `doc`, from the sides' means."""
-    s = doc.get("starling", {})
-    baselines = [b for b in ("flower", "flower_process") if "bytes_per_round" in doc.get(b, {})]
-    if "bytes_per_round" not in s or not baselines:
-        return
-    doc["ratio"] = {b: _ratios(s, doc[b]) for b in baselines}
-    goals: dict[str, Any] = {
-        "accuracy_gap_points": {b: round(100 * (s["final_accuracy"] - doc[b]["final_accuracy"]), 2)
-                                for b in baselines},
-        "equal_accuracy_on_means": all(s["final_accuracy"] >= doc[b]["final_accuracy"] - 0.01 for b in baselines),
-        "bytes_per_round_le_0_15x": all(doc["ratio"][b]["bytes_per_round"] <= 0.15 for b in baselines),
-    }
-    if "flower_process" in baselines:
-        goals["seconds_per_round_le_0_5x_flower_process"] = doc["ratio"]["flower_process"]["seconds_per_round"] <= 0.5
-    goals["judged_against"] = baselines
-    doc["goals"] = goals
-
-
-def table(doc: dict[str, Any]) -> str:
-    """The sides' means (min-max over the seeds) as text, for stderr."""
-    sides = [s for s in SIDES if "bytes_per_round" in doc.get(s, {})]
-    lines = [f"{'mean over seeds (min-max)':<28}" + "".join(f"{s:>32}" for s in sides)]
-
-    def cell(side: str, key: str, fmt: str) -> str:
-        sp = doc[side]["spread"][key]
-        return f"{format(sp['mean'], fmt)} ({format(sp['min'], fmt)}-{format(sp['max'], fmt)})"
-
-    for label, key, fmt in (("bytes per round", "bytes_per_round", ",.0f"),
-                            ("seconds per round", "seconds_per_round", ".2f"),
-                            ("final accuracy", "final_accuracy", ".4f")):
-        lines.append(f"{label:<28}" + "".join(f"{cell(s, key, fmt):>32}" for s in sides))
-    lines.append(f"{'server CPU s / peak RSS MB':<28}" + "".join(
-        f"{doc[s]['server_cpu_s']:>22.1f} / {doc[s]['server_peak_rss_mb']:>6.0f}" for s in sides))
-    for b, r in doc.get("ratio", {}).items():
-        lines.append(f"starling / {b}: bytes {r['bytes_per_round']}, seconds {r['seconds_per_round']}, "
-                     f"server CPU {r['server_cpu_s']}, server RSS {r['server_peak_rss_mb']}")
-    if "goals" in doc:
-        lines.append("goals: " + json.dumps({k: v for k, v in doc["goals"].items() if k != "judged_against"}))
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
