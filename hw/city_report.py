@@ -60,7 +60,8 @@ from typing import Any
 
 import numpy as np
 
-from .scenario import Adversary, Scenario
+from .adversary_tables import Adversary
+from .scenario import Scenario
 
 AUDIT_KEYS = ("checked", "match", "mismatch", "unverifiable", "missing_inputs")
 

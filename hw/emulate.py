@@ -53,7 +53,7 @@ the `comparison` of their accuracy.
 
 Faults (`[[fault]]`, hw/faults.py): a `FaultRunner` kills and restarts
 gateways, stops them (SIGTERM) and starts them again, with new config values
-if the fault says so (written here: `GatewayRun` owns the gateway's config
+if the fault says so (`GatewayRun`, hw/fleet.py, owns the gateway's config
 file), restarts brokers, cuts a gateway's broker off the hub (a scenario
 with a partition gives every gateway its own broker, hw/fleet.py) and
 powers devices off and on, each at a round or a time; the report's `faults`
@@ -95,6 +95,13 @@ ledger gossip while it ran)}; `ledger_check` (cities); `attacks`; `faults`;
 The run folder (`--workdir`, default next to the report) keeps every log,
 key, config and ledger; `run.json` in it names the broker port and the
 gateways as soon as they exist, for tools and tests that join a run.
+
+This module runs a scenario and supervises it (`run`, `main`); the parts it
+puts together: hw/fleet_configs.py (every gateway's and device's config, the
+gateways' command lines), hw/device_processes.py (which devices attack, and
+each device's process), hw/fleet.py (the processes and brokers),
+hw/run_report.py (the report, and a scenario's variants' `comparison`) and
+hw/run_summary.py (what it prints at the end, and its exit status).
 """
 
 from __future__ import annotations
@@ -114,33 +121,31 @@ from typing import Any
 
 from protocol.atomic import write_atomic
 from protocol.keys import Identity
-from protocol.schemas import CODEC, DENSITY, DOWNLOAD
 
 from .broker import _child_env
-from .city_report import all_devices_accuracy, city_of_run, comparison_view
+from .city_report import city_of_run
+from .device_processes import choose_attackers, device_processes
 from .faults import FaultRunner
 from .fleet import Fleet, GatewayRun, Network, Process, describe
-from .links import LinkRelay
+from .fleet_configs import gateway_command, gateway_config, model_manifest
 from .model_report import add_model_figures
-from .model_tables import RECONSTRUCTION
 from .monitor import Monitor
 from .partition import prepare_devices
 from .personal_report import add_personal_figures
-from .profiles import CpuThrottle, DeviceProfile, assign, memory_cap
-from .run_report import build_report, final_accuracy, link_outages, profile_sections, write_report
-from .scenario import Adversary, Scenario, ScenarioError, load_scenario
-from .toml_files import write_toml
+from .run_report import (
+    build_report,
+    final_accuracy,
+    link_outages,
+    profile_sections,
+    variants_report,
+    write_report,
+)
+from .run_summary import ok, summary
+from .scenario import Scenario, ScenarioError, load_scenario
 
 __all__ = ["main", "prepare_devices", "run"]
 
 SETTLE_S = 30.0  # at most this long for the ledgers to agree after the rounds
-
-
-def choose_attackers(scenario: Scenario, names: list[str]) -> dict[str, tuple[int, Adversary]]:
-    """Device name -> (index of its [[adversary]] table, the table): a seeded choice, disjoint per table."""
-    chosen = assign(names, scenario.adversaries, scenario.seed, salt=7)
-    index = {id(adversary): i for i, adversary in enumerate(scenario.adversaries)}  # equal tables stay apart
-    return {name: (index[id(adversary)], adversary) for name, adversary in chosen.items()}
 
 
 def stop_processes(processes: list[subprocess.Popen], timeout: float = 20.0) -> None:
@@ -187,60 +192,6 @@ def run(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Ev
     if scenario.variants:
         return _run_variants(scenario, report_path, workdir, stop, hil)
     return _run_one(scenario, report_path, workdir, stop, hil)
-
-
-SYNTHETIC_SHAPES = {"dense": (128, 8), "bias": (8,)}  # hw/synthetic.py's model: ~1,000 parameters
-CITY_KEEP_TAGS = 4  # gateway/blobs.py's default; a city run keeps more (a tag per epoch or model version)
-
-
-def _gateway_command(scenario: Scenario, g: GatewayRun, conf: Path) -> list[str]:
-    """The gateway's command line: the real gateway, or for a gateway attack's target the tampering launcher."""
-    attack = scenario.gateway_attacks().get(g.name)
-    if attack is None:
-        return [sys.executable, "-m", "gateway.cli", "run", "--config", str(conf)]
-    from .tampered_gateway import command
-
-    return command(conf, attack.scale, seed=scenario.seed * 1009 + g.index)
-
-
-def _gateway_config(scenario: Scenario, g: GatewayRun, broker: tuple[str, int], genesis: Path | None,
-                    manifest: Path | None = None, enrollment: dict[str, Any] | None = None,
-                    wait_real_device: bool = False, unenrollable: int = 0) -> Path:
-    doc: dict[str, dict[str, Any]] = {
-        "gateway": {"name": g.name, "key": str(g.key), "state_dir": str(g.home)},
-        "broker": {"host": broker[0], "port": broker[1]},
-        "strategy": {"name": scenario.strategy, "params": scenario.strategy_params,
-                     **({"dp": scenario.strategy_dp} if scenario.strategy_dp else {})},
-        "rounds": {"num_rounds": scenario.rounds, "deadline_s": scenario.deadline_s, "epochs": scenario.epochs,
-                   "batch_size": scenario.batch_size, "lr": scenario.lr,
-                   # A named real device (--hil-device) is waited for, as long as the run may last.
-                   # (not for sybils a voucher policy keeps out)
-                   "min_devices": len(g.devices) - unenrollable + (1 if wait_real_device else 0),
-                   "wait_devices_s": scenario.timeout_s if wait_real_device else 120.0,
-                   **scenario.gateway_rounds},  # the scenario's [rounds]: mode, buffer, ... (gateway/buffered.py)
-        # The upload codec ([training] codec, and density for topk only) and the model downloads: gateway/config.py's.
-        "training": {CODEC: scenario.codec, **({DENSITY: scenario.density} if scenario.density is not None else {}),
-                     DOWNLOAD: scenario.download},
-        # The emulator's devices are its own; with real devices joining, vouchers gate enrollment.
-        "enrollment": enrollment or {"policy": "open"},
-        # The scenario's [aggregation] and [defense], verbatim (checked at load by the gateway's own parser).
-        **{section: dict(table) for section, table in (("aggregation", scenario.aggregation),
-                                                       ("defense", scenario.defense)) if table},
-    }
-    if scenario.city:  # the tier, every key set; and every city model of the run kept for the report
-        doc["city"] = dict(scenario.city)
-        doc["blobs"] = {"keep": max(CITY_KEEP_TAGS, scenario.rounds + 2)}
-    if scenario.gateway_rounds:  # every release stays in the blob store: bench/async_rounds.py scores each one
-        doc["blobs"] = {"keep": max(CITY_KEEP_TAGS, scenario.rounds + 2)}
-    if manifest is not None:  # the model's shapes and initial weights (synthetic: written for the run)
-        doc["model"] = {"manifest": str(manifest)}
-    if scenario.model != "synthetic" and scenario.model_spec.task == RECONSTRUCTION:
-        # every round's model stays in the blob store: the report scores each on the test windows (model_report.py)
-        doc["blobs"] = {"keep": max(CITY_KEEP_TAGS, scenario.rounds + 2)}
-    if genesis is not None:
-        # Every gateway starts from the same genesis at the same time: nobody has a checkpoint to wait for.
-        doc["ledger"] = {"genesis": str(genesis), "gossip": True, "bootstrap_s": 0.0}
-    return g.write_config(doc)
 
 
 def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event,
@@ -323,22 +274,17 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
                 _say(f"starling-emulate: {first.name} waits for that device (up to {scenario.timeout_s:.0f} s) "
                      "before its first round")
         monitor = Monitor(network.endpoints(), gateways, scenario.rounds, started)
-        if scenario.model == "synthetic":
-            from .synthetic import write_manifest
-
-            manifest = write_manifest(workdir / "model", SYNTHETIC_SHAPES, seed=scenario.seed)
-        else:  # a model of the zoo, or a built model's folder: the gateways start from its manifest and weights
-            manifest = scenario.model_spec.manifest_path
+        manifest = model_manifest(scenario, workdir)
         for g in gateways:
-            conf = _gateway_config(scenario, g, network.endpoint(g.name), genesis, manifest,
+            conf = gateway_config(scenario, g, network.endpoint(g.name), genesis, manifest,
                                    desk.enrollment_table() if desk else None,
                                    wait_real_device=bool(hil and hil.device) and g is first,
                                    unenrollable=sum(1 for n in g.devices if desk and n in attackers
                                                     and attackers[n][1].attack == "sybil"))
-            g.proc = Process(_gateway_command(scenario, g, conf), g.log, env)
+            g.proc = Process(gateway_command(scenario, g, conf), g.log, env)
             g.proc.start()
-        devices_run = _device_processes(scenario, devices, gateway_of, network, attackers, desk, manifest, env,
-                                        stack, workdir)
+        devices_run = device_processes(scenario, devices, gateway_of, network, attackers, desk, manifest, env,
+                                       stack, workdir)
         device_procs = devices_run.processes
         agents = list({id(p): p for p in device_procs.values()}.values())  # a pool once, not per device
         attacking = {id(device_procs[name]) for name in attackers}
@@ -392,96 +338,6 @@ def _run_one(scenario: Scenario, report_path: Path, workdir: Path, stop: threadi
     return report
 
 
-@dataclass
-class DevicesRun:
-    """The run's device processes (a pool's process once per member) and what their profiles made."""
-
-    processes: dict[str, Process]
-    profile_of: dict[str, DeviceProfile]
-    link_of: dict[str, Any]
-    relays: dict[tuple[str, tuple[str, int]], LinkRelay]
-    links_started: float
-
-
-def _device_processes(scenario: Scenario, devices: list[tuple[str, Path]], gateway_of: dict[str, GatewayRun],
-                   network: Network, attackers: dict[str, tuple[int, Adversary]], desk, manifest: Path | None,
-                   env: dict[str, str], stack: ExitStack, workdir: Path) -> DevicesRun:
-    """Write every device's agent.toml and make its process (an agent, an attacker or a device pool),
-    with its profile's CPU share, memory cap and budget, through its link's relay (up already); no device runs yet."""
-    names = [name for name, _ in devices]
-    profile_of = assign(names, scenario.device_profiles, scenario.seed, salt=13)
-    link_of = assign(names, scenario.links, scenario.seed, salt=17)
-    throttle = stack.enter_context(CpuThrottle())
-    relays: dict[tuple[str, tuple[str, int]], LinkRelay] = {}  # (link, broker) -> the relay its devices use
-    for name in names:
-        spec, endpoint = link_of.get(name), network.endpoint(gateway_of[name].name)
-        if spec is not None and (spec.name, endpoint) not in relays:
-            relays[spec.name, endpoint] = stack.enter_context(
-                LinkRelay(endpoint, spec.profile(), seed=scenario.seed * 7919 + len(relays)))
-    links_started = time.time()
-
-    def process(cmd: list[str], log: Path, profile: DeviceProfile | None, members: int = 1) -> Process:
-        """A device process (or a pool of `members` devices) with its profile's memory cap and CPU share."""
-        if profile is None:
-            return Process(cmd, log, env)
-        return Process(cmd, log, env, preexec=memory_cap(profile.memory_mb * members) if profile.memory_mb else None,
-                       on_start=(lambda p: throttle.add(p.pid, profile.cpu_slowdown))
-                       if profile.cpu_slowdown > 1 else None)
-
-    spec = scenario.model_spec
-    # Every device's agent.toml names its model: a model of the zoo by [model] name, a built model's folder by
-    # [model] path (the agent, its attackers and pools all load it through agent/model_source.py).
-    folder = None if scenario.model == "synthetic" or spec.packaged else str(spec.folder)
-    model_table = {} if scenario.model == "synthetic" else {
-        "model": {"path": folder} if folder else {"name": spec.family}}
-    device_procs: dict[str, Process] = {}
-    pooled: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # profile name -> its pooled devices
-    for name, data in devices:
-        g = gateway_of[name]
-        home = workdir / "devices" / name
-        conf = home / "agent.toml"
-        host, port = network.endpoint(g.name)
-        if name in link_of:  # through its emulated link
-            host, port = "127.0.0.1", relays[link_of[name].name, (host, port)].port
-        profile = profile_of.get(name)
-        write_toml(conf, {
-            "device": {"name": name, "key": str(home / "device.key"), "state_dir": str(home / "state"),
-                       **({"voucher": str(home / "voucher.cbor")} if desk else {})},
-            "gateway": {"id": g.identity.id, "public_key": g.identity.public_key.hex()},
-            "broker": {"host": host, "port": port},
-            "data": {"replay": str(data)},
-            **model_table,
-            **({"budget": profile.budget_toml()} if profile and profile.budget_toml() else {}),
-        })
-        if name in attackers:
-            adversary = attackers[name][1]
-            if adversary.attack == "crafted":  # the crafted attackers of one gateway collude
-                colluders = sum(1 for n in g.devices if n in attackers and attackers[n][1].attack == "crafted")
-                cmd = adversary.command(conf, collude=workdir / "collusion" / g.name, colluders=colluders,
-                                        fleet=len(g.devices))
-            else:
-                cmd = adversary.command(conf)
-        elif scenario.runner == "pool":  # pools are made per profile: a pool's process has one CPU share
-            seed = scenario.seed * 100_003 + sum(map(len, pooled.values())) + 1
-            pooled.setdefault(profile.name if profile else "", []).append((name, {"config": str(conf), "seed": seed}))
-            continue
-        else:
-            cmd = [sys.executable, "-m", "agent.cli", "run", "--config", str(conf)]
-        device_procs[name] = process(cmd, workdir / "logs" / f"{name}.log", profile)
-    profiles_by_name = {p.name: p for p in scenario.device_profiles}
-    chunks = [(key, group[i:i + scenario.pool_size]) for key, group in pooled.items()
-              for i in range(0, len(group), scenario.pool_size)]
-    for p, (key, members) in enumerate(chunks):
-        pool = workdir / "pools" / f"pool-{p + 1}.json"
-        pool.parent.mkdir(exist_ok=True)
-        write_atomic(pool, json.dumps({"model": scenario.model, "manifest": str(manifest) if manifest else None,
-                                       "devices": [entry for _, entry in members]}).encode())
-        proc = process([sys.executable, "-m", "hw.device_pool", "--pool", str(pool)],
-                       workdir / "logs" / f"pool-{p + 1}.log", profiles_by_name.get(key), len(members))
-        device_procs.update({name: proc for name, _ in members})
-    return DevicesRun(device_procs, profile_of, link_of, relays, links_started)
-
-
 def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: threading.Event,
                   hil: Hil | None = None) -> dict[str, Any]:
     started = time.time()
@@ -494,101 +350,9 @@ def _run_variants(scenario: Scenario, report_path: Path, workdir: Path, stop: th
         _say(f"starling-emulate: variant {i + 1}/{len(scenario.variants)}: {variant.name} "
              f"({variant.strategy}, attack {variant.attack_label() or 'none'})")
         reports.append(_run_one(variant, workdir / variant.name / "report.json", workdir / variant.name, stop, hil))
-    comparison = []
-    for variant, sub in zip(scenario.variants, reports):
-        accuracy = [r.get("accuracy") for r in sub.get("rounds", [])]
-        comparison.append({
-            "name": variant.name, "strategy": variant.strategy, "attack": variant.attack_label(),
-            "defense": variant.defense_label(),  # [aggregation] and [defense] (None: the gateway's defaults)
-            "seconds": sub.get("seconds"),
-            "final_accuracy": final_accuracy(sub),  # with the city tier the city model's on every device
-            "all_devices_accuracy": all_devices_accuracy(sub),  # every run's final model(s) on every device
-            "city": comparison_view(sub.get("city")),
-            # False when the last rounds got no evaluation (e.g. the devices refused a diverged model)
-            "last_round_evaluated": bool(accuracy) and accuracy[-1] is not None,
-            "accuracy": accuracy,
-            # a reconstruction model with injected anomalies: its last round's AUC (hw/model_report.py)
-            **({"anomaly_auc": sub["rounds"][-1].get("anomaly_auc")} if variant.anomalies and sub.get("rounds")
-               else {}),
-            # [personalization]: each device's tuning of the final model (hw/personal_report.py)
-            **{key: sub[key] for key in ("global_accuracy", "personalized_accuracy") if key in sub},
-            "state": sub["gateway"]["state"],
-            "report": str(workdir / variant.name / "report.json"),
-        })
-    attacks = [{**a, "variant": sub["scenario"]} for sub in reports for a in sub.get("attacks", [])]
-    report: dict[str, Any] = {
-        "scenario": scenario.name,
-        "config": scenario.to_dict(),
-        "comparison": comparison,
-        "variants": reports,
-        **({"attacks": attacks} if attacks else {}),
-        "broker": reports[0]["broker"] if reports else None,
-        "workdir": str(workdir),
-        "seconds": round(time.time() - started, 1),
-        "timed_out": any(r["timed_out"] for r in reports),
-    }
+    report = variants_report(scenario, reports, workdir, started)
     _say(f"starling-emulate: report {report_path}, {write_report(report, report_path)}")
     return report
-
-
-def _ok(report: dict[str, Any]) -> bool:
-    if "variants" in report:
-        return bool(report["variants"]) and len(report["variants"]) == len(report["comparison"]) and all(
-            _ok(r) for r in report["variants"]) and len(report["variants"]) == len(report["config"]["variants"])
-    gateways_ok = all(s["state"] == "done" and s["ledger"]["verified"] for s in report["gateways"].values())
-    check = report.get("ledger_check")
-    ledgers_ok = check is None or (check["identical"] and check["every_accepted_update_in_every_ledger"])
-    city = report.get("city") or {}
-    tier_ok = not city.get("tier") or len(set((city.get("final_digests") or {}).values())) == 1 and \
-        len(city["final_digests"]) == len(report["gateways"])  # every gateway ends on the one city model
-    return gateways_ok and ledgers_ok and tier_ok
-
-
-def _summary(report: dict[str, Any], report_path: Path) -> str:
-    if "variants" in report:
-        lines = [f"starling-emulate: {len(report['variants'])} runs in {report['seconds']:.0f} s, report {report_path}"]
-        for c in report["comparison"]:
-            acc = c["final_accuracy"]
-            defense = f" ({c['defense']})" if c.get("defense") else ""
-            everywhere = c.get("all_devices_accuracy")
-            on_all = "" if everywhere is None or everywhere == acc else f", on all devices {everywhere:.3f}"
-            auc = f", anomaly AUC {c['anomaly_auc']:.3f}" if c.get("anomaly_auc") is not None else ""
-            lines.append(f"  {c['name']}: {c['strategy']}{defense}, attack {c['attack'] or 'none'}: final accuracy "
-                         f"{'-' if acc is None else f'{acc:.3f}'}{on_all}{auc} ({c['state']}"
-                         f"{'' if c['last_round_evaluated'] else ', the last rounds were not evaluated'})")
-        return "\n".join(lines)
-    rounds = report["rounds"]
-    final = report.get("final_accuracy")
-    city = report.get("city") or {}
-    text = (f"starling-emulate: {len(rounds) - 1 if rounds else 0} rounds in {report['seconds']:.0f} s, "
-            f"final accuracy {final if final is None else round(final, 3)}"
-            f"{' (the city model on all devices)' if city.get('tier') else ''}, "
-            f"ledger height {report['ledger']['height']} verified={report['ledger']['verified']}")
-    last = rounds[-1] if rounds else {}
-    if last.get("reconstruction_loss") is not None:  # a reconstruction model (hw/model_report.py)
-        text += f"\n  last round: reconstruction error {last['reconstruction_loss']:.4f} on the normal test windows"
-        if last.get("anomaly_auc") is not None:
-            text += f", anomaly AUC {last['anomaly_auc']:.3f}"
-    check = report.get("ledger_check")
-    if check is not None:
-        text += (f", {len(report['gateways'])} ledgers identical={check['identical']} "
-                 f"every accepted update in every ledger={check['every_accepted_update_in_every_ledger']}")
-    if city.get("tier"):
-        digests = set((city.get("final_digests") or {}).values())
-        text += (f"\n  city: {len(city.get('epochs') or [])} epochs, {len(digests)} distinct final digest"
-                 f"{'' if len(digests) == 1 else 's'}, flagged {', '.join(city.get('flagged') or {}) or 'none'}")
-    elif city.get("isolated_mean") is not None:
-        text += f"\n  isolated gateways' final models on all devices: mean accuracy {city['isolated_mean']:.3f}"
-    for attack in report.get("attacks", []):
-        if "target" in attack:  # a gateway attack
-            text += (f"\n  attack {attack['attack']} at {attack['target']}: flagged by "
-                     f"{', '.join(attack['flagged_by']) or 'nobody'}: {'yes' if attack['as_expected'] else 'NO'}")
-            continue
-        n = len(attack["devices"])
-        text += (f"\n  attack {attack['attack']} ({n} device{'' if n == 1 else 's'}): accepted {attack['accepted']}, "
-                 f"rejected {attack['rejected'] or '-'}; expected {'/'.join(attack['expected'])}: "
-                 f"{'yes' if attack['as_expected'] else 'NO'}")
-    return text + f", report {report_path}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -628,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ScenarioError, ValueError, OSError) as exc:  # a bad scenario, --listen address or device key
         print(f"starling-emulate: {exc}", file=sys.stderr)
         return 2
-    print(_summary(report, report_path), file=sys.stderr)
-    return 0 if _ok(report) else 1
+    print(summary(report, report_path), file=sys.stderr)
+    return 0 if ok(report) else 1
 
 
 if __name__ == "__main__":

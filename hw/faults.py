@@ -53,13 +53,12 @@ from typing import Any, Protocol
 
 from protocol.config import ConfigError
 
-from .tables import array_of_tables, check_share, check_table, share_size
+from .tables import NUMBER, array_of_tables, check_share, check_table, share_size
 
 KINDS = ("gateway_restart", "gateway_stop", "broker_restart", "partition", "device_churn")
 MAX_DOWN_S = 100.0  # under the emulator's gateways' wait_devices_s (120 s)
 TRIGGER_POLL_S = 0.05  # a round ends in well under a second on a small fleet: "after round N" must not be N+1
 STOP_TIMEOUT_S = 30.0  # a gateway that has not exited this long after SIGTERM is killed (and the report says so)
-NUMBER = (int, float)
 KEYS = {"kind": str, "target": str, "at_round": int, "at_s": NUMBER, "down_s": NUMBER,
         "fraction": NUMBER, "count": int, "overrides": dict}
 # What a gateway_stop may change before the gateway starts again: the [rounds] values an operator

@@ -1,6 +1,7 @@
 """The scenario's model and what its data must fit: `[training] model` and `[dataset] anomalies` (hw/scenario.py
 documents both), checked at load. A ConfigError names the field; hw/scenario.py raises it as a ScenarioError.
 
+    model, anomalies = parse_model_and_data(doc, base_dir, source, neighbourhoods)   # all of the below:
     model = parse_model(value, base_dir)       # "imu_cnn", "synthetic" or a built model folder (absolute)
     spec = model_spec(model)                   # its manifest: family, task, input shape, classes
     check_fit(spec, describe_data(source), neighbourhoods)   # the data's windows and labels against it
@@ -266,3 +267,16 @@ def parse_anomalies(table: Any, spec: ModelSpec, data: DataShape | None) -> Anom
     if not 0 < magnitude < math.inf:  # an infinite fault would make the device refuse its own data file
         raise ConfigError(f"{at}.magnitude must be a positive number, got {magnitude}")
     return Anomalies(share, tuple(kinds), magnitude)
+
+
+def parse_model_and_data(doc: dict[str, Any], base_dir: Path, source: str,
+                         neighbourhoods: tuple[tuple[int, ...], ...]) -> tuple[str, Anomalies | None]:
+    """The scenario document's training.model (a family, "synthetic" or a model folder) and dataset.anomalies,
+    checked against the data `source`: a model the data does not fit is refused now, naming both shapes."""
+    model = parse_model(doc.get("training", {}).get("model", "imu_cnn"), base_dir)
+    spec = model_spec(model)
+    data = None if model == SYNTHETIC else describe_data(source)
+    if data is not None:
+        check_fit(spec, data, neighbourhoods)
+    table = doc.get("dataset", {}).get("anomalies")
+    return model, None if table is None else parse_anomalies(table, spec, data)

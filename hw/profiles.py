@@ -44,9 +44,8 @@ from protocol.config import ConfigError
 from protocol.fields import is_finite_number
 
 from .links import LinkProfile
-from .tables import array_of_tables, check_share, check_table, share_size
+from .tables import NUMBER, array_of_tables, check_share, check_table, share_size
 
-NUMBER = (int, float)
 DEVICE_KEYS = {"name": str, "fraction": NUMBER, "count": int, "cpu_slowdown": NUMBER, "max_train_s": NUMBER,
                "max_samples": int, "memory_mb": int}
 LINK_KEYS = {"name": str, "fraction": NUMBER, "count": int, "latency_ms": NUMBER, "jitter_ms": NUMBER,

@@ -5,6 +5,8 @@
     report["city"] = city_section(...)                       # hw/city_report.py
     report["final_accuracy"] = final_accuracy(report)        # the headline (the city model's, with the tier)
     write_report(report, path)                               # report.json and report.html beside it
+    report = variants_report(scenario, reports, workdir, started)   # a scenario with [[variant]]s: each run's
+                                                                    # report and their `comparison`
 
 (hw/report.py draws report.html from it; README "The emulator" lists the keys.)
 """
@@ -19,11 +21,12 @@ from typing import Any
 
 from protocol.atomic import write_atomic
 
-from .city_report import Member, gateway_attack, members_of
+from .adversary_tables import Adversary
+from .city_report import Member, all_devices_accuracy, comparison_view, gateway_attack, members_of
 from .faults import fault_sections
 from .fleet import GatewayRun
 from .monitor import Monitor
-from .scenario import Adversary, Scenario
+from .scenario import Scenario
 
 
 def ledger_section(g: GatewayRun, result: dict[str, Any], monitor: Monitor, verify_store) -> dict[str, Any]:
@@ -293,3 +296,48 @@ def final_accuracy(report: dict[str, Any]) -> float | None:
             finals.append(accs[-1])
     return sum(finals) / len(finals) if finals else None
 
+
+def comparison_section(variants: tuple[Scenario, ...], reports: list[dict[str, Any]],
+                       workdir: Path) -> list[dict[str, Any]]:
+    """A scenario's `comparison`: a row per variant that ran (`reports`, each the report of its run)."""
+    comparison = []
+    for variant, sub in zip(variants, reports):
+        accuracy = [r.get("accuracy") for r in sub.get("rounds", [])]
+        comparison.append({
+            "name": variant.name, "strategy": variant.strategy, "attack": variant.attack_label(),
+            "defense": variant.defense_label(),  # [aggregation] and [defense] (None: the gateway's defaults)
+            "seconds": sub.get("seconds"),
+            "final_accuracy": final_accuracy(sub),  # with the city tier the city model's on every device
+            "all_devices_accuracy": all_devices_accuracy(sub),  # every run's final model(s) on every device
+            "city": comparison_view(sub.get("city")),
+            # False when the last rounds got no evaluation (e.g. the devices refused a diverged model)
+            "last_round_evaluated": bool(accuracy) and accuracy[-1] is not None,
+            "accuracy": accuracy,
+            # a reconstruction model with injected anomalies: its last round's AUC (hw/model_report.py)
+            **({"anomaly_auc": sub["rounds"][-1].get("anomaly_auc")} if variant.anomalies and sub.get("rounds")
+               else {}),
+            # [personalization]: each device's tuning of the final model (hw/personal_report.py)
+            **{key: sub[key] for key in ("global_accuracy", "personalized_accuracy") if key in sub},
+            "state": sub["gateway"]["state"],
+            "report": str(workdir / variant.name / "report.json"),
+        })
+    return comparison
+
+
+def variants_report(scenario: Scenario, reports: list[dict[str, Any]], workdir: Path,
+                    started: float) -> dict[str, Any]:
+    """The report of a scenario with variants: the `comparison` of its runs, their reports (`variants`) and every
+    run's `attacks` (each naming its run)."""
+    comparison = comparison_section(scenario.variants, reports, workdir)
+    attacks = [{**a, "variant": sub["scenario"]} for sub in reports for a in sub.get("attacks", [])]
+    return {
+        "scenario": scenario.name,
+        "config": scenario.to_dict(),
+        "comparison": comparison,
+        "variants": reports,
+        **({"attacks": attacks} if attacks else {}),
+        "broker": reports[0]["broker"] if reports else None,
+        "workdir": str(workdir),
+        "seconds": round(time.time() - started, 1),
+        "timed_out": any(r["timed_out"] for r in reports),
+    }

@@ -146,29 +146,41 @@ hold both a `[run]` table and a `[[run]]` array.)
 
 Unknown sections or keys are errors (a typo must not silently fall back to
 a default), and every error names the field.
+
+This module holds the `Scenario` and puts it together (`parse_scenario`,
+`load_scenario`); the tables are checked where their meaning lives:
+hw/tables.py (what every table shares), hw/fleet_tables.py ([fleet] and
+[dataset]: how many devices, whose data), hw/adversary_tables.py
+([[adversary]]), hw/city_tables.py ([city], classes_by_neighbourhood),
+hw/model_tables.py ([training] model, dataset.anomalies),
+hw/gateway_tables.py ([aggregation], [defense], with the gateway's own
+code), hw/faults.py ([[fault]]), hw/profiles.py ([[device_profile]],
+[[link]]) and hw/variant_tables.py ([[variant]]).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from agent.config import Personalization, parse_personalization
-from protocol.config import ConfigError, read_toml, resolve_path
-from protocol.fields import is_int, is_number
+from protocol.config import ConfigError, read_toml
 from protocol.schemas import DEFAULT_DOWNLOAD, DOWNLOADS
 from protocol.tensors import UPLOAD_CODECS, check_density
 
 from . import model_tables
+from .adversary_tables import ADVERSARY_KEYS, Adversary, parse_adversaries
 from .anomalies import Anomalies
 from .city_tables import parse_city, parse_neighbourhoods
 from .faults import Fault, parse_faults
+from .fleet_tables import parse_fleet
+from .gateway_tables import GATEWAY_TABLES, check_gateway_tables, check_strategy_overrides
 from .profiles import DeviceProfile, LinkSpec, parse_device_profiles, parse_links
-from .tables import array_of_tables, check_share, check_table, share_size
+from .tables import NUMBER, check_table
+from .variant_tables import variant_docs
 
-NUMBER = (int, float)
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "run": {"name": str, "rounds": int, "seed": int, "timeout_s": NUMBER},
     "fleet": {"gateways": int, "devices": int, "devices_per_gateway": int, "subjects": list, "runner": str,
@@ -179,87 +191,26 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "training": {"epochs": int, "batch_size": int, "lr": NUMBER, "deadline_s": NUMBER, "model": str, "codec": str,
                  "density": NUMBER, "download": str},
     "broker": {"kind": str},
-    "aggregation": {},  # keys and values: the gateway's own parser (_gateway_tables)
+    "aggregation": {},  # keys and values: the gateway's own parser (hw/gateway_tables.py)
     "defense": {},
     "city": {"every": int, "rule": str, "deadline_s": NUMBER, "audit_share": NUMBER, "momentum": NUMBER},
     "personalization": {"steps": int, "lr": NUMBER, "weights": list},  # checked by agent/config.py
     # the gateways' round mode (gateway/buffered.py), merged into their [rounds]; checked by gateway/config.py
     "rounds": {"mode": str, "buffer": int, "max_staleness": int, "staleness_exponent": NUMBER, "evaluate_every": int},
 }
-GATEWAY_TABLES = ("aggregation", "defense")  # go verbatim into every gateway's config
-DROPPABLE = (*GATEWAY_TABLES, "city", "personalization")  # a variant's empty table drops the base's
-VARIANT_LISTS = ("adversary", "fault")  # a variant's list replaces the base's ([]: none)
 ARRAYS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "adversary": {"attack": str, "fraction": NUMBER, "count": int, "scale": NUMBER, "sigma": NUMBER,
-                  "payload": str, "claim": int, "z": NUMBER, "bound_multiple": NUMBER, "target": str},
-    "variant": {"name": str},  # plus any section of SCHEMA but [run], `adversary` and `fault`
+    "adversary": ADVERSARY_KEYS,  # checked by hw/adversary_tables.py
+    "variant": {"name": str},  # plus any section of SCHEMA but [run], `adversary` and `fault`: hw/variant_tables.py
     "fault": {},  # checked by hw/faults.py
     "device_profile": {},  # checked by hw/profiles.py
     "link": {},  # checked by hw/profiles.py
 }
-PARAMS = {"sign_flip": ("scale",), "scaling": ("scale",), "gaussian_noise": ("sigma",),
-          "sybil": ("payload", "scale", "sigma"), "inflate_examples": ("scale", "claim"), "crafted": ("z",),
-          "under_bound": ("bound_multiple",), "tampered_aggregate": ("scale",)}
-GATEWAY_ATTACKS = ("tampered_aggregate",)  # run by a gateway (hw/tampered_gateway.py), not by devices
-ATTACK_PARAMS = ("scale", "sigma", "payload", "claim", "z", "bound_multiple")
-PARTITIONS = ("subject", "dirichlet")
 ENROLLMENTS = ("open", "voucher")  # every device admitted; or only those with the run's operator voucher
 RUNNERS = ("process", "pool")  # a process per device (as on a real device), or many devices per process
-WATCH_SUBJECTS = 10
-MAX_GATEWAYS = 32
-MAX_CLAIM = 10_000_000  # protocol.schemas.MAX_EXAMPLES
 
 
 class ScenarioError(ConfigError):
     """The scenario file is unusable; the message names the field."""
-
-
-@dataclass(frozen=True)
-class Adversary:
-    """A share of the fleet that runs `python -m hw.adversary --attack <attack>`; or, for a gateway attack
-    (GATEWAY_ATTACKS), the `target` gateway, which runs `python -m hw.tampered_gateway`."""
-
-    attack: str
-    fraction: float | None = None  # of all devices; or
-    count: int | None = None  # this many devices
-    scale: float | None = None
-    sigma: float | None = None
-    payload: str | None = None
-    claim: int | None = None
-    z: float | None = None
-    bound_multiple: float | None = None
-    target: str | None = None  # a gateway attack's gateway ("gw-N")
-
-    @property
-    def on_gateway(self) -> bool:
-        return self.attack in GATEWAY_ATTACKS
-
-    def devices(self, total: int) -> int:
-        """How many of `total` devices run this attack: `count`, or `fraction` rounded (at least 1); a gateway
-        attack none."""
-        return share_size(total, self.fraction, self.count)
-
-    def label(self) -> str:
-        if self.on_gateway:
-            return f"{self.attack} at {self.target}" + (f" x{self.scale:g}" if self.scale is not None else "")
-        share = f"{self.fraction:.0%}" if self.fraction is not None else \
-            f"{self.count} device{'' if self.count == 1 else 's'}"
-        boost = f" x{self.scale:g}" if self.attack in ("sign_flip", "inflate_examples") \
-            and self.scale not in (None, 1.0) else ""
-        return f"{self.attack}{boost} {share}"
-
-    def command(self, config_path: str | Path, *, collude: str | Path | None = None, colluders: int | None = None,
-                fleet: int | None = None) -> list[str]:
-        """The `python -m hw.adversary ...` command line of one of these devices; crafted attackers also get
-        their rendezvous folder `collude`, how many `colluders` meet there and their gateway's `fleet` size."""
-        from .adversary import adversary_command  # noqa: PLC0415
-
-        if self.attack == "sign_flip" and self.scale not in (None, 1.0):
-            return adversary_command("scaling", config_path, scale=-self.scale)  # -scale x the honest delta
-        scale = self.scale if self.attack != "sign_flip" else None
-        crafted = {"collude": collude, "colluders": colluders, "fleet": fleet} if self.attack == "crafted" else {}
-        return adversary_command(self.attack, config_path, scale=scale, sigma=self.sigma, payload=self.payload,
-                                 claim=self.claim, z=self.z, bound_multiple=self.bound_multiple, **crafted)
 
 
 @dataclass(frozen=True)
@@ -349,67 +300,8 @@ class Scenario:
         return doc
 
 
-def _adversaries(items: Any, gateways: int, where: str = "adversary") -> tuple[Adversary, ...]:
-    from .adversary import ATTACKS, SYBIL_PAYLOADS  # noqa: PLC0415 (agent code: only when asked)
-
-    known = ", ".join((*ATTACKS, *GATEWAY_ATTACKS))
-    out = []
-    targets: set[str] = set()
-    for i, table in enumerate(array_of_tables(items, where, ScenarioError)):
-        at = f"{where}[{i}]"
-        check_table(at, table, ARRAYS["adversary"], error=ScenarioError)
-        attack = table.get("attack")
-        if attack is None:
-            raise ScenarioError(f"{at}.attack is required: one of {known}")
-        if attack not in ATTACKS and attack not in GATEWAY_ATTACKS:
-            raise ScenarioError(f"{at}.attack: unknown attack {attack!r}; one of {known}")
-        if attack in GATEWAY_ATTACKS:
-            targets.add(_gateway_target(at, table, attack, gateways, targets))
-        elif "target" in table:
-            raise ScenarioError(f"{at}.target: only a gateway attack ({', '.join(GATEWAY_ATTACKS)}) has a target; "
-                                f"{attack} runs on a share of the devices (fraction or count)")
-        else:
-            check_share(at, table, ScenarioError)
-        for key in ("scale", "sigma", "claim", "bound_multiple"):
-            if key in table and not table[key] > 0:
-                raise ScenarioError(f"{at}.{key} must be positive, got {table[key]}")
-        if "z" in table and not table["z"] >= 0:
-            raise ScenarioError(f"{at}.z must not be negative, got {table['z']}")
-        if "claim" in table and table["claim"] > MAX_CLAIM:
-            raise ScenarioError(f"{at}.claim must be at most {MAX_CLAIM} (the most a reply may carry), "
-                                f"got {table['claim']}")
-        allowed = PARAMS.get(attack, ())
-        for key in ATTACK_PARAMS:
-            if key in table and key not in allowed:
-                raise ScenarioError(f"{at}.{key} is not a parameter of {attack}"
-                                    + (f" (it takes {', '.join(allowed)})" if allowed else " (it takes none)"))
-        if "payload" in table and table["payload"] not in SYBIL_PAYLOADS:
-            raise ScenarioError(f"{at}.payload must be one of {', '.join(SYBIL_PAYLOADS)}, not {table['payload']!r}")
-        number = {key: float(table[key]) for key in ("fraction", "scale", "sigma", "z", "bound_multiple") if key in table}
-        out.append(Adversary(attack, number.get("fraction"), table.get("count"), number.get("scale"), number.get("sigma"),
-                             table.get("payload"), table.get("claim"), number.get("z"), number.get("bound_multiple"),
-                             table.get("target")))
-    return tuple(out)
-
-
-def _gateway_target(at: str, table: dict[str, Any], attack: str, gateways: int, taken: set[str]) -> str:
-    """A gateway attack's `target`: a gateway of the fleet ("gw-N", as [[fault]] names them), one attack each."""
-    if "fraction" in table or "count" in table:
-        raise ScenarioError(f"{at}: {attack} is a gateway attack: it takes target (a gateway), not fraction or count")
-    names = [f"gw-{n + 1}" for n in range(gateways)]
-    target = table.get("target")
-    if target is None:
-        raise ScenarioError(f"{at}.target is required for {attack}: the gateway that runs it, one of "
-                            f"{', '.join(names)}")
-    if target not in names:
-        raise ScenarioError(f"{at}.target must be one of {', '.join(names)} (fleet.gateways = {gateways}), "
-                            f"not {target!r}")
-    if target in taken:
-        raise ScenarioError(f"{at}.target: {target} already runs a gateway attack (one per gateway)")
-    return target
-
-
 def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
+    """A scenario document (as read from TOML), checked; `base_dir`: where its relative paths are."""
     for section, table in doc.items():
         if section in ARRAYS:
             continue
@@ -421,64 +313,13 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         else:
             check_table(section, table, SCHEMA[section], error=ScenarioError)
     get = lambda s, k, d: doc.get(s, {}).get(k, d)  # noqa: E731
-    subjects = tuple(get("fleet", "subjects", []))
-    if not all(is_int(s) and 1 <= s <= WATCH_SUBJECTS for s in subjects):
-        raise ScenarioError(f"fleet.subjects must be watch subject ids between 1 and {WATCH_SUBJECTS}")
-    if len(set(subjects)) != len(subjects):
-        raise ScenarioError("fleet.subjects names a subject twice")
-    gateways = get("fleet", "gateways", 1)
-    if not 1 <= gateways <= MAX_GATEWAYS:
-        raise ScenarioError(f"fleet.gateways must be between 1 and {MAX_GATEWAYS}, got {gateways}")
-    partition = get("dataset", "partition", "subject")
-    if partition not in PARTITIONS:
-        raise ScenarioError(f"dataset.partition must be one of {', '.join(PARTITIONS)}, not {partition!r}")
-    per_gateway = get("fleet", "devices_per_gateway", None)
-    default_devices = len(subjects) if subjects and partition == "subject" else 5
-    if per_gateway is not None:
-        if per_gateway < 1:
-            raise ScenarioError(f"fleet.devices_per_gateway must be positive, got {per_gateway}")
-        devices = gateways * per_gateway
-        if "devices" in doc.get("fleet", {}) and doc["fleet"]["devices"] != devices:
-            raise ScenarioError(f"fleet.devices = {doc['fleet']['devices']} contradicts fleet.devices_per_gateway "
-                                f"= {per_gateway} x {gateways} gateways; give one of them")
-    else:
-        devices = get("fleet", "devices", default_devices)
-    if devices < gateways:
-        raise ScenarioError(f"fleet.devices: {devices} devices for {gateways} gateways; every gateway needs one")
-    if "alpha" in doc.get("dataset", {}) and partition != "dirichlet":
-        raise ScenarioError('dataset.alpha only applies to partition = "dirichlet"')
-    alpha = float(get("dataset", "alpha", 0.5))
-    if not alpha > 0:
-        raise ScenarioError(f"dataset.alpha must be positive, got {alpha}")
-    test_fraction = float(get("dataset", "test_fraction", 0.2))
-    if not 0 < test_fraction < 1:
-        raise ScenarioError(f"dataset.test_fraction must be between 0 and 1, got {test_fraction}")
-    source = get("dataset", "source", "watch")
-    if source != "watch":
-        try:
-            folder = resolve_path(source, base_dir, "dataset.source")
-            found = folder.is_dir()
-        except (ConfigError, OSError) as exc:  # a NUL, a name too long for the OS
-            raise ScenarioError(f"dataset.source: {str(exc)[:200]}") from exc
-        if not found:
-            raise ScenarioError(f"dataset.source: {folder} is not a folder of .npz files")
-        source = str(folder)
-        if subjects:
-            raise ScenarioError("fleet.subjects only applies to the watch data (dataset.source = \"watch\")")
-    elif partition == "subject":
-        if subjects and len(subjects) != devices:
-            raise ScenarioError(f"fleet.subjects names {len(subjects)} subjects for {devices} devices")
-        if not 1 <= devices <= WATCH_SUBJECTS:
-            raise ScenarioError(f"fleet.devices: the watch data has {WATCH_SUBJECTS} subjects, asked for {devices} "
-                                'devices (partition = "dirichlet" deals the pooled windows to any number)')
-    adversaries = _adversaries(doc.get("adversary", []), gateways)
     try:
+        fleet = parse_fleet(doc, base_dir)
+        gateways, devices, source = fleet.gateways, fleet.devices, fleet.source
+        adversaries = parse_adversaries(doc.get("adversary", []), gateways)
         neighbourhoods = parse_neighbourhoods(doc.get("dataset", {}), source, devices, gateways)
         city = parse_city(doc["city"], gateways, get("run", "rounds", 5)) if "city" in doc else {}
-        model, anomalies = _model_and_data(doc, base_dir, source, neighbourhoods)
-    except ConfigError as exc:
-        raise ScenarioError(str(exc)) from exc
-    try:
+        model, anomalies = model_tables.parse_model_and_data(doc, base_dir, source, neighbourhoods)
         faults = parse_faults(doc.get("fault", []), gateways)
         device_profiles = parse_device_profiles(doc.get("device_profile", []))
         links = parse_links(doc.get("link", []))
@@ -497,7 +338,7 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         seed=get("run", "seed", 0),
         timeout_s=float(get("run", "timeout_s", 600.0)),
         devices=devices,
-        subjects=subjects,
+        subjects=fleet.subjects,
         source=source,
         stride=get("dataset", "stride", 64),
         strategy=get("strategy", "name", "FedAvg"),
@@ -512,9 +353,9 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         download=get("training", "download", DEFAULT_DOWNLOAD),
         broker=get("broker", "kind", "auto"),
         gateways=gateways,
-        partition=partition,
-        alpha=alpha,
-        test_fraction=test_fraction,
+        partition=fleet.partition,
+        alpha=fleet.alpha,
+        test_fraction=fleet.test_fraction,
         adversaries=adversaries,
         runner=get("fleet", "runner", "process"),
         pool_size=get("fleet", "pool_size", 100),
@@ -549,9 +390,13 @@ def parse_scenario(doc: dict[str, Any], base_dir: Path = Path(".")) -> Scenario:
         raise ScenarioError(f"training.codec must be one of {', '.join(UPLOAD_CODECS)}, not {scenario.codec!r}")
     if scenario.download not in DOWNLOADS:
         raise ScenarioError(f"training.download must be one of {', '.join(DOWNLOADS)}, not {scenario.download!r}")
-    _check_strategy_overrides(scenario)
-    if any(section in doc for section in GATEWAY_TABLES):
-        _check_gateway_tables(doc, scenario)
+    try:
+        check_strategy_overrides(scenario.faults, scenario.strategy, scenario.strategy_params, scenario.strategy_dp,
+                                 scenario.defense)
+        if any(section in doc for section in GATEWAY_TABLES):
+            check_gateway_tables(doc, scenario.strategy, scenario.strategy_params, scenario.strategy_dp)
+    except ConfigError as exc:
+        raise ScenarioError(str(exc)) from exc
     if "variant" in doc:
         scenario = _with_variants(scenario, doc, base_dir)
     return scenario
@@ -563,86 +408,6 @@ def _density(value: Any) -> float | None:
         return None if value is None else check_density(value)
     except ValueError as exc:
         raise ScenarioError(f"training.density: {exc}") from None
-
-
-def _model_and_data(doc: dict[str, Any], base_dir: Path, source: str,
-                    neighbourhoods: tuple[tuple[int, ...], ...]) -> tuple[str, Anomalies | None]:
-    """training.model (a family, "synthetic" or a model folder) and dataset.anomalies, checked against the data:
-    a model the data does not fit is refused now, naming both shapes (hw/model_tables.py)."""
-    model = model_tables.parse_model(doc.get("training", {}).get("model", "imu_cnn"), base_dir)
-    spec = model_tables.model_spec(model)
-    data = None if model == model_tables.SYNTHETIC else model_tables.describe_data(source)
-    if data is not None:
-        model_tables.check_fit(spec, data, neighbourhoods)
-    table = doc.get("dataset", {}).get("anomalies")
-    return model, None if table is None else model_tables.parse_anomalies(table, spec, data)
-
-
-def _check_strategy_overrides(scenario: Scenario) -> None:
-    """A gateway_stop's strategy_params must make a strategy the restarted gateway accepts: check them now
-    (with the gateway's own check), not when the gateway fails to start mid-run."""
-    for i, fault in enumerate(scenario.faults):
-        params = fault.overrides.get("strategy_params")
-        if not params:
-            continue
-        from gateway.strategies import make_strategy  # noqa: PLC0415 (Flower: only when there is something to check)
-
-        try:
-            make_strategy(scenario.strategy, {**scenario.strategy_params, **params}, scenario.strategy_dp or None,
-                          defense=scenario.defense or None)
-        except ConfigError as exc:
-            raise ScenarioError(f"fault[{i}].overrides.strategy_params: {exc}") from exc
-
-
-def _gateway_keys() -> dict[str, dict[str, Any]]:
-    """The keys the gateway reads from [aggregation] and [defense]: WeightRule's fields (its `rule` is
-    `weights`; their types the gateway's parser checks) and UpdateBound's parameters (typed here after their
-    defaults: the gateway passes [defense] to UpdateBound as it is, and `centered_clipping = "no"` is truthy)."""
-    import dataclasses
-    import inspect
-
-    from gateway.defense import UpdateBound  # (Flower: imported only when a scenario has these tables)
-    from gateway.weights import WeightRule
-
-    bound = {name: bool if isinstance(p.default, bool) else NUMBER if isinstance(p.default, NUMBER) else object
-             for name, p in inspect.signature(UpdateBound.__init__).parameters.items()
-             if name not in ("self", "strategy")}
-    return {"aggregation": {"weights": object, **{f.name: object for f in dataclasses.fields(WeightRule)
-                                                  if f.name != "rule"}},
-            "defense": bound}
-
-
-def _check_gateway_tables(doc: dict[str, Any], scenario: Scenario) -> None:
-    """[aggregation] and [defense] go verbatim into every gateway's config: check them now with the gateway's
-    own parser (`gateway.config.parse_config` on a probe config with this scenario's strategy), so a bad value
-    fails here, naming the field, and not when the gateways start. Unknown keys are refused too (the gateway
-    would ignore a misspelt [aggregation] key)."""
-    known = _gateway_keys()
-    for section in GATEWAY_TABLES:
-        table = doc.get(section, {})
-        if not isinstance(table, dict):
-            raise ScenarioError(f"[{section}] must be a table")
-        unknown = sorted(set(table) - set(known[section]))
-        if unknown:
-            raise ScenarioError(f"unknown key {section}.{unknown[0]}; known: {', '.join(sorted(known[section]))}")
-        for key, value in table.items():
-            kind = known[section][key]
-            if kind is bool and not isinstance(value, bool) or kind is NUMBER and not is_number(value):
-                raise ScenarioError(f"{section}.{key} must be {'true or false' if kind is bool else 'a number'}, "
-                                    f"got {type(value).__name__}")
-    from gateway.config import parse_config
-
-    probe = {
-        "gateway": {"name": "probe", "key": "probe.key", "state_dir": "probe"},
-        "enrollment": {"policy": "open"},
-        "strategy": {"name": scenario.strategy, "params": scenario.strategy_params,
-                     **({"dp": scenario.strategy_dp} if scenario.strategy_dp else {})},
-        **{section: doc[section] for section in GATEWAY_TABLES if section in doc},
-    }
-    try:
-        parse_config(probe)
-    except ConfigError as exc:
-        raise ScenarioError(str(exc)) from exc
 
 
 def _personalization(doc: dict[str, Any], model: str) -> Personalization | None:
@@ -659,57 +424,16 @@ def _personalization(doc: dict[str, Any], model: str) -> Personalization | None:
     return settings
 
 
-def _merge(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy({k: v for k, v in base.items() if k != "variant"})
-    for key, value in variant.items():
-        if key == "name":
-            continue
-        if key in VARIANT_LISTS:
-            out[key] = copy.deepcopy(value)  # the variant's attackers (faults) replace the base's
-        elif key in DROPPABLE and value == {}:
-            out.pop(key, None)  # `defense = {}`: none; `aggregation = {}`: the gateway's defaults; `city = {}`: no tier
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **copy.deepcopy(value)}
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def _with_variants(scenario: Scenario, doc: dict[str, Any], base_dir: Path) -> Scenario:
-    items = doc["variant"]
-    if not isinstance(items, list) or not items:
-        raise ScenarioError("variant must be a non-empty array of tables ([[variant]])")
-    variants, names = [], set()
-    for i, table in enumerate(items):
-        at = f"variant[{i}]"
-        if not isinstance(table, dict):
-            raise ScenarioError(f"{at} must be a table")
-        name = table.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise ScenarioError(f"{at}.name is required (a non-empty string): it names the run in the comparison")
-        if not all(c.isalnum() or c in "-_." for c in name):
-            raise ScenarioError(f"{at}.name {name!r}: use letters, digits, '-', '_' or '.' (it names a folder)")
-        if name in names:
-            raise ScenarioError(f"{at}.name {name!r} is used twice")
-        names.add(name)
-        for key in table:
-            if key == "run":
-                raise ScenarioError(f"{at}.run: a variant cannot change [run] (rounds, seed and timeout are shared)")
-            if key != "name" and key not in VARIANT_LISTS and key not in SCHEMA:
-                raise ScenarioError(f"unknown key {at}.{key}; a variant holds name, {', '.join(VARIANT_LISTS)} and "
-                                    f"the sections {', '.join(s for s in SCHEMA if s != 'run')}")
+    """`scenario` with its variants: each the base document with a [[variant]] merged over it, parsed."""
+    variants = []
+    for at, name, run_doc in variant_docs(doc, SCHEMA, ScenarioError):
         try:
-            merged = parse_scenario(_merge(doc, table), base_dir)
+            merged = parse_scenario(run_doc, base_dir)
         except ScenarioError as exc:
             raise ScenarioError(f"{at} ({name}): {exc}") from exc
-        variants.append(dataclass_replace(merged, name=name))
-    return dataclass_replace(scenario, variants=tuple(variants))
-
-
-def dataclass_replace(scenario: Scenario, **changes: Any) -> Scenario:
-    from dataclasses import replace
-
-    return replace(scenario, **changes)
+        variants.append(replace(merged, name=name))
+    return replace(scenario, variants=tuple(variants))
 
 
 def load_scenario(path: str | Path) -> Scenario:

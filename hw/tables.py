@@ -10,6 +10,8 @@ from typing import Any
 
 from protocol.config import ConfigError
 
+NUMBER = (int, float)  # a number in a table's schema: TOML's integers and floats alike (never a bool)
+
 
 def array_of_tables(items: Any, where: str, error: type[ConfigError] = ConfigError) -> list[Any]:
     """`items` as the list a `[[where]]` array gives (each table is checked by its parser)."""

@@ -4,7 +4,7 @@
     text = toml_text(doc)                 # the same, as a string
     f"name = {toml_value(name)}   # ..."  # one value, for a template laid out by hand with comments
 
-Gateway and agent configs (hw/emulate.py), the load generator's gateway
+Gateway and agent configs (hw/fleet_configs.py), the load generator's gateway
 (hw/loadgen.py), the HIL join kit's agent.toml (hw/hil.py) and the Flower
 benchmark's configs (bench/vs_flower.py) go through here, so a value means
 what it says: what is written reads back equal (`tomllib.loads(toml_text(doc))

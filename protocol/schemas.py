@@ -50,7 +50,7 @@ CHUNK_BYTES = 256 * 1024  # larger models travel in chunks of this size
 MAX_CHUNKS = MAX_MODEL_BYTES // CHUNK_BYTES
 TASK_KINDS = ("train", "evaluate")
 # A task's upload codec and topk density: the keys of its body, and of the gateway's [training] config table
-# that sets them (gateway/config.py; hw/emulate.py writes them from a scenario's [training]).
+# that sets them (gateway/config.py; hw/fleet_configs.py writes them from a scenario's [training]).
 CODEC, DENSITY = "codec", "density"
 # How each new release travels to devices holding the one before it ([training] download): a delta in
 # i8 or f16 (tensors.DELTA_CODECS), or only the full float32 model. A task names the base a delta exists

@@ -20,10 +20,10 @@ from hw.city_report import (
     read_results,
 )
 from hw.datasets import load_device_npz
-from hw.emulate import _ok, _summary
 from hw.partition import prepare_devices
 from hw.report import write_html_report
 from hw.run_report import final_accuracy
+from hw.run_summary import ok, summary
 from hw.scenario import parse_scenario
 from protocol.schemas import encode_model
 
@@ -150,8 +150,8 @@ def test_gateways_that_disagree_are_shown_model_by_model(world):
     assert city["final_accuracy"] == pytest.approx((acc_initial + acc_trained) / 2, abs=1e-4)  # the mean of both
     report = {"city": city, "gateways": {"gw-1": {"state": "done", "ledger": {"verified": True}},
                                          "gw-2": {"state": "done", "ledger": {"verified": True}}}}
-    assert not _ok(report)  # a city that ends on two models has not done its job
-    assert _ok({**report, "city": {**city, "final_digests": {"gw-1": trained, "gw-2": trained}}})
+    assert not ok(report)  # a city that ends on two models has not done its job
+    assert ok({**report, "city": {**city, "final_digests": {"gw-1": trained, "gw-2": trained}}})
 
 
 def test_a_model_no_store_holds_is_reported_missing(world):
@@ -166,7 +166,7 @@ def test_a_gateway_without_the_city_tier_is_named_as_the_problem(world):
     city = city_section(world["scenario"], world["members"], {"gw-1": {}, "gw-2": {"city": None}},
                         world["evaluator"])
     assert city["epochs"] == [] and city["final_accuracy"] is None and "no gateway's result.json" in city["problem"]
-    assert not _ok({"city": city, "gateways": {"gw-1": {"state": "done", "ledger": {"verified": True}}}})
+    assert not ok({"city": city, "gateways": {"gw-1": {"state": "done", "ledger": {"verified": True}}}})
 
 
 def test_without_the_tier_each_gateways_final_model_is_evaluated_on_all_devices(world):
@@ -224,7 +224,7 @@ def test_a_gateway_attack_is_as_expected_when_every_peer_flagged_its_target(worl
     assert partly["flagged_by"] == ["gw-1", "gw-3"]  # the ledger's evidence, as gw-1 sees it
     assert partly["as_expected"] is False  # but gw-3 still merged its model
     assert gateway_attack(adversary, three, {})["as_expected"] is False  # no city tier: nobody kept it out
-    text = _summary({"rounds": [], "seconds": 3, "ledger": {"height": 1, "verified": True}, "gateways": {},
+    text = summary({"rounds": [], "seconds": 3, "ledger": {"height": 1, "verified": True}, "gateways": {},
                      "attacks": [entry]}, world["tmp"] / "r.json")
     assert "attack tampered_aggregate at gw-2: flagged by gw-1, gw-3: yes" in text
 

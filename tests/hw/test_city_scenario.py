@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hw.emulate import _gateway_command, _gateway_config, choose_attackers
+from hw.device_processes import choose_attackers
 from hw.fleet import GatewayRun
+from hw.fleet_configs import gateway_command, gateway_config
 from hw.partition import partition
 from hw.scenario import ScenarioError, load_scenario, parse_scenario
 from protocol.config import tomllib  # the stdlib's, or tomli on Python 3.10
@@ -186,10 +187,10 @@ def _gateway(tmp_path: Path, index: int = 0) -> GatewayRun:
 
 def test_every_gateway_config_gets_the_city_table_and_keeps_every_city_model(tmp_path):
     s = parse_scenario({**CITY, "run": {"rounds": 15}, "city": {"every": 3, "rule": "median", "deadline_s": 10}})
-    doc = tomllib.loads(_gateway_config(s, _gateway(tmp_path), ("127.0.0.1", 1883), None).read_text())
+    doc = tomllib.loads(gateway_config(s, _gateway(tmp_path), ("127.0.0.1", 1883), None).read_text())
     assert doc["city"] == {"every": 3, "rule": "median", "deadline_s": 10.0, "audit_share": 1.0, "momentum": 0.0}
     assert doc["blobs"] == {"keep": 17}  # every tag of the run: the city models are read after it
-    plain = tomllib.loads(_gateway_config(parse_scenario(CITY), _gateway(tmp_path, 1), ("127.0.0.1", 1883),
+    plain = tomllib.loads(gateway_config(parse_scenario(CITY), _gateway(tmp_path, 1), ("127.0.0.1", 1883),
                                           None).read_text())
     assert "city" not in plain and "blobs" not in plain
 
@@ -198,8 +199,8 @@ def test_the_target_gateway_runs_through_the_tampering_launcher(tmp_path):
     s = parse_scenario({**CITY, "run": {"seed": 2, "rounds": 6},
                         "adversary": [{"attack": "tampered_aggregate", "target": "gw-2", "scale": 0.2}]})
     honest, target = _gateway(tmp_path, 0), _gateway(tmp_path, 1)
-    assert _gateway_command(s, honest, Path("c.toml"))[1:] == ["-m", "gateway.cli", "run", "--config", "c.toml"]
-    cmd = _gateway_command(s, target, Path("c.toml"))
+    assert gateway_command(s, honest, Path("c.toml"))[1:] == ["-m", "gateway.cli", "run", "--config", "c.toml"]
+    cmd = gateway_command(s, target, Path("c.toml"))
     assert cmd[1:3] == ["-m", "hw.tampered_gateway"] and cmd[-3:] == ["run", "--config", "c.toml"]
     assert cmd[cmd.index("--scale") + 1] == "0.2" and cmd[cmd.index("--seed") + 1] == str(2 * 1009 + 1)
 

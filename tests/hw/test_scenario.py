@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hw.emulate import choose_attackers
+from hw.device_processes import choose_attackers
 from hw.partition import MIN_TRAIN, dirichlet_indices, load_folder_devices, partition
 from hw.scenario import ScenarioError, load_scenario, parse_scenario
 
@@ -201,8 +201,8 @@ TRUST = {
 def test_aggregation_and_defense_tables_reach_every_gateway_config_and_variants_override_them(tmp_path):
     from gateway.config import load_config
     from gateway.weights import WeightRule
-    from hw.emulate import _gateway_config
     from hw.fleet import GatewayRun
+    from hw.fleet_configs import gateway_config
     from protocol.keys import Identity
 
     s = parse_scenario(TRUST)
@@ -220,7 +220,7 @@ def test_aggregation_and_defense_tables_reach_every_gateway_config_and_variants_
         home.mkdir()
         g = GatewayRun(0, "gw-1", Identity.generate(), home, home / "log", [f"d{i}" for i in range(10)])
         g.identity.save(g.key)
-        config = load_config(_gateway_config(variant, g, ("127.0.0.1", 1883), None))  # the gateway's own reader
+        config = load_config(gateway_config(variant, g, ("127.0.0.1", 1883), None))  # the gateway's own reader
         assert config.weights.rule == rule and config.defense == defense
         assert config.weights.median_multiple == (1.5 if variant is reported else WeightRule().median_multiple)
         assert type(config.make_strategy()).__name__ == ("UpdateBound" if defense else "MultiKrum")

@@ -33,15 +33,15 @@ def test_configs_read_back_equal_whatever_their_strings_hold(tmp_path: Path):
 
 def test_the_emulators_gateway_config_is_written_through_it_and_read_by_the_gateway(tmp_path: Path):
     from gateway.config import load_config
-    from hw.emulate import _gateway_config
     from hw.fleet import GatewayRun
+    from hw.fleet_configs import gateway_config
     from hw.scenario import parse_scenario
     from protocol.keys import Identity
 
     scenario = parse_scenario({"strategy": {"name": "FedProx", "params": {"proximal_mu": 0.1}}})
     g = GatewayRun(0, "gw-1", Identity.generate(), tmp_path, tmp_path / "gw.log", ["d1", "d2"])
     g.identity.save(g.key)
-    path = _gateway_config(scenario, g, ("127.0.0.1", 1883), None)
+    path = gateway_config(scenario, g, ("127.0.0.1", 1883), None)
     assert tomllib.loads(path.read_text()) == g.config
     config = load_config(path)  # what the gateway makes of it
     assert (config.strategy, config.strategy_params, config.lr, config.num_rounds, config.min_devices) == (
