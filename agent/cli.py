@@ -4,7 +4,7 @@
     starling-agent run --config FILE     run the service (and its sensor sampler) until SIGTERM / Ctrl-C
     starling-agent doctor --config FILE  check config, key, model, sensors, broker, inference; say what is wrong
     starling-agent predict --config FILE [--input WINDOWS.npz|.npy] [--windows N]
-                                         one-shot predictions as JSON lines (agent/inference.py): on the
+                                         one-shot predictions as JSON lines (agent/predict.py): on the
                                          windows in the file, or on the device's newest ones
 
 The model is `[model] name` (shipped in firmware_models) or `[model] path` (a built model's folder); every
@@ -26,7 +26,7 @@ from protocol.errors import KeyFileError
 from protocol.keys import load_or_create
 
 from .config import ConfigError, load_config
-from .data_source import DataError, open_data
+from .data_source import DataError, open_data, training_of, windows_of
 from .learner import device_seed
 from .model_source import ModelError, load_model, model_source
 
@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
         with open_data(config, manifest) as data:
             inference = None
             if inference_model is not None:
-                from .inference import Inference, training_of, windows_of
+                from .inference import Inference
                 from .local_out import MqttOut, SocketOut
 
                 settings = config.inference
@@ -118,8 +118,8 @@ def _predict(args: argparse.Namespace) -> int:
     from protocol.keys import Identity
 
     from .config import InferenceSettings
-    from .inference import InputError, predict_once
     from .personalize import CannotPersonalize
+    from .predict import InputError, predict_once
 
     settings = config.inference or InferenceSettings(socket=None)
     try:

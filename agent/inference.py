@@ -48,6 +48,12 @@ in `<state_dir>/inference/threshold.json` (atomically, at most every
 
 One log line per run (`inference.done windows=... ms=...`), memory bounded by
 the settings (a run's windows, the scores kept, each client's backlog).
+
+Here: the `Inference` itself (the release in use, one run, the thread). Its
+windows (`windows_of`, `training_of`) are agent/data_source.py's, what it
+keeps on disk (`Release`, `Calibration`) agent/inference_state.py's, its
+sinks agent/local_out.py's; `starling-agent predict` runs it once
+(agent/predict.py).
 """
 
 from __future__ import annotations
@@ -55,213 +61,36 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from protocol import cbor, schemas
-from protocol.atomic import write_atomic
 from protocol.logs import event
 
 from .config import InferenceSettings
-from .features import WindowStats, features_for_model, model_inputs, store_channels, window_length
-from .live_data import LiveData, NoData, max_gap_for
-from .local_out import SocketOut
+from .data_source import LiveWindows, RecordedWindows
+from .inference_state import (
+    MODEL_FILE,
+    THRESHOLD_FILE,
+    Calibration,
+    Release,
+    frozen,
+    load_release,
+    save_release,
+)
+from .live_data import NoData
+from .local_out import Sink, SocketOut
 from .personalize import NotBetter, Personalizer
-from .sample_store import SampleStore
 from .samples import LocalData
 
 log = logging.getLogger("starling.agent")  # the agent's logger: these are the agent's events
 
-MODEL_FILE = Path("inference") / "model.cbor"  # under state_dir: the release in use
-THRESHOLD_FILE = Path("inference") / "threshold.json"  # under state_dir: the calibration's scores
 SEED_WINDOWS = 256  # windows scored at once to seed a new model's threshold (256 x 128 x 6 floats: 0.8 MB)
-SAVE_EVERY_S = 300.0  # the calibration reaches the disk at most this often (SD cards wear) and at stop
 POLL_S = 0.5  # the thread looks at its stop flag (and its clients) at least this often
-MAX_GAP_S = 1.0  # as LiveData's: no window across a pause of the sensors longer than this
-
-
-@dataclass(frozen=True)
-class Release:
-    """Weights and the release they came from: what one run computes with, whole."""
-
-    weights: dict[str, np.ndarray]  # read-only copies
-    version: int | None = None  # None: the weights shipped with the model
-    digest: str | None = None  # hex
-
-
-class Sink(Protocol):
-    """Where results go (agent/local_out.py): whole JSON lines, never blocking the caller."""
-
-    where: str  # for the log: unix:<path>, mqtt://host:port/topic
-
-    def open(self) -> Any: ...
-    def send(self, data: bytes) -> None: ...
-    def close(self) -> None: ...
-
-
-# --- where the windows come from --------------------------------------------------------------------------
-
-
-class LiveWindows:
-    """Windows cut from the sample store, as the rounds cut them (same length, stride and gap rule)."""
-
-    def __init__(self, store: SampleStore, input_shape: Sequence[int], stride: int | None = None,
-                 max_gap_s: float = MAX_GAP_S, features: WindowStats | None = None) -> None:
-        self.store, self.input_shape, self.features = store, tuple(input_shape), features
-        self.length = window_length(self.input_shape, features)
-        self.stride = stride or max(1, self.length // 2)
-        self.max_gap_s = max_gap_s
-        self._last_end = -math.inf  # the newest window's end handed out so far
-        self._rate = 0.0  # samples per second in that window (0: not known, read `limit` windows)
-
-    def latest(self, limit: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """The newest `limit` windows, oldest first, with their first and last sample times."""
-        x, starts, ends = self.store.windows_with_times(self.length, self.stride, limit, self.max_gap_s)
-        where = [{"start": float(s), "end": float(e)} for s, e in zip(starts, ends)]
-        return model_inputs(x, self.input_shape, self.features), where
-
-    def newest(self, limit: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """Up to `limit` windows that end after the last ones handed out, oldest first, with their times.
-
-        Only as many windows are read as can have come since the last run (at the rate the sensors gave the
-        last window, one more for good measure): reading `limit` every time cost a 50 Hz device as much as
-        the model itself."""
-        want = limit
-        if self._rate:
-            since = time.time() - self._last_end
-            want = min(limit, max(1, math.ceil(since * self._rate / self.stride) + 1))
-        x, where = self.latest(want)
-        fresh = [i for i, place in enumerate(where) if place["end"] > self._last_end]
-        if fresh:
-            newest = where[fresh[-1]]
-            self._last_end = newest["end"]
-            span = newest["end"] - newest["start"]
-            self._rate = (self.length - 1) / span if span > 0 else 0.0
-        return x[fresh], [where[i] for i in fresh]
-
-    def recent(self, limit: int) -> np.ndarray:
-        """The newest `limit` windows, whether handed out or not (to calibrate on)."""
-        x = self.store.windows(self.length, self.stride, limit, self.max_gap_s)
-        return model_inputs(x, self.input_shape, self.features)
-
-
-class RecordedWindows:
-    """Recorded windows handed out in turn, from the start again at the end: a replay device's stream."""
-
-    def __init__(self, x: np.ndarray) -> None:
-        self.x = np.asarray(x, dtype=np.float32)
-        self._next = 0
-
-    def newest(self, limit: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        n = len(self.x)
-        if not n:
-            return self.x, []
-        index = (self._next + np.arange(min(limit, n))) % n
-        self._next = int(index[-1] + 1) % n
-        return self.x[index], [{"index": int(i)} for i in index]
-
-    def latest(self, limit: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """The last `limit` recorded windows (the newest in time), with their places in the recording."""
-        first = max(0, len(self.x) - limit)
-        return self.x[first:], [{"index": i} for i in range(first, len(self.x))]
-
-    def recent(self, limit: int) -> np.ndarray:
-        return self.latest(limit)[0]
-
-
-def training_of(data: LocalData | LiveData) -> Callable[[], LocalData]:
-    """The device's labelled training windows, for personalization: the replay file's, or the newest ones the
-    sample store holds, cut as a round cuts them (`LiveData.snapshot`, which raises NoData without enough)."""
-    if isinstance(data, LiveData):
-        return data.snapshot
-    return lambda: data
-
-
-def windows_of(data: LocalData | LiveData) -> LiveWindows | RecordedWindows:
-    """The inference's windows for the agent's data: the live sample store, or the replay file's windows
-    (training ones first, then the test ones, the newest in time)."""
-    if isinstance(data, LiveData):
-        return LiveWindows(data.store, data.input_shape, data.stride, data.max_gap_s, data.features)
-    return RecordedWindows(np.concatenate([data.x_train, data.x_test]))
-
-
-# --- the device's own anomaly threshold -------------------------------------------------------------------
-
-
-class Calibration:
-    """The threshold an anomaly score is flagged against: the `quantile` of the last `keep` scores under one
-    model, once at least `least` are in. A ring of floats; `path` keeps it across restarts (only read when
-    not `writable`: `starling-agent predict` reads the service's file and never writes it)."""
-
-    def __init__(self, quantile: float, keep: int, least: int, path: Path | None = None,
-                 writable: bool = True) -> None:
-        self.quantile, self.keep, self.least, self.path, self.writable = quantile, keep, least, path, writable
-        self.model: str | None = None  # the digest of the model the scores are from (None: the shipped weights)
-        self._ring = np.zeros(keep, dtype=np.float64)
-        self._count = 0  # scores added under this model (the ring holds the last `keep`)
-        self.threshold: float | None = None
-        self._dirty = False
-        self._saved_at = -math.inf
-
-    @property
-    def scores(self) -> np.ndarray:
-        """The scores kept, oldest first."""
-        n = min(self._count, self.keep)
-        start = self._count % self.keep if self._count > self.keep else 0
-        return np.roll(self._ring[:n], -start) if n == self.keep else self._ring[:n].copy()
-
-    def reset(self, model: str | None) -> None:
-        """A new model: its scores are not comparable with the old one's; start again."""
-        self.model, self._count, self.threshold, self._dirty = model, 0, None, True
-
-    def add(self, scores: np.ndarray) -> None:
-        for score in np.asarray(scores, dtype=np.float64)[-self.keep:]:
-            if math.isfinite(score):
-                self._ring[self._count % self.keep] = score
-                self._count += 1
-        if self._count >= self.least:
-            self.threshold = float(np.quantile(self.scores, self.quantile))
-        self._dirty = True
-
-    def save(self, now: float, force: bool = False) -> None:
-        """Write the scores (atomically) if they changed and `SAVE_EVERY_S` passed since the last write."""
-        if self.path is None or not self.writable or not self._dirty or (
-                not force and now - self._saved_at < SAVE_EVERY_S):
-            return
-        doc = {"model": self.model, "quantile": self.quantile, "threshold": self.threshold,
-               "scores": [float(s) for s in self.scores]}
-        write_atomic(self.path, json.dumps(doc).encode(), mode=0o600)
-        self._dirty, self._saved_at = False, now
-
-    def load(self, model: str | None) -> bool:
-        """Take the kept scores if they are `model`'s under this quantile; else start empty for `model`."""
-        self.reset(model)
-        self._dirty = False
-        if self.path is None:
-            return False
-        try:
-            doc = json.loads(self.path.read_text())
-            if doc["model"] != model or doc["quantile"] != self.quantile:
-                return False
-            scores = np.asarray(doc["scores"], dtype=np.float64)
-            if scores.ndim != 1 or not np.all(np.isfinite(scores)):
-                return False
-        except (OSError, ValueError, KeyError, TypeError):  # missing or mangled: calibrate again
-            return False
-        self.add(scores)
-        self._dirty = False
-        return bool(len(scores))
-
-
-# --- the inference itself -----------------------------------------------------------------------------------
 
 
 class Inference:
@@ -288,7 +117,7 @@ class Inference:
         self._model_file, self._writable = state_dir / MODEL_FILE, writable
         self.calibration = Calibration(settings.threshold_quantile, settings.calibration_windows,
                                        settings.min_calibration, state_dir / THRESHOLD_FILE, writable)
-        self.release = Release(_frozen(model.get_weights()))  # the shipped weights, until a release
+        self.release = Release(frozen(model.get_weights()))  # the shipped weights, until a release
         self._lock = threading.Lock()
         self._pending: Release | None = None  # installed, not yet set into the model
         self._stop = threading.Event()
@@ -301,7 +130,7 @@ class Inference:
 
     def install(self, weights: dict[str, np.ndarray], version: int, digest: str) -> None:
         """Use these weights from the next run on (any thread; they are copied). Kept on disk for restarts."""
-        release = Release(_frozen(weights), version, digest)
+        release = Release(frozen(weights), version, digest)
         with self._lock:
             current = self._pending or self.release
             if current.digest == digest:
@@ -309,8 +138,7 @@ class Inference:
             self._pending = release
         if self._writable:
             try:
-                write_atomic(self._model_file, cbor.dumps({"version": version, "digest": bytes.fromhex(digest),
-                                                           "model": schemas.encode_model(release.weights)}), 0o600)
+                save_release(self._model_file, release)
             except OSError as exc:  # a full disk costs the restart its release, not the device its inference
                 event(log, "inference.model_not_saved", logging.ERROR, reason=str(exc))
 
@@ -318,10 +146,7 @@ class Inference:
         """The release kept by an earlier run (if any, and if it fits this model), and its calibration."""
         if self._model_file.exists():
             try:
-                doc = cbor.loads(self._model_file.read_bytes(), max_bytes=schemas.MAX_MODEL_BYTES + 4096)
-                weights = schemas.decode_model(doc["model"])
-                self.model.set_weights(weights)  # shapes and values checked: ValueError before any change
-                self.release = Release(_frozen(weights), int(doc["version"]), bytes(doc["digest"]).hex())
+                self.release = load_release(self._model_file, self.model)
             except Exception as exc:  # mangled, or from another model: the shipped weights until a release
                 event(log, "inference.model_not_loaded", logging.WARNING, reason=str(exc)[:200])
         self._personalize()
@@ -494,104 +319,6 @@ class Inference:
         return {"model": release.digest[:12], "version": release.version}
 
 
-# --- one shot: `starling-agent predict` -----------------------------------------------------------------------
-
-INPUT_ARRAYS = ("x", "X", "windows", "x_test")  # what an .npz's windows may be called, in this order
-
-
-class InputError(ValueError):
-    """The windows to predict on cannot be had; the message says why."""
-
-
-def read_windows(path: Path, input_shape: Sequence[int]) -> np.ndarray:
-    """Windows from an .npy (the array) or .npz (`x`, `X`, `windows` or `x_test`, or its only array):
-    [n, *input_shape] float32, or one window [*input_shape]."""
-    shape = tuple(input_shape)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                names = [n for n in INPUT_ARRAYS if n in loaded.files]
-                if not names and len(loaded.files) != 1:
-                    raise InputError(f"{path}: no array named {', '.join(INPUT_ARRAYS)} among {loaded.files}")
-                x = loaded[(names or loaded.files)[0]]
-        else:
-            x = loaded
-    except InputError:
-        raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: not a readable .npy or .npz ({exc})") from exc
-    if not np.issubdtype(x.dtype, np.number):
-        raise InputError(f"{path}: windows must be numbers, got {x.dtype}")
-    x = np.asarray(x, dtype=np.float32)
-    if x.shape == shape:
-        x = x[None]
-    if x.shape[1:] != shape:
-        raise InputError(f"{path}: windows are {tuple(x.shape[1:])}, the model takes {shape}")
-    if not np.all(np.isfinite(x)):
-        raise InputError(f"{path}: windows hold NaN or infinite values")
-    return x
-
-
-@contextlib.contextmanager
-def device_data(config, manifest: dict[str, Any]):
-    """The device's own windows, read only: (its inference windows, its labelled training windows as a
-    `training_of` callable): the replay file's, or the live sample store's (no sampling)."""
-    from .data_source import needs_labels, num_classes
-    from .labels import LabelSource
-    from .samples import load_replay
-
-    shape = tuple(manifest["input_shape"])
-    if config.replay is not None:
-        try:
-            data = load_replay(config.replay, shape)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"data.replay: {exc}") from exc
-        yield windows_of(data), training_of(data)
-        return
-    db = config.state_dir / "samples.db"
-    if not db.is_file():
-        def nothing() -> LocalData:
-            raise NoData("not_enough_data", "nothing sampled yet")
-
-        yield RecordedWindows(np.zeros((0, *shape), np.float32)), nothing
-        return
-    features = features_for_model(config.sampling.features, config.sampling.feature_window, shape)
-    try:
-        store = SampleStore(db, store_channels(shape, features), config.sampling.capacity, config.sampling.retention_s)
-    except sqlite3.Error as exc:  # e.g. run as a user who may not read the agent's state folder
-        raise InputError(f"cannot read the sample store {db}: {exc}") from exc
-    labels = (LabelSource(config.sampling.labels, num_classes(manifest))
-              if needs_labels(manifest) and config.sampling.labels is not None else None)
-    with store:
-        live = LiveData(store, shape, labels, stride=config.sampling.stride or None,
-                        test_fraction=config.sampling.test_fraction, max_gap_s=max_gap_for(config.sampling.rate_hz),
-                        features=features)
-        yield windows_of(live), training_of(live)
-
-
-def predict_once(config, settings: InferenceSettings, model, manifest: dict[str, Any], device: str,
-                 input_path: Path | None = None, count: int = 32, seed: int = 0) -> list[dict[str, Any]]:
-    """`starling-agent predict`: the results for the windows in `input_path`, or for the device's newest
-    `count` windows, with the release and threshold the service keeps (read, never written), and, with
-    [personalization], that release tuned to the device's training windows as the service tunes it (`seed`:
-    the service's, its device key's node id mod 2**32)."""
-    with device_data(config, manifest) as (source, training):
-        personalizer = (Personalizer(config.personalization, model, seed)
-                        if config.personalization is not None else None)
-        inference = Inference(settings, model, manifest, config.state_dir, device, source, writable=False,
-                              personalizer=personalizer, training=training)
-        inference.load()  # the release in use and the threshold (or one seeded from the device's windows)
-        if input_path is not None:
-            x = read_windows(input_path, model.input_shape)
-            where: list[dict[str, Any]] = [{"index": i} for i in range(len(x))]
-        else:
-            x, where = source.latest(count)
-            if not len(x):
-                raise InputError("no windows: the device has sampled too little yet (or give --input FILE)")
-        return inference.predict(x, where)
-
-
 def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     """What a run's log line says besides its size: the newest window's class and the counts; or the
     highest score, the threshold and how many were flagged."""
@@ -607,12 +334,3 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             "threshold": "none" if threshold is None else round(threshold, 6),
             "anomalies": sum(1 for r in results if r["anomaly"])}
 
-
-def _frozen(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Copies nobody can change: what one thread installs, another reads whole."""
-    out = {}
-    for name, value in weights.items():
-        array = np.array(value, dtype=np.float32, copy=True)
-        array.flags.writeable = False
-        out[name] = array
-    return out

@@ -31,6 +31,7 @@ import select
 import socket
 import stat
 from pathlib import Path
+from typing import Any, Protocol
 
 from mqttlink import Connection, ConnectionOptions
 from protocol.logs import event
@@ -44,6 +45,16 @@ MAX_BACKLOG_BYTES = 256 * 1024  # unsent bytes per client: minutes of results at
 SOCKET_MODE = 0o660
 MQTT_QUEUED = 100  # lines paho keeps while the broker is away (a stream: newer lines replace older ones)
 DEFAULT_TOPIC = "starling/inference/{device}"
+
+
+class Sink(Protocol):
+    """Where results go (`SocketOut`, `MqttOut`): whole JSON lines, never blocking the caller."""
+
+    where: str  # for the log: unix:<path>, mqtt://host:port/topic
+
+    def open(self) -> Any: ...
+    def send(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
 
 
 class SocketOut:

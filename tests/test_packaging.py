@@ -54,6 +54,7 @@ def test_the_agent_imports_neither_flwr_nor_sqlite_utils_nor_tensorflow():
     code = (
         "import sys, agent.cli, agent.service, agent.learner, agent.samples, agent.state, firmware_models.runtime\n"
         "import agent.sensors.replay, agent.sensors.mpu6050, agent.sensors.bme280, agent.inference, agent.local_out\n"
+        "import agent.inference_state, agent.predict\n"
         "from firmware_models.runtime import TrainableModel\n"
         "TrainableModel.from_package().get_weights()\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'flwr', 'sqlite_utils', 'tensorflow', 'gateway', 'ledger', 'hw', 'dashboard'})\n"

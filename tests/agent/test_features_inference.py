@@ -11,8 +11,9 @@ import numpy as np
 import firmware_models
 from agent import cli
 from agent.config import InferenceSettings
+from agent.data_source import windows_of
 from agent.features import WindowStats
-from agent.inference import Inference, windows_of
+from agent.inference import Inference
 from agent.labels import LabelSource
 from agent.live_data import LiveData
 from agent.sample_store import SampleStore

@@ -16,7 +16,9 @@ import pytest
 
 from agent import cli
 from agent.config import ConfigError, InferenceSettings, parse_config
-from agent.inference import THRESHOLD_FILE, Inference, LiveWindows, RecordedWindows
+from agent.data_source import LiveWindows, RecordedWindows
+from agent.inference import Inference
+from agent.inference_state import THRESHOLD_FILE
 from agent.local_out import MAX_BACKLOG_BYTES, SocketOut
 from agent.sample_store import SampleStore
 from firmware_models.runtime import TrainableModel

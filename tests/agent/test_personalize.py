@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from agent.config import ConfigError, Personalization, parse_config
-from agent.inference import Inference, RecordedWindows, training_of
+from agent.data_source import RecordedWindows, training_of
+from agent.inference import Inference
 from agent.live_data import NoData
 from agent.personalize import CannotPersonalize, NotBetter, Personalizer, tuned_weights
 from agent.samples import LocalData
