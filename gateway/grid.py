@@ -186,11 +186,12 @@ class MqttGrid(Grid):
             if device_key is None:
                 event(log, "task.skipped", logging.WARNING, node=message.metadata.dst_node_id, reason="not_enrolled")
                 continue
+            configured = (self.codec, self.density) if kind == "train" else ("i8", DEFAULT_DENSITY)
             if reopen is not None and reopen.config:  # (a journal of the first version kept no config)
-                config, codec, density = _asked(reopen.config, deadline)
+                config, codec, density = _asked(reopen.config, deadline, configured)
             else:
                 config = task_config(next(iter(message.content.config_records.values()), {}), deadline)
-                codec, density = (self.codec, self.density) if kind == "train" else ("i8", DEFAULT_DENSITY)
+                codec, density = configured
             message_id = str(uuid4())
             message.metadata.__dict__["_message_id"] = message_id  # as Flower's own grids do
             tasks.append(OpenTask(message_id, identity_id(device_key), device_key, kind, round_, task_id,
@@ -258,11 +259,12 @@ class MqttGrid(Grid):
         return train_content(accepted.task.base_weights, accepted.delta, weight, accepted.metrics)
 
 
-def _asked(journaled: dict, deadline: float) -> tuple[schemas.TrainConfig, str, float]:
+def _asked(journaled: dict, deadline: float, configured: tuple[str, float]) -> tuple[schemas.TrainConfig, str, float]:
     """A re-opened exchange's task config, codec and density, as journaled when it opened. A journal written
-    before codecs were configurable kept none: its updates were int8."""
+    before the codec was journaled with the config kept none: then the `configured` (codec, density), what
+    that gateway asked unless its config changed across the restart."""
     wire = dict(journaled)
-    codec, density = wire.pop(schemas.CODEC, "i8"), wire.pop(schemas.DENSITY, DEFAULT_DENSITY)
+    codec, density = wire.pop(schemas.CODEC, configured[0]), wire.pop(schemas.DENSITY, configured[1])
     return schemas.TrainConfig.from_wire({**wire, "deadline": deadline}), codec, density
 
 

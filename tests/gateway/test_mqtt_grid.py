@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -448,6 +449,21 @@ def test_a_reply_re_sent_across_a_crash_is_a_duplicate_of_the_journaled_one(gate
     (traffic,) = gateway.book.take_closed()
     assert (traffic.task, traffic.restored, len(traffic.accepted), traffic.duplicates) == (task.task, 1, 3, 1)
     assert traffic.config["lr"] == 0.3  # what the round's release will record its updates were trained with
+
+
+def test_a_round_journaled_without_its_codec_re_opens_asking_the_configured_one(gateways):
+    """A journal written before the codec was journaled beside the task config: the re-opened round asks what the
+    config says (what that gateway asked, unless its config changed), so its float32 replies are no wrong_codec."""
+    topic, journaled, interrupted = crash_after_the_first_reply(gateways)
+    older = replace(interrupted, config={k: v for k, v in interrupted.config.items()
+                                         if k not in (schemas.CODEC, schemas.DENSITY)})
+    fleet = Fleet()
+    gateway = gateways(fleet, interrupted=older)  # configured as before: f32
+    replies = gateway.grid.send_and_receive(FedAvg(min_available_nodes=3).configure_train(1, arrays(), ConfigRecord(
+        {"lr": 0.05}), gateway.grid))
+    retasked = [schemas.Task.from_body(envelope.decode(p).body) for t, p in fleet.published if "/task/" in t]
+    assert {(t.config.lr, t.codec) for t in retasked} == {(0.3, "f32")}
+    assert len(replies) == 3 and gateway.book.rejections == {}
 
 
 def test_a_re_send_while_the_interrupted_exchange_re_opens_does_not_displace_the_journaled_reply(gateways):
