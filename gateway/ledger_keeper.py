@@ -202,9 +202,10 @@ class LedgerKeeper:
         """Write a round's accepted updates as one `updates` vertex; return the recorded digests, each once
         (two devices may send byte-identical updates: a free rider's zeros, a replayed file).
 
-        A round recorded before an interruption is not recorded again. If the ledger refuses the batch
-        (it should not: every reply was checked), the records are tried one by one, so one bad record
-        costs only itself, never the round.
+        A round recorded before an interruption is not recorded again. An update on record already is left
+        out of the vertex (`_record_batch`). If the ledger refuses the batch for another reason (it should not:
+        every reply was checked), the records are tried one by one, so one bad record costs only itself, never
+        the round.
         """
         records = [(a.envelope.ctx.sender, a.envelope.body["digest"], a.examples, a.envelope.sig)
                    for a in traffic.accepted]
@@ -214,28 +215,49 @@ class LedgerKeeper:
             return list(dict.fromkeys(r[1] for r in records))
         args = (self._gateway_id, traffic.round, traffic.task, traffic.base)
         try:
-            self.ledger.record_updates(*args, records, True)  # each signature verified at ingest
-            exchanges.mark_recorded(traffic.task)
-            return list(dict.fromkeys(r[1] for r in records))
-        except DuplicateUpdate as exc:  # expected now and then (below): not worth an error line
-            event(log, "ledger.batch_has_known", round=traffic.round, reason=str(exc))
+            self._record_batch(args, records)
+            kept = [r[1] for r in records]
         except LedgerError as exc:
             event(log, "ledger.batch_refused", logging.ERROR, round=traffic.round, reason=str(exc))
+            kept = self._record_one_by_one(args, records)
+        exchanges.mark_recorded(traffic.task)
+        return list(dict.fromkeys(kept))
+
+    def _record_batch(self, args: tuple, records: list[tuple]) -> None:
+        """The round's records as one vertex (each signature verified at ingest), less the updates on record
+        already: a device trains deterministically (the same base, round and data give the same bytes), so a
+        device that re-homed repeats at its new gateway's round 1 what its old gateway's round 1 recorded; when
+        a gateway dies, most of that round is such repeats. The update is on record once; the aggregate that
+        uses it names it."""
+        try:
+            self.ledger.record_updates(*args, records, True)
+            return
+        except DuplicateUpdate:  # (looked up only now: a round without repeats costs no lookups)
+            pass
+        fresh, known = [], []
+        for record in records:
+            (known if self.ledger.is_recorded(record[0], record[1]) else fresh).append(record)
+        for device, digest, _, _ in known:
+            event(log, "ledger.record_known", round=args[1], device=identity_id(device), update=digest.hex()[:16])
+        event(log, "ledger.batch_has_known", round=args[1], known=len(known), recorded=len(fresh))
+        if fresh:
+            self.ledger.record_updates(*args, fresh, True)
+
+    def _record_one_by_one(self, args: tuple, records: list[tuple]) -> list[bytes]:
+        """Each record on its own (its signature checked again: the batch was refused, trust nothing); the
+        digests on record afterwards."""
         kept = []
         for record in records:
             try:
                 self.ledger.record_updates(*args, [record])
                 kept.append(record[1])
-            except DuplicateUpdate:  # the same bytes from the same device, recorded in an earlier round or at another
-                kept.append(record[1])  # gateway: a device trains deterministically (same base, round and data give
-                # the same update), so a re-homed device repeats at its new gateway's round 1 what its old one's
-                # round 1 recorded. The update is on record; the aggregate that uses it names it.
-                event(log, "ledger.record_known", round=traffic.round, device=identity_id(record[0]),
+            except DuplicateUpdate:
+                kept.append(record[1])
+                event(log, "ledger.record_known", round=args[1], device=identity_id(record[0]),
                       update=record[1].hex()[:16])
             except LedgerError as exc:
                 event(log, "ledger.record_refused", logging.ERROR, device=identity_id(record[0]), reason=str(exc))
-        exchanges.mark_recorded(traffic.task)
-        return list(dict.fromkeys(kept))
+        return kept
 
     def record_lineage(self, start: LineageStart) -> None:
         self.ledger.record_lineage(start.root, start.version, start.previous, start.reason, start.architecture)

@@ -259,12 +259,13 @@ def test_an_update_on_record_already_costs_its_round_only_its_own_record(city, t
     keeper = keeper_of(tmp_path, genesis)
     journal = Journal(tmp_path / "rounds.db")
     try:
-        roamer, local = Identity.generate(), Identity.generate()
-        base, repeated, fresh = sha256(b"genesis model"), b"\x01" * 64, b"\x02" * 64
+        roamer, local, neighbour = Identity.generate(), Identity.generate(), Identity.generate()
+        base, repeated, fresh, also = sha256(b"genesis model"), b"\x01" * 64, b"\x02" * 64, b"\x03" * 64
         other.enroll_device(roamer.public_key, "roamer", "open")
         other.record_updates(ELSEWHERE.id, 1, "train-1", base, [signed(roamer, ELSEWHERE.id, 1, base, repeated)])
         gossip(other, keeper)
         keeper.enroll(local.public_key, "local", "open")
+        keeper.enroll(neighbour.public_key, "neighbour", "open")
 
         def accepted(device: Identity, update: bytes) -> Accepted:
             ctx = Context(sender=device.public_key, gateway=HERE.id, round=1, task="train-1", base=base)
@@ -272,16 +273,18 @@ def test_an_update_on_record_already_costs_its_round_only_its_own_record(city, t
             return Accepted(None, envelope.open_verified(sealed, "reply"), {}, 10)
 
         traffic = RoundTraffic("train", 1, "train-1", base, accepted=[accepted(roamer, repeated),
-                                                                      accepted(local, fresh)])
+                                                                      accepted(local, fresh),
+                                                                      accepted(neighbour, also)])
         exchanges = Exchanges(journal)
         exchanges.open("train-1", 1, 1, base, [0, 1])
         with caplog.at_level(logging.INFO, logger="starling.gateway.ledger"):
             digests = keeper.record_updates(traffic, exchanges)
-        assert digests == [sha256(repeated), sha256(fresh)]  # both shaped the round; both are on record
+        assert digests == [sha256(repeated), sha256(fresh), sha256(also)]  # all shaped the round, all on record
         assert exchanges.is_recorded("train-1")
         mine = [v for v in keeper.ledger.vertices_of("updates") if v.creator == HERE.public_key]
-        assert [[r[0] for r in v.body["records"]] for v in mine] == [[local.public_key]]
-        assert "ledger.batch_has_known round=1" in caplog.text and "ledger.record_known round=1" in caplog.text
+        assert [[r[0] for r in v.body["records"]] for v in mine] == [[local.public_key, neighbour.public_key]]
+        assert "ledger.batch_has_known round=1 known=1 recorded=2" in caplog.text
+        assert f"ledger.record_known round=1 device={roamer.id}" in caplog.text
         assert "batch_refused" not in caplog.text and "record_refused" not in caplog.text
         assert keeper.record_updates(traffic, exchanges) == digests  # a round recorded before is not written again
         assert len(list(keeper.ledger.vertices_of("updates"))) == 2
