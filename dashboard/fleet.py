@@ -408,7 +408,7 @@ def _counts(value: Any, key: str) -> dict[str, int]:
     for reason, count in value.items():
         if not isinstance(reason, str) or len(reason) > MAX_TEXT:
             raise Malformed("bad_field", f"{key}: a reason must be short text")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        if not is_int(count) or count < 0:
             raise Malformed("bad_field", f"{key}[{reason[:40]}] must be a non-negative integer")
     return dict(value)
 

@@ -118,7 +118,7 @@ def parse_settings(dp: dict[str, Any]) -> PrivacySettings:
     if not 0 < delta < 1:
         raise ConfigError(f"strategy.dp.target_delta must be strictly between 0 and 1, got {delta!r}")
     population = number("population_size", None)
-    if population is not None and (not isinstance(population, int) or population < 1):
+    if population is not None and (not is_int(population) or population < 1):
         raise ConfigError(f"strategy.dp.population_size must be a whole number of devices >= 1, got {population!r}")
     max_epsilon = number("max_epsilon", None)
     if max_epsilon is not None and max_epsilon <= 0:

@@ -67,7 +67,7 @@ class StatusBoard:
         (gateway/privacy.py), None when nothing is accounted; `blobs()`: the blob store and its exchange
         (gateway/blob_keeper.py), None before the store opened; `city()`: the city tier's epochs, flagged
         gateways and audits (gateway/city.py), None without the tier; `training()`: how rounds run and updates and
-        models travel (the round mode, with a buffered engine's account, the codecs), None before they are known."""
+        models travel (the round mode, with a buffered engine's account once the engine runs, the codecs)."""
         self._weights = weights
         self._training = training
         self._city = city

@@ -77,6 +77,7 @@ MALFORMED = [
     (STATUS, b'{"round": "three"}', "bad_field"),
     (STATUS, b'{"round": true}', "bad_field"),
     (STATUS, b'{"rejections": {"malformed": -1}}', "bad_field"),
+    (STATUS, b'{"rejections": {"malformed": true}}', "bad_field"),
     (STATUS, b'{"history": [{"accuracy": 0.5}]}', "bad_field"),
     (STATUS, b'{"history": [{"round": 1, "accuracy": NaN}]}', "bad_field"),
     (STATUS, b'{"time": 1' + b"0" * 400 + b'}', "bad_field"),  # an integer beyond the float range
